@@ -1,0 +1,100 @@
+"""First run with nothing configured: development secrets in the data dir.
+
+Without ``DATABASE_URL`` Lectr runs an embedded PostgreSQL; if no
+``ENCRYPTION_KEY`` is given either, a master key is generated into
+``<data-dir>/encryption.key`` and an admin token into ``<data-dir>/admin.token``
+(both mode 0600). The token is printed once, when it is created.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import stat
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
+
+from lectr.config import Config, ConfigError, parse_master_key
+from lectr.util.secret import Secret
+
+ENCRYPTION_KEY_FILE = "encryption.key"
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def ensure_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the data directory {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"the data directory {path} is not writable")
+
+
+def _read_or_create(path: Path, make: callable) -> tuple[str, bool]:
+    """Return (content, created). Creation is atomic and exclusive, so two
+    workers starting together agree on one value."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            path.chmod(0o600)
+        return path.read_text().strip(), False
+    value = make()
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value, True
+
+
+def read_admin_token(data_dir: Path) -> str | None:
+    """The development admin token, for the CLI; None when there is none."""
+    try:
+        return (data_dir / ADMIN_TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def apply_development_defaults(config: Config, out: TextIO = sys.stderr) -> Config:
+    """Generate what a first run needs. Only in embedded-database mode: with
+    ``DATABASE_URL`` set, a missing ``ENCRYPTION_KEY`` is a configuration
+    error (checked by :func:`lectr.config.load_config`)."""
+    if not config.embedded_database:
+        return config
+    ensure_data_dir(config.data_dir)
+    notes: list[str] = [f"embedded PostgreSQL in {config.data_dir / 'pg'}"]
+    changes: dict = {"development_mode": True}
+
+    if config.encryption_key is None:
+        key_path = config.data_dir / ENCRYPTION_KEY_FILE
+        raw, created = _read_or_create(key_path, lambda: base64.b64encode(os.urandom(32)).decode())
+        try:
+            changes["encryption_key"] = parse_master_key(raw)
+        except ValueError as e:
+            raise ConfigError(f"{key_path} is malformed: {e}") from None
+        notes.append(f"master key {'generated into' if created else 'read from'} {key_path}")
+
+    token_line = None
+    if config.admin_token is None:
+        token_path = config.data_dir / ADMIN_TOKEN_FILE
+        token, created = _read_or_create(token_path, lambda: "lat_" + secrets.token_urlsafe(32))
+        changes["admin_token"] = Secret(token)
+        if created:
+            token_line = f"admin token (shown once): {token}"
+            notes.append(f"admin token saved in {token_path}")
+        else:
+            notes.append(f"admin token in {token_path}")
+
+    bar = "*" * 72
+    lines = [bar, "  Lectr is running in DEVELOPMENT MODE", *[f"    - {n}" for n in notes]]
+    if token_line:
+        lines.append(f"    - {token_line}")
+    lines += [
+        "  For production set DATABASE_URL, ENCRYPTION_KEY and LECTR_ADMIN_TOKEN or OIDC.",
+        bar,
+    ]
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+    return replace(config, **changes)

@@ -1,0 +1,267 @@
+"""The composition root: builds and runs Lectr.
+
+Start order (each step awaited, each failure one clear line and a non-zero
+exit): database (embedded PostgreSQL when no DATABASE_URL) → migrations →
+change listener → managers and caches → proxy and admin ports. Stop order is
+the reverse: ports first (in-flight requests drain), the database last.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from dataclasses import dataclass, field
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from lectr.admin.app import AdminApp
+from lectr.config import Config, ConfigError
+from lectr.db import migrate
+from lectr.db.database import Database, DatabaseUnavailable
+from lectr.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
+from lectr.db.notify import ChangeListener
+from lectr.managers.orgs import OrgManager
+from lectr.metrics import Registry
+from lectr.proxy.resource import ProxyRoot
+from lectr.proxy.site import ProxySite
+from lectr.storage.api_keys import ApiKeyStore
+from lectr.storage.orgs import OrgStore
+from lectr.util.service import CallbackService, ListeningPortService, ServiceStack
+
+_log = Logger()
+
+
+class StartupError(Exception):
+    """A start-up failure with a one-line explanation for the operator."""
+
+
+# Failures whose message already explains the problem in one line.
+_KNOWN_FAILURES = (
+    StartupError,
+    ConfigError,
+    DatabaseUnavailable,
+    EmbeddedDatabaseError,
+    migrate.MigrationError,
+)
+
+
+@dataclass
+class Components:
+    """Everything the running process is made of (tests reach in here)."""
+
+    config: Config
+    metrics: Registry
+    dsn: str = ""
+    database: Database | None = None
+    listener: ChangeListener | None = None
+    orgs: OrgManager | None = None
+    proxy_port: ListeningPortService | None = None
+    admin_port: ListeningPortService | None = None
+    extras: dict = field(default_factory=dict)
+
+
+class DatabaseService(Service):
+    """Starts the embedded PostgreSQL when there is no DATABASE_URL, then
+    opens the pool, retrying with backoff for ``db_connect_timeout`` seconds.
+    Stops in reverse: pool (after in-flight queries), embedded server."""
+
+    name = "database"
+
+    def __init__(self, config: Config, *, reactor, metrics: Registry) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._metrics = metrics
+        self._embedded: EmbeddedPostgres | None = None
+        self.dsn: str | None = config.database_url
+        self.database: Database | None = None
+
+    def startService(self) -> Deferred:
+        Service.startService(self)
+        return ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        if self.dsn is None:
+            self._embedded = EmbeddedPostgres(self._config.data_dir / "pg", reactor=self._reactor)
+            self.dsn = await self._embedded.start()
+        self.database = Database(
+            self.dsn,
+            reactor=self._reactor,
+            min_size=self._config.db_pool_min,
+            max_size=self._config.db_pool_max,
+            metrics=self._metrics,
+        )
+        deadline = self._reactor.seconds() + self._config.db_connect_timeout
+        delay = 0.25
+        while True:
+            try:
+                await self.database.start()
+                return
+            except DatabaseUnavailable as e:
+                remaining = deadline - self._reactor.seconds()
+                if remaining <= 0:
+                    waited = self._config.db_connect_timeout
+                    raise DatabaseUnavailable(
+                        f"{e} (gave up after {waited:g}s; see LECTR_DB_CONNECT_TIMEOUT)"
+                    ) from None
+                pause = min(delay, remaining)
+                _log.info(
+                    "PostgreSQL is not reachable yet ({reason}); retrying in {delay:.2f}s",
+                    reason=str(e),
+                    delay=pause,
+                )
+                await deferLater(self._reactor, pause)
+                delay = min(delay * 2, 5.0)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self.database is not None:
+            await self.database.close()
+        if self._embedded is not None:
+            await self._embedded.stop()
+
+
+class LectrService(Service):
+    """The service twistd runs. ``startService`` only schedules the real,
+    asynchronous start-up for when the reactor runs (Tahoe-LAFS style);
+    ``ready`` fires once both ports listen."""
+
+    name = "lectr"
+
+    def __init__(self, config: Config, *, reactor, exit_on_failure: bool = True) -> None:
+        self.config = config
+        self._reactor = reactor
+        self._exit_on_failure = exit_on_failure
+        self._stack = ServiceStack()
+        self._starting: Deferred | None = None
+        self._stopping: Deferred | None = None
+        self.ready: Deferred[Components] = Deferred()
+        self.components = Components(config=config, metrics=Registry())
+
+    # --- twistd hooks ----------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._reactor.callWhenRunning(self._begin)
+
+    def _begin(self) -> None:
+        self._starting = ensureDeferred(self.start())
+        self._starting.addErrback(self._failed)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        if self._stopping is None:
+            self._stopping = ensureDeferred(self._stop())
+        return self._stopping
+
+    # --- start-up ----------------------------------------------------------------
+
+    async def start(self) -> Components:
+        c = self.components
+        config = self.config
+        if config.development_mode:
+            _log.warn(
+                "DEVELOPMENT MODE: embedded PostgreSQL and generated secrets in {data_dir}; "
+                "set DATABASE_URL and ENCRYPTION_KEY for production",
+                data_dir=str(config.data_dir),
+            )
+
+        db_service = DatabaseService(config, reactor=self._reactor, metrics=c.metrics)
+        await self._stack.start(db_service)
+        c.database, c.dsn = db_service.database, db_service.dsn
+
+        if config.no_migrate:
+            await migrate.check_current(self._reactor, c.dsn)
+        else:
+            await migrate.upgrade(self._reactor, c.dsn)
+
+        c.listener = ChangeListener(c.dsn, reactor=self._reactor, metrics=c.metrics)
+        await self._stack.start(c.listener)
+
+        # datastores → managers
+        c.orgs = OrgManager(OrgStore(c.database), ApiKeyStore(c.database))
+
+        # resources → ports
+        proxy_site = ProxySite(ProxyRoot())
+        admin = AdminApp(reactor=self._reactor, database=c.database, metrics=c.metrics)
+        admin_site = Site(admin.resource())
+        admin_site.noisy = False
+        admin_site.displayTracebacks = False
+        c.proxy_port = ListeningPortService(
+            "proxy", config.proxy_listen, proxy_site, reactor=self._reactor
+        )
+        c.admin_port = ListeningPortService(
+            "admin API", config.admin_listen, admin_site, reactor=self._reactor
+        )
+        for port in (c.proxy_port, c.admin_port):
+            try:
+                await self._stack.start(port)
+            except CannotListenError as e:
+                reason = e.socketError.strerror if hasattr(e.socketError, "strerror") else e
+                raise StartupError(
+                    f"cannot listen on {port.description} ({port.name}): {reason}"
+                ) from None
+            except ValueError as e:
+                raise StartupError(
+                    f"invalid endpoint {port.description!r} for the {port.name}: {e}"
+                ) from None
+        _log.info("Lectr is ready")
+        if not self.ready.called:
+            self.ready.callback(c)
+        return c
+
+    def add_stop_hook(self, name: str, stop) -> Deferred:
+        """Register something to stop (in reverse order) at shutdown."""
+        return ensureDeferred(self._stack.start(CallbackService(name, stop=stop)))
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        await self._stack.stop_all()
+
+    # --- failure -----------------------------------------------------------------
+
+    def _failed(self, failure) -> None:
+        if failure.check(*_KNOWN_FAILURES):
+            message = str(failure.value)
+        else:
+            _log.failure("unexpected error during start-up", failure)
+            message = (
+                f"unexpected error during start-up: {type(failure.value).__name__}: "
+                f"{failure.value} (traceback in the log)"
+            )
+        _log.critical("start-up failed: {message}", message=message)
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        if not self._exit_on_failure:
+            return
+        # twistd points sys.stderr at the log; the operator's terminal is the original
+        stderr = sys.__stderr__ or sys.stderr
+        stderr.write(f"lectr: start-up failed: {message}\n")
+        stderr.flush()
+        d = self.stopService()
+        d.addBoth(lambda _: _exit_after_reactor(self._reactor, 1))
+
+
+def _exit_after_reactor(reactor, code: int) -> None:
+    """Stop the reactor, let twistd clean up (pidfile, logs), then exit with
+    ``code``: twistd itself always exits 0 after a normal reactor stop."""
+
+    def force_exit() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        os._exit(code)
+
+    atexit.register(force_exit)
+    if reactor.running:
+        reactor.stop()
