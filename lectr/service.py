@@ -28,6 +28,7 @@ from lectr.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
 from lectr.db.notify import ChangeListener
 from lectr.managers.orgs import OrgManager
 from lectr.metrics import Registry
+from lectr.providers import ProviderRegistry
 from lectr.proxy.resource import ProxyRoot
 from lectr.proxy.site import ProxySite
 from lectr.storage.api_keys import ApiKeyStore
@@ -60,7 +61,15 @@ class Components:
     dsn: str = ""
     database: Database | None = None
     listener: ChangeListener | None = None
+    providers: ProviderRegistry | None = None
     orgs: OrgManager | None = None
+    # filled by the features as they start (see LectrService._start_*)
+    settings: object | None = None  # provider settings manager
+    vault: object | None = None  # provider-key vault manager
+    recorder: object | None = None  # usage recorder (UsageSink)
+    usage: object | None = None  # request-log queries manager
+    users: object | None = None  # admin identities and memberships
+    authenticator: object | None = None
     proxy_port: ListeningPortService | None = None
     admin_port: ListeningPortService | None = None
     extras: dict = field(default_factory=dict)
@@ -186,20 +195,19 @@ class LectrService(Service):
         c.listener = ChangeListener(c.dsn, reactor=self._reactor, metrics=c.metrics)
         await self._stack.start(c.listener)
 
-        # datastores → managers
+        # datastores → managers (one method per feature, in dependency order)
+        c.providers = ProviderRegistry.from_config(config)
         c.orgs = OrgManager(OrgStore(c.database), ApiKeyStore(c.database))
+        await self._start_vault(c)
+        await self._start_usage(c)
+        await self._start_proxy(c)
 
         # resources → ports
-        proxy_site = ProxySite(ProxyRoot())
-        admin = AdminApp(reactor=self._reactor, database=c.database, metrics=c.metrics)
-        admin_site = Site(admin.resource())
-        admin_site.noisy = False
-        admin_site.displayTracebacks = False
         c.proxy_port = ListeningPortService(
-            "proxy", config.proxy_listen, proxy_site, reactor=self._reactor
+            "proxy", config.proxy_listen, self._proxy_site(c), reactor=self._reactor
         )
         c.admin_port = ListeningPortService(
-            "admin API", config.admin_listen, admin_site, reactor=self._reactor
+            "admin API", config.admin_listen, self._admin_site(c), reactor=self._reactor
         )
         for port in (c.proxy_port, c.admin_port):
             try:
@@ -217,6 +225,27 @@ class LectrService(Service):
         if not self.ready.called:
             self.ready.callback(c)
         return c
+
+    # --- features ------------------------------------------------------------------
+
+    async def _start_vault(self, c: Components) -> None:
+        """Provider keys (BYOK vault), master-key rotation, provider settings."""
+
+    async def _start_usage(self, c: Components) -> None:
+        """Usage recorder and flusher; request-log queries."""
+
+    async def _start_proxy(self, c: Components) -> None:
+        """Authenticator and what the proxy resource needs."""
+
+    def _proxy_site(self, c: Components) -> Site:
+        return ProxySite(ProxyRoot())
+
+    def _admin_site(self, c: Components) -> Site:
+        admin = AdminApp(reactor=self._reactor, database=c.database, metrics=c.metrics)
+        site = Site(admin.resource())
+        site.noisy = False
+        site.displayTracebacks = False
+        return site
 
     def add_stop_hook(self, name: str, stop) -> Deferred:
         """Register something to stop (in reverse order) at shutdown."""

@@ -1,0 +1,520 @@
+"""A fake AI provider on 127.0.0.1 for the tests: OpenAI-shaped routes under
+``/openai`` and Anthropic-shaped routes under ``/anthropic`` (so tests also
+cover base URLs with a path prefix).
+
+It checks the provider key it receives (``Authorization: Bearer`` for OpenAI,
+``x-api-key`` for Anthropic) against the keys it was given, records every
+request (method, path, query, headers, body), and can be told how to answer
+the next requests: a status and body, SSE events at a pace, hang, drop the
+connection mid-stream, redirect.
+
+Run it standalone with ``python -m tests.support.fake_provider --port 9000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import reactor as default_reactor
+from twisted.internet.defer import Deferred
+from twisted.web import server
+from twisted.web.resource import Resource
+
+OPENAI_KEY = "sk-test-openai-0123456789abcdefABCDEF"
+ANTHROPIC_KEY = "sk-ant-test-0123456789abcdefABCDEF"
+
+
+@dataclass
+class Seen:
+    provider: str
+    method: str
+    path: str  # provider path, e.g. /v1/chat/completions
+    query: str
+    headers: dict[str, list[str]]  # lower-case names
+    body: bytes
+    at: float = field(default_factory=time.monotonic)
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Script:
+    """How to answer one request."""
+
+    status: int = 200
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    events: list[bytes] | None = None  # raw SSE chunks, sent one by one
+    interval: float = 0.0  # seconds between chunks
+    hang: bool = False  # never answer
+    drop_after: int | None = None  # abort the connection after N chunks
+    redirect_to: str | None = None
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {payload}\n\n".encode()
+
+
+def openai_chat_completion(model: str, content: str = "Hello!", prompt=12, completion=5) -> dict:
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:12],
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+    }
+
+
+def openai_chat_stream(
+    model: str, words: list[str], include_usage: bool, prompt=12, cached=0
+) -> list[bytes]:
+    cid = "chatcmpl-" + uuid.uuid4().hex[:12]
+    created = int(time.time())
+
+    def chunk(delta: dict, finish=None) -> dict:
+        doc = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if include_usage:
+            doc["usage"] = None
+        return doc
+
+    events = [sse(chunk({"role": "assistant", "content": ""}))]
+    events += [sse(chunk({"content": w})) for w in words]
+    events.append(sse(chunk({}, "stop")))
+    if include_usage:
+        events.append(
+            sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": len(words),
+                        "total_tokens": prompt + len(words),
+                        "prompt_tokens_details": {"cached_tokens": cached},
+                    },
+                }
+            )
+        )
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def anthropic_message(model: str, text: str = "Hello!", input_tokens=10, output_tokens=5) -> dict:
+    return {
+        "id": "msg_" + uuid.uuid4().hex[:20],
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        },
+    }
+
+
+def anthropic_stream(model: str, words: list[str], input_tokens=10, cache_read=0) -> list[bytes]:
+    mid = "msg_" + uuid.uuid4().hex[:20]
+    events = [
+        sse(
+            {
+                "type": "message_start",
+                "message": {
+                    "id": mid,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {
+                        "input_tokens": input_tokens,
+                        "output_tokens": 1,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": cache_read,
+                    },
+                },
+            },
+            "message_start",
+        ),
+        sse(
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+            "content_block_start",
+        ),
+        sse({"type": "ping"}, "ping"),
+    ]
+    for w in words:
+        events.append(
+            sse(
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": w},
+                },
+                "content_block_delta",
+            )
+        )
+    events += [
+        sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+        sse(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": len(words)},
+            },
+            "message_delta",
+        ),
+        sse({"type": "message_stop"}, "message_stop"),
+    ]
+    return events
+
+
+class FakeProvider(Resource):
+    """The root resource. ``keys`` maps provider → accepted keys."""
+
+    isLeaf = True
+
+    def __init__(self, reactor=default_reactor) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.keys: dict[str, set[str]] = {"openai": {OPENAI_KEY}, "anthropic": {ANTHROPIC_KEY}}
+        self.seen: list[Seen] = []
+        self.scripts: deque[Script] = deque()
+        self.stream_words = ["Hel", "lo", " from", " the", " fake"]
+        self.stream_interval = 0.0
+        self.open_requests: set = set()
+        self.cancelled = 0  # requests whose client went away before the end
+
+    # --- control --------------------------------------------------------------
+
+    def next(self, script: Script) -> None:
+        """Answer the next request with ``script`` instead of the default."""
+        self.scripts.append(script)
+
+    def reset(self) -> None:
+        self.seen.clear()
+        self.scripts.clear()
+
+    def calls(self, provider: str | None = None) -> list[Seen]:
+        return [s for s in self.seen if provider is None or s.provider == provider]
+
+    # --- serving --------------------------------------------------------------
+
+    def render(self, request):
+        raw_path = request.path.decode()
+        provider, _, rest = raw_path.lstrip("/").partition("/")
+        if provider not in ("openai", "anthropic"):
+            request.setResponseCode(404)
+            return b'{"error":"unknown provider prefix"}'
+        path = "/" + rest
+        query = request.uri.decode().partition("?")[2]
+        headers = {
+            k.decode().lower(): [v.decode() for v in vs]
+            for k, vs in request.requestHeaders.getAllRawHeaders()
+        }
+        body = request.content.read() if request.content else b""
+        seen = Seen(provider, request.method.decode(), path, query, headers, body)
+        self.seen.append(seen)
+        request.setHeader(b"x-fake-provider", provider.encode())
+
+        if not self._authorized(provider, seen):
+            return self._error(
+                request,
+                provider,
+                401,
+                "invalid x-api-key"
+                if provider == "anthropic"
+                else "Incorrect API key provided: sk-tes************CDEF.",
+            )
+
+        script = self.scripts.popleft() if self.scripts else None
+        if script is None:
+            script = self._default(provider, seen)
+        return self._play(request, script)
+
+    def _authorized(self, provider: str, seen: Seen) -> bool:
+        if provider == "openai":
+            auth = seen.header("authorization") or ""
+            key = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+        else:
+            key = seen.header("x-api-key")
+        return key is not None and key in self.keys[provider]
+
+    def _error(self, request, provider: str, status: int, message: str) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        if provider == "anthropic":
+            kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status, "api_error")
+            return json.dumps(
+                {"type": "error", "error": {"type": kind, "message": message}}
+            ).encode()
+        return json.dumps(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        ).encode()
+
+    def _default(self, provider: str, seen: Seen) -> Script:
+        doc: dict = {}
+        if seen.body and (seen.header("content-type") or "").startswith("application/json"):
+            try:
+                doc = seen.json()
+            except ValueError:
+                doc = {}
+        model = doc.get("model", "unknown-model") if isinstance(doc, dict) else "unknown-model"
+        stream = isinstance(doc, dict) and doc.get("stream") is True
+        if seen.path == "/v1/models" and seen.method == "GET":
+            data = [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "fake"}]
+            if provider == "anthropic":
+                data = [
+                    {
+                        "type": "model",
+                        "id": "claude-3-5-haiku-latest",
+                        "display_name": "Claude",
+                        "created_at": "2024-01-01T00:00:00Z",
+                    }
+                ]
+                return Script(
+                    body=json.dumps(
+                        {"data": data, "has_more": False, "first_id": None, "last_id": None}
+                    ).encode()
+                )
+            return Script(body=json.dumps({"object": "list", "data": data}).encode())
+        if provider == "openai" and seen.path == "/v1/chat/completions":
+            if stream:
+                include = bool((doc.get("stream_options") or {}).get("include_usage"))
+                return Script(
+                    events=openai_chat_stream(model, self.stream_words, include),
+                    interval=self.stream_interval,
+                )
+            return Script(body=json.dumps(openai_chat_completion(model)).encode())
+        if provider == "openai" and seen.path == "/v1/embeddings":
+            inputs = doc.get("input", "")
+            n = len(inputs) if isinstance(inputs, list) else 1
+            return Script(
+                body=json.dumps(
+                    {
+                        "object": "list",
+                        "data": [
+                            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                            for i in range(n)
+                        ],
+                        "model": model,
+                        "usage": {"prompt_tokens": 8 * n, "total_tokens": 8 * n},
+                    }
+                ).encode()
+            )
+        if provider == "openai" and seen.path == "/v1/responses":
+            usage = {
+                "input_tokens": 9,
+                "output_tokens": 4,
+                "total_tokens": 13,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            }
+            resp = {
+                "id": "resp_" + uuid.uuid4().hex[:12],
+                "object": "response",
+                "created_at": int(time.time()),
+                "status": "completed",
+                "model": model,
+                "output": [
+                    {
+                        "type": "message",
+                        "id": "msg_1",
+                        "status": "completed",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": "Hi", "annotations": []}],
+                    }
+                ],
+                "usage": usage,
+            }
+            if stream:
+                return Script(
+                    events=[
+                        sse(
+                            {
+                                "type": "response.created",
+                                "sequence_number": 0,
+                                "response": {**resp, "status": "in_progress", "usage": None},
+                            },
+                            "response.created",
+                        ),
+                        sse(
+                            {
+                                "type": "response.output_text.delta",
+                                "sequence_number": 1,
+                                "item_id": "msg_1",
+                                "output_index": 0,
+                                "content_index": 0,
+                                "delta": "Hi",
+                            },
+                            "response.output_text.delta",
+                        ),
+                        sse(
+                            {"type": "response.completed", "sequence_number": 2, "response": resp},
+                            "response.completed",
+                        ),
+                    ],
+                    interval=self.stream_interval,
+                )
+            return Script(body=json.dumps(resp).encode())
+        if provider == "anthropic" and seen.path == "/v1/messages":
+            if stream:
+                return Script(
+                    events=anthropic_stream(model, self.stream_words), interval=self.stream_interval
+                )
+            return Script(body=json.dumps(anthropic_message(model)).encode())
+        return Script(
+            status=200, body=json.dumps({"echo": seen.path, "query": seen.query}).encode()
+        )
+
+    def _play(self, request, script: Script):
+        if script.redirect_to is not None:
+            request.setResponseCode(script.status if script.status in (301, 302, 307, 308) else 302)
+            request.setHeader(b"location", script.redirect_to.encode())
+            return b""
+        request.setResponseCode(script.status)
+        for name, value in script.headers.items():
+            request.setHeader(name.encode(), value.encode())
+        self.open_requests.add(request)
+        done = request.notifyFinish()
+
+        def finished(result):
+            self.open_requests.discard(request)
+            if result is not None:  # a Failure: the client went away
+                self.cancelled += 1
+
+        done.addBoth(finished)
+        if script.hang:
+            return server.NOT_DONE_YET
+        if script.events is None:
+            if not request.responseHeaders.hasHeader(b"content-type"):
+                request.setHeader(b"content-type", b"application/json")
+            return script.body or b""
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        self._drip(request, list(script.events), script, 0, done)
+        return server.NOT_DONE_YET
+
+    def _drip(
+        self, request, events: list[bytes], script: Script, sent: int, done: Deferred
+    ) -> None:
+        if done.called:
+            return  # the client went away
+        if script.drop_after is not None and sent >= script.drop_after:
+            request.channel.transport.abortConnection()
+            return
+        if not events:
+            request.finish()
+            return
+        request.write(events.pop(0))
+        if script.interval:
+            self.reactor.callLater(
+                script.interval, self._drip, request, events, script, sent + 1, done
+            )
+        else:
+            self._drip(request, events, script, sent + 1, done)
+
+
+class FakeProviderServer:
+    """Listening fake provider: ``await FakeProviderServer.start()``."""
+
+    def __init__(self, resource: FakeProvider, port) -> None:
+        self.resource = resource
+        self.port = port
+
+    @classmethod
+    async def start(cls, reactor=default_reactor) -> FakeProviderServer:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        resource = FakeProvider(reactor)
+        site = server.Site(resource)
+        site.noisy = False
+        site.log = lambda request: None
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        return cls(resource, port)
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.origin + "/openai"
+
+    @property
+    def anthropic_base_url(self) -> str:
+        return self.origin + "/anthropic"
+
+    async def stop(self) -> None:
+        for request in list(self.resource.open_requests):
+            if request.channel and request.channel.transport:
+                request.channel.transport.abortConnection()
+        await self.port.stopListening()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between SSE events")
+    args = parser.parse_args()
+    resource = FakeProvider()
+    resource.stream_interval = args.interval
+    site = server.Site(resource)
+    site.log = lambda request: None
+    default_reactor.listenTCP(args.port, site, interface="127.0.0.1")
+    print(f"fake provider on http://127.0.0.1:{args.port} (/openai, /anthropic)", flush=True)
+    default_reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Providers: error dialects, upstream auth, key validation against a fake
+provider on loopback (never a real one)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from lectr.providers.anthropic import Anthropic
+from lectr.providers.base import ProviderRegistry, scrub
+from lectr.providers.http import make_http_request
+from lectr.providers.openai import OpenAI
+from lectr.util.secret import Secret
+from tests.support.fake_provider import ANTHROPIC_KEY, OPENAI_KEY, FakeProviderServer, Script
+
+
+@pytest_twisted.async_yield_fixture
+async def fake():
+    server = await FakeProviderServer.start()
+    yield server
+    await server.stop()
+
+
+def test_error_dialects():
+    o = json.loads(OpenAI().error_body("authentication", "bad key"))
+    assert o == {
+        "error": {
+            "message": "bad key",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    a = json.loads(Anthropic().error_body("permission", "org disabled", "req_1"))
+    assert a == {
+        "type": "error",
+        "error": {"type": "permission_error", "message": "org disabled"},
+        "request_id": "req_1",
+    }
+
+
+def test_auth_headers_and_urls_with_path_prefix():
+    o = OpenAI("http://127.0.0.1:9/openai/")
+    assert o.upstream_url(b"/v1/chat/completions?x=1") == (
+        b"http://127.0.0.1:9/openai/v1/chat/completions?x=1"
+    )
+    assert o.auth_headers("sk-1") == ((b"Authorization", b"Bearer sk-1"),)
+    assert Anthropic().auth_headers("k") == ((b"x-api-key", b"k"),)
+    assert Anthropic().upstream_url(b"/v1/messages") == b"https://api.anthropic.com/v1/messages"
+
+
+def test_registry():
+    from lectr.config import load_config
+
+    r = ProviderRegistry.from_config(
+        load_config({}, {"LECTR_ANTHROPIC_BASE_URL": "http://127.0.0.1:1/a"})
+    )
+    assert r.names() == ["openai", "anthropic"]
+    assert r["anthropic"].base_url == "http://127.0.0.1:1/a"
+    assert r.get("mistral") is None and "openai" in r
+
+
+def test_scrub_removes_key_like_text():
+    text = "Incorrect API key provided: sk-proj-abc****wxyz. You can find your key at ..."
+    assert "sk-proj" not in scrub(text)
+    assert "wxyz" not in scrub("key mysecretvaluewxyz", "mysecretvaluewxyz")
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("provider_cls,key", [(OpenAI, OPENAI_KEY), (Anthropic, ANTHROPIC_KEY)])
+async def test_validate_good_key(fake, provider_cls, key):
+    base = fake.openai_base_url if provider_cls is OpenAI else fake.anthropic_base_url
+    p = provider_cls(base)
+    result = await p.validate_key(Secret(key), make_http_request(reactor))
+    assert (result.valid, result.reachable, result.status) == (True, True, 200)
+    [seen] = fake.resource.calls()
+    assert (seen.method, seen.path) == ("GET", "/v1/models")
+    if provider_cls is Anthropic:
+        assert seen.header("x-api-key") == key and seen.header("anthropic-version")
+        assert seen.header("authorization") is None
+    else:
+        assert seen.header("authorization") == f"Bearer {key}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_validate_refused_key_names_the_reason_without_the_key(fake):
+    p = OpenAI(fake.openai_base_url)
+    result = await p.validate_key(Secret("sk-wrong-0123456789ABCDEF"), make_http_request(reactor))
+    assert (result.valid, result.reachable, result.status) == (False, True, 401)
+    assert "Incorrect API key" in result.reason
+    assert "sk-" not in result.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_validate_unreachable():
+    p = Anthropic("http://127.0.0.1:1")
+    result = await p.validate_key(Secret("k" * 20), make_http_request(reactor))
+    assert (result.valid, result.reachable) == (False, False)
+    assert "could not be reached" in result.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_validate_never_follows_redirects(fake):
+    fake.resource.next(Script(status=302, redirect_to=fake.origin + "/elsewhere"))
+    p = OpenAI(fake.openai_base_url)
+    result = await p.validate_key(Secret(OPENAI_KEY), make_http_request(reactor))
+    assert (result.valid, result.reachable, result.status) == (False, False, 302)
+    assert len(fake.resource.calls()) == 1  # the redirect target was never requested
+
+
+@pytest_twisted.ensureDeferred
+async def test_validate_provider_error_is_unreachable(fake):
+    fake.resource.next(Script(status=503, body=b'{"error":{"message":"overloaded"}}'))
+    result = await OpenAI(fake.openai_base_url).validate_key(
+        Secret(OPENAI_KEY), make_http_request(reactor)
+    )
+    assert (result.valid, result.reachable, result.status) == (False, False, 503)
+    assert "overloaded" in result.reason
