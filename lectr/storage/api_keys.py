@@ -144,6 +144,17 @@ class ApiKeyStore:
         )
         return KeyIdentity(*rows[0]) if rows else None
 
+    async def lookup_many(self, key_hashes: list[str]) -> dict[str, KeyIdentity]:
+        """hash -> identity for those of ``key_hashes`` that are active keys."""
+        rows = await self._db.runQuery(
+            "lookup_keys",
+            "SELECT k.key_hash, k.id, k.org_id, o.enabled FROM api_keys k "
+            "JOIN organizations o ON o.id = k.org_id "
+            "WHERE k.key_hash = ANY(%s) AND k.revoked_at IS NULL",
+            (key_hashes,),
+        )
+        return {r[0]: KeyIdentity(r[1], r[2], r[3]) for r in rows}
+
     async def all_active(self) -> list[tuple[str, KeyIdentity]]:
         """(hash, identity) of every active key: for warming a cache. The
         hashes stay inside the process."""
