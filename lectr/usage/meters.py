@@ -1,0 +1,858 @@
+"""Token accounting on the wire: what a request asks for, and what its
+response reports as usage, read from the bytes as they pass through.
+
+Two entry points, both called by the proxy on the reactor thread:
+
+- :func:`plan_request` looks at a request body once (model, stream) and, for
+  OpenAI chat streams that did not ask for usage, makes the upstream request
+  ask for it (``stream_options.include_usage``), so that Lectr gets exact
+  counts on every stream.
+- :func:`meter_for` picks the :class:`~lectr.usage.model.Meter` for a
+  response when its headers arrive. A meter sees every body chunk
+  (``feed``), returns the bytes to forward, and reports the usage seen so
+  far (``finish``), also after a client disconnect.
+
+Meters never buffer a whole stream: SSE meters keep the current partial
+line (bounded) and a few counters; the JSON meter keeps a bounded copy of
+the body (the head of a small body, the tail of a large one) and never
+delays a byte. A meter that meets something it does not understand gives
+up quietly (usage ``none``) and keeps forwarding: accounting must never
+break a response. Both functions are pure and thread-safe.
+
+See docs/usage-accounting.md for what is counted and where the numbers come
+from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+
+from lectr.usage.model import NO_USAGE, Meter, Usage
+
+_log = Logger()
+
+#: the member Lectr adds to an OpenAI chat stream request
+INCLUDE_USAGE_MEMBER = b'"stream_options":{"include_usage":true},'
+
+# --- bounds ---------------------------------------------------------------------
+
+#: a non-streaming body up to this size is parsed whole; larger bodies are
+#: searched for their top-level ``usage`` object in a bounded tail window
+JSON_FULL_PARSE_MAX = 256 * 1024
+#: the tail kept of a larger body
+JSON_TAIL_BYTES = 256 * 1024
+#: an SSE line (or event) longer than this is not kept whole: its head and a
+#: tail window are, which is where a ``usage`` object lives
+SSE_LINE_MAX = 1024 * 1024
+SSE_TAIL_BYTES = 64 * 1024
+#: a usage-only chunk is small: an event held back longer than this is not one
+STRIP_HOLD_MAX = 64 * 1024
+#: decompressed bytes a meter will look at before giving up
+DECODED_MAX = 256 * 1024 * 1024
+#: model names longer than this are not model names
+MODEL_MAX = 256
+
+
+# --- requests ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    model: str | None
+    """The request's model: the JSON body's ``model`` (a string), or the
+    ``model`` field of a multipart/form-data body; None otherwise."""
+    stream: bool
+    """The JSON body asked for a stream (``"stream": true``)."""
+    body: bytes
+    """The bytes to send upstream: the client's bytes unless Lectr rewrote
+    them."""
+    strip_usage_chunk: bool
+    """Lectr injected ``stream_options.include_usage``: remove the extra
+    usage-only chunk from what the client receives."""
+
+
+class MalformedBody(ValueError):
+    """A JSON content type with a body that is not a JSON object."""
+
+
+_MISSING = object()
+
+
+def _media_type(content_type: bytes | None) -> bytes:
+    if not content_type:
+        return b""
+    return content_type.split(b";", 1)[0].strip().lower()
+
+
+def _is_json(media_type: bytes) -> bool:
+    return media_type == b"application/json" or (
+        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    )
+
+
+def _norm_path(path: str) -> str:
+    return path.rstrip("/") if len(path) > 1 else path
+
+
+def plan_request(
+    provider: str, method: bytes, path: str, content_type: bytes | None, body: bytes
+) -> RequestPlan:
+    """Read what the request asks for and decide the bytes to send upstream.
+
+    Raises :class:`MalformedBody` when the content type says JSON and the
+    (non-empty) body is not a JSON object: the proxy answers 400.
+    """
+    media_type = _media_type(content_type)
+    if _is_json(media_type):
+        if not body or body.isspace():
+            return RequestPlan(None, False, body, False)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            raise MalformedBody("the request body is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise MalformedBody("the request body must be a JSON object")
+        model = doc.get("model")
+        if not isinstance(model, str):
+            model = None
+        stream = doc.get("stream") is True
+        if (
+            stream
+            and provider == "openai"
+            and method == b"POST"
+            and _norm_path(path) == "/v1/chat/completions"
+        ):
+            new_body = _with_include_usage(body, doc)
+            if new_body is not None:
+                return RequestPlan(model, True, new_body, True)
+        return RequestPlan(model, stream, body, False)
+    if media_type == b"multipart/form-data":
+        return RequestPlan(_multipart_model(content_type, body), False, body, False)
+    return RequestPlan(None, False, body, False)
+
+
+def _with_include_usage(body: bytes, doc: dict) -> bytes | None:
+    """The body asking for a final usage chunk, or None when it already does
+    (or when ``stream_options`` is something the provider will refuse
+    anyway: then the body goes up untouched)."""
+    options = doc.get("stream_options", _MISSING)
+    if options is _MISSING:
+        # The cheap, exact path: splice the member in right after the
+        # object's opening brace. The object is not empty (it has "stream"),
+        # so the trailing comma is right, and nothing the client sent changes.
+        start = _object_start(body)
+        if start is not None:
+            return body[: start + 1] + INCLUDE_USAGE_MEMBER + body[start + 1 :]
+        options = None
+    if options is None or isinstance(options, dict):
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return None
+        # Rare: re-serialize. ASCII output survives any lone surrogate the
+        # client's JSON escapes may have carried.
+        rewritten = dict(doc)
+        rewritten["stream_options"] = {**(options or {}), "include_usage": True}
+        return json.dumps(rewritten, separators=(",", ":")).encode("ascii")
+    return None
+
+
+def _object_start(body: bytes) -> int | None:
+    """Index of the opening brace of a UTF-8 JSON object body, or None when
+    the body is not plain UTF-8 starting with it (e.g. UTF-16)."""
+    i = 3 if body.startswith(b"\xef\xbb\xbf") else 0
+    n = len(body)
+    while i < n and body[i] in b" \t\r\n":
+        i += 1
+    return i if i < n and body[i] == 0x7B else None
+
+
+_BOUNDARY_RE = re.compile(rb'boundary=(?:"([^"]{1,200})"|([^\s;]{1,200}))', re.IGNORECASE)
+_FIELD_NAME_RE = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
+
+
+def _multipart_model(content_type: bytes | None, body: bytes) -> str | None:
+    """The ``model`` field of a multipart/form-data body (e.g. an audio
+    transcription), found without copying the file parts."""
+    m = _BOUNDARY_RE.search(content_type or b"")
+    if m is None:
+        return None
+    delimiter = b"--" + (m.group(1) or m.group(2))
+    pos = body.find(delimiter)
+    while pos >= 0:
+        header_start = pos + len(delimiter)
+        if body[header_start : header_start + 2] == b"--":
+            return None  # the closing delimiter
+        header_end = body.find(b"\r\n\r\n", header_start)
+        if header_end < 0:
+            return None
+        headers = body[header_start:header_end]
+        next_pos = body.find(b"\r\n" + delimiter, header_end + 4)
+        if next_pos < 0:
+            return None
+        for line in headers.split(b"\r\n"):
+            if line[:20].lower().startswith(b"content-disposition:"):
+                name = _FIELD_NAME_RE.search(line)
+                if name and name.group(1) == b"model" and b"filename=" not in line.lower():
+                    value = body[header_end + 4 : next_pos]
+                    if len(value) > MODEL_MAX * 4:
+                        return None
+                    try:
+                        text = value.decode("utf-8").strip()
+                    except UnicodeDecodeError:
+                        return None
+                    return text or None
+        pos = next_pos + 2
+    return None
+
+
+# --- usage objects ----------------------------------------------------------------
+
+
+def _count(value: object) -> int | None:
+    """A token count as a provider reports it, or None."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is float and math.isfinite(value) and value >= 0 and value.is_integer():
+        return int(value)
+    return None
+
+
+def openai_usage(usage: object) -> Usage | None:
+    """Usage from an OpenAI ``usage`` object: chat and completions
+    (``prompt_tokens``/``completion_tokens``), Responses and audio
+    (``input_tokens``/``output_tokens``), embeddings (prompt and total)."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    if prompt is None:
+        prompt = _count(usage.get("input_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    if completion is None:
+        completion = _count(usage.get("output_tokens"))
+    total = _count(usage.get("total_tokens"))
+    if prompt is None and completion is None and total is None:
+        return None
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    cached = None
+    for name in ("prompt_tokens_details", "input_tokens_details"):
+        details = usage.get(name)
+        if isinstance(details, dict):
+            cached = _count(details.get("cached_tokens"))
+            if cached is not None:
+                break
+    return Usage(prompt, completion, total, cached, None, "provider")
+
+
+def anthropic_usage(usage: object) -> Usage | None:
+    """Usage from an Anthropic ``usage`` object. Anthropic's
+    ``input_tokens`` excludes the prompt tokens read from or written to the
+    cache; Lectr's ``prompt_tokens`` is every prompt token (input + cache
+    read + cache creation), so that ``cached_tokens`` is a part of it as it
+    is for OpenAI."""
+    if not isinstance(usage, dict):
+        return None
+    fields = _AnthropicCounts()
+    if not fields.update(usage):
+        return None
+    return fields.usage("provider")
+
+
+class _AnthropicCounts:
+    __slots__ = ("input", "output", "cache_read", "cache_creation")
+
+    def __init__(self) -> None:
+        self.input: int | None = None
+        self.output: int | None = None
+        self.cache_read: int | None = None
+        self.cache_creation: int | None = None
+
+    def update(self, usage: dict) -> bool:
+        """Take the counts present in ``usage`` (a later report wins)."""
+        seen = False
+        for attr, key in (
+            ("input", "input_tokens"),
+            ("output", "output_tokens"),
+            ("cache_read", "cache_read_input_tokens"),
+            ("cache_creation", "cache_creation_input_tokens"),
+        ):
+            value = _count(usage.get(key))
+            if value is not None:
+                setattr(self, attr, value)
+                seen = True
+        return seen
+
+    def usage(self, source: str, output: int | None = None) -> Usage:
+        completion = self.output if output is None else output
+        prompt = None
+        if self.input is not None:
+            prompt = self.input + (self.cache_read or 0) + (self.cache_creation or 0)
+        total = prompt + completion if prompt is not None and completion is not None else None
+        return Usage(prompt, completion, total, self.cache_read, self.cache_creation, source)
+
+
+_USAGE_KEY_RE = re.compile(rb'"usage"\s*:\s*\{')
+_DECODER = json.JSONDecoder()
+
+
+def usage_object_in_tail(tail: bytes) -> dict | None:
+    """The last ``"usage": {...}`` object in a window of raw JSON.
+
+    Every response shape Lectr meters puts its top-level ``usage`` after the
+    bulky content (choices, data, output, content), and JSON strings cannot
+    contain an unescaped quote, so the last such key in the tail of a body is
+    the top-level one."""
+    matches = list(_USAGE_KEY_RE.finditer(tail))
+    for m in reversed(matches):
+        start = m.end() - 1
+        try:
+            text = tail[start:].decode("utf-8", "replace")
+            value, _ = _DECODER.raw_decode(text)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+# --- meters -----------------------------------------------------------------------
+
+
+class NoopMeter:
+    """Forwards everything, counts nothing."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def finish(self) -> Usage:
+        return NO_USAGE
+
+
+NOOP_METER = NoopMeter()
+
+
+class _Decoder:
+    """Decompresses a copy of a gzip/deflate body for a meter (the client
+    still receives the bytes as they came), bounded in total output."""
+
+    __slots__ = ("_z", "_out", "failed")
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(wbits=47)  # gzip or zlib header, detected
+        self._out = 0
+        self.failed = False
+
+    def decode(self, data: bytes) -> bytes:
+        if self.failed:
+            return b""
+        room = DECODED_MAX - self._out
+        if room <= 0:  # zlib reads a max_length of 0 as "no limit"
+            self.failed = True
+            return b""
+        try:
+            plain = self._z.decompress(data, room)
+        except zlib.error:
+            self.failed = True
+            return b""
+        self._out += len(plain)
+        if self._z.unconsumed_tail:  # more than DECODED_MAX: stop looking
+            self.failed = True
+        return plain
+
+
+class _Base:
+    """Shared plumbing: optional decompression, and giving up quietly on
+    anything unexpected (the bytes still flow)."""
+
+    def __init__(self, decoder: _Decoder | None) -> None:
+        self._decoder = decoder
+        self._broken = False
+
+    def _give_up(self) -> None:
+        if not self._broken:
+            self._broken = True
+            _log.failure("usage meter failed; this response is not metered")
+
+
+class JsonMeter(_Base):
+    """A non-streaming JSON body: keep a bounded copy, read ``usage`` at the
+    end. Never changes or delays a byte."""
+
+    def __init__(self, kind: str, decoder: _Decoder | None = None) -> None:
+        super().__init__(decoder)
+        self._kind = kind  # "openai" | "anthropic"
+        self._head: list[bytes] | None = []
+        self._size = 0
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
+        self._result: Usage | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self._broken or self._result is not None or not data:
+            return data
+        try:
+            plain = self._decoder.decode(data) if self._decoder is not None else data
+            self._keep(plain)
+        except Exception:
+            self._give_up()
+        return data
+
+    def _keep(self, data: bytes) -> None:
+        if not data:
+            return
+        self._size += len(data)
+        if self._head is not None:
+            self._head.append(data)
+            if self._size <= JSON_FULL_PARSE_MAX:
+                return
+            # too large to parse whole on the reactor: keep only a tail window
+            for part in self._head:
+                self._tail.append(part)
+                self._tail_size += len(part)
+            self._head = None
+        else:
+            if len(data) > JSON_TAIL_BYTES:
+                data = data[-JSON_TAIL_BYTES:]
+            self._tail.append(data)
+            self._tail_size += len(data)
+        while self._tail and self._tail_size - len(self._tail[0]) >= JSON_TAIL_BYTES:
+            self._tail_size -= len(self._tail.popleft())
+
+    def finish(self) -> Usage:
+        if self._result is None:
+            self._result = NO_USAGE
+            if not self._broken:
+                try:
+                    self._result = self._read() or NO_USAGE
+                except Exception:
+                    self._give_up()
+        return self._result
+
+    def _read(self) -> Usage | None:
+        if self._decoder is not None and self._decoder.failed:
+            return None
+        if self._head is not None:
+            if not self._head:
+                return None
+            try:
+                doc = json.loads(b"".join(self._head))
+            except (ValueError, RecursionError):
+                return None  # cut short, or not JSON after all
+            usage = doc.get("usage") if isinstance(doc, dict) else None
+        else:
+            usage = usage_object_in_tail(b"".join(self._tail)[-JSON_TAIL_BYTES:])
+        if self._kind == "anthropic":
+            return anthropic_usage(usage)
+        return openai_usage(usage)
+
+
+_PASS, _PENDING, _DROPPING, _DONE = range(4)
+
+
+class SSEMeter(_Base):
+    """Server-sent events: split lines as they pass (any chunking), collect
+    each event's ``event`` name and ``data``, hand complete events to
+    :meth:`_event`. Keeps only the partial line (bounded).
+
+    With ``strip`` (OpenAI chat, Lectr asked for usage), the single
+    usage-only chunk (``"choices": []`` with a ``usage`` object) is removed,
+    with its terminating blank line, from what is forwarded; every other
+    byte is forwarded unchanged. Until that chunk has gone by, the lines of
+    the current event are held back only until its first ``data`` line is
+    complete (the decision point), so the client sees each event as soon as
+    it is whole.
+    """
+
+    def __init__(self, strip: bool = False, decoder: _Decoder | None = None) -> None:
+        super().__init__(decoder)
+        # line assembly (metering)
+        self._line = bytearray()
+        self._line_over = False  # the partial line passed SSE_LINE_MAX
+        self._line_tail = bytearray()
+        # the current event
+        self._event_name: bytes | None = None
+        self._data: list[bytes] = []
+        self._data_size = 0
+        self._data_over = False
+        self._data_tail = b""
+        # stripping
+        self._state = _PENDING if strip else _DONE
+        self._held = bytearray()
+        self._stripped = False
+        self._finished: Usage | None = None
+        self._final: Usage | None = None  # the provider's final usage report
+
+    # --- forwarding ---------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        if self._state == _DONE:
+            if not self._broken:
+                try:
+                    if self._decoder is not None:
+                        self._meter(self._decoder.decode(data))
+                    else:
+                        self._meter(data)
+                except Exception:
+                    self._give_up()
+            return data
+        held_before = bytes(self._held)
+        try:
+            return self._feed_stripping(data)
+        except Exception:
+            # forward everything not yet forwarded, exactly once
+            self._give_up()
+            self._state = _DONE
+            self._held = bytearray()
+            return held_before + data
+
+    def _feed_stripping(self, data: bytes) -> bytes:
+        out = bytearray()
+        pos, n = 0, len(data)
+        while pos < n:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                rest = data[pos:]
+                self._partial(rest)
+                if self._state == _PENDING:
+                    self._held += rest
+                    if len(self._held) > STRIP_HOLD_MAX:
+                        out += self._held  # too big to be the usage chunk
+                        self._held.clear()
+                        self._state = _PASS
+                elif self._state != _DROPPING:
+                    out += rest
+                break
+            raw = data[pos : nl + 1]
+            line = self._complete(data[pos:nl])
+            pos = nl + 1
+            state = self._state
+            if state == _PENDING:
+                self._held += raw
+                if not line:  # an event without data (a comment, a keep-alive)
+                    out += self._held
+                    self._held.clear()
+                elif line.startswith(b"data:"):
+                    if self._is_usage_only(line):
+                        self._held.clear()
+                        self._state = _DROPPING
+                    else:
+                        out += self._held
+                        self._held.clear()
+                        self._state = _PASS
+                elif len(self._held) > STRIP_HOLD_MAX:
+                    out += self._held
+                    self._held.clear()
+                    self._state = _PASS
+            elif state == _DROPPING:
+                if not line:
+                    self._stripped = True
+                    self._state = _DONE
+                    out += data[pos:]
+                    self._meter(data[pos:])
+                    break
+            else:  # _PASS
+                out += raw
+                if not line:
+                    self._state = _PENDING
+        return bytes(out)
+
+    @staticmethod
+    def _is_usage_only(line: bytes) -> bool:
+        if b'"usage"' not in line or len(line) > STRIP_HOLD_MAX:
+            return False
+        try:
+            doc = json.loads(_field_value(line, 5))
+        except (ValueError, RecursionError):
+            return False
+        return (
+            isinstance(doc, dict)
+            and doc.get("choices") == []
+            and isinstance(doc.get("usage"), dict)
+        )
+
+    # --- line assembly ------------------------------------------------------------
+
+    def _meter(self, data: bytes) -> None:
+        pos, n = 0, len(data)
+        while pos < n:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._partial(data[pos:])
+                return
+            self._complete(data[pos:nl])
+            pos = nl + 1
+
+    def _partial(self, piece: bytes) -> None:
+        if self._line_over:
+            self._line_tail += piece
+            if len(self._line_tail) > 2 * SSE_TAIL_BYTES:
+                del self._line_tail[:-SSE_TAIL_BYTES]
+            return
+        self._line += piece
+        if len(self._line) > SSE_LINE_MAX:
+            self._line_over = True
+            self._line_tail = self._line[-SSE_TAIL_BYTES:]
+            del self._line[256:]  # the head says which field it is
+
+    def _complete(self, end: bytes) -> bytes:
+        """Finish the current line with ``end`` (the bytes before its \\n),
+        account for it, and return it (without the line terminator)."""
+        over = False
+        if self._line_over:
+            self._line_tail += end
+            line = bytes(self._line)
+            tail = bytes(self._line_tail[-SSE_TAIL_BYTES:])
+            over = True
+            self._line.clear()
+            self._line_tail = bytearray()
+            self._line_over = False
+        elif self._line:
+            self._line += end
+            line = bytes(self._line)
+            self._line.clear()
+        else:
+            line = end
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            self._dispatch()
+        elif line.startswith(b"data"):
+            if over:
+                self._add_data(b"", truncated_tail=tail)
+            elif line.startswith(b"data:") or line == b"data":
+                self._add_data(_field_value(line, 5))
+        elif line.startswith(b"event:"):
+            self._event_name = _field_value(line, 6).strip()
+        return line
+
+    def _add_data(self, value: bytes, truncated_tail: bytes | None = None) -> None:
+        if truncated_tail is not None:
+            self._data_over = True
+            self._data_tail = truncated_tail
+            return
+        self._data_size += len(value) + 1
+        if self._data_over:
+            self._data_tail = (self._data_tail + b"\n" + value)[-SSE_TAIL_BYTES:]
+        elif self._data_size > SSE_LINE_MAX:
+            self._data_over = True
+            self._data_tail = (b"\n".join(self._data) + b"\n" + value)[-SSE_TAIL_BYTES:]
+            self._data.clear()
+        else:
+            self._data.append(value)
+
+    def _dispatch(self) -> None:
+        name, self._event_name = self._event_name, None
+        if self._data_over:
+            tail, self._data_tail, self._data_over = self._data_tail, b"", False
+            self._data.clear()
+            self._data_size = 0
+            self._event_truncated(name, tail)
+            return
+        if not self._data:
+            return
+        data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data = []
+        self._data_size = 0
+        self._event(name, data)
+
+    # --- accounting (subclasses) --------------------------------------------------
+
+    def _event(self, name: bytes | None, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _event_truncated(self, name: bytes | None, tail: bytes) -> None:
+        """An event too large to keep: only its tail is known."""
+
+    def _estimate(self) -> Usage:
+        return NO_USAGE
+
+    def finish(self) -> Usage:
+        if self._finished is None:
+            self._finished = NO_USAGE
+            if not self._broken:
+                try:
+                    if self._final is None:
+                        # the stream ended mid-event: read what did arrive
+                        if self._line and not self._line_over:
+                            self._complete(b"")
+                        self._dispatch()
+                    if self._decoder is not None and self._decoder.failed:
+                        self._finished = NO_USAGE
+                    else:
+                        self._finished = self._final or self._estimate()
+                except Exception:
+                    self._give_up()
+        return self._finished
+
+
+def _field_value(line: bytes, prefix_len: int) -> bytes:
+    value = line[prefix_len:]
+    return value[1:] if value[:1] == b" " else value
+
+
+# Text that a chunk adds to the answer (OpenAI chat: one chunk is about one
+# token). Used only to estimate a stream that ended before its usage report.
+_OPENAI_TEXT_DELTA_RE = re.compile(rb'"(?:content|arguments|refusal)"\s*:\s*"[^"]')
+_RESPONSES_DELTA_RE = re.compile(rb'"type"\s*:\s*"response\.[a-z_.]*delta"')
+_RESPONSES_FINAL = (
+    b'"response.completed"',
+    b'"response.incomplete"',
+    b'"response.failed"',
+    b'"transcript.text.done"',
+)
+
+
+class OpenAIStreamMeter(SSEMeter):
+    """OpenAI streams: chat and completions (the final usage chunk),
+    Responses (``response.completed``/``incomplete``/``failed`` carry
+    ``response.usage``), audio transcriptions (``transcript.text.done``).
+
+    A stream cut before its usage report is estimated: completion tokens
+    from the number of text deltas seen; prompt tokens stay unknown."""
+
+    def __init__(self, strip: bool = False, decoder: _Decoder | None = None) -> None:
+        super().__init__(strip, decoder)
+        self._deltas = 0
+
+    def _event(self, name: bytes | None, data: bytes) -> None:
+        if _USAGE_KEY_RE.search(data) is not None:
+            try:
+                doc = json.loads(data)
+            except (ValueError, RecursionError):
+                doc = None
+            if isinstance(doc, dict):
+                usage = openai_usage(doc.get("usage"))
+                if usage is None and isinstance(doc.get("response"), dict):
+                    usage = openai_usage(doc["response"].get("usage"))
+                if usage is not None:
+                    self._final = usage
+                    return
+        if _RESPONSES_DELTA_RE.search(data) is not None:
+            self._deltas += 1
+        elif _OPENAI_TEXT_DELTA_RE.search(data) is not None:
+            self._deltas += 1
+
+    def _event_truncated(self, name: bytes | None, tail: bytes) -> None:
+        # a huge response.completed (a long answer, images): usage is near its end
+        usage = openai_usage(usage_object_in_tail(tail))
+        if usage is not None:
+            self._final = usage
+
+    def _estimate(self) -> Usage:
+        if not self._deltas:
+            return NO_USAGE
+        return Usage(completion_tokens=self._deltas, source="estimated")
+
+
+_ANTHROPIC_TEXT_RE = re.compile(rb'"(?:text|partial_json|thinking)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+class AnthropicStreamMeter(SSEMeter):
+    """Anthropic message streams: ``message_start`` carries the input and
+    cache tokens, ``message_delta`` the (cumulative) output tokens and, in
+    newer API versions, updated input and cache tokens.
+
+    A stream cut before ``message_delta`` is estimated: prompt tokens as
+    ``message_start`` reported them, completion tokens from the text seen
+    (about four bytes per token)."""
+
+    def __init__(self, decoder: _Decoder | None = None) -> None:
+        super().__init__(False, decoder)
+        self._counts = _AnthropicCounts()
+        self._started = False
+        self._text_bytes = 0
+
+    def _event(self, name: bytes | None, data: bytes) -> None:
+        if name == b"content_block_delta" or (name is None and b'"content_block_delta"' in data):
+            for m in _ANTHROPIC_TEXT_RE.finditer(data):
+                self._text_bytes += m.end(1) - m.start(1)
+            return
+        is_start = name == b"message_start" or (name is None and b'"message_start"' in data)
+        is_delta = name == b"message_delta" or (name is None and b'"message_delta"' in data)
+        if not (is_start or is_delta):
+            return
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(doc, dict):
+            return
+        if doc.get("type") == "message_start":
+            message = doc.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict) and self._counts.update(usage):
+                self._started = True
+        elif doc.get("type") == "message_delta":
+            usage = doc.get("usage")
+            if isinstance(usage, dict) and self._counts.update(usage):
+                self._final = self._counts.usage("provider")
+
+    def _estimate(self) -> Usage:
+        if not self._started and not self._text_bytes:
+            return NO_USAGE
+        guess = -(-self._text_bytes // 4)
+        output = max(self._counts.output or 0, guess)
+        return self._counts.usage("estimated", output=output)
+
+
+# --- choosing a meter --------------------------------------------------------------
+
+_OPENAI_STREAMS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/audio/transcriptions",
+}
+_OPENAI_JSON = _OPENAI_STREAMS | {"/v1/embeddings", "/v1/audio/translations"}
+_ANTHROPIC = {"/v1/messages"}
+
+
+def meter_for(
+    plan: RequestPlan,
+    provider: str,
+    path: str,
+    status: int,
+    content_type: bytes | None,
+    content_encoding: bytes | None = None,
+) -> Meter:
+    """The meter for a response, chosen when its headers arrive.
+
+    ``content_encoding`` (the response's Content-Encoding, optional): gzip
+    and deflate bodies are metered on a decompressed copy; any other coding
+    is not metered (and a usage chunk Lectr asked for cannot be removed, so
+    the proxy should ask for ``identity`` upstream when
+    ``plan.strip_usage_chunk``).
+    """
+    if not 200 <= status < 300:
+        return NOOP_METER
+    path = _norm_path(path)
+    if provider == "openai":
+        json_kind, streams = ("openai" if path in _OPENAI_JSON else None), path in _OPENAI_STREAMS
+    elif provider == "anthropic":
+        json_kind, streams = ("anthropic" if path in _ANTHROPIC else None), path in _ANTHROPIC
+    else:
+        return NOOP_METER
+    media_type = _media_type(content_type)
+    coding = (content_encoding or b"").strip().lower()
+    decoder = None
+    if coding in (b"gzip", b"x-gzip", b"deflate"):
+        decoder = _Decoder()
+    elif coding not in (b"", b"identity"):
+        return NOOP_METER
+    if media_type == b"text/event-stream" and streams:
+        if provider == "anthropic":
+            return AnthropicStreamMeter(decoder)
+        return OpenAIStreamMeter(plan.strip_usage_chunk and decoder is None, decoder)
+    if json_kind is not None and _is_json(media_type):
+        return JsonMeter(json_kind, decoder)
+    return NOOP_METER
