@@ -1,16 +1,153 @@
-"""The proxy port's twisted.web Site."""
+"""The proxy port's twisted.web Site and Request.
+
+Two Twisted defaults are replaced because they are wrong for a proxy:
+
+- request bodies: twisted.web spools bodies over 100 kB to a temporary file
+  and parses form bodies; here a body is kept in memory, capped at
+  ``LECTR_MAX_BODY_BYTES`` — a declared ``Content-Length`` over the cap is
+  answered 413 before a byte of the body is read, and a chunked body is
+  refused as soon as it passes the cap;
+- request processing: no resource traversal, no per-segment unquoting, no
+  default ``Server``/``Content-Type`` headers, no access log (every request
+  becomes a usage row instead): the request goes straight to the handler.
+"""
 
 from __future__ import annotations
 
-from twisted.web.server import Site
+import uuid
+from io import BytesIO
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request, Site
+
+from lectr.proxy.routing import dialect_for
+
+
+class _Discard:
+    """A content sink for a refused body."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, *args) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        return b""
+
+
+class ProxyRequest(Request):
+    _log = Logger()
+    _body_size = 0
+    _refused = False
+
+    # --- body ------------------------------------------------------------------
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.channel.site.max_body_bytes:
+            self.content = _Discard()
+            self._refuse_too_large()
+        else:
+            self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._body_size += len(data)
+        if self._body_size > self.channel.site.max_body_bytes:
+            self.content = _Discard()  # let go of what was buffered
+            self._refuse_too_large()
+            return
+        self.content.write(data)
+
+    def _refuse_too_large(self) -> None:
+        """Answer 413 now, on the raw transport (the request line is known,
+        the body is not read), and close the connection."""
+        self._refused = True
+        site = self.channel.site
+        target = getattr(self.channel, "_path", b"/")  # set by HTTPChannel before gotLength
+        provider = site.registry.get(dialect_for(target.split(b"?", 1)[0]))
+        request_id = str(uuid.uuid4())
+        body = provider.error_body(
+            "too_large",
+            f"Request body is larger than the {site.max_body_bytes} bytes this gateway accepts.",
+            request_id,
+        )
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n"
+            b"x-lectr-request-id: %s\r\n\r\n" % (len(body), request_id.encode()) + body
+        )
+        site.refused_too_large()
+        self.channel.loseConnection()
+
+    # --- processing --------------------------------------------------------------
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Lean replacement: no query-string or form parsing (the body goes
+        upstream as it came), no resource traversal."""
+        if self._refused:
+            return  # already answered; the connection is closing
+        self.content.seek(0, 0)
+        self.args = {}
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path, _, _ = path.partition(b"?")
+        self.process()
+
+    def process(self) -> None:
+        self.site = self.channel.site
+        try:
+            self.site.handler.handle(self)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def processingFailed(self, reason: Failure) -> None:
+        self._log.failure("proxy request failed", reason)
+        if self._disconnected or self.finished:
+            return reason
+        if self.startedWriting:
+            # Mid-response: a truncated body must never look complete.
+            self.channel.transport.abortConnection()
+            return reason
+        provider = self.site.registry.get(dialect_for(self.path))
+        body = provider.error_body("internal", "Internal error in the gateway.")
+        self.setResponseCode(500)
+        self.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        self.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self.write(body)
+        self.finish()
+        return reason
 
 
 class ProxySite(Site):
-    """No per-request access log (usage rows are Lectr's request log, written
-    in batches), no tracebacks in responses, no factory start/stop noise."""
+    """No access log (usage rows are Lectr's request log), no tracebacks in
+    responses, no factory start/stop noise."""
 
     noisy = False
     displayTracebacks = False
+    requestFactory = ProxyRequest
+
+    def __init__(self, handler, *, registry, max_body_bytes: int, metrics=None) -> None:
+        super().__init__(resource=None, timeout=300)
+        self.handler = handler
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+        self._m_too_large = (
+            metrics.counter("lectr_proxy_body_too_large_total", "Requests refused with 413")
+            if metrics is not None
+            else None
+        )
+
+    def refused_too_large(self) -> None:
+        if self._m_too_large is not None:
+            self._m_too_large.inc()
 
     def log(self, request) -> None:
         pass
