@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.service import IService, Service
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
@@ -60,18 +62,32 @@ class ListeningPortService(Service):
 
     _log = Logger()
 
-    def __init__(self, name: str, description: str, factory, *, reactor, before_stop=None) -> None:
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        factory,
+        *,
+        reactor,
+        before_stop=None,
+        adopt: tuple[int, int] | None = None,
+    ) -> None:
         self.name = name
         self.description = description
         self.factory = factory
         self._reactor = reactor
         self._before_stop = before_stop
+        self._adopt = adopt  # (file descriptor, address family) bound by a parent process
         self.port: IListeningPort | None = None
 
     def startService(self):
         Service.startService(self)
-        endpoint = serverFromString(self._reactor, self.description)
-        d = endpoint.listen(self.factory)
+        if self._adopt is not None:
+            fd, family = self._adopt
+            d = maybeDeferred(self._reactor.adoptStreamPort, fd, family, self.factory)
+            d.addCallback(lambda port: (os.close(fd), port)[1])
+        else:
+            d = serverFromString(self._reactor, self.description).listen(self.factory)
 
         def listening(port: IListeningPort) -> None:
             self.port = port

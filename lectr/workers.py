@@ -1,0 +1,307 @@
+"""``--workers N``: several processes serving one proxy socket.
+
+One process is one reactor, so one core. With ``--workers N`` the process
+twistd starts becomes a supervisor: it binds the proxy and admin sockets
+itself (so a port in use is still one clear start-up error), then spawns N
+worker processes that adopt those sockets (``reactor.adoptStreamPort``); the
+kernel spreads new connections across the workers.
+
+Each worker is a complete Lectr (``python -m lectr.worker``): its own
+database pool, change listener, caches and usage flusher, so every worker
+flushes its own usage rows. The supervisor restarts a worker that dies (with
+backoff), and on SIGTERM asks every worker to stop, waits for them to drain
+in-flight requests (``LECTR_SHUTDOWN_GRACE``), and kills stragglers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from lectr.config import SETTINGS, Config
+
+READY_FD = 5  # workers write "ready\n" here once their ports are adopted
+INHERITED_FIRST_FD = 3  # proxy socket, then admin socket
+
+
+class WorkerStartupError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    family: int
+    address: tuple | str
+    backlog: int
+
+    @classmethod
+    def parse(cls, description: str) -> ListenSpec:
+        """``tcp:PORT[:interface=IP][:backlog=N]``, ``tcp6:…`` or
+        ``unix:PATH[:backlog=N]`` (what a supervisor can bind itself)."""
+        parts = _split(description)
+        kind, args = parts[0].lower(), parts[1:]
+        positional = [a for a in args if "=" not in a]
+        options = dict(a.split("=", 1) for a in args if "=" in a)
+        backlog = int(options.pop("backlog", "128"))
+        if kind in ("tcp", "tcp6"):
+            port = int(options.pop("port", positional[0] if positional else "0"))
+            default = "::" if kind == "tcp6" else "0.0.0.0"
+            interface = options.pop("interface", default)
+            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+            address: tuple | str = (interface, port)
+        elif kind == "unix":
+            address = options.pop("address", positional[0] if positional else "")
+            options.pop("mode", None)
+            options.pop("lockfile", None)
+            family = socket.AF_UNIX
+        else:
+            raise ValueError(f"--workers supports tcp:, tcp6: and unix: endpoints, not {kind}:")
+        if options:
+            raise ValueError(f"unsupported endpoint options with --workers: {', '.join(options)}")
+        return cls(family, address, backlog)
+
+    def bind(self) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            if self.family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(self.address)
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+def _split(description: str) -> list[str]:
+    """Split an endpoint description on ':' honouring '\\:' escapes."""
+    parts, current, escaped = [], [], False
+    for ch in description:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.ready: Deferred[None] = Deferred()
+        self.ended: Deferred[int | None] = Deferred()
+        self._status = b""
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == READY_FD:
+            self._status += data
+            if b"ready\n" in self._status and not self.ready.called:
+                self.ready.callback(None)
+
+    def processEnded(self, reason) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        if not self.ready.called:
+            self.ready.errback(
+                WorkerStartupError(f"worker {self.index} exited during start-up"
+                                   f" (status {code if code is not None else 'signal ' + str(sig)})")
+            )
+            self.ready.addErrback(lambda _: None)
+        self.ended.callback(code)
+        self.supervisor.worker_ended(self, code, sig)
+
+
+class WorkerSupervisor(Service):
+    """The parent process of ``--workers N``."""
+
+    name = "lectr-supervisor"
+    _log = Logger()
+
+    def __init__(self, config: Config, options, *, reactor, executable: str | None = None) -> None:
+        self.config = config
+        self._options = options
+        self._reactor = reactor
+        self._executable = executable or sys.executable
+        self._sockets: list[socket.socket] = []
+        self._workers: dict[int, _WorkerProtocol] = {}
+        self._stopping = False
+        self._restart_delay: dict[int, float] = {}
+        self.ready: Deferred[None] = Deferred()
+
+    # --- start -------------------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._reactor.callWhenRunning(self._begin)
+
+    def _begin(self) -> None:
+        from lectr.service import StartupError, _exit_after_reactor
+
+        d = ensureDeferred(self._start())
+
+        def failed(failure) -> None:
+            message = str(failure.value) if failure.check(StartupError, WorkerStartupError) else (
+                f"unexpected error: {failure.getErrorMessage()}"
+            )
+            if not failure.check(StartupError, WorkerStartupError):
+                self._log.failure("supervisor start-up failed", failure)
+            self._log.critical("start-up failed: {message}", message=message)
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(f"lectr: start-up failed: {message}\n")
+            stderr.flush()
+            if not self.ready.called:
+                self.ready.errback(failure)
+                self.ready.addErrback(lambda _: None)
+            ensureDeferred(self._stop()).addBoth(lambda _: _exit_after_reactor(self._reactor, 1))
+
+        d.addErrback(failed)
+
+    async def _start(self) -> None:
+        from lectr.service import StartupError
+
+        for name, description in (("proxy", self.config.proxy_listen),
+                                  ("admin API", self.config.admin_listen)):
+            try:
+                spec = ListenSpec.parse(description)
+                self._sockets.append(spec.bind())
+            except ValueError as e:
+                raise StartupError(f"invalid endpoint {description!r} for the {name}: {e}") from None
+            except OSError as e:
+                raise StartupError(
+                    f"cannot listen on {description} ({name}): {e.strerror}"
+                ) from None
+        for name, sock in zip(("proxy", "admin API"), self._sockets, strict=True):
+            self._log.info("{name} socket bound to {address}", name=name,
+                           address=_address(sock))
+        results = await DeferredList(
+            [self._spawn(i).ready for i in range(self.config.workers)],
+            fireOnOneErrback=True, consumeErrors=True,
+        )
+        del results
+        self._log.info("Lectr is ready ({n} workers)", n=self.config.workers)
+        self.ready.callback(None)
+
+    def _spawn(self, index: int) -> _WorkerProtocol:
+        protocol = _WorkerProtocol(self, index)
+        env = dict(os.environ)
+        env.update(self._worker_environment(index))
+        child_fds: dict[int, object] = {0: "w", 1: 1, 2: 2, READY_FD: "r"}
+        for offset, sock in enumerate(self._sockets):
+            child_fds[INHERITED_FIRST_FD + offset] = sock.fileno()
+        self._reactor.spawnProcess(
+            protocol,
+            self._executable,
+            [self._executable, "-m", "lectr.worker"],
+            env=env,
+            childFDs=child_fds,
+        )
+        self._workers[index] = protocol
+        return protocol
+
+    def _worker_environment(self, index: int) -> dict[str, str]:
+        """Settings given on the command line travel as environment
+        variables (secrets were never on it)."""
+        env: dict[str, str] = {}
+        for s in SETTINGS:
+            if not s.option:
+                continue
+            raw = self._options.get(s.option) if self._options is not None else None
+            if s.flag:
+                if raw:
+                    env[s.env] = "1"
+            elif raw is not None:
+                env[s.env] = str(raw)
+        env["LECTR_DATA_DIR"] = str(self.config.data_dir)
+        env["LECTR_WORKERS"] = "1"
+        env["LECTR_WORKER_INDEX"] = str(index)
+        env["LECTR_WORKER_FDS"] = ",".join(
+            str(INHERITED_FIRST_FD + i) for i in range(len(self._sockets))
+        )
+        env["LECTR_WORKER_FAMILIES"] = ",".join(str(int(s.family)) for s in self._sockets)
+        env["LECTR_WORKER_READY_FD"] = str(READY_FD)
+        parent = getattr(self._options, "parent", None)
+        if parent is not None and "json_observer" in str(parent.get("logger") or ""):
+            env["LECTR_LOG_FORMAT"] = "json"
+        return env
+
+    # --- supervision ---------------------------------------------------------------
+
+    def worker_ended(self, worker: _WorkerProtocol, code: int | None, sig: int | None) -> None:
+        if self._workers.get(worker.index) is worker:
+            del self._workers[worker.index]
+        if self._stopping or not self.ready.called:
+            return
+        delay = self._restart_delay.get(worker.index, 0.5)
+        self._restart_delay[worker.index] = min(delay * 2, 30.0)
+        self._log.warn(
+            "worker {index} exited (status {code}, signal {sig}); restarting in {delay:.1f}s",
+            index=worker.index, code=code, sig=sig, delay=delay,
+        )
+        self._reactor.callLater(delay, self._restart, worker.index)
+
+    def _restart(self, index: int) -> None:
+        if self._stopping or index in self._workers:
+            return
+        protocol = self._spawn(index)
+
+        def up(_: None) -> None:
+            self._restart_delay[index] = 0.5
+            self._log.info("worker {index} is back", index=index)
+
+        protocol.ready.addCallbacks(up, lambda f: None)
+
+    # --- stop --------------------------------------------------------------------------
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        workers = list(self._workers.values())
+        for w in workers:
+            _signal(w, signal.SIGTERM)
+        deadline = self.config.shutdown_grace + 15.0
+        killer = self._reactor.callLater(deadline, lambda: [_signal(w, signal.SIGKILL)
+                                                            for w in workers])
+        await DeferredList([w.ended for w in workers], consumeErrors=True)
+        if killer.active():
+            killer.cancel()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+
+def _signal(worker: _WorkerProtocol, sig: int) -> None:
+    transport = worker.transport
+    if transport is not None and getattr(transport, "pid", None):
+        try:
+            transport.signalProcess(sig)
+        except (ProcessExitedAlready, OSError):
+            pass  # it is gone already, which is the goal
+
+
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return str(name)
