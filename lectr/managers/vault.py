@@ -1,0 +1,425 @@
+"""The BYOK vault: organizations' provider keys, envelope-encrypted.
+
+- ``add_key`` checks a key's format, asks the provider whether it works
+  (``GET /v1/models``, no redirects) and only then seals and stores it.
+- ``provider_key`` is the proxy's hot path: no database, no plaintext cache.
+  The sealed rows of every org are kept in memory (refreshed by
+  ``provider_key:<org>`` and ``org:<org>`` notifications, fully reloaded after
+  a listener reset) and the newest enabled key is decrypted on each call.
+- At start-up the configured master keys are checked against the stored rows;
+  a wrong ``ENCRYPTION_KEY`` is a :class:`VaultKeyError` (one line), not a
+  failure of every later request.
+- With ``ENCRYPTION_KEY_NEW`` set, a :class:`lectr.vault.rotation.Rewrapper`
+  rewraps every DEK to the new key in small batches (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+
+from lectr.errors import BadRequest, NotFound, Unprocessable, UpstreamUnavailable
+from lectr.metrics import Registry
+from lectr.providers import ProviderRegistry
+from lectr.storage.provider_keys import (
+    NewProviderKey,
+    ProviderKeyRecord,
+    ProviderKeyStore,
+    SealedProviderKey,
+)
+from lectr.util.deferred import OperationTimedOut, timeout_without_cancel
+from lectr.util.secret import Secret
+from lectr.util.validate import clean_name, parse_uuid
+from lectr.vault.crypto import Binding, Keyring, Sealed
+from lectr.vault.errors import UnknownKek, VaultCryptoError, VaultKeyError
+from lectr.vault.reloader import OrgCacheReloader
+from lectr.vault.rotation import Rewrapper
+
+MIN_KEY_LENGTH = 8
+MAX_KEY_LENGTH = 1024
+DEFAULT_KEY_NAME = "default"
+# rows of each master key tried at start-up before the key is declared wrong
+_START_SAMPLE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKeyInfo:
+    """What listings show: never the key, only its last four characters."""
+
+    id: str
+    org_id: str
+    provider: str
+    name: str
+    last4: str
+    enabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RotationStatus:
+    current_kek: str  # fingerprint of ENCRYPTION_KEY
+    next_kek: str | None  # fingerprint of ENCRYPTION_KEY_NEW, when set
+    rows_by_kek: dict[str, int]  # fingerprint -> rows wrapped by it
+    done: bool  # no row references a key other than the one new writes use
+
+
+def _info(r: ProviderKeyRecord) -> ProviderKeyInfo:
+    return ProviderKeyInfo(r.id, r.org_id, r.provider, r.name, r.last4, r.enabled, r.created_at)
+
+
+def _binding(row: SealedProviderKey) -> Binding:
+    return Binding(row.org_id, row.provider, row.id)
+
+
+def _sealed(row: SealedProviderKey) -> Sealed:
+    return Sealed(row.ciphertext, row.nonce, row.wrapped_dek, row.dek_nonce, row.kek_id)
+
+
+def check_key_format(key: object) -> str:
+    """A provider key as typed: printable ASCII without whitespace (it goes
+    into an HTTP header verbatim), of a sane length. Messages never echo it."""
+    if isinstance(key, Secret):
+        key = key.reveal()
+    if not isinstance(key, str):
+        raise BadRequest("the provider key must be a string")
+    if not MIN_KEY_LENGTH <= len(key) <= MAX_KEY_LENGTH:
+        raise BadRequest(
+            f"the provider key must be {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} characters long"
+        )
+    for c in key:
+        if c.isspace():
+            raise BadRequest("the provider key must not contain whitespace")
+        if not "\x21" <= c <= "\x7e":
+            raise BadRequest(
+                "the provider key must contain only printable ASCII characters "
+                "(no control characters)"
+            )
+    return key
+
+
+class VaultManager:
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: ProviderKeyStore,
+        registry: ProviderRegistry,
+        *,
+        kek: Secret[bytes],
+        kek_new: Secret[bytes] | None,
+        http_request,
+        listener,
+        reactor,
+        metrics: Registry | None = None,
+        validation_timeout: float = 10.0,
+        rewrap_batch_size: int = 100,
+        rewrap_interval: float = 0.2,
+        rewrap_idle_interval: float = 60.0,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._keyring = Keyring(kek, kek_new)
+        self._http_request = http_request
+        self._listener = listener
+        self._reactor = reactor
+        self._validation_timeout = validation_timeout
+        # org id -> provider -> enabled sealed rows, newest first
+        self._cache: dict[str, dict[str, tuple[SealedProviderKey, ...]]] = {}
+        # rows that failed to open, by id -> the wrapping that failed (logged once)
+        self._broken: dict[str, bytes] = {}
+        self._running = False
+        self._reloader = OrgCacheReloader(
+            "provider key",
+            load_orgs=self._load_orgs,
+            load_all=self._load_all,
+            reactor=reactor,
+        )
+        metrics = metrics or Registry()
+        self._m_decrypt_failures = metrics.counter(
+            "lectr_vault_decrypt_failures_total",
+            "Stored provider keys that failed to decrypt (wrong master key or damaged rows)",
+        )
+        self._m_validations = metrics.counter(
+            "lectr_provider_key_validations_total",
+            "Provider keys checked with their provider before storage, by outcome",
+            ["provider", "outcome"],
+        )
+        metrics.callback_gauge(
+            "lectr_vault_cached_keys",
+            "Enabled provider keys held (sealed) in memory",
+            lambda: sum(len(rows) for org in self._cache.values() for rows in org.values()),
+        )
+        self._rewrapper = (
+            Rewrapper(
+                store,
+                self._keyring,
+                reactor=reactor,
+                on_rewrapped=self._reloader.org_changed,
+                metrics=metrics,
+                batch_size=rewrap_batch_size,
+                interval=rewrap_interval,
+                idle_interval=rewrap_idle_interval,
+            )
+            if self._keyring.next is not None
+            else None
+        )
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the master keys against the stored rows, load the sealed
+        rows, follow changes, and start rewrapping when ENCRYPTION_KEY_NEW is
+        set. Raises :class:`VaultKeyError` when the keys do not fit."""
+        if self._listener is not None:
+            # subscribe first: a change made while loading is reloaded after
+            self._listener.subscribe("provider_key", self._on_change)
+            self._listener.subscribe("org", self._on_change)
+            self._listener.on_reset(self._on_reset)
+        await self._check_master_keys()
+        await self._load_all()
+        self._running = True
+        self._reloader.start()
+        ring = self._keyring
+        self._log.info(
+            "vault: {n} provider keys loaded; master key {current}{rotation}",
+            n=sum(len(rows) for org in self._cache.values() for rows in org.values()),
+            current=ring.current.fingerprint,
+            rotation=f", rewrapping to {ring.next.fingerprint}" if ring.next else "",
+        )
+        if self._rewrapper is not None:
+            self._rewrapper.start()
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._rewrapper is not None:
+            await self._rewrapper.stop()
+        self._reloader.stop()
+
+    async def _check_master_keys(self) -> None:
+        ring = self._keyring
+        counts = await self._store.count_by_kek()
+        names = f"ENCRYPTION_KEY is {ring.current.fingerprint}"
+        if ring.next is not None:
+            names += f", ENCRYPTION_KEY_NEW is {ring.next.fingerprint}"
+        unknown = {k: n for k, n in counts.items() if ring.get(k) is None}
+        if unknown:
+            kek_id, n = max(unknown.items(), key=lambda kv: kv[1])
+            total = sum(unknown.values())
+            raise VaultKeyError(
+                f"ENCRYPTION_KEY does not match the master key that protects {total} stored "
+                f"provider key(s) (key fingerprint {kek_id}"
+                + (f" and {len(unknown) - 1} other(s)" if len(unknown) > 1 else "")
+                + f"; {names}): set ENCRYPTION_KEY to the master key they were stored with"
+            )
+        for kek_id in counts:
+            rows = await self._store.sample(kek_id, _START_SAMPLE)
+            if rows and not any(ring.can_unwrap(_binding(r), _sealed(r)) for r in rows):
+                raise VaultKeyError(
+                    f"the master key with fingerprint {kek_id} does not unwrap the stored "
+                    f"provider keys ({names}); the provider_keys table may be damaged or "
+                    "restored from another installation"
+                )
+
+    # --- the hot path ---------------------------------------------------------------
+
+    def provider_key(self, org_id: str, provider: str) -> Secret[str] | None:
+        """The newest enabled key of this org and provider, decrypted now, in
+        memory, for one request; None when there is none. Never touches the
+        database; the plaintext is not kept."""
+        rows = self._cache.get(org_id, {}).get(provider)
+        if not rows:
+            return None
+        for row in rows:
+            if self._broken.get(row.id) == row.wrapped_dek:
+                continue
+            try:
+                plaintext = self._keyring.open(_binding(row), _sealed(row))
+            except VaultCryptoError as e:
+                self._mark_broken(row, e)
+                continue
+            return Secret(plaintext.decode("ascii"))
+        return None
+
+    def _mark_broken(self, row: SealedProviderKey, e: VaultCryptoError) -> None:
+        self._broken[row.id] = row.wrapped_dek
+        self._m_decrypt_failures.inc()
+        hint = (
+            "this node lacks the master key it names (set ENCRYPTION_KEY_NEW on every node)"
+            if isinstance(e, UnknownKek)
+            else "the row is damaged or was moved"
+        )
+        self._log.error(
+            "vault: provider key {key_id} of org {org_id} ({provider}) cannot be decrypted: "
+            "{reason}; {hint}. It is skipped.",
+            key_id=row.id,
+            org_id=row.org_id,
+            provider=row.provider,
+            reason=str(e),
+            hint=hint,
+        )
+
+    # --- the cache -----------------------------------------------------------------
+
+    @staticmethod
+    def _group(rows: list[SealedProviderKey]) -> dict[str, dict[str, tuple]]:
+        grouped: dict[str, dict[str, list[SealedProviderKey]]] = {}
+        for row in rows:  # already newest first
+            grouped.setdefault(row.org_id, {}).setdefault(row.provider, []).append(row)
+        return {
+            org: {p: tuple(rs) for p, rs in by_provider.items()}
+            for org, by_provider in grouped.items()
+        }
+
+    async def _load_all(self) -> None:
+        rows = await self._store.load_enabled()
+        self._cache = self._group(rows)
+        live = {r.id for r in rows}
+        self._broken = {k: v for k, v in self._broken.items() if k in live}
+
+    async def _load_orgs(self, org_ids: list[str]) -> None:
+        rows = await self._store.load_enabled(org_ids)
+        grouped = self._group(rows)
+        for org_id in org_ids:
+            if org_id in grouped:
+                self._cache[org_id] = grouped[org_id]
+            else:
+                self._cache.pop(org_id, None)
+
+    def _on_change(self, org_id: str) -> None:
+        self._reloader.org_changed(org_id)
+
+    def _on_reset(self) -> None:
+        self._reloader.reset()
+
+    async def _refresh(self, org_id: str) -> None:
+        """This process's own write: have the cache reflect it before the call
+        returns. The write is committed either way, so a slow or failed reload
+        is only logged (the reloader retries)."""
+        try:
+            await timeout_without_cancel(self._reloader.refresh(org_id), 5.0, self._reactor)
+        except CancelledError:
+            raise
+        except (OperationTimedOut, Exception) as e:
+            self._log.warn(
+                "vault: provider key cache of org {org_id} not refreshed yet ({error})",
+                org_id=org_id,
+                error=type(e).__name__,
+            )
+
+    # --- administration ----------------------------------------------------------------
+
+    def _provider_name(self, provider: object) -> str:
+        if not isinstance(provider, str) or provider not in self._registry:
+            raise BadRequest(
+                f"unknown provider; expected one of: {', '.join(self._registry.names())}"
+            )
+        return provider
+
+    async def add_key(
+        self, org_id: object, provider: object, key: object, name: object = None
+    ) -> ProviderKeyInfo:
+        """Validate ``key`` with its provider, then seal and store it. It
+        becomes the org's key for that provider (the newest enabled one)."""
+        org_id = parse_uuid(org_id, "organization")
+        provider = self._provider_name(provider)
+        plaintext = check_key_format(key)
+        name = DEFAULT_KEY_NAME if name is None else clean_name(name, "key name")
+        if not await self._store.org_exists(org_id):
+            raise NotFound("organization not found")
+
+        p = self._registry[provider]
+        result = await p.validate_key(
+            Secret(plaintext), self._http_request, timeout=self._validation_timeout
+        )
+        if not result.valid:
+            outcome = "refused" if result.reachable else "unreachable"
+            self._m_validations.inc(1, provider, outcome)
+            self._log.info(
+                "provider key for org {org_id} not stored: {provider} {outcome} ({status})",
+                org_id=org_id,
+                provider=provider,
+                outcome=outcome,
+                status=result.status,
+            )
+            if result.reachable:
+                raise Unprocessable(
+                    f"{p.display_name} refused the key: {result.reason}",
+                    code="provider_key_refused",
+                )
+            raise UpstreamUnavailable(
+                f"the key could not be checked with {p.display_name}: {result.reason}; "
+                "nothing was stored",
+                code="provider_unreachable",
+            )
+        self._m_validations.inc(1, provider, "accepted")
+
+        record_id = str(uuid.uuid4())
+        sealed = self._keyring.seal(Binding(org_id, provider, record_id), plaintext.encode())
+        record = await self._store.insert(
+            NewProviderKey(
+                id=record_id,
+                org_id=org_id,
+                provider=provider,
+                name=name,
+                last4=plaintext[-4:],
+                ciphertext=sealed.ciphertext,
+                nonce=sealed.nonce,
+                wrapped_dek=sealed.wrapped_dek,
+                dek_nonce=sealed.dek_nonce,
+                kek_id=sealed.kek_id,
+            )
+        )
+        if record is None:
+            raise NotFound("organization not found")
+        self._log.info(
+            "provider key {key_id} ({provider}) stored for org {org_id}",
+            key_id=record.id,
+            provider=provider,
+            org_id=org_id,
+        )
+        await self._refresh(org_id)
+        return _info(record)
+
+    async def list_keys(self, org_id: object) -> list[ProviderKeyInfo]:
+        org_id = parse_uuid(org_id, "organization")
+        records = await self._store.list(org_id)
+        if not records and not await self._store.org_exists(org_id):
+            raise NotFound("organization not found")
+        return [_info(r) for r in records]
+
+    async def delete_key(self, org_id: object, key_id: object) -> None:
+        org_id = parse_uuid(org_id, "organization")
+        key_id = parse_uuid(key_id, "provider key")
+        if not await self._store.delete(org_id, key_id):
+            raise NotFound("provider key not found")
+        self._log.info(
+            "provider key {key_id} of org {org_id} deleted", key_id=key_id, org_id=org_id
+        )
+        await self._refresh(org_id)
+
+    async def set_key_enabled(
+        self, org_id: object, key_id: object, enabled: bool
+    ) -> ProviderKeyInfo:
+        """Disable a key without deleting it (or enable it again)."""
+        org_id = parse_uuid(org_id, "organization")
+        key_id = parse_uuid(key_id, "provider key")
+        record = await self._store.set_enabled(org_id, key_id, bool(enabled))
+        if record is None:
+            raise NotFound("provider key not found")
+        await self._refresh(org_id)
+        return _info(record)
+
+    async def rotation_status(self) -> RotationStatus:
+        ring = self._keyring
+        counts = await self._store.count_by_kek()
+        write = ring.write_kek.fingerprint
+        return RotationStatus(
+            current_kek=ring.current.fingerprint,
+            next_kek=ring.next.fingerprint if ring.next else None,
+            rows_by_kek=counts,
+            done=all(kek_id == write for kek_id, n in counts.items() if n),
+        )
