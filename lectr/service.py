@@ -34,6 +34,7 @@ from lectr.proxy.site import ProxySite
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
 from lectr.util.service import CallbackService, ListeningPortService, ServiceStack
+from lectr.vault.errors import VaultKeyError
 
 _log = Logger()
 
@@ -49,6 +50,7 @@ _KNOWN_FAILURES = (
     DatabaseUnavailable,
     EmbeddedDatabaseError,
     migrate.MigrationError,
+    VaultKeyError,
 )
 
 
@@ -230,6 +232,44 @@ class LectrService(Service):
 
     async def _start_vault(self, c: Components) -> None:
         """Provider keys (BYOK vault), master-key rotation, provider settings."""
+        from lectr.managers.provider_settings import ProviderSettingsManager
+        from lectr.managers.vault import VaultManager
+        from lectr.providers.http import make_http_request
+        from lectr.storage.provider_keys import ProviderKeyStore
+        from lectr.storage.provider_settings import ProviderSettingsStore
+
+        config = self.config
+        if config.encryption_key is None:
+            raise StartupError("ENCRYPTION_KEY is not set: it is the master key of the vault")
+        settings = ProviderSettingsManager(
+            ProviderSettingsStore(c.database), c.providers, c.listener, self._reactor
+        )
+        await self._stack.start(
+            CallbackService(
+                "provider settings",
+                start=lambda: ensureDeferred(settings.start()),
+                stop=lambda: ensureDeferred(settings.stop()),
+            )
+        )
+        c.settings = settings
+        vault = VaultManager(
+            ProviderKeyStore(c.database),
+            c.providers,
+            kek=config.encryption_key,
+            kek_new=config.encryption_key_new,
+            http_request=make_http_request(self._reactor),
+            listener=c.listener,
+            reactor=self._reactor,
+            metrics=c.metrics,
+        )
+        await self._stack.start(
+            CallbackService(
+                "vault",
+                start=lambda: ensureDeferred(vault.start()),
+                stop=lambda: ensureDeferred(vault.stop()),
+            )
+        )
+        c.vault = vault
 
     async def _start_usage(self, c: Components) -> None:
         """Usage recorder and flusher; request-log queries."""
