@@ -20,7 +20,6 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from lectr.admin.app import AdminApp
 from lectr.config import Config, ConfigError
 from lectr.db import migrate
 from lectr.db.database import Database, DatabaseUnavailable
@@ -281,11 +280,17 @@ class LectrService(Service):
         return ProxySite(ProxyRoot())
 
     def _admin_site(self, c: Components) -> Site:
-        admin = AdminApp(reactor=self._reactor, database=c.database, metrics=c.metrics)
-        site = Site(admin.resource())
-        site.noisy = False
-        site.displayTracebacks = False
-        return site
+        """The admin API: identities and memberships (``c.users``), the
+        authenticator (admin token, OIDC JWTs) and the Klein app."""
+        from lectr.admin.wiring import build_admin
+
+        admin = build_admin(c, self.config, reactor=self._reactor)
+        c.users = admin.users
+        c.extras["admin"] = admin
+        if admin.jwks is not None:
+            admin.jwks.start()  # in the background: the issuer may be down
+            self.add_stop_hook("JWKS fetcher", admin.jwks.stop)
+        return admin.site
 
     def add_stop_hook(self, name: str, stop) -> Deferred:
         """Register something to stop (in reverse order) at shutdown."""

@@ -54,9 +54,13 @@ class OrgManager:
 
     # --- organizations -------------------------------------------------------
 
-    async def create_org(self, name: object, key_name: object = "default") -> tuple[Org, IssuedKey]:
+    async def create_org(
+        self, name: object, key_name: object = "default", *, owner_id: str | None = None
+    ) -> tuple[Org, IssuedKey]:
+        """Create an org and its first key; ``owner_id`` (a user identity)
+        becomes its owner in the same transaction."""
         new, plaintext = _new_key(clean_name(key_name, "key name"))
-        org, key = await self._orgs.create(clean_name(name, "name"), new)
+        org, key = await self._orgs.create(clean_name(name, "name"), new, owner_id)
         return org, IssuedKey(key, plaintext)
 
     async def get_org(self, org_id: object) -> Org:

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from lectr.db.database import Database, Transaction
 from lectr.storage.api_keys import ApiKey, NewKey, insert_key_txn
+from lectr.storage.members import insert_member_txn
 
 _COLUMNS = "id, name, enabled, created_at, updated_at"
 
@@ -28,13 +29,20 @@ class OrgStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def create(self, name: str, first_key: NewKey) -> tuple[Org, ApiKey]:
+    async def create(
+        self, name: str, first_key: NewKey, owner_id: str | None = None
+    ) -> tuple[Org, ApiKey]:
+        """Create an org with its first key and, when ``owner_id`` is given,
+        its first owner, in one transaction."""
+
         async def txn(t: Transaction) -> tuple[Org, ApiKey]:
             row = await t.fetchone(
                 f"INSERT INTO organizations (name) VALUES (%s) RETURNING {_COLUMNS}", (name,)
             )
             org = _org(row)
             key = await insert_key_txn(t, org.id, first_key)
+            if owner_id is not None:
+                await insert_member_txn(t, org.id, owner_id, "owner")
             t.notify("org", org.id)
             return org, key
 

@@ -1,0 +1,246 @@
+"""The admin API's JSON shapes: request bodies (validated by
+:mod:`lectr.admin.validation`) and response components (shown in the OpenAPI
+document and checked against real responses by the tests)."""
+
+from __future__ import annotations
+
+from lectr.admin.validation import QueryParam
+from lectr.managers.users import ROLES
+from lectr.providers.anthropic import Anthropic
+from lectr.providers.openai import OpenAI
+
+PROVIDERS = (OpenAI.name, Anthropic.name)
+MAX_PAGE = 200
+DEFAULT_PAGE = 50
+
+
+def obj(properties: dict, required: tuple[str, ...] = (), **extra) -> dict:
+    schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = list(required)
+    schema.update(extra)
+    return schema
+
+
+def string(max_len: int = 200, min_len: int = 1, **extra) -> dict:
+    return {"type": "string", "minLength": min_len, "maxLength": max_len, **extra}
+
+
+def nullable(schema: dict) -> dict:
+    kind = schema["type"]
+    return {**schema, "type": [kind, "null"] if isinstance(kind, str) else [*kind, "null"]}
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def items_of(name: str) -> dict:
+    return obj({"items": {"type": "array", "items": ref(name)}}, ("items",))
+
+
+NAME = string(200, description="1 to 200 characters, trimmed; no control characters")
+MODEL_PATTERNS = {
+    "type": "array",
+    "maxItems": 500,
+    "items": string(200),
+    "description": "exact model names or 'prefix*' patterns (case-insensitive)",
+}
+UUID = {"type": "string", "format": "uuid"}
+TIMESTAMP = {"type": "string", "format": "date-time"}
+
+# --- request bodies -------------------------------------------------------------
+
+CREATE_ORG = obj({"name": NAME, "key_name": NAME}, ("name",))
+RENAME_ORG = obj({"name": NAME}, ("name",))
+SET_ENABLED = obj({"enabled": {"type": "boolean"}}, ("enabled",))
+NEW_KEY = obj({"name": NAME})
+ADD_PROVIDER_KEY = obj(
+    {
+        "provider": {"type": "string", "enum": list(PROVIDERS)},
+        "key": string(1024, 8, writeOnly=True, description="the provider's API key"),
+        "name": NAME,
+    },
+    ("provider", "key"),
+)
+UPDATE_PROVIDER = obj(
+    {
+        "enabled": {"type": "boolean"},
+        "allowed_models": MODEL_PATTERNS,
+        "blocked_models": MODEL_PATTERNS,
+    },
+    minProperties=1,
+)
+PUT_MEMBER = obj(
+    {
+        "user_id": {**UUID, "description": "an identity's id"},
+        "email": string(320, format="email", description="of a user who has signed in"),
+        "subject": string(255, description="OIDC subject (sub); created if never seen"),
+        "role": {"type": "string", "enum": list(ROLES)},
+    },
+    ("role",),
+)
+SET_USER = obj({"is_admin": {"type": "boolean"}}, ("is_admin",))
+
+# --- query parameters -------------------------------------------------------------
+
+LIMIT = QueryParam(
+    "limit",
+    {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+    f"page size; values outside 1..{MAX_PAGE} are clamped",
+    clamp=True,
+)
+CURSOR = QueryParam("cursor", string(500), "next_cursor of the previous page")
+PROVIDER_FILTER = QueryParam("provider", {"type": "string", "enum": list(PROVIDERS)})
+MODEL_FILTER = QueryParam("model", string(200), "exact model name")
+STATUS_FILTER = QueryParam(
+    "status", {"type": "integer", "minimum": 100, "maximum": 599}, "HTTP status"
+)
+SINCE = QueryParam("since", {"type": "string", "format": "date-time"}, "inclusive; ISO 8601")
+UNTIL = QueryParam("until", {"type": "string", "format": "date-time"}, "exclusive; ISO 8601")
+GROUP_BY = QueryParam(
+    "group_by",
+    string(40, pattern=r"^(model|provider|day)(,(model|provider|day))*$", default="model"),
+    "comma-separated: model, provider, day",
+)
+
+# --- response components ------------------------------------------------------------
+
+COMPONENTS: dict[str, dict] = {
+    "Error": obj(
+        {
+            "error": obj(
+                {"code": {"type": "string"}, "message": {"type": "string"}}, ("code", "message")
+            )
+        },
+        ("error",),
+    ),
+    "Health": obj({"status": {"type": "string"}}, ("status",)),
+    "Ready": obj({"status": {"type": "string"}, "database": {"type": "string"}}, ("status",)),
+    "Org": obj(
+        {
+            "id": UUID,
+            "name": {"type": "string"},
+            "enabled": {"type": "boolean"},
+            "created_at": TIMESTAMP,
+            "updated_at": TIMESTAMP,
+            "role": {
+                "type": ["string", "null"],
+                "enum": [*ROLES, None],
+                "description": "the caller's role; null for a global admin who is not a member",
+            },
+        },
+        ("id", "name", "enabled", "created_at", "updated_at", "role"),
+    ),
+    "ApiKey": obj(
+        {
+            "id": UUID,
+            "org_id": UUID,
+            "name": {"type": "string"},
+            "prefix": {"type": "string", "description": "the first characters, for recognition"},
+            "active": {"type": "boolean"},
+            "created_at": TIMESTAMP,
+            "revoked_at": nullable(TIMESTAMP),
+        },
+        ("id", "org_id", "name", "prefix", "active", "created_at", "revoked_at"),
+    ),
+    "IssuedKey": obj(
+        {
+            "id": UUID,
+            "org_id": UUID,
+            "name": {"type": "string"},
+            "prefix": {"type": "string"},
+            "active": {"type": "boolean"},
+            "created_at": TIMESTAMP,
+            "revoked_at": nullable(TIMESTAMP),
+            "key": {
+                "type": "string",
+                "description": "the Lectr key (lc_…): shown this once, never again",
+            },
+        },
+        ("id", "org_id", "name", "prefix", "active", "created_at", "revoked_at", "key"),
+    ),
+    "CreatedOrg": obj({"org": ref("Org"), "key": ref("IssuedKey")}, ("org", "key")),
+    "User": obj(
+        {
+            "id": UUID,
+            "subject": {"type": "string", "description": "the OIDC subject (sub)"},
+            "email": {"type": ["string", "null"]},
+            "is_admin": {"type": "boolean"},
+            "created_at": TIMESTAMP,
+            "last_seen_at": nullable(TIMESTAMP),
+        },
+        ("id", "subject", "email", "is_admin", "created_at", "last_seen_at"),
+    ),
+    "Membership": obj(
+        {"org_id": UUID, "org_name": {"type": "string"}, "role": {"enum": list(ROLES)}},
+        ("org_id", "org_name", "role"),
+    ),
+    "Me": obj(
+        {
+            "kind": {"type": "string", "enum": ["user", "token"]},
+            "is_admin": {"type": "boolean"},
+            "user": {"oneOf": [ref("User"), {"type": "null"}]},
+            "memberships": {"type": "array", "items": ref("Membership")},
+        },
+        ("kind", "is_admin", "user", "memberships"),
+    ),
+    "Member": obj(
+        {
+            "org_id": UUID,
+            "user_id": UUID,
+            "role": {"type": "string", "enum": list(ROLES)},
+            "subject": {"type": "string"},
+            "email": {"type": ["string", "null"]},
+            "created_at": TIMESTAMP,
+            "updated_at": TIMESTAMP,
+        },
+        ("org_id", "user_id", "role", "subject", "email", "created_at", "updated_at"),
+    ),
+    "ProviderKey": obj(
+        {
+            "id": UUID,
+            "org_id": UUID,
+            "provider": {"type": "string", "enum": list(PROVIDERS)},
+            "name": {"type": "string"},
+            "last4": {"type": "string", "description": "the key's last four characters"},
+            "enabled": {"type": "boolean"},
+            "created_at": TIMESTAMP,
+        },
+        ("id", "org_id", "provider", "name", "last4", "enabled", "created_at"),
+    ),
+    "ProviderSettings": obj(
+        {
+            "org_id": UUID,
+            "provider": {"type": "string", "enum": list(PROVIDERS)},
+            "enabled": {"type": "boolean"},
+            "allowed_models": {"type": "array", "items": {"type": "string"}},
+            "blocked_models": {"type": "array", "items": {"type": "string"}},
+            "updated_at": {
+                **nullable(TIMESTAMP),
+                "description": "null while the defaults apply (nothing stored)",
+            },
+        },
+        ("org_id", "provider", "enabled", "allowed_models", "blocked_models", "updated_at"),
+    ),
+    "RotationStatus": obj(
+        {
+            "current_kek": {"type": "string", "description": "fingerprint of ENCRYPTION_KEY"},
+            "next_kek": {
+                "type": ["string", "null"],
+                "description": "fingerprint of ENCRYPTION_KEY_NEW, when set",
+            },
+            "rows_by_kek": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "provider keys wrapped by each master key",
+            },
+            "done": {"type": "boolean"},
+        },
+        ("current_kek", "next_kek", "rows_by_kek", "done"),
+    ),
+}
+
+# lists
+for _name in ("Org", "ApiKey", "User", "Member", "ProviderKey", "ProviderSettings"):
+    COMPONENTS[f"{_name}List"] = items_of(_name)

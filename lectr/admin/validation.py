@@ -1,0 +1,261 @@
+"""Request validation from the same JSON Schemas the OpenAPI document shows.
+
+A small, strict subset of JSON Schema (2020-12, as OpenAPI 3.1 uses it):
+``type`` (a name or a list), ``properties``, ``required``,
+``additionalProperties: false``, ``minProperties``, ``minLength``,
+``maxLength``, ``pattern``, ``enum``, ``format`` (``uuid``, ``email``,
+``date-time``), ``minimum``, ``maximum``, ``items``, ``minItems``,
+``maxItems``, ``uniqueItems``. A schema using anything else is a programming
+error, caught when the route is declared.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from lectr.errors import BadRequest
+
+_KNOWN_KEYWORDS = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "minProperties",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "enum",
+        "format",
+        "minimum",
+        "maximum",
+        "items",
+        "minItems",
+        "maxItems",
+        "uniqueItems",
+        # annotations only
+        "description",
+        "default",
+        "examples",
+        "title",
+        "writeOnly",
+        "readOnly",
+    }
+)
+_TYPES = {
+    "object": dict,
+    "array": list,
+    "string": str,
+    "boolean": bool,
+    "null": type(None),
+}
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
+
+
+def check_schema(schema: dict, where: str = "schema") -> None:
+    """Refuse keywords this validator does not implement (they would be
+    silently ignored otherwise)."""
+    unknown = set(schema) - _KNOWN_KEYWORDS
+    if unknown:
+        raise ValueError(f"{where}: unsupported JSON Schema keywords {sorted(unknown)}")
+    for name, sub in schema.get("properties", {}).items():
+        check_schema(sub, f"{where}.{name}")
+    if "items" in schema:
+        check_schema(schema["items"], f"{where}[]")
+
+
+def _type_ok(value: Any, name: str) -> bool:
+    if name == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if name in ("string", "object", "array", "null"):
+        return isinstance(value, _TYPES[name])
+    if name == "boolean":
+        return isinstance(value, bool)
+    raise ValueError(f"unknown type {name!r}")
+
+
+def _describe(types: list[str]) -> str:
+    names = {
+        "object": "an object",
+        "array": "a list",
+        "string": "a string",
+        "boolean": "true or false",
+        "integer": "a whole number",
+        "number": "a number",
+        "null": "null",
+    }
+    return " or ".join(names[t] for t in types)
+
+
+def _label(path: str) -> str:
+    return path or "the body"
+
+
+def validate(value: Any, schema: dict, path: str = "") -> None:
+    """Raise BadRequest naming the first field that does not conform."""
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else list(types)
+        if not any(_type_ok(value, t) for t in types):
+            raise BadRequest(f"{_label(path)} must be {_describe(types)}")
+    if "enum" in schema and value not in schema["enum"]:
+        allowed = ", ".join(json.dumps(v) for v in schema["enum"])
+        raise BadRequest(f"{_label(path)} must be one of {allowed}")
+    if isinstance(value, dict):
+        _validate_object(value, schema, path)
+    elif isinstance(value, list):
+        _validate_array(value, schema, path)
+    elif isinstance(value, str):
+        _validate_string(value, schema, path)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise BadRequest(f"{_label(path)} must be at least {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise BadRequest(f"{_label(path)} must be at most {schema['maximum']}")
+
+
+def _validate_object(value: dict, schema: dict, path: str) -> None:
+    props = schema.get("properties", {})
+    if schema.get("additionalProperties") is False:
+        for key in value:
+            if key not in props:
+                shown = key if len(key) <= 40 else key[:40] + "…"
+                raise BadRequest(f"unknown field {shown!r}" + (f" in {path}" if path else ""))
+    for key in schema.get("required", ()):
+        if key not in value:
+            raise BadRequest(f"{_join(path, key)} is required")
+    if len(value) < schema.get("minProperties", 0):
+        raise BadRequest(f"{_label(path)} must set at least {schema['minProperties']} field(s)")
+    for key, sub in props.items():
+        if key in value:
+            validate(value[key], sub, _join(path, key))
+
+
+def _validate_array(value: list, schema: dict, path: str) -> None:
+    if len(value) < schema.get("minItems", 0):
+        raise BadRequest(f"{_label(path)} must have at least {schema['minItems']} items")
+    if "maxItems" in schema and len(value) > schema["maxItems"]:
+        raise BadRequest(f"{_label(path)} must have at most {schema['maxItems']} items")
+    items = schema.get("items")
+    if items is not None:
+        for i, item in enumerate(value):
+            validate(item, items, f"{_label(path)}[{i}]")
+    if schema.get("uniqueItems"):
+        seen = [json.dumps(v, sort_keys=True) for v in value]
+        if len(set(seen)) != len(seen):
+            raise BadRequest(f"{_label(path)} must not repeat items")
+
+
+def _validate_string(value: str, schema: dict, path: str) -> None:
+    if len(value) < schema.get("minLength", 0):
+        if schema["minLength"] == 1:
+            raise BadRequest(f"{_label(path)} must not be empty")
+        raise BadRequest(f"{_label(path)} must be at least {schema['minLength']} characters long")
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        raise BadRequest(f"{_label(path)} must be at most {schema['maxLength']} characters long")
+    if "pattern" in schema and re.search(schema["pattern"], value) is None:
+        raise BadRequest(f"{_label(path)} is malformed")
+    fmt = schema.get("format")
+    if fmt == "uuid":
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise BadRequest(f"{_label(path)} must be a UUID") from None
+    elif fmt == "email":
+        if not _EMAIL.fullmatch(value):
+            raise BadRequest(f"{_label(path)} must be an email address")
+    elif fmt == "date-time":
+        parse_datetime(value, path)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_datetime(value: str, what: str) -> datetime:
+    """An ISO 8601 date or date-time; a value without a time zone is UTC."""
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise BadRequest(
+            f"{what} must be an ISO 8601 date or time, e.g. 2025-01-31T12:00:00Z"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity. Raises BadRequest."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON", code="malformed_json") from None
+
+
+# --- query strings ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    """A query-string parameter: its JSON Schema (``integer``, ``string``,
+    or ``string`` with ``format: date-time``). ``clamp``: an integer out of
+    range is brought into range instead of refused (page sizes)."""
+
+    name: str
+    schema: dict
+    description: str = ""
+    clamp: bool = False
+
+    def parse(self, raw: bytes) -> Any:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"{self.name} is not valid UTF-8") from None
+        kind = self.schema.get("type")
+        if kind == "integer":
+            try:
+                number = int(text.strip())
+            except ValueError:
+                raise BadRequest(f"{self.name} must be a whole number") from None
+            if self.clamp:
+                lo = self.schema.get("minimum", number)
+                hi = self.schema.get("maximum", number)
+                return max(lo, min(hi, number))
+            validate(number, self.schema, self.name)
+            return number
+        validate(text, self.schema, self.name)
+        if self.schema.get("format") == "date-time":
+            return parse_datetime(text, self.name)
+        return text
+
+
+def parse_query(args: dict[bytes, list[bytes]], params: tuple[QueryParam, ...]) -> dict[str, Any]:
+    """Each declared parameter at most once; unknown parameters refused (a
+    typo in a filter must not silently widen the result)."""
+    by_name = {p.name: p for p in params}
+    out: dict[str, Any] = {}
+    for raw_name, values in args.items():
+        name = raw_name.decode("utf-8", "replace")
+        param = by_name.get(name)
+        if param is None:
+            shown = name if len(name) <= 40 else name[:40] + "…"
+            raise BadRequest(f"unknown query parameter {shown!r}")
+        if len(values) != 1:
+            raise BadRequest(f"{name} must be given once")
+        out[name] = param.parse(values[0])
+    for param in params:
+        if param.name not in out and "default" in param.schema:
+            out[param.name] = param.schema["default"]
+    return out
