@@ -90,7 +90,16 @@ def test_defaults_and_equality():
     assert (d.enabled, d.allowed_models, d.blocked_models, d.updated_at) == (True, (), (), None)
     assert d.allows_model("claude-3-5-haiku-latest")
     assert d == default_settings("o", "anthropic")
-    assert "_allow" not in repr(d)
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(d)] == [
+        "org_id",
+        "provider",
+        "enabled",
+        "allowed_models",
+        "blocked_models",
+        "updated_at",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,9 @@ in-memory copy of every row, kept current by ``settings:<org>`` notifications
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -50,6 +51,12 @@ class _Matcher:
         return self.everything or folded in self.exact or folded.startswith(self.prefixes)
 
 
+@lru_cache(maxsize=4096)
+def _matcher(patterns: tuple[str, ...]) -> _Matcher:
+    # settings objects are rebuilt on every reload; their compiled lists are shared
+    return _Matcher(patterns)
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderSettings:
     org_id: str
@@ -58,22 +65,16 @@ class ProviderSettings:
     allowed_models: tuple[str, ...]  # exact names or "prefix*" patterns; empty = all allowed
     blocked_models: tuple[str, ...]  # block wins over allow
     updated_at: datetime | None  # None when no row exists (defaults)
-    _allow: _Matcher = field(init=False, repr=False, compare=False, hash=False)
-    _block: _Matcher = field(init=False, repr=False, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_allow", _Matcher(self.allowed_models))
-        object.__setattr__(self, "_block", _Matcher(self.blocked_models))
 
     def allows_model(self, model: str | None) -> bool:
         """Whether the model lists let ``model`` through (``enabled`` is
         checked separately). A request without a model is allowed."""
-        if model is None:
+        if model is None or not (self.blocked_models or self.allowed_models):
             return True
         folded = model.casefold()
-        if self._block(folded):
+        if self.blocked_models and _matcher(self.blocked_models)(folded):
             return False
-        return not self.allowed_models or self._allow(folded)
+        return not self.allowed_models or _matcher(self.allowed_models)(folded)
 
 
 def default_settings(org_id: str, provider: str) -> ProviderSettings:
