@@ -38,6 +38,9 @@ async def vaults(database, db_url, fake):
     await v.close()
 
 
+FAST_CENSUS = {"census_interval": 0.2, "census_wait": 0.1, "census_ttl": 1.0}
+
+
 @pytest.fixture
 def log_lines():
     lines: list[str] = []
@@ -127,6 +130,7 @@ async def test_rotation_under_traffic(vaults, database, db_url, log_lines, fake)
         listener=await vaults.listener(),
         rewrap_batch_size=7,
         rewrap_interval=0.005,
+        **FAST_CENSUS,
     )
     traffic = Traffic(node, expected)
     traffic.start()
@@ -174,10 +178,20 @@ async def test_two_nodes_share_the_rewrap(vaults, database, db_url):
     old, new = new_kek(), new_kek()
     expected = await seed(database, old, orgs=25)  # 100 rows
     a = await vaults.start(
-        old, new, listener=await vaults.listener(), rewrap_batch_size=5, rewrap_interval=0.001
+        old,
+        new,
+        listener=await vaults.listener(),
+        rewrap_batch_size=5,
+        rewrap_interval=0.001,
+        **FAST_CENSUS,
     )
     b = await vaults.start(
-        old, new, listener=await vaults.listener(), rewrap_batch_size=5, rewrap_interval=0.001
+        old,
+        new,
+        listener=await vaults.listener(),
+        rewrap_batch_size=5,
+        rewrap_interval=0.001,
+        **FAST_CENSUS,
     )
     traffic = [Traffic(a, expected), Traffic(b, expected)]
     for t in traffic:
@@ -269,3 +283,83 @@ async def test_rows_written_with_the_old_key_after_completion_are_rewrapped(
     await seed(database, old, orgs=1, keys_per_provider=1)
     await wait_for(lambda: any("after the rotation completed" in line for line in log_lines))
     assert set(v[4] for v in crypto_columns(db_url).values()) == {kek_fingerprint(new.reveal())}
+
+
+# --- several nodes: the census ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotation_waits_until_every_node_holds_the_new_key(
+    vaults, database, db_url, log_lines
+):
+    """A rolling restart: one node has ENCRYPTION_KEY_NEW, another not yet.
+    Nothing is rewrapped (the other node could not read it) until that node
+    restarts with the new key too; no read fails on either node."""
+    old, new = new_kek(), new_kek()
+    expected = await seed(database, old, orgs=10)
+    laggard = await vaults.start(old, listener=await vaults.listener())
+    on_laggard = Traffic(laggard, expected)
+    on_laggard.start()
+    rotating = await vaults.start(
+        old,
+        new,
+        listener=await vaults.listener(),
+        rewrap_batch_size=5,
+        rewrap_interval=0.01,
+        **FAST_CENSUS,
+    )
+    on_rotating = Traffic(rotating, expected)
+    on_rotating.start()
+    await wait_for(lambda: any("rotation waiting" in line for line in log_lines))
+    [waiting] = [line for line in log_lines if "rotation waiting" in line]
+    assert laggard._census.node_id in waiting and rotating._census.node_id not in waiting
+    assert "set ENCRYPTION_KEY_NEW on every node" in waiting
+    await deferLater(reactor, 0.5)
+    status = await rotating.rotation_status()
+    assert status.rows_by_kek == {kek_fingerprint(old.reveal()): len(expected) * 2}
+    assert vaults.metrics[1].get("lectr_vault_rotation_blocking_nodes").value() == 1
+
+    # the laggard restarts with the new key: the rotation proceeds
+    await laggard.stop()
+    on_laggard.stop()
+    upgraded = await vaults.start(old, new, listener=await vaults.listener(), **FAST_CENSUS)
+    on_upgraded = Traffic(upgraded, expected)
+    on_upgraded.start()
+    await wait_for(lambda: rotating._rewrapper.done and upgraded._rewrapper.done, timeout=30)
+    on_rotating.stop()
+    on_upgraded.stop()
+    assert any("rotation resumes" in line for line in log_lines)
+    for traffic in (on_laggard, on_rotating, on_upgraded):
+        assert traffic.reads and traffic.failures == []
+    assert (await rotating.rotation_status()).done
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_node_is_forgotten_after_the_ttl(vaults, database, db_url, log_lines):
+    """A node that went away without saying so (crash) holds the rotation
+    back only until it has not answered for ``census_ttl`` seconds."""
+    old, new = new_kek(), new_kek()
+    await seed(database, old, orgs=3)
+    crashed_listener = await vaults.listener()
+    await vaults.start(old, listener=crashed_listener)
+    rotating = await vaults.start(
+        old, new, listener=await vaults.listener(), rewrap_interval=0.01, **FAST_CENSUS
+    )
+    await wait_for(lambda: any("rotation waiting" in line for line in log_lines))
+    crashed_listener.stopService()  # it hears no probe and answers none from now on
+    await wait_for(lambda: rotating._rewrapper.done, timeout=30)
+    assert any("rotation resumes" in line for line in log_lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_without_the_new_key_cannot_join_a_rotation(vaults, database, db_url):
+    old, new = new_kek(), new_kek()
+    await seed(database, old, orgs=5)
+    rotating = await vaults.start(old, new, rewrap_batch_size=4, rewrap_interval=3600)
+    await wait_for(lambda: rotating._rewrapper._rewrapped_total == 4)  # the first batch only
+    with pytest.raises(VaultKeyError) as e:
+        await vaults.make(old).start()
+    message = str(e.value)
+    assert "4 stored provider key(s) are wrapped by a master key this node does not hold" in message
+    assert "set ENCRYPTION_KEY_NEW on this node" in message
+    assert kek_fingerprint(new.reveal()) in message

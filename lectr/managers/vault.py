@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.logger import Logger
 
 from lectr.errors import BadRequest, NotFound, Unprocessable, UpstreamUnavailable
@@ -34,6 +34,7 @@ from lectr.storage.provider_keys import (
 from lectr.util.deferred import OperationTimedOut, timeout_without_cancel
 from lectr.util.secret import Secret
 from lectr.util.validate import clean_name, parse_uuid
+from lectr.vault.census import Census
 from lectr.vault.crypto import Binding, Keyring, Sealed
 from lectr.vault.errors import UnknownKek, VaultCryptoError, VaultKeyError
 from lectr.vault.reloader import OrgCacheReloader
@@ -119,6 +120,9 @@ class VaultManager:
         rewrap_batch_size: int = 100,
         rewrap_interval: float = 0.2,
         rewrap_idle_interval: float = 60.0,
+        census_interval: float = 10.0,
+        census_wait: float = 1.0,
+        census_ttl: float | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -132,6 +136,7 @@ class VaultManager:
         # rows that failed to open, by id -> the wrapping that failed (logged once)
         self._broken: dict[str, bytes] = {}
         self._running = False
+        self._stopped = False
         self._reloader = OrgCacheReloader(
             "provider key",
             load_orgs=self._load_orgs,
@@ -153,6 +158,11 @@ class VaultManager:
             "Enabled provider keys held (sealed) in memory",
             lambda: sum(len(rows) for org in self._cache.values() for rows in org.values()),
         )
+        self._census = (
+            Census(self._keyring.fingerprints, store.announce, reactor=reactor)
+            if listener is not None
+            else None
+        )
         self._rewrapper = (
             Rewrapper(
                 store,
@@ -163,6 +173,10 @@ class VaultManager:
                 batch_size=rewrap_batch_size,
                 interval=rewrap_interval,
                 idle_interval=rewrap_idle_interval,
+                census=self._census,
+                census_interval=census_interval,
+                census_wait=census_wait,
+                census_ttl=census_ttl,
             )
             if self._keyring.next is not None
             else None
@@ -179,6 +193,11 @@ class VaultManager:
             self._listener.subscribe("provider_key", self._on_change)
             self._listener.subscribe("org", self._on_change)
             self._listener.on_reset(self._on_reset)
+        if self._census is not None:
+            # say which keys this node holds before reading any row, so a
+            # rotating node holds back while this one cannot read new wrappings
+            self._census.subscribe(self._listener)
+            await self._census.announce()
         await self._check_master_keys()
         await self._load_all()
         self._running = True
@@ -194,10 +213,23 @@ class VaultManager:
             self._rewrapper.start()
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._running = False
         if self._rewrapper is not None:
             await self._rewrapper.stop()
         self._reloader.stop()
+        if self._census is not None:
+            self._census.close()
+            try:
+                await timeout_without_cancel(
+                    ensureDeferred(self._census.goodbye()), 2.0, self._reactor
+                )
+            except CancelledError:
+                raise
+            except Exception as e:  # shutting down: peers forget this node after their ttl
+                self._log.info("vault census: no goodbye sent ({error})", error=type(e).__name__)
 
     async def _check_master_keys(self) -> None:
         ring = self._keyring
@@ -207,13 +239,23 @@ class VaultManager:
             names += f", ENCRYPTION_KEY_NEW is {ring.next.fingerprint}"
         unknown = {k: n for k, n in counts.items() if ring.get(k) is None}
         if unknown:
-            kek_id, n = max(unknown.items(), key=lambda kv: kv[1])
+            kek_id, _ = max(unknown.items(), key=lambda kv: kv[1])
             total = sum(unknown.values())
+            which = f"key fingerprint {kek_id}" + (
+                f" and {len(unknown) - 1} other(s)" if len(unknown) > 1 else ""
+            )
+            if len(unknown) < len(counts) and ring.next is None:
+                # some rows open, others need a key this node lacks: a rotation
+                # started elsewhere
+                raise VaultKeyError(
+                    f"{total} stored provider key(s) are wrapped by a master key this node "
+                    f"does not hold ({which}; {names}): a master-key rotation is under way, "
+                    "set ENCRYPTION_KEY_NEW on this node to the new key as on the others"
+                )
             raise VaultKeyError(
                 f"ENCRYPTION_KEY does not match the master key that protects {total} stored "
-                f"provider key(s) (key fingerprint {kek_id}"
-                + (f" and {len(unknown) - 1} other(s)" if len(unknown) > 1 else "")
-                + f"; {names}): set ENCRYPTION_KEY to the master key they were stored with"
+                f"provider key(s) ({which}; {names}): set ENCRYPTION_KEY to the master key "
+                "they were stored with"
             )
         for kek_id in counts:
             rows = await self._store.sample(kek_id, _START_SAMPLE)

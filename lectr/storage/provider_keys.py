@@ -214,6 +214,14 @@ class ProviderKeyStore:
 
     # --- rotation ----------------------------------------------------------------
 
+    async def announce(self, kind: str, ident: str) -> None:
+        """Send one notification (the vault census: ids and fingerprints)."""
+
+        def txn(t: Transaction) -> None:
+            t.notify(kind, ident)
+
+        await self._db.runInteraction("vault_census", txn)
+
     async def count_by_kek(self) -> dict[str, int]:
         rows = await self._db.runQuery(
             "count_provider_keys_by_kek",

@@ -9,7 +9,9 @@ still name the KEK it was read with, so a batch is idempotent and a crash
 between batches loses nothing. Each batch notifies the orgs it touched, so
 every node's cache picks the new wrapping up; both keys open rows meanwhile.
 
-When no row names the old key any more, the log says so and what to do next.
+While any running node lacks the new key (the census, lectr.vault.census),
+the job waits and says so. When no row names the old key any more, the log
+says so and what to do next.
 The loop then only re-checks now and then (a node that was not yet given
 ``ENCRYPTION_KEY_NEW`` may still write rows with the old key).
 """
@@ -25,6 +27,7 @@ from twisted.logger import Logger
 from lectr.db.database import DatabaseUnavailable
 from lectr.metrics import Registry
 from lectr.storage.provider_keys import ProviderKeyStore, Rewrapped, SealedProviderKey
+from lectr.vault.census import Census
 from lectr.vault.crypto import Binding, Keyring, Sealed
 from lectr.vault.errors import VaultCryptoError
 
@@ -45,6 +48,10 @@ class Rewrapper:
         batch_size: int = 100,
         interval: float = 0.2,
         idle_interval: float = 60.0,
+        census: Census | None = None,
+        census_interval: float = 10.0,
+        census_wait: float = 1.0,
+        census_ttl: float | None = None,
     ) -> None:
         if keyring.next is None:
             raise ValueError("nothing to rotate to: ENCRYPTION_KEY_NEW is not set")
@@ -58,6 +65,15 @@ class Rewrapper:
         self._target = keyring.next
         self._sources = sorted(k for k in keyring.fingerprints if k != self._target.fingerprint)
         self._skip: set[str] = set()  # rows whose DEK does not unwrap (logged once each)
+        self._census = census
+        self._census_interval = census_interval
+        self._census_wait = census_wait
+        self._census_ttl = (
+            census_ttl if census_ttl is not None else 3 * census_interval + census_wait
+        )
+        self._probed_at: float | None = None
+        self._census_ready_at = 0.0
+        self._blocked: frozenset[str] = frozenset()
         self._loop = LoopingCall(self._tick_safely)
         self._loop.clock = reactor
         self._loop_done: Deferred | None = None
@@ -73,6 +89,11 @@ class Rewrapper:
         )
         self._m_failures = registry.counter(
             "lectr_vault_rewrap_failures_total", "Rewrap batches that failed (retried)"
+        )
+        registry.callback_gauge(
+            "lectr_vault_rotation_blocking_nodes",
+            "Running nodes without ENCRYPTION_KEY_NEW, holding the rotation back",
+            lambda: len(self._blocked),
         )
 
     # --- lifecycle ---------------------------------------------------------------
@@ -128,6 +149,8 @@ class Rewrapper:
         now = self._reactor.seconds()
         if now < self._idle_until:
             return
+        if not await self._census_allows(now):
+            return
         n = await self.run_once()
         if n and self.done:
             self._log.warn(
@@ -144,6 +167,37 @@ class Rewrapper:
         if n >= self._batch_size:
             return  # more to do: next batch at the next tick
         await self._check_done()
+
+    async def _census_allows(self, now: float) -> bool:
+        """Rewrap only while every node heard from holds the new key."""
+        census = self._census
+        if census is None:
+            return True
+        if self._probed_at is None or now - self._probed_at >= self._census_interval:
+            first = self._probed_at is None
+            await census.probe()
+            self._probed_at = now
+            if first:  # give every node the time to answer before the first batch
+                self._census_ready_at = now + self._census_wait
+        if now < self._census_ready_at:
+            return False
+        blockers = frozenset(census.lacking(self._target.fingerprint, self._census_ttl))
+        if blockers:
+            if blockers != self._blocked:
+                self._log.warn(
+                    "master-key rotation waiting: {n} running node(s) do not hold "
+                    "ENCRYPTION_KEY_NEW ({new}) and could not read rewrapped keys; set "
+                    "ENCRYPTION_KEY_NEW on every node (nodes: {nodes})",
+                    n=len(blockers),
+                    new=self._target.fingerprint,
+                    nodes=", ".join(sorted(blockers)),
+                )
+            self._blocked = blockers
+            return False
+        if self._blocked:
+            self._log.info("master-key rotation resumes: every running node holds the new key")
+            self._blocked = frozenset()
+        return True
 
     async def run_once(self) -> int:
         """Rewrap one batch; the number of rows rewrapped."""
