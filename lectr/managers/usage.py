@@ -1,0 +1,309 @@
+"""Reading the request log back (for the admin API): an org's recent
+requests, newest first with keyset pagination, and its usage totals.
+
+Every argument may arrive as query-string text: the manager validates and
+converts it, and raises :class:`~lectr.errors.BadRequest` for anything
+malformed (a malformed org id is :class:`~lectr.errors.NotFound`, as
+everywhere). The answers are dataclasses of JSON types only (str, int,
+float, bool, None, list), so ``dataclasses.asdict`` or ``to_json()`` is
+all a resource needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from lectr.errors import BadRequest
+from lectr.storage.request_logs import RequestFilter, RequestLog, RequestLogStore
+from lectr.util.validate import parse_uuid
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+#: usage totals return at most this many groups (the busiest models first)
+MAX_GROUPS = 1000
+#: the longest range usage totals cover in one call
+MAX_TOTALS_RANGE = timedelta(days=366)
+GROUP_BY = ("model", "provider", "day")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_STATUS_CLASS_RE = re.compile(r"([1-5])xx")
+_CURSOR_RE = re.compile(r"(-?\d{1,18}):(\d{1,19})")
+_MAX_ID = 2**63 - 1
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEntry:
+    """One proxied request, as the admin API shows it."""
+
+    request_id: str
+    created_at: str  # ISO 8601, UTC ("…Z")
+    key_id: str | None
+    provider: str
+    model: str | None
+    method: str
+    path: str
+    status: int
+    latency_ms: float
+    ttfb_ms: float | None
+    streamed: bool
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    cache_creation_tokens: int | None
+    usage_source: str  # provider | estimated | none
+    error_type: str | None
+
+    @classmethod
+    def from_row(cls, row: RequestLog) -> RequestEntry:
+        return cls(
+            request_id=row.request_id,
+            created_at=_iso(row.created_at),
+            key_id=row.key_id,
+            provider=row.provider,
+            model=row.model,
+            method=row.method,
+            path=row.path,
+            status=row.status,
+            latency_ms=row.latency_ms,
+            ttfb_ms=row.ttfb_ms,
+            streamed=row.streamed,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            total_tokens=row.total_tokens,
+            cached_tokens=row.cached_tokens,
+            cache_creation_tokens=row.cache_creation_tokens,
+            usage_source=row.usage_source,
+            error_type=row.error_type,
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPage:
+    items: list[RequestEntry]
+    next_cursor: str | None  # pass back as ``cursor`` for the next page; None: no more
+
+    def to_json(self) -> dict:
+        return {"items": [i.to_json() for i in self.items], "next_cursor": self.next_cursor}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """Totals of one group over the range."""
+
+    key: str | None  # the model (None: requests without one), the provider, or "YYYY-MM-DD" (UTC)
+    requests: int
+    errors: int  # status >= 400 (499: the client went away)
+    unmetered: int  # requests whose usage is unknown (usage_source "none")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+    cache_creation_tokens: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --- cursors ---------------------------------------------------------------------
+
+
+def encode_cursor(created_at: datetime, row_id: int) -> str:
+    """An opaque keyset position: the exact microsecond and the row id."""
+    delta = created_at.astimezone(UTC) - _EPOCH
+    micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return base64.urlsafe_b64encode(f"{micros}:{row_id}".encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: object) -> tuple[datetime, int]:
+    if not isinstance(cursor, str) or not 1 <= len(cursor) <= 64:
+        raise BadRequest("invalid cursor")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        raise BadRequest("invalid cursor") from None
+    m = _CURSOR_RE.fullmatch(raw)
+    if m is None:
+        raise BadRequest("invalid cursor")
+    micros, row_id = int(m.group(1)), int(m.group(2))
+    if not 0 < row_id <= _MAX_ID:
+        raise BadRequest("invalid cursor")
+    try:
+        created_at = _EPOCH + timedelta(microseconds=micros)
+    except OverflowError:
+        raise BadRequest("invalid cursor") from None
+    return created_at, row_id
+
+
+# --- argument parsing ----------------------------------------------------------------
+
+
+def parse_limit(value: object) -> int:
+    """Page size, clamped to 1..MAX_LIMIT; None: the default."""
+    if value is None or value == "":
+        return DEFAULT_LIMIT
+    if isinstance(value, bool):
+        raise BadRequest("limit must be a whole number")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,9}\s*", value):
+        n = int(value)
+    else:
+        raise BadRequest("limit must be a whole number")
+    return min(max(n, 1), MAX_LIMIT)
+
+
+def parse_time(value: object, what: str) -> datetime | None:
+    """A datetime, or ISO 8601 text (``2025-01-31``, ``2025-01-31T12:00:00Z``,
+    with an offset). A time without a zone is UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, date):
+        dt = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str) and len(value) <= 64:
+        try:
+            dt = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise BadRequest(
+                f"{what} must be an ISO 8601 date or time, e.g. 2025-01-31T00:00:00Z"
+            ) from None
+    else:
+        raise BadRequest(f"{what} must be an ISO 8601 date or time")
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt
+
+
+def parse_status(value: object) -> tuple[int | None, int | None]:
+    """A status filter: ``429``, ``"429"``, a class ``"4xx"``, or
+    ``"error"`` (every status from 400). Returns (min, max), inclusive."""
+    if value is None or value == "":
+        return None, None
+    if isinstance(value, int) and not isinstance(value, bool):
+        code = value
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text == "error":
+            return 400, None
+        m = _STATUS_CLASS_RE.fullmatch(text)
+        if m:
+            base = int(m.group(1)) * 100
+            return base, base + 99
+        if not re.fullmatch(r"\d{3}", text):
+            raise BadRequest("status must be a status code (429), a class (4xx) or 'error'")
+        code = int(text)
+    else:
+        raise BadRequest("status must be a status code (429), a class (4xx) or 'error'")
+    if not 100 <= code <= 599:
+        raise BadRequest("status must be from 100 to 599")
+    return code, code
+
+
+def parse_provider(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _PROVIDER_RE.fullmatch(value):
+        raise BadRequest("provider must be a provider name such as openai or anthropic")
+    return value
+
+
+def parse_model(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise BadRequest("model must be a string of at most 256 characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise BadRequest("model must not contain control characters")
+    return value
+
+
+# --- the manager -----------------------------------------------------------------------
+
+
+class UsageManager:
+    def __init__(self, store: RequestLogStore) -> None:
+        self._store = store
+
+    async def recent_requests(
+        self,
+        org_id: object,
+        *,
+        limit: object = DEFAULT_LIMIT,
+        cursor: object = None,
+        provider: object = None,
+        model: object = None,
+        status: object = None,
+        since: object = None,
+        until: object = None,
+    ) -> RequestPage:
+        """An org's requests, newest first. ``cursor`` is the previous page's
+        ``next_cursor``; filters narrow the listing (a page and its cursor
+        must be read with the same filters)."""
+        org = parse_uuid(org_id, "organization")
+        n = parse_limit(limit)
+        before = decode_cursor(cursor) if cursor not in (None, "") else None
+        status_min, status_max = parse_status(status)
+        where = RequestFilter(
+            provider=parse_provider(provider),
+            model=parse_model(model),
+            status_min=status_min,
+            status_max=status_max,
+            since=parse_time(since, "since"),
+            until=parse_time(until, "until"),
+        )
+        if where.since and where.until and where.since >= where.until:
+            raise BadRequest("since must be earlier than until")
+        rows = await self._store.recent(org, limit=n + 1, before=before, where=where)
+        more = len(rows) > n
+        rows = rows[:n]
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+        return RequestPage([RequestEntry.from_row(r) for r in rows], next_cursor)
+
+    async def usage_totals(
+        self, org_id: object, *, since: object, until: object, group_by: object
+    ) -> list[UsageTotal]:
+        """Totals over ``[since, until)`` grouped by ``model``, ``provider``
+        or ``day`` (UTC). Models and providers come busiest first (at most
+        MAX_GROUPS); days in order, days without requests left out."""
+        org = parse_uuid(org_id, "organization")
+        if group_by not in GROUP_BY:
+            raise BadRequest("group_by must be one of: model, provider, day")
+        start = parse_time(since, "since")
+        end = parse_time(until, "until")
+        if start is None or end is None:
+            raise BadRequest("since and until are required")
+        if start >= end:
+            raise BadRequest("since must be earlier than until")
+        if end - start > MAX_TOTALS_RANGE:
+            raise BadRequest(f"the range may span at most {MAX_TOTALS_RANGE.days} days")
+        rows = await self._store.totals(
+            org, since=start, until=end, group_by=group_by, limit=MAX_GROUPS
+        )
+        return [
+            UsageTotal(
+                key=r.key.isoformat() if isinstance(r.key, date) else r.key,
+                requests=r.requests,
+                errors=r.errors,
+                unmetered=r.unmetered,
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens,
+                total_tokens=r.total_tokens,
+                cached_tokens=r.cached_tokens,
+                cache_creation_tokens=r.cache_creation_tokens,
+            )
+            for r in rows
+        ]
