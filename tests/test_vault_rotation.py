@@ -135,9 +135,9 @@ async def test_rotation_under_traffic(vaults, database, db_url, log_lines, fake)
     traffic = Traffic(node, expected)
     traffic.start()
     # writes keep working during the rotation, and use the new key
-    org_id, _ = next(iter(expected))
-    added = await node.add_key(org_id, "openai", OPENAI_KEY)
-    expected[(org_id, "openai")] = OPENAI_KEY
+    new_org, _ = await OrgManager(OrgStore(database), ApiKeyStore(database)).create_org("new")
+    added = await node.add_key(new_org.id, "openai", OPENAI_KEY)
+    expected[(new_org.id, "openai")] = OPENAI_KEY
     status = await node.rotation_status()
     assert status.current_kek == kek_fingerprint(old.reveal())
     assert status.next_kek == kek_fingerprint(new.reveal())

@@ -31,12 +31,12 @@ from lectr.storage.provider_keys import (
     ProviderKeyStore,
     SealedProviderKey,
 )
-from lectr.util.deferred import OperationTimedOut, timeout_without_cancel
+from lectr.util.deferred import timeout_without_cancel
 from lectr.util.secret import Secret
 from lectr.util.validate import clean_name, parse_uuid
 from lectr.vault.census import Census
 from lectr.vault.crypto import Binding, Keyring, Sealed
-from lectr.vault.errors import UnknownKek, VaultCryptoError, VaultKeyError
+from lectr.vault.errors import DecryptionFailed, UnknownKek, VaultCryptoError, VaultKeyError
 from lectr.vault.reloader import OrgCacheReloader
 from lectr.vault.rotation import Rewrapper
 
@@ -193,13 +193,17 @@ class VaultManager:
             self._listener.subscribe("provider_key", self._on_change)
             self._listener.subscribe("org", self._on_change)
             self._listener.on_reset(self._on_reset)
-        if self._census is not None:
-            # say which keys this node holds before reading any row, so a
-            # rotating node holds back while this one cannot read new wrappings
-            self._census.subscribe(self._listener)
-            await self._census.announce()
-        await self._check_master_keys()
-        await self._load_all()
+        try:
+            if self._census is not None:
+                # say which keys this node holds before reading any row, so a
+                # rotating node holds back while this one cannot read new wrappings
+                self._census.subscribe(self._listener)
+                await self._census.announce()
+            await self._check_master_keys()
+            await self._load_all()
+        except BaseException:
+            await self.stop()  # leave the census, drop queued reloads
+            raise
         self._running = True
         self._reloader.start()
         ring = self._keyring
@@ -279,11 +283,14 @@ class VaultManager:
             if self._broken.get(row.id) == row.wrapped_dek:
                 continue
             try:
-                plaintext = self._keyring.open(_binding(row), _sealed(row))
+                plaintext = self._keyring.open(_binding(row), _sealed(row)).decode("ascii")
             except VaultCryptoError as e:
                 self._mark_broken(row, e)
                 continue
-            return Secret(plaintext.decode("ascii"))
+            except UnicodeDecodeError:  # authentic, yet not a key Lectr would have stored
+                self._mark_broken(row, DecryptionFailed("the decrypted key is not ASCII"))
+                continue
+            return Secret(plaintext)
         return None
 
     def _mark_broken(self, row: SealedProviderKey, e: VaultCryptoError) -> None:
@@ -345,7 +352,7 @@ class VaultManager:
             await timeout_without_cancel(self._reloader.refresh(org_id), 5.0, self._reactor)
         except CancelledError:
             raise
-        except (OperationTimedOut, Exception) as e:
+        except Exception as e:  # OperationTimedOut, DatabaseUnavailable…: the reloader retries
             self._log.warn(
                 "vault: provider key cache of org {org_id} not refreshed yet ({error})",
                 org_id=org_id,
