@@ -1,0 +1,203 @@
+"""The authorization matrix: every admin route × {own org, other org,
+nonexistent org} × {owner, admin, member, non-member, global admin} against
+the expected 2xx / 403 / 404, over real HTTP with real JWTs.
+
+The expectations are written out here, independently of the implementation's
+role table: owners may do everything in their org, admins everything but
+members and deletion, members read only; an org the caller does not belong
+to answers 404 exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest_twisted
+
+from lectr.admin.app import AdminApp
+from tests.support.admin import AdminClient, start_admin_env
+from tests.support.fake_provider import OPENAI_KEY
+
+ROLES_GRANT = {
+    "owner": {"read", "write", "owner"},
+    "admin": {"read", "write"},
+    "member": {"read"},
+}
+PRINCIPALS = ("owner", "admin", "member", "outsider", "global")
+TARGETS = ("own", "other", "missing")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str
+    needs: str  # read | write | owner
+    body: object = None  # dict, or a callable(world, org) -> dict
+    ok: int = 200
+
+
+ORG_ROUTES = [
+    Route("GET", "/admin/orgs/{org_id}", "read"),
+    Route("PUT", "/admin/orgs/{org_id}", "write", {"name": "Renamed"}),
+    Route("DELETE", "/admin/orgs/{org_id}", "owner", ok=204),
+    Route("PUT", "/admin/orgs/{org_id}/enabled", "write", {"enabled": False}),
+    Route("POST", "/admin/orgs/{org_id}/rotate-key", "write", ok=201),
+    Route("GET", "/admin/orgs/{org_id}/keys", "read"),
+    Route("POST", "/admin/orgs/{org_id}/keys", "write", {"name": "ci"}, ok=201),
+    Route("DELETE", "/admin/orgs/{org_id}/keys/{key_id}", "write", ok=204),
+    Route("GET", "/admin/orgs/{org_id}/provider-keys", "read"),
+    Route(
+        "POST",
+        "/admin/orgs/{org_id}/provider-keys",
+        "write",
+        {"provider": "openai", "key": OPENAI_KEY},
+        ok=201,
+    ),
+    Route("DELETE", "/admin/orgs/{org_id}/provider-keys/{key_id}", "write", ok=204),
+    Route("GET", "/admin/orgs/{org_id}/providers", "read"),
+    Route(
+        "PUT", "/admin/orgs/{org_id}/providers/{provider}", "write", {"allowed_models": ["gpt-4o"]}
+    ),
+    Route("GET", "/admin/orgs/{org_id}/members", "owner"),
+    Route(
+        "POST",
+        "/admin/orgs/{org_id}/members",
+        "owner",
+        {"subject": "auth0|newcomer", "role": "member"},
+        ok=201,
+    ),
+    Route("DELETE", "/admin/orgs/{org_id}/members/{user_id}", "owner", ok=204),
+]
+
+# Routes outside any org: who may call them.
+GLOBAL_ROUTES = [
+    (Route("GET", "/admin/me", "any"), set(PRINCIPALS)),
+    (Route("GET", "/admin/orgs", "any"), set(PRINCIPALS)),
+    (Route("POST", "/admin/orgs", "any", {"name": "Fresh"}, ok=201), set(PRINCIPALS)),
+    (Route("GET", "/admin/users", "global"), {"global"}),
+    (Route("PUT", "/admin/users/{user_id}", "global", {"is_admin": False}), {"global"}),
+    (Route("GET", "/admin/vault/rotation", "global"), {"global"}),
+]
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/admin/openapi.json"}
+
+
+def expected(route: Route, principal: str, target: str) -> int:
+    if target == "missing":
+        return 404
+    if principal == "global":
+        return route.ok
+    if target == "other" or principal == "outsider":
+        return 404
+    return route.ok if route.needs in ROLES_GRANT[principal] else 403
+
+
+@dataclass
+class Org:
+    id: str
+    key_id: str  # an extra Lectr key
+    provider_key_id: str
+    victim_id: str  # a member that may be removed
+
+
+class World:
+    """The users (made once) and fresh orgs for each case."""
+
+    def __init__(self, env) -> None:
+        self.env = env
+        self.clients: dict[str, AdminClient] = {}
+        self.ids: dict[str, str] = {}
+
+    async def make_users(self) -> None:
+        for name in (*PRINCIPALS, "stranger", "victim"):
+            client = self.env.user(f"auth0|{name}", f"{name}@example.com")
+            me = await client.get("/admin/me")
+            assert me.status == 200
+            self.clients[name] = client
+            self.ids[name] = me.json["user"]["id"]
+        granted = await self.env.admin.put(f"/admin/users/{self.ids['global']}", {"is_admin": True})
+        assert granted.status == 200
+
+    async def make_org(self, name: str, members: dict[str, str]) -> Org:
+        c = self.env.components
+        owner = next(u for u, role in members.items() if role == "owner")
+        org, _ = await c.orgs.create_org(name, owner_id=self.ids[owner])
+        for user, role in members.items():
+            if user != owner:
+                member_user = await c.users.resolve_user(user_id=self.ids[user])
+                await c.users.put_member(org.id, member_user, role)
+        key = await c.orgs.create_key(org.id, "extra")
+        pkey = await c.vault.add_key(org.id, "openai", OPENAI_KEY)
+        return Org(org.id, key.key.id, pkey.id, self.ids["victim"])
+
+    async def make_orgs(self) -> dict[str, Org | None]:
+        own = await self.make_org(
+            "Own", {"owner": "owner", "admin": "admin", "member": "member", "victim": "member"}
+        )
+        other = await self.make_org("Other", {"stranger": "owner", "victim": "member"})
+        return {"own": own, "other": other, "missing": None}
+
+
+def concrete(route: Route, orgs: dict[str, Org | None], target: str, world: World) -> str:
+    org = orgs[target] or orgs["own"]
+    org_id = orgs[target].id if orgs[target] else str(uuid.uuid4())
+    key_id = org.provider_key_id if "provider-keys" in route.template else org.key_id
+    user_id = org.victim_id if "members" in route.template else world.ids["victim"]
+    return route.template.format(org_id=org_id, key_id=key_id, user_id=user_id, provider="openai")
+
+
+@pytest_twisted.ensureDeferred
+async def test_authorization_matrix(db_url, tmp_path):
+    env = await start_admin_env(db_url, tmp_path)
+    try:
+        world = World(env)
+        await world.make_users()
+        failures = []
+        count = 0
+        for route in ORG_ROUTES:
+            for principal in PRINCIPALS:
+                orgs = await world.make_orgs()  # fresh orgs: destructive routes succeed once
+                for target in TARGETS:
+                    path = concrete(route, orgs, target, world)
+                    answer = await world.clients[principal].call(route.method, path, route.body)
+                    want = expected(route, principal, target)
+                    count += 1
+                    if answer.status != want:
+                        failures.append(
+                            f"{route.method} {route.template} as {principal} on {target} org: "
+                            f"{answer.status} (expected {want}) {answer.body[:120]!r}"
+                        )
+        for route, allowed in GLOBAL_ROUTES:
+            for principal in PRINCIPALS:
+                path = route.template.format(user_id=world.ids["victim"])
+                answer = await world.clients[principal].call(route.method, path, route.body)
+                want = route.ok if principal in allowed else 403
+                count += 1
+                if answer.status != want:
+                    failures.append(
+                        f"{route.method} {route.template} as {principal}: {answer.status} "
+                        f"(expected {want})"
+                    )
+            anonymous = await env.client(None).call(
+                route.method, route.template.format(user_id=world.ids["victim"]), route.body
+            )
+            if anonymous.status != 401:
+                failures.append(f"{route.method} {route.template} anonymous: {anonymous.status}")
+        assert not failures, "\n".join(failures)
+        assert count == len(ORG_ROUTES) * 15 + len(GLOBAL_ROUTES) * 5
+    finally:
+        await env.stop()
+
+
+def test_the_matrix_covers_every_route():
+    declared = {(op.method, op.path) for op in AdminApp.api.operations}
+    covered = {(r.method, r.template) for r in ORG_ROUTES}
+    covered |= {(r.method, r.template) for r, _ in GLOBAL_ROUTES}
+    public = {(op.method, op.path) for op in AdminApp.api.operations if op.path in PUBLIC}
+    assert declared - public == covered
+
+
+def test_org_routes_declare_the_permission_the_matrix_expects():
+    by_route = {(op.method, op.path): op.permission.value for op in AdminApp.api.operations}
+    for route in ORG_ROUTES:
+        assert by_route[(route.method, route.template)] == f"org_{route.needs}", route
