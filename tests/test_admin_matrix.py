@@ -59,6 +59,8 @@ ORG_ROUTES = [
     Route(
         "PUT", "/admin/orgs/{org_id}/providers/{provider}", "write", {"allowed_models": ["gpt-4o"]}
     ),
+    Route("GET", "/admin/orgs/{org_id}/requests", "read"),
+    Route("GET", "/admin/orgs/{org_id}/usage", "read"),
     Route("GET", "/admin/orgs/{org_id}/members", "owner"),
     Route(
         "POST",

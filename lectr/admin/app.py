@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from klein import Klein
@@ -513,6 +514,76 @@ class AdminApp:
             blocked_models=call.body.get("blocked_models"),
         )
         return ok(settings_view(updated))
+
+    # --- request logs and usage ----------------------------------------------------------------
+
+    @api.route(
+        "GET",
+        "/admin/orgs/{org_id}/requests",
+        P.ORG_READ,
+        summary="Recent requests, newest first (keyset pagination)",
+        description=(
+            "Pass next_cursor back as cursor (with the same filters) for the next, older "
+            "page. limit is clamped to 1..200."
+        ),
+        tags=("usage",),
+        query=(
+            s.LIMIT,
+            s.CURSOR,
+            s.PROVIDER_FILTER,
+            s.MODEL_FILTER,
+            s.STATUS_FILTER,
+            s.SINCE,
+            s.UNTIL,
+        ),
+        responses={200: "RequestPage"},
+    )
+    async def list_requests(self, request, call: Call) -> Reply:
+        usage = self._need(self._usage, "request logs")
+        q = call.query
+        page = await usage.recent_requests(
+            call.org_id,
+            limit=q["limit"],
+            cursor=q.get("cursor"),
+            provider=q.get("provider"),
+            model=q.get("model"),
+            status=q.get("status"),
+            since=q.get("since"),
+            until=q.get("until"),
+        )
+        return ok(
+            {
+                "items": [record_view(r, s.REQUEST_FIELDS) for r in page.items],
+                "next_cursor": page.next_cursor,
+            }
+        )
+
+    @api.route(
+        "GET",
+        "/admin/orgs/{org_id}/usage",
+        P.ORG_READ,
+        summary="Request and token totals by model, provider or day over a time range",
+        description="The range is [since, until), at most 366 days; default: the last 30 days.",
+        tags=("usage",),
+        query=(s.USAGE_SINCE, s.USAGE_UNTIL, s.GROUP_BY),
+        responses={200: "UsageReport"},
+    )
+    async def usage_totals(self, request, call: Call) -> Reply:
+        usage = self._need(self._usage, "usage totals")
+        q = call.query
+        until = q.get("until") or datetime.fromtimestamp(self._reactor.seconds(), UTC)
+        since = q.get("since") or until - timedelta(days=30)
+        totals = await usage.usage_totals(
+            call.org_id, since=since, until=until, group_by=q["group_by"]
+        )
+        return ok(
+            {
+                "since": since,
+                "until": until,
+                "group_by": q["group_by"],
+                "items": [record_view(t, s.USAGE_FIELDS) for t in totals],
+            }
+        )
 
     # --- members ----------------------------------------------------------------------------
 

@@ -90,18 +90,26 @@ LIMIT = QueryParam(
     f"page size; values outside 1..{MAX_PAGE} are clamped",
     clamp=True,
 )
-CURSOR = QueryParam("cursor", string(500), "next_cursor of the previous page")
 PROVIDER_FILTER = QueryParam("provider", {"type": "string", "enum": list(PROVIDERS)})
-MODEL_FILTER = QueryParam("model", string(200), "exact model name")
-STATUS_FILTER = QueryParam(
-    "status", {"type": "integer", "minimum": 100, "maximum": 599}, "HTTP status"
-)
 SINCE = QueryParam("since", {"type": "string", "format": "date-time"}, "inclusive; ISO 8601")
 UNTIL = QueryParam("until", {"type": "string", "format": "date-time"}, "exclusive; ISO 8601")
+MODEL_FILTER = QueryParam("model", string(256), "exact model name")
+STATUS_FILTER = QueryParam(
+    "status",
+    string(5, pattern=r"^([1-5][0-9][0-9]|[1-5]xx|error)$"),
+    "a status (429), a class (4xx), or 'error' (every status from 400)",
+)
+CURSOR = QueryParam("cursor", string(64), "next_cursor of the previous page (same filters)")
 GROUP_BY = QueryParam(
     "group_by",
-    string(40, pattern=r"^(model|provider|day)(,(model|provider|day))*$", default="model"),
-    "comma-separated: model, provider, day",
+    {"type": "string", "enum": ["model", "provider", "day"], "default": "model"},
+    "what the totals are grouped by (days are UTC)",
+)
+USAGE_SINCE = QueryParam(
+    "since", {"type": "string", "format": "date-time"}, "inclusive; default: 30 days before until"
+)
+USAGE_UNTIL = QueryParam(
+    "until", {"type": "string", "format": "date-time"}, "exclusive; default: now"
 )
 
 # --- response components ------------------------------------------------------------
@@ -240,6 +248,97 @@ COMPONENTS: dict[str, dict] = {
         ("current_kek", "next_kek", "rows_by_kek", "done"),
     ),
 }
+
+_TOKENS = {"type": ["integer", "null"]}
+COMPONENTS["RequestLog"] = obj(
+    {
+        "request_id": UUID,
+        "created_at": TIMESTAMP,
+        "key_id": {"type": ["string", "null"], "format": "uuid"},
+        "provider": {"type": "string"},
+        "model": {"type": ["string", "null"]},
+        "method": {"type": "string"},
+        "path": {"type": "string", "description": "provider path, without the query string"},
+        "status": {"type": "integer", "description": "sent to the client; 499: it went away"},
+        "latency_ms": {"type": "number"},
+        "ttfb_ms": {"type": ["number", "null"]},
+        "streamed": {"type": "boolean"},
+        "prompt_tokens": _TOKENS,
+        "completion_tokens": _TOKENS,
+        "total_tokens": _TOKENS,
+        "cached_tokens": _TOKENS,
+        "cache_creation_tokens": _TOKENS,
+        "usage_source": {"type": "string", "enum": ["provider", "estimated", "none"]},
+        "error_type": {"type": ["string", "null"]},
+    },
+    REQUEST_FIELDS := (
+        "request_id",
+        "created_at",
+        "key_id",
+        "provider",
+        "model",
+        "method",
+        "path",
+        "status",
+        "latency_ms",
+        "ttfb_ms",
+        "streamed",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "cache_creation_tokens",
+        "usage_source",
+        "error_type",
+    ),
+)
+COMPONENTS["RequestPage"] = obj(
+    {
+        "items": {"type": "array", "items": ref("RequestLog")},
+        "next_cursor": {
+            "type": ["string", "null"],
+            "description": "pass as cursor for the next (older) page; null: no more",
+        },
+    },
+    ("items", "next_cursor"),
+)
+_COUNT = {"type": "integer", "minimum": 0}
+COMPONENTS["UsageTotal"] = obj(
+    {
+        "key": {
+            "type": ["string", "null"],
+            "description": "the model (null: requests without one), provider, or UTC day",
+        },
+        "requests": _COUNT,
+        "errors": {**_COUNT, "description": "status 400 and above"},
+        "unmetered": {**_COUNT, "description": "requests whose usage is unknown"},
+        "prompt_tokens": _COUNT,
+        "completion_tokens": _COUNT,
+        "total_tokens": _COUNT,
+        "cached_tokens": _COUNT,
+        "cache_creation_tokens": _COUNT,
+    },
+    USAGE_FIELDS := (
+        "key",
+        "requests",
+        "errors",
+        "unmetered",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "cache_creation_tokens",
+    ),
+)
+COMPONENTS["UsageReport"] = obj(
+    {
+        "since": TIMESTAMP,
+        "until": TIMESTAMP,
+        "group_by": {"type": "string", "enum": ["model", "provider", "day"]},
+        "items": {"type": "array", "items": ref("UsageTotal")},
+    },
+    ("since", "until", "group_by", "items"),
+)
 
 # lists
 for _name in ("Org", "ApiKey", "User", "Member", "ProviderKey", "ProviderSettings"):

@@ -29,6 +29,15 @@ class AdminParts:
     jwks: JWKSCache | None
 
 
+def _usage_manager(c):
+    """The request-log queries hold no state: when the usage feature has not
+    made one, the admin API makes its own."""
+    from lectr.managers.usage import UsageManager
+    from lectr.storage.request_logs import RequestLogStore
+
+    return UsageManager(RequestLogStore(c.database))
+
+
 def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
     """``c`` is the service's Components (database, metrics, orgs, vault,
     settings, usage)."""
@@ -60,6 +69,6 @@ def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
         orgs=c.orgs,
         vault=c.vault,
         settings=c.settings,
-        usage=c.usage,
+        usage=c.usage if c.usage is not None else _usage_manager(c),
     )
     return AdminParts(app, AdminSite(app.resource()), users, authenticator, jwks)
