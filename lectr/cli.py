@@ -1,0 +1,810 @@
+"""``lectr``: the command-line client of the admin API.
+
+A plain synchronous HTTP client (urllib; it never runs a reactor). It finds
+the API at ``LECTR_ADMIN_URL`` (default ``http://127.0.0.1:8081``) and
+authenticates with ``LECTR_ADMIN_TOKEN`` or, failing that, the token that
+development mode wrote into the data directory (``LECTR_DATA_DIR``, default
+``./.lectr``).
+
+Output is a table for people, ``--json`` for scripts. Exit status: 0 done,
+1 the API refused the request, 2 bad command line, 3 the admin API cannot be
+reached, 4 not authenticated or not allowed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+DEFAULT_URL = "http://127.0.0.1:8081"
+TIMEOUT = 60.0
+
+EXIT_OK = 0
+EXIT_API = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
+EXIT_INTERRUPTED = 130
+
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_API) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = code
+
+
+class ApiError(CliError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        exit_code = EXIT_AUTH if status in (401, 403) else EXIT_API
+        super().__init__(f"{message} (HTTP {status}, {code})", exit_code)
+        self.status = status
+        self.code = code
+
+
+# --- HTTP ---------------------------------------------------------------------------
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The token must never follow a redirect to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class Client:
+    def __init__(self, base_url: str, token: str | None, timeout: float = TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._opener = urllib.request.build_opener(_NoRedirects)
+
+    def request(self, method: str, path: str, body: Any = None, query: dict | None = None) -> Any:
+        if self._token is None:
+            raise CliError(
+                "no admin token: set LECTR_ADMIN_TOKEN, or run where development mode wrote "
+                ".lectr/admin.token (or set LECTR_DATA_DIR)",
+                EXIT_AUTH,
+            )
+        url = self.base_url + path
+        if query:
+            pairs = {k: v for k, v in query.items() if v is not None}
+            if pairs:
+                url += "?" + urllib.parse.urlencode(pairs)
+        data = None
+        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with self._opener.open(req, timeout=self._timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                error = json.loads(raw)["error"]
+                raise ApiError(e.code, error["code"], error["message"]) from None
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(e.code, "http_error", e.reason or "request failed") from None
+        except urllib.error.URLError as e:
+            reason = getattr(e.reason, "strerror", None) or str(e.reason)
+            raise CliError(
+                f"cannot reach the admin API at {self.base_url}: {reason} "
+                "(is Lectr running? see LECTR_ADMIN_URL)",
+                EXIT_UNREACHABLE,
+            ) from None
+        except (TimeoutError, OSError) as e:
+            raise CliError(
+                f"cannot reach the admin API at {self.base_url}: {e}", EXIT_UNREACHABLE
+            ) from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str, **query) -> Any:
+        return self.request("GET", path, query=query)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+
+def find_token(environ: dict[str, str]) -> str | None:
+    token = environ.get("LECTR_ADMIN_TOKEN", "").strip()
+    if token:
+        return token
+    from lectr.devmode import read_admin_token
+
+    data_dir = Path(environ.get("LECTR_DATA_DIR") or ".lectr").expanduser()
+    return read_admin_token(data_dir)
+
+
+# --- output -------------------------------------------------------------------------
+
+
+def when(value: str | None) -> str:
+    """An ISO timestamp as 'YYYY-MM-DD HH:MM:SS' UTC."""
+    if not value:
+        return "-"
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return value
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value) or "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+    return str(value)
+
+
+class Output:
+    def __init__(self, as_json: bool, out: TextIO = sys.stdout) -> None:
+        self.as_json = as_json
+        self.out = out
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+
+    def json(self, doc: Any) -> None:
+        self.out.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+    def table(self, rows: Sequence[dict], columns: Sequence[tuple[str, Callable]]) -> None:
+        """``columns``: (header, row -> value)."""
+        cells = [[cell(get(r)) for _, get in columns] for r in rows]
+        headers = [h for h, _ in columns]
+        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+        self.line("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+        for c in cells:
+            self.line("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
+        if not rows:
+            self.line("(none)")
+
+    def fields(self, pairs: Sequence[tuple[str, Any]]) -> None:
+        width = max(len(k) for k, _ in pairs)
+        for key, value in pairs:
+            self.line(f"{key.ljust(width)}  {cell(value)}")
+
+    def result(self, doc: Any, human: Callable[[], None]) -> None:
+        if self.as_json:
+            self.json(doc)
+        else:
+            human()
+
+
+ORG_COLUMNS = [
+    ("ID", lambda o: o["id"]),
+    ("NAME", lambda o: o["name"]),
+    ("ENABLED", lambda o: o["enabled"]),
+    ("ROLE", lambda o: o["role"]),
+    ("CREATED", lambda o: when(o["created_at"])),
+]
+KEY_COLUMNS = [
+    ("ID", lambda k: k["id"]),
+    ("NAME", lambda k: k["name"]),
+    ("PREFIX", lambda k: k["prefix"] + "…"),
+    ("ACTIVE", lambda k: k["active"]),
+    ("CREATED", lambda k: when(k["created_at"])),
+    ("REVOKED", lambda k: when(k["revoked_at"])),
+]
+PROVIDER_KEY_COLUMNS = [
+    ("ID", lambda k: k["id"]),
+    ("PROVIDER", lambda k: k["provider"]),
+    ("NAME", lambda k: k["name"]),
+    ("KEY", lambda k: "…" + k["last4"]),
+    ("ENABLED", lambda k: k["enabled"]),
+    ("ADDED", lambda k: when(k["created_at"])),
+]
+PROVIDER_COLUMNS = [
+    ("PROVIDER", lambda p: p["provider"]),
+    ("ENABLED", lambda p: p["enabled"]),
+    ("ALLOWED MODELS", lambda p: p["allowed_models"] or "all"),
+    ("BLOCKED MODELS", lambda p: p["blocked_models"]),
+    ("UPDATED", lambda p: when(p["updated_at"])),
+]
+REQUEST_COLUMNS = [
+    ("TIME", lambda r: when(r["created_at"])),
+    ("PROVIDER", lambda r: r["provider"]),
+    ("MODEL", lambda r: r["model"]),
+    ("STATUS", lambda r: r["status"]),
+    ("MS", lambda r: r["latency_ms"]),
+    ("IN", lambda r: r["prompt_tokens"]),
+    ("OUT", lambda r: r["completion_tokens"]),
+    ("STREAM", lambda r: r["streamed"]),
+    ("REQUEST ID", lambda r: r["request_id"]),
+]
+_FOLLOW_WIDTHS = (19, 9, 28, 6, 7, 7, 7, 6, 36)
+
+
+def _follow_line(row: dict, header: bool = False) -> str:
+    """One request on one line, in fixed-width columns (a followed stream
+    cannot size its columns from rows it has not seen yet)."""
+    values = (
+        [h for h, _ in REQUEST_COLUMNS]
+        if header
+        else [cell(get(row)) for _, get in REQUEST_COLUMNS]
+    )
+    return "  ".join(v.ljust(w) for v, w in zip(values, _FOLLOW_WIDTHS, strict=True)).rstrip()
+
+
+USAGE_COLUMNS = [
+    ("REQUESTS", lambda t: t["requests"]),
+    ("ERRORS", lambda t: t["errors"]),
+    ("IN TOKENS", lambda t: t["prompt_tokens"]),
+    ("OUT TOKENS", lambda t: t["completion_tokens"]),
+    ("TOTAL", lambda t: t["total_tokens"]),
+    ("CACHED", lambda t: t["cached_tokens"]),
+]
+MEMBER_COLUMNS = [
+    ("USER ID", lambda m: m["user_id"]),
+    ("SUBJECT", lambda m: m["subject"]),
+    ("EMAIL", lambda m: m["email"]),
+    ("ROLE", lambda m: m["role"]),
+    ("SINCE", lambda m: when(m["created_at"])),
+]
+USER_COLUMNS = [
+    ("ID", lambda u: u["id"]),
+    ("SUBJECT", lambda u: u["subject"]),
+    ("EMAIL", lambda u: u["email"]),
+    ("ADMIN", lambda u: u["is_admin"]),
+    ("LAST SEEN", lambda u: when(u["last_seen_at"])),
+]
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+class Commands:
+    def __init__(self, client: Client, out: Output, stdin: TextIO = sys.stdin) -> None:
+        self.api = client
+        self.out = out
+        self.stdin = stdin
+
+    # helpers
+
+    def org_id(self, ref: str) -> str:
+        """An org id, or the id of the one org with this name."""
+        if _UUID_RE.fullmatch(ref):
+            return ref.lower()
+        orgs = self.api.get("/admin/orgs")["items"]
+        matches = [o for o in orgs if o["name"] == ref] or [
+            o for o in orgs if o["name"].casefold() == ref.casefold()
+        ]
+        if not matches:
+            raise CliError(f"no organization named {ref!r} (use its id, see 'lectr orgs list')")
+        if len(matches) > 1:
+            ids = ", ".join(o["id"] for o in matches)
+            raise CliError(f"several organizations are named {ref!r}: {ids}; use an id")
+        return matches[0]["id"]
+
+    def show_issued(self, key: dict, what: str) -> None:
+        self.out.line(f"{what}: {key['key']}")
+        self.out.line("Store it now: it is shown this once and cannot be read back.")
+
+    # me, users
+
+    def me(self, args) -> None:
+        me = self.api.get("/admin/me")
+
+        def human():
+            user = me["user"] or {}
+            self.out.fields(
+                [
+                    ("kind", "admin token" if me["kind"] == "token" else "user"),
+                    ("global admin", me["is_admin"]),
+                    ("user id", user.get("id")),
+                    ("subject", user.get("subject")),
+                    ("email", user.get("email")),
+                ]
+            )
+            if me["memberships"]:
+                self.out.line()
+                self.out.table(
+                    me["memberships"],
+                    [
+                        ("ORG ID", lambda m: m["org_id"]),
+                        ("ORG", lambda m: m["org_name"]),
+                        ("ROLE", lambda m: m["role"]),
+                    ],
+                )
+
+        self.out.result(me, human)
+
+    def users_list(self, args) -> None:
+        doc = self.api.get("/admin/users")
+        self.out.result(doc, lambda: self.out.table(doc["items"], USER_COLUMNS))
+
+    def users_set_admin(self, args, value: bool) -> None:
+        user = self.api.put(f"/admin/users/{args.user_id}", {"is_admin": value})
+        verb = "is now a global admin" if value else "is no longer a global admin"
+        self.out.result(user, lambda: self.out.line(f"{user['subject']} {verb}"))
+
+    # orgs
+
+    def orgs_list(self, args) -> None:
+        doc = self.api.get("/admin/orgs")
+        self.out.result(doc, lambda: self.out.table(doc["items"], ORG_COLUMNS))
+
+    def orgs_create(self, args) -> None:
+        body = {"name": args.name}
+        if args.key_name:
+            body["key_name"] = args.key_name
+        doc = self.api.post("/admin/orgs", body)
+
+        def human():
+            org = doc["org"]
+            self.out.line(f"Created organization {org['name']} ({org['id']})")
+            self.show_issued(doc["key"], "Its first Lectr key")
+
+        self.out.result(doc, human)
+
+    def orgs_show(self, args) -> None:
+        org = self.api.get(f"/admin/orgs/{self.org_id(args.org)}")
+        self.out.result(
+            org,
+            lambda: self.out.fields(
+                [
+                    ("id", org["id"]),
+                    ("name", org["name"]),
+                    ("enabled", org["enabled"]),
+                    ("your role", org["role"]),
+                    ("created", when(org["created_at"])),
+                    ("updated", when(org["updated_at"])),
+                ]
+            ),
+        )
+
+    def orgs_rename(self, args) -> None:
+        org = self.api.put(f"/admin/orgs/{self.org_id(args.org)}", {"name": args.name})
+        self.out.result(org, lambda: self.out.line(f"Renamed to {org['name']}"))
+
+    def orgs_set_enabled(self, args, enabled: bool) -> None:
+        org_id = self.org_id(args.org)
+        org = self.api.put(f"/admin/orgs/{org_id}/enabled", {"enabled": enabled})
+        state = "enabled" if enabled else "disabled: its keys are refused from now on"
+        self.out.result(org, lambda: self.out.line(f"{org['name']} {state}"))
+
+    def orgs_delete(self, args) -> None:
+        org_id = self.org_id(args.org)
+        if not args.yes:
+            if not self.stdin.isatty():
+                raise CliError("deleting an organization needs --yes", EXIT_USAGE)
+            answer = input(f"Delete organization {args.org} and all its data? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                raise CliError("not deleted", EXIT_API)
+        self.api.delete(f"/admin/orgs/{org_id}")
+        doc = {"deleted": org_id}
+        self.out.result(doc, lambda: self.out.line(f"Deleted organization {org_id}"))
+
+    def orgs_rotate_key(self, args) -> None:
+        body = {"name": args.name} if args.name else None
+        key = self.api.post(f"/admin/orgs/{self.org_id(args.org)}/rotate-key", body)
+
+        def human():
+            self.out.line("Every previous key of the organization is revoked.")
+            self.show_issued(key, "New Lectr key")
+
+        self.out.result(key, human)
+
+    # keys
+
+    def keys_list(self, args) -> None:
+        doc = self.api.get(f"/admin/orgs/{self.org_id(args.org)}/keys")
+        self.out.result(doc, lambda: self.out.table(doc["items"], KEY_COLUMNS))
+
+    def keys_create(self, args) -> None:
+        body = {"name": args.name} if args.name else None
+        key = self.api.post(f"/admin/orgs/{self.org_id(args.org)}/keys", body)
+        self.out.result(key, lambda: self.show_issued(key, f"Lectr key {key['name']}"))
+
+    def keys_revoke(self, args) -> None:
+        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/keys/{args.key_id}")
+        doc = {"revoked": args.key_id}
+        self.out.result(doc, lambda: self.out.line(f"Revoked key {args.key_id}"))
+
+    # provider keys
+
+    def read_secret(self, args) -> str:
+        """The provider key: from an environment variable, from standard
+        input, or typed at a hidden prompt; never from the command line
+        (it would land in the shell history and in ps)."""
+        if args.key_env:
+            value = os.environ.get(args.key_env, "")
+            if not value.strip():
+                raise CliError(f"the environment variable {args.key_env} is empty", EXIT_USAGE)
+            return value.strip()
+        if not self.stdin.isatty():
+            value = self.stdin.readline()
+        else:
+            value = getpass.getpass(f"{args.provider} API key (input hidden): ")
+        if not value.strip():
+            raise CliError("no key given", EXIT_USAGE)
+        return value.strip()
+
+    def provider_keys_add(self, args) -> None:
+        org_id = self.org_id(args.org)
+        body = {"provider": args.provider, "key": self.read_secret(args)}
+        if args.name:
+            body["name"] = args.name
+        info = self.api.post(f"/admin/orgs/{org_id}/provider-keys", body)
+        self.out.result(
+            info,
+            lambda: self.out.line(
+                f"Added {info['provider']} key …{info['last4']} ({info['id']}); "
+                "the provider accepted it"
+            ),
+        )
+
+    def provider_keys_list(self, args) -> None:
+        doc = self.api.get(f"/admin/orgs/{self.org_id(args.org)}/provider-keys")
+        self.out.result(doc, lambda: self.out.table(doc["items"], PROVIDER_KEY_COLUMNS))
+
+    def provider_keys_delete(self, args) -> None:
+        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/provider-keys/{args.key_id}")
+        doc = {"deleted": args.key_id}
+        self.out.result(doc, lambda: self.out.line(f"Deleted provider key {args.key_id}"))
+
+    # providers
+
+    def providers_list(self, args) -> None:
+        doc = self.api.get(f"/admin/orgs/{self.org_id(args.org)}/providers")
+        self.out.result(doc, lambda: self.out.table(doc["items"], PROVIDER_COLUMNS))
+
+    def providers_set(self, args) -> None:
+        body: dict[str, Any] = {}
+        if args.enabled is not None:
+            body["enabled"] = args.enabled
+        if args.allow_all:
+            body["allowed_models"] = []
+        elif args.allow:
+            body["allowed_models"] = args.allow
+        if args.unblock_all:
+            body["blocked_models"] = []
+        elif args.block:
+            body["blocked_models"] = args.block
+        if not body:
+            raise CliError(
+                "nothing to change: give --enable/--disable, --allow, --allow-all, --block or "
+                "--unblock-all",
+                EXIT_USAGE,
+            )
+        doc = self.api.put(f"/admin/orgs/{self.org_id(args.org)}/providers/{args.provider}", body)
+        self.out.result(doc, lambda: self.out.table([doc], PROVIDER_COLUMNS))
+
+    # requests and usage
+
+    def requests(self, args) -> None:
+        org_id = self.org_id(args.org)
+        path = f"/admin/orgs/{org_id}/requests"
+        filters = {
+            "provider": args.provider,
+            "model": args.model,
+            "status": args.status,
+            "since": args.since,
+            "until": args.until,
+        }
+        if not args.follow:
+            page = self.api.get(path, limit=args.limit, cursor=args.cursor, **filters)
+
+            def human():
+                self.out.table(page["items"], REQUEST_COLUMNS)
+                if page["next_cursor"]:
+                    self.out.line(f"more: --cursor {page['next_cursor']}")
+
+            self.out.result(page, human)
+            return
+        self.follow(path, filters, args)
+
+    def follow(self, path: str, filters: dict, args) -> None:
+        """Print new requests as they are logged (oldest first), polling the
+        newest page every ``--interval`` seconds; JSON Lines with --json."""
+        seen: set[str] = set()
+        polls = 0
+        if not self.out.as_json:
+            self.out.line(_follow_line({}, header=True))
+        while True:
+            page = self.api.get(path, limit=args.limit, **filters)
+            fresh = [r for r in page["items"] if r["request_id"] not in seen]
+            if len(seen) > 10_000:
+                seen.clear()
+            seen.update(r["request_id"] for r in page["items"])
+            for row in reversed(fresh):
+                if self.out.as_json:
+                    self.out.out.write(json.dumps(row) + "\n")
+                else:
+                    self.out.line(_follow_line(row))
+            self.out.out.flush()
+            polls += 1
+            if args.max_polls is not None and polls >= args.max_polls:
+                return
+            time.sleep(args.interval)
+
+    def usage(self, args) -> None:
+        org_id = self.org_id(args.org)
+        doc = self.api.get(
+            f"/admin/orgs/{org_id}/usage", since=args.since, until=args.until, group_by=args.by
+        )
+
+        def human():
+            self.out.line(f"{when(doc['since'])} to {when(doc['until'])} (UTC), by {args.by}")
+            label = args.by.upper()
+            self.out.table(doc["items"], [(label, lambda t: t["key"]), *USAGE_COLUMNS])
+
+        self.out.result(doc, human)
+
+    # members
+
+    def members_list(self, args) -> None:
+        doc = self.api.get(f"/admin/orgs/{self.org_id(args.org)}/members")
+        self.out.result(doc, lambda: self.out.table(doc["items"], MEMBER_COLUMNS))
+
+    def members_add(self, args) -> None:
+        body = {"role": args.role}
+        for name in ("user_id", "email", "subject"):
+            if getattr(args, name):
+                body[name] = getattr(args, name)
+        member = self.api.post(f"/admin/orgs/{self.org_id(args.org)}/members", body)
+        self.out.result(member, lambda: self.out.line(f"{member['subject']} is {member['role']}"))
+
+    def members_remove(self, args) -> None:
+        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/members/{args.user_id}")
+        doc = {"removed": args.user_id}
+        self.out.result(doc, lambda: self.out.line(f"Removed member {args.user_id}"))
+
+    # vault
+
+    def rotation_status(self, args) -> None:
+        doc = self.api.get("/admin/vault/rotation")
+
+        def human():
+            self.out.fields(
+                [
+                    ("current master key", doc["current_kek"]),
+                    ("next master key", doc["next_kek"] or "(none: ENCRYPTION_KEY_NEW unset)"),
+                    ("rotation", "done" if doc["done"] else "in progress"),
+                ]
+            )
+            self.out.line()
+            rows = [{"kek": k, "n": n} for k, n in sorted(doc["rows_by_kek"].items())]
+            self.out.table(
+                rows, [("MASTER KEY", lambda r: r["kek"]), ("PROVIDER KEYS", lambda r: r["n"])]
+            )
+
+        self.out.result(doc, human)
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"admin API URL (default: $LECTR_ADMIN_URL or {DEFAULT_URL})")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    parser = argparse.ArgumentParser(
+        prog="lectr",
+        parents=[common],
+        description="Manage a Lectr gateway through its admin API.",
+        epilog=(
+            "Token: $LECTR_ADMIN_TOKEN (the admin token, or an OIDC access token), else the "
+            "development token in $LECTR_DATA_DIR/admin.token (default ./.lectr). Exit status: "
+            "0 ok, 1 refused by the API, 2 usage, 3 unreachable, 4 not authenticated/allowed."
+        ),
+    )
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+
+    def group(name: str, help: str):
+        p = groups.add_parser(name, help=help, parents=[common])
+        return p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def command(sub, name: str, help: str, handler: str, *extra, **defaults):
+        p = sub.add_parser(name, help=help, parents=[common])
+        p.set_defaults(handler=handler, handler_extra=extra, **defaults)
+        return p
+
+    me = groups.add_parser("me", help="who you are, and your orgs", parents=[common])
+    me.set_defaults(handler="me", handler_extra=())
+
+    orgs = group("orgs", "organizations")
+    p = command(orgs, "list", "list the organizations you can see", "orgs_list")
+    p = command(orgs, "create", "create an organization (prints its first key)", "orgs_create")
+    p.add_argument("name")
+    p.add_argument("--key-name", help="name of the first key (default: default)")
+    p = command(orgs, "show", "show an organization", "orgs_show")
+    p.add_argument("org", help="id or name")
+    p = command(orgs, "rename", "rename an organization", "orgs_rename")
+    p.add_argument("org", help="id or name")
+    p.add_argument("name")
+    p = command(
+        orgs, "enable", "enable an organization (undo the kill switch)", "orgs_set_enabled", True
+    )
+    p.add_argument("org", help="id or name")
+    p = command(
+        orgs, "disable", "kill switch: refuse all of the org's keys", "orgs_set_enabled", False
+    )
+    p.add_argument("org", help="id or name")
+    p = command(orgs, "delete", "delete an organization and all its data", "orgs_delete")
+    p.add_argument("org", help="id or name")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = command(
+        orgs, "rotate-key", "revoke all of the org's keys, issue a new one", "orgs_rotate_key"
+    )
+    p.add_argument("org", help="id or name")
+    p.add_argument("--name", help="name of the new key (default: default)")
+
+    keys = group("keys", "Lectr keys (lc_…)")
+    p = command(keys, "list", "list an org's keys (prefixes only)", "keys_list")
+    p.add_argument("org", help="id or name")
+    p = command(keys, "create", "create a named key (shown once)", "keys_create")
+    p.add_argument("org", help="id or name")
+    p.add_argument("--name", help="key name (default: default)")
+    p = command(keys, "revoke", "revoke a key", "keys_revoke")
+    p.add_argument("org", help="id or name")
+    p.add_argument("key_id")
+
+    pkeys = group("provider-keys", "provider API keys (BYOK)")
+    p = command(
+        pkeys, "add", "add a provider key (checked with the provider first)", "provider_keys_add"
+    )
+    p.add_argument("org", help="id or name")
+    p.add_argument("provider", choices=["openai", "anthropic"])
+    p.add_argument("--name", help="a name for the key")
+    p.add_argument(
+        "--key-env",
+        metavar="VAR",
+        help="read the key from this environment variable (default: standard input, or a "
+        "hidden prompt)",
+    )
+    p = command(
+        pkeys, "list", "list an org's provider keys (last 4 characters)", "provider_keys_list"
+    )
+    p.add_argument("org", help="id or name")
+    p = command(pkeys, "delete", "delete a provider key", "provider_keys_delete")
+    p.add_argument("org", help="id or name")
+    p.add_argument("key_id")
+
+    providers = group("providers", "per-org provider settings")
+    p = command(providers, "list", "show an org's provider settings", "providers_list")
+    p.add_argument("org", help="id or name")
+    p = command(providers, "set", "change an org's settings for one provider", "providers_set")
+    p.add_argument("org", help="id or name")
+    p.add_argument("provider", choices=["openai", "anthropic"])
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--enable", dest="enabled", action="store_const", const=True)
+    state.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    p.set_defaults(enabled=None)
+    allow = p.add_mutually_exclusive_group()
+    allow.add_argument(
+        "--allow",
+        action="append",
+        metavar="MODEL",
+        help="allow only these models (repeat; 'prefix*' patterns); replaces the list",
+    )
+    allow.add_argument("--allow-all", action="store_true", help="allow every model")
+    block = p.add_mutually_exclusive_group()
+    block.add_argument(
+        "--block", action="append", metavar="MODEL", help="block these models (replaces the list)"
+    )
+    block.add_argument("--unblock-all", action="store_true", help="block no model")
+
+    p = groups.add_parser("requests", help="an org's recent requests", parents=[common])
+    p.set_defaults(handler="requests", handler_extra=())
+    p.add_argument("org", help="id or name")
+    p.add_argument("--limit", type=int, default=50, help="rows per page (1-200)")
+    p.add_argument("--cursor", help="continue after a previous page")
+    p.add_argument("--provider", choices=["openai", "anthropic"])
+    p.add_argument("--model")
+    p.add_argument("--status", help="429, 4xx, or 'error'")
+    p.add_argument("--since", help="ISO 8601 date or time (UTC unless an offset is given)")
+    p.add_argument("--until", help="ISO 8601 date or time")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new requests")
+    p.add_argument("--interval", type=_positive_float, default=2.0, help="seconds between polls")
+    p.add_argument("--max-polls", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = groups.add_parser("usage", help="an org's usage totals", parents=[common])
+    p.set_defaults(handler="usage", handler_extra=())
+    p.add_argument("org", help="id or name")
+    p.add_argument("--since", help="ISO 8601 (default: 30 days before --until)")
+    p.add_argument("--until", help="ISO 8601 (default: now)")
+    p.add_argument("--by", choices=["model", "provider", "day"], default="model")
+
+    members = group("members", "org members and roles (owners only)")
+    p = command(members, "list", "list an org's members", "members_list")
+    p.add_argument("org", help="id or name")
+    p = command(members, "add", "add a member or change a member's role", "members_add")
+    p.add_argument("org", help="id or name")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id")
+    who.add_argument("--email", help="of a user who has signed in")
+    who.add_argument("--subject", help="OIDC subject; works before their first sign-in")
+    p.add_argument("--role", choices=["owner", "admin", "member"], default="member")
+    p = command(members, "remove", "remove a member", "members_remove")
+    p.add_argument("org", help="id or name")
+    p.add_argument("user_id")
+
+    users = group("users", "user identities (global admins only)")
+    command(users, "list", "list the users who have signed in", "users_list")
+    p = command(users, "grant-admin", "make a user a global admin", "users_set_admin", True)
+    p.add_argument("user_id")
+    p = command(users, "revoke-admin", "take global admin rights away", "users_set_admin", False)
+    p.add_argument("user_id")
+
+    rotation = group("rotation", "master-key rotation")
+    command(rotation, "status", "progress of an ENCRYPTION_KEY_NEW rotation", "rotation_status")
+    return parser
+
+
+def _fail(message: str, code: int, err: TextIO) -> NoReturn:
+    err.write(f"lectr: {message}\n")
+    err.flush()
+    raise SystemExit(code)
+
+
+def run(
+    argv: Sequence[str] | None = None,
+    environ: dict[str, str] | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    stdin: TextIO = sys.stdin,
+) -> int:
+    environ = dict(os.environ if environ is None else environ)
+    args = build_parser().parse_args(argv)
+    url = args.url or environ.get("LECTR_ADMIN_URL") or DEFAULT_URL
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _fail(f"the admin API URL must be http(s)://host:port, got {url!r}", EXIT_USAGE, err)
+    client = Client(url, find_token(environ))
+    commands = Commands(client, Output(args.json, out), stdin)
+    try:
+        getattr(commands, args.handler)(args, *args.handler_extra)
+    except CliError as e:
+        _fail(e.message, e.exit_code, err)
+    except KeyboardInterrupt:
+        err.write("\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # e.g. `lectr requests --follow | head`: the reader went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    return EXIT_OK
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
