@@ -465,7 +465,8 @@ class _Call:
         # client can tell (an abort, not a clean end of the response).
         self.error_type = "upstream_dropped"
         self.closed = True
-        req.channel.transport.abortConnection() if req.channel else None
+        if req.channel is not None:
+            req.channel.transport.abortConnection()
         self.record()
 
     # --- endings -----------------------------------------------------------------------------
@@ -480,17 +481,20 @@ class _Call:
         self.record()
 
     def abort(self, why: str) -> None:
-        """Stop both sides (shutdown, idle timeout)."""
+        """Stop both sides (shutdown, idle timeout). A request that has not
+        started its answer gets a 503 during shutdown; one mid-answer has
+        its connection aborted, so the client can tell it is truncated."""
         if self.closed:
+            self._stop_upstream()
+            return
+        req = self.request
+        if why == "shutdown" and not req.startedWriting:
+            self.fail(503, "upstream_unavailable", "The gateway is shutting down; retry.")
             self._stop_upstream()
             return
         self.closed = True
         self.error_type = self.error_type or why
-        req = self.request
-        if not req.startedWriting and why == "shutdown":
-            self.closed = False
-            self.fail(503, "upstream_unavailable", "The gateway is shutting down.")
-        elif req.channel is not None:
+        if req.channel is not None:
             req.channel.transport.abortConnection()
         self._stop_upstream()
         self.record()
