@@ -610,13 +610,21 @@ def _positive_float(raw: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help=f"admin API URL (default: $LECTR_ADMIN_URL or {DEFAULT_URL})")
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    def options(suppress: bool) -> argparse.ArgumentParser:
+        # --url and --json go before or after the command; the copies on the
+        # subcommands must not reset what was given before them
+        extra = {"default": argparse.SUPPRESS} if suppress else {}
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument(
+            "--url", help=f"admin API URL (default: $LECTR_ADMIN_URL or {DEFAULT_URL})", **extra
+        )
+        p.add_argument("--json", action="store_true", help="print JSON for scripts", **extra)
+        return p
 
+    common = options(suppress=True)
     parser = argparse.ArgumentParser(
         prog="lectr",
-        parents=[common],
+        parents=[options(suppress=False)],
         description="Manage a Lectr gateway through its admin API.",
         epilog=(
             "Token: $LECTR_ADMIN_TOKEN (the admin token, or an OIDC access token), else the "

@@ -329,3 +329,14 @@ def test_the_console_script_is_declared():
     ).stdout
     for group in ("orgs", "keys", "provider-keys", "providers", "requests", "usage", "rotation"):
         assert group in help_text
+
+
+def test_global_options_go_before_or_after_the_command():
+    from lectr.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--json", "orgs", "list"]).json is True
+    assert parser.parse_args(["orgs", "list", "--json"]).json is True
+    assert parser.parse_args(["orgs", "list"]).json is False
+    assert parser.parse_args(["--url", "http://a:1", "me"]).url == "http://a:1"
+    assert parser.parse_args(["me", "--url", "http://b:2"]).url == "http://b:2"
