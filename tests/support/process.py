@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-_LISTEN_RE = re.compile(r"(proxy|admin API) listening on ([\d.:a-f]+):(\d+)")
+_LISTEN_RE = re.compile(r"(proxy|admin API) (?:listening on|socket bound to) ([\d.:a-f]+):(\d+)")
 
 
 def new_master_key() -> str:
