@@ -28,7 +28,6 @@ from lectr.db.notify import ChangeListener
 from lectr.managers.orgs import OrgManager
 from lectr.metrics import Registry
 from lectr.providers import ProviderRegistry
-from lectr.proxy.resource import ProxyRoot
 from lectr.proxy.site import ProxySite
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
@@ -70,7 +69,8 @@ class Components:
     recorder: object | None = None  # usage recorder (UsageSink)
     usage: object | None = None  # request-log queries manager
     users: object | None = None  # admin identities and memberships
-    authenticator: object | None = None
+    authenticator: object | None = None  # Lectr-key cache (lectr.managers.auth)
+    proxy: object | None = None  # the proxy handler (lectr.proxy.handler)
     proxy_port: ListeningPortService | None = None
     admin_port: ListeningPortService | None = None
     extras: dict = field(default_factory=dict)
@@ -146,8 +146,16 @@ class LectrService(Service):
 
     name = "lectr"
 
-    def __init__(self, config: Config, *, reactor, exit_on_failure: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reactor,
+        exit_on_failure: bool = True,
+        adopt: dict[str, tuple[int, int]] | None = None,
+    ) -> None:
         self.config = config
+        self._adopt = adopt or {}  # "proxy"/"admin" -> (fd, family) from a --workers parent
         self._reactor = reactor
         self._exit_on_failure = exit_on_failure
         self._stack = ServiceStack()
@@ -205,10 +213,19 @@ class LectrService(Service):
 
         # resources → ports
         c.proxy_port = ListeningPortService(
-            "proxy", config.proxy_listen, self._proxy_site(c), reactor=self._reactor
+            "proxy",
+            config.proxy_listen,
+            self._proxy_site(c),
+            reactor=self._reactor,
+            before_stop=lambda: ensureDeferred(c.proxy.drain(config.shutdown_grace)),
+            adopt=self._adopt.get("proxy"),
         )
         c.admin_port = ListeningPortService(
-            "admin API", config.admin_listen, self._admin_site(c), reactor=self._reactor
+            "admin API",
+            config.admin_listen,
+            self._admin_site(c),
+            reactor=self._reactor,
+            adopt=self._adopt.get("admin"),
         )
         for port in (c.proxy_port, c.admin_port):
             try:
@@ -274,10 +291,48 @@ class LectrService(Service):
         """Usage recorder and flusher; request-log queries."""
 
     async def _start_proxy(self, c: Components) -> None:
-        """Authenticator and what the proxy resource needs."""
+        """Authenticator (key cache), the upstream connection pool, the handler."""
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        from lectr.managers.auth import Authenticator
+        from lectr.proxy.handler import ProxyHandler
+
+        config = self.config
+        auth = Authenticator(ApiKeyStore(c.database), reactor=self._reactor, metrics=c.metrics)
+        auth.subscribe(c.listener)
+        await self._stack.start(CallbackService("key cache", start=auth.start, stop=auth.stop))
+        c.authenticator = auth
+
+        # Upstream connections: persistent and plentiful (hundreds of
+        # concurrent streams), dropped after 20 s idle, before providers'
+        # own idle timeouts close them under a request.
+        pool = HTTPConnectionPool(self._reactor, persistent=True)
+        pool.maxPersistentPerHost = 512
+        pool.cachedConnectionTimeout = 20
+        await self._stack.start(
+            CallbackService("upstream connections", stop=pool.closeCachedConnections)
+        )
+        agent = Agent(self._reactor, connectTimeout=config.upstream_connect_timeout, pool=pool)
+        c.proxy = ProxyHandler(
+            reactor=self._reactor,
+            registry=c.providers,
+            authenticator=auth,
+            settings=c.settings,
+            vault=c.vault,
+            recorder=c.recorder,
+            agent=agent,
+            metrics=c.metrics,
+            headers_timeout=config.upstream_headers_timeout,
+            idle_timeout=config.upstream_idle_timeout,
+        )
 
     def _proxy_site(self, c: Components) -> Site:
-        return ProxySite(ProxyRoot())
+        return ProxySite(
+            c.proxy,
+            registry=c.providers,
+            max_body_bytes=self.config.max_body_bytes,
+            metrics=c.metrics,
+        )
 
     def _admin_site(self, c: Components) -> Site:
         """The admin API: identities and memberships (``c.users``), the
