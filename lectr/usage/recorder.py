@@ -1,0 +1,652 @@
+"""The usage recorder: every proxied request becomes one ``request_logs``
+row, without the request ever waiting for PostgreSQL.
+
+``record()`` appends to an in-memory buffer and returns. A ``LoopingCall``
+flusher (every ``flush_interval`` seconds, and at once when the buffer
+reaches ``batch_size``) swaps the buffer out and writes it, one transaction
+per batch of at most ``batch_size`` rows (Synapse's client-IP writer is the
+model). The loop body catches and logs everything, so it never stops.
+
+When PostgreSQL cannot take a batch (down, refusing, failing), the rows go
+to the spill journal on disk (:mod:`lectr.usage.journal`) and the database is
+retried with backoff; while it is down, each tick spills at once. When a
+write succeeds again, the journal is replayed one segment per tick. Inserts
+skip ``request_id`` values already stored, so a replay never duplicates a
+row, even after a crash halfway through one. Rows are dropped only when the
+journal's disk budget is exhausted (or a row is rejected by PostgreSQL on its
+own, see below), and every drop is counted and logged.
+
+A batch that PostgreSQL rejects for its data (a value out of range, a
+malformed id…) is split in halves until the offending rows are alone; only
+they are dropped. Common problems (NUL bytes, invalid UTF-8, overlong
+strings, counts out of range) are repaired before writing, so those rows are
+kept.
+
+The flusher is a write-behind buffer, so a few rows can be lost only if the
+process is killed hard (SIGKILL, OOM) between a request and the next flush;
+a normal shutdown flushes, or spills, everything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from lectr.metrics import Registry
+from lectr.usage.journal import AppendResult, SpillJournal
+from lectr.usage.model import USAGE_SOURCES, Usage, UsageRecord
+
+#: errors that belong to the rows of a batch rather than to the database:
+#: the batch is split to find the offending rows. ValueError covers what the
+#: driver refuses before sending (a NUL byte, an unencodable string).
+_DATA_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, ValueError)
+
+SPILL_DIRNAME = "usage-spill"
+
+_TEXT_LIMITS = (
+    ("provider", 64),
+    ("model", 256),
+    ("method", 32),
+    ("path", 2048),
+    ("error_type", 200),
+)
+_INT32_MAX = 2**31 - 1
+_SMALLINT_MAX = 2**15 - 1
+
+
+class _Unavailable(Exception):
+    """A batch could not be written for a reason that is not its data."""
+
+
+class InvalidRecord(ValueError):
+    """Not a usage row at all (a bug in the caller): dropped, counted."""
+
+
+def _clean_text(value: str, limit: int) -> str:
+    if type(value) is not str:
+        value = str(value)
+    if len(value) > limit:
+        value = value[:limit]
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates
+            value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _clean_count(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int:
+        if isinstance(value, float) and math.isfinite(value):
+            value = int(value)
+        elif isinstance(value, int):  # bool, IntEnum
+            value = int(value)
+        else:
+            return None
+    return value if 0 <= value <= _INT32_MAX else None
+
+
+def clean_record(r: UsageRecord) -> UsageRecord:
+    """The record with values PostgreSQL would refuse repaired; ``r`` itself
+    when nothing needs repair (the common case, checked cheaply). Raises
+    InvalidRecord for something that cannot be a row."""
+    if (
+        not isinstance(r, UsageRecord)
+        or type(r.request_id) is not str
+        or type(r.org_id) is not str
+        or not (r.key_id is None or type(r.key_id) is str)
+        or not isinstance(r.created_at, datetime)
+        or not isinstance(r.usage, Usage)
+        or not isinstance(r.status, int | float)
+        or not isinstance(r.latency_ms, int | float)
+        or r.provider is None
+        or r.method is None
+        or r.path is None
+    ):
+        raise InvalidRecord("not a well-formed UsageRecord")
+    changes: dict[str, Any] = {}
+    for name, limit in _TEXT_LIMITS:
+        value = getattr(r, name)
+        if value is not None:
+            cleaned = _clean_text(value, limit)
+            if cleaned is not value:
+                changes[name] = cleaned
+    if r.created_at.tzinfo is None:
+        changes["created_at"] = r.created_at.replace(tzinfo=UTC)
+    status = r.status
+    if type(status) is not int or not 0 <= status <= _SMALLINT_MAX:
+        status = _clean_count(status) or 0
+        changes["status"] = status if status <= _SMALLINT_MAX else 0
+    for name in ("latency_ms", "ttfb_ms"):
+        value = getattr(r, name)
+        if value is not None and type(value) is not float:
+            try:
+                changes[name] = float(value)
+            except (TypeError, ValueError):
+                changes[name] = 0.0 if name == "latency_ms" else None
+    if type(r.streamed) is not bool:
+        changes["streamed"] = bool(r.streamed)
+    u = r.usage
+    counts = (
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.total_tokens,
+        u.cached_tokens,
+        u.cache_creation_tokens,
+    )
+    cleaned_counts = tuple(_clean_count(c) for c in counts)
+    if cleaned_counts != counts or u.source not in USAGE_SOURCES:
+        source = u.source if u.source in USAGE_SOURCES else "none"
+        changes["usage"] = Usage(*cleaned_counts, source=source)
+    return replace(r, **changes) if changes else r
+
+
+def _chunks(rows: Sequence[UsageRecord], size: int):
+    for i in range(0, len(rows), size):
+        yield rows[i : i + size]
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}"[:300] if first else type(e).__name__
+
+
+class UsageRecorder:
+    """Implements :class:`lectr.usage.model.UsageSink`."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        store,
+        *,
+        reactor,
+        data_dir: Path,
+        metrics: Registry,
+        flush_interval: float = 1.0,
+        batch_size: int = 500,
+        max_buffer: int = 50_000,
+        spill_max_bytes: int = 1024**3,
+        stall_timeout: float = 5.0,
+        retry_max: float = 30.0,
+        stop_timeout: float = 10.0,
+        run_in_thread: Callable[..., Deferred] | None = None,
+    ) -> None:
+        if batch_size < 1 or max_buffer < batch_size or flush_interval <= 0:
+            raise ValueError("need flush_interval > 0 and 1 <= batch_size <= max_buffer")
+        self._store = store
+        self._reactor = reactor
+        self._interval = flush_interval
+        self._batch_size = batch_size
+        self._max_buffer = max_buffer
+        self._stall_timeout = stall_timeout
+        self._retry_max = retry_max
+        self._stop_timeout = stop_timeout
+        self.journal = SpillJournal(Path(data_dir) / SPILL_DIRNAME, max_bytes=spill_max_bytes)
+        if run_in_thread is None:
+
+            def run_in_thread(fn, *args):
+                return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+        self._in_thread = run_in_thread
+
+        self._buffer: list[UsageRecord] = []
+        self._inflight: Sequence[UsageRecord] = ()
+        self._flushing: Deferred | None = None
+        self._op_started: float | None = None
+        self._early = None  # IDelayedCall of an early flush
+        self._spills: set[Deferred] = set()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+        self._running = False
+        self._stopping = False
+        self._stopped = False
+        self._db_ok = True
+        self._retry_at = 0.0
+        self._retry_delay = flush_interval
+        self._replay_pending = False
+
+        m = metrics
+        self._m_recorded = m.counter(
+            "lectr_usage_rows_recorded_total", "Usage rows handed to the recorder"
+        )
+        self._m_written = m.counter(
+            "lectr_usage_rows_written_total", "Usage rows inserted into request_logs"
+        )
+        self._m_duplicates = m.counter(
+            "lectr_usage_rows_duplicate_total",
+            "Usage rows skipped because their request_id was already stored (replays)",
+        )
+        self._m_spilled = m.counter(
+            "lectr_usage_rows_spilled_total", "Usage rows written to the spill journal"
+        )
+        self._m_replayed = m.counter(
+            "lectr_usage_rows_replayed_total",
+            "Usage rows read back from the spill journal and stored",
+        )
+        self._m_dropped = m.counter(
+            "lectr_usage_rows_dropped_total", "Usage rows lost, by reason", ["reason"]
+        )
+        self._m_flush = m.histogram(
+            "lectr_usage_flush_seconds", "Time to write one batch of usage rows"
+        )
+        self._m_failures = m.counter(
+            "lectr_usage_flush_failures_total",
+            "Batches PostgreSQL could not take (the rows were spilled)",
+        )
+        m.callback_gauge(
+            "lectr_usage_rows_buffered",
+            "Usage rows in memory, waiting for (or in) a write",
+            lambda: len(self._buffer) + len(self._inflight),
+        )
+        m.callback_gauge(
+            "lectr_usage_spill_bytes",
+            "Bytes in the usage spill journal (as last counted)",
+            lambda: self.journal.size,
+        )
+        m.callback_gauge(
+            "lectr_usage_database_writable",
+            "1 while usage rows reach PostgreSQL, 0 while they are spilled",
+            lambda: 1 if self._db_ok else 0,
+        )
+
+    # --- the request path -----------------------------------------------------------
+
+    def record(self, record: UsageRecord) -> None:
+        """Queue one row. O(1), never raises, never blocks."""
+        try:
+            if self._stopped:
+                self._drop([record], "after_stop")
+                return
+            buffer = self._buffer
+            buffer.append(record)
+            self._m_recorded.inc()
+            n = len(buffer)
+            if n >= self._batch_size and self._running:
+                if n >= self._max_buffer:
+                    # writes are not keeping up (or hang): keep memory bounded
+                    self._buffer = []
+                    self._spill_soon(buffer)
+                elif self._flushing is None and self._early is None:
+                    self._early = self._reactor.callLater(0, self._early_tick)
+        except Exception:
+            self._log.failure("usage recorder: could not queue a row")
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the flusher; rows left in the journal by an earlier run are
+        replayed once PostgreSQL takes writes."""
+        if self._running:
+            return
+        try:
+            self._replay_pending = await self._in_thread(self.journal.has_segments)
+        except Exception:
+            self._log.failure("usage recorder: cannot read the spill journal")
+        if self._replay_pending:
+            self._log.info(
+                "usage spill journal has rows to replay ({bytes} bytes in {dir})",
+                bytes=self.journal.size,
+                dir=str(self.journal.directory),
+            )
+        self._running = True
+        d = self._loop.start(self._interval, now=False)
+        d.addErrback(lambda f: self._log.failure("usage flusher stopped", f))
+
+    async def stop(self) -> None:
+        """Stop the flusher and write (or spill) every row still in memory.
+        Call it after the proxy has drained."""
+        if self._stopped or self._stopping:
+            return
+        self._stopping = True
+        self._running = False
+        if self._loop.running:
+            self._loop.stop()
+        if self._early is not None and self._early.active():
+            self._early.cancel()
+        self._early = None
+        deadline = self._reactor.seconds() + self._stop_timeout
+        try:
+            if self._flushing is not None:
+                finished = await self._wait(self._flushing, self._stop_timeout)
+                if not finished:
+                    # a write hangs: spill its rows too (a late commit is
+                    # harmless: the replay skips rows already stored)
+                    self._log.warn("usage flush still running at shutdown; spilling its rows")
+                    await self._spill(list(self._inflight))
+            rows, self._buffer = self._buffer, []
+            if rows:
+                remaining = deadline - self._reactor.seconds()
+                if self._db_ok and remaining > 0:
+                    d = ensureDeferred(self._write(rows, spill_on_failure=True))
+                    d.addErrback(self._flush_failed)
+                    if not await self._wait(d, remaining):
+                        self._log.warn("final usage flush timed out; spilling its rows")
+                        await self._spill(rows)
+                else:
+                    await self._spill(rows)
+            # from here on a row would be lost: count it instead
+            self._stopped = True
+            late, self._buffer = self._buffer, []
+            await self._spill(late)
+            for d in list(self._spills):
+                await self._wait(d, max(deadline - self._reactor.seconds(), 1.0))
+        finally:
+            self._stopped = True
+            try:
+                await self._in_thread(self.journal.close)
+            except Exception:
+                self._log.failure("usage recorder: closing the spill journal failed")
+
+    async def flush_now(self) -> None:
+        """Wait for the write in flight, then write what is buffered (and one
+        journal segment when a replay is due)."""
+        if self._flushing is not None:
+            await self._wait(self._flushing, None)
+        self._start_flush()
+        if self._flushing is not None:
+            await self._wait(self._flushing, None)
+
+    async def wait_idle(self) -> None:
+        """Wait until no write is in flight (tests, tooling)."""
+        while self._flushing is not None:
+            await self._wait(self._flushing, None)
+        while self._spills:
+            await self._wait(next(iter(self._spills)), None)
+
+    @property
+    def database_writable(self) -> bool:
+        return self._db_ok
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer) + len(self._inflight)
+
+    # --- the flusher ------------------------------------------------------------------
+
+    def _early_tick(self) -> None:
+        self._early = None
+        self._tick()
+
+    def _tick(self) -> None:
+        """The LoopingCall body: never raises."""
+        try:
+            if self._flushing is not None:
+                self._check_stall()
+            else:
+                self._start_flush()
+        except Exception:
+            self._log.failure("usage flusher tick failed")
+
+    def _start_flush(self) -> None:
+        if self._flushing is not None or self._stopped:
+            return
+        if not self._buffer and not self._replay_pending:
+            return
+        d = ensureDeferred(self._flush())
+        self._flushing = d
+        d.addErrback(self._flush_failed)
+        d.addBoth(self._flush_done)
+
+    def _flush_failed(self, failure: Failure) -> None:
+        self._log.failure("usage flush failed unexpectedly", failure)
+
+    def _flush_done(self, _: object) -> None:
+        self._flushing = None
+        if self._running and len(self._buffer) >= self._batch_size and self._early is None:
+            self._early = self._reactor.callLater(0, self._early_tick)
+
+    def _check_stall(self) -> None:
+        """A write has been waiting on PostgreSQL for too long: do not keep
+        the new rows only in memory meanwhile."""
+        started = self._op_started
+        if (
+            started is not None
+            and self._buffer
+            and self._reactor.seconds() - started > self._stall_timeout
+        ):
+            rows, self._buffer = self._buffer, []
+            self._log.warn(
+                "usage write has been waiting for {seconds:.0f}s; spilling {n} rows",
+                seconds=self._reactor.seconds() - started,
+                n=len(rows),
+            )
+            self._spill_soon(rows)
+
+    async def _flush(self) -> None:
+        rows, self._buffer = self._buffer, []
+        if not self._db_ok and self._reactor.seconds() < self._retry_at:
+            await self._spill(rows)  # PostgreSQL failed a moment ago: no need to wait on it
+            return
+        try:
+            if not await self._write(rows, spill_on_failure=True):
+                return
+        except CancelledError:
+            raise
+        except Exception:
+            self._log.failure("usage write failed unexpectedly; spilling its rows")
+            await self._spill(rows)
+            return
+        if self._replay_pending and not self._stopping:
+            await self._replay_one()
+
+    async def _write(self, rows: Sequence[UsageRecord], *, spill_on_failure: bool) -> bool:
+        """Write ``rows`` in batches. True when all went to PostgreSQL (or
+        were rejected on their own); False when it failed, in which case the
+        unwritten rows were spilled."""
+        rows = self._clean(rows)
+        self._inflight = rows
+        try:
+            for i in range(0, len(rows), self._batch_size):
+                batch = rows[i : i + self._batch_size]
+                try:
+                    await self._insert(batch)
+                except _Unavailable as e:
+                    self._database_failed(e.__cause__ or e)
+                    if spill_on_failure:
+                        await self._spill(rows[i:])
+                    return False
+            return True
+        finally:
+            self._inflight = ()
+
+    async def _insert(self, batch: Sequence[UsageRecord], replay: bool = False) -> None:
+        """Insert one batch; isolate rows PostgreSQL refuses by bisection.
+        Raises _Unavailable when the database, not the data, failed."""
+        started = self._op_started = self._reactor.seconds()
+        try:
+            inserted = await self._store.insert(batch)
+        except CancelledError:
+            raise
+        except _DATA_ERRORS as e:
+            self._op_started = None
+            if len(batch) == 1:
+                self._reject(batch[0], e)
+                return
+            mid = len(batch) // 2
+            await self._insert(batch[:mid], replay)
+            await self._insert(batch[mid:], replay)
+            return
+        except Exception as e:
+            raise _Unavailable() from e
+        finally:
+            self._op_started = None
+        self._m_flush.observe(self._reactor.seconds() - started)
+        self._m_written.inc(inserted)
+        if replay:
+            self._m_replayed.inc(inserted)
+        if inserted < len(batch):
+            self._m_duplicates.inc(len(batch) - inserted)
+        self._database_ok()
+
+    def _reject(self, record: UsageRecord, error: BaseException) -> None:
+        self._m_dropped.inc(1, "rejected")
+        self._log.warn(
+            "usage row {request_id} rejected by PostgreSQL and dropped: {reason}",
+            request_id=str(record.request_id)[:64],
+            reason=_reason(error),
+        )
+
+    def _database_ok(self) -> None:
+        if not self._db_ok:
+            self._db_ok = True
+            self._replay_pending = True
+            self._log.info("usage rows reach PostgreSQL again; replaying the spill journal")
+        self._retry_delay = self._interval
+
+    def _database_failed(self, error: BaseException) -> None:
+        self._m_failures.inc()
+        now = self._reactor.seconds()
+        self._retry_at = now + self._retry_delay
+        if self._db_ok:
+            self._db_ok = False
+            self._log.warn(
+                "cannot write usage rows to PostgreSQL ({reason}); spilling them to {dir}",
+                reason=_reason(error),
+                dir=str(self.journal.directory),
+            )
+        self._retry_delay = min(self._retry_delay * 2, self._retry_max)
+
+    def _clean(self, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
+        """Repaired rows; malformed ones are dropped (and counted) here."""
+        cleaned = []
+        for r in rows:
+            try:
+                cleaned.append(clean_record(r))
+            except Exception as e:
+                self._m_dropped.inc(1, "invalid")
+                self._log.warn("malformed usage row dropped: {reason}", reason=_reason(e))
+        return cleaned
+
+    # --- the journal ------------------------------------------------------------------
+
+    def _spill_soon(self, rows: list[UsageRecord]) -> None:
+        d = ensureDeferred(self._spill(rows))
+        self._spills.add(d)
+
+        def done(result: object) -> None:
+            self._spills.discard(d)
+            if isinstance(result, Failure):
+                self._log.failure("usage spill failed unexpectedly", result)
+
+        d.addBoth(done)
+
+    async def _spill(self, rows: Sequence[UsageRecord]) -> None:
+        rows = self._clean(rows)
+        if not rows:
+            return
+        try:
+            result: AppendResult = await self._in_thread(self.journal.append, rows)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self._log.failure("cannot write to the usage spill journal")
+            self._drop(rows, "spill_error", e)
+            return
+        if result.written:
+            self._m_spilled.inc(result.written)
+            self._replay_pending = True
+        if result.dropped:
+            self._drop(rows[result.written :], "spill_full")
+
+    def _drop(self, rows: Sequence[UsageRecord], reason: str, error=None) -> None:
+        self._m_dropped.inc(len(rows), reason)
+        if reason == "spill_full":
+            self._log.warn(
+                "usage spill journal is full ({budget} bytes, LECTR_SPILL_MAX_BYTES): "
+                "dropped {n} usage rows",
+                budget=self.journal.max_bytes,
+                n=len(rows),
+            )
+        elif reason == "after_stop":
+            self._log.warn("usage row recorded after the recorder stopped: dropped")
+        else:
+            self._log.warn(
+                "dropped {n} usage rows ({reason})",
+                n=len(rows),
+                reason=_reason(error) if error else reason,
+            )
+
+    async def _replay_one(self) -> None:
+        """Replay the oldest journal segment nobody else holds."""
+        try:
+            segment = await self._in_thread(self.journal.claim)
+        except Exception:
+            self._log.failure("cannot open the usage spill journal")
+            self._replay_pending = False
+            return
+        if segment is None:
+            self._replay_pending = False
+            return
+        try:
+            records, bad = await self._in_thread(segment.read)
+        except Exception:
+            self._log.failure("unreadable usage spill segment {name}", name=segment.path.name)
+            target = await self._in_thread(segment.set_aside)
+            self._log.error("set aside as {name}", name=target.name)
+            return
+        if bad:
+            self._m_dropped.inc(bad, "corrupt")
+            self._log.warn(
+                "{n} unreadable lines in usage spill segment {name} (torn write?)",
+                n=bad,
+                name=segment.path.name,
+            )
+        try:
+            for batch in _chunks(self._clean(records), self._batch_size):
+                await self._insert(batch, replay=True)
+        except BaseException as e:
+            await self._in_thread(segment.release)
+            if isinstance(e, _Unavailable):
+                self._database_failed(e.__cause__ or e)
+                return
+            raise
+        await self._in_thread(segment.delete)
+        self._log.info(
+            "replayed {n} usage rows from {name}", n=len(records), name=segment.path.name
+        )
+
+    # --- helpers ----------------------------------------------------------------------
+
+    async def _wait(self, d: Deferred, timeout: float | None) -> bool:
+        """Wait for ``d`` without cancelling it or consuming its result; True
+        when it finished within ``timeout``."""
+        waiter: Deferred[bool] = Deferred()
+
+        def finished(result: object) -> object:
+            if not waiter.called:
+                waiter.callback(True)
+            return result
+
+        d.addBoth(finished)
+        timer = None
+        if timeout is not None and not waiter.called:
+            timer = self._reactor.callLater(
+                max(timeout, 0), lambda: waiter.called or waiter.callback(False)
+            )
+        result = await waiter
+        if timer is not None and timer.active():
+            timer.cancel()
+        return result
+
+
+def synchronous(fn: Callable[..., Any], *args: Any) -> Deferred:
+    """A ``run_in_thread`` that runs in the caller's thread (tests with a
+    fake clock)."""
+    return maybeDeferred(fn, *args)
