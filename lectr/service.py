@@ -289,6 +289,31 @@ class LectrService(Service):
 
     async def _start_usage(self, c: Components) -> None:
         """Usage recorder and flusher; request-log queries."""
+        from lectr.managers.usage import UsageManager
+        from lectr.storage.request_logs import RequestLogStore
+        from lectr.usage.recorder import UsageRecorder
+
+        store = RequestLogStore(c.database)
+        recorder = UsageRecorder(
+            store,
+            reactor=self._reactor,
+            data_dir=self.config.data_dir,
+            metrics=c.metrics,
+            spill_max_bytes=self.config.spill_max_bytes,
+        )
+        # Registered before the ports (which start later): the stack stops in
+        # reverse, so the final flush runs after the proxy has drained and
+        # before the pool closes. Rows left in the spill journal by an earlier
+        # run are replayed once PostgreSQL takes writes.
+        await self._stack.start(
+            CallbackService(
+                "usage recorder",
+                start=lambda: ensureDeferred(recorder.start()),
+                stop=lambda: ensureDeferred(recorder.stop()),
+            )
+        )
+        c.recorder = recorder
+        c.usage = UsageManager(store)
 
     async def _start_proxy(self, c: Components) -> None:
         """Authenticator (key cache), the upstream connection pool, the handler."""
