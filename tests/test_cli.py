@@ -143,6 +143,17 @@ def gateway(pg_server, tmp_path_factory):
         assert secret not in lectr.output
 
 
+def eventually(predicate, timeout: float = 10.0) -> bool:
+    """True once ``predicate()`` holds (changes reach the proxy's caches
+    through notifications: not instantly, but without any restart)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def chat(model: str) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -202,9 +213,21 @@ def test_orgs_and_keys(gateway):
     active = [k["name"] for k in gateway.json("keys", "list", org["id"])["items"] if k["active"]]
     assert active == ["first"]
 
+    # the kill switch and key rotation, seen from the proxy
+    first_key = gateway.json("keys", "create", org["id"], "--name", "app")["key"]
+    gateway.ok("provider-keys", "add", org["id"], "openai", input=OPENAI_KEY)
+    assert gateway.proxy("/v1/chat/completions", chat("gpt-4o-mini"), first_key)[0] == 200
+    gateway.ok("orgs", "disable", org["id"])
+    assert eventually(lambda: gateway.proxy("/v1/chat/completions", chat("x"), first_key)[0] == 403)
+    gateway.ok("orgs", "enable", org["id"])
+    assert eventually(lambda: gateway.proxy("/v1/chat/completions", chat("x"), first_key)[0] == 200)
+
     rotated = gateway.ok("orgs", "rotate-key", org["id"])
     assert "lc_" in rotated and "revoked" in rotated
+    new_key = next(w for w in rotated.split() if w.startswith("lc_"))
     assert len([k for k in gateway.json("keys", "list", org["id"])["items"] if k["active"]]) == 1
+    assert eventually(lambda: gateway.proxy("/v1/chat/completions", chat("x"), first_key)[0] == 401)
+    assert gateway.proxy("/v1/chat/completions", chat("gpt-4o-mini"), new_key)[0] == 200
 
     assert "not deleted" not in gateway.fails(2, "orgs", "delete", org["id"])  # needs --yes
     gateway.ok("orgs", "delete", org["id"], "--yes")

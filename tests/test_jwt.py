@@ -326,3 +326,53 @@ def test_parse_jwks_keeps_only_usable_signing_keys():
         parse_jwks(b'{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
     with pytest.raises(ValueError):
         parse_jwks(b'{"nokeys": 1}')
+
+
+def test_auth0_settings_configure_issuer_audience_and_jwks():
+    from types import SimpleNamespace
+
+    from lectr.admin.wiring import build_admin
+    from lectr.config import load_config
+
+    config = load_config(
+        {},
+        {
+            "DATABASE_URL": "postgresql://u@127.0.0.1:1/x",
+            "ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode(),
+            "AUTH0_DOMAIN": "tenant.eu.auth0.com",
+            "AUTH0_AUDIENCE": "https://lectr.example/api",
+        },
+    )
+    c = SimpleNamespace(
+        database=None, metrics=None, orgs=None, vault=None, settings=None, usage=object()
+    )
+    from lectr.metrics import Registry
+
+    c.metrics = Registry()
+    parts = build_admin(c, config, reactor=Clock(), http_get=lambda url, timeout: None)
+    verifier = parts.authenticator.verifier
+    assert verifier.issuer == "https://tenant.eu.auth0.com/"
+    assert verifier.audience == "https://lectr.example/api"
+    assert parts.jwks.url == "https://tenant.eu.auth0.com/.well-known/jwks.json"
+
+
+def test_without_oidc_settings_only_the_admin_token_works():
+    from types import SimpleNamespace
+
+    from lectr.admin.wiring import build_admin
+    from lectr.config import load_config
+    from lectr.metrics import Registry
+
+    config = load_config(
+        {},
+        {
+            "DATABASE_URL": "postgresql://u@127.0.0.1:1/x",
+            "ENCRYPTION_KEY": base64.b64encode(b"k" * 32).decode(),
+            "LECTR_ADMIN_TOKEN": "only-the-token-0123456789",
+        },
+    )
+    c = SimpleNamespace(
+        database=None, metrics=Registry(), orgs=None, vault=None, settings=None, usage=object()
+    )
+    parts = build_admin(c, config, reactor=Clock())
+    assert parts.jwks is None and parts.authenticator.verifier is None
