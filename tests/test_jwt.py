@@ -131,6 +131,13 @@ async def test_required_claims(issuer, verifier):
 
 
 @pytest_twisted.ensureDeferred
+async def test_malformed_subjects(issuer, verifier):
+    for sub in ("", "   ", "a\x00b", "x" * 256):
+        assert "subject" in await rejected(verifier, issuer.token(sub))
+    await rejected(verifier, issuer.token(42))  # not a string
+
+
+@pytest_twisted.ensureDeferred
 async def test_alg_none_is_refused(issuer, verifier):
     claims = issuer.claims("auth0|mallory")
     for alg in ("none", "None", "NONE"):

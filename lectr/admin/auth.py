@@ -316,7 +316,11 @@ class JWTVerifier:
         except jwt.InvalidTokenError:
             raise _invalid("the token is invalid") from None
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LEN:
+        if (
+            not isinstance(subject, str)
+            or not 0 < len(subject.strip()) <= MAX_SUBJECT_LEN
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in subject)
+        ):
             raise _invalid("the token's subject is malformed")
         return VerifiedToken(subject=subject, email=_email_claim(claims))
 
