@@ -65,6 +65,12 @@ class _Connection(txpostgres.Connection):
             txpostgres.Connection.doRead(self)
         except psycopg2.Error:
             return main.CONNECTION_LOST
+        except ValueError:
+            # the socket died under txpostgres's feet (connection cut while
+            # polling): it re-registers fd -1 with the reactor
+            if self.is_closed or self.fileno() < 0:
+                return main.CONNECTION_LOST
+            raise
         return None
 
     @property
