@@ -184,7 +184,7 @@ class UsageRecorder:
         max_buffer: int = 50_000,
         spill_max_bytes: int = 1024**3,
         stall_timeout: float = 5.0,
-        retry_max: float = 30.0,
+        retry_max: float = 10.0,
         stop_timeout: float = 10.0,
         run_in_thread: Callable[..., Deferred] | None = None,
     ) -> None:

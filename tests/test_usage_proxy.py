@@ -1,0 +1,469 @@
+"""Usage accounting through the real proxy: every request becomes exactly one
+row with exact counts; include_usage is injected upstream and its chunk
+removed from what the client receives; a disconnect records partial usage;
+a PostgreSQL outage during a burst loses and duplicates nothing."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from io import BytesIO
+
+import psycopg2
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent, FileBodyProducer
+from twisted.web.http_headers import Headers
+
+from lectr.usage.model import Usage
+from tests.support.fake_provider import (
+    ANTHROPIC_KEY,
+    OPENAI_KEY,
+    FakeProviderServer,
+    Script,
+    openai_chat_stream,
+)
+from tests.support.lectr_service import proxy_url, start_lectr
+from tests.support.process import new_master_key
+from tests.support.tcp_forward import TcpForwarder
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+MESSAGE = {
+    "model": "claude-3-5-haiku-latest",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+ANTHROPIC_HEADERS = {"anthropic-version": ["2023-06-01"]}
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds)
+
+
+async def eventually(predicate, timeout: float = 10.0, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await sleep(step)
+
+
+class Gateway:
+    def __init__(self, service, fake, org, key: str) -> None:
+        self.service = service
+        self.c = service.components
+        self.fake = fake
+        self.provider = fake.resource
+        self.org = org
+        self.key = key
+
+    def url(self, path: str) -> str:
+        return proxy_url(self.service, path)
+
+    def headers(self, extra=None) -> dict:
+        h = {"content-type": ["application/json"], "authorization": [f"Bearer {self.key}"]}
+        h.update(extra or {})
+        return h
+
+    async def post(self, path: str, body, headers=None, raw: bool = False):
+        data = body if raw else json.dumps(body).encode()
+        resp = await treq.post(
+            self.url(path), data=data, headers=self.headers(headers), persistent=False
+        )
+        return resp, await resp.content()
+
+    async def rows(self) -> dict:
+        """Every request row of the org, by request id (after a flush)."""
+        await self.c.recorder.flush_now()
+        page = await self.c.usage.recent_requests(self.org.id, limit=200)
+        return {e.request_id: e for e in page.items}
+
+
+async def make_gateway(db_url, tmp_path, **env) -> Gateway:
+    fake = await FakeProviderServer.start()
+    service = await start_lectr(db_url, tmp_path, fake, **env)
+    c = service.components
+    org, issued = await c.orgs.create_org("Acme")
+    await c.vault.add_key(org.id, "openai", OPENAI_KEY, name="main")
+    await c.vault.add_key(org.id, "anthropic", ANTHROPIC_KEY, name="main")
+    fake.resource.reset()
+    return Gateway(service, fake, org, issued.plaintext.reveal())
+
+
+@pytest_twisted.async_yield_fixture
+async def gw(db_url, tmp_path):
+    gateway = await make_gateway(db_url, tmp_path)
+    yield gateway
+    await gateway.service.stopService()
+    await gateway.fake.stop()
+
+
+def request_id(resp) -> str:
+    return resp.headers.getRawHeaders(b"x-lectr-request-id")[0].decode()
+
+
+def usage_of(entry) -> Usage:
+    return Usage(
+        entry.prompt_tokens,
+        entry.completion_tokens,
+        entry.total_tokens,
+        entry.cached_tokens,
+        entry.cache_creation_tokens,
+        entry.usage_source,
+    )
+
+
+class Collect(Protocol):
+    def __init__(self, on_data=None) -> None:
+        self.data: list[bytes] = []
+        self.done: Deferred = Deferred()
+        self.on_data = on_data
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+        if self.on_data is not None:
+            self.on_data(self)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+
+async def open_stream(gw: Gateway, path: str, body: dict, headers=None, on_data=None):
+    agent = Agent(reactor)
+    response = await agent.request(
+        b"POST",
+        gw.url(path).encode(),
+        Headers(gw.headers(headers)),
+        FileBodyProducer(BytesIO(json.dumps(body).encode())),
+    )
+    collect = Collect(on_data)
+    response.deliverBody(collect)
+    return response, collect
+
+
+# --- one row per request, exact counts ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_kind_of_request_is_one_row_with_its_usage(gw):
+    expected = {}
+
+    resp, _ = await gw.post("/v1/chat/completions", CHAT)
+    expected[request_id(resp)] = (200, False, Usage(12, 5, 17, 0, None, "provider"))
+
+    resp, collect = await open_stream(gw, "/v1/chat/completions", {**CHAT, "stream": True})
+    await collect.done
+    expected[request_id(resp)] = (200, True, Usage(12, 5, 17, 0, None, "provider"))
+
+    resp, _ = await gw.post("/v1/messages", MESSAGE, ANTHROPIC_HEADERS)
+    expected[request_id(resp)] = (200, False, Usage(10, 5, 15, 0, 0, "provider"))
+
+    resp, collect = await open_stream(
+        gw, "/anthropic/v1/messages", {**MESSAGE, "stream": True}, ANTHROPIC_HEADERS
+    )
+    await collect.done
+    expected[request_id(resp)] = (200, True, Usage(10, 5, 15, 0, 0, "provider"))
+
+    resp, collect = await open_stream(
+        gw, "/v1/responses", {"model": "gpt-4o", "input": "hi", "stream": True}
+    )
+    await collect.done
+    expected[request_id(resp)] = (200, True, Usage(9, 4, 13, 0, None, "provider"))
+
+    resp, _ = await gw.post(
+        "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["a", "b"]}
+    )
+    expected[request_id(resp)] = (200, False, Usage(16, None, 16, None, None, "provider"))
+
+    resp = await treq.get(gw.url("/v1/models"), headers=gw.headers(), persistent=False)
+    await resp.content()
+    expected[request_id(resp)] = (200, False, Usage())
+
+    resp, _ = await gw.post("/v1/chat/completions", b"{not json", raw=True)
+    assert resp.code == 400
+    expected[request_id(resp)] = (400, False, Usage())
+
+    rows = await gw.rows()
+    assert set(rows) == set(expected)
+    for rid, (status, streamed, usage) in expected.items():
+        row = rows[rid]
+        assert (row.status, row.streamed, usage_of(row)) == (status, streamed, usage), row
+        assert row.latency_ms > 0
+    chat = rows[next(iter(expected))]
+    assert chat.model == "gpt-4o-mini"
+    assert chat.provider == "openai" and chat.path == "/v1/chat/completions"
+    assert chat.method == "POST" and chat.key_id is not None and chat.ttfb_ms is not None
+    assert gw.c.metrics.get("lectr_usage_rows_written_total").value() == len(expected)
+
+
+@pytest_twisted.ensureDeferred
+async def test_include_usage_is_injected_upstream_and_removed_for_the_client(gw):
+    events = openai_chat_stream("gpt-4o-mini", ["a", "b", "c"], True, prompt=40, cached=32)
+    gw.provider.next(Script(events=events))
+    resp, collect = await open_stream(
+        gw, "/v1/chat/completions", {**CHAT, "stream": True, "temperature": 0.5}
+    )
+    await collect.done
+    [usage_event] = [e for e in events if b'"choices":[]' in e]
+    # the client gets every byte the provider sent, except the usage chunk Lectr asked for
+    assert b"".join(collect.data) == b"".join(events).replace(usage_event, b"")
+    [seen] = gw.provider.calls("openai")
+    sent = seen.json()
+    assert sent["stream_options"] == {"include_usage": True}
+    assert {k: v for k, v in sent.items() if k != "stream_options"} == {
+        **CHAT,
+        "stream": True,
+        "temperature": 0.5,
+    }
+    assert seen.header("accept-encoding") == "identity"
+    row = (await gw.rows())[request_id(resp)]
+    assert usage_of(row) == Usage(40, 3, 43, 32, None, "provider")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_asked_for_usage_gets_its_chunk(gw):
+    events = openai_chat_stream("gpt-4o-mini", ["a"], True, prompt=8)
+    gw.provider.next(Script(events=events))
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    resp, collect = await open_stream(gw, "/v1/chat/completions", body)
+    await collect.done
+    assert b"".join(collect.data) == b"".join(events)
+    assert gw.provider.calls("openai")[0].json() == body
+    row = (await gw.rows())[request_id(resp)]
+    assert usage_of(row) == Usage(8, 1, 9, 0, None, "provider")
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_sdk_streams_see_no_usage_chunk_unless_they_ask(gw):
+    import openai
+
+    base = gw.url("/v1")
+
+    def run(include_usage: bool):
+        client = openai.OpenAI(api_key=gw.key, base_url=base, max_retries=0)
+        extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+        chunks = list(
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                **extra,
+            )
+        )
+        client.close()
+        return chunks
+
+    plain = await deferToThread(run, False)
+    assert all(c.choices for c in plain)  # no usage-only chunk
+    assert all(c.usage is None for c in plain)
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == "Hello from the fake"
+    asked = await deferToThread(run, True)
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 5
+    rows = await gw.rows()
+    assert sorted(r.usage_source for r in rows.values()) == ["provider", "provider"]
+    assert {r.completion_tokens for r in rows.values()} == {5}
+
+
+# --- disconnects ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_mid_stream_records_partial_usage(gw):
+    gw.provider.stream_interval = 0.05
+    gw.provider.stream_words = [f"w{i}" for i in range(40)]
+
+    def hang_up_after_five(collect: Collect) -> None:
+        if sum(d.count(b"data: ") for d in collect.data) >= 6:  # the role chunk + 5 words
+            collect.transport.stopProducing()
+
+    resp, collect = await open_stream(
+        gw, "/v1/chat/completions", {**CHAT, "stream": True}, on_data=hang_up_after_five
+    )
+    await collect.done
+    rid = request_id(resp)
+
+    async def recorded():
+        return rid in await gw.rows()
+
+    await eventually(recorded)
+    row = (await gw.rows())[rid]
+    assert row.status == 499
+    assert row.error_type == "client_disconnected"
+    assert row.usage_source == "estimated"
+    assert 5 <= row.completion_tokens < 40
+    assert row.prompt_tokens is None and row.streamed
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropic_disconnect_keeps_the_input_tokens(gw):
+    gw.provider.stream_interval = 0.05
+    gw.provider.stream_words = ["word "] * 40
+
+    def hang_up(collect: Collect) -> None:
+        if sum(d.count(b"content_block_delta") for d in collect.data) >= 6:
+            collect.transport.stopProducing()
+
+    resp, collect = await open_stream(
+        gw, "/v1/messages", {**MESSAGE, "stream": True}, ANTHROPIC_HEADERS, on_data=hang_up
+    )
+    await collect.done
+    rid = request_id(resp)
+
+    async def recorded():
+        return rid in await gw.rows()
+
+    await eventually(recorded)
+    row = (await gw.rows())[rid]
+    assert (row.status, row.usage_source, row.prompt_tokens) == (499, "estimated", 10)
+    assert 3 <= row.completion_tokens < 40
+
+
+# --- PostgreSQL outage under load ------------------------------------------------------------
+
+
+async def burst(gw: Gateway, n: int, concurrency: int = 20) -> tuple[list[str], list, list[float]]:
+    """``n`` chat requests (every other one streamed), ``concurrency`` at a
+    time: their request ids, the failures, the latencies."""
+    ids: list[str] = []
+    errors: list = []
+    latencies: list[float] = []
+    pending = list(range(n))
+
+    async def worker():
+        while pending:
+            i = pending.pop()
+            body = {**CHAT, "stream": i % 2 == 0}
+            started = time.perf_counter()
+            try:
+                resp, content = await gw.post("/v1/chat/completions", body)
+            except Exception as e:
+                errors.append(repr(e))
+                continue
+            latencies.append(time.perf_counter() - started)
+            if resp.code != 200:
+                errors.append((resp.code, content[:200]))
+            ids.append(request_id(resp))
+
+    await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(concurrency)])
+    return ids, errors, latencies
+
+
+async def settle(gw: Gateway) -> list[str]:
+    """Let the set-up's change notifications arrive (they evict cached keys),
+    then use the key once: this node has it cached before PostgreSQL goes."""
+    await sleep(0.5)
+    ids, errors, _ = await burst(gw, 1, 1)
+    assert errors == []
+    return ids
+
+
+def stored_ids(db_url: str) -> list[str]:
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT request_id::text FROM request_logs")
+            return [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_postgresql_outage_during_a_burst_loses_and_duplicates_nothing(db_url, tmp_path):
+    fwd = await TcpForwarder.in_front_of(db_url)
+    gw = await make_gateway(fwd.rewrite(db_url), tmp_path)
+    recorder = gw.c.recorder
+    metrics = gw.c.metrics
+    try:
+        before = await settle(gw)
+        more, errors_before, _ = await burst(gw, 99)
+        before += more
+        await recorder.flush_now()
+
+        fwd.go_down()  # PostgreSQL "crashes" mid-traffic
+        during, errors_during, latencies = await burst(gw, 600)
+        await eventually(lambda: not recorder.database_writable)
+        # every row of the outage reaches the journal (none waits in memory)
+        await eventually(lambda: recorder.buffered == 0)
+        spilled = metrics.get("lectr_usage_rows_spilled_total").value()
+        assert spilled == len(during)
+        assert recorder.journal.size > 0
+
+        fwd.come_back()
+        after, errors_after, _ = await burst(gw, 100)
+        await eventually(
+            lambda: recorder.database_writable and not recorder.journal.segments(),
+            timeout=60,
+        )
+        await recorder.flush_now()
+
+        sent = before + during + after
+        assert errors_before + errors_during + errors_after == []
+        ids = stored_ids(db_url)
+        assert len(ids) == len(set(ids)), "duplicate rows"
+        assert set(ids) == set(sent)
+        assert len(sent) == 800
+        dropped = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.render().splitlines()
+            if line.startswith("lectr_usage_rows_dropped_total{")
+        )
+        assert dropped == 0
+        # (rows recorded just after PostgreSQL came back may be spilled too:
+        # the recorder retries it with backoff)
+        spilled = metrics.get("lectr_usage_rows_spilled_total").value()
+        assert metrics.get("lectr_usage_rows_replayed_total").value() == spilled
+        latencies.sort()
+        print(
+            f"\noutage: {len(sent)} requests ({len(during)} during the outage), "
+            f"{len(errors_before + errors_during + errors_after)} proxy errors, "
+            f"{len(ids)} rows after recovery, {len(ids) - len(set(ids))} duplicates, "
+            f"{spilled:.0f} rows spilled and replayed; "
+            f"p50/p99 latency during the outage "
+            f"{latencies[len(latencies) // 2] * 1000:.1f}/"
+            f"{latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms"
+        )
+    finally:
+        await gw.service.stopService()
+        await gw.fake.stop()
+        await fwd.stop()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_rows_spilled_at_shutdown_are_replayed_by_the_next_start(db_url, tmp_path):
+    master_key = new_master_key()
+    fwd = await TcpForwarder.in_front_of(db_url)
+    gw = await make_gateway(fwd.rewrite(db_url), tmp_path, ENCRYPTION_KEY=master_key)
+    try:
+        warm = await settle(gw)
+        fwd.go_down()
+        ids, errors, _ = await burst(gw, 50)
+        assert errors == []
+        ids += warm
+    finally:
+        await gw.service.stopService()  # PostgreSQL still down: the rows go to the journal
+        await gw.fake.stop()
+        await fwd.stop()
+    assert stored_ids(db_url) == []
+    # the next start, with PostgreSQL back, replays them
+    service = await start_lectr(db_url, tmp_path, ENCRYPTION_KEY=master_key)
+    try:
+        recorder = service.components.recorder
+        await eventually(lambda: not recorder.journal.segments(), timeout=30)
+        assert sorted(stored_ids(db_url)) == sorted(ids)
+    finally:
+        await service.stopService()
