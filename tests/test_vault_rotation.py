@@ -361,5 +361,6 @@ async def test_a_node_without_the_new_key_cannot_join_a_rotation(vaults, databas
         await vaults.make(old).start()
     message = str(e.value)
     assert "4 stored provider key(s) are wrapped by a master key this node does not hold" in message
-    assert "set ENCRYPTION_KEY_NEW on this node" in message
+    assert "rotation is under way or unfinished" in message
+    assert "ENCRYPTION_KEY=<old key> and ENCRYPTION_KEY_NEW=<new key>" in message
     assert kek_fingerprint(new.reveal()) in message

@@ -250,11 +250,12 @@ class VaultManager:
             )
             if len(unknown) < len(counts) and ring.next is None:
                 # some rows open, others need a key this node lacks: a rotation
-                # started elsewhere
+                # started elsewhere, or was cut short
                 raise VaultKeyError(
                     f"{total} stored provider key(s) are wrapped by a master key this node "
-                    f"does not hold ({which}; {names}): a master-key rotation is under way, "
-                    "set ENCRYPTION_KEY_NEW on this node to the new key as on the others"
+                    f"does not hold ({which}; {names}): a master-key rotation is under way or "
+                    "unfinished; give this node both keys, ENCRYPTION_KEY=<old key> and "
+                    "ENCRYPTION_KEY_NEW=<new key>"
                 )
             raise VaultKeyError(
                 f"ENCRYPTION_KEY does not match the master key that protects {total} stored "
