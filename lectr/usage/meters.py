@@ -568,8 +568,8 @@ class SSEMeter(_Base):
 
     @staticmethod
     def _is_usage_only(line: bytes) -> bool:
-        if b'"usage"' not in line or len(line) > STRIP_HOLD_MAX:
-            return False
+        if len(line) > STRIP_HOLD_MAX or _USAGE_KEY_RE.search(line) is None:
+            return False  # (every other chunk has "usage": null, or no usage at all)
         try:
             doc = json.loads(_field_value(line, 5))
         except (ValueError, RecursionError):
