@@ -30,7 +30,7 @@ from tests.support.fake_provider import (
     Script,
     openai_chat_stream,
 )
-from tests.support.lectr_service import proxy_url, start_lectr
+from tests.support.lectr_service import admin_url, proxy_url, start_lectr
 from tests.support.process import new_master_key
 from tests.support.tcp_forward import TcpForwarder
 
@@ -467,3 +467,31 @@ async def test_rows_spilled_at_shutdown_are_replayed_by_the_next_start(db_url, t
         assert sorted(stored_ids(db_url)) == sorted(ids)
     finally:
         await service.stopService()
+
+
+# --- service wiring ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_writes_the_last_rows_and_metrics_are_exposed(db_url, tmp_path):
+    gw = await make_gateway(db_url, tmp_path)
+    try:
+        ids, errors, _ = await burst(gw, 30, 5)
+        assert errors == []
+        resp = await treq.get(admin_url(gw.service, "/metrics"), persistent=False)
+        text = (await resp.content()).decode()
+        for name in (
+            "lectr_usage_rows_buffered",
+            "lectr_usage_rows_written_total",
+            "lectr_usage_rows_spilled_total",
+            "lectr_usage_rows_replayed_total",
+            "lectr_usage_rows_dropped_total",
+            "lectr_usage_flush_seconds",
+        ):
+            assert f"# TYPE {name} " in text
+        assert "lectr_usage_rows_recorded_total 30" in text
+    finally:
+        # no flush first: stopping writes what is still buffered
+        await gw.service.stopService()
+        await gw.fake.stop()
+    assert sorted(stored_ids(db_url)) == sorted(ids)
