@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import select
+import time
 
 import psycopg2
 import pytest
@@ -28,8 +30,15 @@ class Notifications:
         with self.conn.cursor() as cur:
             cur.execute("LISTEN lectr_changes")
 
-    def drain(self) -> list[str]:
-        self.conn.poll()
+    def drain(self, expect: int = 0, timeout: float = 2.0) -> list[str]:
+        """What has arrived; with ``expect``, wait (up to ``timeout``) until
+        at least that many have."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.conn.poll()
+            if len(self.conn.notifies) >= expect or time.monotonic() > deadline:
+                break
+            select.select([self.conn], [], [], 0.05)
         out = [n.payload for n in self.conn.notifies]
         del self.conn.notifies[:]
         return out
@@ -121,15 +130,15 @@ async def test_names_are_validated(orgs):
 @pytest_twisted.ensureDeferred
 async def test_kill_switch_and_notifications(orgs, database, notifications):
     org, issued = await orgs.create_org("Acme")
-    created = notifications.drain()
+    created = notifications.drain(expect=2)
     assert set(created) == {f"org:{org.id}", f"key:{issued.key.id}"}
     off = await orgs.set_enabled(org.id, False)
     assert off.enabled is False
     ident = await ApiKeyStore(database).lookup(hash_key(issued.plaintext.reveal()))
     assert ident.org_enabled is False
-    assert notifications.drain() == [f"org:{org.id}"]
+    assert notifications.drain(expect=1) == [f"org:{org.id}"]
     assert (await orgs.set_enabled(org.id, True)).enabled is True
-    assert notifications.drain() == [f"org:{org.id}"]
+    assert notifications.drain(expect=1) == [f"org:{org.id}"]
 
 
 @pytest_twisted.ensureDeferred
@@ -138,10 +147,10 @@ async def test_keys_create_list_revoke(orgs, database, notifications):
     second = await orgs.create_key(org.id, "ci")
     keys = await orgs.list_keys(org.id)
     assert [(k.name, k.active) for k in keys] == [("default", True), ("ci", True)]
-    notifications.drain()
+    assert len(notifications.drain(expect=3)) == 3  # org + first key, then the second key
     revoked = await orgs.revoke_key(org.id, second.key.id)
     assert revoked.revoked_at is not None
-    assert notifications.drain() == [f"key:{second.key.id}"]
+    assert notifications.drain(expect=1) == [f"key:{second.key.id}"]
     store = ApiKeyStore(database)
     assert await store.lookup(hash_key(second.plaintext.reveal())) is None
     assert await store.lookup(hash_key(first.plaintext.reveal())) is not None
@@ -158,13 +167,13 @@ async def test_keys_create_list_revoke(orgs, database, notifications):
 async def test_rotate_revokes_all_and_issues_one(orgs, database, notifications):
     org, first = await orgs.create_org("Acme")
     second = await orgs.create_key(org.id, "ci")
-    notifications.drain()
+    assert len(notifications.drain(expect=3)) == 3
     new = await orgs.rotate_keys(org.id)
     store = ApiKeyStore(database)
     assert await store.lookup(hash_key(first.plaintext.reveal())) is None
     assert await store.lookup(hash_key(second.plaintext.reveal())) is None
     assert (await store.lookup(hash_key(new.plaintext.reveal()))).org_id == org.id
-    sent = notifications.drain()
+    sent = notifications.drain(expect=4)
     assert {f"key:{first.key.id}", f"key:{second.key.id}", f"org:{org.id}"} <= set(sent)
     active = [k for k in await orgs.list_keys(org.id) if k.active]
     assert [k.id for k in active] == [new.key.id]

@@ -245,6 +245,8 @@ class FakeProvider(Resource):
 
     def render(self, request):
         raw_path = request.path.decode()
+        if raw_path.startswith("/_control/"):
+            return self._control(request, raw_path.removeprefix("/_control/"))
         provider, _, rest = raw_path.lstrip("/").partition("/")
         if provider not in ("openai", "anthropic"):
             request.setResponseCode(404)
@@ -274,6 +276,46 @@ class FakeProvider(Resource):
         if script is None:
             script = self._default(provider, seen)
         return self._play(request, script)
+
+    def _control(self, request, action: str) -> bytes:
+        """For tests driving a fake provider in another process:
+        GET /_control/calls, POST /_control/reset, POST /_control/next (a
+        JSON Script), POST /_control/keys ({"openai": [...], ...})."""
+        request.setHeader(b"content-type", b"application/json")
+        if action == "calls":
+            return json.dumps(
+                [
+                    {
+                        "provider": c.provider,
+                        "method": c.method,
+                        "path": c.path,
+                        "query": c.query,
+                        "headers": c.headers,
+                        "body": c.body.decode("utf-8", "replace"),
+                    }
+                    for c in self.seen
+                ]
+            ).encode()
+        if action == "reset":
+            self.reset()
+            return b"{}"
+        doc = json.loads(request.content.read() or b"{}")
+        if action == "next":
+            events = doc.pop("events", None)
+            body = doc.pop("body", None)
+            self.next(
+                Script(
+                    **doc,
+                    events=[e.encode() for e in events] if events else None,
+                    body=body.encode() if body is not None else None,
+                )
+            )
+            return b"{}"
+        if action == "keys":
+            self.keys = {k: set(v) for k, v in doc.items()}
+            return b"{}"
+        request.setResponseCode(404)
+        return b'{"error":"unknown control"}'
 
     def _authorized(self, provider: str, seen: Seen) -> bool:
         if provider == "openai":
