@@ -317,10 +317,9 @@ class LectrService(Service):
 
     async def _start_proxy(self, c: Components) -> None:
         """Authenticator (key cache), the upstream connection pool, the handler."""
-        from twisted.web.client import Agent, HTTPConnectionPool
-
         from lectr.managers.auth import Authenticator
         from lectr.proxy.handler import ProxyHandler
+        from lectr.proxy.upstream import make_agent
 
         config = self.config
         auth = Authenticator(ApiKeyStore(c.database), reactor=self._reactor, metrics=c.metrics)
@@ -328,16 +327,10 @@ class LectrService(Service):
         await self._stack.start(CallbackService("key cache", start=auth.start, stop=auth.stop))
         c.authenticator = auth
 
-        # Upstream connections: persistent and plentiful (hundreds of
-        # concurrent streams), dropped after 20 s idle, before providers'
-        # own idle timeouts close them under a request.
-        pool = HTTPConnectionPool(self._reactor, persistent=True)
-        pool.maxPersistentPerHost = 512
-        pool.cachedConnectionTimeout = 20
+        agent, pool = make_agent(self._reactor, connect_timeout=config.upstream_connect_timeout)
         await self._stack.start(
             CallbackService("upstream connections", stop=pool.closeCachedConnections)
         )
-        agent = Agent(self._reactor, connectTimeout=config.upstream_connect_timeout, pool=pool)
         c.proxy = ProxyHandler(
             reactor=self._reactor,
             registry=c.providers,

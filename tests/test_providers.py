@@ -119,3 +119,12 @@ async def test_validate_provider_error_is_unreachable(fake):
     )
     assert (result.valid, result.reachable, result.status) == (False, False, 503)
     assert "overloaded" in result.reason
+
+
+def test_host_header():
+    from lectr.providers.base import host_header
+
+    assert host_header("https://api.openai.com") == b"api.openai.com"
+    assert host_header("https://api.openai.com:443/x") == b"api.openai.com"
+    assert host_header("http://127.0.0.1:9000/anthropic") == b"127.0.0.1:9000"
+    assert host_header("http://[::1]:8080") == b"[::1]:8080"

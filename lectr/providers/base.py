@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -31,6 +32,19 @@ def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
     text = _KEYLIKE.sub("***", text)
     text = " ".join(text.split())
     return text[:limit]
+
+
+def host_header(url: str) -> bytes:
+    """The Host header for a provider origin (the port only when it is not
+    the scheme's default), as Agent would compute it."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if parts.scheme == "https" else 80
+    if parts.port and parts.port != default:
+        return f"{host}:{parts.port}".encode("ascii")
+    return host.encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +94,7 @@ class Provider:
         url = (base_url or self.default_base_url).rstrip("/")
         self.base_url = url
         self._base_bytes = url.encode("ascii")
+        self.host = host_header(url)  # the Host header upstream
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.base_url}>"

@@ -41,10 +41,13 @@ def upstream_headers(
     client: Headers,
     auth: tuple[tuple[bytes, bytes], ...],
     *,
+    host: bytes | None = None,
     accept_encoding: bytes | None = None,
 ) -> Headers:
-    """``accept_encoding`` replaces the client's Accept-Encoding when Lectr
-    must read the response (it injected a usage request); None keeps it."""
+    """``host``: the provider's Host header (set here so that Agent does not
+    copy the headers to add it). ``accept_encoding`` replaces the client's
+    Accept-Encoding when Lectr must read the response (it injected a usage
+    request); None keeps it."""
     named = _connection_tokens(client)
     out = Headers()
     for name, values in client.getAllRawHeaders():
@@ -63,6 +66,8 @@ def upstream_headers(
         out.setRawHeaders(b"Accept-Encoding", [accept_encoding])
     for name, value in auth:
         out.setRawHeaders(name, [value])
+    if host is not None:
+        out.setRawHeaders(b"Host", [host])
     return out
 
 

@@ -344,6 +344,7 @@ class _Call:
         upstream = upstream_headers(
             headers,
             provider.auth_headers(secret.reveal()),
+            host=provider.host,
             accept_encoding=b"identity" if plan.strip_usage_chunk else None,
         )
         del secret
