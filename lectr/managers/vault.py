@@ -35,7 +35,7 @@ from lectr.util.deferred import timeout_without_cancel
 from lectr.util.secret import Secret
 from lectr.util.validate import clean_name, parse_uuid
 from lectr.vault.census import Census
-from lectr.vault.crypto import Binding, Keyring, Sealed
+from lectr.vault.crypto import Binding, Keyring, Prepared, Sealed
 from lectr.vault.errors import DecryptionFailed, UnknownKek, VaultCryptoError, VaultKeyError
 from lectr.vault.reloader import OrgCacheReloader
 from lectr.vault.rotation import Rewrapper
@@ -135,6 +135,8 @@ class VaultManager:
         self._cache: dict[str, dict[str, tuple[SealedProviderKey, ...]]] = {}
         # rows that failed to open, by id -> the wrapping that failed (logged once)
         self._broken: dict[str, bytes] = {}
+        # row id -> associated data computed once (not secret); see provider_key
+        self._prepared: dict[str, Prepared] = {}
         self._running = False
         self._stopped = False
         self._reloader = OrgCacheReloader(
@@ -281,10 +283,13 @@ class VaultManager:
         if not rows:
             return None
         for row in rows:
-            if self._broken.get(row.id) == row.wrapped_dek:
+            if self._broken and self._broken.get(row.id) == row.wrapped_dek:
                 continue
+            prepared = self._prepared.get(row.id)
+            if prepared is None or prepared.wrapped_dek is not row.wrapped_dek:
+                prepared = self._prepared[row.id] = Prepared(_binding(row), _sealed(row))
             try:
-                plaintext = self._keyring.open(_binding(row), _sealed(row)).decode("ascii")
+                plaintext = self._keyring.open_prepared(prepared).decode("ascii")
             except VaultCryptoError as e:
                 self._mark_broken(row, e)
                 continue
@@ -329,6 +334,7 @@ class VaultManager:
         self._cache = self._group(rows)
         live = {r.id for r in rows}
         self._broken = {k: v for k, v in self._broken.items() if k in live}
+        self._prepared = {k: v for k, v in self._prepared.items() if k in live}
 
     async def _load_orgs(self, org_ids: list[str]) -> None:
         rows = await self._store.load_enabled(org_ids)
