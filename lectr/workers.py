@@ -120,8 +120,10 @@ class _WorkerProtocol(ProcessProtocol):
         sig = getattr(reason.value, "signal", None)
         if not self.ready.called:
             self.ready.errback(
-                WorkerStartupError(f"worker {self.index} exited during start-up"
-                                   f" (status {code if code is not None else 'signal ' + str(sig)})")
+                WorkerStartupError(
+                    f"worker {self.index} exited during start-up"
+                    f" (status {code if code is not None else 'signal ' + str(sig)})"
+                )
             )
             self.ready.addErrback(lambda _: None)
         self.ended.callback(code)
@@ -157,8 +159,10 @@ class WorkerSupervisor(Service):
         d = ensureDeferred(self._start())
 
         def failed(failure) -> None:
-            message = str(failure.value) if failure.check(StartupError, WorkerStartupError) else (
-                f"unexpected error: {failure.getErrorMessage()}"
+            message = (
+                str(failure.value)
+                if failure.check(StartupError, WorkerStartupError)
+                else (f"unexpected error: {failure.getErrorMessage()}")
             )
             if not failure.check(StartupError, WorkerStartupError):
                 self._log.failure("supervisor start-up failed", failure)
@@ -176,23 +180,27 @@ class WorkerSupervisor(Service):
     async def _start(self) -> None:
         from lectr.service import StartupError
 
-        for name, description in (("proxy", self.config.proxy_listen),
-                                  ("admin API", self.config.admin_listen)):
+        for name, description in (
+            ("proxy", self.config.proxy_listen),
+            ("admin API", self.config.admin_listen),
+        ):
             try:
                 spec = ListenSpec.parse(description)
                 self._sockets.append(spec.bind())
             except ValueError as e:
-                raise StartupError(f"invalid endpoint {description!r} for the {name}: {e}") from None
+                raise StartupError(
+                    f"invalid endpoint {description!r} for the {name}: {e}"
+                ) from None
             except OSError as e:
                 raise StartupError(
                     f"cannot listen on {description} ({name}): {e.strerror}"
                 ) from None
         for name, sock in zip(("proxy", "admin API"), self._sockets, strict=True):
-            self._log.info("{name} socket bound to {address}", name=name,
-                           address=_address(sock))
+            self._log.info("{name} socket bound to {address}", name=name, address=_address(sock))
         results = await DeferredList(
             [self._spawn(i).ready for i in range(self.config.workers)],
-            fireOnOneErrback=True, consumeErrors=True,
+            fireOnOneErrback=True,
+            consumeErrors=True,
         )
         del results
         self._log.info("Lectr is ready ({n} workers)", n=self.config.workers)
@@ -252,7 +260,10 @@ class WorkerSupervisor(Service):
         self._restart_delay[worker.index] = min(delay * 2, 30.0)
         self._log.warn(
             "worker {index} exited (status {code}, signal {sig}); restarting in {delay:.1f}s",
-            index=worker.index, code=code, sig=sig, delay=delay,
+            index=worker.index,
+            code=code,
+            sig=sig,
+            delay=delay,
         )
         self._reactor.callLater(delay, self._restart, worker.index)
 
@@ -281,8 +292,9 @@ class WorkerSupervisor(Service):
         for w in workers:
             _signal(w, signal.SIGTERM)
         deadline = self.config.shutdown_grace + 15.0
-        killer = self._reactor.callLater(deadline, lambda: [_signal(w, signal.SIGKILL)
-                                                            for w in workers])
+        killer = self._reactor.callLater(
+            deadline, lambda: [_signal(w, signal.SIGKILL) for w in workers]
+        )
         await DeferredList([w.ended for w in workers], consumeErrors=True)
         if killer.active():
             killer.cancel()

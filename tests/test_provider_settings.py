@@ -269,7 +269,11 @@ async def test_changes_notify_and_reach_other_nodes_quickly(managers, orgs, db_u
         await wait_for(lambda: not node_b.get(org.id, "anthropic").enabled, timeout=5)
         took = reactor.seconds() - started
         print(f"settings change applied on another node {took * 1000:.1f} ms after the call")
-        conn.poll()
+        for _ in range(100):  # the psycopg2 listener hears it on its own schedule
+            conn.poll()
+            if conn.notifies:
+                break
+            await deferLater(reactor, 0.02)
         assert [n.payload for n in conn.notifies] == [f"settings:{org.id}"]
     finally:
         conn.close()
