@@ -262,10 +262,23 @@ def test_chat_stream_any_split(cuts):
     assert usage == EXPECTED_CHAT
 
 
+def test_stripping_gives_exactly_the_stream_without_include_usage():
+    with_usage = openai_chat_stream("gpt-4o-mini", WORDS, True, cached=3, cid="c1", created=7)
+    without = b"".join(
+        openai_chat_stream("gpt-4o-mini", WORDS, False, cached=3, cid="c1", created=7)
+    )
+    assert b'"usage"' in b"".join(with_usage) and b'"usage"' not in without
+    stream = b"".join(with_usage)
+    for pieces in ([stream], bytewise(stream), with_usage):
+        out, usage = run(stripping_meter(), pieces)
+        assert out == without
+        assert usage == EXPECTED_CHAT
+
+
 def test_stripping_removes_exactly_the_usage_chunk():
     events = chat_events()
     stream = b"".join(events)
-    expected = stream.replace(usage_chunk_event(events), b"")
+    expected = stream.replace(usage_chunk_event(events), b"").replace(b',"usage":null', b"")
     for pieces in ([stream], bytewise(stream), events):
         out, usage = run(stripping_meter(), pieces)
         assert out == expected
@@ -284,7 +297,7 @@ def test_stripping_any_split(cuts, crlf):
     if crlf:
         events = [e.replace(b"\n", b"\r\n") for e in events]
     stream = b"".join(events)
-    expected = stream.replace(usage_chunk_event(events), b"")
+    expected = stream.replace(usage_chunk_event(events), b"").replace(b',"usage":null', b"")
     out, usage = run(stripping_meter(), split_at(stream, cuts))
     assert out == expected
     assert usage == EXPECTED_CHAT
@@ -303,7 +316,7 @@ def test_stripping_keeps_comments_event_names_and_ids():
     )
     for pieces in ([stream], bytewise(stream)):
         out, usage = run(stripping_meter(), pieces)
-        assert out == stream.replace(usage_event, b"")
+        assert out == stream.replace(usage_event, b"").replace(b',"usage":null', b"")
         assert usage == Usage(2, 1, 3, None, None, "provider")
 
 
@@ -340,7 +353,7 @@ def test_chat_disconnect_mid_stream_is_estimated():
     events = chat_events()
     # the client went away after the role chunk and three words
     out, usage = run(stripping_meter(), events[:4])
-    assert out == b"".join(events[:4])
+    assert out == b"".join(events[:4]).replace(b',"usage":null', b"")
     assert usage == Usage(completion_tokens=3, source="estimated")
     # nothing at all
     assert stripping_meter().finish() == NO_USAGE

@@ -211,15 +211,22 @@ async def test_each_kind_of_request_is_one_row_with_its_usage(gw):
 
 @pytest_twisted.ensureDeferred
 async def test_include_usage_is_injected_upstream_and_removed_for_the_client(gw):
-    events = openai_chat_stream("gpt-4o-mini", ["a", "b", "c"], True, prompt=40, cached=32)
+    events = openai_chat_stream(
+        "gpt-4o-mini", ["a", "b", "c"], True, prompt=40, cached=32, cid="c9", created=5
+    )
+    without = openai_chat_stream(
+        "gpt-4o-mini", ["a", "b", "c"], False, prompt=40, cached=32, cid="c9", created=5
+    )
     gw.provider.next(Script(events=events))
     resp, collect = await open_stream(
         gw, "/v1/chat/completions", {**CHAT, "stream": True, "temperature": 0.5}
     )
     await collect.done
     [usage_event] = [e for e in events if b'"choices":[]' in e]
-    # the client gets every byte the provider sent, except the usage chunk Lectr asked for
-    assert b"".join(collect.data) == b"".join(events).replace(usage_event, b"")
+    # the client gets exactly the stream it would have had without Lectr's
+    # include_usage: no usage chunk, no "usage": null members
+    assert b"".join(collect.data) == b"".join(without)
+    assert usage_event not in b"".join(collect.data)
     [seen] = gw.provider.calls("openai")
     sent = seen.json()
     assert sent["stream_options"] == {"include_usage": True}

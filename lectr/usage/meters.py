@@ -457,6 +457,21 @@ class JsonMeter(_Base):
 _PASS, _PENDING, _DROPPING, _DONE = range(4)
 
 
+# With include_usage, OpenAI also adds "usage": null to every other chunk;
+# a client that did not ask for usage would not have seen that field.
+_NULL_USAGE = (b',"usage":null', b', "usage": null')
+
+
+def _without_null_usage(held: bytearray) -> bytes | bytearray:
+    """The held lines of one event without the ``"usage": null`` member
+    that Lectr's injected include_usage made OpenAI add."""
+    for pattern in _NULL_USAGE:
+        at = held.find(pattern)
+        if at >= 0:
+            return held[:at] + held[at + len(pattern) :]
+    return held
+
+
 class SSEMeter(_Base):
     """Server-sent events: split lines as they pass (any chunking), collect
     each event's ``event`` name and ``data``, hand complete events to
@@ -464,8 +479,9 @@ class SSEMeter(_Base):
 
     With ``strip`` (OpenAI chat, Lectr asked for usage), the single
     usage-only chunk (``"choices": []`` with a ``usage`` object) is removed,
-    with its terminating blank line, from what is forwarded; every other
-    byte is forwarded unchanged. Until that chunk has gone by, the lines of
+    with its terminating blank line, from what is forwarded, and so is the
+    ``"usage": null`` member OpenAI then adds to every other chunk; every
+    other byte is forwarded unchanged. Until that chunk has gone by, the lines of
     the current event are held back only until its first ``data`` line is
     complete (the decision point), so the client sees each event as soon as
     it is whole.
@@ -546,7 +562,7 @@ class SSEMeter(_Base):
                         self._held.clear()
                         self._state = _DROPPING
                     else:
-                        out += self._held
+                        out += _without_null_usage(self._held)
                         self._held.clear()
                         self._state = _PASS
                 elif len(self._held) > STRIP_HOLD_MAX:

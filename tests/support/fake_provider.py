@@ -92,10 +92,18 @@ def openai_chat_completion(model: str, content: str = "Hello!", prompt=12, compl
 
 
 def openai_chat_stream(
-    model: str, words: list[str], include_usage: bool, prompt=12, cached=0
+    model: str,
+    words: list[str],
+    include_usage: bool,
+    prompt=12,
+    cached=0,
+    cid: str | None = None,
+    created: int | None = None,
 ) -> list[bytes]:
-    cid = "chatcmpl-" + uuid.uuid4().hex[:12]
-    created = int(time.time())
+    """What OpenAI streams; with include_usage every chunk carries
+    ``"usage": null`` and a usage-only chunk comes before ``[DONE]``."""
+    cid = cid or "chatcmpl-" + uuid.uuid4().hex[:12]
+    created = created or int(time.time())
 
     def chunk(delta: dict, finish=None) -> dict:
         doc = {
