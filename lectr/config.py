@@ -317,7 +317,7 @@ SETTINGS: tuple[Setting, ...] = (
         "upstream_connect_timeout",
         "LECTR_UPSTREAM_CONNECT_TIMEOUT",
         "10",
-        "Seconds to connect to a provider (502 when exceeded)",
+        "Seconds to connect to a provider (504 when exceeded)",
         _seconds(0.1, 600),
     ),
     Setting(
