@@ -9,6 +9,7 @@ the reverse: ports first (in-flight requests drain), the database last.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 from dataclasses import dataclass, field
@@ -239,6 +240,13 @@ class LectrService(Service):
                 raise StartupError(
                     f"invalid endpoint {port.description!r} for the {port.name}: {e}"
                 ) from None
+        # Everything allocated during start-up (modules, caches, Twisted)
+        # lives as long as the process: move it out of the cyclic garbage
+        # collector's sight, so that full collections only walk what requests
+        # allocate. Measured with bench/run.py: p99 at concurrency 32 fell
+        # from ~73 ms to ~17-31 ms, throughput rose 7-19 %.
+        gc.collect()
+        gc.freeze()
         _log.info("Lectr is ready")
         if not self.ready.called:
             self.ready.callback(c)

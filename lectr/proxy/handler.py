@@ -27,8 +27,9 @@ idle timeout → both connections aborted.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import time
-import uuid
 from datetime import UTC, datetime
 
 from twisted.internet import error as net_error
@@ -48,6 +49,18 @@ from lectr.usage.meters import MalformedBody, meter_for, plan_request
 from lectr.usage.model import NO_USAGE, UsageRecord
 
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+
+# Request ids: a random 64-bit prefix per process and a counter. Unique
+# across processes and restarts, valid UUIDs (the request_logs key), and
+# much cheaper than uuid4() (a getrandom call and a UUID object per request).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_PREFIX = f"{_ID_PREFIX[:8]}-{_ID_PREFIX[8:12]}-4{_ID_PREFIX[13:16]}"
+_id_counter = itertools.count(int.from_bytes(os.urandom(2), "big") << 40)
+
+
+def new_request_id() -> str:
+    n = next(_id_counter) & 0xFFFFFFFFFFFFFFF
+    return f"{_ID_PREFIX}-{0x8000 | (n >> 48):04x}-{n & 0xFFFFFFFFFFFF:012x}"
 _CONNECT_ERRORS = (
     net_error.ConnectError,
     net_error.DNSLookupError,
@@ -229,7 +242,7 @@ class _Call:
     def __init__(self, handler: ProxyHandler, request) -> None:
         self.h = handler
         self.request = request
-        self.rid = str(uuid.uuid4())
+        self.rid = new_request_id()
         self.t0 = time.perf_counter()
         self.created_at = datetime.now(UTC)
         self.provider = None
@@ -255,7 +268,7 @@ class _Call:
         h = self.h
         h.active.add(self)
         req.responseHeaders.setRawHeaders(b"x-lectr-request-id", [self.rid.encode()])
-        req.notifyFinish().addErrback(self.client_gone)
+        req.on_lost = self.client_gone
         headers = req.requestHeaders
         r = route(req.path, headers.hasHeader(b"anthropic-version"))
         if r is None:
