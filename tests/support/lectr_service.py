@@ -32,7 +32,9 @@ async def start_lectr(db_url: str, tmp_path, fake=None, **env: str) -> LectrServ
     environ.update(env)
     config = load_config({}, environ)
     (tmp_path / "lectr-data").mkdir(exist_ok=True)
-    service = LectrService(replace(config), reactor=reactor, exit_on_failure=False)
+    service = LectrService(
+        replace(config), reactor=reactor, exit_on_failure=False, freeze_gc=False
+    )
     service.running = True
     await service.start()
     return service
