@@ -177,7 +177,11 @@ def test_empty_json_body_is_not_malformed(raw):
 def test_non_json_bodies_pass_through():
     raw = b"model=gpt-4o&stream=true"
     p = plan_request("openai", b"POST", CHAT, b"application/x-www-form-urlencoded", raw)
-    assert p == RequestPlan(None, False, raw, False)
+    assert p == RequestPlan("gpt-4o", False, raw, False)  # the model is read; nothing changes
+    binary = b"\x00\x01\x02{"
+    assert plan_request("openai", b"POST", "/v1/files", b"application/octet-stream", binary) == (
+        RequestPlan(None, False, binary, False)
+    )
     assert plan_request("openai", b"GET", "/v1/models", None, b"") == RequestPlan(
         None, False, b"", False
     )
@@ -672,3 +676,22 @@ def test_garbage_never_raises_and_is_forwarded(data, strip):
     if not strip:
         assert out == b"".join(data)
     assert usage.source in ("provider", "estimated", "none")
+
+
+def test_model_is_read_whatever_the_declared_content_type():
+    """The model policy must see the model the provider will see: a JSON
+    body sent as text/plain or as curl -d's form type is still JSON to it."""
+    body = b'{"model": "gpt-4o", "messages": []}'
+    for ctype in (b"text/plain", b"application/x-www-form-urlencoded", None, b"", b"foo/bar"):
+        assert plan_request("openai", b"POST", CHAT, ctype, body).model == "gpt-4o", ctype
+    assert plan_request("openai", b"POST", CHAT, None, b'  \n{"model":"m"}').model == "m"
+    # not JSON and not declared JSON: forwarded untouched, no model
+    odd = b"{not json at all"
+    p = plan_request("openai", b"POST", CHAT, b"text/plain", odd)
+    assert (p.model, p.body) == (None, odd)
+    # a URL-encoded form names its model too
+    form = b"model=whisper-1&language=en&model=gpt-4o"
+    assert (
+        plan_request("openai", b"POST", "/v1/x", b"application/x-www-form-urlencoded", form).model
+        == "gpt-4o"
+    )

@@ -16,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, FileBodyProducer, ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from tests.support.fake_provider import (
     ANTHROPIC_KEY,
@@ -235,6 +236,10 @@ async def test_policy_denials_make_no_upstream_call(gw):
     resp = await gw.post("/v1/chat/completions", CHAT)
     assert resp.code == 403
     assert "gpt-4o-mini" in (await resp.json())["error"]["message"]
+    # the same JSON under another declared type is read all the same
+    for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+        resp = await gw.post("/v1/chat/completions", CHAT, headers={"content-type": ctype})
+        assert resp.code == 403, ctype
 
     await settings.update(gw.org.id, "openai", blocked_models=[], enabled=False)
     await eventually(lambda: not settings.get(gw.org.id, "openai").enabled)
@@ -567,3 +572,16 @@ async def test_large_body_under_the_cap_passes_byte_for_byte(gw):
     resp = await gw.post("/v1/embeddings", body, raw=True)
     assert resp.code == 200
     assert gw.provider.calls()[-1].body == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_content_length_passes_when_the_body_is_unchanged(gw):
+    # (the client's Agent turns Content-Length into response.length)
+    resp = await gw.post("/v1/chat/completions", CHAT)
+    body = await resp.content()
+    assert resp.length == len(body) > 0
+    assert resp.headers.getRawHeaders(b"transfer-encoding") is None
+    # a stream Lectr rewrites (usage chunk removed) is chunked instead
+    response, chunks = await open_stream(gw, "/v1/chat/completions", {**CHAT, "stream": True})
+    await chunks.done
+    assert response.length is UNKNOWN_LENGTH

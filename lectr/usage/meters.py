@@ -110,14 +110,22 @@ def plan_request(
     (non-empty) body is not a JSON object: the proxy answers 400.
     """
     media_type = _media_type(content_type)
-    if _is_json(media_type):
+    declared_json = _is_json(media_type)
+    if declared_json or (media_type != b"multipart/form-data" and body[:64].lstrip()[:1] == b"{"):
+        # A JSON object is read whatever the declared type (text/plain,
+        # curl -d's form type…): providers parse it as JSON, so the model
+        # policy must see the same model they will.
         if not body or body.isspace():
             return RequestPlan(None, False, body, False)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            if not declared_json:
+                return RequestPlan(None, False, body, False)
             raise MalformedBody("the request body is not valid JSON") from None
         if not isinstance(doc, dict):
+            if not declared_json:
+                return RequestPlan(None, False, body, False)
             raise MalformedBody("the request body must be a JSON object")
         model = doc.get("model")
         if not isinstance(model, str):
@@ -135,7 +143,21 @@ def plan_request(
         return RequestPlan(model, stream, body, False)
     if media_type == b"multipart/form-data":
         return RequestPlan(_multipart_model(content_type, body), False, body, False)
+    if media_type == b"application/x-www-form-urlencoded" and body:
+        return RequestPlan(_form_model(body), False, body, False)
     return RequestPlan(None, False, body, False)
+
+
+def _form_model(body: bytes) -> str | None:
+    """The ``model`` field of a URL-encoded form body (the last one, as most
+    parsers keep)."""
+    from urllib.parse import parse_qs
+
+    try:
+        values = parse_qs(body.decode("utf-8"), max_num_fields=1000).get("model")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return values[-1] if values else None
 
 
 def _with_include_usage(body: bytes, doc: dict) -> bytes | None:
