@@ -15,15 +15,16 @@ import sys
 
 def main() -> None:
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver, textFileLogObserver
+    from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from lectr.config import ConfigError, load_config
     from lectr.devmode import apply_development_defaults
+    from lectr.logging import json_lines_observer
     from lectr.service import LectrService
 
     index = os.environ.get("LECTR_WORKER_INDEX", "0")
     if os.environ.get("LECTR_LOG_FORMAT") == "json":
-        base = jsonFileLogObserver(sys.stdout)
+        base = json_lines_observer(sys.stdout)
     else:
         base = textFileLogObserver(sys.stdout)
 
