@@ -6,7 +6,8 @@ headers it names, ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``,
 ``Transfer-Encoding``, ``Upgrade``), client-sent ``X-Forwarded-*``, ``Host``
 and ``Content-Length`` (the Agent sets both); then the provider's own auth.
 
-Downstream: every provider header except hop-by-hop ones.
+Downstream: every provider header except hop-by-hop ones; the body's length
+is passed on when Lectr does not change the body (else it is chunked).
 """
 
 from __future__ import annotations
@@ -71,13 +72,15 @@ def upstream_headers(
     return out
 
 
-def copy_response_headers(upstream: Headers, client: Headers, *, keep_length: bool) -> None:
-    """Provider headers onto the client response (minus hop-by-hop)."""
+def copy_response_headers(upstream: Headers, client: Headers) -> None:
+    """Provider headers onto the client response, minus hop-by-hop ones.
+    (Agent hands ``Content-Length`` over separately, as ``response.length``;
+    the handler sets it when the body passes unchanged.)"""
     named = _connection_tokens(upstream)
     for name, values in upstream.getAllRawHeaders():
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in named or lower.startswith(b"proxy-"):
             continue
-        if lower == b"content-length" and not keep_length:
+        if lower == b"content-length":
             continue
         client.setRawHeaders(name, values)

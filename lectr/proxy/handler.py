@@ -38,7 +38,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from lectr.managers.auth import UNKNOWN
@@ -49,6 +49,7 @@ from lectr.usage.meters import MalformedBody, meter_for, plan_request
 from lectr.usage.model import NO_USAGE, UsageRecord
 
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+_NO_LENGTH_CODES = frozenset({204, 304})
 
 # Request ids: a random 64-bit prefix per process and a counter. Unique
 # across processes and restarts, valid UUIDs (the request_logs key), and
@@ -61,6 +62,8 @@ _id_counter = itertools.count(int.from_bytes(os.urandom(2), "big") << 40)
 def new_request_id() -> str:
     n = next(_id_counter) & 0xFFFFFFFFFFFFFFF
     return f"{_ID_PREFIX}-{0x8000 | (n >> 48):04x}-{n & 0xFFFFFFFFFFFF:012x}"
+
+
 _CONNECT_ERRORS = (
     net_error.ConnectError,
     net_error.DNSLookupError,
@@ -416,7 +419,17 @@ class _Call:
         self.status = code
         req.setResponseCode(code, response.phrase)
         rheaders = response.headers
-        copy_response_headers(rheaders, req.responseHeaders, keep_length=not plan.strip_usage_chunk)
+        copy_response_headers(rheaders, req.responseHeaders)
+        # Agent keeps the provider's Content-Length out of response.headers;
+        # pass it on when the body goes through unchanged (else: chunked).
+        length = response.length
+        if (
+            length is not UNKNOWN_LENGTH
+            and not plan.strip_usage_chunk
+            and code not in _NO_LENGTH_CODES
+            and req.method != b"HEAD"
+        ):
+            req.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
         ctype = rheaders.getRawHeaders(b"content-type")
         encoding = rheaders.getRawHeaders(b"content-encoding")
         self.meter = meter_for(
