@@ -585,3 +585,16 @@ async def test_content_length_passes_when_the_body_is_unchanged(gw):
     response, chunks = await open_stream(gw, "/v1/chat/completions", {**CHAT, "stream": True})
     await chunks.done
     assert response.length is UNKNOWN_LENGTH
+
+
+@pytest_twisted.ensureDeferred
+async def test_provider_auth_errors_do_not_leak_the_org_key(gw):
+    """OpenAI's 401 quotes part of the key it was sent; the org's clients
+    must not see even that."""
+    gw.provider.keys["openai"] = set()  # the provider now refuses the org's key
+    resp = await gw.post("/v1/chat/completions", CHAT)
+    assert resp.code == 401
+    doc = await resp.json()
+    assert doc["error"]["message"] == "Incorrect API key provided: ***"
+    assert "sk-" not in json.dumps(doc)
+    assert resp.headers.getRawHeaders(b"x-fake-provider") == [b"openai"]  # the provider's answer

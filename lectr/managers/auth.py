@@ -30,6 +30,9 @@ from lectr.storage.api_keys import ApiKeyStore, KeyIdentity
 
 #: Returned by ``cached`` when the hash is known not to be an active key.
 UNKNOWN = object()
+#: Returned by ``lookup`` when misses are being rate limited: the key was
+#: not checked (the proxy answers 503, which SDKs retry, not 401).
+RATE_LIMITED = object()
 
 
 class _TokenBucket:
@@ -120,8 +123,8 @@ class Authenticator:
     def lookup(self, key_hash: str) -> Deferred[KeyIdentity | None]:
         """Ask the database (after a ``cached`` miss). Concurrent lookups of
         one hash share a query. Fails with DatabaseUnavailable when the
-        database cannot answer; answers None when misses are being rate
-        limited (a flood of unknown keys)."""
+        database cannot answer; answers ``RATE_LIMITED`` when misses are
+        being rate limited (a flood of unknown keys)."""
         waiters = self._inflight.get(key_hash)
         if waiters is not None:
             follower: Deferred = Deferred()
@@ -130,7 +133,7 @@ class Authenticator:
         first: Deferred = Deferred()
         if not self._bucket.take():
             self._m_lookups.inc(1, "rate_limited")
-            first.callback(None)
+            first.callback(RATE_LIMITED)
             return first
         self._m_lookups.inc(1, "miss")
         generation = self._generation

@@ -24,6 +24,15 @@ from lectr.util.secret import Secret
 _KEYLIKE = re.compile(r"\b(?:sk|lc|key|pk|rk)[-_][A-Za-z0-9_\-*.]{4,}")
 
 
+def scrub_body(body: bytes) -> bytes:
+    """A provider's error body with key-like tokens masked, every other byte
+    kept (OpenAI's 401 quotes part of the key it was sent: the org's own
+    provider key must not reach the org's clients even in part)."""
+    text = body.decode("utf-8", "surrogateescape")
+    cleaned = _KEYLIKE.sub("***", text)
+    return body if cleaned == text else cleaned.encode("utf-8", "surrogateescape")
+
+
 def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
     """Provider-supplied text made safe to show: no key-like tokens, one
     line, bounded length."""

@@ -41,8 +41,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from lectr.managers.auth import UNKNOWN
+from lectr.managers.auth import RATE_LIMITED, UNKNOWN
 from lectr.managers.orgs import looks_like_key
+from lectr.providers.base import scrub_body
 from lectr.proxy.director import copy_response_headers, upstream_headers
 from lectr.proxy.routing import dialect_for, route
 from lectr.usage.meters import MalformedBody, meter_for, plan_request
@@ -50,6 +51,7 @@ from lectr.usage.model import NO_USAGE, UsageRecord
 
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 _NO_LENGTH_CODES = frozenset({204, 304})
+_SCRUB_MAX = 256 * 1024
 
 # Request ids: a random 64-bit prefix per process and a counter. Unique
 # across processes and restarts, valid UUIDs (the request_logs key), and
@@ -239,6 +241,7 @@ class _Call:
         "closed",
         "recorded",
         "timed_out",
+        "scrubbing",
         "__weakref__",
     )
 
@@ -263,6 +266,7 @@ class _Call:
         self.closed = False  # the client response is finished or aborted
         self.recorded = False
         self.timed_out = False
+        self.scrubbing: bytearray | None = None  # a provider auth error, held to be masked
 
     # --- steps 1-2: route, authenticate ----------------------------------------------
 
@@ -316,6 +320,15 @@ class _Call:
             return
         if ident is None or ident is UNKNOWN:
             self.fail(401, "authentication", "Invalid or revoked Lectr key.")
+            return
+        if ident is RATE_LIMITED:
+            self.request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
+            self.fail(
+                503,
+                "upstream_unavailable",
+                "Too many unknown keys are being tried; this key could not be "
+                "checked. Retry shortly.",
+            )
             return
         self.ident = ident
         h = self.h
@@ -420,11 +433,16 @@ class _Call:
         req.setResponseCode(code, response.phrase)
         rheaders = response.headers
         copy_response_headers(rheaders, req.responseHeaders)
+        if code in (401, 403):
+            # The provider refused the org's key: its answer may quote part
+            # of that key. Hold it (small) and mask key-like tokens.
+            self.scrubbing = bytearray()
         # Agent keeps the provider's Content-Length out of response.headers;
         # pass it on when the body goes through unchanged (else: chunked).
         length = response.length
         if (
             length is not UNKNOWN_LENGTH
+            and self.scrubbing is None
             and not plan.strip_usage_chunk
             and code not in _NO_LENGTH_CODES
             and req.method != b"HEAD"
@@ -462,6 +480,13 @@ class _Call:
         timer = self.idle_timer
         if timer is not None:
             timer.reset(self.h.idle_timeout)
+        held = self.scrubbing
+        if held is not None:
+            held += data
+            if len(held) > _SCRUB_MAX:  # not a small error document: let it pass
+                self.scrubbing = None
+                self.request.write(scrub_body(bytes(held)))
+            return
         out = self.meter.feed(data)
         if out:
             self.request.write(out)
@@ -484,6 +509,9 @@ class _Call:
         if transport is not None and req.producer is not None:
             req.unregisterProducer()
         if reason.check(ResponseDone, PotentialDataLoss):
+            held, self.scrubbing = self.scrubbing, None
+            if held:
+                req.write(scrub_body(bytes(held)))
             self.closed = True
             req.finish()
             self.record()

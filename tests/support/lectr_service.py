@@ -32,9 +32,7 @@ async def start_lectr(db_url: str, tmp_path, fake=None, **env: str) -> LectrServ
     environ.update(env)
     config = load_config({}, environ)
     (tmp_path / "lectr-data").mkdir(exist_ok=True)
-    service = LectrService(
-        replace(config), reactor=reactor, exit_on_failure=False, freeze_gc=False
-    )
+    service = LectrService(replace(config), reactor=reactor, exit_on_failure=False, freeze_gc=False)
     service.running = True
     await service.start()
     return service
