@@ -342,6 +342,13 @@ SETTINGS: tuple[Setting, ...] = (
         _int_in(0, 2**50),
     ),
     Setting(
+        "request_log_retention_days",
+        "LECTR_REQUEST_LOG_RETENTION_DAYS",
+        "0",
+        "Delete request-log rows older than this many days (0 keeps them forever)",
+        _int_in(0, 36500),
+    ),
+    Setting(
         "shutdown_grace",
         "LECTR_SHUTDOWN_GRACE",
         "30",
@@ -386,6 +393,7 @@ class Config:
     upstream_headers_timeout: float = 600.0
     upstream_idle_timeout: float = 300.0
     spill_max_bytes: int = 1073741824
+    request_log_retention_days: int = 0
     shutdown_grace: float = 30.0
     # Filled in by the start-up code, not by the operator.
     development_mode: bool = False

@@ -209,6 +209,8 @@ request_logs = Table(
         text("id DESC"),
         postgresql_where=text("status >= 400"),
     ),
+    # the retention job's oldest-first deletes (migration 0003)
+    Index("request_logs_created_brin", "created_at", postgresql_using="brin"),
 )
 
 TABLES_WITH_UPDATED_AT = (

@@ -358,9 +358,8 @@ class _Call:
             return
         self.plan = plan
         if not settings.allows_model(plan.model):
-            self.fail(
-                403, "permission", f"Model '{plan.model}' is not allowed for this organization."
-            )
+            shown = plan.model if len(plan.model) <= 200 else plan.model[:200] + "…"
+            self.fail(403, "permission", f"Model '{shown}' is not allowed for this organization.")
             return
         secret = h.vault.provider_key(ident.org_id, provider.name)
         if secret is None:

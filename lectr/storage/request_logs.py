@@ -16,6 +16,9 @@ from datetime import datetime
 from lectr.db.database import Database, Transaction
 from lectr.usage.model import UsageRecord
 
+# "LECTRRET": one node at a time runs the retention deletes
+_RETENTION_LOCK = int.from_bytes(b"LECTRRET", "big") & 0x7FFFFFFFFFFFFFFF
+
 _INSERT_COLUMNS = (
     "request_id, created_at, org_id, key_id, provider, model, method, path, status, "
     "latency_ms, ttfb_ms, streamed, prompt_tokens, completion_tokens, total_tokens, "
@@ -139,6 +142,24 @@ class RequestLogStore:
         self._db = db
 
     # --- writes -------------------------------------------------------------------
+
+    async def delete_older_than(self, cutoff: datetime, limit: int) -> int | None:
+        """Delete up to ``limit`` rows created before ``cutoff``, oldest
+        first. None when another node holds the retention lock (it is doing
+        the same work)."""
+
+        async def txn(t: Transaction) -> int | None:
+            locked = await t.fetchone("SELECT pg_try_advisory_xact_lock(%s)", (_RETENTION_LOCK,))
+            if not locked[0]:
+                return None
+            return await t.execute(
+                "DELETE FROM request_logs WHERE id IN ("
+                " SELECT id FROM request_logs WHERE created_at < %s"
+                " ORDER BY created_at LIMIT %s)",
+                (cutoff, limit),
+            )
+
+        return await self._db.runInteraction("expire_request_logs", txn)
 
     async def insert(self, rows: Sequence[UsageRecord]) -> int:
         """Insert ``rows`` in one transaction; rows whose ``request_id`` is
