@@ -119,3 +119,15 @@ def test_response_headers():
     assert client.getRawHeaders(b"set-cookie") == [b"a=b"]
     for hop in (b"transfer-encoding", b"connection", b"x-h"):
         assert client.getRawHeaders(hop) is None
+
+
+def test_request_ids_are_unique_valid_uuids():
+    import uuid
+
+    from lectr.proxy.ids import new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    for rid in ids[:5] + ids[-5:]:
+        u = uuid.UUID(rid)
+        assert str(u) == rid and u.version == 4 and u.variant == uuid.RFC_4122

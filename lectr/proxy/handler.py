@@ -27,8 +27,6 @@ idle timeout → both connections aborted.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import os
 import time
 from datetime import UTC, datetime
 
@@ -45,6 +43,7 @@ from lectr.managers.auth import RATE_LIMITED, UNKNOWN
 from lectr.managers.orgs import looks_like_key
 from lectr.providers.base import scrub_body
 from lectr.proxy.director import copy_response_headers, upstream_headers
+from lectr.proxy.ids import new_request_id
 from lectr.proxy.routing import dialect_for, route
 from lectr.usage.meters import MalformedBody, meter_for, plan_request
 from lectr.usage.model import NO_USAGE, UsageRecord
@@ -52,18 +51,6 @@ from lectr.usage.model import NO_USAGE, UsageRecord
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 _NO_LENGTH_CODES = frozenset({204, 304})
 _SCRUB_MAX = 256 * 1024
-
-# Request ids: a random 64-bit prefix per process and a counter. Unique
-# across processes and restarts, valid UUIDs (the request_logs key), and
-# much cheaper than uuid4() (a getrandom call and a UUID object per request).
-_ID_PREFIX = os.urandom(8).hex()
-_ID_PREFIX = f"{_ID_PREFIX[:8]}-{_ID_PREFIX[8:12]}-4{_ID_PREFIX[13:16]}"
-_id_counter = itertools.count(int.from_bytes(os.urandom(2), "big") << 40)
-
-
-def new_request_id() -> str:
-    n = next(_id_counter) & 0xFFFFFFFFFFFFFFF
-    return f"{_ID_PREFIX}-{0x8000 | (n >> 48):04x}-{n & 0xFFFFFFFFFFFF:012x}"
 
 
 _CONNECT_ERRORS = (

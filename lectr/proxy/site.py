@@ -14,35 +14,18 @@ Two Twisted defaults are replaced because they are wrong for a proxy:
 
 from __future__ import annotations
 
-import uuid
-from io import BytesIO
-
 from twisted.logger import Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
+from lectr.proxy.ids import new_request_id
 from lectr.proxy.routing import dialect_for
+from lectr.util.web import CappedBodyRequest, raw_413
 
 
-class _Discard:
-    """A content sink for a refused body."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def tell(self) -> int:
-        return 0
-
-    def seek(self, *args) -> None:
-        pass
-
-    def getvalue(self) -> bytes:
-        return b""
-
-
-class ProxyRequest(Request):
+class ProxyRequest(CappedBodyRequest, Request):
     _log = Logger()
     _body_size = 0
     _refused = False
@@ -73,47 +56,19 @@ class ProxyRequest(Request):
     def host(self):
         return self.channel.getHost()
 
-    # --- body ------------------------------------------------------------------
+    # --- body (CappedBodyRequest) ---------------------------------------------
 
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.channel.site.max_body_bytes:
-            self.content = _Discard()
-            self._refuse_too_large()
-        else:
-            self.content = BytesIO()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._body_size += len(data)
-        if self._body_size > self.channel.site.max_body_bytes:
-            self.content = _Discard()  # let go of what was buffered
-            self._refuse_too_large()
-            return
-        self.content.write(data)
-
-    def _refuse_too_large(self) -> None:
-        """Answer 413 now, on the raw transport (the request line is known,
-        the body is not read), and close the connection."""
-        self._refused = True
+    def refuse_too_large(self, path: bytes) -> bytes:
         site = self.channel.site
-        target = getattr(self.channel, "_path", b"/")  # set by HTTPChannel before gotLength
-        provider = site.registry.get(dialect_for(target.split(b"?", 1)[0]))
-        request_id = str(uuid.uuid4())
+        provider = site.registry.get(dialect_for(path))
+        request_id = new_request_id()
         body = provider.error_body(
             "too_large",
             f"Request body is larger than the {site.max_body_bytes} bytes this gateway accepts.",
             request_id,
         )
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n"
-            b"x-lectr-request-id: %s\r\n\r\n" % (len(body), request_id.encode()) + body
-        )
         site.refused_too_large()
-        self.channel.loseConnection()
+        return raw_413(body, b"x-lectr-request-id: " + request_id.encode())
 
     def connectionLost(self, reason) -> None:
         Request.connectionLost(self, reason)
