@@ -10,10 +10,11 @@ without touching the shared server.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from psycopg2.extensions import parse_dsn
 from twisted.internet import reactor as default_reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, UNIXClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
 
@@ -45,7 +46,12 @@ class _Downstream(Protocol):
             return
         fwd.connections.add(self)
         fwd.accepted += 1
-        endpoint = TCP4ClientEndpoint(fwd.reactor, fwd.target_host, fwd.target_port)
+        if fwd.target_host.startswith("/"):  # a Unix-socket directory (embedded PostgreSQL)
+            endpoint = UNIXClientEndpoint(
+                fwd.reactor, f"{fwd.target_host}/.s.PGSQL.{fwd.target_port}"
+            )
+        else:
+            endpoint = TCP4ClientEndpoint(fwd.reactor, fwd.target_host, fwd.target_port)
         d = endpoint.connect(Factory.forProtocol(lambda: _Upstream(self)))
         d.addErrback(lambda _: self.transport.abortConnection())
 
@@ -96,8 +102,9 @@ class TcpForwarder:
 
     @classmethod
     async def in_front_of(cls, url: str, reactor=default_reactor) -> TcpForwarder:
-        parts = urlsplit(url)
-        return await cls.start(parts.hostname or "127.0.0.1", parts.port or 5432, reactor)
+        params = parse_dsn(url)  # host may be a Unix-socket directory (?host=/path)
+        host = params.get("host") or "127.0.0.1"
+        return await cls.start(host, int(params.get("port") or 5432), reactor)
 
     @property
     def listen_port(self) -> int:
@@ -108,7 +115,10 @@ class TcpForwarder:
         parts = urlsplit(url)
         userinfo = parts.netloc.rpartition("@")[0]
         netloc = (userinfo + "@" if userinfo else "") + f"127.0.0.1:{self.listen_port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        query = urlencode(
+            [(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "hostaddr", "port")]
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
     def go_down(self) -> None:
         """PostgreSQL 'crashes': open connections are cut, new ones refused."""
