@@ -484,24 +484,28 @@ _PASS, _PENDING, _DROPPING, _DONE = range(4)
 _NULL_USAGE = (b',"usage":null', b', "usage": null')
 
 
-def _without_null_usage(held):
-    """The held lines of one event (bytes or bytearray) without the
-    ``"usage": null`` member that Lectr's injected include_usage made OpenAI
-    add."""
-    for pattern in _NULL_USAGE:
-        at = held.find(pattern)
-        if at >= 0:
-            return held[:at] + held[at + len(pattern) :]
-    return held
-
-
-def _strip_null_usage(data: bytes) -> bytes:
-    """Every ``"usage":null`` member of a run of whole events (inside a JSON
-    string the quotes would be escaped, so only members match)."""
+def _strip_null_usage(data):
+    """Every ``"usage":null`` member of one or more whole events (bytes or
+    bytearray; inside a JSON string the quotes would be escaped, so only
+    members match)."""
     out = data.replace(_NULL_USAGE[0], b"")
     if len(out) == len(data) and _NULL_USAGE[1] in data:  # not compact JSON
         out = data.replace(_NULL_USAGE[1], b"")
     return out
+
+
+def _usage_only(doc: dict) -> bool:
+    """The chunk OpenAI adds for include_usage: no choices, a usage object."""
+    return doc.get("choices") == [] and isinstance(doc.get("usage"), dict)
+
+
+def _openai_report(doc: dict) -> Usage | None:
+    """The usage an OpenAI event reports: chat/completions (``usage``) or
+    Responses (``response.usage``)."""
+    usage = openai_usage(doc.get("usage"))
+    if usage is None and isinstance(doc.get("response"), dict):
+        usage = openai_usage(doc["response"].get("usage"))
+    return usage
 
 
 class SSEMeter(_Base):
@@ -592,7 +596,7 @@ class SSEMeter(_Base):
                     self._stripped = True
                     self._state = _DONE
                 else:
-                    out.append(_without_null_usage(block) + b"\n\n")
+                    out.append(_strip_null_usage(block) + b"\n\n")
             elif out is not None:
                 out.append(block + b"\n\n")
             self._event(None, value)
@@ -654,7 +658,7 @@ class SSEMeter(_Base):
                         self._held.clear()
                         self._state = _DROPPING
                     else:
-                        out += _without_null_usage(self._held)
+                        out += _strip_null_usage(self._held)
                         self._held.clear()
                         self._state = _PASS
                 elif len(self._held) > STRIP_HOLD_MAX:
@@ -684,11 +688,7 @@ class SSEMeter(_Base):
             doc = json.loads(_field_value(line, 5))
         except (ValueError, RecursionError):
             return False
-        return (
-            isinstance(doc, dict)
-            and doc.get("choices") == []
-            and isinstance(doc.get("usage"), dict)
-        )
+        return isinstance(doc, dict) and _usage_only(doc)
 
     # --- line assembly ------------------------------------------------------------
 
@@ -854,13 +854,10 @@ class OpenAIStreamMeter(SSEMeter):
                 doc = json.loads(data)
             except (ValueError, RecursionError):
                 doc = None
-            if isinstance(doc, dict):
-                usage = openai_usage(doc.get("usage"))
-                if usage is None and isinstance(doc.get("response"), dict):
-                    usage = openai_usage(doc["response"].get("usage"))
-                if usage is not None:
-                    self._final = usage
-                    return
+            usage = _openai_report(doc) if isinstance(doc, dict) else None
+            if usage is not None:
+                self._final = usage
+                return
         if b"delta" not in data:
             return
         if _RESPONSES_DELTA_RE.search(data) is not None:
@@ -870,8 +867,8 @@ class OpenAIStreamMeter(SSEMeter):
 
     def _feed_events(self, data: bytes, whole: int) -> bytes:
         """Faster than the per-event loop for OpenAI streams: a run of
-        complete events is scanned as a whole. Deltas are counted with one
-        regex pass; only the lines that carry a usage object are parsed;
+        complete events is scanned as a whole. Deltas are counted with
+        bytes.count; only the lines that carry a usage object are parsed;
         with stripping, the usage-only event and the ``"usage":null``
         members are cut out of the run. Anything unusual (a usage object
         outside a ``data:`` line, huge lines) takes the per-event path."""
@@ -896,19 +893,15 @@ class OpenAIStreamMeter(SSEMeter):
                 continue
             if not isinstance(doc, dict):
                 continue
-            if (
-                stripping
-                and cut is None
-                and doc.get("choices") == []
-                and isinstance(doc.get("usage"), dict)
-            ):
+            if stripping and cut is None and _usage_only(doc):
+                if start and data[start - 2 : start] != b"\n\n":
+                    # the usage line does not start its event
+                    return super()._feed_events(data, whole)
                 cut = (start, end + 2)  # the whole event: one data line and its blank line
             reports.append(doc)
         self._deltas += _count_deltas(data)
         for doc in reports:
-            usage = openai_usage(doc.get("usage"))
-            if usage is None and isinstance(doc.get("response"), dict):
-                usage = openai_usage(doc["response"].get("usage"))
+            usage = _openai_report(doc)
             if usage is not None:
                 self._final = usage
         if not stripping:
@@ -916,12 +909,7 @@ class OpenAIStreamMeter(SSEMeter):
         if cut is not None:
             self._stripped = True
             self._state = _DONE
-            before = data[: cut[0]]
-            if cut[0] and before[-2:] != b"\n\n":  # the usage line must start its event
-                self._stripped = False
-                self._state = _PENDING
-                return super()._feed_events(data, whole)
-            return _strip_null_usage(before) + data[cut[1] :]
+            return _strip_null_usage(data[: cut[0]]) + data[cut[1] :]
         return _strip_null_usage(data)
 
     def _event_truncated(self, name: bytes | None, tail: bytes) -> None:
