@@ -349,7 +349,7 @@ class Database:
         try:
             conn = _Connection(reactor=self._reactor)
             d = conn.connect(self.dsn, **self._connect_kwargs)
-            timer = self._reactor.callLater(self._connect_timeout, _abort_connect, conn)
+            timer = self._reactor.callLater(self._connect_timeout, close_quietly, conn)
             try:
                 await d
             finally:
@@ -359,7 +359,7 @@ class Database:
         except (psycopg2.Error, OSError, error.ConnectionDone, error.ConnectionLost) as e:
             self._size -= 1
             raise DatabaseUnavailable(
-                f"cannot connect to PostgreSQL at {self.safe_dsn}: {_describe(e)}"
+                f"cannot connect to PostgreSQL at {self.safe_dsn}: {describe_error(e)}"
             ) from None
         except BaseException:
             self._size -= 1
@@ -433,12 +433,17 @@ class _StaleConnection(Exception):
     """The connection was dead before the operation reached the server."""
 
 
-def _abort_connect(conn: _Connection) -> None:
-    if not conn.is_closed:
-        conn.close()
+def close_quietly(conn: _Connection) -> None:
+    """Close a connection that may be half-open or already gone."""
+    try:
+        if not conn.is_closed:
+            conn.close()
+    except (psycopg2.Error, AttributeError):
+        pass
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """One line for an operator: the first line of a (libpq) error."""
     text = str(e).strip()
     if not text:
         return type(e).__name__

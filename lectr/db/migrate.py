@@ -17,6 +17,8 @@ from pathlib import Path
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from lectr.db.database import describe_error
+
 # "LECTRMIG" as a 64-bit integer: the key of the migration advisory lock.
 MIGRATION_LOCK_KEY = int.from_bytes(b"LECTRMIG", "big") & 0x7FFFFFFFFFFFFFFF
 
@@ -115,8 +117,7 @@ async def upgrade(reactor, dsn: str) -> None:
     except MigrationError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MigrationError(f"database migration failed: {first}") from e
+        raise MigrationError(f"database migration failed: {describe_error(e)}") from e
     if before == after:
         _log.info("database schema is current (revision {rev})", rev=after)
     else:

@@ -24,7 +24,13 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from lectr.config import redact_url
-from lectr.db.database import NOTIFY_CHANNEL, DatabaseUnavailable, _Connection
+from lectr.db.database import (
+    NOTIFY_CHANNEL,
+    DatabaseUnavailable,
+    _Connection,
+    close_quietly,
+    describe_error,
+)
 from lectr.metrics import Registry
 
 
@@ -122,16 +128,15 @@ class ChangeListener(Service):
 
     async def _connect(self) -> None:
         conn = _ListenConnection(reactor=self._reactor)
-        timer = self._reactor.callLater(self._connect_timeout, _close_quietly, conn)
+        timer = self._reactor.callLater(self._connect_timeout, close_quietly, conn)
         try:
             await conn.connect(self._dsn, application_name="lectr-listener")
             conn.addNotifyObserver(self._on_notify)
             await conn.runOperation(f"LISTEN {NOTIFY_CHANNEL}")
         except (psycopg2.Error, OSError, error.ConnectionDone, error.ConnectionLost) as e:
-            _close_quietly(conn)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            close_quietly(conn)
             raise DatabaseUnavailable(
-                f"change listener cannot connect to {redact_url(self._dsn)}: {first}"
+                f"change listener cannot connect to {redact_url(self._dsn)}: {describe_error(e)}"
             ) from None
         finally:
             if timer.active():
@@ -182,11 +187,11 @@ class ChangeListener(Service):
         if conn is None or conn.is_closed:
             return
         d = conn.runQuery("SELECT 1")
-        timer = self._reactor.callLater(self._ping_timeout, _close_quietly, conn)
+        timer = self._reactor.callLater(self._ping_timeout, close_quietly, conn)
         try:
             await d
         except (psycopg2.Error, error.ConnectionDone, error.ConnectionLost, CancelledError):
-            _close_quietly(conn)
+            close_quietly(conn)
         finally:
             if timer.active():
                 timer.cancel()
@@ -216,11 +221,3 @@ class ChangeListener(Service):
                 callback(ident)
             except Exception:
                 self._log.failure("change subscriber for {kind} failed", kind=kind)
-
-
-def _close_quietly(conn: _Connection) -> None:
-    try:
-        if not conn.is_closed:
-            conn.close()
-    except (psycopg2.Error, AttributeError):
-        pass

@@ -215,6 +215,7 @@ class _Call:
         "created_at",
         "provider",
         "path",
+        "path_text",
         "ident",
         "plan",
         "status",
@@ -240,6 +241,7 @@ class _Call:
         self.created_at = datetime.now(UTC)
         self.provider = None
         self.path = b""
+        self.path_text = ""  # the provider path, decoded once (planning, metering, logging)
         self.ident = None
         self.plan = None
         self.status = 0
@@ -273,6 +275,7 @@ class _Call:
             return
         self.provider = h.registry.get(r.provider)
         self.path = r.path
+        self.path_text = r.path.decode("utf-8", "replace")
         key = presented_key(headers)
         if key is None:
             self.fail(
@@ -336,7 +339,7 @@ class _Call:
             plan = plan_request(
                 provider.name,
                 req.method,
-                self.path.decode("utf-8", "replace"),
+                self.path_text,
                 content_type[0] if content_type else None,
                 req.content.getvalue(),
             )
@@ -439,7 +442,7 @@ class _Call:
         self.meter = meter_for(
             plan,
             self.provider.name,
-            self.path.decode("utf-8", "replace"),
+            self.path_text,
             code,
             ctype[0] if ctype else None,
             encoding[0] if encoding else None,
@@ -601,7 +604,7 @@ class _Call:
                 provider=provider,
                 model=plan.model if plan is not None else None,
                 method=self.request.method.decode("ascii", "replace"),
-                path=self.path.decode("utf-8", "replace"),
+                path=self.path_text,
                 status=self.status,
                 latency_ms=elapsed * 1000.0,
                 ttfb_ms=(self.ttfb - self.t0) * 1000.0 if self.ttfb is not None else None,
