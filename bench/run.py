@@ -424,9 +424,7 @@ def throughput(
     for stream in (False, True):
         for conns in (1, 32, 128):
             for name, (url, key) in targets.items():
-                script = wrk_script(workdir, stream, key)
-                run_wrk(url, script, conns, 2, load_pin)  # warm-up
-                r = run_wrk(url, script, conns, seconds, load_pin)
+                r = measure(url, wrk_script(workdir, stream, key), conns, seconds, load_pin)
                 rows.append(
                     {"mode": "stream" if stream else "json", "c": conns, "target": name, **r}
                 )
@@ -547,6 +545,19 @@ def memory(workdir: Path, counts: list[int], proxy_pin: list[str]) -> None:
         slow.wait(10)
 
 
+def measure(url: str, script: Path, conns: int, seconds: int, pin: list[str]) -> dict:
+    run_wrk(url, script, conns, 2, pin)  # warm-up
+    return run_wrk(url, script, conns, seconds, pin)
+
+
+def both_modes(lectr: Lectr, sub: Path, conns: int, seconds: int, load_pin: list[str]):
+    """(mode, wrk result) for non-streaming then streaming requests to ``lectr``."""
+    url = f"http://127.0.0.1:{lectr.port}/v1/chat/completions"
+    for stream in (False, True):
+        script = wrk_script(sub, stream, lectr.lectr_key)
+        yield ("stream" if stream else "json"), measure(url, script, conns, seconds, load_pin)
+
+
 def scaling(workdir: Path, upstream: str, seconds: int, load_pin: list[str]) -> None:
     """--workers 1 against --workers 2, both free to use every core (on a
     2-core machine the load generator and the fake provider share them)."""
@@ -558,13 +569,9 @@ def scaling(workdir: Path, upstream: str, seconds: int, load_pin: list[str]) -> 
         sub.mkdir()
         lectr = Lectr(sub, upstream, [], workers=workers)
         try:
-            url = f"http://127.0.0.1:{lectr.port}/v1/chat/completions"
-            for stream in (False, True):
-                script = wrk_script(sub, stream, lectr.lectr_key)
-                run_wrk(url, script, 128, 2, load_pin)
-                r = run_wrk(url, script, 128, seconds, load_pin)
+            for mode, r in both_modes(lectr, sub, 128, seconds, load_pin):
                 print(
-                    f"| {workers} | {'stream' if stream else 'json'} | 128 | {r['rps']:.0f} | "
+                    f"| {workers} | {mode} | 128 | {r['rps']:.0f} | "
                     f"{r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} |",
                     flush=True,
                 )
@@ -585,13 +592,9 @@ def logging_cost(
         sub.mkdir()
         lectr = Lectr(sub, upstream, proxy_pin, extra_path=extra)
         try:
-            url = f"http://127.0.0.1:{lectr.port}/v1/chat/completions"
-            for stream in (False, True):
-                script = wrk_script(sub, stream, lectr.lectr_key)
-                run_wrk(url, script, 32, 2, load_pin)
-                r = run_wrk(url, script, 32, seconds, load_pin)
+            for mode, r in both_modes(lectr, sub, 32, seconds, load_pin):
                 print(
-                    f"| {label} | {'stream' if stream else 'json'} | {r['rps']:.0f} | "
+                    f"| {label} | {mode} | {r['rps']:.0f} | "
                     f"{r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} |",
                     flush=True,
                 )
