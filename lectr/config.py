@@ -90,6 +90,30 @@ def _http_base_url(raw: str) -> str:
     return value
 
 
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NEVER_FORWARDED = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "host"}
+)
+
+
+def _header_names(raw: str) -> frozenset[str]:
+    names = frozenset(n.strip().lower() for n in raw.split(",") if n.strip())
+    for name in names:
+        if not _HEADER_NAME_RE.fullmatch(name):
+            raise ValueError(f"{name!r} is not a header name")
+        if name in _NEVER_FORWARDED:
+            raise ValueError(f"{name!r} carries credentials and is never forwarded")
+    return names
+
+
+def _host_patterns(raw: str) -> tuple[str, ...]:
+    patterns = tuple(p.strip().lower() for p in raw.split(",") if p.strip())
+    for p in patterns:
+        if not re.fullmatch(r"[a-z0-9*.\-:\[\]]+", p):
+            raise ValueError(f"{p!r} is not a host pattern")
+    return patterns
+
+
 def parse_database_url(raw: str) -> str:
     """Validate a ``postgresql://`` URL and return it in the form libpq
     accepts. Unix-socket hosts (``?host=/run/postgresql`` or a percent-encoded
@@ -170,6 +194,33 @@ class Setting:
     option: str | None = None  # long command-line option, if any
     flag: bool = False  # a command-line flag rather than a parameter
     secret: bool = False  # environment only, never shown
+
+
+#: the attribute prefix of the per-provider base URL settings
+BASE_URL_ATTR = "base_url:"
+
+
+def _provider_base_url_settings() -> list[Setting]:
+    """``LECTR_<PROVIDER>_BASE_URL`` for every built-in provider (the
+    catalogue decides which exist; see lectr/providers/catalogue)."""
+    from lectr.providers.registry import discover
+
+    out = []
+    for cls in discover():
+        if cls.default_base_url is None:
+            meaning = f"{cls.display_name} base URL used by keys that name none"
+        else:
+            meaning = f"{cls.display_name} base URL; may carry a path prefix"
+        out.append(
+            Setting(
+                BASE_URL_ATTR + cls.name,
+                f"LECTR_{cls.name.upper().replace('-', '_')}_BASE_URL",
+                cls.default_base_url,
+                meaning,
+                _http_base_url,
+            )
+        )
+    return out
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -292,26 +343,43 @@ SETTINGS: tuple[Setting, ...] = (
         "JWKS URL of the issuer; default <issuer>/.well-known/jwks.json",
         _http_base_url,
     ),
-    Setting(
-        "openai_base_url",
-        "LECTR_OPENAI_BASE_URL",
-        "https://api.openai.com",
-        "OpenAI origin; may carry a path prefix",
-        _http_base_url,
-    ),
-    Setting(
-        "anthropic_base_url",
-        "LECTR_ANTHROPIC_BASE_URL",
-        "https://api.anthropic.com",
-        "Anthropic origin; may carry a path prefix",
-        _http_base_url,
-    ),
+    *_provider_base_url_settings(),
     Setting(
         "max_body_bytes",
         "LECTR_MAX_BODY_BYTES",
         "33554432",
         "Largest request body accepted; larger ones get 413",
         _int_in(1, 2**40),
+    ),
+    Setting(
+        "body_read_timeout",
+        "LECTR_BODY_READ_TIMEOUT",
+        "60",
+        "Seconds a client may take to send a whole request body (408 when exceeded)",
+        _seconds(1, 3600),
+    ),
+    Setting(
+        "max_unauthenticated",
+        "LECTR_MAX_UNAUTHENTICATED",
+        "1024",
+        "Connections per process that may wait without a checked key; more are closed",
+        _int_in(1, 1_000_000),
+    ),
+    Setting(
+        "forward_headers",
+        "LECTR_FORWARD_HEADERS",
+        "",
+        "Client-identifying headers to pass to providers (comma-separated, e.g. "
+        "x-forwarded-for); credentials are never passed",
+        _header_names,
+    ),
+    Setting(
+        "key_base_url_hosts",
+        "LECTR_KEY_BASE_URL_HOSTS",
+        "",
+        "More host patterns (comma-separated, * wildcards) a provider key's own base_url may "
+        "name, for providers whose keys carry one (Azure)",
+        _host_patterns,
     ),
     Setting(
         "upstream_connect_timeout",
@@ -386,9 +454,13 @@ class Config:
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     oidc_jwks_url: str | None = None
-    openai_base_url: str = "https://api.openai.com"
-    anthropic_base_url: str = "https://api.anthropic.com"
+    #: provider name -> base URL (LECTR_<PROVIDER>_BASE_URL or the default)
+    provider_base_urls: Mapping[str, str] = field(default_factory=dict)
     max_body_bytes: int = 33554432
+    body_read_timeout: float = 60.0
+    max_unauthenticated: int = 1024
+    forward_headers: frozenset[str] = frozenset()
+    key_base_url_hosts: tuple[str, ...] = ()
     upstream_connect_timeout: float = 10.0
     upstream_headers_timeout: float = 600.0
     upstream_idle_timeout: float = 300.0
@@ -397,6 +469,14 @@ class Config:
     shutdown_grace: float = 30.0
     # Filled in by the start-up code, not by the operator.
     development_mode: bool = False
+
+    @property
+    def openai_base_url(self) -> str | None:
+        return self.provider_base_urls.get("openai")
+
+    @property
+    def anthropic_base_url(self) -> str | None:
+        return self.provider_base_urls.get("anthropic")
 
     @property
     def embedded_database(self) -> bool:
@@ -439,9 +519,13 @@ def load_config(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
             values[s.attr] = raw
             continue
         try:
-            values[s.attr] = s.parse(str(raw))
+            value = s.parse(str(raw))
         except ValueError as e:
             raise ConfigError(f"{source} is malformed: {e}") from None
+        if s.attr.startswith(BASE_URL_ATTR):
+            values.setdefault("provider_base_urls", {})[s.attr[len(BASE_URL_ATTR) :]] = value
+        else:
+            values[s.attr] = value
     config = Config(**values)
     _check(config, environ)
     return config

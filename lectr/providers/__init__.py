@@ -1,6 +1,7 @@
-"""AI providers: how Lectr routes to, authenticates with, validates keys
-for, and speaks the error dialect of each upstream."""
+"""AI providers: a catalogue of objects that each own everything specific to
+one upstream (see :mod:`lectr.providers.base`)."""
 
-from lectr.providers.base import KeyValidation, Provider, ProviderRegistry
+from lectr.providers.base import KeyValidation, Provider
+from lectr.providers.registry import ProviderRegistry
 
 __all__ = ["KeyValidation", "Provider", "ProviderRegistry"]

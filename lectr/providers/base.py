@@ -1,17 +1,36 @@
-"""The provider interface and the registry.
+"""The provider interface.
 
-A provider knows its origin (``base_url``, which may carry a path prefix),
-how a request authenticates upstream, how to check that a key works, and
-the shape of its error bodies, so that Lectr's own errors on a provider's
-routes are raised by that provider's SDK as its usual exception types.
+A :class:`Provider` owns everything specific to one upstream, so that the
+router, the policy chain, the attempt loop, the meters, the admin API and the
+CLI never name a provider:
+
+- ``name`` (its route prefix: ``/<name>/v1/…``), ``display_name``, and its
+  ``dialect`` (:mod:`lectr.providers.dialects`: error bodies, request shape,
+  stream format, usage fields);
+- its default base URL, and whether a key may carry its own base URL
+  (``key_base_url_hosts``: Azure resources), so org admins never point Lectr
+  at an arbitrary host;
+- :meth:`upstream_path`: how a Lectr API path (``/v1/chat/completions``)
+  becomes the provider's path (a version prefix dropped, a deployment path);
+- :meth:`model_in_path`: a model named by the path rather than the body;
+- :meth:`sign`: how a request is authenticated (a header, a query
+  parameter, or a signature computed over method, URL, headers and body -
+  the whole :class:`UpstreamRequest` is passed for that);
+- :meth:`validate_key`: how a key is checked before it is stored;
+- :meth:`plan`: what the request asks for and the bytes to send (through
+  the dialect, e.g. asking an OpenAI-style stream for its usage).
+
+Built-in providers are modules of :mod:`lectr.providers.catalogue`; custom
+ones (vLLM, Ollama, a private endpoint) are rows made by a global admin
+(:mod:`lectr.providers.custom`). :mod:`lectr.providers.registry` holds both.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
@@ -19,18 +38,27 @@ from twisted.logger import Logger
 
 from lectr.util.secret import Secret
 
+if TYPE_CHECKING:
+    from lectr.providers.body import ReadBody
+    from lectr.providers.dialects import Dialect
+    from lectr.usage.meters import RequestPlan
+
 # What a provider's error text may contain that must never be echoed:
 # key-like tokens (OpenAI's "Incorrect API key provided: sk-abc*****xyz").
-_KEYLIKE = re.compile(r"\b(?:sk|lc|key|pk|rk)[-_][A-Za-z0-9_\-*.]{4,}")
+_KEYLIKE_PATTERN = (
+    r"\b(?:(?:sk|lc|key|pk|rk|gsk|xai|fw)[-_][A-Za-z0-9_\-*.]{4,}|AIza[A-Za-z0-9_\-]{20,})"
+)
+_KEYLIKE = re.compile(_KEYLIKE_PATTERN)
+_KEYLIKE_BYTES = re.compile(_KEYLIKE_PATTERN.encode())
 
 
-def scrub_body(body: bytes) -> bytes:
-    """A provider's error body with key-like tokens masked, every other byte
-    kept (OpenAI's 401 quotes part of the key it was sent: the org's own
-    provider key must not reach the org's clients even in part)."""
-    text = body.decode("utf-8", "surrogateescape")
-    cleaned = _KEYLIKE.sub("***", text)
-    return body if cleaned == text else cleaned.encode("utf-8", "surrogateescape")
+def scrub_body(body: bytes, secret: bytes | None = None) -> bytes:
+    """An error body with the org's exact provider key (``secret``) and any
+    key-like token masked, every other byte kept: OpenAI's 401 quotes part of
+    the key it was sent, and a 400 may quote a header; the org's provider key
+    must not reach the org's clients even in part."""
+    cleaned = body.replace(secret, b"***") if secret else body
+    return _KEYLIKE_BYTES.sub(b"***", cleaned)
 
 
 def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
@@ -44,8 +72,8 @@ def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
 
 
 def host_header(url: str) -> bytes:
-    """The Host header for a provider origin (the port only when it is not
-    the scheme's default), as Agent would compute it."""
+    """The Host header for a base URL (the port only when it is not the
+    scheme's default)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:
@@ -56,13 +84,20 @@ def host_header(url: str) -> bytes:
     return host.encode("ascii")
 
 
+def url_path(url: str) -> bytes:
+    """The path prefix of a base URL, without a trailing slash."""
+    return urlsplit(url).path.rstrip("/").encode("ascii")
+
+
 @dataclass(frozen=True, slots=True)
 class KeyValidation:
     """The outcome of checking a key with its provider.
 
     ``valid`` True: the provider accepted it. False with ``reachable`` True:
     the provider refused it (``reason`` says why). ``reachable`` False: the
-    provider could not be asked (network error, timeout, 5xx).
+    provider could not be asked or gave no usable answer (network error,
+    timeout, redirect, 404, 5xx); ``reason`` says what happened and the URL
+    asked.
     """
 
     valid: bool
@@ -71,70 +106,208 @@ class KeyValidation:
     reason: str
 
 
-# error kinds Lectr raises, mapped per dialect
-ERROR_KINDS = (
-    "invalid_request",  # 400
-    "authentication",  # 401
-    "permission",  # 403
-    "not_found",  # 404
-    "too_large",  # 413
-    "upstream_unavailable",  # 502
-    "upstream_timeout",  # 504
-    "internal",  # 500
+class KeyOptions(Protocol):
+    """What a stored provider key carries besides its secret (a pool key)."""
+
+    base_url: str | None  # only for providers with key_base_url_hosts
+    api_version: str | None  # Azure
+
+
+@dataclass(frozen=True, slots=True)
+class NoOptions:
+    base_url: str | None = None
+    api_version: str | None = None
+
+
+NO_OPTIONS = NoOptions()
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """One upstream call as it is being built, then signed.
+
+    ``base_url`` names the origin (scheme, host, port, path prefix);
+    ``target`` is the full request-target sent to it (the base URL's path
+    prefix included, with the query string)."""
+
+    method: bytes
+    base_url: str
+    target: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes | None = None
+
+
+# --- signing ------------------------------------------------------------------------
+
+
+class HeaderAuth:
+    """The key in one header (``Authorization: Bearer``, ``x-api-key``,
+    Azure's ``api-key``)."""
+
+    __slots__ = ("name", "prefix")
+
+    def __init__(self, name: bytes, prefix: bytes = b"") -> None:
+        self.name = name
+        self.prefix = prefix
+
+    def sign(self, request: UpstreamRequest, key: str) -> None:
+        request.headers.append((self.name, self.prefix + key.encode("ascii")))
+
+    @property
+    def header_names(self) -> tuple[bytes, ...]:
+        return (self.name.lower(),)
+
+
+BEARER = HeaderAuth(b"Authorization", b"Bearer ")
+X_API_KEY = HeaderAuth(b"x-api-key")
+API_KEY = HeaderAuth(b"api-key")
+
+#: every header a client could use to carry a credential to a provider:
+#: never forwarded (the org's own key is injected instead)
+CREDENTIAL_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"proxy-authorization",
+        b"x-api-key",
+        b"api-key",
+        b"x-goog-api-key",
+        b"cookie",
+        b"ocp-apim-subscription-key",
+    }
 )
 
 
+# --- providers ----------------------------------------------------------------------
+
+# Lower values come first in listings (openai, anthropic, then the rest by name).
+DEFAULT_ORDER = 100
+
+
 class Provider:
-    """Base class; subclasses set the class variables and ``auth_headers``."""
+    """Base class of every provider. Subclasses set the class variables and
+    override what differs."""
 
     name: ClassVar[str]
     display_name: ClassVar[str]
-    default_base_url: ClassVar[str]
-    #: model-name prefixes this provider serves (for hints and validation)
-    model_prefixes: ClassVar[tuple[str, ...]] = ()
-    #: headers (lower-case) that carry the key upstream
-    auth_header_names: ClassVar[tuple[bytes, ...]]
+    dialect: ClassVar[Dialect]
+    #: where requests go unless configured otherwise (``LECTR_<NAME>_BASE_URL``);
+    #: None: every key carries its own base URL
+    default_base_url: ClassVar[str | None]
+    #: host patterns (fnmatch) a key's own base URL may name; empty: keys
+    #: cannot carry a base URL
+    key_base_url_hosts: ClassVar[tuple[str, ...]] = ()
+    #: keys may carry an API version (Azure's ``api-version``)
+    accepts_api_version: ClassVar[bool] = False
+    #: the API path that lists models: key validation asks it
+    models_path: ClassVar[bytes] = b"/v1/models"
     #: headers every key-validation request needs besides auth
     validation_headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
+    #: model-name prefixes this provider serves (hints in help texts)
+    model_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: ask OpenAI-style chat streams for their usage (``stream_options``);
+    #: off for upstreams that may refuse the member
+    injects_stream_usage: ClassVar[bool] = True
+    auth: ClassVar[HeaderAuth] = BEARER
+    order: ClassVar[int] = DEFAULT_ORDER
+    custom: ClassVar[bool] = False
 
     _log = Logger()
 
     def __init__(self, base_url: str | None = None) -> None:
-        url = (base_url or self.default_base_url).rstrip("/")
-        self.base_url = url
-        self._base_bytes = url.encode("ascii")
-        self.host = host_header(url)  # the Host header upstream
+        url = base_url or self.default_base_url
+        self.base_url: str | None = url.rstrip("/") if url else None
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.base_url}>"
+        return f"<{type(self).__name__} {self.name} {self.base_url}>"
 
-    # --- upstream -------------------------------------------------------------
+    # --- the request --------------------------------------------------------------
 
-    def upstream_url(self, path: bytes) -> bytes:
-        """``path`` is the provider path with its query string (``/v1/…?…``)."""
-        return self._base_bytes + path
+    def plan(self, method: bytes, api_path: str, read: ReadBody, model: str | None) -> RequestPlan:
+        """What the request asks for and the bytes to send for ``model``
+        (the body's own model, or the one a route or ``provider/model``
+        chose)."""
+        return self.dialect.plan(method, api_path, read, model, self.injects_stream_usage)
 
-    def auth_headers(self, key: str) -> tuple[tuple[bytes, bytes], ...]:
-        raise NotImplementedError
+    def model_in_path(self, api_path: str) -> str | None:
+        """The model a path names (Gemini's native ``/models/{m}:…``), or None
+        when the model is in the body."""
+        return None
 
-    # --- errors ---------------------------------------------------------------
+    def base_url_for(self, options: KeyOptions) -> str | None:
+        return options.base_url or self.base_url
+
+    def upstream_path(self, api_path: bytes, model: str | None, options: KeyOptions) -> bytes:
+        """The path to request, before the base URL's own prefix: by default
+        the API path as it is (``/v1/chat/completions``)."""
+        return api_path
+
+    def query(self, query: bytes, options: KeyOptions) -> bytes:
+        """The query string to send (``b""`` or ``b"?…"``)."""
+        return query
+
+    def request(
+        self,
+        method: bytes,
+        api_path: bytes,
+        query: bytes,
+        model: str | None,
+        options: KeyOptions,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+    ) -> UpstreamRequest:
+        """The upstream request, before signing. Raises ValueError when this
+        provider cannot be reached with these options (no base URL)."""
+        base = self.base_url_for(options)
+        if base is None:
+            raise ValueError(f"{self.display_name} keys need a base URL")
+        target = url_path(base) + self.upstream_path(api_path, model, options)
+        return UpstreamRequest(method, base, target + self.query(query, options), headers, body)
+
+    def sign(self, request: UpstreamRequest, key: Secret[str], options: KeyOptions) -> None:
+        """Add the credential. Header schemes append one header; a scheme that
+        signs the whole request (AWS SigV4) would read method, base URL,
+        target, headers and body here and add its headers last."""
+        self.auth.sign(request, key.reveal())
+
+    @property
+    def credential_headers(self) -> tuple[bytes, ...]:
+        return self.auth.header_names
+
+    # --- key options ------------------------------------------------------------------
+
+    def check_key_base_url(self, url: str) -> bool:
+        """May a key of this provider carry ``url`` as its base URL?"""
+        if not self.key_base_url_hosts:
+            return False
+        host = (urlsplit(url).hostname or "").lower()
+        return any(fnmatchcase(host, pattern) for pattern in self.key_base_url_hosts)
+
+    # --- errors -------------------------------------------------------------------------
 
     def error_body(self, kind: str, message: str, request_id: str | None = None) -> bytes:
-        raise NotImplementedError
+        return self.dialect.error_body(kind, message, request_id)
 
-    # --- key validation -------------------------------------------------------
+    # --- key validation -----------------------------------------------------------------
 
     async def validate_key(
-        self, key: Secret[str], http_request, *, timeout: float = 10.0
+        self, key: Secret[str], http_request, *, timeout: float = 10.0, options=NO_OPTIONS
     ) -> KeyValidation:
-        """``GET /v1/models`` with the key. ``http_request(method, url,
-        headers, timeout)`` performs one request without following redirects
-        and returns ``(status, body bytes)``; it raises on network errors."""
-        headers = dict(self.auth_headers(key.reveal()))
-        headers.update(self.validation_headers)
-        url = self.upstream_url(b"/v1/models")
+        """Ask the provider to list models with the key. ``http_request(method,
+        url, headers, timeout)`` performs one request without following
+        redirects, bounded by ``timeout`` as a whole, and returns ``(status,
+        body bytes)``; it raises on network errors and timeouts."""
         try:
-            status, body = await http_request(b"GET", url, headers, timeout)
+            upstream = self.request(b"GET", self.models_path, b"", None, options, [], None)
+        except ValueError as e:
+            return KeyValidation(False, False, None, str(e))
+        upstream.headers.extend(self.validation_headers)
+        self.sign(upstream, key, options)
+        base = upstream.base_url
+        parts = urlsplit(base)
+        url = f"{parts.scheme}://{parts.netloc}".encode("ascii") + upstream.target
+        shown = scrub(url.decode("ascii", "replace"), key.reveal())
+        try:
+            status, body = await http_request(b"GET", url, dict(upstream.headers), timeout)
         except CancelledError:
             raise
         except Exception as e:  # network errors of every kind: the provider was not reached
@@ -142,9 +315,9 @@ class Provider:
                 valid=False,
                 reachable=False,
                 status=None,
-                reason=f"{self.display_name} could not be reached ({type(e).__name__})",
+                reason=f"{self.display_name} could not be reached at {shown} ({_describe(e)})",
             )
-        reason = scrub(self.error_message(body), key.reveal())
+        reason = scrub(self.dialect.error_message(body), key.reveal())
         if 200 <= status < 300:
             return KeyValidation(True, True, status, "accepted")
         if status == 429:
@@ -155,52 +328,15 @@ class Provider:
                 False, True, status, reason or f"{self.display_name} refused the key ({status})"
             )
         if 300 <= status < 400:
-            return KeyValidation(
-                False, False, status, f"{self.display_name} answered with a redirect ({status})"
-            )
-        return KeyValidation(
-            False,
-            False,
-            status,
-            f"{self.display_name} answered {status}" + (f": {reason}" if reason else ""),
-        )
-
-    def error_message(self, body: bytes) -> str:
-        """The human message inside one of this provider's error bodies."""
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return ""
-        err = doc.get("error") if isinstance(doc, dict) else None
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"]
-        return ""
+            what = f"answered with a redirect ({status})"
+        elif status == 404:
+            what = "answered 404 Not Found (is the base URL right?)"
+        else:
+            what = f"answered {status}" + (f": {reason}" if reason else "")
+        return KeyValidation(False, False, status, f"{self.display_name} {what} for GET {shown}")
 
 
-class ProviderRegistry:
-    """The providers Lectr serves, by name, with their configured origins."""
-
-    def __init__(self, providers: list[Provider]) -> None:
-        self._by_name = {p.name: p for p in providers}
-
-    @classmethod
-    def from_config(cls, config) -> ProviderRegistry:
-        from lectr.providers.anthropic import Anthropic
-        from lectr.providers.openai import OpenAI
-
-        return cls([OpenAI(config.openai_base_url), Anthropic(config.anthropic_base_url)])
-
-    def get(self, name: str) -> Provider | None:
-        return self._by_name.get(name)
-
-    def __getitem__(self, name: str) -> Provider:
-        return self._by_name[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._by_name
-
-    def names(self) -> list[str]:
-        return list(self._by_name)
-
-    def __iter__(self):
-        return iter(self._by_name.values())
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    name = type(error).__name__
+    return f"{name}: {scrub(text, limit=120)}" if text else name

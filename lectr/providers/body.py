@@ -1,0 +1,358 @@
+"""One strict reading of a request body: what Lectr judges is what the
+provider reads.
+
+The model policy (allow/block lists), routes, limits and pricing all act on
+the model a request names. A gateway that reads the body differently from
+the provider can be steered around its own policy (a duplicate ``"model"``
+key that one parser keeps first and another last, a byte-order mark, JSON
+behind whitespace a sniffer skipped, a form field past a parser's field
+limit…). So the body is read once, strictly, and when Lectr cannot name the
+one model with certainty it refuses the request (400) instead of forwarding
+bytes it could not judge:
+
+- at most one ``Content-Type`` header, and a well-formed media type;
+- a body that is declared JSON, or that any lenient parser could take for
+  JSON (its first significant byte, after every kind of whitespace and
+  byte-order mark, is ``{`` or ``[``), must be strict JSON: UTF-8 without a
+  byte-order mark (a UTF-8 BOM is removed: the bytes forwarded are the bytes
+  judged), RFC 8259 syntax, a top-level object without duplicate keys, and a
+  ``model`` that is a string of printable text;
+- ``multipart/form-data`` must parse strictly (CRLF lines, one boundary,
+  ``form-data`` parts with a plain ``name``), with at most one ``model``
+  field;
+- ``application/x-www-form-urlencoded`` must be ASCII, ``&``-separated
+  (no ``;``), well-encoded, of a bounded number of fields, with at most one
+  ``model`` field;
+- anything else (audio, images, text) carries no model.
+
+Duplicate keys are looked for at the top level of a JSON object, where every
+member Lectr acts on lives (``model``, ``stream``, ``stream_options``,
+``metadata``…); nested values are parsed by the C scanner at full speed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from json.decoder import scanstring
+from json.scanner import make_scanner
+from urllib.parse import unquote_to_bytes
+
+#: model names longer than this are not model names
+MODEL_MAX = 256
+#: URL-encoded form fields read at most
+FORM_FIELDS_MAX = 1000
+#: multipart parts read at most
+MULTIPART_PARTS_MAX = 1000
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_OTHER_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+# Bytes some parser somewhere treats as leading whitespace (JSON's four, plus
+# form feed, vertical tab, NUL and the BOM/NBSP bytes): used only to decide
+# whether a body could be taken for JSON, never to accept one.
+_SNIFF_SKIP = b" \t\r\n\f\v\x00\xef\xbb\xbf\xff\xfe\xc2\xa0"
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_MEDIA_TYPE = re.compile(
+    rb"\s*(" + _TOKEN + rb")/(" + _TOKEN + rb")\s*"
+    rb"((?:;\s*" + _TOKEN + rb"=(?:" + _TOKEN + rb'|"(?:[^"\\\r\n]|\\.)*")\s*)*);?\s*',
+)
+_PARAM = re.compile(rb";\s*(" + _TOKEN + rb")=(" + _TOKEN + rb'|"(?:[^"\\\r\n]|\\.)*")')
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+_DISPOSITION_PARAM = re.compile(
+    rb"\s*;\s*(" + _TOKEN + rb")\s*=\s*(" + _TOKEN + rb'|"(?:[^"\\\r\n]|\\.)*")', re.IGNORECASE
+)
+
+_DECODER = json.JSONDecoder()
+_scan_value = make_scanner(_DECODER)
+
+
+class BodyRefused(ValueError):
+    """The body cannot be judged with certainty (or is malformed for what it
+    claims to be). The message is shown to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBody:
+    kind: str
+    """``empty``, ``json``, ``multipart``, ``form`` or ``opaque``."""
+    doc: dict | None
+    """The parsed top-level JSON object (``json`` bodies)."""
+    model: str | None
+    """The model the body names, if any."""
+    body: bytes
+    """The bytes to forward: the client's, minus a UTF-8 byte-order mark."""
+    model_span: tuple[int, int] | None = None
+    """Where the model's value is in ``body`` (multipart bodies), so that a
+    route can replace it without re-encoding the file parts."""
+
+    @property
+    def stream(self) -> bool:
+        return self.doc is not None and self.doc.get("stream") is True
+
+
+def media_type(content_type: bytes | None) -> tuple[bytes, dict[bytes, bytes]]:
+    """``(type/subtype lower-cased, {param: value})``; ``(b"", {})`` when
+    absent. Raises :class:`BodyRefused` when malformed."""
+    if content_type is None or not content_type.strip():
+        return b"", {}
+    m = _MEDIA_TYPE.fullmatch(content_type)
+    if m is None:
+        raise BodyRefused("the Content-Type header is malformed")
+    params: dict[bytes, bytes] = {}
+    for name, value in _PARAM.findall(m.group(3)):
+        name = name.lower()
+        if name in params:
+            raise BodyRefused(f"the Content-Type header repeats its {name.decode()!r} parameter")
+        if value[:1] == b'"':
+            value = re.sub(rb"\\(.)", rb"\1", value[1:-1])
+        params[name] = value
+    return (m.group(1) + b"/" + m.group(2)).lower(), params
+
+
+def is_json_type(mtype: bytes) -> bool:
+    return mtype == b"application/json" or (
+        mtype.startswith(b"application/") and mtype.endswith(b"+json")
+    )
+
+
+def looks_like_json(body: bytes) -> bool:
+    """Could some parser take this body for JSON?"""
+    head = body[:4096].lstrip(_SNIFF_SKIP)
+    if head[:1] in (b"{", b"["):
+        return True
+    # leading whitespace longer than the window: look further, still cheaply
+    return not head and len(body) > 4096 and body.lstrip(_SNIFF_SKIP)[:1] in (b"{", b"[")
+
+
+def read_body(content_types: list[bytes] | None, body: bytes) -> ReadBody:
+    """Judge a request body. ``content_types``: every ``Content-Type`` header
+    value the request carried (None or empty when none)."""
+    if content_types and len(content_types) > 1:
+        raise BodyRefused("the request carries more than one Content-Type header")
+    mtype, params = media_type(content_types[0] if content_types else None)
+    declared_json = is_json_type(mtype)
+    if not body or (body.isspace() and not declared_json):
+        return ReadBody("empty", None, None, body)
+    if mtype == b"multipart/form-data":
+        if looks_like_json(body):
+            raise BodyRefused("the body is declared multipart/form-data but looks like JSON")
+        model, span = multipart_model(params, body)
+        return ReadBody("multipart", None, model, body, span)
+    if declared_json or looks_like_json(body):
+        if body.isspace():
+            return ReadBody("empty", None, None, body)
+        forwarded = body[3:] if body.startswith(_UTF8_BOM) else body
+        doc = parse_json_object(forwarded)
+        return ReadBody("json", doc, model_of(doc), forwarded)
+    if mtype == b"application/x-www-form-urlencoded":
+        return ReadBody("form", None, form_model(body), body)
+    return ReadBody("opaque", None, None, body)
+
+
+def parse_json_object(body: bytes) -> dict:
+    """A strict JSON object: UTF-8, RFC 8259, no duplicate top-level keys."""
+    if body.startswith(_OTHER_BOMS) or body.startswith(_UTF8_BOM):
+        raise BodyRefused("the JSON body must be UTF-8 without a byte-order mark")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyRefused("the JSON body is not valid UTF-8") from None
+    ws = _JSON_WS.match
+    idx = ws(text, 0).end()
+    if text[idx : idx + 1] != "{":
+        try:
+            json.loads(text)
+        except (ValueError, RecursionError):
+            raise BodyRefused("the request body is not valid JSON") from None
+        raise BodyRefused("the request body must be a JSON object")
+    doc: dict = {}
+    try:
+        idx = ws(text, idx + 1).end()
+        if text[idx : idx + 1] == "}":
+            idx += 1
+        else:
+            while True:
+                if text[idx : idx + 1] != '"':
+                    raise ValueError
+                key, idx = scanstring(text, idx + 1, True)
+                idx = ws(text, idx).end()
+                if text[idx : idx + 1] != ":":
+                    raise ValueError
+                idx = ws(text, idx + 1).end()
+                value, idx = _scan_value(text, idx)
+                if key in doc:
+                    raise BodyRefused(f"the JSON body repeats the key {_shown(key)!r}")
+                doc[key] = value
+                idx = ws(text, idx).end()
+                c = text[idx : idx + 1]
+                if c == ",":
+                    idx = ws(text, idx + 1).end()
+                    continue
+                if c == "}":
+                    idx += 1
+                    break
+                raise ValueError
+        if ws(text, idx).end() != len(text):
+            raise ValueError
+    except BodyRefused:
+        raise
+    except (ValueError, StopIteration, RecursionError, IndexError):
+        raise BodyRefused("the request body is not valid JSON") from None
+    return doc
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def check_model(model: object) -> str:
+    """A model name as every provider names its models: 1 to ``MODEL_MAX``
+    characters of printable ASCII. Anything else (controls, lone or paired
+    surrogates that parsers decode differently, look-alike letters) is not
+    a model any provider serves, and is refused rather than judged."""
+    if not isinstance(model, str):
+        raise BodyRefused("'model' must be a string")
+    if not 1 <= len(model) <= MODEL_MAX:
+        raise BodyRefused(f"'model' must be 1 to {MODEL_MAX} characters long")
+    if not (model.isascii() and model.isprintable()):
+        raise BodyRefused("'model' must be printable ASCII")
+    return model
+
+
+def model_of(doc: dict) -> str | None:
+    model = doc.get("model")
+    return None if model is None and "model" not in doc else check_model(model)
+
+
+def form_model(body: bytes) -> str | None:
+    """The ``model`` field of a URL-encoded form, read strictly."""
+    if b";" in body:
+        raise BodyRefused("form bodies must separate fields with '&' only")
+    try:
+        body.decode("ascii")
+    except UnicodeDecodeError:
+        raise BodyRefused("form bodies must be ASCII (percent-encode the rest)") from None
+    fields = body.split(b"&")
+    if len(fields) > FORM_FIELDS_MAX:
+        raise BodyRefused(f"form bodies may carry at most {FORM_FIELDS_MAX} fields")
+    model: str | None = None
+    seen = False
+    for field in fields:
+        if not field:
+            continue
+        name, eq, value = field.partition(b"=")
+        if _bad_percent(name) or _bad_percent(value):
+            raise BodyRefused("the form body has a malformed percent-encoding")
+        if _form_decode(name) != b"model":
+            continue
+        if seen:
+            raise BodyRefused("the form body repeats the 'model' field")
+        seen = True
+        try:
+            model = check_model(_form_decode(value).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BodyRefused("'model' must be UTF-8 text") from None
+    return model
+
+
+_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def _bad_percent(data: bytes) -> bool:
+    return b"%" in data and _PERCENT.search(data) is not None
+
+
+def _form_decode(data: bytes) -> bytes:
+    return unquote_to_bytes(data.replace(b"+", b" "))
+
+
+def multipart_model(
+    params: dict[bytes, bytes], body: bytes
+) -> tuple[str | None, tuple[int, int] | None]:
+    """The ``model`` field of a multipart/form-data body (RFC 7578), read
+    strictly and without copying the file parts, and where its value is."""
+    boundary = params.get(b"boundary")
+    if boundary is None or _BOUNDARY.fullmatch(boundary) is None:
+        raise BodyRefused("multipart bodies need a valid boundary parameter")
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter):
+        raise BodyRefused("the multipart body must start with its boundary")
+    separator = b"\r\n" + delimiter
+    pos = len(delimiter)
+    model: str | None = None
+    span: tuple[int, int] | None = None
+    for _ in range(MULTIPART_PARTS_MAX + 1):
+        tail = body[pos : pos + 2]
+        if tail == b"--":
+            return model, span  # the closing delimiter (an epilogue may follow)
+        if tail != b"\r\n":
+            raise BodyRefused("the multipart body is malformed after a boundary")
+        head_end = body.find(b"\r\n\r\n", pos + 2)
+        if head_end < 0:
+            raise BodyRefused("a multipart part has no end of headers")
+        name = _part_name(body[pos + 2 : head_end])
+        value_start = head_end + 4
+        next_pos = body.find(separator, value_start)
+        if next_pos < 0:
+            raise BodyRefused("the multipart body has no closing boundary")
+        if name == "model":
+            if span is not None:
+                raise BodyRefused("the multipart body repeats the 'model' field")
+            span = (value_start, next_pos)
+            value = body[value_start:next_pos]
+            if len(value) > MODEL_MAX * 4:
+                raise BodyRefused(f"'model' must be 1 to {MODEL_MAX} characters long")
+            try:
+                model = check_model(value.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise BodyRefused("'model' must be UTF-8 text") from None
+        pos = next_pos + len(separator)
+    raise BodyRefused(f"multipart bodies may carry at most {MULTIPART_PARTS_MAX} parts")
+
+
+def _part_name(headers: bytes) -> str | None:
+    """The ``name`` of a part from its header block (None for a part
+    without one). Anything a lenient parser could read differently is
+    refused."""
+    name: str | None = None
+    disposition_seen = False
+    for line in headers.split(b"\r\n"):
+        if b"\n" in line or b"\r" in line or line[:1] in (b" ", b"\t"):
+            raise BodyRefused("a multipart part has malformed headers")
+        field, colon, value = line.partition(b":")
+        if not colon or not re.fullmatch(_TOKEN, field):
+            raise BodyRefused("a multipart part has malformed headers")
+        field = field.lower()
+        if field == b"content-transfer-encoding":
+            raise BodyRefused("multipart parts must not use Content-Transfer-Encoding")
+        if field != b"content-disposition":
+            continue
+        if disposition_seen:
+            raise BodyRefused("a multipart part repeats Content-Disposition")
+        disposition_seen = True
+        value = value.strip()
+        if value[:9].lower() != b"form-data":
+            raise BodyRefused("multipart parts must be 'form-data'")
+        found: dict[bytes, bytes] = {}
+        rest = value[9:]
+        at = 0
+        while at < len(rest):
+            p = _DISPOSITION_PARAM.match(rest, at)
+            if p is None:
+                raise BodyRefused("a multipart part has a malformed Content-Disposition")
+            key = p.group(1).lower()
+            if key in found or key.endswith(b"*"):
+                raise BodyRefused("a multipart part has an ambiguous Content-Disposition")
+            raw = p.group(2)
+            found[key] = re.sub(rb"\\(.)", rb"\1", raw[1:-1]) if raw[:1] == b'"' else raw
+            at = p.end()
+        if b"name" in found and b"filename" in found and found[b"name"] == b"model":
+            raise BodyRefused("the 'model' field of a multipart body must not be a file")
+        if b"name" in found:
+            try:
+                name = found[b"name"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise BodyRefused("a multipart field name is not UTF-8") from None
+    return name

@@ -1,0 +1,222 @@
+"""API dialects: the request shape, error format, stream format and usage
+fields a provider speaks. Every built-in provider speaks ``openai`` except
+Anthropic; a custom provider names one of the two.
+
+A dialect answers for everything that is about the *shape* of the traffic:
+
+- :meth:`Dialect.error_body`: Lectr's own errors, in the body the dialect's
+  SDKs parse into their usual exceptions;
+- :meth:`Dialect.plan`: what a judged request asks for and the bytes to send
+  (:func:`lectr.usage.meters.plan_request`);
+- :meth:`Dialect.meter`: the usage meter for a response
+  (:func:`lectr.usage.meters.meter_for`);
+- :meth:`Dialect.session_key` and :meth:`Dialect.cache_prefix`: what makes
+  two requests part of one conversation, for cache-affine key selection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import ClassVar
+
+from lectr.providers.body import ReadBody
+from lectr.usage.meters import RequestPlan, meter_for, plan_request
+from lectr.usage.model import Meter
+
+# Lectr's error kinds and their HTTP status (the dialects map them to their
+# own error types).
+ERROR_STATUS = {
+    "invalid_request": 400,
+    "authentication": 401,
+    "permission": 403,
+    "not_found": 404,
+    "timeout": 408,
+    "too_large": 413,
+    "rate_limited": 429,
+    "budget_exceeded": 429,
+    "internal": 500,
+    "upstream_unavailable": 502,
+    "unavailable": 503,
+    "upstream_timeout": 504,
+}
+
+#: OpenAI caches prompts from this many tokens on
+OPENAI_CACHE_MIN_TOKENS = 1024
+#: bytes per token assumed when a prompt's length must be guessed
+BYTES_PER_TOKEN = 4
+_PREFIX_BYTES = OPENAI_CACHE_MIN_TOKENS * BYTES_PER_TOKEN
+
+
+def _text(value: object, limit: int = 512) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class Dialect:
+    name: ClassVar[str]
+
+    def error_body(self, kind: str, message: str, request_id: str | None = None) -> bytes:
+        raise NotImplementedError
+
+    def error_message(self, body: bytes) -> str:
+        """The human message inside one of this dialect's error bodies."""
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return ""
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        return ""
+
+    def plan(
+        self,
+        method: bytes,
+        api_path: str,
+        read: ReadBody,
+        model: str | None,
+        inject_usage: bool,
+    ) -> RequestPlan:
+        return plan_request(self.name, method, api_path, read, model, inject_usage)
+
+    def meter(
+        self,
+        plan: RequestPlan,
+        api_path: str,
+        status: int,
+        content_type: bytes | None,
+        content_encoding: bytes | None,
+    ) -> Meter:
+        return meter_for(plan, self.name, api_path, status, content_type, content_encoding)
+
+    def session_key(self, doc: dict | None) -> str | None:
+        """An explicit conversation id in the body, if any."""
+        return None
+
+    def cache_prefix(self, doc: dict | None) -> bytes | None:
+        """A digest of the prompt prefix the provider would cache, for prompts
+        long enough (or marked) to be cached; None otherwise."""
+        return None
+
+
+class OpenAIDialect(Dialect):
+    name = "openai"
+
+    _TYPES: ClassVar[dict[str, tuple[str, str | None]]] = {
+        "invalid_request": ("invalid_request_error", None),
+        "authentication": ("invalid_request_error", "invalid_api_key"),
+        "permission": ("permission_error", "permission_denied"),
+        "not_found": ("invalid_request_error", "not_found"),
+        "timeout": ("invalid_request_error", "request_timeout"),
+        "too_large": ("invalid_request_error", "request_too_large"),
+        "rate_limited": ("requests", "rate_limit_exceeded"),
+        "budget_exceeded": ("insufficient_quota", "budget_exceeded"),
+        "upstream_unavailable": ("api_error", "upstream_unavailable"),
+        "unavailable": ("api_error", "service_unavailable"),
+        "upstream_timeout": ("api_error", "upstream_timeout"),
+        "internal": ("api_error", "internal_error"),
+    }
+
+    def error_body(self, kind: str, message: str, request_id: str | None = None) -> bytes:
+        err_type, code = self._TYPES.get(kind, self._TYPES["internal"])
+        return json.dumps(
+            {"error": {"message": message, "type": err_type, "param": None, "code": code}},
+            separators=(",", ":"),
+        ).encode()
+
+    def session_key(self, doc: dict | None) -> str | None:
+        if doc is None:
+            return None
+        return _text(doc.get("prompt_cache_key")) or _text(doc.get("user"))
+
+    def cache_prefix(self, doc: dict | None) -> bytes | None:
+        if doc is None:
+            return None
+        prompt = doc.get("messages")
+        if prompt is None:
+            prompt = doc.get("input")
+        if prompt is None:
+            return None
+        # serialise piece by piece, only as far as the cacheable prefix goes
+        pieces = [doc.get("instructions"), doc.get("tools")]
+        pieces.extend(prompt if isinstance(prompt, list) else [prompt])
+        out = bytearray()
+        for piece in pieces:
+            out += json.dumps(piece, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(out) >= _PREFIX_BYTES:
+                return _digest(bytes(out[:_PREFIX_BYTES]))
+        return None
+
+
+class AnthropicDialect(Dialect):
+    name = "anthropic"
+
+    _TYPES: ClassVar[dict[str, str]] = {
+        "invalid_request": "invalid_request_error",
+        "authentication": "authentication_error",
+        "permission": "permission_error",
+        "not_found": "not_found_error",
+        "timeout": "timeout_error",
+        "too_large": "request_too_large",
+        "rate_limited": "rate_limit_error",
+        "budget_exceeded": "rate_limit_error",
+        "upstream_unavailable": "api_error",
+        "unavailable": "overloaded_error",
+        "upstream_timeout": "timeout_error",
+        "internal": "api_error",
+    }
+
+    def error_body(self, kind: str, message: str, request_id: str | None = None) -> bytes:
+        doc: dict = {
+            "type": "error",
+            "error": {"type": self._TYPES.get(kind, "api_error"), "message": message},
+        }
+        if request_id:
+            doc["request_id"] = request_id
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def session_key(self, doc: dict | None) -> str | None:
+        if doc is None:
+            return None
+        metadata = doc.get("metadata")
+        return _text(metadata.get("user_id")) if isinstance(metadata, dict) else None
+
+    def cache_prefix(self, doc: dict | None) -> bytes | None:
+        """Everything up to the first ``cache_control`` breakpoint, in the
+        order Anthropic caches (tools, system, messages); None when the
+        request marks none."""
+        if doc is None:
+            return None
+        parts: list = []
+        for section in ("tools", "system", "messages"):
+            value = doc.get(section)
+            if value is None:
+                continue
+            blocks = value if isinstance(value, list) else [value]
+            for block in blocks:
+                parts.append(block)
+                if _has_breakpoint(block):
+                    text = json.dumps(parts, separators=(",", ":"), ensure_ascii=False)
+                    return _digest(text.encode())
+        return None
+
+
+def _has_breakpoint(block: object, depth: int = 0) -> bool:
+    if depth > 4:
+        return False
+    if isinstance(block, dict):
+        if "cache_control" in block:
+            return True
+        content = block.get("content")
+        if isinstance(content, list):
+            return any(_has_breakpoint(b, depth + 1) for b in content)
+    return False
+
+
+OPENAI = OpenAIDialect()
+ANTHROPIC = AnthropicDialect()
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (OPENAI, ANTHROPIC)}
