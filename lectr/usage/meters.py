@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from lectr.providers.body import BodyRefused, ReadBody
 from lectr.usage.model import NO_USAGE, Meter, Usage
 
 _log = Logger()
@@ -78,10 +79,6 @@ class RequestPlan:
     usage-only chunk from what the client receives."""
 
 
-class MalformedBody(ValueError):
-    """A JSON content type with a body that is not a JSON object."""
-
-
 _MISSING = object()
 
 
@@ -102,135 +99,94 @@ def _norm_path(path: str) -> str:
 
 
 def plan_request(
-    provider: str, method: bytes, path: str, content_type: bytes | None, body: bytes
+    dialect: str,
+    method: bytes,
+    path: str,
+    read: ReadBody,
+    model: str | None = None,
+    inject_usage: bool = True,
 ) -> RequestPlan:
-    """Read what the request asks for and decide the bytes to send upstream.
+    """Decide the bytes to send upstream for a body already judged by
+    :func:`lectr.providers.body.read_body`.
 
-    Raises :class:`MalformedBody` when the content type says JSON and the
-    (non-empty) body is not a JSON object: the proxy answers 400.
+    ``model``: the model to send when a route or a ``provider/model`` name
+    chose another one than the body's (the body is then re-serialised, or its
+    multipart field replaced in place). ``inject_usage``: whether an
+    OpenAI-dialect chat stream may be asked for its usage. Raises
+    :class:`~lectr.providers.body.BodyRefused` when the model of a body that
+    cannot be rewritten (a URL-encoded form) would have to change.
     """
-    media_type = _media_type(content_type)
-    declared_json = _is_json(media_type)
-    if declared_json or (media_type != b"multipart/form-data" and body[:64].lstrip()[:1] == b"{"):
-        # A JSON object is read whatever the declared type (text/plain,
-        # curl -d's form type…): providers parse it as JSON, so the model
-        # policy must see the same model they will.
-        if not body or body.isspace():
-            return RequestPlan(None, False, body, False)
-        try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            if not declared_json:
-                return RequestPlan(None, False, body, False)
-            raise MalformedBody("the request body is not valid JSON") from None
-        if not isinstance(doc, dict):
-            if not declared_json:
-                return RequestPlan(None, False, body, False)
-            raise MalformedBody("the request body must be a JSON object")
-        model = doc.get("model")
-        if not isinstance(model, str):
-            model = None
-        stream = doc.get("stream") is True
-        if (
-            stream
-            and provider == "openai"
-            and method == b"POST"
-            and _norm_path(path) == "/v1/chat/completions"
-        ):
-            new_body = _with_include_usage(body, doc)
-            if new_body is not None:
-                return RequestPlan(model, True, new_body, True)
-        return RequestPlan(model, stream, body, False)
-    if media_type == b"multipart/form-data":
-        return RequestPlan(_multipart_model(content_type, body), False, body, False)
-    if media_type == b"application/x-www-form-urlencoded" and body:
-        return RequestPlan(_form_model(body), False, body, False)
-    return RequestPlan(None, False, body, False)
+    doc = read.doc
+    stream = read.stream
+    body = read.body
+    rewrite = model is not None and model != read.model
+    send_model = model if model is not None else read.model
+    if doc is None:
+        if rewrite:
+            if read.model_span is None:
+                raise BodyRefused("the model of this request cannot be rewritten")
+            start, end = read.model_span
+            body = body[:start] + send_model.encode("utf-8") + body[end:]
+        return RequestPlan(send_model, False, body, False)
+    inject = (
+        inject_usage
+        and stream
+        and dialect == "openai"
+        and method == b"POST"
+        and _norm_path(path) == "/v1/chat/completions"
+    )
+    if rewrite:
+        rewritten = dict(doc)
+        rewritten["model"] = send_model
+        strip = False
+        if inject and _asks_usage(doc) is False:
+            rewritten["stream_options"] = {
+                **(doc.get("stream_options") or {}),
+                "include_usage": True,
+            }
+            strip = True
+        return RequestPlan(send_model, stream, _dumps(rewritten), strip)
+    if inject:
+        new_body = _with_include_usage(body, doc)
+        if new_body is not None:
+            return RequestPlan(send_model, True, new_body, True)
+    return RequestPlan(send_model, stream, body, False)
 
 
-def _form_model(body: bytes) -> str | None:
-    """The ``model`` field of a URL-encoded form body (the last one, as most
-    parsers keep)."""
-    from urllib.parse import parse_qs
+def _dumps(doc: dict) -> bytes:
+    # ASCII output survives any lone surrogate the client's JSON escapes carried.
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
-    try:
-        values = parse_qs(body.decode("utf-8"), max_num_fields=1000).get("model")
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return values[-1] if values else None
+
+def _asks_usage(doc: dict) -> bool | None:
+    """Whether an OpenAI chat stream already asks for usage: True, False, or
+    None when ``stream_options`` is something the provider will refuse anyway
+    (then the body goes up untouched)."""
+    options = doc.get("stream_options", _MISSING)
+    if options is _MISSING or options is None:
+        return False
+    if isinstance(options, dict):
+        return options.get("include_usage") is True
+    return None
 
 
 def _with_include_usage(body: bytes, doc: dict) -> bytes | None:
     """The body asking for a final usage chunk, or None when it already does
     (or when ``stream_options`` is something the provider will refuse
     anyway: then the body goes up untouched)."""
-    options = doc.get("stream_options", _MISSING)
-    if options is _MISSING:
+    if _asks_usage(doc) is not False:
+        return None
+    if "stream_options" not in doc:
         # The cheap, exact path: splice the member in right after the
         # object's opening brace. The object is not empty (it has "stream"),
         # so the trailing comma is right, and nothing the client sent changes.
-        start = _object_start(body)
-        if start is not None:
-            return body[: start + 1] + INCLUDE_USAGE_MEMBER + body[start + 1 :]
-        options = None
-    if options is None or isinstance(options, dict):
-        if isinstance(options, dict) and options.get("include_usage") is True:
-            return None
-        # Rare: re-serialize. ASCII output survives any lone surrogate the
-        # client's JSON escapes may have carried.
-        rewritten = dict(doc)
-        rewritten["stream_options"] = {**(options or {}), "include_usage": True}
-        return json.dumps(rewritten, separators=(",", ":")).encode("ascii")
-    return None
-
-
-def _object_start(body: bytes) -> int | None:
-    """Index of the opening brace of a UTF-8 JSON object body, or None when
-    the body is not plain UTF-8 starting with it (e.g. UTF-16)."""
-    i = 3 if body.startswith(b"\xef\xbb\xbf") else 0
-    n = len(body)
-    while i < n and body[i] in b" \t\r\n":
-        i += 1
-    return i if i < n and body[i] == 0x7B else None
-
-
-_BOUNDARY_RE = re.compile(rb'boundary=(?:"([^"]{1,200})"|([^\s;]{1,200}))', re.IGNORECASE)
-_FIELD_NAME_RE = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
-
-
-def _multipart_model(content_type: bytes | None, body: bytes) -> str | None:
-    """The ``model`` field of a multipart/form-data body (e.g. an audio
-    transcription), found without copying the file parts."""
-    m = _BOUNDARY_RE.search(content_type or b"")
-    if m is None:
-        return None
-    delimiter = b"--" + (m.group(1) or m.group(2))
-    pos = body.find(delimiter)
-    while pos >= 0:
-        header_start = pos + len(delimiter)
-        if body[header_start : header_start + 2] == b"--":
-            return None  # the closing delimiter
-        header_end = body.find(b"\r\n\r\n", header_start)
-        if header_end < 0:
-            return None
-        headers = body[header_start:header_end]
-        next_pos = body.find(b"\r\n" + delimiter, header_end + 4)
-        if next_pos < 0:
-            return None
-        for line in headers.split(b"\r\n"):
-            if line[:20].lower().startswith(b"content-disposition:"):
-                name = _FIELD_NAME_RE.search(line)
-                if name and name.group(1) == b"model" and b"filename=" not in line.lower():
-                    value = body[header_end + 4 : next_pos]
-                    if len(value) > MODEL_MAX * 4:
-                        return None
-                    try:
-                        text = value.decode("utf-8").strip()
-                    except UnicodeDecodeError:
-                        return None
-                    return text or None
-        pos = next_pos + 2
-    return None
+        # (read_body forwards no byte-order mark and only JSON whitespace
+        # before the brace.)
+        start = body.index(b"{")
+        return body[: start + 1] + INCLUDE_USAGE_MEMBER + body[start + 1 :]
+    rewritten = dict(doc)
+    rewritten["stream_options"] = {**(doc.get("stream_options") or {}), "include_usage": True}
+    return _dumps(rewritten)
 
 
 # --- usage objects ----------------------------------------------------------------
@@ -989,7 +945,7 @@ _ANTHROPIC = {"/v1/messages"}
 
 def meter_for(
     plan: RequestPlan,
-    provider: str,
+    dialect: str,
     path: str,
     status: int,
     content_type: bytes | None,
@@ -1006,9 +962,9 @@ def meter_for(
     if not 200 <= status < 300:
         return NOOP_METER
     path = _norm_path(path)
-    if provider == "openai":
+    if dialect == "openai":
         json_kind, streams = ("openai" if path in _OPENAI_JSON else None), path in _OPENAI_STREAMS
-    elif provider == "anthropic":
+    elif dialect == "anthropic":
         json_kind, streams = ("anthropic" if path in _ANTHROPIC else None), path in _ANTHROPIC
     else:
         return NOOP_METER
@@ -1020,7 +976,7 @@ def meter_for(
     elif coding not in (b"", b"identity"):
         return NOOP_METER
     if media_type == b"text/event-stream" and streams:
-        if provider == "anthropic":
+        if dialect == "anthropic":
             return AnthropicStreamMeter(decoder)
         return OpenAIStreamMeter(plan.strip_usage_chunk and decoder is None, decoder)
     if json_kind is not None and _is_json(media_type):
