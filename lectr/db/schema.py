@@ -26,7 +26,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 
 metadata = MetaData()
 
@@ -93,7 +93,13 @@ provider_keys = Table(
     Column("last4", Text, nullable=False),
     Column("enabled", Boolean, nullable=False, server_default=text("true")),
     *_timestamps(),
+    # key pools (migration 0005): spread by weight; Azure keys name their
+    # resource and API version
+    Column("weight", Integer, nullable=False, server_default=text("1")),
+    Column("base_url", Text, nullable=True),
+    Column("api_version", Text, nullable=True),
     CheckConstraint("char_length(name) BETWEEN 1 AND 200", name="provider_keys_name_length"),
+    CheckConstraint("weight BETWEEN 1 AND 1000", name="provider_keys_weight_range"),
     Index("provider_keys_org_provider_idx", "org_id", "provider", text("created_at DESC")),
     Index("provider_keys_kek_id_idx", "kek_id"),
 )
@@ -115,6 +121,42 @@ org_provider_settings = Table(
     Column("blocked_models", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     *_timestamps(),
     PrimaryKeyConstraint("org_id", "provider", name="org_provider_settings_pkey"),
+)
+
+custom_providers = Table(
+    "custom_providers",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("display_name", Text, nullable=False),
+    Column("dialect", Text, nullable=False),
+    Column("base_url", Text, nullable=False),
+    Column("auth", Text, nullable=False),
+    Column("models_path", Text, nullable=False, server_default=text("'/v1/models'")),
+    *_timestamps(),
+    CheckConstraint("dialect IN ('openai', 'anthropic')", name="custom_providers_dialect"),
+    CheckConstraint("auth IN ('bearer', 'x-api-key', 'api-key')", name="custom_providers_auth"),
+)
+
+org_routes = Table(
+    "org_routes",
+    metadata,
+    Column(
+        "org_id",
+        UUID(as_uuid=False),
+        ForeignKey("organizations.id", ondelete="CASCADE", name="org_routes_org_id_fkey"),
+        nullable=False,
+    ),
+    Column("name", Text, nullable=False),
+    Column("targets", JSONB, nullable=False),
+    Column("strategy", Text, nullable=False),
+    Column("retry_on", ARRAY(Text), nullable=False),
+    Column("max_attempts", SmallInteger, nullable=False),
+    Column("attempt_timeout", Double, nullable=True),
+    *_timestamps(),
+    PrimaryKeyConstraint("org_id", "name", name="org_routes_pkey"),
+    CheckConstraint("strategy IN ('fallback', 'weighted')", name="org_routes_strategy"),
+    CheckConstraint("max_attempts BETWEEN 1 AND 10", name="org_routes_max_attempts"),
+    CheckConstraint("char_length(name) BETWEEN 1 AND 256", name="org_routes_name_length"),
 )
 
 user_identities = Table(
@@ -177,6 +219,11 @@ request_logs = Table(
     Column("cache_creation_tokens", Integer, nullable=True),
     Column("usage_source", Text, nullable=False, server_default=text("'none'")),
     Column("error_type", Text, nullable=True),
+    # routing (migration 0005)
+    Column("route", Text, nullable=True),
+    Column("provider_key_id", UUID(as_uuid=False), nullable=True),
+    Column("attempts", SmallInteger, nullable=False, server_default=text("1")),
+    Column("fallbacks", JSONB, nullable=True),
     CheckConstraint(
         "usage_source IN ('provider', 'estimated', 'none')", name="request_logs_usage_source"
     ),
@@ -220,4 +267,6 @@ TABLES_WITH_UPDATED_AT = (
     "org_provider_settings",
     "user_identities",
     "org_members",
+    "custom_providers",
+    "org_routes",
 )

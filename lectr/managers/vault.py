@@ -2,10 +2,11 @@
 
 - ``add_key`` checks a key's format, asks the provider whether it works
   (``GET /v1/models``, no redirects) and only then seals and stores it.
-- ``provider_key`` is the proxy's hot path: no database, no plaintext cache.
-  The sealed rows of every org are kept in memory (refreshed by
+- ``pool`` and ``reveal`` are the proxy's hot path: no database, no plaintext
+  cache. The sealed rows of every org are kept in memory (refreshed by
   ``provider_key:<org>`` and ``org:<org>`` notifications, fully reloaded after
-  a listener reset) and the newest enabled key is decrypted on each call.
+  a listener reset) as key pools: the enabled keys of an (org, provider) with
+  their weights. The key chosen for an attempt is decrypted for that attempt.
 - At start-up the configured master keys are checked against the stored rows;
   a wrong ``ENCRYPTION_KEY`` is a :class:`VaultKeyError` (one line), not a
   failure of every later request.
@@ -15,9 +16,12 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from fnmatch import fnmatchcase
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.logger import Logger
@@ -25,6 +29,7 @@ from twisted.logger import Logger
 from lectr.errors import BadRequest, NotFound, Unprocessable, UpstreamUnavailable
 from lectr.metrics import Registry
 from lectr.providers import ProviderRegistry
+from lectr.providers.base import NoOptions
 from lectr.storage.provider_keys import (
     NewProviderKey,
     ProviderKeyRecord,
@@ -47,6 +52,9 @@ DEFAULT_KEY_NAME = "default"
 _START_SAMPLE = 3
 
 
+MAX_WEIGHT = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderKeyInfo:
     """What listings show: never the key, only its last four characters."""
@@ -58,6 +66,28 @@ class ProviderKeyInfo:
     last4: str
     enabled: bool
     created_at: datetime
+    weight: int = 1
+    base_url: str | None = None
+    api_version: str | None = None
+
+
+class PoolKey:
+    """One enabled key of a pool, as the proxy sees it: its id, name, weight
+    and options (base URL, API version); the secret stays sealed until
+    :meth:`VaultManager.reveal`."""
+
+    __slots__ = ("id", "name", "weight", "base_url", "api_version", "row")
+
+    def __init__(self, row: SealedProviderKey) -> None:
+        self.id = row.id
+        self.name = row.name
+        self.weight = row.weight
+        self.base_url = row.base_url
+        self.api_version = row.api_version
+        self.row = row
+
+    def __repr__(self) -> str:
+        return f"PoolKey(id={self.id!r}, name={self.name!r}, weight={self.weight})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +99,18 @@ class RotationStatus:
 
 
 def _info(r: ProviderKeyRecord) -> ProviderKeyInfo:
-    return ProviderKeyInfo(r.id, r.org_id, r.provider, r.name, r.last4, r.enabled, r.created_at)
+    return ProviderKeyInfo(
+        r.id,
+        r.org_id,
+        r.provider,
+        r.name,
+        r.last4,
+        r.enabled,
+        r.created_at,
+        r.weight,
+        r.base_url,
+        r.api_version,
+    )
 
 
 def _binding(row: SealedProviderKey) -> Binding:
@@ -102,6 +143,44 @@ def check_key_format(key: object) -> str:
     return key
 
 
+API_VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?|v1|preview|latest")
+
+
+def check_weight(value: object) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_WEIGHT:
+        raise BadRequest(f"weight must be a whole number from 1 to {MAX_WEIGHT}")
+    return value
+
+
+def check_base_url(value: object) -> str:
+    """An http(s) base URL without credentials, query or fragment."""
+    if not isinstance(value, str) or not 1 <= len(value) <= 2048:
+        raise BadRequest("base_url must be an http(s) URL")
+    url = value.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise BadRequest("base_url must be an http(s) URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest("base_url must be an http(s) URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise BadRequest("base_url must not carry credentials, a query or a fragment")
+    if not url.isascii() or any(c.isspace() or ord(c) < 0x21 for c in url):
+        raise BadRequest("base_url must be ASCII without spaces or control characters")
+    if "/." in parts.path or "\\" in parts.path or "%" in parts.path:
+        raise BadRequest("base_url must not contain dot segments or escapes")
+    return url
+
+
+def host_matches(url: str, patterns: tuple[str, ...]) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return any(fnmatchcase(host, p) for p in patterns)
+
+
+_NO_POOLS: dict[str, tuple[PoolKey, ...]] = {}
+
+
 class VaultManager:
     _log = Logger()
 
@@ -117,6 +196,7 @@ class VaultManager:
         reactor,
         metrics: Registry | None = None,
         validation_timeout: float = 10.0,
+        key_base_url_hosts: tuple[str, ...] = (),
         rewrap_batch_size: int = 100,
         rewrap_interval: float = 0.2,
         rewrap_idle_interval: float = 60.0,
@@ -131,8 +211,9 @@ class VaultManager:
         self._listener = listener
         self._reactor = reactor
         self._validation_timeout = validation_timeout
-        # org id -> provider -> enabled sealed rows, newest first
-        self._cache: dict[str, dict[str, tuple[SealedProviderKey, ...]]] = {}
+        self._key_base_url_hosts = key_base_url_hosts
+        # org id -> provider -> the pool: enabled keys, newest first
+        self._cache: dict[str, dict[str, tuple[PoolKey, ...]]] = {}
         # rows that failed to open, by id -> the wrapping that failed (logged once)
         self._broken: dict[str, bytes] = {}
         # row id -> associated data computed once (not secret); see provider_key
@@ -275,28 +356,42 @@ class VaultManager:
 
     # --- the hot path ---------------------------------------------------------------
 
-    def provider_key(self, org_id: str, provider: str) -> Secret[str] | None:
-        """The newest enabled key of this org and provider, decrypted now, in
-        memory, for one request; None when there is none. Never touches the
-        database; the plaintext is not kept."""
-        rows = self._cache.get(org_id, {}).get(provider)
-        if not rows:
+    def pool(self, org_id: str, provider: str) -> tuple[PoolKey, ...]:
+        """The enabled keys of an org for a provider, newest first (empty when
+        there are none). Never touches the database."""
+        return self._cache.get(org_id, _NO_POOLS).get(provider, ())
+
+    def reveal(self, key: PoolKey) -> Secret[str] | None:
+        """One pool key decrypted now, in memory, for one attempt; None when it
+        cannot be decrypted (logged once, counted, and skipped from then on).
+        The plaintext is not kept."""
+        row = key.row
+        if self._broken and self._broken.get(row.id) == row.wrapped_dek:
             return None
-        for row in rows:
-            if self._broken and self._broken.get(row.id) == row.wrapped_dek:
-                continue
-            prepared = self._prepared.get(row.id)
-            if prepared is None or prepared.wrapped_dek is not row.wrapped_dek:
-                prepared = self._prepared[row.id] = Prepared(_binding(row), _sealed(row))
-            try:
-                plaintext = self._keyring.open_prepared(prepared).decode("ascii")
-            except VaultCryptoError as e:
-                self._mark_broken(row, e)
-                continue
-            except UnicodeDecodeError:  # authentic, yet not a key Lectr would have stored
-                self._mark_broken(row, DecryptionFailed("the decrypted key is not ASCII"))
-                continue
-            return Secret(plaintext)
+        prepared = self._prepared.get(row.id)
+        if prepared is None or prepared.wrapped_dek is not row.wrapped_dek:
+            prepared = self._prepared[row.id] = Prepared(_binding(row), _sealed(row))
+        try:
+            plaintext = self._keyring.open_prepared(prepared).decode("ascii")
+        except VaultCryptoError as e:
+            self._mark_broken(row, e)
+            return None
+        except UnicodeDecodeError:  # authentic, yet not a key Lectr would have stored
+            self._mark_broken(row, DecryptionFailed("the decrypted key is not ASCII"))
+            return None
+        return Secret(plaintext)
+
+    def usable(self, key: PoolKey) -> bool:
+        """False once a key is known not to decrypt (until its row changes)."""
+        broken = self._broken.get(key.id) if self._broken else None
+        return broken is None or broken != key.row.wrapped_dek
+
+    def provider_key(self, org_id: str, provider: str) -> Secret[str] | None:
+        """The newest usable key of the pool, decrypted (tools and tests)."""
+        for key in self.pool(org_id, provider):
+            secret = self.reveal(key)
+            if secret is not None:
+                return secret
         return None
 
     def _mark_broken(self, row: SealedProviderKey, e: VaultCryptoError) -> None:
@@ -320,10 +415,10 @@ class VaultManager:
     # --- the cache -----------------------------------------------------------------
 
     @staticmethod
-    def _group(rows: list[SealedProviderKey]) -> dict[str, dict[str, tuple]]:
-        grouped: dict[str, dict[str, list[SealedProviderKey]]] = {}
+    def _group(rows: list[SealedProviderKey]) -> dict[str, dict[str, tuple[PoolKey, ...]]]:
+        grouped: dict[str, dict[str, list[PoolKey]]] = {}
         for row in rows:  # already newest first
-            grouped.setdefault(row.org_id, {}).setdefault(row.provider, []).append(row)
+            grouped.setdefault(row.org_id, {}).setdefault(row.provider, []).append(PoolKey(row))
         return {
             org: {p: tuple(rs) for p, rs in by_provider.items()}
             for org, by_provider in grouped.items()
@@ -375,21 +470,65 @@ class VaultManager:
             )
         return provider
 
+    def _key_options(
+        self, p, base_url: object, api_version: object
+    ) -> tuple[str | None, str | None]:
+        """Check a key's own base URL and API version against what its
+        provider accepts: org admins never point Lectr at an arbitrary host."""
+        if base_url is not None:
+            if not (p.key_base_url_hosts or self._key_base_url_hosts):
+                raise BadRequest(f"{p.display_name} keys cannot carry a base_url")
+            base_url = check_base_url(base_url)
+            host_ok = p.check_key_base_url(base_url) or (
+                bool(p.key_base_url_hosts) and host_matches(base_url, self._key_base_url_hosts)
+            )
+            if not host_ok:
+                allowed = ", ".join(p.key_base_url_hosts + self._key_base_url_hosts)
+                raise BadRequest(
+                    f"base_url must name a {p.display_name} host ({allowed}); operators can "
+                    "allow more with LECTR_KEY_BASE_URL_HOSTS"
+                )
+            if base_url.startswith("http://") and not host_matches(
+                base_url, self._key_base_url_hosts
+            ):
+                raise BadRequest("base_url must use https")
+        elif p.base_url is None:
+            raise BadRequest(f"{p.display_name} keys need a base_url (the resource's endpoint)")
+        if api_version is not None:
+            if not p.accepts_api_version:
+                raise BadRequest(f"{p.display_name} keys cannot carry an api_version")
+            if not isinstance(api_version, str) or not API_VERSION_RE.fullmatch(api_version):
+                raise BadRequest("api_version must look like 2024-10-21 or 2025-01-01-preview")
+        return base_url, api_version
+
     async def add_key(
-        self, org_id: object, provider: object, key: object, name: object = None
+        self,
+        org_id: object,
+        provider: object,
+        key: object,
+        name: object = None,
+        *,
+        weight: object = None,
+        base_url: object = None,
+        api_version: object = None,
     ) -> ProviderKeyInfo:
-        """Validate ``key`` with its provider, then seal and store it. It
-        becomes the org's key for that provider (the newest enabled one)."""
+        """Validate ``key`` with its provider, then seal and store it in the
+        org's pool for that provider."""
         org_id = parse_uuid(org_id, "organization")
         provider = self._provider_name(provider)
         plaintext = check_key_format(key)
         name = DEFAULT_KEY_NAME if name is None else clean_name(name, "key name")
+        weight = 1 if weight is None else check_weight(weight)
+        p = self._registry[provider]
+        base_url, api_version = self._key_options(p, base_url, api_version)
         if not await self._store.org_exists(org_id):
             raise NotFound("organization not found")
 
-        p = self._registry[provider]
         result = await p.validate_key(
-            Secret(plaintext), self._http_request, timeout=self._validation_timeout
+            Secret(plaintext),
+            self._http_request,
+            timeout=self._validation_timeout,
+            options=NoOptions(base_url, api_version),
         )
         if not result.valid:
             outcome = "refused" if result.reachable else "unreachable"
@@ -427,6 +566,9 @@ class VaultManager:
                 wrapped_dek=sealed.wrapped_dek,
                 dek_nonce=sealed.dek_nonce,
                 kek_id=sealed.kek_id,
+                weight=weight,
+                base_url=base_url,
+                api_version=api_version,
             )
         )
         if record is None:
@@ -457,17 +599,38 @@ class VaultManager:
         )
         await self._refresh(org_id)
 
-    async def set_key_enabled(
-        self, org_id: object, key_id: object, enabled: bool
+    async def update_key(
+        self,
+        org_id: object,
+        key_id: object,
+        *,
+        enabled: object = None,
+        weight: object = None,
+        name: object = None,
     ) -> ProviderKeyInfo:
-        """Disable a key without deleting it (or enable it again)."""
+        """Enable or disable a key (without deleting it), change its weight in
+        the pool, or rename it."""
         org_id = parse_uuid(org_id, "organization")
         key_id = parse_uuid(key_id, "provider key")
-        record = await self._store.set_enabled(org_id, key_id, bool(enabled))
+        if enabled is not None and not isinstance(enabled, bool):
+            raise BadRequest("enabled must be true or false")
+        record = await self._store.update(
+            org_id,
+            key_id,
+            enabled=enabled,
+            weight=None if weight is None else check_weight(weight),
+            name=None if name is None else clean_name(name, "key name"),
+        )
         if record is None:
             raise NotFound("provider key not found")
         await self._refresh(org_id)
         return _info(record)
+
+    async def set_key_enabled(
+        self, org_id: object, key_id: object, enabled: bool
+    ) -> ProviderKeyInfo:
+        """Disable a key without deleting it (or enable it again)."""
+        return await self.update_key(org_id, key_id, enabled=bool(enabled))
 
     async def rotation_status(self) -> RotationStatus:
         ring = self._keyring

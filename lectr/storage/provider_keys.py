@@ -15,11 +15,8 @@ from lectr.db.database import Database, Transaction
 
 NOTIFY_KIND = "provider_key"
 
-_META = "id, org_id, provider, name, last4, enabled, created_at"
-_SEALED = (
-    "id, org_id, provider, name, last4, enabled, created_at, "
-    "ciphertext, nonce, wrapped_dek, dek_nonce, kek_id"
-)
+_META = "id, org_id, provider, name, last4, enabled, created_at, weight, base_url, api_version"
+_SEALED = _META + ", ciphertext, nonce, wrapped_dek, dek_nonce, kek_id"
 # Newest first: the key in use is the first enabled one of its org and provider.
 _NEWEST_FIRST = "ORDER BY created_at DESC, id DESC"
 
@@ -35,6 +32,9 @@ class ProviderKeyRecord:
     last4: str
     enabled: bool
     created_at: datetime
+    weight: int = 1
+    base_url: str | None = None
+    api_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,9 @@ class SealedProviderKey:
     last4: str
     enabled: bool
     created_at: datetime
+    weight: int
+    base_url: str | None
+    api_version: str | None
     ciphertext: bytes
     nonce: bytes
     wrapped_dek: bytes
@@ -76,6 +79,9 @@ class NewProviderKey:
     wrapped_dek: bytes
     dek_nonce: bytes
     kek_id: str
+    weight: int = 1
+    base_url: str | None = None
+    api_version: str | None = None
 
     def __repr__(self) -> str:
         return f"NewProviderKey(id={self.id!r}, org_id={self.org_id!r}, provider={self.provider!r})"
@@ -92,21 +98,8 @@ class Rewrapped:
 
 
 def _sealed(row: tuple) -> SealedProviderKey:
-    (id_, org_id, provider, name, last4, enabled, created_at, ct, nonce, wdek, dnonce, kek) = row
-    return SealedProviderKey(
-        id_,
-        org_id,
-        provider,
-        name,
-        last4,
-        enabled,
-        created_at,
-        bytes(ct),
-        bytes(nonce),
-        bytes(wdek),
-        bytes(dnonce),
-        kek,
-    )
+    *meta, ct, nonce, wdek, dnonce, kek = row
+    return SealedProviderKey(*meta, bytes(ct), bytes(nonce), bytes(wdek), bytes(dnonce), kek)
 
 
 class ProviderKeyStore:
@@ -130,7 +123,8 @@ class ProviderKeyStore:
                 return None
             row = await t.fetchone(
                 "INSERT INTO provider_keys (id, org_id, provider, name, last4, ciphertext, nonce, "
-                "wrapped_dek, dek_nonce, kek_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "wrapped_dek, dek_nonce, kek_id, weight, base_url, api_version) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 f"RETURNING {_META}",
                 (
                     new.id,
@@ -143,6 +137,9 @@ class ProviderKeyStore:
                     new.wrapped_dek,
                     new.dek_nonce,
                     new.kek_id,
+                    new.weight,
+                    new.base_url,
+                    new.api_version,
                 ),
             )
             t.notify(NOTIFY_KIND, new.org_id)
@@ -170,20 +167,37 @@ class ProviderKeyStore:
 
         return await self._db.runInteraction("delete_provider_key", txn)
 
-    async def set_enabled(
-        self, org_id: str, key_id: str, enabled: bool
+    async def update(
+        self,
+        org_id: str,
+        key_id: str,
+        *,
+        enabled: bool | None = None,
+        weight: int | None = None,
+        name: str | None = None,
     ) -> ProviderKeyRecord | None:
+        """Change the given fields of one key (None: keep)."""
+
         async def txn(t: Transaction) -> ProviderKeyRecord | None:
             row = await t.fetchone(
-                f"UPDATE provider_keys SET enabled = %s WHERE org_id = %s AND id = %s "
-                f"RETURNING {_META}",
-                (enabled, org_id, key_id),
+                "UPDATE provider_keys SET enabled = coalesce(%s, enabled), "
+                "weight = coalesce(%s, weight), name = coalesce(%s, name) "
+                f"WHERE org_id = %s AND id = %s RETURNING {_META}",
+                (enabled, weight, name, org_id, key_id),
             )
             if row is not None:
                 t.notify(NOTIFY_KIND, org_id)
             return ProviderKeyRecord(*row) if row else None
 
-        return await self._db.runInteraction("set_provider_key_enabled", txn)
+        return await self._db.runInteraction("update_provider_key", txn)
+
+    async def count_by_provider(self, provider: str) -> int:
+        rows = await self._db.runQuery(
+            "count_provider_keys_of_provider",
+            "SELECT count(*) FROM provider_keys WHERE provider = %s",
+            (provider,),
+        )
+        return int(rows[0][0])
 
     # --- the vault's cache -----------------------------------------------------
 

@@ -9,6 +9,7 @@ ever filter with parameters.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,14 +23,16 @@ _RETENTION_LOCK = int.from_bytes(b"LECTRRET", "big") & 0x7FFFFFFFFFFFFFFF
 _INSERT_COLUMNS = (
     "request_id, created_at, org_id, key_id, provider, model, method, path, status, "
     "latency_ms, ttfb_ms, streamed, prompt_tokens, completion_tokens, total_tokens, "
-    "cached_tokens, cache_creation_tokens, usage_source, error_type"
+    "cached_tokens, cache_creation_tokens, usage_source, error_type, "
+    "route, provider_key_id, attempts, fallbacks"
 )
 _INSERT_SQL = (
     f"INSERT INTO request_logs ({_INSERT_COLUMNS}) "
     "SELECT * FROM unnest("
     "%s::uuid[], %s::timestamptz[], %s::uuid[], %s::uuid[], %s::text[], %s::text[], "
     "%s::text[], %s::text[], %s::smallint[], %s::float8[], %s::float8[], %s::bool[], "
-    "%s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::text[], %s::text[]) "
+    "%s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::text[], %s::text[], "
+    "%s::text[], %s::uuid[], %s::smallint[], %s::jsonb[]) "
     "ON CONFLICT (request_id) DO NOTHING"
 )
 
@@ -58,6 +61,10 @@ class RequestLog:
     cache_creation_tokens: int | None
     usage_source: str
     error_type: str | None
+    route: str | None = None
+    provider_key_id: str | None = None
+    attempts: int = 1
+    fallbacks: list | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +120,7 @@ def _array(values: list) -> str:
 
 
 def _columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
-    """The 19 column arrays of a batch, in ``_INSERT_COLUMNS`` order."""
+    """The column arrays of a batch, in ``_INSERT_COLUMNS`` order."""
     return (
         _array([r.request_id for r in rows]),
         _array([r.created_at.isoformat() for r in rows]),
@@ -134,7 +141,17 @@ def _columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
         _array([r.usage.cache_creation_tokens for r in rows]),
         _array([r.usage.source for r in rows]),
         _array([r.error_type for r in rows]),
+        _array([r.route for r in rows]),
+        _array([r.provider_key_id for r in rows]),
+        _array([r.attempts for r in rows]),
+        _array([_json(r.fallbacks) for r in rows]),
     )
+
+
+def _json(fallbacks: tuple[dict, ...]) -> str | None:
+    if not fallbacks:
+        return None
+    return json.dumps(list(fallbacks), separators=(",", ":"))
 
 
 class RequestLogStore:

@@ -1,0 +1,101 @@
+"""Key cool-downs: a key the provider refused (401/403) or rate-limited
+(429) is set aside for a while, and the next key of its pool is tried.
+
+State is per process, in memory, and read on every request: a dict miss is
+the common case. A cool-down is a preference, not a ban: when every key of a
+pool is cooling down, the keys are still tried (the one whose cool-down ends
+first, first), so a wrong guess never becomes an outage made by Lectr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lectr.metrics import Registry
+
+#: seconds a key refused by its provider (401/403) is set aside
+REFUSED_COOLDOWN = 300.0
+#: seconds a rate-limited key is set aside when the provider gave no retry-after
+RATE_LIMITED_COOLDOWN = 30.0
+#: the longest cool-down a retry-after can ask for
+MAX_COOLDOWN = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Cooldown:
+    until: float  # reactor seconds
+    reason: str  # "refused (401)", "rate limited (429)"
+    at: float  # wall-clock epoch seconds when it started (for the admin API)
+    seconds: float
+
+
+class KeyHealth:
+    def __init__(self, clock, *, wall_clock=None, metrics: Registry | None = None) -> None:
+        self._clock = clock
+        self._wall = wall_clock
+        self._cooling: dict[str, Cooldown] = {}
+        registry = metrics or Registry()
+        self._m_cooldowns = registry.counter(
+            "lectr_provider_key_cooldowns_total",
+            "Provider keys set aside after a refusal or a rate limit, by provider and reason",
+            ["provider", "reason"],
+        )
+        registry.callback_gauge(
+            "lectr_provider_keys_cooling",
+            "Provider keys currently cooling down (this process)",
+            lambda: sum(1 for k in list(self._cooling) if self.cooldown(k) is not None),
+        )
+
+    def cool(self, key_id: str, provider: str, status: int, retry_after: float | None) -> float:
+        """Set a key aside after ``status``; returns the seconds chosen."""
+        if status == 429:
+            seconds = RATE_LIMITED_COOLDOWN if retry_after is None else retry_after
+            reason = "rate_limited"
+        else:
+            seconds = REFUSED_COOLDOWN
+            reason = "refused"
+        seconds = max(0.0, min(seconds, MAX_COOLDOWN))
+        now = self._clock.seconds()
+        wall = self._wall() if self._wall is not None else now
+        self._cooling[key_id] = Cooldown(now + seconds, f"{reason} ({status})", wall, seconds)
+        self._m_cooldowns.inc(1, provider, reason)
+        return seconds
+
+    def healthy(self, key_id: str) -> bool:
+        if not self._cooling:
+            return True
+        c = self._cooling.get(key_id)
+        if c is None:
+            return True
+        if c.until <= self._clock.seconds():
+            del self._cooling[key_id]
+            return True
+        return False
+
+    def cooldown(self, key_id: str) -> Cooldown | None:
+        c = self._cooling.get(key_id)
+        if c is not None and c.until <= self._clock.seconds():
+            del self._cooling[key_id]
+            return None
+        return c
+
+    def remaining(self, key_id: str) -> float:
+        c = self.cooldown(key_id)
+        return 0.0 if c is None else c.until - self._clock.seconds()
+
+    def clear(self, key_id: str) -> None:
+        self._cooling.pop(key_id, None)
+
+
+def parse_retry_after(value: bytes | None) -> float | None:
+    """Seconds from a ``retry-after`` header (delta-seconds only; an HTTP
+    date is treated as absent) or from ``retry-after-ms``."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if seconds != seconds or seconds < 0:  # NaN or negative
+        return None
+    return seconds

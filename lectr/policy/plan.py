@@ -1,0 +1,211 @@
+"""The routing plan of one request, and how each attempt's target and key
+are chosen.
+
+The route step (:mod:`lectr.policy.route`) makes a :class:`RoutingPlan`:
+the candidate targets (one for a plain request; a route's targets
+otherwise), the retry policy and the limits on attempts. Later steps filter
+the targets (provider enabled, model allowed, a key to use). The attempt
+loop then asks :meth:`RoutingPlan.first` and, after each failure that may be
+retried, :meth:`RoutingPlan.next`.
+
+Failures are of two kinds:
+
+- *key failures* (the provider refused the key: 401/403, or rate-limited
+  it: 429): the key cools down (:mod:`lectr.policy.health`) and the next key
+  of the same target's pool is tried; when the pool has no other key, the
+  next target (a 429 only when the route retries on ``429``);
+- *target failures* (5xx, no response headers in time, no connection): the
+  next target, when the route retries on that class.
+
+A plain request (no route) retries key failures only, within its pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lectr.managers.routes import Route, Target
+from lectr.policy.select import RoundRobin, rendezvous_order
+
+#: attempts of a plain request (key failures within its pool)
+PLAIN_MAX_ATTEMPTS = 3
+
+_KEY_FAILURES = {401: "refused", 403: "refused", 429: "429"}
+
+
+@dataclass(slots=True)
+class Attempt:
+    n: int  # 1-based
+    target: Target
+    provider: object  # lectr.providers.base.Provider
+    key: object  # lectr.managers.vault.PoolKey
+
+
+class Selector:
+    """Picks keys and orders targets: cooling keys last, sticky per
+    conversation when there is one, smooth weighted round-robin otherwise."""
+
+    def __init__(self, vault, health, registry) -> None:
+        self.vault = vault
+        self.health = health
+        self.registry = registry
+        self._rr = RoundRobin()
+
+    def order_targets(self, plan: RoutingPlan, org_id: str) -> list[Target]:
+        targets = plan.targets
+        if len(targets) < 2 or plan.route is None or plan.route.strategy != "weighted":
+            return list(targets)
+        affinity = plan.affinity()
+        if affinity is not None:
+            return rendezvous_order(affinity, targets, _target_id, _weight)
+        first = self._rr.pick(("route", org_id, plan.route.name), targets, _target_id, _weight)
+        rest = sorted((t for t in targets if t is not first), key=_weight, reverse=True)
+        return [first, *rest]
+
+    def pick_key(self, plan: RoutingPlan, org_id: str, target: Target, first: bool):
+        pool = self.vault.pool(org_id, target.provider)
+        vault = self.vault
+        tried = plan.tried_keys
+        if len(pool) == 1:  # the common case
+            key = pool[0]
+            return key if key.id not in tried and vault.usable(key) else None
+        candidates = [k for k in pool if k.id not in tried and vault.usable(k)]
+        if not candidates:
+            return None
+        health = self.health
+        healthy = [k for k in candidates if health.healthy(k.id)]
+        if not healthy:  # every key is cooling down: the one that comes back first
+            return min(candidates, key=lambda k: health.remaining(k.id))
+        if len(healthy) == 1:
+            return healthy[0]
+        affinity = plan.affinity()
+        if affinity is not None:
+            return rendezvous_order(affinity, healthy, _key_id, _weight)[0]
+        if first:
+            return self._rr.pick((org_id, target.provider), healthy, _key_id, _weight)
+        return max(healthy, key=_weight)
+
+    def has_key(self, org_id: str, provider: str) -> bool:
+        return bool(self.vault.pool(org_id, provider))
+
+
+def _target_id(t: Target) -> str:
+    return f"{t.provider}/{t.model}"
+
+
+def _key_id(k) -> str:
+    return k.id
+
+
+def _weight(c) -> int:
+    return c.weight
+
+
+class RoutingPlan:
+    """What one request may try, and what it has tried."""
+
+    __slots__ = (
+        "route",
+        "targets",
+        "retry_on",
+        "max_attempts",
+        "attempt_timeout",
+        "tried_keys",
+        "_order",
+        "_index",
+        "_affinity",
+        "_affinity_source",
+        "n",
+    )
+
+    def __init__(
+        self,
+        route: Route | None,
+        targets: list[Target],
+        affinity_source: Callable[[], bytes | None],
+    ) -> None:
+        self.route = route
+        self.targets = targets
+        if route is None:
+            self.retry_on: frozenset[str] = frozenset()
+            self.max_attempts = PLAIN_MAX_ATTEMPTS
+            self.attempt_timeout: float | None = None
+        else:
+            self.retry_on = route.retry_on
+            self.max_attempts = route.max_attempts
+            self.attempt_timeout = route.attempt_timeout
+        self.tried_keys: set[str] = set()
+        self._order: list[Target] | None = None
+        self._index = 0
+        self._affinity: bytes | None = None
+        self._affinity_source: Callable[[], bytes | None] | None = affinity_source
+        self.n = 0
+
+    @property
+    def route_name(self) -> str | None:
+        return self.route.name if self.route is not None else None
+
+    def affinity(self) -> bytes | None:
+        """What makes this request part of a conversation (computed once, and
+        only when a choice depends on it)."""
+        source = self._affinity_source
+        if source is not None:
+            self._affinity_source = None
+            self._affinity = source()
+        return self._affinity
+
+    def first(self, selector: Selector, org_id: str) -> Attempt | None:
+        self._order = selector.order_targets(self, org_id)
+        self._index = 0
+        return self._from(selector, org_id, self._index, first=True)
+
+    def next(
+        self, selector: Selector, org_id: str, status: int | None, failure: str
+    ) -> Attempt | None:
+        """The attempt after one that failed. ``failure`` is the retry class
+        (``"429"``, ``"5xx"``, ``"timeout"``, ``"connect"``, ``"refused"``)
+        and ``status`` the provider's status when it answered."""
+        if self.n >= self.max_attempts or self._order is None:
+            return None
+        target = self._order[self._index]
+        if failure in ("refused", "429"):
+            attempt = self._attempt(selector, org_id, target, first=False)
+            if attempt is not None:
+                return attempt  # the next key of the same pool
+            if failure == "429" and "429" not in self.retry_on:
+                return None
+            if failure == "refused" and self.route is None:
+                return None
+        elif failure not in self.retry_on:
+            return None
+        return self._from(selector, org_id, self._index + 1, first=True)
+
+    def _from(self, selector: Selector, org_id: str, start: int, first: bool) -> Attempt | None:
+        order = self._order
+        for i in range(start, len(order)):
+            attempt = self._attempt(selector, org_id, order[i], first)
+            if attempt is not None:
+                self._index = i
+                return attempt
+        return None
+
+    def _attempt(self, selector: Selector, org_id: str, target: Target, first: bool):
+        key = selector.pick_key(self, org_id, target, first)
+        if key is None:
+            return None
+        provider = selector.registry.get(target.provider)
+        if provider is None:  # a custom provider deleted since the plan was made
+            return None
+        self.tried_keys.add(key.id)
+        self.n += 1
+        return Attempt(self.n, target, provider, key)
+
+
+def failure_class(status: int) -> str | None:
+    """The retry class of a provider's answer, or None when it is final."""
+    if status in _KEY_FAILURES:
+        return _KEY_FAILURES[status]
+    if status >= 500:
+        return "5xx"
+    return None

@@ -1,0 +1,63 @@
+"""Step: route resolution - which targets (provider, model) a request may go
+to.
+
+- the model names one of the org's routes: the route's targets (they must
+  speak the client's dialect: Lectr does not translate);
+- on the bare ``/v1`` root, ``"<provider>/<model>"`` names a provider of the
+  catalogue: that provider, with the bare model;
+- otherwise: the provider of the path, with the request's own model.
+"""
+
+from __future__ import annotations
+
+from lectr.managers.routes import Target
+from lectr.policy.chain import Refusal
+from lectr.policy.plan import RoutingPlan
+
+
+class ResolveRoute:
+    name = "route"
+
+    def __init__(self, routes, registry) -> None:
+        self._routes = routes
+        self._registry = registry
+
+    def __call__(self, call) -> Refusal | None:
+        entry = call.entry
+        provider = entry.provider
+        model = call.read.model
+        if model is None:
+            model = provider.model_in_path(call.api_path_text)
+        call.requested_model = model
+        org_id = call.ident.org_id
+        route = None
+        if model is not None and self._routes.has_routes(org_id):
+            route = self._routes.get(org_id, model)
+        if route is not None:
+            target_provider = self._registry.get(route.targets[0].provider)
+            if target_provider is not None and target_provider.dialect is not call.dialect:
+                return Refusal(
+                    400,
+                    "invalid_request",
+                    f"Route '{route.name}' sends {target_provider.dialect.name}-style "
+                    f"requests; call it on a {target_provider.dialect.name} route.",
+                )
+            targets = list(route.targets)
+        elif entry.auto and model is not None and "/" in model:
+            prefix, _, bare = model.partition("/")
+            named = self._registry.get(prefix)
+            if named is not None and bare:
+                if named.dialect is not call.dialect:
+                    return Refusal(
+                        400,
+                        "invalid_request",
+                        f"{named.display_name} speaks the {named.dialect.name} API; send "
+                        f"'{prefix}/…' models on its routes, not in a {call.dialect.name} request.",
+                    )
+                targets = [Target(named.name, bare)]
+            else:
+                targets = [Target(provider.name, model)]
+        else:
+            targets = [Target(provider.name, model)]
+        call.plan = RoutingPlan(route, targets, call.affinity)
+        return None

@@ -1,0 +1,76 @@
+"""SQL for ``custom_providers`` (upstreams a global admin adds). Writes send
+``provider:<name>``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from lectr.db.database import Database, Transaction
+
+NOTIFY_KIND = "provider"
+
+_COLUMNS = "name, display_name, dialect, base_url, auth, models_path, created_at, updated_at"
+
+
+@dataclass(frozen=True, slots=True)
+class CustomProviderRow:
+    name: str
+    display_name: str
+    dialect: str
+    base_url: str
+    auth: str
+    models_path: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class CustomProviderStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def load(self) -> list[CustomProviderRow]:
+        rows = await self._db.runQuery(
+            "load_custom_providers", f"SELECT {_COLUMNS} FROM custom_providers ORDER BY name"
+        )
+        return [CustomProviderRow(*r) for r in rows]
+
+    async def upsert(
+        self, name: str, display_name: str, dialect: str, base_url: str, auth: str, models_path: str
+    ) -> tuple[CustomProviderRow, bool]:
+        """Create or replace; returns the row and whether it is new."""
+
+        async def txn(t: Transaction) -> tuple[CustomProviderRow, bool]:
+            row = await t.fetchone(
+                "INSERT INTO custom_providers (name, display_name, dialect, base_url, auth, "
+                "models_path) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
+                "display_name = EXCLUDED.display_name, dialect = EXCLUDED.dialect, "
+                "base_url = EXCLUDED.base_url, auth = EXCLUDED.auth, "
+                f"models_path = EXCLUDED.models_path RETURNING {_COLUMNS}, (xmax = 0)",
+                (name, display_name, dialect, base_url, auth, models_path),
+            )
+            t.notify(NOTIFY_KIND, name)
+            return CustomProviderRow(*row[:-1]), bool(row[-1])
+
+        return await self._db.runInteraction("upsert_custom_provider", txn)
+
+    async def delete(self, name: str) -> bool:
+        async def txn(t: Transaction) -> bool:
+            deleted = await t.execute("DELETE FROM custom_providers WHERE name = %s", (name,))
+            if deleted:
+                t.notify(NOTIFY_KIND, name)
+            return bool(deleted)
+
+        return await self._db.runInteraction("delete_custom_provider", txn)
+
+    async def usage(self, name: str) -> tuple[int, int]:
+        """(provider keys, routes) that still name the provider."""
+        rows = await self._db.runQuery(
+            "custom_provider_usage",
+            "SELECT (SELECT count(*) FROM provider_keys WHERE provider = %(n)s), "
+            "(SELECT count(*) FROM org_routes WHERE targets @> "
+            "jsonb_build_array(jsonb_build_object('provider', %(n)s::text)))",
+            {"n": name},
+        )
+        keys, routes = rows[0]
+        return int(keys), int(routes)
