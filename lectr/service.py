@@ -29,7 +29,6 @@ from lectr.db.notify import ChangeListener
 from lectr.managers.orgs import OrgManager
 from lectr.metrics import Registry
 from lectr.providers import ProviderRegistry
-from lectr.proxy.site import ProxySite
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
 from lectr.util.service import CallbackService, ListeningPortService, ServiceStack
@@ -71,6 +70,9 @@ class Components:
     usage: object | None = None  # request-log queries manager
     users: object | None = None  # admin identities and memberships
     authenticator: object | None = None  # Lectr-key cache (lectr.managers.auth)
+    custom_providers: object | None = None  # custom provider rows (lectr.managers.custom_providers)
+    routes: object | None = None  # org routes (lectr.managers.routes)
+    health: object | None = None  # provider-key cool-downs (lectr.policy.health)
     proxy: object | None = None  # the proxy handler (lectr.proxy.handler)
     proxy_port: ListeningPortService | None = None
     admin_port: ListeningPortService | None = None
@@ -210,7 +212,9 @@ class LectrService(Service):
         # datastores → managers (one method per feature, in dependency order)
         c.providers = ProviderRegistry.from_config(config)
         c.orgs = OrgManager(OrgStore(c.database), ApiKeyStore(c.database))
+        await self._start_catalogue(c)
         await self._start_vault(c)
+        await self._start_routes(c)
         await self._start_usage(c)
         await self._start_proxy(c)
 
@@ -257,6 +261,46 @@ class LectrService(Service):
 
     # --- features ------------------------------------------------------------------
 
+    async def _start_catalogue(self, c: Components) -> None:
+        """Custom providers join the built-ins in the registry."""
+        from lectr.managers.custom_providers import CustomProviderManager
+        from lectr.storage.custom_providers import CustomProviderStore
+
+        manager = CustomProviderManager(
+            CustomProviderStore(c.database), c.providers, c.listener, self._reactor
+        )
+        await self._stack.start(
+            CallbackService(
+                "custom providers",
+                start=lambda: ensureDeferred(manager.start()),
+                stop=lambda: ensureDeferred(manager.stop()),
+            )
+        )
+        c.custom_providers = manager
+        _log.info(
+            "providers: {providers}",
+            providers=", ".join(f"{p.name} ({p.base_url or 'per key'})" for p in c.providers),
+        )
+
+    async def _start_routes(self, c: Components) -> None:
+        """Org routes (virtual models) and provider-key cool-downs."""
+        import time
+
+        from lectr.managers.routes import RouteManager
+        from lectr.policy.health import KeyHealth
+        from lectr.storage.routes import RouteStore
+
+        routes = RouteManager(RouteStore(c.database), c.providers, c.listener, self._reactor)
+        await self._stack.start(
+            CallbackService(
+                "routes",
+                start=lambda: ensureDeferred(routes.start()),
+                stop=lambda: ensureDeferred(routes.stop()),
+            )
+        )
+        c.routes = routes
+        c.health = KeyHealth(self._reactor, wall_clock=time.time, metrics=c.metrics)
+
     async def _start_vault(self, c: Components) -> None:
         """Provider keys (BYOK vault), master-key rotation, provider settings."""
         from lectr.managers.provider_settings import ProviderSettingsManager
@@ -288,6 +332,7 @@ class LectrService(Service):
             listener=c.listener,
             reactor=self._reactor,
             metrics=c.metrics,
+            key_base_url_hosts=config.key_base_url_hosts,
         )
         await self._stack.start(
             CallbackService(
@@ -339,10 +384,17 @@ class LectrService(Service):
             )
 
     async def _start_proxy(self, c: Components) -> None:
-        """Authenticator (key cache), the upstream connection pool, the handler."""
+        """Authenticator (key cache), the upstream client, the policy chain,
+        the handler."""
+        from lectr.http.client import Origin, UpstreamClient
         from lectr.managers.auth import Authenticator
+        from lectr.policy.keys import KeyAvailability
+        from lectr.policy.org import OrgEnabled
+        from lectr.policy.plan import Selector
+        from lectr.policy.providers import ProviderPolicy
+        from lectr.policy.route import ResolveRoute
         from lectr.proxy.handler import ProxyHandler
-        from lectr.proxy.upstream import make_agent
+        from lectr.proxy.headers import HeaderPolicy
 
         config = self.config
         auth = Authenticator(ApiKeyStore(c.database), reactor=self._reactor, metrics=c.metrics)
@@ -350,29 +402,46 @@ class LectrService(Service):
         await self._stack.start(CallbackService("key cache", start=auth.start, stop=auth.stop))
         c.authenticator = auth
 
-        agent, pool = make_agent(self._reactor, connect_timeout=config.upstream_connect_timeout)
-        await self._stack.start(
-            CallbackService("upstream connections", stop=pool.closeCachedConnections)
-        )
+        client = UpstreamClient(self._reactor, connect_timeout=config.upstream_connect_timeout)
+        await self._stack.start(CallbackService("upstream connections", stop=client.close_idle))
+        selector = Selector(c.vault, c.health, c.providers)
+        # The policy chain, in order (docs/architecture.md, "The policy chain").
+        steps = [
+            OrgEnabled(),
+            ResolveRoute(c.routes, c.providers),
+            ProviderPolicy(c.settings, c.providers),
+            KeyAvailability(selector),
+        ]
         c.proxy = ProxyHandler(
             reactor=self._reactor,
             registry=c.providers,
             authenticator=auth,
-            settings=c.settings,
             vault=c.vault,
+            selector=selector,
+            health=c.health,
+            steps=steps,
+            header_policy=HeaderPolicy(
+                c.providers, forward=frozenset(h.encode() for h in config.forward_headers)
+            ),
+            client=client,
             recorder=c.recorder,
-            agent=agent,
             metrics=c.metrics,
             headers_timeout=config.upstream_headers_timeout,
             idle_timeout=config.upstream_idle_timeout,
+            origin_factory=Origin.from_url,
         )
 
-    def _proxy_site(self, c: Components) -> Site:
-        return ProxySite(
+    def _proxy_site(self, c: Components):
+        from lectr.http.server import ProxyServerFactory
+
+        return ProxyServerFactory(
             c.proxy,
-            registry=c.providers,
+            reactor=self._reactor,
             max_body_bytes=self.config.max_body_bytes,
-            metrics=c.metrics,
+            body_timeout=self.config.body_read_timeout,
+            header_timeout=30.0,
+            keepalive_timeout=300.0,
+            max_unadmitted=self.config.max_unauthenticated,
         )
 
     def _admin_site(self, c: Components) -> Site:

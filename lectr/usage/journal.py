@@ -60,6 +60,13 @@ def encode_record(r: UsageRecord) -> bytes:
         u.cache_creation_tokens,
         u.source,
         r.error_type,
+        {
+            "route": r.route,
+            "provider_key_id": r.provider_key_id,
+            "attempts": r.attempts,
+            "fallbacks": list(r.fallbacks),
+            "request_bytes": r.request_bytes,
+        },
     ]
     # ASCII output: any string (lone surrogates, NULs) survives the round trip
     return (json.dumps(row, separators=(",", ":")) + "\n").encode("ascii")
@@ -67,7 +74,11 @@ def encode_record(r: UsageRecord) -> bytes:
 
 def decode_record(line: bytes) -> UsageRecord:
     row = json.loads(line)
-    if not isinstance(row, list) or len(row) != 19:
+    # 19 columns (format of the first release), then a map of later fields
+    if not isinstance(row, list) or len(row) not in (19, 20):
+        raise ValueError("not a usage row")
+    extra = row[19] if len(row) == 20 else {}
+    if not isinstance(extra, dict):
         raise ValueError("not a usage row")
     (rid, created, org, key, provider, model, method, path, status, latency, ttfb, streamed) = row[
         :12
@@ -88,6 +99,11 @@ def decode_record(line: bytes) -> UsageRecord:
         streamed=streamed,
         usage=usage,
         error_type=row[18],
+        route=extra.get("route"),
+        provider_key_id=extra.get("provider_key_id"),
+        attempts=extra.get("attempts", 1),
+        fallbacks=tuple(extra.get("fallbacks") or ()),
+        request_bytes=extra.get("request_bytes", 0),
     )
 
 

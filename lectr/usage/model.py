@@ -44,6 +44,12 @@ class UsageRecord:
     streamed: bool
     usage: Usage = NO_USAGE
     error_type: str | None = None
+    # routing (DESIGN §9)
+    route: str | None = None  # the route (virtual model) the request named
+    provider_key_id: str | None = None  # the provider key of the last attempt
+    attempts: int = 1  # upstream calls made (0: refused before any)
+    fallbacks: tuple[dict, ...] = ()  # why each earlier attempt was abandoned
+    request_bytes: int = 0  # size of the request body (prompt estimates)
 
 
 class UsageSink(Protocol):

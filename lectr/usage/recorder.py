@@ -60,6 +60,7 @@ _TEXT_LIMITS = (
     ("method", 32),
     ("path", 2048),
     ("error_type", 200),
+    ("route", 256),
 )
 _INT32_MAX = 2**31 - 1
 _SMALLINT_MAX = 2**15 - 1
@@ -141,6 +142,10 @@ def clean_record(r: UsageRecord) -> UsageRecord:
                 changes[name] = 0.0 if name == "latency_ms" else None
     if type(r.streamed) is not bool:
         changes["streamed"] = bool(r.streamed)
+    if type(r.attempts) is not int or not 0 <= r.attempts <= _SMALLINT_MAX:
+        changes["attempts"] = min(_clean_count(r.attempts) or 0, _SMALLINT_MAX)
+    if r.provider_key_id is not None and type(r.provider_key_id) is not str:
+        changes["provider_key_id"] = None
     u = r.usage
     counts = (
         u.prompt_tokens,

@@ -1,0 +1,744 @@
+"""One proxied request: the state machine between the client and the
+provider.
+
+All on the reactor thread, and on the hot path without touching the
+database:
+
+1. check the request target and route it (:mod:`lectr.proxy.target`);
+2. authenticate the Lectr key from the headers, *before* reading the body
+   (in-memory cache; the database only on a miss, with the body unread);
+3. read the body once, strictly (:mod:`lectr.providers.body`);
+4. run the policy chain (:mod:`lectr.policy.chain`): org, route, provider
+   settings, keys, limits - any step may refuse, none calls upstream;
+5. the attempt loop: choose a target and a key, sign and send the request,
+   and on a failure that may be retried (before any byte reached the
+   client) try the next one (:mod:`lectr.policy.plan`);
+6. relay status, headers and body as they arrive, with backpressure (a
+   slow client pauses the provider's socket), metering usage on the way and
+   masking the org's key in error bodies;
+7. hand one usage record to the recorder (never awaited).
+
+**Every entry point is guarded** (:func:`guarded`): whatever raises in a
+callback from the server, the key cache, a policy step, a timer or the
+upstream client ends the call through :meth:`Call.crash` - an answer in the
+route's dialect (or an aborted connection once the answer has started), a
+request-log row, metrics, and removal from the active set - exactly once
+(:meth:`Call._end`). A new step or callback cannot leave a request
+unanswered or leak its body.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+import zlib
+from datetime import UTC, datetime
+
+from twisted.python.failure import Failure
+
+from lectr.managers.auth import RATE_LIMITED, UNKNOWN
+from lectr.managers.orgs import looks_like_key
+from lectr.policy.chain import Refusal, run_chain
+from lectr.policy.health import parse_retry_after
+from lectr.policy.plan import failure_class
+from lectr.providers.base import scrub_body
+from lectr.providers.body import BodyRefused, read_body
+from lectr.providers.dialects import ERROR_STATUS
+from lectr.proxy.headers import downstream
+from lectr.proxy.ids import new_request_id
+from lectr.proxy.target import error_provider, route, target_problem
+from lectr.usage.model import NO_USAGE, UsageRecord
+
+_NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+_NO_LENGTH_CODES = frozenset({204, 304})
+#: the largest provider error body held to be masked; a larger one is cut
+SCRUB_MAX = 1 << 20
+_JSON = (b"content-type", b"application/json")
+_SHOULD_NOT_RETRY = (b"x-should-retry", b"false")
+_CONNECT_KINDS = frozenset({"connect", "dns", "tls"})
+
+
+def guarded(method):
+    """Make ``method`` an entry point of the call: anything it raises ends
+    the call (:meth:`Call.crash`) instead of escaping into the reactor."""
+
+    @functools.wraps(method)
+    def entry(self, *args):
+        try:
+            return method(self, *args)
+        except BaseException as e:
+            self.crash(Failure())
+            if not isinstance(e, Exception):
+                raise
+            return None
+
+    return entry
+
+
+def presented_key(headers) -> str | None:
+    """The Lectr key from ``Authorization: Bearer lc_…`` or ``x-api-key``,
+    format-checked; None when absent or malformed."""
+    value = headers.first(b"authorization")
+    if value is not None and value[:7].lower() == b"bearer ":
+        candidate = value[7:].strip().decode("latin-1")
+        if looks_like_key(candidate):
+            return candidate
+    value = headers.first(b"x-api-key")
+    if value is not None:
+        candidate = value.strip().decode("latin-1")
+        if looks_like_key(candidate):
+            return candidate
+    return None
+
+
+def _header_text(value: str | None, limit: int = 200) -> str:
+    """A value safe inside a response header: visible ASCII, ';' and '='
+    escaped, bounded."""
+    if not value:
+        return "-"
+    out = []
+    for c in value[:limit]:
+        o = ord(c)
+        if 0x21 <= o <= 0x7E and c not in ";=%,":
+            out.append(c)
+        else:
+            out.extend(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
+    return "".join(out)
+
+
+class Call:
+    """One proxied request. Attributes the policy steps may read or set:
+    ``ident`` (the Lectr key's identity), ``entry`` (route entry: provider,
+    API path, whether it is the bare ``/v1``), ``dialect``, ``api_path_text``,
+    ``read`` (the judged body), ``headers`` (the request's), ``plan`` (set by
+    the route step), ``admission`` (set by the limits step),
+    ``requested_model``."""
+
+    __slots__ = (
+        "h",
+        "req",
+        "rid",
+        "t0",
+        "created_at",
+        "entry",
+        "dialect",
+        "error_provider",
+        "api_path_text",
+        "headers",
+        "ident",
+        "read",
+        "requested_model",
+        "plan",
+        "admission",
+        "attempt",
+        "rplan",
+        "secret",
+        "handle",
+        "pending",
+        "upstream_headers",
+        "fallbacks",
+        "status",
+        "error_type",
+        "ttfb",
+        "meter",
+        "held",
+        "held_encoding",
+        "headers_timer",
+        "idle_timer",
+        "deadline",
+        "closed",
+        "ended",
+        "__weakref__",
+    )
+
+    def __init__(self, handler, req) -> None:
+        self.h = handler
+        self.req = req
+        self.rid = new_request_id()
+        self.t0 = time.perf_counter()
+        self.created_at = datetime.now(UTC)
+        self.entry = None
+        self.dialect = None
+        self.error_provider = None
+        self.api_path_text = ""
+        self.headers = req.headers
+        self.ident = None
+        self.read = None
+        self.requested_model = None
+        self.plan = None
+        self.admission = None
+        self.attempt = None
+        self.rplan = None
+        self.secret = None
+        self.handle = None
+        self.pending = None
+        self.upstream_headers = None
+        self.fallbacks: list[dict] = []
+        self.status = 0
+        self.error_type: str | None = None
+        self.ttfb: float | None = None
+        self.meter = None
+        self.held: bytearray | None = None
+        self.held_encoding: bytes | None = None
+        self.headers_timer = None
+        self.idle_timer = None
+        self.deadline = 0.0
+        self.closed = False  # the client's answer is complete, aborted or being aborted
+        self.ended = False  # recorded and out of the active set
+
+    # --- 1-2: target, route, key ------------------------------------------------
+
+    @guarded
+    def start(self) -> None:
+        h = self.h
+        req = self.req
+        h.active.add(self)
+        req.on_lost = self.client_gone
+        path = req.path
+        problem = target_problem(req.target)
+        if problem is not None:
+            self.error_provider = error_provider(path, h.registry)
+            self.refuse(400, "invalid_request", problem)
+            return
+        entry = route(path, b"anthropic-version" in self.headers, h.registry)
+        if entry is None:
+            self.error_provider = error_provider(path, h.registry)
+            self.refuse(
+                404,
+                "not_found",
+                "Unknown route: use /<provider>/v1/… (e.g. /openai/v1/…, /anthropic/v1/…) "
+                "or /v1/….",
+            )
+            return
+        self.entry = entry
+        self.error_provider = entry.provider
+        self.dialect = entry.provider.dialect
+        self.api_path_text = entry.api_path.decode("ascii")
+        key = presented_key(self.headers)
+        if key is None:
+            self.refuse(
+                401,
+                "authentication",
+                "Missing or malformed Lectr key: send 'Authorization: Bearer lc_…' or "
+                "'x-api-key: lc_…'.",
+            )
+            return
+        key_hash = hashlib.sha256(key.encode("ascii")).hexdigest()
+        ident = h.auth.cached(key_hash)
+        if ident is None:
+            self.pending = d = h.auth.lookup(key_hash)
+            d.addCallbacks(self.authenticated, self.lookup_failed)
+            return
+        self.authenticated(ident)
+
+    @guarded
+    def lookup_failed(self, failure) -> None:
+        self.pending = None
+        if self.closed:
+            return
+        self.h.log.warn("key lookup failed: {error}", error=failure.getErrorMessage())
+        self.refuse(503, "unavailable", "The gateway cannot verify keys right now; retry shortly.")
+
+    @guarded
+    def authenticated(self, ident) -> None:
+        self.pending = None
+        if self.closed:
+            return
+        if ident is None or ident is UNKNOWN:
+            self.refuse(401, "authentication", "Invalid or revoked Lectr key.")
+            return
+        if ident is RATE_LIMITED:
+            self.refuse(
+                503,
+                "unavailable",
+                "Too many unknown keys are being tried; this key could not be checked. "
+                "Retry shortly.",
+                ((b"retry-after", b"1"),),
+            )
+            return
+        self.ident = ident
+        req = self.req
+        req.admit()
+        req.continue_body()  # the body is read now (may call body_received at once)
+
+    # --- 3-4: body, policy ------------------------------------------------------------
+
+    @guarded
+    def body_received(self) -> None:
+        if self.closed:
+            return
+        req = self.req
+        try:
+            self.read = read_body(req.headers.get(b"content-type"), req.body)
+        except BodyRefused as e:
+            self.refuse(400, "invalid_request", f"Malformed request body: {e}")
+            return
+        run_chain(self.h.steps, self, self.chain_done, self.crash, waiting=self._waiting)
+
+    def _waiting(self, d) -> None:
+        self.pending = d
+
+    @guarded
+    def chain_done(self, refusal: Refusal | None) -> None:
+        if self.closed:
+            return
+        if refusal is not None:
+            self.refuse(refusal.status, refusal.kind, refusal.message, refusal.headers)
+            return
+        self.deadline = time.monotonic() + self.h.headers_timeout
+        attempt = self.plan.first(self.h.selector, self.ident.org_id)
+        if attempt is None:
+            self.refuse(
+                503,
+                "unavailable",
+                "No provider key of this organization can be used right now.",
+            )
+            return
+        self.send(attempt)
+
+    def affinity(self) -> bytes | None:
+        """What ties this request to a conversation, for sticky key and
+        target choice: ``x-lectr-session``, the body's session fields, or a
+        digest of a cacheable prompt prefix (RoutingPlan calls this lazily)."""
+        session = self.headers.first(b"x-lectr-session")
+        if session:
+            return b"s:" + session[:512]
+        doc = self.read.doc if self.read is not None else None
+        key = self.dialect.session_key(doc)
+        if key is not None:
+            return b"s:" + key.encode("utf-8", "surrogatepass")
+        prefix = self.dialect.cache_prefix(doc)
+        return b"p:" + prefix if prefix is not None else None
+
+    # --- 5: attempts ------------------------------------------------------------------
+
+    def send(self, attempt) -> None:
+        h = self.h
+        req = self.req
+        self.attempt = attempt
+        provider = attempt.provider
+        key = attempt.key
+        secret = h.vault.reveal(key)
+        if secret is None:  # the key does not decrypt: logged by the vault; next key
+            self.retry_or_fail(
+                None,
+                "refused",
+                502,
+                "upstream_unavailable",
+                f"The {provider.display_name} key of this organization cannot be used "
+                "(see the gateway's log).",
+            )
+            return
+        target = attempt.target
+        read = self.read
+        model = target.model if target.model != read.model else None
+        self.rplan = rplan = provider.plan(req.method, self.api_path_text, read, model)
+        headers = self.upstream_headers
+        if headers is None:
+            headers = self.upstream_headers = h.header_policy.upstream(req.headers)
+        body = rplan.body
+        upstream = provider.request(
+            req.method,
+            self.entry.api_path,
+            req.query,
+            target.model,
+            key,
+            list(headers),
+            body if body or req.method not in _NO_BODY_METHODS else None,
+        )
+        traceparent = h.traceparent(self, attempt.n)
+        if traceparent is not None:
+            upstream.headers.append((b"traceparent", traceparent))
+        provider.sign(upstream, secret, key)
+        self.secret = secret
+        h.m_attempts.inc(1, provider.name, "sent")
+        self.handle = h.client.request(
+            h.origin(upstream.base_url),
+            upstream.method,
+            upstream.target,
+            upstream.headers,
+            upstream.body,
+            self,
+        )
+        timeout = self.deadline - time.monotonic()
+        per_try = self.plan.attempt_timeout
+        if per_try is not None and per_try < timeout:
+            timeout = per_try
+        self.headers_timer = h.reactor.callLater(max(timeout, 0.0), self.headers_timed_out)
+
+    def retry_or_fail(
+        self, status: int | None, failure: str, answer: int, kind: str, message: str
+    ) -> bool:
+        """After attempt n failed before answering the client: the next
+        attempt if the plan allows one (True), else the error answer (False)."""
+        attempt = self.attempt
+        h = self.h
+        nxt = self.plan.next(h.selector, self.ident.org_id, status, failure)
+        if nxt is not None:
+            self.fallbacks.append(
+                {
+                    "attempt": attempt.n,
+                    "provider": attempt.provider.name,
+                    "model": attempt.target.model,
+                    "key": attempt.key.name,
+                    "reason": failure,
+                    "status": status,
+                }
+            )
+            h.m_fallbacks.inc(1, attempt.provider.name, failure)
+            self.secret = None
+            self.send(nxt)
+            return True
+        if message:
+            headers = self._route_headers()
+            if self.plan.n > 1:
+                headers.append(_SHOULD_NOT_RETRY)
+            self.refuse(answer, kind, message, headers)
+        return False
+
+    @guarded
+    def headers_timed_out(self) -> None:
+        self.headers_timer = None
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+        if self.closed:
+            return
+        provider = self.attempt.provider
+        self.h.m_attempts.inc(1, provider.name, "timeout")
+        self.retry_or_fail(
+            None,
+            "timeout",
+            504,
+            "upstream_timeout",
+            f"{provider.display_name} did not answer in time.",
+        )
+
+    # --- upstream sink -------------------------------------------------------------------
+
+    @guarded
+    def response_started(self, status: int, reason: bytes, headers, length) -> None:
+        self._cancel_headers_timer()
+        h = self.h
+        attempt = self.attempt
+        provider = attempt.provider
+        if self.closed:
+            self._stop_upstream()
+            return
+        failure = failure_class(status)
+        h.m_attempts.inc(1, provider.name, str(status))
+        if failure is not None:
+            if failure != "5xx":
+                retry_after = parse_retry_after(headers.first(b"retry-after"))
+                h.health.cool(attempt.key.id, provider.name, status, retry_after)
+            if self.plan.n < self.plan.max_attempts:
+                handle, self.handle = self.handle, None
+                # a failure that another attempt replaces: its body is not wanted
+                if self.retry_or_fail(status, failure, 0, "", ""):
+                    handle.cancel()
+                    return
+                self.handle = handle
+        self.relay_head(status, reason, headers, length)
+
+    def relay_head(self, status: int, reason: bytes, headers, length) -> None:
+        h = self.h
+        req = self.req
+        rplan = self.rplan
+        self.status = status
+        out = downstream(headers)
+        out.append((b"x-lectr-request-id", self.rid.encode()))
+        out.extend(self._route_headers())
+        if self.admission is not None:
+            out.extend(self.admission.headers)
+        if status >= 400:
+            # a provider error may quote the org's key: held, then masked
+            self.held = bytearray()
+            encoding = headers.first(b"content-encoding")
+            if encoding is not None:
+                self.held_encoding = encoding.strip().lower()
+                out = [(n, v) for n, v in out if n.lower() != b"content-encoding"]
+            if self.plan.n > 1:
+                out.append(_SHOULD_NOT_RETRY)
+            length = None
+        elif length is not None and (
+            rplan.strip_usage_chunk or status in _NO_LENGTH_CODES or req.method == b"HEAD"
+        ):
+            length = None
+        self.meter = self.dialect.meter(
+            rplan,
+            self.api_path_text,
+            status,
+            headers.first(b"content-type"),
+            headers.first(b"content-encoding"),
+        )
+        self.ttfb = time.perf_counter()
+        req.start_response(status, reason or None, out, length)
+        handle = self.handle
+        if handle is not None:
+            req.set_producer(handle)
+        self.idle_timer = h.reactor.callLater(h.idle_timeout, self.idle_timed_out)
+
+    def _route_headers(self) -> list[tuple[bytes, bytes]]:
+        attempt = self.attempt
+        if attempt is None:
+            return []
+        value = (
+            f"route={_header_text(self.plan.route_name)}; "
+            f"provider={attempt.provider.name}; "
+            f"model={_header_text(attempt.target.model)}; "
+            f"key={_header_text(attempt.key.name)}; attempt={attempt.n}"
+        )
+        return [(b"x-lectr-route", value.encode("ascii"))]
+
+    @guarded
+    def response_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        timer = self.idle_timer
+        if timer is not None:
+            timer.reset(self.h.idle_timeout)
+        held = self.held
+        if held is not None:
+            held += data
+            if len(held) > SCRUB_MAX:
+                self.h.log.warn(
+                    "{provider} error body over {n} bytes; cut",
+                    provider=self.attempt.provider.name,
+                    n=SCRUB_MAX,
+                )
+                self.abort("upstream_error_too_large")
+            return
+        out = self.meter.feed(data)
+        if out:
+            self.req.write(out)
+
+    @guarded
+    def response_done(self) -> None:
+        self.handle = None
+        self._cancel_idle_timer()
+        if self.closed:
+            self._end()
+            return
+        req = self.req
+        req.clear_producer()
+        held, self.held = self.held, None
+        if held is not None:
+            req.write(self._masked(bytes(held)))
+        self.closed = True
+        req.finish()
+        self._end()
+
+    def _masked(self, body: bytes) -> bytes:
+        encoding = self.held_encoding
+        if encoding in (b"gzip", b"x-gzip", b"deflate"):
+            try:
+                wbits = 47 if encoding != b"deflate" else 15
+                body = zlib.decompress(body, wbits)
+            except zlib.error:
+                try:  # raw deflate, as some servers send
+                    body = zlib.decompress(body, -15)
+                except zlib.error:
+                    body = b""
+        elif encoding not in (None, b"identity"):
+            body = b""
+        if not body and self.held_encoding not in (None, b"identity"):
+            return self.error_provider.error_body(
+                "upstream_unavailable",
+                f"{self.attempt.provider.display_name} answered {self.status} "
+                "(its error body could not be checked and was withheld).",
+                self.rid,
+            )
+        secret = self.secret.reveal().encode("ascii") if self.secret is not None else None
+        return scrub_body(body, secret)
+
+    @guarded
+    def response_failed(self, error) -> None:
+        self.handle = None
+        self._cancel_headers_timer()
+        self._cancel_idle_timer()
+        if self.closed:
+            self._end()
+            return
+        attempt = self.attempt
+        provider = attempt.provider
+        if not error.started:
+            timeout = error.kind == "connect_timeout"
+            connect = timeout or error.kind in _CONNECT_KINDS
+            self.h.m_attempts.inc(1, provider.name, "connect_error" if connect else "error")
+            self.retry_or_fail(
+                None,
+                "timeout" if timeout else "connect" if connect else "5xx",
+                504 if timeout else 502,
+                "upstream_timeout" if timeout else "upstream_unavailable",
+                f"{provider.display_name} did not answer in time."
+                if timeout
+                else f"{provider.display_name} could not be reached."
+                if connect
+                else f"The request to {provider.display_name} failed.",
+            )
+            return
+        # The provider dropped the connection mid-body: make sure the client
+        # can tell (an abort, not a clean end of the response).
+        self.error_type = "upstream_dropped"
+        self.abort("upstream_dropped")
+
+    @guarded
+    def idle_timed_out(self) -> None:
+        self.idle_timer = None
+        self.error_type = "upstream_idle_timeout"
+        self.h.log.info(
+            "{provider} went silent mid-response; aborting", provider=self.attempt.provider.name
+        )
+        self.abort("upstream_idle_timeout")
+
+    # --- endings -------------------------------------------------------------------------
+
+    @guarded
+    def protocol_error(self, status: int, kind: str, message: str) -> None:
+        """The server refused the body (413: too large, 408: too slow)."""
+        self.refuse(status, kind, message)
+
+    @guarded
+    def client_gone(self, reason=None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.error_type = self.error_type or "client_disconnected"
+        self.status = 499
+        self._stop_upstream()
+        self._end()
+
+    def abort(self, why: str) -> None:
+        """Stop both sides (shutdown, idle timeout). A request that has not
+        started its answer gets a 503 during shutdown; one mid-answer has its
+        connection aborted, so the client can tell it is truncated."""
+        if self.closed:
+            self._stop_upstream()
+            return
+        req = self.req
+        if why == "shutdown" and not req.started:
+            self._stop_upstream()
+            self.refuse(503, "unavailable", "The gateway is shutting down; retry.")
+            return
+        self.closed = True
+        self.error_type = self.error_type or why
+        self._stop_upstream()
+        req.abort()
+        self._end()
+
+    def crash(self, failure: Failure) -> None:
+        """A bug in a step or a callback: end the call anyway, exactly once."""
+        try:
+            self.h.log.failure("proxied request {rid} failed", failure, rid=self.rid)
+            self.error_type = "internal"
+            self._stop_upstream()
+            if not self.closed:
+                if self.req.started:
+                    self.closed = True
+                    self.req.abort()
+                else:
+                    self.refuse(500, "internal", "Internal error in the gateway.")
+        finally:
+            self.closed = True
+            self._end()
+
+    def refuse(self, status: int, kind: str, message: str, headers: tuple | list = ()) -> None:
+        """Answer with a Lectr error in the route's dialect (nothing else has
+        been sent to the client)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.status = status
+        self.error_type = kind
+        req = self.req
+        provider = self.error_provider or self.h.registry.get("openai")
+        body = provider.error_body(kind, message, self.rid)
+        out = [_JSON, (b"x-lectr-request-id", self.rid.encode()), *headers]
+        if self.admission is not None and status != ERROR_STATUS["rate_limited"]:
+            out.extend(self.admission.headers)
+        self.ttfb = time.perf_counter()
+        if not req.started and not req.finished:
+            req.respond(status, out, body)
+        self._end()
+
+    def _stop_upstream(self) -> None:
+        self._cancel_headers_timer()
+        self._cancel_idle_timer()
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.cancel()
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+
+    def _cancel_headers_timer(self) -> None:
+        timer, self.headers_timer = self.headers_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _cancel_idle_timer(self) -> None:
+        timer, self.idle_timer = self.idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _end(self) -> None:
+        """Record the request once and leave the active set."""
+        if self.ended:
+            return
+        self.ended = True
+        self.secret = None
+        h = self.h
+        h.call_done(self)
+        try:
+            self._record()
+        except Exception:
+            h.log.failure("recording request {rid} failed", Failure(), rid=self.rid)
+
+    def _record(self) -> None:
+        h = self.h
+        elapsed = time.perf_counter() - self.t0
+        attempt = self.attempt
+        provider = (
+            attempt.provider if attempt is not None else self.entry.provider if self.entry else None
+        )
+        name = provider.name if provider is not None else "unknown"
+        h.m_requests.inc(1, name, str(self.status))
+        h.m_latency.observe(elapsed, name)
+        usage = self.meter.finish() if self.meter is not None else NO_USAGE
+        ident = self.ident
+        if ident is None:
+            return  # not authenticated: no org to account to
+        read = self.read
+        plan = self.plan
+        model = (
+            attempt.target.model
+            if attempt is not None
+            else self.requested_model
+            if self.requested_model is not None
+            else read.model
+            if read is not None
+            else None
+        )
+        record = UsageRecord(
+            request_id=self.rid,
+            created_at=self.created_at,
+            org_id=ident.org_id,
+            key_id=ident.key_id,
+            provider=name,
+            model=model,
+            method=self.req.method.decode("ascii", "replace"),
+            path=self.api_path_text,
+            status=self.status,
+            latency_ms=elapsed * 1000.0,
+            ttfb_ms=(self.ttfb - self.t0) * 1000.0 if self.ttfb is not None else None,
+            streamed=read.stream if read is not None else False,
+            usage=usage,
+            error_type=self.error_type,
+            route=plan.route_name if plan is not None else None,
+            provider_key_id=attempt.key.id if attempt is not None else None,
+            attempts=plan.n if plan is not None else 0,
+            fallbacks=tuple(self.fallbacks),
+            request_bytes=len(self.req.body),
+        )
+        h.recorder.record(h.complete(self, record))

@@ -1,0 +1,119 @@
+"""The header swap: what goes upstream and what comes back.
+
+Upstream: the client's headers minus
+- every credential header (``Authorization``, ``x-api-key``, ``api-key``,
+  ``Cookie``…: the registry's :attr:`credential_headers`), always;
+- hop-by-hop headers (``Connection`` and the headers it names,
+  ``Keep-Alive``, ``Proxy-*``, ``TE``, ``Trailer``, ``Transfer-Encoding``,
+  ``Upgrade``), ``Host``, ``Content-Length`` and ``Expect`` (the client
+  sets them);
+- headers that identify the client or its network (``Forwarded``,
+  ``X-Forwarded-*``, ``X-Real-IP``, ``Via``, ``True-Client-IP``,
+  ``CF-Connecting-IP``, ``X-Client-IP``, ``X-Cluster-Client-IP``) unless the
+  operator lists them in ``LECTR_FORWARD_HEADERS``;
+- Lectr's own request headers (``x-lectr-*``);
+- ``Accept-Encoding``, replaced by ``identity``: Lectr reads every response
+  (usage, error masking) and never relays bytes it could not check;
+then the provider's own credential (added by the provider's ``sign``).
+
+Downstream: the provider's headers minus hop-by-hop ones, its
+``Content-Length`` (set again when the body passes unchanged) and
+``Set-Cookie`` (state of Lectr's own connection to the provider, not the
+client's).
+"""
+
+from __future__ import annotations
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: headers that identify the client or the networks it came through
+CLIENT_IDENTITY = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"via",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+    }
+)
+
+_NEVER_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-encoding"}
+_NEVER_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"set-cookie"}
+IDENTITY = (b"Accept-Encoding", b"identity")
+
+
+def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
+
+
+class HeaderPolicy:
+    """Which client headers go upstream (built once per process)."""
+
+    def __init__(
+        self, credential_headers: frozenset[bytes], forward: frozenset[bytes] = frozenset()
+    ):
+        self.forward = frozenset(h.lower() for h in forward)
+        self.refresh(credential_headers)
+
+    def refresh(self, credential_headers: frozenset[bytes]) -> None:
+        """The registry's credential headers changed (a custom provider)."""
+        self._never = _NEVER_UPSTREAM | credential_headers | (CLIENT_IDENTITY - self.forward)
+        self._cache: dict[bytes, bool] = {}
+
+    def _allowed(self, lower: bytes) -> bool:
+        if lower in self._never or lower.startswith(b"x-lectr-"):
+            return False
+        if lower.startswith(b"x-forwarded-"):
+            return lower in self.forward
+        return not lower.startswith(b"proxy-")
+
+    def upstream(self, client) -> list[tuple[bytes, bytes]]:
+        """``client``: the request's headers as (name, value) pairs. Returns
+        the list to send, ending with ``Accept-Encoding: identity``."""
+        if self._source is not self._registry.credential_headers:
+            self._refresh()
+        named = connection_tokens(client.get(b"connection")) if b"connection" in client else ()
+        cache = self._cache
+        out = []
+        for name, value in client:
+            lower = name.lower()
+            ok = cache.get(lower)
+            if ok is None:
+                ok = self._allowed(lower)
+                if len(cache) < 4096:
+                    cache[lower] = ok
+            if ok and (not named or lower not in named):
+                out.append((name, value))
+        out.append(IDENTITY)
+        return out
+
+
+def downstream(upstream) -> list[tuple[bytes, bytes]]:
+    """The provider's headers to pass on to the client."""
+    named = connection_tokens(upstream.get(b"connection")) if b"connection" in upstream else ()
+    out = []
+    for name, value in upstream:
+        lower = name.lower()
+        if lower in _NEVER_DOWNSTREAM or lower.startswith(b"proxy-"):
+            continue
+        if named and lower in named:
+            continue
+        out.append((name, value))
+    return out
