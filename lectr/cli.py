@@ -219,8 +219,35 @@ PROVIDER_KEY_COLUMNS = [
     ("NAME", lambda k: k["name"]),
     ("KEY", lambda k: "…" + k["last4"]),
     ("ENABLED", lambda k: k["enabled"]),
+    ("WEIGHT", lambda k: k.get("weight")),
+    ("COOLDOWN", lambda k: _cooldown(k.get("cooldown"))),
     ("ADDED", lambda k: when(k["created_at"])),
 ]
+CATALOGUE_COLUMNS = [
+    ("NAME", lambda p: p["name"]),
+    ("DIALECT", lambda p: p["dialect"]),
+    ("BASE URL", lambda p: p["base_url"] or "per key"),
+    ("CUSTOM", lambda p: p["custom"]),
+    ("DISPLAY NAME", lambda p: p["display_name"]),
+]
+ROUTE_COLUMNS = [
+    ("NAME", lambda r: r["name"]),
+    ("STRATEGY", lambda r: r["strategy"]),
+    ("TARGETS", lambda r: ", ".join(_target_text(t) for t in r["targets"])),
+    ("RETRY ON", lambda r: ",".join(r["retry_on"]) or "-"),
+    ("ATTEMPTS", lambda r: r["max_attempts"]),
+]
+
+
+def _cooldown(c: dict | None) -> str:
+    return "-" if not c else f"{c['reason']} until {when(c['until'])}"
+
+
+def _target_text(t: dict) -> str:
+    weight = t.get("weight", 1)
+    return f"{t['provider']}:{t['model']}" + (f"×{weight}" if weight != 1 else "")
+
+
 PROVIDER_COLUMNS = [
     ("PROVIDER", lambda p: p["provider"]),
     ("ENABLED", lambda p: p["enabled"]),
@@ -450,8 +477,10 @@ class Commands:
     def provider_keys_add(self, args) -> None:
         org_id = self.org_id(args.org)
         body = {"provider": args.provider, "key": self.read_secret(args)}
-        if args.name:
-            body["name"] = args.name
+        for field in ("name", "weight", "base_url", "api_version"):
+            value = getattr(args, field)
+            if value is not None:
+                body[field] = value
         info = self.api.post(f"/admin/orgs/{org_id}/provider-keys", body)
         self.out.result(
             info,
@@ -464,6 +493,19 @@ class Commands:
     def provider_keys_list(self, args) -> None:
         doc = self.api.get(f"/admin/orgs/{self.org_id(args.org)}/provider-keys")
         self.out.result(doc, lambda: self.out.table(doc["items"], PROVIDER_KEY_COLUMNS))
+
+    def provider_keys_set(self, args) -> None:
+        body: dict[str, Any] = {}
+        for field in ("enabled", "weight", "name"):
+            value = getattr(args, field)
+            if value is not None:
+                body[field] = value
+        if not body:
+            raise CliError("nothing to change: give --enable/--disable, --weight or --name", 2)
+        doc = self.api.request(
+            "PATCH", f"/admin/orgs/{self.org_id(args.org)}/provider-keys/{args.key_id}", body
+        )
+        self.out.result(doc, lambda: self.out.table([doc], PROVIDER_KEY_COLUMNS))
 
     def provider_keys_delete(self, args) -> None:
         self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/provider-keys/{args.key_id}")
@@ -496,6 +538,87 @@ class Commands:
             )
         doc = self.api.put(f"/admin/orgs/{self.org_id(args.org)}/providers/{args.provider}", body)
         self.out.result(doc, lambda: self.out.table([doc], PROVIDER_COLUMNS))
+
+    # the provider catalogue
+
+    def catalogue_list(self, args) -> None:
+        doc = self.api.get("/admin/providers")
+        self.out.result(doc, lambda: self.out.table(doc["items"], CATALOGUE_COLUMNS))
+
+    def catalogue_set(self, args) -> None:
+        body = {"dialect": args.dialect, "base_url": args.base_url, "auth": args.auth}
+        if args.display_name:
+            body["display_name"] = args.display_name
+        if args.models_path:
+            body["models_path"] = args.models_path
+        doc = self.api.put(f"/admin/providers/{args.name}", body)
+        self.out.result(doc, lambda: self.out.table([doc], CATALOGUE_COLUMNS))
+
+    def catalogue_delete(self, args) -> None:
+        self.api.delete(f"/admin/providers/{args.name}")
+        doc = {"deleted": args.name}
+        self.out.result(doc, lambda: self.out.line(f"Deleted provider {args.name}"))
+
+    # routes
+
+    def routes_list(self, args) -> None:
+        doc = self.api.get(f"/admin/orgs/{self.org_id(args.org)}/routes")
+        self.out.result(doc, lambda: self.out.table(doc["items"], ROUTE_COLUMNS))
+
+    def routes_set(self, args) -> None:
+        targets = []
+        for spec in args.target:
+            provider, sep, rest = spec.partition(":")
+            model, star, weight = rest.rpartition("*") if "*" in rest else (rest, "", "")
+            if not sep or not provider or not model:
+                raise CliError(f"--target {spec!r}: expected PROVIDER:MODEL[*WEIGHT]", EXIT_USAGE)
+            target: dict[str, Any] = {"provider": provider, "model": model}
+            if star:
+                if not weight.isdigit():
+                    raise CliError(f"--target {spec!r}: the weight must be a number", EXIT_USAGE)
+                target["weight"] = int(weight)
+            targets.append(target)
+        body: dict[str, Any] = {"targets": targets, "strategy": args.strategy}
+        if args.retry_on is not None:
+            body["retry_on"] = [r for r in args.retry_on.split(",") if r]
+        if args.max_attempts is not None:
+            body["max_attempts"] = args.max_attempts
+        if args.attempt_timeout is not None:
+            body["attempt_timeout"] = args.attempt_timeout
+        name = urllib.parse.quote(args.name, safe="")
+        doc = self.api.put(f"/admin/orgs/{self.org_id(args.org)}/routes/{name}", body)
+        self.out.result(doc, lambda: self.out.table([doc], ROUTE_COLUMNS))
+
+    def routes_delete(self, args) -> None:
+        name = urllib.parse.quote(args.name, safe="")
+        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/routes/{name}")
+        doc = {"deleted": args.name}
+        self.out.result(doc, lambda: self.out.line(f"Deleted route {args.name}"))
+
+    def routes_explain(self, args) -> None:
+        body: dict[str, Any] = {"path": args.path, "body": {"model": args.model}}
+        if args.session:
+            body["headers"] = {"x-lectr-session": args.session}
+        doc = self.api.post(f"/admin/orgs/{self.org_id(args.org)}/routes/explain", body)
+
+        def human() -> None:
+            if doc["refusal"]:
+                r = doc["refusal"]
+                self.out.line(f"refused: {r['status']} {r['kind']}: {r['message']}")
+                return
+            route = doc["route"]
+            self.out.line(f"route: {route['name'] if route else '-'}  model: {doc['model']}")
+            self.out.table(
+                doc["attempts"],
+                [
+                    ("ATTEMPT", lambda a: a["attempt"]),
+                    ("PROVIDER", lambda a: a["provider"]),
+                    ("MODEL", lambda a: a["model"]),
+                    ("KEY", lambda a: a["key"]["name"]),
+                ],
+            )
+
+        self.out.result(doc, human)
 
     # requests and usage
 
@@ -610,6 +733,10 @@ def _positive_float(raw: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lectr.providers.registry import discover
+
+    providers_help = ", ".join(cls.name for cls in discover()) + ", or a custom provider"
+
     def options(suppress: bool) -> argparse.ArgumentParser:
         # --url and --json go before or after the command; the copies on the
         # subcommands must not reset what was given before them
@@ -688,8 +815,11 @@ def build_parser() -> argparse.ArgumentParser:
         pkeys, "add", "add a provider key (checked with the provider first)", "provider_keys_add"
     )
     p.add_argument("org", help="id or name")
-    p.add_argument("provider", choices=["openai", "anthropic"])
+    p.add_argument("provider", help=f"a provider of the catalogue ({providers_help})")
     p.add_argument("--name", help="a name for the key")
+    p.add_argument("--weight", type=int, help="share of the pool's requests (default 1)")
+    p.add_argument("--base-url", help="the key's own endpoint (Azure: the resource's URL)")
+    p.add_argument("--api-version", help="Azure api-version")
     p.add_argument(
         "--key-env",
         metavar="VAR",
@@ -700,6 +830,17 @@ def build_parser() -> argparse.ArgumentParser:
         pkeys, "list", "list an org's provider keys (last 4 characters)", "provider_keys_list"
     )
     p.add_argument("org", help="id or name")
+    p = command(
+        pkeys, "set", "enable/disable a key, change its weight or name", "provider_keys_set"
+    )
+    p.add_argument("org", help="id or name")
+    p.add_argument("key_id")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--enable", dest="enabled", action="store_const", const=True)
+    state.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    p.set_defaults(enabled=None)
+    p.add_argument("--weight", type=int)
+    p.add_argument("--name")
     p = command(pkeys, "delete", "delete a provider key", "provider_keys_delete")
     p.add_argument("org", help="id or name")
     p.add_argument("key_id")
@@ -709,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("org", help="id or name")
     p = command(providers, "set", "change an org's settings for one provider", "providers_set")
     p.add_argument("org", help="id or name")
-    p.add_argument("provider", choices=["openai", "anthropic"])
+    p.add_argument("provider", help=f"a provider of the catalogue ({providers_help})")
     state = p.add_mutually_exclusive_group()
     state.add_argument("--enable", dest="enabled", action="store_const", const=True)
     state.add_argument("--disable", dest="enabled", action="store_const", const=False)
@@ -728,12 +869,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     block.add_argument("--unblock-all", action="store_true", help="block no model")
 
+    catalogue = group("catalogue", "the provider catalogue (custom providers: global admins)")
+    command(catalogue, "list", "list built-in and custom providers", "catalogue_list")
+    p = command(catalogue, "set", "create or replace a custom provider", "catalogue_set")
+    p.add_argument("name", help="route prefix: /<name>/v1/...")
+    p.add_argument("--dialect", required=True, choices=["openai", "anthropic"])
+    p.add_argument("--base-url", required=True, help="origin (and prefix) before /v1")
+    p.add_argument("--auth", default="bearer", choices=["bearer", "x-api-key", "api-key"])
+    p.add_argument("--display-name")
+    p.add_argument("--models-path", help="key validation path (default /v1/models)")
+    p = command(catalogue, "delete", "delete a custom provider", "catalogue_delete")
+    p.add_argument("name")
+
+    routes = group("routes", "an org's routes (virtual models with fallbacks)")
+    p = command(routes, "list", "list an org's routes", "routes_list")
+    p.add_argument("org", help="id or name")
+    p = command(routes, "set", "create or replace a route", "routes_set")
+    p.add_argument("org", help="id or name")
+    p.add_argument("name", help="the model name clients will send")
+    p.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="PROVIDER:MODEL[*WEIGHT]",
+        help="a target, in order (repeat)",
+    )
+    p.add_argument("--strategy", choices=["fallback", "weighted"], default="fallback")
+    p.add_argument("--retry-on", help="comma-separated: 429,5xx,timeout,connect (default all)")
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--attempt-timeout", type=float, help="seconds per attempt")
+    p = command(routes, "delete", "delete a route", "routes_delete")
+    p.add_argument("org", help="id or name")
+    p.add_argument("name")
+    p = command(routes, "explain", "the plan Lectr would follow now (no call)", "routes_explain")
+    p.add_argument("org", help="id or name")
+    p.add_argument("--model", required=True, help="the model (or route name) a client sends")
+    p.add_argument("--path", default="/v1/chat/completions", help="the proxy path")
+    p.add_argument("--session", help="an x-lectr-session value")
+
     p = groups.add_parser("requests", help="an org's recent requests", parents=[common])
     p.set_defaults(handler="requests", handler_extra=())
     p.add_argument("org", help="id or name")
     p.add_argument("--limit", type=int, default=50, help="rows per page (1-200)")
     p.add_argument("--cursor", help="continue after a previous page")
-    p.add_argument("--provider", choices=["openai", "anthropic"])
+    p.add_argument("--provider", help=f"one provider ({providers_help})")
     p.add_argument("--model")
     p.add_argument("--status", help="429, 4xx, or 'error'")
     p.add_argument("--since", help="ISO 8601 date or time (UTC unless an offset is given)")

@@ -24,7 +24,7 @@ from lectr.admin.api import Api, Call, Dispatcher, Reply, created, no_content, o
 from lectr.admin.api import write_error as _write_error
 from lectr.admin.openapi import build_openapi
 from lectr.db.database import Database, DatabaseUnavailable
-from lectr.errors import ServiceUnavailable
+from lectr.errors import Conflict, NotFound, ServiceUnavailable
 from lectr.managers.orgs import IssuedKey
 from lectr.managers.users import Permission, Principal, UserManager
 from lectr.metrics import Registry
@@ -92,7 +92,8 @@ def member_view(m: Member) -> dict:
     }
 
 
-def provider_key_view(k) -> dict:
+def provider_key_view(k, health=None) -> dict:
+    cooldown = health.cooldown(k.id) if health is not None else None
     return {
         "id": k.id,
         "org_id": k.org_id,
@@ -100,7 +101,33 @@ def provider_key_view(k) -> dict:
         "name": k.name,
         "last4": k.last4,
         "enabled": k.enabled,
+        "weight": k.weight,
+        "base_url": k.base_url,
+        "api_version": k.api_version,
         "created_at": k.created_at,
+        "cooldown": None
+        if cooldown is None
+        else {
+            "reason": cooldown.reason,
+            "since": datetime.fromtimestamp(cooldown.at, UTC),
+            "until": datetime.fromtimestamp(cooldown.at + cooldown.seconds, UTC),
+        },
+    }
+
+
+def provider_view(p, row=None) -> dict:
+    return {
+        "name": p.name,
+        "display_name": p.display_name,
+        "dialect": p.dialect.name,
+        "base_url": p.base_url,
+        "custom": p.custom,
+        "auth": getattr(p, "auth_scheme", None),
+        "models_path": p.models_path.decode("ascii"),
+        "key_base_url": bool(p.key_base_url_hosts),
+        "key_api_version": p.accepts_api_version,
+        "created_at": row.created_at if row is not None else None,
+        "updated_at": row.updated_at if row is not None else None,
     }
 
 
@@ -151,6 +178,11 @@ class AdminApp:
         vault=None,
         settings=None,
         usage=None,
+        registry=None,
+        routes=None,
+        custom_providers=None,
+        health=None,
+        explainer=None,
     ) -> None:
         self._reactor = reactor
         self._db = database
@@ -160,17 +192,31 @@ class AdminApp:
         self._vault = vault
         self._settings = settings
         self._usage = usage
+        self._registry = registry
+        self._routes = routes
+        self._custom = custom_providers
+        self._health = health
+        self._explainer = explainer
         self.dispatcher = Dispatcher(
             authenticator=authenticator, users=users, metrics=metrics, clock=reactor
         )
-        self._openapi = json.dumps(self.openapi(), separators=(",", ":")).encode()
+        self._openapi: tuple[tuple[str, ...], bytes] | None = None
 
     def resource(self):
         return self.app.resource()
 
     @classmethod
-    def openapi(cls) -> dict:
-        return build_openapi(cls.api.operations, s.COMPONENTS)
+    def openapi(cls, providers: list[str] | None = None) -> dict:
+        """The OpenAPI document; ``providers`` (the registry's names, custom
+        ones included) become the enum of every provider field."""
+        return build_openapi(cls.api.operations, s.COMPONENTS, providers=providers)
+
+    def _openapi_bytes(self) -> bytes:
+        names = tuple(self._registry.names()) if self._registry is not None else ()
+        if self._openapi is None or self._openapi[0] != names:
+            doc = self.openapi(list(names) or None)
+            self._openapi = (names, json.dumps(doc, separators=(",", ":")).encode())
+        return self._openapi[1]
 
     @staticmethod
     def _need(manager, what: str):
@@ -240,7 +286,7 @@ class AdminApp:
         responses={200: {"type": "object"}},
     )
     async def openapi_document(self, request, call: Call) -> Reply:
-        return Reply(200, self._openapi, b"application/json; charset=utf-8")
+        return Reply(200, self._openapi_bytes(), b"application/json; charset=utf-8")
 
     # --- identity ------------------------------------------------------------------
 
@@ -446,7 +492,8 @@ class AdminApp:
     )
     async def list_provider_keys(self, request, call: Call) -> Reply:
         vault = self._need(self._vault, "provider keys")
-        return ok(items(provider_key_view(k) for k in await vault.list_keys(call.org_id)))
+        keys = await vault.list_keys(call.org_id)
+        return ok(items(provider_key_view(k, self._health) for k in keys))
 
     @api.route(
         "POST",
@@ -461,10 +508,38 @@ class AdminApp:
     )
     async def add_provider_key(self, request, call: Call) -> Reply:
         vault = self._need(self._vault, "provider keys")
+        body = call.body
         info = await vault.add_key(
-            call.org_id, call.body["provider"], Secret(call.body["key"]), call.body.get("name")
+            call.org_id,
+            body["provider"],
+            Secret(body["key"]),
+            body.get("name"),
+            weight=body.get("weight"),
+            base_url=body.get("base_url"),
+            api_version=body.get("api_version"),
         )
-        return created(provider_key_view(info))
+        return created(provider_key_view(info, self._health))
+
+    @api.route(
+        "PATCH",
+        "/admin/orgs/{org_id}/provider-keys/{key_id}",
+        P.ORG_WRITE,
+        summary="Enable or disable a provider key, change its weight in the pool, rename it",
+        tags=("provider keys",),
+        body=s.UPDATE_PROVIDER_KEY,
+        responses={200: "ProviderKey"},
+    )
+    async def update_provider_key(self, request, call: Call) -> Reply:
+        vault = self._need(self._vault, "provider keys")
+        body = call.body
+        info = await vault.update_key(
+            call.org_id,
+            call.params["key_id"],
+            enabled=body.get("enabled"),
+            weight=body.get("weight"),
+            name=body.get("name"),
+        )
+        return ok(provider_key_view(info, self._health))
 
     @api.route(
         "DELETE",
@@ -502,7 +577,7 @@ class AdminApp:
         tags=("providers",),
         body=s.UPDATE_PROVIDER,
         responses={200: "ProviderSettings"},
-        path_params={"provider": {"type": "string", "enum": list(s.PROVIDERS)}},
+        path_params={"provider": s.PROVIDER},
     )
     async def update_provider(self, request, call: Call) -> Reply:
         settings = self._need(self._settings, "provider settings")
@@ -584,6 +659,154 @@ class AdminApp:
                 "items": [record_view(t, s.USAGE_FIELDS) for t in totals],
             }
         )
+
+    # --- the provider catalogue ---------------------------------------------------------------
+
+    @api.route(
+        "GET",
+        "/admin/providers",
+        P.AUTHENTICATED,
+        summary="The provider catalogue: built-in and custom providers",
+        tags=("providers",),
+        responses={200: "ProviderList"},
+    )
+    async def list_catalogue(self, request, call: Call) -> Reply:
+        registry = self._need(self._registry, "providers")
+        custom = self._custom
+        return ok(items(provider_view(p, custom.row(p.name) if custom else None) for p in registry))
+
+    @api.route(
+        "POST",
+        "/admin/providers",
+        P.GLOBAL_ADMIN,
+        summary="Add a custom provider (vLLM, Ollama, a private endpoint)",
+        description=(
+            "It serves /<name>/v1/... on every node within a second. Only global admins "
+            "choose where Lectr sends traffic. 409 when the name is taken."
+        ),
+        tags=("providers",),
+        body=s.CUSTOM_PROVIDER,
+        responses={201: "Provider"},
+        errors=(409,),
+    )
+    async def create_custom_provider(self, request, call: Call) -> Reply:
+        custom = self._need(self._custom, "custom providers")
+        if custom.row(call.body["name"]) is not None:
+            raise Conflict(f"provider '{call.body['name']}' exists; PUT it to replace it")
+        row, _ = await custom.put(call.body)
+        return created(provider_view(self._registry[row.name], row))
+
+    @api.route(
+        "PUT",
+        "/admin/providers/{name}",
+        P.GLOBAL_ADMIN,
+        summary="Create or replace a custom provider",
+        tags=("providers",),
+        body=s.CUSTOM_PROVIDER_UPDATE,
+        responses={200: "Provider", 201: "Provider"},
+        errors=(409,),
+        path_params={"name": s.PROVIDER},
+    )
+    async def put_custom_provider(self, request, call: Call) -> Reply:
+        custom = self._need(self._custom, "custom providers")
+        row, is_new = await custom.put({**call.body, "name": call.params["name"]})
+        return Reply(201 if is_new else 200, provider_view(self._registry[row.name], row))
+
+    @api.route(
+        "DELETE",
+        "/admin/providers/{name}",
+        P.GLOBAL_ADMIN,
+        summary="Delete a custom provider no key or route uses any more",
+        tags=("providers",),
+        responses={204: None},
+        errors=(409,),
+        path_params={"name": s.PROVIDER},
+    )
+    async def delete_custom_provider(self, request, call: Call) -> Reply:
+        custom = self._need(self._custom, "custom providers")
+        await custom.delete(call.params["name"])
+        return no_content()
+
+    # --- routes ------------------------------------------------------------------------------
+
+    @api.route(
+        "GET",
+        "/admin/orgs/{org_id}/routes",
+        P.ORG_READ,
+        summary="The org's routes (virtual models)",
+        tags=("routes",),
+        responses={200: "RouteList"},
+    )
+    async def list_routes(self, request, call: Call) -> Reply:
+        routes = self._need(self._routes, "routes")
+        return ok(items(r.view() for r in await routes.list(call.org_id)))
+
+    @api.route(
+        "GET",
+        "/admin/orgs/{org_id}/routes/{name}",
+        P.ORG_READ,
+        summary="Read a route",
+        tags=("routes",),
+        responses={200: "Route"},
+        path_params={"name": s.ROUTE_NAME},
+    )
+    async def get_route(self, request, call: Call) -> Reply:
+        routes = self._need(self._routes, "routes")
+        for r in await routes.list(call.org_id):
+            if r.name == call.params["name"]:
+                return ok(r.view())
+        raise NotFound("route not found")
+
+    @api.route(
+        "PUT",
+        "/admin/orgs/{org_id}/routes/{name}",
+        P.ORG_WRITE,
+        summary="Create or replace a route",
+        description=(
+            "A request whose model is the route's name goes to its targets (model rewritten "
+            "per target), trying the next one on the failures listed in retry_on, before any "
+            "byte reached the client. Effective on every node within a second."
+        ),
+        tags=("routes",),
+        body=s.PUT_ROUTE,
+        responses={200: "Route", 201: "Route"},
+        path_params={"name": s.ROUTE_NAME},
+    )
+    async def put_route(self, request, call: Call) -> Reply:
+        routes = self._need(self._routes, "routes")
+        route, is_new = await routes.put(call.org_id, call.params["name"], call.body)
+        return Reply(201 if is_new else 200, route.view())
+
+    @api.route(
+        "DELETE",
+        "/admin/orgs/{org_id}/routes/{name}",
+        P.ORG_WRITE,
+        summary="Delete a route",
+        tags=("routes",),
+        responses={204: None},
+        path_params={"name": s.ROUTE_NAME},
+    )
+    async def delete_route(self, request, call: Call) -> Reply:
+        routes = self._need(self._routes, "routes")
+        await routes.delete(call.org_id, call.params["name"])
+        return no_content()
+
+    @api.route(
+        "POST",
+        "/admin/orgs/{org_id}/routes/explain",
+        P.ORG_READ,
+        summary="The plan Lectr would follow now for a request (no call is made)",
+        description=(
+            "Runs the proxy's policy chain on the given path, headers and body, and lists the "
+            "attempts it would make if each one failed, with the keys and their cool-downs."
+        ),
+        tags=("routes",),
+        body=s.EXPLAIN,
+        responses={200: "Explanation"},
+    )
+    async def explain_route(self, request, call: Call) -> Reply:
+        explainer = self._need(self._explainer, "route explanations")
+        return ok(await explainer.explain(call.org_id, call.body))
 
     # --- members ----------------------------------------------------------------------------
 

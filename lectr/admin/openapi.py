@@ -105,7 +105,31 @@ def _operation(op: Operation) -> dict:
     return doc
 
 
-def build_openapi(operations: list[Operation], components: dict[str, dict]) -> dict:
+def _provider_enums(node, names: list[str], pattern: str) -> None:
+    """Every provider field (a string schema with the provider-name pattern)
+    lists the catalogue's names."""
+    if isinstance(node, dict):
+        if node.get("pattern") == pattern and node.get("type") == "string":
+            node["enum"] = list(names)
+        for value in node.values():
+            _provider_enums(value, names, pattern)
+    elif isinstance(node, list):
+        for value in node:
+            _provider_enums(value, names, pattern)
+
+
+def build_openapi(
+    operations: list[Operation], components: dict[str, dict], providers: list[str] | None = None
+) -> dict:
+    """``providers``: the catalogue's names (default: the built-in ones)."""
+    from lectr.admin.schemas import PROVIDER_PATTERN, PROVIDERS
+
+    doc = _build(operations, components)
+    _provider_enums(doc, providers or list(PROVIDERS), PROVIDER_PATTERN)
+    return doc
+
+
+def _build(operations: list[Operation], components: dict[str, dict]) -> dict:
     paths: dict[str, dict] = {}
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from lectr.admin.validation import QueryParam
 from lectr.managers.users import ROLES
-from lectr.providers.anthropic import Anthropic
-from lectr.providers.openai import OpenAI
+from lectr.providers.registry import NAME_RE, discover
 
-PROVIDERS = (OpenAI.name, Anthropic.name)
+#: the built-in providers (custom ones are added by global admins at run time:
+#: the OpenAPI document lists the live catalogue in every PROVIDER field)
+PROVIDERS = tuple(cls.name for cls in discover())
+PROVIDER_PATTERN = f"^{NAME_RE.pattern}$"
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
 
@@ -47,6 +49,13 @@ MODEL_PATTERNS = {
     "description": "exact model names or 'prefix*' patterns (case-insensitive)",
 }
 UUID = {"type": "string", "format": "uuid"}
+PROVIDER = {
+    "type": "string",
+    "pattern": PROVIDER_PATTERN,
+    "description": "a provider of the catalogue (GET /admin/providers)",
+}
+ROUTE_NAME = string(256, description="the name clients send as model; no '/'")
+MODEL = string(256, description="printable ASCII")
 TIMESTAMP = {"type": "string", "format": "date-time"}
 
 # --- request bodies -------------------------------------------------------------
@@ -55,13 +64,60 @@ CREATE_ORG = obj({"name": NAME, "key_name": NAME}, ("name",))
 RENAME_ORG = obj({"name": NAME}, ("name",))
 SET_ENABLED = obj({"enabled": {"type": "boolean"}}, ("enabled",))
 NEW_KEY = obj({"name": NAME})
+WEIGHT = {"type": "integer", "minimum": 1, "maximum": 1000}
 ADD_PROVIDER_KEY = obj(
     {
-        "provider": {"type": "string", "enum": list(PROVIDERS)},
+        "provider": PROVIDER,
         "key": string(1024, 8, writeOnly=True, description="the provider's API key"),
         "name": NAME,
+        "weight": {**WEIGHT, "description": "share of the pool's requests (default 1)"},
+        "base_url": string(
+            2048,
+            description="the key's own endpoint, for providers whose keys name one (Azure: "
+            "https://<resource>.openai.azure.com)",
+        ),
+        "api_version": string(40, description="Azure api-version (default 2024-10-21)"),
     },
     ("provider", "key"),
+)
+UPDATE_PROVIDER_KEY = obj(
+    {"enabled": {"type": "boolean"}, "weight": WEIGHT, "name": NAME}, minProperties=1
+)
+_CUSTOM_PROVIDER_FIELDS = {
+    "display_name": NAME,
+    "dialect": {"type": "string", "enum": ["openai", "anthropic"]},
+    "base_url": string(2048, description="origin (and path prefix) before /v1; http(s)"),
+    "auth": {"type": "string", "enum": ["bearer", "x-api-key", "api-key"], "default": "bearer"},
+    "models_path": string(200, description="the path key validation asks (default /v1/models)"),
+}
+CUSTOM_PROVIDER = obj(
+    {"name": PROVIDER, **_CUSTOM_PROVIDER_FIELDS}, ("name", "dialect", "base_url")
+)
+CUSTOM_PROVIDER_UPDATE = obj(_CUSTOM_PROVIDER_FIELDS, ("dialect", "base_url"))
+ROUTE_TARGET = obj({"provider": PROVIDER, "model": MODEL, "weight": WEIGHT}, ("provider", "model"))
+RETRY_ON = {
+    "type": "array",
+    "items": {"type": "string", "enum": ["429", "5xx", "timeout", "connect"]},
+}
+PUT_ROUTE = obj(
+    {
+        "targets": {"type": "array", "minItems": 1, "maxItems": 10, "items": ROUTE_TARGET},
+        "strategy": {"type": "string", "enum": ["fallback", "weighted"], "default": "fallback"},
+        "retry_on": {**RETRY_ON, "description": "default: all four"},
+        "max_attempts": {"type": "integer", "minimum": 1, "maximum": 10},
+        "attempt_timeout": {
+            "type": ["number", "null"],
+            "description": "seconds to wait for each attempt's response headers",
+        },
+    },
+    ("targets",),
+)
+EXPLAIN = obj(
+    {
+        "path": string(2048, description="proxy path (default /v1/chat/completions)"),
+        "headers": {"type": "object", "description": "request headers (e.g. x-lectr-session)"},
+        "body": {"type": "object", "description": "the JSON request body"},
+    },
 )
 UPDATE_PROVIDER = obj(
     {
@@ -90,7 +146,7 @@ LIMIT = QueryParam(
     f"page size; values outside 1..{MAX_PAGE} are clamped",
     clamp=True,
 )
-PROVIDER_FILTER = QueryParam("provider", {"type": "string", "enum": list(PROVIDERS)})
+PROVIDER_FILTER = QueryParam("provider", PROVIDER)
 SINCE = QueryParam("since", {"type": "string", "format": "date-time"}, "inclusive; ISO 8601")
 UNTIL = QueryParam("until", {"type": "string", "format": "date-time"}, "exclusive; ISO 8601")
 MODEL_FILTER = QueryParam("model", string(256), "exact model name")
@@ -209,18 +265,110 @@ COMPONENTS: dict[str, dict] = {
         {
             "id": UUID,
             "org_id": UUID,
-            "provider": {"type": "string", "enum": list(PROVIDERS)},
+            "provider": PROVIDER,
             "name": {"type": "string"},
             "last4": {"type": "string", "description": "the key's last four characters"},
             "enabled": {"type": "boolean"},
+            "weight": {"type": "integer"},
+            "base_url": {"type": ["string", "null"]},
+            "api_version": {"type": ["string", "null"]},
             "created_at": TIMESTAMP,
+            "cooldown": {
+                "type": ["object", "null"],
+                "description": "set aside by this node after a refusal or a rate limit",
+                "properties": {
+                    "reason": {"type": "string"},
+                    "since": TIMESTAMP,
+                    "until": TIMESTAMP,
+                },
+            },
         },
-        ("id", "org_id", "provider", "name", "last4", "enabled", "created_at"),
+        (
+            "id",
+            "org_id",
+            "provider",
+            "name",
+            "last4",
+            "enabled",
+            "weight",
+            "base_url",
+            "api_version",
+            "created_at",
+            "cooldown",
+        ),
+    ),
+    "Provider": obj(
+        {
+            "name": PROVIDER,
+            "display_name": {"type": "string"},
+            "dialect": {"type": "string", "enum": ["openai", "anthropic"]},
+            "base_url": {"type": ["string", "null"], "description": "null: each key names one"},
+            "custom": {"type": "boolean"},
+            "auth": {"type": ["string", "null"]},
+            "models_path": {"type": "string"},
+            "key_base_url": {"type": "boolean", "description": "keys carry their own base_url"},
+            "key_api_version": {"type": "boolean"},
+            "created_at": {"type": ["string", "null"], "format": "date-time"},
+            "updated_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+        (
+            "name",
+            "display_name",
+            "dialect",
+            "base_url",
+            "custom",
+            "auth",
+            "models_path",
+            "key_base_url",
+            "key_api_version",
+            "created_at",
+            "updated_at",
+        ),
+    ),
+    "Route": obj(
+        {
+            "name": {"type": "string"},
+            "targets": {"type": "array", "items": ROUTE_TARGET},
+            "strategy": {"type": "string", "enum": ["fallback", "weighted"]},
+            "retry_on": RETRY_ON,
+            "max_attempts": {"type": "integer"},
+            "attempt_timeout": {"type": ["number", "null"]},
+            "created_at": TIMESTAMP,
+            "updated_at": TIMESTAMP,
+        },
+        (
+            "name",
+            "targets",
+            "strategy",
+            "retry_on",
+            "max_attempts",
+            "attempt_timeout",
+            "created_at",
+            "updated_at",
+        ),
+    ),
+    "Explanation": obj(
+        {
+            "entry": {"type": "object", "description": "the provider and API path of the route"},
+            "model": {"type": ["string", "null"]},
+            "route": {"type": ["object", "null"]},
+            "refusal": {
+                "type": ["object", "null"],
+                "description": "the answer the request would get instead of an upstream call",
+            },
+            "attempts": {
+                "type": "array",
+                "description": "the attempts in order, if each one failed",
+                "items": {"type": "object"},
+            },
+            "keys": {"type": "array", "items": {"type": "object"}},
+        },
+        ("entry", "model", "route", "refusal", "attempts", "keys"),
     ),
     "ProviderSettings": obj(
         {
             "org_id": UUID,
-            "provider": {"type": "string", "enum": list(PROVIDERS)},
+            "provider": PROVIDER,
             "enabled": {"type": "boolean"},
             "allowed_models": {"type": "array", "items": {"type": "string"}},
             "blocked_models": {"type": "array", "items": {"type": "string"}},
@@ -270,6 +418,14 @@ COMPONENTS["RequestLog"] = obj(
         "cache_creation_tokens": _TOKENS,
         "usage_source": {"type": "string", "enum": ["provider", "estimated", "none"]},
         "error_type": {"type": ["string", "null"]},
+        "route": {"type": ["string", "null"], "description": "the route the model named"},
+        "provider_key_id": {"type": ["string", "null"], "format": "uuid"},
+        "attempts": {"type": "integer", "description": "upstream calls made (0: refused)"},
+        "fallbacks": {
+            "type": ["array", "null"],
+            "description": "why each earlier attempt was abandoned",
+            "items": {"type": "object"},
+        },
     },
     REQUEST_FIELDS := (
         "request_id",
@@ -290,6 +446,10 @@ COMPONENTS["RequestLog"] = obj(
         "cache_creation_tokens",
         "usage_source",
         "error_type",
+        "route",
+        "provider_key_id",
+        "attempts",
+        "fallbacks",
     ),
 )
 COMPONENTS["RequestPage"] = obj(
@@ -341,5 +501,14 @@ COMPONENTS["UsageReport"] = obj(
 )
 
 # lists
-for _name in ("Org", "ApiKey", "User", "Member", "ProviderKey", "ProviderSettings"):
+for _name in (
+    "Org",
+    "ApiKey",
+    "User",
+    "Member",
+    "ProviderKey",
+    "ProviderSettings",
+    "Provider",
+    "Route",
+):
     COMPONENTS[f"{_name}List"] = items_of(_name)

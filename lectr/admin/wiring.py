@@ -38,6 +38,17 @@ def _usage_manager(c):
     return UsageManager(RequestLogStore(c.database))
 
 
+def _explainer(c):
+    """Route explanations run the proxy's own policy chain."""
+    if c.proxy is None:
+        return None
+    from lectr.managers.explain import RouteExplainer
+
+    return RouteExplainer(
+        orgs=c.orgs, registry=c.providers, steps=c.proxy.steps, vault=c.vault, health=c.health
+    )
+
+
 def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
     """``c`` is the service's Components (database, metrics, orgs, vault,
     settings, usage)."""
@@ -70,5 +81,10 @@ def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
         vault=c.vault,
         settings=c.settings,
         usage=c.usage if c.usage is not None else _usage_manager(c),
+        registry=c.providers,
+        routes=c.routes,
+        custom_providers=c.custom_providers,
+        health=c.health,
+        explainer=_explainer(c),
     )
     return AdminParts(app, AdminSite(app.resource()), users, authenticator, jwks)
