@@ -46,7 +46,7 @@ class FailingVault:
         self.cancelled = 0
         self.started = 0
 
-    def add_key(self, org_id, provider, key, name=None):
+    def add_key(self, org_id, provider, key, name=None, **options):
         self.started += 1
         if self.hang:
 

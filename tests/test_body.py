@@ -47,7 +47,9 @@ def parsers_agree(judged, forwarded: bytes) -> None:
 
 
 models = st.one_of(
-    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=40),
+    st.text(
+        alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=40
+    ),
     st.text(min_size=1, max_size=10),
 )
 whitespace = st.sampled_from(["", " ", "\n", "\t", "\r\n", "\x0c", "\x0b", "\u00a0", "   \n  "])

@@ -351,7 +351,8 @@ def test_auth0_settings_configure_issuer_audience_and_jwks():
         },
     )
     c = SimpleNamespace(
-        database=None, metrics=None, orgs=None, vault=None, settings=None, usage=object()
+        database=None, metrics=None, orgs=None, vault=None, settings=None, usage=object(),
+        providers=None, routes=None, custom_providers=None, health=None, proxy=None,
     )
     from lectr.metrics import Registry
 
@@ -379,7 +380,8 @@ def test_without_oidc_settings_only_the_admin_token_works():
         },
     )
     c = SimpleNamespace(
-        database=None, metrics=Registry(), orgs=None, vault=None, settings=None, usage=object()
+        database=None, metrics=Registry(), orgs=None, vault=None, settings=None, usage=object(),
+        providers=None, routes=None, custom_providers=None, health=None, proxy=None,
     )
     parts = build_admin(c, config, reactor=Clock())
     assert parts.jwks is None and parts.authenticator.verifier is None

@@ -11,16 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lectr.providers.body import BodyRefused, read_body
 from lectr.usage.meters import (
     INCLUDE_USAGE_MEMBER,
     JSON_FULL_PARSE_MAX,
     NOOP_METER,
     SSE_LINE_MAX,
-    MalformedBody,
     RequestPlan,
     meter_for,
-    plan_request,
 )
+from lectr.usage.meters import plan_request as plan_judged
 from lectr.usage.model import NO_USAGE, Usage
 from tests.support.fake_provider import (
     anthropic_message,
@@ -34,6 +34,11 @@ JSON = b"application/json"
 SSE = b"text/event-stream; charset=utf-8"
 CHAT = "/v1/chat/completions"
 WORDS = ["Hel", "lo", " wor", "ld", "!"]
+
+
+def plan_request(dialect, method, path, ct, raw) -> RequestPlan:
+    """Judge the body as the proxy does, then plan it."""
+    return plan_judged(dialect, method, path, read_body([ct] if ct else None, raw))
 
 
 def plan(provider="openai", path=CHAT, body: dict | bytes | None = None, ct=JSON, method=b"POST"):
@@ -88,7 +93,8 @@ def test_splice_after_whitespace_and_bom(prefix):
     raw = prefix + b'{"stream": true, "model": "m"}'
     p = plan_request("openai", b"POST", CHAT, JSON, raw)
     assert p.strip_usage_chunk
-    assert p.body.startswith(prefix + b"{" + INCLUDE_USAGE_MEMBER)
+    # a byte-order mark is not forwarded (the bytes sent are the bytes judged)
+    assert p.body.startswith(prefix.removeprefix(b"\xef\xbb\xbf") + b"{" + INCLUDE_USAGE_MEMBER)
     assert json.loads(p.body)["stream_options"] == {"include_usage": True}
 
 
@@ -154,8 +160,9 @@ def test_no_injection_elsewhere(provider, path, method, body):
 
 
 def test_model_only_when_a_string():
-    assert plan(body={"model": 5}).model is None
-    assert plan(body={"model": ["a"]}).model is None
+    for bad in (5, ["a"], None):
+        with pytest.raises(BodyRefused, match="must be a string"):
+            plan(body={"model": bad})
     assert plan(body={}).model is None
     assert plan(body={"model": "gpt-4o"}).model == "gpt-4o"
     assert plan(body={"model": "x"}, ct=b"Application/Vnd.Foo+JSON").model == "x"
@@ -163,7 +170,7 @@ def test_model_only_when_a_string():
 
 @pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b'"text"', b"null", b"\xff\xfe{", b"{} x"])
 def test_malformed_json_bodies(raw):
-    with pytest.raises(MalformedBody) as e:
+    with pytest.raises(BodyRefused) as e:
         plan_request("openai", b"POST", CHAT, JSON, raw)
     assert isinstance(e.value, ValueError)
 
@@ -215,9 +222,10 @@ def test_multipart_without_model():
     body = _multipart("b1", [("file", b"data", "model"), ("language", b"en", None)])
     ct = b"multipart/form-data; boundary=b1"
     assert plan_request("openai", b"POST", "/x", ct, body).model is None
-    assert plan_request("openai", b"POST", "/x", b"multipart/form-data", body).model is None
-    assert plan_request("openai", b"POST", "/x", ct, b"garbage").model is None
-    assert plan_request("openai", b"POST", "/x", ct, body[:30]).model is None
+    # a multipart body Lectr cannot read strictly is refused, never forwarded unjudged
+    for ctype, raw in ((b"multipart/form-data", body), (ct, b"garbage"), (ct, body[:30])):
+        with pytest.raises(BodyRefused):
+            plan_request("openai", b"POST", "/x", ctype, raw)
 
 
 # --- OpenAI chat streams ------------------------------------------------------------
@@ -685,13 +693,15 @@ def test_model_is_read_whatever_the_declared_content_type():
     for ctype in (b"text/plain", b"application/x-www-form-urlencoded", None, b"", b"foo/bar"):
         assert plan_request("openai", b"POST", CHAT, ctype, body).model == "gpt-4o", ctype
     assert plan_request("openai", b"POST", CHAT, None, b'  \n{"model":"m"}').model == "m"
-    # not JSON and not declared JSON: forwarded untouched, no model
-    odd = b"{not json at all"
-    p = plan_request("openai", b"POST", CHAT, b"text/plain", odd)
-    assert (p.model, p.body) == (None, odd)
-    # a URL-encoded form names its model too
-    form = b"model=whisper-1&language=en&model=gpt-4o"
-    assert (
-        plan_request("openai", b"POST", "/v1/x", b"application/x-www-form-urlencoded", form).model
-        == "gpt-4o"
-    )
+    # looks like JSON to a lenient parser, but is not: refused, never forwarded
+    with pytest.raises(BodyRefused):
+        plan_request("openai", b"POST", CHAT, b"text/plain", b"{not json at all")
+    # not JSON-like and not declared JSON: forwarded untouched, no model
+    p = plan_request("openai", b"POST", CHAT, b"text/plain", b"hello")
+    assert (p.model, p.body) == (None, b"hello")
+    # a URL-encoded form names its model too; two of them is ambiguous
+    form = b"model=whisper-1&language=en"
+    ctype = b"application/x-www-form-urlencoded"
+    assert plan_request("openai", b"POST", "/v1/x", ctype, form).model == "whisper-1"
+    with pytest.raises(BodyRefused):
+        plan_request("openai", b"POST", "/v1/x", ctype, form + b"&model=gpt-4o")

@@ -21,8 +21,8 @@ from lectr.managers.provider_settings import (
     default_settings,
 )
 from lectr.providers import ProviderRegistry
-from lectr.providers.anthropic import Anthropic
-from lectr.providers.openai import OpenAI
+from lectr.providers.catalogue.anthropic import Anthropic
+from lectr.providers.catalogue.openai import OpenAI
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
 from lectr.storage.provider_settings import ProviderSettingsStore

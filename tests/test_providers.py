@@ -9,10 +9,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from lectr.providers.anthropic import Anthropic
-from lectr.providers.base import ProviderRegistry, scrub
+from lectr.providers import ProviderRegistry
+from lectr.providers.base import NO_OPTIONS, NoOptions, scrub
+from lectr.providers.catalogue.anthropic import Anthropic
+from lectr.providers.catalogue.azure import Azure
+from lectr.providers.catalogue.gemini import Gemini
+from lectr.providers.catalogue.openai import OpenAI
 from lectr.providers.http import make_http_request
-from lectr.providers.openai import OpenAI
 from lectr.util.secret import Secret
 from tests.support.fake_provider import ANTHROPIC_KEY, OPENAI_KEY, FakeProviderServer, Script
 
@@ -42,14 +45,43 @@ def test_error_dialects():
     }
 
 
-def test_auth_headers_and_urls_with_path_prefix():
-    o = OpenAI("http://127.0.0.1:9/openai/")
-    assert o.upstream_url(b"/v1/chat/completions?x=1") == (
-        b"http://127.0.0.1:9/openai/v1/chat/completions?x=1"
+def _signed(provider, path: bytes, query: bytes = b"", model=None, options=NO_OPTIONS):
+    req = provider.request(b"POST", path, query, model, options, [], b"{}")
+    provider.sign(req, Secret("sk-1"), options)
+    return req
+
+
+def test_upstream_requests_with_path_prefix_and_signing():
+    req = _signed(OpenAI("http://127.0.0.1:9/openai/"), b"/v1/chat/completions", b"?x=1")
+    assert (req.base_url, req.target) == (
+        "http://127.0.0.1:9/openai",
+        b"/openai/v1/chat/completions?x=1",
     )
-    assert o.auth_headers("sk-1") == ((b"Authorization", b"Bearer sk-1"),)
-    assert Anthropic().auth_headers("k") == ((b"x-api-key", b"k"),)
-    assert Anthropic().upstream_url(b"/v1/messages") == b"https://api.anthropic.com/v1/messages"
+    assert req.headers == [(b"Authorization", b"Bearer sk-1")]
+    req = _signed(Anthropic(), b"/v1/messages")
+    assert (req.base_url, req.target) == ("https://api.anthropic.com", b"/v1/messages")
+    assert req.headers == [(b"x-api-key", b"sk-1")]
+
+
+def test_gemini_and_azure_paths():
+    req = _signed(Gemini(), b"/v1/chat/completions")
+    assert req.target == b"/v1beta/openai/chat/completions"
+    azure = Azure()
+    options = NoOptions("https://acme.openai.azure.com", None)
+    req = _signed(azure, b"/v1/chat/completions", b"?api-version=x&a=1", "gpt-4o", options)
+    assert req.base_url == "https://acme.openai.azure.com"
+    assert req.target == b"/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&a=1"
+    assert req.headers == [(b"api-key", b"sk-1")]
+    assert _signed(azure, b"/v1/files", model=None, options=options).target.startswith(
+        b"/openai/files?api-version="
+    )
+    # a deployment name can never become a dot segment or a separator
+    assert b"/deployments/%2E%2E/" in _signed(azure, b"/v1/x", model="..", options=options).target
+    assert b"/deployments/a%2Fb/" in _signed(azure, b"/v1/x", model="a/b", options=options).target
+    assert azure.check_key_base_url("https://acme.openai.azure.com")
+    assert not azure.check_key_base_url("https://evil.example.com")
+    with pytest.raises(ValueError):  # no base URL anywhere
+        azure.request(b"GET", b"/v1/models", b"", None, NO_OPTIONS, [], None)
 
 
 def test_registry():
@@ -58,9 +90,24 @@ def test_registry():
     r = ProviderRegistry.from_config(
         load_config({}, {"LECTR_ANTHROPIC_BASE_URL": "http://127.0.0.1:1/a"})
     )
-    assert r.names() == ["openai", "anthropic"]
+    assert r.names()[:2] == ["openai", "anthropic"]
+    assert set(r.names()) == {
+        "openai",
+        "anthropic",
+        "azure",
+        "gemini",
+        "mistral",
+        "groq",
+        "deepseek",
+        "xai",
+        "openrouter",
+        "together",
+        "fireworks",
+    }
     assert r["anthropic"].base_url == "http://127.0.0.1:1/a"
-    assert r.get("mistral") is None and "openai" in r
+    assert r.get("nope") is None and "openai" in r
+    assert {p.dialect.name for p in r} == {"openai", "anthropic"}
+    assert [p.name for p in r if p.dialect.name == "anthropic"] == ["anthropic"]
 
 
 def test_scrub_removes_key_like_text():

@@ -547,18 +547,25 @@ async def test_body_over_the_cap_is_413_before_reading(db_url, tmp_path):
         )
         assert out.startswith(b"HTTP/1.1 413 ")
         assert b'"request_too_large"' in out and b"x-lectr-request-id" in out
-        # Chunked and growing past the cap: refused at cap + 1.
+        # Chunked and growing past the cap: refused at cap + 1 (once the key
+        # is known: without one, the body is never read).
+        _, issued = await service.components.orgs.create_org("Acme")
         chunk = b"x" * 600
+        chunked = b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2
         out = await deferToThread(
             raw_http,
             port,
-            (
-                b"POST /anthropic/v1/messages HTTP/1.1\r\nHost: x\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2
-            ),
+            b"POST /anthropic/v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: "
+            + issued.plaintext.reveal().encode()
+            + b"\r\n"
+            + chunked,
         )
         assert out.startswith(b"HTTP/1.1 413 ")
         assert b'"type":"request_too_large"' in out
+        out = await deferToThread(
+            raw_http, port, b"POST /anthropic/v1/messages HTTP/1.1\r\nHost: x\r\n" + chunked
+        )
+        assert out.startswith(b"HTTP/1.1 401 ")
         assert fake.resource.calls() == []
     finally:
         await service.stopService()

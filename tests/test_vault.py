@@ -20,9 +20,9 @@ from lectr.managers.orgs import OrgManager
 from lectr.managers.vault import ProviderKeyInfo, VaultManager
 from lectr.metrics import Registry
 from lectr.providers import ProviderRegistry
-from lectr.providers.anthropic import Anthropic
+from lectr.providers.catalogue.anthropic import Anthropic
+from lectr.providers.catalogue.openai import OpenAI
 from lectr.providers.http import make_http_request
-from lectr.providers.openai import OpenAI
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
 from lectr.storage.provider_keys import ProviderKeyStore

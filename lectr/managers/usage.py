@@ -62,6 +62,10 @@ class RequestEntry:
     cache_creation_tokens: int | None
     usage_source: str  # provider | estimated | none
     error_type: str | None
+    route: str | None = None
+    provider_key_id: str | None = None
+    attempts: int = 1
+    fallbacks: list | None = None
 
     @classmethod
     def from_row(cls, row: RequestLog) -> RequestEntry:
@@ -84,6 +88,10 @@ class RequestEntry:
             cache_creation_tokens=row.cache_creation_tokens,
             usage_source=row.usage_source,
             error_type=row.error_type,
+            route=row.route,
+            provider_key_id=row.provider_key_id,
+            attempts=row.attempts,
+            fallbacks=row.fallbacks,
         )
 
     def to_json(self) -> dict:

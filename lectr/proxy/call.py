@@ -597,7 +597,9 @@ class Call:
     @guarded
     def protocol_error(self, status: int, kind: str, message: str) -> None:
         """The server refused the body (413: too large, 408: too slow)."""
-        self.refuse(status, kind, message)
+        if status == 413:
+            self.h.m_too_large.inc()
+        self.refuse(status, "timeout" if kind == "body_timeout" else kind, message)
 
     @guarded
     def client_gone(self, reason=None) -> None:

@@ -11,10 +11,22 @@ read, so that a request without a valid key never makes Lectr hold its body
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from lectr.proxy.call import Call
+from lectr.proxy.ids import new_request_id
+from lectr.proxy.target import error_provider
+
+# the server's names for body problems, as Lectr's error kinds
+_KINDS = {"body_timeout": "timeout"}
+from lectr.proxy.ids import new_request_id
+from lectr.proxy.target import error_provider
+
+# the server's names for body problems, as Lectr's error kinds
+_KINDS = {"body_timeout": "timeout"}
 
 _HEALTH_BODY = b'{"status":"ok"}'
 _HEALTH_HEADERS = [(b"content-type", b"application/json")]
@@ -83,6 +95,12 @@ class ProxyHandler:
             "Attempts abandoned for another one, by provider and reason",
             ["provider", "reason"],
         )
+        self.m_too_large = metrics.counter(
+            "lectr_proxy_body_too_large_total", "Requests refused with 413"
+        )
+        self.m_too_large = metrics.counter(
+            "lectr_proxy_body_too_large_total", "Requests refused with 413"
+        )
         metrics.callback_gauge(
             "lectr_proxy_active_requests", "Requests in flight", lambda: len(self.active)
         )
@@ -103,21 +121,34 @@ class ProxyHandler:
             call.body_received()
 
     def request_error(self, req, status: int, kind: str, message: str) -> None:
+        """The server refused the body (413 from a declared length, before the
+        head reached :meth:`headers_received`; 413 or 408 while reading it)."""
         call = req.context
         if call is not None:
             call.protocol_error(status, kind, message)
-        elif not req.started:
-            provider = self.registry.get("openai")
-            req.respond(
-                status, [(b"content-type", b"application/json")], provider.error_body(kind, message)
-            )
+            return
+        if status == 413:
+            self.m_too_large.inc()
+        provider = error_provider(req.path, self.registry)
+        rid = new_request_id()
+        req.respond(
+            status,
+            [(b"content-type", b"application/json"), (b"x-lectr-request-id", rid.encode())],
+            provider.error_body(_KINDS.get(kind, kind), message, rid),
+        )
 
     # --- what calls share ------------------------------------------------------------
 
     def origin(self, base_url: str):
+        """The connection pool's origin for a base URL: scheme, host and port
+        only (the provider's request target already starts with the base
+        URL's path prefix)."""
         origin = self._origins.get(base_url)
         if origin is None:
-            origin = self._origins[base_url] = self._origin_factory(base_url)
+            parts = urlsplit(base_url)
+            origin = self._origins[base_url] = self._origin_factory(
+                f"{parts.scheme}://{parts.netloc}"
+            )
         return origin
 
     def traceparent(self, call: Call, attempt: int) -> bytes | None:

@@ -64,17 +64,17 @@ def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
 
 
 class HeaderPolicy:
-    """Which client headers go upstream (built once per process)."""
+    """Which client headers go upstream (one per process). Follows the
+    registry's credential headers (a custom provider may add one)."""
 
-    def __init__(
-        self, credential_headers: frozenset[bytes], forward: frozenset[bytes] = frozenset()
-    ):
+    def __init__(self, registry, forward: frozenset[bytes] = frozenset()) -> None:
         self.forward = frozenset(h.lower() for h in forward)
-        self.refresh(credential_headers)
+        self._registry = registry
+        self._refresh()
 
-    def refresh(self, credential_headers: frozenset[bytes]) -> None:
-        """The registry's credential headers changed (a custom provider)."""
-        self._never = _NEVER_UPSTREAM | credential_headers | (CLIENT_IDENTITY - self.forward)
+    def _refresh(self) -> None:
+        credentials = self._source = self._registry.credential_headers
+        self._never = _NEVER_UPSTREAM | credentials | (CLIENT_IDENTITY - self.forward)
         self._cache: dict[bytes, bool] = {}
 
     def _allowed(self, lower: bytes) -> bool:

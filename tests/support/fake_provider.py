@@ -256,7 +256,7 @@ class FakeProvider(Resource):
         if raw_path.startswith("/_control/"):
             return self._control(request, raw_path.removeprefix("/_control/"))
         provider, _, rest = raw_path.lstrip("/").partition("/")
-        if provider not in ("openai", "anthropic"):
+        if provider not in self.keys:
             request.setResponseCode(404)
             return b'{"error":"unknown provider prefix"}'
         path = "/" + rest
@@ -326,11 +326,15 @@ class FakeProvider(Resource):
         return b'{"error":"unknown control"}'
 
     def _authorized(self, provider: str, seen: Seen) -> bool:
-        if provider == "openai":
+        """Anthropic-shaped prefixes check ``x-api-key``, ``azure`` checks
+        ``api-key``, every other prefix ``Authorization: Bearer``."""
+        if provider == "anthropic":
+            key = seen.header("x-api-key")
+        elif provider == "azure":
+            key = seen.header("api-key")
+        else:
             auth = seen.header("authorization") or ""
             key = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
-        else:
-            key = seen.header("x-api-key")
         return key is not None and key in self.keys[provider]
 
     def _error(self, request, provider: str, status: int, message: str) -> bytes:
@@ -352,7 +356,18 @@ class FakeProvider(Resource):
             }
         ).encode()
 
-    def _default(self, provider: str, seen: Seen) -> Script:
+    def _default(self, prefix: str, seen: Seen) -> Script:
+        # every prefix but anthropic answers like OpenAI; Azure deployment
+        # paths and Gemini's version-less paths are read as /v1/...
+        provider = "anthropic" if prefix == "anthropic" else "openai"
+        path = seen.path
+        if path.startswith("/openai/deployments/"):
+            path = "/v1/" + path.split("/", 4)[4]
+        elif path.startswith("/openai/"):
+            path = "/v1/" + path[len("/openai/") :]
+        elif not path.startswith("/v1/"):
+            path = "/v1" + path
+        seen = Seen(seen.provider, seen.method, path, seen.query, seen.headers, seen.body)
         doc: dict = {}
         if seen.body and (seen.header("content-type") or "").startswith("application/json"):
             try:
