@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from lectr import __version__
+
 DEFAULT_URL = "http://127.0.0.1:8081"
 TIMEOUT = 60.0
 
@@ -632,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
             "0 ok, 1 refused by the API, 2 usage, 3 unreachable, 4 not authenticated/allowed."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"lectr {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
 
     def group(name: str, help: str):

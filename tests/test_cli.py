@@ -363,3 +363,21 @@ def test_global_options_go_before_or_after_the_command():
     assert parser.parse_args(["orgs", "list"]).json is False
     assert parser.parse_args(["--url", "http://a:1", "me"]).url == "http://a:1"
     assert parser.parse_args(["me", "--url", "http://b:2"]).url == "http://b:2"
+
+
+def test_version():
+    from lectr import __version__
+
+    for command in (
+        [sys.executable, "-c", "from lectr.cli import main; main()", "--version"],
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "lectr",
+            "--version",
+        ],
+    ):
+        done = subprocess.run(command, env=base_env(), cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().lower() == f"lectr {__version__}", done.stdout
