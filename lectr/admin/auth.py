@@ -7,8 +7,8 @@
   ``iss``, ``aud``, ``exp`` and ``nbf`` checked with at most 60 s leeway.
   Its subject and email are upserted into ``user_identities``.
 
-The JWKS is fetched with treq (PyJWT's ``PyJWKClient`` uses urllib and would
-block the reactor), cached, refetched when a token names an unknown ``kid``
+The JWKS is fetched with Twisted's Agent (PyJWT's ``PyJWKClient`` uses urllib
+and would block the reactor; see :mod:`lectr.providers.http`), cached, refetched when a token names an unknown ``kid``
 (at most once a minute), refreshed in the background once it is an hour old,
 and the last good keys are kept when the endpoint fails.
 
@@ -42,8 +42,9 @@ HttpGet = Callable[[str, float], Awaitable[tuple[int, bytes]]]
 
 
 def treq_http_get(reactor) -> HttpGet:
-    """GET with treq: no redirects followed, no cookies kept, body bounded
-    (the same client Lectr uses to validate provider keys)."""
+    """GET without following redirects or keeping cookies, with the body
+    and the whole exchange bounded (the client that validates provider
+    keys)."""
     from lectr.providers.http import make_http_request
 
     request = make_http_request(reactor)
