@@ -90,6 +90,21 @@ def _http_base_url(raw: str) -> str:
     return value
 
 
+def _provider_base_url(raw: str) -> str:
+    """A provider origin, optionally with a path prefix, never ending in
+    ``/v1``: Lectr appends the client's ``/v1/…`` path itself, so such a URL
+    would send every call to ``/v1/v1/…`` and get 404 from the provider."""
+    value = _http_base_url(raw)
+    path = urlsplit(value).path
+    if path.rsplit("/", 1)[-1].lower() == "v1":
+        fixed = value[: len(value) - len(path)] + path[: path.rfind("/")]
+        raise ValueError(
+            f"{value!r} ends in /v1, which Lectr adds itself (clients call …/v1/…): "
+            f"set it to {fixed!r}"
+        )
+    return value
+
+
 def parse_database_url(raw: str) -> str:
     """Validate a ``postgresql://`` URL and return it in the form libpq
     accepts. Unix-socket hosts (``?host=/run/postgresql`` or a percent-encoded
@@ -296,15 +311,15 @@ SETTINGS: tuple[Setting, ...] = (
         "openai_base_url",
         "LECTR_OPENAI_BASE_URL",
         "https://api.openai.com",
-        "OpenAI origin; may carry a path prefix",
-        _http_base_url,
+        "OpenAI origin, without /v1; may carry a path prefix",
+        _provider_base_url,
     ),
     Setting(
         "anthropic_base_url",
         "LECTR_ANTHROPIC_BASE_URL",
         "https://api.anthropic.com",
-        "Anthropic origin; may carry a path prefix",
-        _http_base_url,
+        "Anthropic origin, without /v1; may carry a path prefix",
+        _provider_base_url,
     ),
     Setting(
         "max_body_bytes",

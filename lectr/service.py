@@ -209,6 +209,10 @@ class LectrService(Service):
 
         # datastores → managers (one method per feature, in dependency order)
         c.providers = ProviderRegistry.from_config(config)
+        _log.info(
+            "provider base URLs: {urls}",
+            urls=", ".join(f"{p.name} {p.base_url}" for p in c.providers),
+        )
         c.orgs = OrgManager(OrgStore(c.database), ApiKeyStore(c.database))
         await self._start_vault(c)
         await self._start_usage(c)

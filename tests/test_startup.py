@@ -114,6 +114,10 @@ def test_with_database_url(tmp_path, empty_db_url):
         assert (status, b"ready" in body) == (200, True)
         assert "DEVELOPMENT MODE" not in proc.output
         assert "schema migrated from empty" in proc.output
+        assert (
+            "provider base URLs: openai https://api.openai.com, "
+            "anthropic https://api.anthropic.com" in proc.output
+        )
     finally:
         proc.stop_cleanly()
 

@@ -392,7 +392,10 @@ class VaultManager:
             Secret(plaintext), self._http_request, timeout=self._validation_timeout
         )
         if not result.valid:
-            outcome = "refused" if result.reachable else "unreachable"
+            if result.reachable:
+                outcome = "refused"
+            else:
+                outcome = "unreachable" if result.status is None else "error"
             self._m_validations.inc(1, provider, outcome)
             self._log.info(
                 "provider key for org {org_id} not stored: {provider} {outcome} ({status})",
@@ -407,9 +410,8 @@ class VaultManager:
                     code="provider_key_refused",
                 )
             raise UpstreamUnavailable(
-                f"the key could not be checked with {p.display_name}: {result.reason}; "
-                "nothing was stored",
-                code="provider_unreachable",
+                f"the key could not be checked: {result.reason}; nothing was stored",
+                code="provider_unreachable" if result.status is None else "provider_error",
             )
         self._m_validations.inc(1, provider, "accepted")
 

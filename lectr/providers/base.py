@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import ClassVar
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
+from lectr.providers.http import ExchangeTimedOut
 from lectr.util.secret import Secret
 
 # What a provider's error text may contain that must never be echoed:
@@ -41,6 +43,21 @@ def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
     text = _KEYLIKE.sub("***", text)
     text = " ".join(text.split())
     return text[:limit]
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _network_error(e: Exception) -> str:
+    """One short clause for a failed exchange (no URL, no header: the
+    request carried the key)."""
+    if isinstance(e, ExchangeTimedOut):
+        return str(e)
+    return type(e).__name__
 
 
 def host_header(url: str) -> bytes:
@@ -133,6 +150,7 @@ class Provider:
         headers = dict(self.auth_headers(key.reveal()))
         headers.update(self.validation_headers)
         url = self.upstream_url(b"/v1/models")
+        asked = f"GET {url.decode('ascii')}"
         try:
             status, body = await http_request(b"GET", url, headers, timeout)
         except CancelledError:
@@ -142,7 +160,7 @@ class Provider:
                 valid=False,
                 reachable=False,
                 status=None,
-                reason=f"{self.display_name} could not be reached ({type(e).__name__})",
+                reason=f"{self.display_name} could not be reached ({_network_error(e)}; {asked})",
             )
         reason = scrub(self.error_message(body), key.reveal())
         if 200 <= status < 300:
@@ -154,16 +172,13 @@ class Provider:
             return KeyValidation(
                 False, True, status, reason or f"{self.display_name} refused the key ({status})"
             )
+        # Answered, but not about the key: say what happened and what was asked.
+        what = f"{self.display_name} answered {status} {_phrase(status)} to {asked}"
         if 300 <= status < 400:
-            return KeyValidation(
-                False, False, status, f"{self.display_name} answered with a redirect ({status})"
-            )
-        return KeyValidation(
-            False,
-            False,
-            status,
-            f"{self.display_name} answered {status}" + (f": {reason}" if reason else ""),
-        )
+            what += " (a redirect, not followed)"
+        elif status == 404:
+            what += " (is the provider's base URL right? It must not end in /v1)"
+        return KeyValidation(False, False, status, what + (f": {reason}" if reason else ""))
 
     def error_message(self, body: bytes) -> str:
         """The human message inside one of this provider's error bodies."""
