@@ -209,13 +209,21 @@ async def test_json_bodies_are_validated(env):
         ({}, "name is required"),
         (["name"], "must be an object"),
         ({"name": "   "}, "1 to 200 characters"),
-        ({"name": "a\x00b"}, "control characters"),
+        ({"name": "a\x01b"}, "control characters"),
     ]
     for body, message in cases:
         answer = await admin.post("/admin/orgs", body)
         assert answer.status == 400, body
         assert answer.error_code == "bad_request"
         assert message in answer.json["error"]["message"], (body, answer.json)
+    # what is not text at all (tests/test_admin_text.py covers every route)
+    for body, message in (
+        ({"name": "a\x00b"}, "name is not valid text: it contains a NUL character (U+0000)"),
+        ({"name": "a\ud800"}, "name is not valid text: it contains an unpaired surrogate (U+D800)"),
+    ):
+        answer = await admin.post("/admin/orgs", body)
+        assert (answer.status, answer.error_code) == (400, "invalid_text")
+        assert answer.json["error"]["message"] == message
 
     for raw in (b"{", b"{'name': 'x'}", b'{"name": NaN}', b"\xff\xfe", b'{"name": "x"} x'):
         answer = await admin.post("/admin/orgs", raw=raw)

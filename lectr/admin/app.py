@@ -20,7 +20,17 @@ from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from lectr.admin import schemas as s
-from lectr.admin.api import Api, Call, Dispatcher, Reply, created, no_content, ok, text
+from lectr.admin.api import (
+    Api,
+    Call,
+    Dispatcher,
+    Reply,
+    TextGate,
+    created,
+    no_content,
+    ok,
+    text,
+)
 from lectr.admin.api import write_error as _write_error
 from lectr.admin.openapi import build_openapi
 from lectr.db.database import Database, DatabaseUnavailable
@@ -166,7 +176,7 @@ class AdminApp:
         self._openapi = json.dumps(self.openapi(), separators=(",", ":")).encode()
 
     def resource(self):
-        return self.app.resource()
+        return TextGate(self.app.resource())
 
     @classmethod
     def openapi(cls) -> dict:
