@@ -291,12 +291,17 @@ class Commands:
     # helpers
 
     def org_id(self, ref: str) -> str:
-        """An org id, or the id of the one org with this name."""
+        """An org id, or the id of the one org with this name: the exact
+        name, else the name compared case-insensitively, as the server
+        compares names to keep them unique. Never a guess: when several
+        orgs match (data from before names were unique, or letters whose
+        case the client and the database fold differently), it refuses."""
         if _UUID_RE.fullmatch(ref):
             return ref.lower()
         orgs = self.api.get("/admin/orgs")["items"]
-        matches = [o for o in orgs if o["name"] == ref] or [
-            o for o in orgs if o["name"].casefold() == ref.casefold()
+        wanted = ref.strip()
+        matches = [o for o in orgs if o["name"] == wanted] or [
+            o for o in orgs if o["name"].lower() == wanted.lower()
         ]
         if not matches:
             raise CliError(f"no organization named {ref!r} (use its id, see 'lectr orgs list')")

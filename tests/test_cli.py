@@ -234,6 +234,21 @@ def test_orgs_and_keys(gateway):
     gateway.fails(1, "orgs", "show", org["id"])
 
 
+def test_org_names_are_unique_so_a_name_names_one_org(gateway):
+    org = gateway.json("orgs", "create", "Umbrella")["org"]
+    line = gateway.fails(1, "orgs", "create", "UMBRELLA")
+    assert "already exists" in line and "name_taken" in line
+    other = gateway.json("orgs", "create", "Umbrella Two")["org"]
+    assert "already exists" in gateway.fails(1, "orgs", "rename", other["id"], "umbrella")
+    # any case names the org; the other org is untouched
+    disabled = gateway.json("orgs", "disable", "umbrella")
+    assert (disabled["id"], disabled["enabled"]) == (org["id"], False)
+    assert gateway.json("orgs", "show", other["id"])["enabled"] is True
+    assert gateway.json("orgs", "enable", "  Umbrella ")["enabled"] is True
+    for ref in (org["id"], other["id"]):
+        gateway.ok("orgs", "delete", ref, "--yes")
+
+
 def test_provider_keys_providers_members_users_rotation(gateway):
     org = gateway.json("orgs", "create", "Initech")["org"]["id"]
     out = gateway.run(

@@ -84,6 +84,7 @@ def user_view(user: User) -> dict:
         "id": user.id,
         "subject": user.subject,
         "email": user.email,
+        "email_verified": user.email_verified,
         "is_admin": user.is_admin,
         "created_at": user.created_at,
         "last_seen_at": user.last_seen_at,
@@ -327,9 +328,13 @@ class AdminApp:
         P.AUTHENTICATED,
         summary="Create an org; the caller becomes its owner",
         tags=("orgs",),
-        description="The answer carries the org's first Lectr key, shown this once.",
+        description=(
+            "The answer carries the org's first Lectr key, shown this once. Names are unique "
+            "per deployment, whatever their case (409 name_taken)."
+        ),
         body=s.CREATE_ORG,
         responses={201: "CreatedOrg"},
+        errors=(409,),
     )
     async def create_org(self, request, call: Call) -> Reply:
         org, issued = await self._orgs.create_org(
@@ -356,9 +361,11 @@ class AdminApp:
         "/admin/orgs/{org_id}",
         P.ORG_WRITE,
         summary="Rename an org",
+        description="Names are unique per deployment, whatever their case (409 name_taken).",
         tags=("orgs",),
         body=s.RENAME_ORG,
         responses={200: "Org"},
+        errors=(409,),
     )
     async def rename_org(self, request, call: Call) -> Reply:
         org = await self._orgs.rename_org(call.org_id, call.body["name"])
@@ -615,9 +622,11 @@ class AdminApp:
         summary="Add a member, or change a member's role",
         description=(
             "Name the user with exactly one of user_id, email (of a user who has "
-            "signed in) or subject (an OIDC subject; the identity is created if it was "
-            "never seen). 201 when the membership is new, 200 when a role changed. "
-            "Demoting the last owner is refused (409)."
+            "signed in with a token saying email_verified: true) or subject (an OIDC "
+            "subject; the identity is created if it was never seen). 201 when the "
+            "membership is new, 200 when a role changed. 409: demoting the last owner "
+            "(last_owner), an email only unverified identities carry (email_not_verified), "
+            "an email several verified identities carry (ambiguous_email)."
         ),
         tags=("members",),
         body=s.PUT_MEMBER,
