@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,39 +17,18 @@ from pathlib import Path
 import pytest
 
 from tests.support.fake_provider import OPENAI_KEY
-from tests.support.process import REPO, LectrProcess, base_env, new_master_key
+from tests.support.process import (
+    REPO,
+    FakeProviderProcess,
+    LectrProcess,
+    base_env,
+    free_port,
+    new_master_key,
+)
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "cli-test-admin-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class FakeProviderProcess:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fake_provider", "--port", str(self.port)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        line = self.proc.stdout.readline()
-        assert "fake provider on" in line, line
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Gateway:
