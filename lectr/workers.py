@@ -1,16 +1,19 @@
 """``--workers N``: several processes serving one proxy socket.
 
 One process is one reactor, so one core. With ``--workers N`` the process
-twistd starts becomes a supervisor: it binds the proxy and admin sockets
-itself (so a port in use is still one clear start-up error), then spawns N
-worker processes that adopt those sockets (``reactor.adoptStreamPort``); the
-kernel spreads new connections across the workers.
+twistd starts becomes a supervisor: it holds the proxy and admin sockets
+(bound first of all by ``lectr.tap``, so a port in use is one clear start-up
+error), then spawns N worker processes that adopt those sockets
+(``reactor.adoptStreamPort``); the kernel spreads new connections across the
+workers.
 
 Each worker is a complete Lectr (``python -m lectr.worker``): its own
 database pool, change listener, caches and usage flusher, so every worker
 flushes its own usage rows. The supervisor restarts a worker that dies (with
-backoff), and on SIGTERM asks every worker to stop, waits for them to drain
-in-flight requests (``LECTR_SHUTDOWN_GRACE``), and kills stragglers.
+backoff). On SIGTERM it closes its own copies of the sockets (new connections
+are then refused as soon as the workers have closed theirs), asks every
+worker to stop, waits for them to drain in-flight requests
+(``LECTR_SHUTDOWN_GRACE``), and kills stragglers.
 """
 
 from __future__ import annotations
