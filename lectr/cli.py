@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from lectr import __version__
+
 DEFAULT_URL = "http://127.0.0.1:8081"
 TIMEOUT = 60.0
 
@@ -316,12 +318,17 @@ class Commands:
     # helpers
 
     def org_id(self, ref: str) -> str:
-        """An org id, or the id of the one org with this name."""
+        """An org id, or the id of the one org with this name: the exact
+        name, else the name compared case-insensitively, as the server
+        compares names to keep them unique. Never a guess: when several
+        orgs match (data from before names were unique, or letters whose
+        case the client and the database fold differently), it refuses."""
         if _UUID_RE.fullmatch(ref):
             return ref.lower()
         orgs = self.api.get("/admin/orgs")["items"]
-        matches = [o for o in orgs if o["name"] == ref] or [
-            o for o in orgs if o["name"].casefold() == ref.casefold()
+        wanted = ref.strip()
+        matches = [o for o in orgs if o["name"] == wanted] or [
+            o for o in orgs if o["name"].lower() == wanted.lower()
         ]
         if not matches:
             raise CliError(f"no organization named {ref!r} (use its id, see 'lectr orgs list')")
@@ -759,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
             "0 ok, 1 refused by the API, 2 usage, 3 unreachable, 4 not authenticated/allowed."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"lectr {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
 
     def group(name: str, help: str):

@@ -114,6 +114,21 @@ def _host_patterns(raw: str) -> tuple[str, ...]:
     return patterns
 
 
+def _provider_base_url(raw: str) -> str:
+    """A provider origin, optionally with a path prefix, never ending in
+    ``/v1``: Lectr appends the client's ``/v1/…`` path itself, so such a URL
+    would send every call to ``/v1/v1/…`` and get 404 from the provider."""
+    value = _http_base_url(raw)
+    path = urlsplit(value).path
+    if path.rsplit("/", 1)[-1].lower() == "v1":
+        fixed = value[: len(value) - len(path)] + path[: path.rfind("/")]
+        raise ValueError(
+            f"{value!r} ends in /v1, which Lectr adds itself (clients call …/v1/…): "
+            f"set it to {fixed!r}"
+        )
+    return value
+
+
 def parse_database_url(raw: str) -> str:
     """Validate a ``postgresql://`` URL and return it in the form libpq
     accepts. Unix-socket hosts (``?host=/run/postgresql`` or a percent-encoded
@@ -217,7 +232,7 @@ def _provider_base_url_settings() -> list[Setting]:
                 f"LECTR_{cls.name.upper().replace('-', '_')}_BASE_URL",
                 cls.default_base_url,
                 meaning,
-                _http_base_url,
+                _provider_base_url,
             )
         )
     return out

@@ -1,9 +1,12 @@
 """The composition root: builds and runs Lectr.
 
 Start order (each step awaited, each failure one clear line and a non-zero
-exit): database (embedded PostgreSQL when no DATABASE_URL) → migrations →
-change listener → managers and caches → proxy and admin ports. Stop order is
-the reverse: ports first (in-flight requests drain), the database last.
+exit): the proxy and admin sockets are bound (``lectr.tap`` binds them even
+earlier, before the development secrets are made) → database (embedded
+PostgreSQL when no DATABASE_URL) → migrations → change listener → managers
+and caches → the bound sockets are adopted by the proxy and admin sites. Stop
+order is the reverse: ports first (in-flight requests drain), the database
+last.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -31,6 +35,7 @@ from lectr.metrics import Registry
 from lectr.providers import ProviderRegistry
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
+from lectr.util.listen import ListenError, bind_ports
 from lectr.util.service import CallbackService, ListeningPortService, ServiceStack
 from lectr.vault.errors import VaultKeyError
 
@@ -156,11 +161,13 @@ class LectrService(Service):
         reactor,
         exit_on_failure: bool = True,
         adopt: dict[str, tuple[int, int]] | None = None,
+        sockets: dict[str, socket.socket] | None = None,
         freeze_gc: bool = True,
     ) -> None:
         self.config = config
         self._freeze_gc = freeze_gc  # off when embedded in a test process
         self._adopt = adopt or {}  # "proxy"/"admin" -> (fd, family) from a --workers parent
+        self._sockets = dict(sockets or {})  # "proxy"/"admin" -> bound by lectr.tap
         self._reactor = reactor
         self._exit_on_failure = exit_on_failure
         self._stack = ServiceStack()
@@ -190,6 +197,12 @@ class LectrService(Service):
     async def start(self) -> Components:
         c = self.components
         config = self.config
+        # The ports first: "port in use" must not wait for the database.
+        if not self._adopt and not self._sockets:
+            try:
+                self._sockets = bind_ports(config)
+            except ListenError as e:
+                raise StartupError(str(e)) from None
         if config.development_mode:
             _log.warn(
                 "DEVELOPMENT MODE: embedded PostgreSQL and generated secrets in {data_dir}; "
@@ -211,6 +224,10 @@ class LectrService(Service):
 
         # datastores → managers (one method per feature, in dependency order)
         c.providers = ProviderRegistry.from_config(config)
+        _log.info(
+            "provider base URLs: {urls}",
+            urls=", ".join(f"{p.name} {p.base_url}" for p in c.providers),
+        )
         c.orgs = OrgManager(OrgStore(c.database), ApiKeyStore(c.database))
         await self._start_catalogue(c)
         await self._start_vault(c)
@@ -225,14 +242,14 @@ class LectrService(Service):
             self._proxy_site(c),
             reactor=self._reactor,
             before_stop=lambda: ensureDeferred(c.proxy.drain(config.shutdown_grace)),
-            adopt=self._adopt.get("proxy"),
+            adopt=self._adoptable("proxy"),
         )
         c.admin_port = ListeningPortService(
             "admin API",
             config.admin_listen,
             self._admin_site(c),
             reactor=self._reactor,
-            adopt=self._adopt.get("admin"),
+            adopt=self._adoptable("admin"),
         )
         for port in (c.proxy_port, c.admin_port):
             try:
@@ -258,6 +275,18 @@ class LectrService(Service):
         if not self.ready.called:
             self.ready.callback(c)
         return c
+
+    def _adoptable(self, name: str) -> tuple[int, int] | None:
+        """(fd, family) of the socket bound for port ``name`` (handed over:
+        the port service closes the descriptor once Twisted adopted it), or
+        None to listen on the endpoint now (types not bound ahead)."""
+        if name in self._adopt:
+            return self._adopt[name]
+        sock = self._sockets.pop(name, None)
+        if sock is None:
+            return None
+        family = sock.family
+        return sock.detach(), family
 
     # --- features ------------------------------------------------------------------
 
@@ -464,6 +493,9 @@ class LectrService(Service):
     async def _stop(self) -> None:
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
+        for sock in self._sockets.values():  # bound, never adopted (start-up failed)
+            sock.close()
+        self._sockets.clear()
         await self._stack.stop_all()
 
     # --- failure -----------------------------------------------------------------

@@ -51,6 +51,9 @@ class Options(usage.Options):
         print(f"Lectr {__version__}")
         sys.exit(0)
 
+    def postOptions(self) -> None:
+        refuse_a_second_instance(self.parent)
+
     def cli_values(self) -> dict:
         values: dict = {}
         for s in SETTINGS:
@@ -64,20 +67,63 @@ class Options(usage.Options):
         return values
 
 
+def refuse_a_second_instance(twistd_options) -> None:
+    """twistd refuses to start where its pidfile names a live process, with
+    a paragraph of its own; Lectr says it in one ``lectr:`` line, and exits
+    1, before twistd gets there. (A stale pidfile, whose process is gone, is
+    left to twistd, which removes it and starts.)"""
+    pidfile = twistd_options.get("pidfile") if twistd_options is not None else None
+    if not pidfile:
+        return
+    path = os.path.abspath(pidfile)
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return  # none, or unreadable: twistd reports what it finds
+    if pid <= 0 or pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass  # alive, owned by someone else
+    sys.exit(
+        f"lectr: another server (PID {pid}) is already running from this directory "
+        f"(pidfile {path}); stop it first, or start this one elsewhere: another directory, "
+        "or twistd --pidfile=FILE lectr with other ports"
+    )
+
+
 def makeService(options: Options):
+    """Configuration, then the two ports, then everything else: a port in
+    use is found before the embedded database starts or the one-time
+    development admin token is printed (the sockets bound here are adopted
+    once the handlers exist; see :mod:`lectr.util.listen`)."""
     from twisted.internet import reactor
 
     from lectr.devmode import apply_development_defaults
     from lectr.service import LectrService
+    from lectr.util.listen import ListenError, bind_ports
 
     try:
         config = load_config(options.cli_values(), os.environ)
-        config = apply_development_defaults(config)
     except ConfigError as e:
         # One clear line, no traceback, non-zero exit; nothing has started yet.
+        sys.exit(f"lectr: configuration error: {e}")
+    try:
+        sockets = bind_ports(config, required=config.workers > 1)
+    except ListenError as e:
+        sys.exit(f"lectr: start-up failed: {e}")
+    try:
+        config = apply_development_defaults(config)
+    except ConfigError as e:
+        for sock in sockets.values():
+            sock.close()
         sys.exit(f"lectr: configuration error: {e}")
     if config.workers > 1:
         from lectr.workers import WorkerSupervisor
 
-        return WorkerSupervisor(config, options, reactor=reactor)
-    return LectrService(config, reactor=reactor)
+        return WorkerSupervisor(config, options, reactor=reactor, sockets=sockets)
+    return LectrService(config, reactor=reactor, sockets=sockets)

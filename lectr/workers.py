@@ -1,16 +1,19 @@
 """``--workers N``: several processes serving one proxy socket.
 
 One process is one reactor, so one core. With ``--workers N`` the process
-twistd starts becomes a supervisor: it binds the proxy and admin sockets
-itself (so a port in use is still one clear start-up error), then spawns N
-worker processes that adopt those sockets (``reactor.adoptStreamPort``); the
-kernel spreads new connections across the workers.
+twistd starts becomes a supervisor: it holds the proxy and admin sockets
+(bound first of all by ``lectr.tap``, so a port in use is one clear start-up
+error), then spawns N worker processes that adopt those sockets
+(``reactor.adoptStreamPort``); the kernel spreads new connections across the
+workers.
 
 Each worker is a complete Lectr (``python -m lectr.worker``): its own
 database pool, change listener, caches and usage flusher, so every worker
 flushes its own usage rows. The supervisor restarts a worker that dies (with
-backoff), and on SIGTERM asks every worker to stop, waits for them to drain
-in-flight requests (``LECTR_SHUTDOWN_GRACE``), and kills stragglers.
+backoff). On SIGTERM it closes its own copies of the sockets (new connections
+are then refused as soon as the workers have closed theirs), asks every
+worker to stop, waits for them to drain in-flight requests
+(``LECTR_SHUTDOWN_GRACE``), and kills stragglers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -28,6 +30,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from lectr.config import SETTINGS, Config
+from lectr.util.listen import ListenError, ListenSpec, bind_ports, describe
+
+__all__ = ["ListenSpec", "WorkerSupervisor"]
 
 READY_FD = 5  # workers write "ready\n" here once their ports are adopted
 INHERITED_FIRST_FD = 3  # proxy socket, then admin socket
@@ -35,70 +40,6 @@ INHERITED_FIRST_FD = 3  # proxy socket, then admin socket
 
 class WorkerStartupError(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class ListenSpec:
-    family: int
-    address: tuple | str
-    backlog: int
-
-    @classmethod
-    def parse(cls, description: str) -> ListenSpec:
-        """``tcp:PORT[:interface=IP][:backlog=N]``, ``tcp6:…`` or
-        ``unix:PATH[:backlog=N]`` (what a supervisor can bind itself)."""
-        parts = _split(description)
-        kind, args = parts[0].lower(), parts[1:]
-        positional = [a for a in args if "=" not in a]
-        options = dict(a.split("=", 1) for a in args if "=" in a)
-        backlog = int(options.pop("backlog", "128"))
-        if kind in ("tcp", "tcp6"):
-            port = int(options.pop("port", positional[0] if positional else "0"))
-            default = "::" if kind == "tcp6" else "0.0.0.0"
-            interface = options.pop("interface", default)
-            family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-            address: tuple | str = (interface, port)
-        elif kind == "unix":
-            address = options.pop("address", positional[0] if positional else "")
-            options.pop("mode", None)
-            options.pop("lockfile", None)
-            family = socket.AF_UNIX
-        else:
-            raise ValueError(f"--workers supports tcp:, tcp6: and unix: endpoints, not {kind}:")
-        if options:
-            raise ValueError(f"unsupported endpoint options with --workers: {', '.join(options)}")
-        return cls(family, address, backlog)
-
-    def bind(self) -> socket.socket:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        try:
-            if self.family != socket.AF_UNIX:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(self.address)
-            sock.listen(self.backlog)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-
-def _split(description: str) -> list[str]:
-    """Split an endpoint description on ':' honouring '\\:' escapes."""
-    parts, current, escaped = [], [], False
-    for ch in description:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -136,11 +77,21 @@ class WorkerSupervisor(Service):
     name = "lectr-supervisor"
     _log = Logger()
 
-    def __init__(self, config: Config, options, *, reactor, executable: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        options,
+        *,
+        reactor,
+        executable: str | None = None,
+        sockets: dict[str, socket.socket] | None = None,
+    ) -> None:
         self.config = config
         self._options = options
         self._reactor = reactor
         self._executable = executable or sys.executable
+        # bound by ``twistd lectr`` before anything else (lectr.tap), else in _start
+        self._bound = dict(sockets or {})
         self._sockets: list[socket.socket] = []
         self._workers: dict[int, _WorkerProtocol] = {}
         self._stopping = False
@@ -180,23 +131,14 @@ class WorkerSupervisor(Service):
     async def _start(self) -> None:
         from lectr.service import StartupError
 
-        for name, description in (
-            ("proxy", self.config.proxy_listen),
-            ("admin API", self.config.admin_listen),
-        ):
+        if len(self._bound) < 2:
             try:
-                spec = ListenSpec.parse(description)
-                self._sockets.append(spec.bind())
-            except ValueError as e:
-                raise StartupError(
-                    f"invalid endpoint {description!r} for the {name}: {e}"
-                ) from None
-            except OSError as e:
-                raise StartupError(
-                    f"cannot listen on {description} ({name}): {e.strerror}"
-                ) from None
+                self._bound = bind_ports(self.config, required=True)
+            except ListenError as e:
+                raise StartupError(str(e)) from None
+        self._sockets = [self._bound["proxy"], self._bound["admin"]]
         for name, sock in zip(("proxy", "admin API"), self._sockets, strict=True):
-            self._log.info("{name} socket bound to {address}", name=name, address=_address(sock))
+            self._log.info("{name} socket bound to {address}", name=name, address=describe(sock))
         results = await DeferredList(
             [self._spawn(i).ready for i in range(self.config.workers)],
             fireOnOneErrback=True,
@@ -288,6 +230,14 @@ class WorkerSupervisor(Service):
         if self._stopping:
             return
         self._stopping = True
+        # Close our copies of the listening sockets first: each worker closes
+        # its own as it begins to drain, and once the last copy is closed the
+        # kernel refuses new connections at once. (Kept open, our copies would
+        # keep accepting connections into a backlog nobody reads, and those
+        # clients would hang for the whole shutdown grace.)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
         workers = list(self._workers.values())
         for w in workers:
             _signal(w, signal.SIGTERM)
@@ -298,9 +248,6 @@ class WorkerSupervisor(Service):
         await DeferredList([w.ended for w in workers], consumeErrors=True)
         if killer.active():
             killer.cancel()
-        for sock in self._sockets:
-            sock.close()
-        self._sockets.clear()
 
 
 def _signal(worker: _WorkerProtocol, sig: int) -> None:
@@ -310,10 +257,3 @@ def _signal(worker: _WorkerProtocol, sig: int) -> None:
             transport.signalProcess(sig)
         except (ProcessExitedAlready, OSError):
             pass  # it is gone already, which is the goal
-
-
-def _address(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if isinstance(name, tuple):
-        return f"{name[0]}:{name[1]}"
-    return str(name)

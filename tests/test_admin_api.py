@@ -11,6 +11,7 @@ import uuid
 import psycopg2
 import pytest
 import pytest_twisted
+from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.support.admin import ADMIN_TOKEN, start_admin_env
@@ -209,13 +210,21 @@ async def test_json_bodies_are_validated(env):
         ({}, "name is required"),
         (["name"], "must be an object"),
         ({"name": "   "}, "1 to 200 characters"),
-        ({"name": "a\x00b"}, "control characters"),
+        ({"name": "a\x01b"}, "control characters"),
     ]
     for body, message in cases:
         answer = await admin.post("/admin/orgs", body)
         assert answer.status == 400, body
         assert answer.error_code == "bad_request"
         assert message in answer.json["error"]["message"], (body, answer.json)
+    # what is not text at all (tests/test_admin_text.py covers every route)
+    for body, message in (
+        ({"name": "a\x00b"}, "name is not valid text: it contains a NUL character (U+0000)"),
+        ({"name": "a\ud800"}, "name is not valid text: it contains an unpaired surrogate (U+D800)"),
+    ):
+        answer = await admin.post("/admin/orgs", body)
+        assert (answer.status, answer.error_code) == (400, "invalid_text")
+        assert answer.json["error"]["message"] == message
 
     for raw in (b"{", b"{'name': 'x'}", b'{"name": NaN}', b"\xff\xfe", b'{"name": "x"} x'):
         answer = await admin.post("/admin/orgs", raw=raw)
@@ -309,7 +318,79 @@ async def test_ambiguous_email_is_a_conflict(env):
     answer = await env.admin.post(
         f"/admin/orgs/{org_id}/members", {"email": "same@example.com", "role": "member"}
     )
-    assert answer.status == 409
+    assert (answer.status, answer.error_code) == (409, "ambiguous_email")
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_a_verified_email_names_a_member(env, db_url):
+    """Anyone can sign up with someone else's address, unverified: such an
+    identity must never be the one added by that address."""
+    org_id = (await env.admin.post("/admin/orgs", {"name": "A"})).json["org"]["id"]
+    members = f"/admin/orgs/{org_id}/members"
+    victim_email = {"email": "Victim@Example.com", "role": "admin"}
+
+    # the impostor signs in first, with the victim's address, unverified
+    impostor = env.user("github|impostor", "victim@example.com", verified=False)
+    me = (await impostor.get("/admin/me")).json["user"]
+    assert (me["email"], me["email_verified"]) == ("victim@example.com", False)
+    refused = await env.admin.post(members, victim_email)
+    assert (refused.status, refused.error_code) == (409, "email_not_verified")
+    assert "not verified" in refused.json["error"]["message"]
+    assert (await impostor.get(f"/admin/orgs/{org_id}")).status == 404  # not a member
+
+    # the victim signs in with a verified address: the address now names them
+    victim = env.user("auth0|victim", "victim@example.com")
+    victim_id = (await victim.get("/admin/me")).json["user"]["id"]
+    added = await env.admin.post(members, victim_email)
+    assert (added.status, added.json["user_id"]) == (201, victim_id)
+    assert (await impostor.get(f"/admin/orgs/{org_id}")).status == 404
+
+    # a token without an email keeps the stored pair; a new unverified email clears the flag
+    await env.user("auth0|victim").get("/admin/me")
+    flag = "SELECT email, email_verified FROM user_identities WHERE auth0_user_id = %s"
+    assert sql(db_url, flag, ("auth0|victim",)) == [("victim@example.com", True)]
+    await env.user("auth0|victim", "victim@example.com", verified=False).get("/admin/me")
+    assert sql(db_url, flag, ("auth0|victim",)) == [("victim@example.com", False)]
+    again = await env.admin.post(members, {**victim_email, "role": "member"})
+    assert (again.status, again.error_code) == (409, "email_not_verified")
+    # naming by subject or id still works
+    by_id = await env.admin.post(members, {"user_id": victim_id, "role": "member"})
+    assert by_id.status == 200
+    # an address nobody signed in with is still 404
+    nobody = await env.admin.post(members, {"email": "nobody@example.com", "role": "member"})
+    assert (nobody.status, nobody.error_code) == (404, "not_found")
+
+
+@pytest_twisted.ensureDeferred
+async def test_org_names_are_unique_whatever_their_case(env):
+    admin = env.admin
+    first = await admin.post("/admin/orgs", {"name": "Acme"})
+    assert first.status == 201
+    for clash in ("Acme", "acme", "  ACME  ", "aCmE"):
+        answer = await admin.post("/admin/orgs", {"name": clash})
+        assert (answer.status, answer.error_code) == (409, "name_taken"), clash
+        assert "already exists" in answer.json["error"]["message"]
+    other = (await admin.post("/admin/orgs", {"name": "Other"})).json["org"]["id"]
+    renamed = await admin.put(f"/admin/orgs/{other}", {"name": "ACME"})
+    assert (renamed.status, renamed.error_code) == (409, "name_taken")
+    # an org may change the case of its own name
+    acme = first.json["org"]["id"]
+    assert (await admin.put(f"/admin/orgs/{acme}", {"name": "ACME"})).json["name"] == "ACME"
+    # a freed name can be taken again
+    assert (await admin.delete(f"/admin/orgs/{acme}")).status == 204
+    assert (await admin.put(f"/admin/orgs/{other}", {"name": "acme"})).status == 200
+    names = sorted(o["name"] for o in (await admin.get("/admin/orgs")).json["items"])
+    assert names == ["acme"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_creations_of_one_name_make_one_org(env):
+    answers = await DeferredList(
+        [ensureDeferred(env.admin.post("/admin/orgs", {"name": "Race"})) for _ in range(8)],
+        consumeErrors=True,
+    )
+    statuses = sorted(answer.status for ok, answer in answers if ok)
+    assert statuses == [201] + [409] * 7
 
 
 # --- provider keys and settings ------------------------------------------------------------

@@ -109,6 +109,15 @@ class World:
         self.env = env
         self.clients: dict[str, AdminClient] = {}
         self.ids: dict[str, str] = {}
+        self._serial = 0
+
+    def unique(self, body: dict | None) -> dict | None:
+        """Org names are unique per deployment: each call that names an org
+        gets a name of its own."""
+        if body is None or "name" not in body:
+            return body
+        self._serial += 1
+        return {**body, "name": f"{body['name']} {self._serial}"}
 
     async def make_users(self) -> None:
         for name in (*PRINCIPALS, "stranger", "victim"):
@@ -123,7 +132,9 @@ class World:
     async def make_org(self, name: str, members: dict[str, str]) -> Org:
         c = self.env.components
         owner = next(u for u, role in members.items() if role == "owner")
-        org, _ = await c.orgs.create_org(name, owner_id=self.ids[owner])
+        org, _ = await c.orgs.create_org(
+            self.unique({"name": name})["name"], owner_id=self.ids[owner]
+        )
         for user, role in members.items():
             if user != owner:
                 member_user = await c.users.resolve_user(user_id=self.ids[user])
@@ -161,7 +172,9 @@ async def test_authorization_matrix(db_url, tmp_path):
                 orgs = await world.make_orgs()  # fresh orgs: destructive routes succeed once
                 for target in TARGETS:
                     path = concrete(route, orgs, target, world)
-                    answer = await world.clients[principal].call(route.method, path, route.body)
+                    answer = await world.clients[principal].call(
+                        route.method, path, world.unique(route.body)
+                    )
                     want = expected(route, principal, target)
                     count += 1
                     if answer.status != want:
@@ -172,7 +185,9 @@ async def test_authorization_matrix(db_url, tmp_path):
         for route, allowed in GLOBAL_ROUTES:
             for principal in PRINCIPALS:
                 path = route.template.format(user_id=world.ids["victim"])
-                answer = await world.clients[principal].call(route.method, path, route.body)
+                answer = await world.clients[principal].call(
+                    route.method, path, world.unique(route.body)
+                )
                 want = route.ok if principal in allowed else 403
                 count += 1
                 if answer.status != want:
@@ -181,7 +196,9 @@ async def test_authorization_matrix(db_url, tmp_path):
                         f"(expected {want})"
                     )
             anonymous = await env.client(None).call(
-                route.method, route.template.format(user_id=world.ids["victim"]), route.body
+                route.method,
+                route.template.format(user_id=world.ids["victim"]),
+                world.unique(route.body),
             )
             if anonymous.status != 401:
                 failures.append(f"{route.method} {route.template} anonymous: {anonymous.status}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,39 +17,18 @@ from pathlib import Path
 import pytest
 
 from tests.support.fake_provider import OPENAI_KEY
-from tests.support.process import REPO, LectrProcess, base_env, new_master_key
+from tests.support.process import (
+    REPO,
+    FakeProviderProcess,
+    LectrProcess,
+    base_env,
+    free_port,
+    new_master_key,
+)
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "cli-test-admin-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class FakeProviderProcess:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fake_provider", "--port", str(self.port)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        line = self.proc.stdout.readline()
-        assert "fake provider on" in line, line
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class Gateway:
@@ -234,6 +212,21 @@ def test_orgs_and_keys(gateway):
     gateway.fails(1, "orgs", "show", org["id"])
 
 
+def test_org_names_are_unique_so_a_name_names_one_org(gateway):
+    org = gateway.json("orgs", "create", "Umbrella")["org"]
+    line = gateway.fails(1, "orgs", "create", "UMBRELLA")
+    assert "already exists" in line and "name_taken" in line
+    other = gateway.json("orgs", "create", "Umbrella Two")["org"]
+    assert "already exists" in gateway.fails(1, "orgs", "rename", other["id"], "umbrella")
+    # any case names the org; the other org is untouched
+    disabled = gateway.json("orgs", "disable", "umbrella")
+    assert (disabled["id"], disabled["enabled"]) == (org["id"], False)
+    assert gateway.json("orgs", "show", other["id"])["enabled"] is True
+    assert gateway.json("orgs", "enable", "  Umbrella ")["enabled"] is True
+    for ref in (org["id"], other["id"]):
+        gateway.ok("orgs", "delete", ref, "--yes")
+
+
 def test_provider_keys_providers_members_users_rotation(gateway):
     org = gateway.json("orgs", "create", "Initech")["org"]["id"]
     out = gateway.run(
@@ -363,3 +356,21 @@ def test_global_options_go_before_or_after_the_command():
     assert parser.parse_args(["orgs", "list"]).json is False
     assert parser.parse_args(["--url", "http://a:1", "me"]).url == "http://a:1"
     assert parser.parse_args(["me", "--url", "http://b:2"]).url == "http://b:2"
+
+
+def test_version():
+    from lectr import __version__
+
+    for command in (
+        [sys.executable, "-c", "from lectr.cli import main; main()", "--version"],
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "lectr",
+            "--version",
+        ],
+    ):
+        done = subprocess.run(command, env=base_env(), cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().lower() == f"lectr {__version__}", done.stdout

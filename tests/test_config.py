@@ -106,6 +106,31 @@ def test_base_urls():
     for bad in ("ftp://x", "http://u:p@h", "http://h/?q=1"):
         with pytest.raises(ConfigError, match="LECTR_OPENAI_BASE_URL"):
             load_config({}, {"LECTR_OPENAI_BASE_URL": bad})
+    # a prefix that merely contains v1 is fine
+    c = load_config({}, {"LECTR_OPENAI_BASE_URL": "https://egress.example/v1/openai"})
+    assert c.openai_base_url == "https://egress.example/v1/openai"
+
+
+@pytest.mark.parametrize(
+    "env, url, fixed",
+    [
+        ("LECTR_OPENAI_BASE_URL", "https://api.openai.com/v1", "https://api.openai.com"),
+        ("LECTR_OPENAI_BASE_URL", "https://api.openai.com/v1/", "https://api.openai.com"),
+        ("LECTR_OPENAI_BASE_URL", "https://api.openai.com/V1", "https://api.openai.com"),
+        (
+            "LECTR_ANTHROPIC_BASE_URL",
+            "http://10.0.0.5:8000/anthropic/v1",
+            "http://10.0.0.5:8000/anthropic",
+        ),
+    ],
+)
+def test_a_provider_base_url_ending_in_v1_is_refused_with_the_fix(env, url, fixed):
+    with pytest.raises(ConfigError) as refused:
+        load_config({}, {env: url})
+    message = str(refused.value)
+    assert message.startswith(env)
+    assert "ends in /v1" in message and f"set it to {fixed!r}" in message
+    assert load_config({}, {env: fixed})  # and the fix is accepted
 
 
 def test_oidc_settings():

@@ -93,6 +93,29 @@ async def test_namespaced_email_claim_and_audience_list(issuer, verifier):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "claims, verified",
+    [
+        ({"email": "a@example.com", "email_verified": True}, True),
+        ({"email": "a@example.com", "email_verified": False}, False),
+        ({"email": "a@example.com", "email_verified": "true"}, False),  # only JSON true
+        ({"email": "a@example.com", "email_verified": 1}, False),
+        ({"email": "a@example.com"}, False),
+        # the flag must sit beside the email it vouches for
+        ({"https://x/email": "a@example.com", "https://x/email_verified": True}, True),
+        ({"https://x/email": "a@example.com", "email_verified": True}, False),
+        ({"email_verified": True}, False),  # no email at all
+    ],
+)
+async def test_email_verified_is_taken_from_the_claim_beside_the_email(
+    issuer, verifier, claims, verified
+):
+    result = await verifier.verify(issuer.token("auth0|dora", **claims))
+    assert result.email_verified is verified
+    assert result.email == claims.get("email", claims.get("https://x/email"))
+
+
+@pytest_twisted.ensureDeferred
 async def test_leeway_of_sixty_seconds(issuer, verifier):
     now = int(time.time())
     await verifier.verify(issuer.token(exp=now - 30))  # expired 30 s ago: within leeway
@@ -351,8 +374,17 @@ def test_auth0_settings_configure_issuer_audience_and_jwks():
         },
     )
     c = SimpleNamespace(
-        database=None, metrics=None, orgs=None, vault=None, settings=None, usage=object(),
-        providers=None, routes=None, custom_providers=None, health=None, proxy=None,
+        database=None,
+        metrics=None,
+        orgs=None,
+        vault=None,
+        settings=None,
+        usage=object(),
+        providers=None,
+        routes=None,
+        custom_providers=None,
+        health=None,
+        proxy=None,
     )
     from lectr.metrics import Registry
 
@@ -380,8 +412,17 @@ def test_without_oidc_settings_only_the_admin_token_works():
         },
     )
     c = SimpleNamespace(
-        database=None, metrics=Registry(), orgs=None, vault=None, settings=None, usage=object(),
-        providers=None, routes=None, custom_providers=None, health=None, proxy=None,
+        database=None,
+        metrics=Registry(),
+        orgs=None,
+        vault=None,
+        settings=None,
+        usage=object(),
+        providers=None,
+        routes=None,
+        custom_providers=None,
+        health=None,
+        proxy=None,
     )
     parts = build_admin(c, config, reactor=Clock())
     assert parts.jwks is None and parts.authenticator.verifier is None

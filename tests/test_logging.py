@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 
 from lectr.logging import json_lines_observer
 from lectr.util.secret import Secret
@@ -25,3 +25,30 @@ def test_one_json_object_per_line():
         "lectr.test",
     )
     assert "lc_not-to-be-seen" not in out.getvalue()
+
+
+def test_log_level_is_the_level_name():
+    out = io.StringIO()
+    log = Logger(namespace="lectr.test", observer=json_lines_observer(out))
+    log.debug("d")
+    log.info("i")
+    log.warn("w")
+    log.error("e")
+    log.critical("c")
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        log.failure("f")
+    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [d["log_level"] for d in docs] == [
+        "debug",
+        "info",
+        "warn",
+        "error",
+        "critical",
+        "critical",
+    ]
+    assert all("log_logger" not in d for d in docs)
+    assert "ZeroDivisionError" in json.dumps(docs[-1]["log_failure"])
+    # still readable by Twisted's own formatter
+    assert formatEvent(docs[0]) == "d"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import psycopg2
+import psycopg2.errors
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -99,3 +101,56 @@ def test_concurrent_upgrades_both_succeed(empty_db_url):
     assert errors == []
     head = migrate.head_revision()
     assert sorted(results, key=str) == sorted([(None, head), (head, head)], key=str)
+
+
+def test_0004_renames_duplicate_org_names_deterministically(empty_db_url):
+    """Before 0004, names could repeat; the upgrade keeps the oldest of
+    each group as it is, suffixes the others with the first free " (n)",
+    and never fails."""
+    migrate.upgrade_sync(empty_db_url, "0003")
+    long = "L" * 200
+    rows = [  # (name, age in minutes): older first within each group
+        ("Acme", 50),
+        ("acme", 40),
+        ("ACME", 30),
+        ("Acme (2)", 45),  # already holds the first suffix
+        (long, 20),
+        (long.lower(), 10),
+        ("Solo", 5),
+    ]
+    conn = psycopg2.connect(empty_db_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for name, age in rows:
+                cur.execute(
+                    "INSERT INTO organizations (name, created_at) "
+                    "VALUES (%s, now() - %s * interval '1 minute')",
+                    (name, age),
+                )
+        migrate.upgrade_sync(empty_db_url)
+        with conn.cursor() as cur:
+            cur.execute("SELECT name FROM organizations ORDER BY created_at")
+            names = [r[0] for r in cur.fetchall()]
+            assert names == [
+                "Acme",
+                "Acme (2)",
+                "acme (3)",
+                "ACME (4)",
+                long,
+                "l" * 196 + " (2)",
+                "Solo",
+            ]
+            # from now on the database itself refuses a duplicate
+            with pytest.raises(psycopg2.errors.UniqueViolation):
+                cur.execute("INSERT INTO organizations (name) VALUES ('SOLO')")
+        migrate.downgrade_sync(empty_db_url, "0003")
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO organizations (name) VALUES ('SOLO')")  # allowed again
+            cur.execute(
+                "SELECT count(*) FROM information_schema.columns "
+                "WHERE table_name = 'user_identities' AND column_name = 'email_verified'"
+            )
+            assert cur.fetchone() == (0,)
+    finally:
+        conn.close()

@@ -9,8 +9,10 @@ import time
 import psycopg2
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from lectr.errors import BadRequest, NotFound
+from lectr.errors import BadRequest, Conflict, NotFound
 from lectr.managers.orgs import OrgManager, hash_key, looks_like_key
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
@@ -199,3 +201,46 @@ def test_key_format_check():
         "lc_0b5c3a51-1c1e-4a7b-9a52-5f2a8e8c0d11x",
     ):
         assert not looks_like_key(bad)
+
+
+# --- names are unique per deployment, whatever their case ---------------------------
+
+
+def _flip(c: str) -> str:
+    """The other case of ``c`` when that is a plain one-to-one swap (not
+    "ß" → "SS" or "İ" → "i̇")."""
+    other = c.swapcase()
+    return other if len(other) == 1 and other.swapcase() == c else c
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    name=st.text(
+        st.characters(
+            min_codepoint=0x21, max_codepoint=0x4FF, categories=("Lu", "Ll", "Nd", "Po", "Pd")
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    flips=st.lists(st.booleans(), min_size=40, max_size=40),
+    pad=st.sampled_from(["", " ", "  "]),
+)
+@pytest_twisted.ensureDeferred
+async def test_a_name_in_any_case_is_taken_once(orgs, name, flips, pad):
+    variant = pad + "".join(_flip(c) if f else c for c, f in zip(name, flips, strict=False)) + pad
+    try:
+        first, _ = await orgs.create_org(name)
+    except Conflict:
+        return  # an earlier example took this name (or a case variant of it) already
+    with pytest.raises(Conflict) as taken:
+        await orgs.create_org(variant)
+    assert taken.value.code == "name_taken" and taken.value.status == 409
+    second, _ = await orgs.create_org(name + " 2")
+    with pytest.raises(Conflict):
+        await orgs.rename_org(second.id, variant)
+    assert (await orgs.rename_org(first.id, variant)).name == variant.strip()

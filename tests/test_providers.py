@@ -7,6 +7,7 @@ import json
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 
 from lectr.providers import ProviderRegistry
@@ -175,3 +176,97 @@ def test_host_header():
     assert host_header("https://api.openai.com:443/x") == b"api.openai.com"
     assert host_header("http://127.0.0.1:9000/anthropic") == b"127.0.0.1:9000"
     assert host_header("http://[::1]:8080") == b"[::1]:8080"
+
+
+# --- the whole exchange is bounded (connect, headers, body) ------------------------
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "script, stage",
+    [
+        (Script(hang=True), "waiting for the response headers"),
+        (Script(stall_after=b'{"data": [{"id": "gpt-'), "reading the response body"),
+        # a trickle: a byte every 50 ms never trips an idle timer, only a deadline
+        (Script(events=[b" "] * 400, interval=0.05), "reading the response body"),
+    ],
+    ids=["no-headers", "stalls-mid-body", "trickles"],
+)
+async def test_validation_is_bounded_by_one_deadline(fake, script, stage):
+    fake.resource.next(script)
+    started = reactor.seconds()
+    result = await OpenAI(fake.openai_base_url).validate_key(
+        Secret(OPENAI_KEY), make_http_request(reactor), timeout=0.5
+    )
+    elapsed = reactor.seconds() - started
+    assert 0.5 <= elapsed < 3.0, elapsed
+    assert (result.valid, result.reachable, result.status) == (False, False, None)
+    assert f"no complete answer within 0.5s ({stage})" in result.reason
+    assert f"GET {fake.openai_base_url}/v1/models" in result.reason
+    # the connection was closed, not left to the server
+    await wait_until(lambda: not fake.resource.open_requests)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_body_is_read_up_to_the_cap(fake):
+    from lectr.providers.http import MAX_BODY
+
+    fake.resource.next(Script(body=b"x" * (MAX_BODY + 4096)))
+    status, body = await make_http_request(reactor)(
+        b"GET",
+        fake.openai_base_url.encode() + b"/v1/models",
+        {b"authorization": f"Bearer {OPENAI_KEY}".encode()},
+        5.0,
+    )
+    assert (status, len(body)) == (200, MAX_BODY)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_validation_404_says_what_happened_and_the_url_asked(fake):
+    fake.resource.next(Script(status=404, body=b'{"error":{"message":"Unknown path"}}'))
+    result = await OpenAI(fake.openai_base_url).validate_key(
+        Secret(OPENAI_KEY), make_http_request(reactor)
+    )
+    assert (result.valid, result.reachable, result.status) == (False, False, 404)
+    assert result.reason.startswith(
+        f"OpenAI answered 404 Not Found to GET {fake.openai_base_url}/v1/models"
+    )
+    assert "base URL" in result.reason and "Unknown path" in result.reason
+    assert "unreachable" not in result.reason and "could not be reached" not in result.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_outgoing_connections_do_not_log_factory_start_and_stop(fake):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from lectr.proxy.upstream import make_agent
+
+    lines: list[str] = []
+
+    def observe(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    agent, pool = make_agent(reactor, connect_timeout=5)
+    try:
+        for _ in range(2):
+            await OpenAI(fake.openai_base_url).validate_key(
+                Secret(OPENAI_KEY), make_http_request(reactor)
+            )
+        response = await agent.request(b"GET", fake.openai_base_url.encode() + b"/v1/models")
+        await treq.content(response)
+        await pool.closeCachedConnections()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert len(fake.resource.calls()) == 3
+    noisy = [line for line in lines if "Starting factory" in line or "Stopping factory" in line]
+    assert noisy == []
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        assert reactor.seconds() < deadline, "condition not reached in time"
+        await deferLater(reactor, 0.02)

@@ -94,6 +94,49 @@ def test_port_in_use(tmp_path, db_url):
     assert_one_clear_line(proc, f"cannot listen on tcp:{port}", "proxy", "in use")
 
 
+@pytest.mark.parametrize("busy", ["proxy", "admin API"])
+def test_a_port_in_use_is_found_before_the_database_and_the_token(tmp_path, busy):
+    """First run, development mode: the port is checked before the embedded
+    PostgreSQL starts and before the one-time admin token is made and
+    printed (it would be lost: the next run no longer shows it)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    endpoint = f"tcp:{port}:interface=127.0.0.1"
+    setting = "LECTR_PROXY_LISTEN" if busy == "proxy" else "LECTR_ADMIN_LISTEN"
+    data = tmp_path / "data"
+    started = time.monotonic()
+    try:
+        proc = run_failing(tmp_path, timeout=60, LECTR_DATA_DIR=str(data), **{setting: endpoint})
+    finally:
+        holder.close()
+    assert proc.proc.returncode == 1
+    line = assert_one_clear_line(proc, f"cannot listen on {endpoint} ({busy})", "in use")
+    assert line.startswith("lectr: start-up failed:")
+    assert "admin token" not in proc.output and "DEVELOPMENT MODE" not in proc.output
+    assert not data.exists()  # no secrets made, no embedded database started
+    assert time.monotonic() - started < 20
+
+
+def test_a_second_instance_in_the_same_directory_says_so_in_one_line(tmp_path, db_url):
+    env = base_env(DATABASE_URL=db_url, ENCRYPTION_KEY=new_master_key())
+    first = LectrProcess(env, cwd=tmp_path, pidfile=None)  # twistd's default pidfile
+    try:
+        first.wait_ready()
+        assert (tmp_path / "twistd.pid").read_text().strip() == str(first.proc.pid)
+        second = LectrProcess(env, cwd=tmp_path, pidfile=None)
+        assert second.wait_exit(30) == 1
+        line = assert_one_clear_line(second, "already running", f"PID {first.proc.pid}")
+        assert line.startswith("lectr: ")
+        assert "Another twistd server" not in second.output
+        # the first one is unharmed
+        assert http_get(first.url("admin", "/healthz"))[0] == 200
+    finally:
+        first.stop_cleanly()
+    assert not (tmp_path / "twistd.pid").exists()
+
+
 def test_no_migrate_against_an_empty_database(tmp_path, empty_db_url):
     proc = run_failing(
         tmp_path, DATABASE_URL=empty_db_url, ENCRYPTION_KEY=new_master_key(), LECTR_NO_MIGRATE="1"
@@ -114,6 +157,10 @@ def test_with_database_url(tmp_path, empty_db_url):
         assert (status, b"ready" in body) == (200, True)
         assert "DEVELOPMENT MODE" not in proc.output
         assert "schema migrated from empty" in proc.output
+        assert (
+            "provider base URLs: openai https://api.openai.com, "
+            "anthropic https://api.anthropic.com" in proc.output
+        )
     finally:
         proc.stop_cleanly()
 

@@ -275,6 +275,37 @@ async def test_provider_errors_and_redirects_are_502_and_not_followed(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_provider_stalling_mid_body_cannot_hang_adding_a_key(
+    vaults, orgs, kek, fake, db_url
+):
+    org, _ = await orgs.create_org("Acme")
+    vault = await vaults.start(kek, validation_timeout=0.5)
+    fake.resource.next(Script(stall_after=b'{"object": "list", "data": ['))
+    started = reactor.seconds()
+    with pytest.raises(UpstreamUnavailable) as e:
+        await vault.add_key(org.id, "openai", OPENAI_KEY)
+    assert reactor.seconds() - started < 3.0
+    assert (e.value.status, e.value.code) == (502, "provider_unreachable")
+    assert "no complete answer within 0.5s (reading the response body)" in e.value.message
+    assert "nothing was stored" in e.value.message and OPENAI_KEY not in e.value.message
+    assert stored_rows(db_url) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_validation_404_is_reported_as_an_answer_with_the_url(vaults, orgs, kek, fake):
+    org, _ = await orgs.create_org("Acme")
+    vault = await vaults.start(kek)
+    fake.resource.next(Script(status=404, body=b"not here"))
+    with pytest.raises(UpstreamUnavailable) as e:
+        await vault.add_key(org.id, "openai", OPENAI_KEY)
+    assert (e.value.status, e.value.code) == (502, "provider_error")
+    assert f"OpenAI answered 404 Not Found to GET {fake.openai_base_url}/v1/models" in (
+        e.value.message
+    )
+    assert "reach" not in e.value.message
+
+
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize(
     "key",
     [

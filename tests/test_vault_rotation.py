@@ -61,7 +61,7 @@ async def seed(database, kek, *, orgs: int, keys_per_provider: int = 2) -> dict:
     ring = Keyring(kek)
     newest: dict[tuple[str, str], str] = {}
     for i in range(orgs):
-        org, _ = await org_manager.create_org(f"org {i}")
+        org, _ = await org_manager.create_org(f"org {i} {uuid.uuid4().hex[:8]}")
         for provider in ("openai", "anthropic"):
             for k in range(keys_per_provider):
                 plaintext = f"sk-{provider}-{i:04d}-{k}-{uuid.uuid4().hex}"

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 
 import pytest
 
 from lectr.workers import ListenSpec
-from tests.support.process import LectrProcess, base_env, new_master_key
+from tests.support.fake_provider import OPENAI_KEY
+from tests.support.process import FakeProviderProcess, LectrProcess, base_env, new_master_key
+
+TOKEN = "workers-test-admin-token-0123456789"
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +116,109 @@ def test_port_in_use_with_workers(tmp_path, db_url):
         f"lectr: start-up failed: cannot listen on tcp:{port}:interface=127.0.0.1 "
         f"(proxy): Address already in use"
     ], proc.output
+
+
+def _admin(proc: LectrProcess, method: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        proc.url("admin", path),
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        method=method,
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _answers_quickly(port: int) -> str:
+    """'refused', 'answered' or 'hung': what a new client meets."""
+    try:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=2)
+    except ConnectionRefusedError:
+        return "refused"
+    try:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        conn.settimeout(2)
+        return "answered" if conn.recv(100) else "refused"  # closed: the same for a client
+    except ConnectionResetError:
+        return "refused"
+    except TimeoutError:
+        return "hung"
+    finally:
+        conn.close()
+
+
+def test_new_connections_are_refused_during_the_shutdown_grace(tmp_path, db_url):
+    """SIGTERM with a stream in flight: the stream finishes, while a new
+    client is refused at once instead of waiting in a backlog nobody reads."""
+    fake = FakeProviderProcess(interval=0.4)
+    proc = LectrProcess(
+        base_env(
+            DATABASE_URL=db_url,
+            ENCRYPTION_KEY=new_master_key(),
+            LECTR_ADMIN_TOKEN=TOKEN,
+            LECTR_WORKERS="2",
+            LECTR_SHUTDOWN_GRACE="20",
+            LECTR_OPENAI_BASE_URL=fake.origin + "/openai",
+        ),
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "Lectr is ready (2 workers)" not in proc.output:
+            assert time.monotonic() < deadline and proc.proc.poll() is None, proc.output
+            time.sleep(0.1)
+        org = _admin(proc, "POST", "/admin/orgs", {"name": "Streams"})
+        key = org["key"]["key"]
+        _admin(
+            proc,
+            "POST",
+            f"/admin/orgs/{org['org']['id']}/provider-keys",
+            {"provider": "openai", "key": OPENAI_KEY},
+        )
+        port = proc.ports["proxy"]
+        assert _answers_quickly(port) == "answered"
+
+        first_bytes = threading.Event()
+        outcome: dict = {}
+
+        def stream() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            body = {"model": "gpt-4o-mini", "stream": True, "messages": []}
+            conn.request(
+                "POST",
+                "/openai/v1/chat/completions",
+                json.dumps(body),
+                {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
+            response = conn.getresponse()
+            chunks = [response.read1(65536)]
+            first_bytes.set()
+            while chunk := response.read1(65536):
+                chunks.append(chunk)
+            outcome["status"], outcome["body"] = response.status, b"".join(chunks)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_bytes.wait(20), proc.output
+        proc.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        seen = []
+        while time.monotonic() - stopped < 3:
+            seen.append(_answers_quickly(port))
+            assert seen[-1] != "hung", (seen, proc.output)
+            if seen[-1] == "refused":
+                break
+            time.sleep(0.05)
+        assert seen[-1] == "refused", seen
+        refused_after = time.monotonic() - stopped
+        reader.join(30)
+        assert outcome["status"] == 200 and outcome["body"].rstrip().endswith(b"data: [DONE]")
+        assert time.monotonic() - stopped > 1.0  # the stream really was still running
+        assert refused_after < 2.0
+        # and the supervisor then stops in order (one SIGTERM only: a second
+        # one during the shutdown makes twistd log ReactorNotRunning)
+        assert proc.wait_exit(60) in (0, -signal.SIGTERM), proc.output
+        assert "Server Shut Down." in proc.output and "Traceback" not in proc.output
+    finally:
+        proc.kill()
+        fake.stop()

@@ -25,13 +25,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 
-from lectr.admin.validation import QueryParam, check_schema, parse_json_body, parse_query, validate
+from lectr.admin.validation import (
+    QueryParam,
+    check_schema,
+    decode_path,
+    decode_query,
+    parse_json_body,
+    parse_query,
+    validate,
+)
 from lectr.db.database import DatabaseUnavailable
 from lectr.errors import BadRequest, LectrError
 from lectr.managers.users import Access, Permission, UserManager
@@ -205,10 +213,34 @@ def write_error(request, status: int, code: str, message: str) -> bytes:
     return write_json(request, status, {"error": {"code": code, "message": message}})
 
 
-def query_args(request) -> dict[bytes, list[bytes]]:
-    """The query string only (twisted.web also merges form bodies into
-    ``request.args``)."""
-    return parse_qs(request.uri.partition(b"?")[2], keep_blank_values=True)
+class TextGate(Resource):
+    """The admin app's root: a request whose target (path or query string)
+    is not text (:func:`~lectr.admin.validation.decode_path`) is answered
+    400 ``invalid_text`` in the API's error format before it is routed;
+    everything else goes to the Klein app. (Klein itself would answer a
+    non-UTF-8 path with a plain-text 400 and log a traceback; and an encoded
+    surrogate or NUL that reached a handler would end as a 500.)"""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, app: Resource) -> None:
+        super().__init__()
+        self._app = app
+
+    def render(self, request):
+        try:
+            decode_path(request.uri)
+            decode_query(request.uri)
+        except BadRequest as e:
+            self._log.info(
+                "admin request refused: {status} {code}: {message}",
+                status=e.status,
+                code=e.code,
+                message=e.message,
+            )
+            return write_error(request, e.status, e.code, e.message)
+        return self._app.render(request)
 
 
 def read_body(request) -> bytes:
@@ -248,7 +280,7 @@ class Dispatcher:
             if op.permission is not Permission.PUBLIC:
                 principal = await self._auth.authenticate(request)
             access = await self._users.authorize(principal, op.permission, params.get("org_id"))
-            query = parse_query(query_args(request), op.query)
+            query = parse_query(decode_query(request.uri), op.query)
             body = self._body(op, request)
             reply = await handler(owner, request, Call(access, params, query, body))
             status = reply.status

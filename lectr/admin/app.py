@@ -20,7 +20,17 @@ from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from lectr.admin import schemas as s
-from lectr.admin.api import Api, Call, Dispatcher, Reply, created, no_content, ok, text
+from lectr.admin.api import (
+    Api,
+    Call,
+    Dispatcher,
+    Reply,
+    TextGate,
+    created,
+    no_content,
+    ok,
+    text,
+)
 from lectr.admin.api import write_error as _write_error
 from lectr.admin.openapi import build_openapi
 from lectr.db.database import Database, DatabaseUnavailable
@@ -74,6 +84,7 @@ def user_view(user: User) -> dict:
         "id": user.id,
         "subject": user.subject,
         "email": user.email,
+        "email_verified": user.email_verified,
         "is_admin": user.is_admin,
         "created_at": user.created_at,
         "last_seen_at": user.last_seen_at,
@@ -203,7 +214,7 @@ class AdminApp:
         self._openapi: tuple[tuple[str, ...], bytes] | None = None
 
     def resource(self):
-        return self.app.resource()
+        return TextGate(self.app.resource())
 
     @classmethod
     def openapi(cls, providers: list[str] | None = None) -> dict:
@@ -363,9 +374,13 @@ class AdminApp:
         P.AUTHENTICATED,
         summary="Create an org; the caller becomes its owner",
         tags=("orgs",),
-        description="The answer carries the org's first Lectr key, shown this once.",
+        description=(
+            "The answer carries the org's first Lectr key, shown this once. Names are unique "
+            "per deployment, whatever their case (409 name_taken)."
+        ),
         body=s.CREATE_ORG,
         responses={201: "CreatedOrg"},
+        errors=(409,),
     )
     async def create_org(self, request, call: Call) -> Reply:
         org, issued = await self._orgs.create_org(
@@ -392,9 +407,11 @@ class AdminApp:
         "/admin/orgs/{org_id}",
         P.ORG_WRITE,
         summary="Rename an org",
+        description="Names are unique per deployment, whatever their case (409 name_taken).",
         tags=("orgs",),
         body=s.RENAME_ORG,
         responses={200: "Org"},
+        errors=(409,),
     )
     async def rename_org(self, request, call: Call) -> Reply:
         org = await self._orgs.rename_org(call.org_id, call.body["name"])
@@ -828,9 +845,11 @@ class AdminApp:
         summary="Add a member, or change a member's role",
         description=(
             "Name the user with exactly one of user_id, email (of a user who has "
-            "signed in) or subject (an OIDC subject; the identity is created if it was "
-            "never seen). 201 when the membership is new, 200 when a role changed. "
-            "Demoting the last owner is refused (409)."
+            "signed in with a token saying email_verified: true) or subject (an OIDC "
+            "subject; the identity is created if it was never seen). 201 when the "
+            "membership is new, 200 when a role changed. 409: demoting the last owner "
+            "(last_owner), an email only unverified identities carry (email_not_verified), "
+            "an email several verified identities carry (ambiguous_email)."
         ),
         tags=("members",),
         body=s.PUT_MEMBER,

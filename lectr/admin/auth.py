@@ -7,8 +7,8 @@
   ``iss``, ``aud``, ``exp`` and ``nbf`` checked with at most 60 s leeway.
   Its subject and email are upserted into ``user_identities``.
 
-The JWKS is fetched with treq (PyJWT's ``PyJWKClient`` uses urllib and would
-block the reactor), cached, refetched when a token names an unknown ``kid``
+The JWKS is fetched with Twisted's Agent (PyJWT's ``PyJWKClient`` uses urllib
+and would block the reactor; see :mod:`lectr.providers.http`), cached, refetched when a token names an unknown ``kid``
 (at most once a minute), refreshed in the background once it is an hour old,
 and the last good keys are kept when the endpoint fails.
 
@@ -42,8 +42,9 @@ HttpGet = Callable[[str, float], Awaitable[tuple[int, bytes]]]
 
 
 def treq_http_get(reactor) -> HttpGet:
-    """GET with treq: no redirects followed, no cookies kept, body bounded
-    (the same client Lectr uses to validate provider keys)."""
+    """GET without following redirects or keeping cookies, with the body
+    and the whole exchange bounded (the client that validates provider
+    keys)."""
     from lectr.providers.http import make_http_request
 
     request = make_http_request(reactor)
@@ -244,17 +245,24 @@ def parse_jwks(body: bytes) -> dict[str | None, jwt.PyJWK]:
 class VerifiedToken:
     subject: str
     email: str | None
+    #: the issuer vouched for ``email`` (``email_verified: true``)
+    email_verified: bool = False
 
 
-def _email_claim(claims: dict) -> str | None:
-    """``email``, or a namespaced ``…/email`` claim (Auth0 access tokens
-    carry custom claims under a URL namespace)."""
-    candidates = [claims.get("email")]
-    candidates += [v for k, v in claims.items() if isinstance(k, str) and k.endswith("/email")]
-    for value in candidates:
+def _email_claim(claims: dict) -> tuple[str | None, bool]:
+    """``(email, verified)``: the ``email`` claim, or a namespaced
+    ``…/email`` claim (Auth0 access tokens carry custom claims under a URL
+    namespace), and whether the ``email_verified`` claim beside it (same
+    namespace) is the JSON value ``true``. Anything else (absent, false,
+    the string "true") is unverified: an address a user merely typed into
+    their profile must not let them be found, and added, by email."""
+    names = ["email"]
+    names += [k for k in claims if isinstance(k, str) and k.endswith("/email")]
+    for name in names:
+        value = claims.get(name)
         if isinstance(value, str) and 0 < len(value) <= MAX_EMAIL_LEN:
-            return value
-    return None
+            return value, claims.get(name + "_verified") is True
+    return None, False
 
 
 class JWTVerifier:
@@ -322,7 +330,8 @@ class JWTVerifier:
             or any(ord(c) < 0x20 or ord(c) == 0x7F for c in subject)
         ):
             raise _invalid("the token's subject is malformed")
-        return VerifiedToken(subject=subject, email=_email_claim(claims))
+        email, email_verified = _email_claim(claims)
+        return VerifiedToken(subject=subject, email=email, email_verified=email_verified)
 
 
 def _crv(jwk: jwt.PyJWK) -> str | None:
@@ -359,7 +368,9 @@ class AdminAuthenticator:
         if self.verifier is None or token.reveal().count(".") != 2:
             raise _invalid("the token is not valid here")
         verified = await self.verifier.verify(token.reveal())
-        return await self._users.identify(verified.subject, verified.email)
+        return await self._users.identify(
+            verified.subject, verified.email, email_verified=verified.email_verified
+        )
 
 
 def bearer_token(request) -> Secret[str] | None:

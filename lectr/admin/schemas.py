@@ -130,7 +130,14 @@ UPDATE_PROVIDER = obj(
 PUT_MEMBER = obj(
     {
         "user_id": {**UUID, "description": "an identity's id"},
-        "email": string(320, format="email", description="of a user who has signed in"),
+        "email": string(
+            320,
+            format="email",
+            description=(
+                "of a user who has signed in with a token saying email_verified: true "
+                "(409 email_not_verified otherwise)"
+            ),
+        ),
         "subject": string(255, description="OIDC subject (sub); created if never seen"),
         "role": {"type": "string", "enum": list(ROLES)},
     },
@@ -230,11 +237,18 @@ COMPONENTS: dict[str, dict] = {
             "id": UUID,
             "subject": {"type": "string", "description": "the OIDC subject (sub)"},
             "email": {"type": ["string", "null"]},
+            "email_verified": {
+                "type": "boolean",
+                "description": (
+                    "the token that supplied the email said email_verified: true; only such "
+                    "users can be added as members by email"
+                ),
+            },
             "is_admin": {"type": "boolean"},
             "created_at": TIMESTAMP,
             "last_seen_at": nullable(TIMESTAMP),
         },
-        ("id", "subject", "email", "is_admin", "created_at", "last_seen_at"),
+        ("id", "subject", "email", "email_verified", "is_admin", "created_at", "last_seen_at"),
     ),
     "Membership": obj(
         {"org_id": UUID, "org_name": {"type": "string"}, "role": {"enum": list(ROLES)}},

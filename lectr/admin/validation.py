@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from lectr.errors import BadRequest
 
@@ -197,11 +198,106 @@ def _reject_constant(name: str) -> None:
 
 
 def parse_json_body(raw: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity. Raises BadRequest."""
+    """Strict JSON: UTF-8, no NaN/Infinity, and every string (keys
+    included) text (see :func:`require_text`). Raises BadRequest."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadRequest("the request body is not valid JSON", code="malformed_json") from None
+    _require_text_throughout(doc)
+    return doc
+
+
+# --- text: what every admin input must be -------------------------------------
+#
+# Every string the admin API accepts (JSON strings and object keys, the path,
+# query names and values) must be text that UTF-8 and PostgreSQL can carry:
+# no unpaired UTF-16 surrogate (JSON's "\ud800" escape decodes to one; UTF-8
+# cannot encode it) and no NUL (PostgreSQL text cannot hold it). Anything
+# else reaches a handler only to fail deep down (in the database driver, a
+# log observer, an error message) as a 500. The request target is checked
+# before routing (:class:`lectr.admin.api.TextGate`), bodies when they are
+# parsed (:func:`parse_json_body`): two call sites of one rule, covering
+# every route.
+
+INVALID_TEXT = "invalid_text"
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` is not acceptable text, or None when it is."""
+    if "\x00" in value:
+        return "it contains a NUL character (U+0000)"
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"it contains an unpaired surrogate (U+{ord(value[e.start]):04X})"
+    return None
+
+
+def require_text(value: str, what: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise BadRequest(f"{what} is not valid text: {problem}", code=INVALID_TEXT)
+    return value
+
+
+def _require_text_throughout(doc: Any) -> None:
+    """Every string in a decoded JSON document, keys included (iterative:
+    nesting depth is bounded only by the body size)."""
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            require_text(value, _label(path))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                require_text(key, f"a field name in {_label(path)}")
+                shown = key if len(key) <= 40 else key[:40] + "…"
+                stack.append((item, _join(path, shown)))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                stack.append((item, f"{_label(path)}[{i}]"))
+
+
+def _decode_component(raw: bytes, what: str, *, plus_is_space: bool = False) -> str:
+    """Percent-decode one part of a URL and decode it as UTF-8, strictly
+    (overlong forms, encoded surrogates and stray bytes are refused)."""
+    if plus_is_space:
+        raw = raw.replace(b"+", b" ")
+    try:
+        text = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(
+            f"{what} is not valid text: its percent-encoded bytes are not UTF-8",
+            code=INVALID_TEXT,
+        ) from None
+    return require_text(text, what)
+
+
+def decode_path(uri: bytes) -> str:
+    """The path of a request target, decoded; BadRequest if it is not text."""
+    return _decode_component(uri.partition(b"?")[0], "the request path")
+
+
+def decode_query(uri: bytes) -> dict[str, list[str]]:
+    """The query string of a request target (``application/x-www-form-
+    urlencoded``: ``+`` is a space), names and values decoded as text;
+    BadRequest if any of them is not text."""
+    query = uri.partition(b"?")[2]
+    out: dict[str, list[str]] = {}
+    if not query:
+        return out
+    for field in query.split(b"&"):
+        if not field:
+            continue
+        raw_name, _, raw_value = field.partition(b"=")
+        name = _decode_component(raw_name, "a query parameter name", plus_is_space=True)
+        shown = name if len(name) <= 40 else name[:40] + "…"
+        value = _decode_component(raw_value, f"query parameter {shown!r}", plus_is_space=True)
+        out.setdefault(name, []).append(value)
+    return out
 
 
 # --- query strings ------------------------------------------------------------
@@ -218,11 +314,7 @@ class QueryParam:
     description: str = ""
     clamp: bool = False
 
-    def parse(self, raw: bytes) -> Any:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest(f"{self.name} is not valid UTF-8") from None
+    def parse(self, text: str) -> Any:
         kind = self.schema.get("type")
         if kind == "integer":
             try:
@@ -241,13 +333,13 @@ class QueryParam:
         return text
 
 
-def parse_query(args: dict[bytes, list[bytes]], params: tuple[QueryParam, ...]) -> dict[str, Any]:
-    """Each declared parameter at most once; unknown parameters refused (a
-    typo in a filter must not silently widen the result)."""
+def parse_query(args: dict[str, list[str]], params: tuple[QueryParam, ...]) -> dict[str, Any]:
+    """``args`` from :func:`decode_query`. Each declared parameter at most
+    once; unknown parameters refused (a typo in a filter must not silently
+    widen the result)."""
     by_name = {p.name: p for p in params}
     out: dict[str, Any] = {}
-    for raw_name, values in args.items():
-        name = raw_name.decode("utf-8", "replace")
+    for name, values in args.items():
         param = by_name.get(name)
         if param is None:
             shown = name if len(name) <= 40 else name[:40] + "…"

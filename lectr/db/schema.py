@@ -49,6 +49,8 @@ organizations = Table(
     Column("enabled", Boolean, nullable=False, server_default=text("true")),
     *_timestamps(),
     CheckConstraint("char_length(name) BETWEEN 1 AND 200", name="organizations_name_length"),
+    # names are unique per deployment, whatever their case (migration 0004)
+    Index("organizations_name_lower_key", text("lower(name)"), unique=True),
 )
 
 api_keys = Table(
@@ -166,6 +168,8 @@ user_identities = Table(
     # The OIDC subject (``sub``); named after Auth0, works for any issuer.
     Column("auth0_user_id", Text, nullable=False, unique=True),
     Column("email", Text, nullable=True),
+    # the token that supplied ``email`` said ``email_verified: true`` (migration 0004)
+    Column("email_verified", Boolean, nullable=False, server_default=text("false")),
     Column("is_admin", Boolean, nullable=False, server_default=text("false")),
     *_timestamps(),
     Column("last_seen_at", TIMESTAMP(timezone=True), nullable=True),

@@ -11,9 +11,9 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from lectr.errors import NotFound
+from lectr.errors import Conflict, NotFound
 from lectr.storage.api_keys import ApiKey, ApiKeyStore, NewKey
-from lectr.storage.orgs import Org, OrgStore
+from lectr.storage.orgs import NameTaken, Org, OrgStore
 from lectr.util.secret import Secret
 from lectr.util.validate import clean_name, parse_uuid
 
@@ -47,6 +47,15 @@ def _new_key(name: str) -> tuple[NewKey, Secret[str]]:
     )
 
 
+def _name_taken(name: str) -> Conflict:
+    shown = name if len(name) <= 60 else name[:60] + "…"
+    return Conflict(
+        f"an organization named {shown!r} already exists (names are unique, whatever their "
+        "case): choose another name",
+        code="name_taken",
+    )
+
+
 class OrgManager:
     def __init__(self, orgs: OrgStore, keys: ApiKeyStore) -> None:
         self._orgs = orgs
@@ -60,7 +69,11 @@ class OrgManager:
         """Create an org and its first key; ``owner_id`` (a user identity)
         becomes its owner in the same transaction."""
         new, plaintext = _new_key(clean_name(key_name, "key name"))
-        org, key = await self._orgs.create(clean_name(name, "name"), new, owner_id)
+        name = clean_name(name, "name")
+        try:
+            org, key = await self._orgs.create(name, new, owner_id)
+        except NameTaken:
+            raise _name_taken(name) from None
         return org, IssuedKey(key, plaintext)
 
     async def get_org(self, org_id: object) -> Org:
@@ -73,7 +86,11 @@ class OrgManager:
         return await self._orgs.list(only_ids)
 
     async def rename_org(self, org_id: object, name: object) -> Org:
-        org = await self._orgs.rename(parse_uuid(org_id, "organization"), clean_name(name))
+        name = clean_name(name)
+        try:
+            org = await self._orgs.rename(parse_uuid(org_id, "organization"), name)
+        except NameTaken:
+            raise _name_taken(name) from None
         if org is None:
             raise NotFound("organization not found")
         return org

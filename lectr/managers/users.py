@@ -144,16 +144,21 @@ class UserManager:
 
     # --- identities ----------------------------------------------------------
 
-    async def identify(self, subject: str, email: str | None) -> Principal:
+    async def identify(
+        self, subject: str, email: str | None, *, email_verified: bool = False
+    ) -> Principal:
         """The principal behind a verified token; its identity is upserted
-        (created on first sight, email kept current)."""
+        (created on first sight, email and its verified flag kept current:
+        both come from the same token)."""
         subject = clean_subject(subject)
         if email is not None:
             try:
                 email = clean_email(email)
             except BadRequest:
                 email = None  # an odd claim must not lock a user out
-        user = await self._users.record_seen(subject, email)
+        user = await self._users.record_seen(
+            subject, email, email_verified=email is not None and email_verified
+        )
         return Principal(user=user)
 
     async def list_users(self) -> list[User]:
@@ -232,12 +237,25 @@ class UserManager:
                 raise NotFound("user not found")
             return user
         if given == ["email"]:
+            # Only an address the identity provider verified names a user:
+            # anyone can put someone else's address in an unverified profile.
             found = await self._users.find_by_email(clean_email(email))
-            if not found:
-                raise NotFound("no user with that email has signed in yet; use their subject")
-            if len(found) > 1:
-                raise Conflict("several users have that email; use their user_id or subject")
-            return found[0]
+            verified = [u for u in found if u.email_verified]
+            if len(verified) > 1:
+                raise Conflict(
+                    "several users have that verified email; use their user_id or subject",
+                    code="ambiguous_email",
+                )
+            if verified:
+                return verified[0]
+            if found:
+                raise Conflict(
+                    "a user with that email has signed in, but their identity provider has not "
+                    "verified the address (email_verified), so it cannot name them; use their "
+                    "user_id or subject",
+                    code="email_not_verified",
+                )
+            raise NotFound("no user with that email has signed in yet; use their subject")
         return await self._users.ensure(clean_subject(subject))
 
     async def put_member(self, org_id: str, user: User, role: object) -> tuple[Member, bool]:

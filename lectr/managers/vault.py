@@ -531,7 +531,10 @@ class VaultManager:
             options=NoOptions(base_url, api_version),
         )
         if not result.valid:
-            outcome = "refused" if result.reachable else "unreachable"
+            if result.reachable:
+                outcome = "refused"
+            else:
+                outcome = "unreachable" if result.status is None else "error"
             self._m_validations.inc(1, provider, outcome)
             self._log.info(
                 "provider key for org {org_id} not stored: {provider} {outcome} ({status})",
@@ -546,9 +549,8 @@ class VaultManager:
                     code="provider_key_refused",
                 )
             raise UpstreamUnavailable(
-                f"the key could not be checked with {p.display_name}: {result.reason}; "
-                "nothing was stored",
-                code="provider_unreachable",
+                f"the key could not be checked: {result.reason}; nothing was stored",
+                code="provider_unreachable" if result.status is None else "provider_error",
             )
         self._m_validations.inc(1, provider, "accepted")
 

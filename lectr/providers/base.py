@@ -30,12 +30,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from http import HTTPStatus
 from typing import TYPE_CHECKING, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
+from lectr.providers.http import ExchangeTimedOut
 from lectr.util.secret import Secret
 
 if TYPE_CHECKING:
@@ -69,6 +71,21 @@ def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
     text = _KEYLIKE.sub("***", text)
     text = " ".join(text.split())
     return text[:limit]
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _network_error(e: Exception) -> str:
+    """One short clause for a failed exchange (no URL, no header: the
+    request carried the key)."""
+    if isinstance(e, ExchangeTimedOut):
+        return str(e)
+    return type(e).__name__
 
 
 def host_header(url: str) -> bytes:
@@ -305,7 +322,7 @@ class Provider:
         base = upstream.base_url
         parts = urlsplit(base)
         url = f"{parts.scheme}://{parts.netloc}".encode("ascii") + upstream.target
-        shown = scrub(url.decode("ascii", "replace"), key.reveal())
+        asked = "GET " + scrub(url.decode("ascii", "replace"), key.reveal())
         try:
             status, body = await http_request(b"GET", url, dict(upstream.headers), timeout)
         except CancelledError:
@@ -315,7 +332,7 @@ class Provider:
                 valid=False,
                 reachable=False,
                 status=None,
-                reason=f"{self.display_name} could not be reached at {shown} ({_describe(e)})",
+                reason=f"{self.display_name} could not be reached ({_network_error(e)}; {asked})",
             )
         reason = scrub(self.dialect.error_message(body), key.reveal())
         if 200 <= status < 300:
@@ -327,16 +344,10 @@ class Provider:
             return KeyValidation(
                 False, True, status, reason or f"{self.display_name} refused the key ({status})"
             )
+        # Answered, but not about the key: say what happened and what was asked.
+        what = f"{self.display_name} answered {status} {_phrase(status)} to {asked}"
         if 300 <= status < 400:
-            what = f"answered with a redirect ({status})"
+            what += " (a redirect, not followed)"
         elif status == 404:
-            what = "answered 404 Not Found (is the base URL right?)"
-        else:
-            what = f"answered {status}" + (f": {reason}" if reason else "")
-        return KeyValidation(False, False, status, f"{self.display_name} {what} for GET {shown}")
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip()
-    name = type(error).__name__
-    return f"{name}: {scrub(text, limit=120)}" if text else name
+            what += " (is the provider's base URL right? It must not end in /v1)"
+        return KeyValidation(False, False, status, what + (f": {reason}" if reason else ""))

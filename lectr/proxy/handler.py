@@ -22,11 +22,6 @@ from lectr.proxy.target import error_provider
 
 # the server's names for body problems, as Lectr's error kinds
 _KINDS = {"body_timeout": "timeout"}
-from lectr.proxy.ids import new_request_id
-from lectr.proxy.target import error_provider
-
-# the server's names for body problems, as Lectr's error kinds
-_KINDS = {"body_timeout": "timeout"}
 
 _HEALTH_BODY = b'{"status":"ok"}'
 _HEALTH_HEADERS = [(b"content-type", b"application/json")]

@@ -17,6 +17,8 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from lectr.util.http import quiet_pool
+
 
 @implementer(IAgentEndpointFactory)
 class CachedEndpoints:
@@ -42,7 +44,7 @@ class CachedEndpoints:
 
 
 def make_agent(reactor, *, connect_timeout: float) -> tuple[Agent, HTTPConnectionPool]:
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = quiet_pool(reactor, persistent=True)  # no "Starting factory" line per connection
     # Hundreds of concurrent streams to one provider; idle connections are
     # dropped after 20 s, before providers' own idle timeouts close them
     # under a request.

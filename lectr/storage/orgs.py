@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+import psycopg2
+import psycopg2.errors
+
 from lectr.db.database import Database, Transaction
 from lectr.storage.api_keys import ApiKey, NewKey, insert_key_txn
 from lectr.storage.members import insert_member_txn
@@ -25,6 +28,19 @@ def _org(row: tuple) -> Org:
     return Org(*row)
 
 
+class NameTaken(Exception):
+    """Another organization has this name (compared case-insensitively)."""
+
+
+_NAME_INDEX = "organizations_name_lower_key"
+
+
+def _is_name_clash(error: psycopg2.Error) -> bool:
+    return isinstance(error, psycopg2.errors.UniqueViolation) and (
+        getattr(error.diag, "constraint_name", None) == _NAME_INDEX
+    )
+
+
 class OrgStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -37,8 +53,12 @@ class OrgStore:
 
         async def txn(t: Transaction) -> tuple[Org, ApiKey]:
             row = await t.fetchone(
-                f"INSERT INTO organizations (name) VALUES (%s) RETURNING {_COLUMNS}", (name,)
+                f"INSERT INTO organizations (name) VALUES (%s) "
+                f"ON CONFLICT ((lower(name))) DO NOTHING RETURNING {_COLUMNS}",
+                (name,),
             )
+            if row is None:
+                raise NameTaken()
             org = _org(row)
             key = await insert_key_txn(t, org.id, first_key)
             if owner_id is not None:
@@ -69,11 +89,18 @@ class OrgStore:
         return [_org(r) for r in rows]
 
     async def rename(self, org_id: str, name: str) -> Org | None:
+        """None when the org does not exist; raises NameTaken."""
+
         async def txn(t: Transaction) -> Org | None:
-            row = await t.fetchone(
-                f"UPDATE organizations SET name = %s WHERE id = %s RETURNING {_COLUMNS}",
-                (name, org_id),
-            )
+            try:
+                row = await t.fetchone(
+                    f"UPDATE organizations SET name = %s WHERE id = %s RETURNING {_COLUMNS}",
+                    (name, org_id),
+                )
+            except psycopg2.Error as e:
+                if _is_name_clash(e):
+                    raise NameTaken() from None
+                raise
             if row is not None:
                 t.notify("org", org_id)
             return _org(row) if row else None

@@ -169,8 +169,13 @@ class AdminEnv:
     def client(self, token: str | None) -> AdminClient:
         return self.admin.as_(token)
 
-    def user(self, sub: str, email: str | None = None) -> AdminClient:
-        return self.admin.as_(self.issuer.token(sub, email=email))
+    def user(self, sub: str, email: str | None = None, *, verified: bool = True) -> AdminClient:
+        """A caller with a JWT; an ``email`` comes with ``email_verified:
+        true`` unless ``verified`` is False."""
+        claims = {"email": email}
+        if email is not None:
+            claims["email_verified"] = verified
+        return self.admin.as_(self.issuer.token(sub, **claims))
 
     async def stop(self) -> None:
         await self.service.stopService()

@@ -58,6 +58,7 @@ class Script:
     events: list[bytes] | None = None  # raw SSE chunks, sent one by one
     interval: float = 0.0  # seconds between chunks
     hang: bool = False  # never answer
+    stall_after: bytes | None = None  # send the headers and these body bytes, then stall
     drop_after: int | None = None  # abort the connection after N chunks
     redirect_to: str | None = None
 
@@ -500,6 +501,11 @@ class FakeProvider(Resource):
 
         done.addBoth(finished)
         if script.hang:
+            return server.NOT_DONE_YET
+        if script.stall_after is not None:
+            if not request.responseHeaders.hasHeader(b"content-type"):
+                request.setHeader(b"content-type", b"application/json")
+            request.write(script.stall_after)  # headers and a first part go out now
             return server.NOT_DONE_YET
         if script.events is None:
             if not request.responseHeaders.hasHeader(b"content-type"):

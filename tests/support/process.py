@@ -8,6 +8,7 @@ import base64
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,13 +23,15 @@ def new_master_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
-def lectr_command(*args: str) -> list[str]:
+def lectr_command(*args: str, pidfile: str | None = "") -> list[str]:
+    """``twistd --nodaemon lectr ARGS``; ``pidfile`` None keeps twistd's
+    default (``twistd.pid`` in the working directory)."""
+    twistd = ["--nodaemon"] if pidfile is None else ["--nodaemon", f"--pidfile={pidfile}"]
     return [
         sys.executable,
         "-c",
         "from twisted.scripts.twistd import run; run()",
-        "--nodaemon",
-        "--pidfile=",
+        *twistd,
         "lectr",
         *args,
     ]
@@ -55,10 +58,12 @@ def base_env(**overrides: str | None) -> dict[str, str]:
 class LectrProcess:
     """A running ``twistd -n lectr``; collects its output."""
 
-    def __init__(self, env: dict[str, str], cwd: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, env: dict[str, str], cwd: Path, args: tuple[str, ...] = (), pidfile: str | None = ""
+    ) -> None:
         self.cwd = cwd
         self.proc = subprocess.Popen(
-            lectr_command(*args),
+            lectr_command(*args, pidfile=pidfile),
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
@@ -128,3 +133,42 @@ class LectrProcess:
 
     def url(self, which: str, path: str) -> str:
         return f"http://127.0.0.1:{self.ports[which]}{path}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeProviderProcess:
+    """tests/support/fake_provider.py in a process of its own (for tests
+    that run Lectr with twistd and make plain blocking calls)."""
+
+    def __init__(self, interval: float = 0.0) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.support.fake_provider",
+                "--port",
+                str(self.port),
+                "--interval",
+                str(interval),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        assert "fake provider on" in line, line
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
