@@ -93,9 +93,6 @@ class ProxyHandler:
         self.m_too_large = metrics.counter(
             "lectr_proxy_body_too_large_total", "Requests refused with 413"
         )
-        self.m_too_large = metrics.counter(
-            "lectr_proxy_body_too_large_total", "Requests refused with 413"
-        )
         metrics.callback_gauge(
             "lectr_proxy_active_requests", "Requests in flight", lambda: len(self.active)
         )
