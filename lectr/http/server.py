@@ -568,6 +568,8 @@ class ServerProtocol(Protocol):
         else:
             req.path = target[:q]
             req.query = target[q:]
+        if parser.should_upgrade():
+            raise _BadRequest(400, "Upgrade and CONNECT requests are not supported.")
         req.method = parser.get_method()
         req._keep_alive = parser.should_keep_alive()
         headers = req.headers
@@ -584,6 +586,9 @@ class ServerProtocol(Protocol):
             cl = headers.first(b"content-length")
             if cl is not None:
                 req._length = int(cl)  # llhttp checked: digits only, one field
+            if not req._length:
+                # no body: the request is whole (llhttp completes it next)
+                req._complete = True
         expect = headers.first(b"expect")
         if expect is not None:
             if expect.lower() != b"100-continue":
@@ -704,8 +709,6 @@ class ServerProtocol(Protocol):
         if req._close or self._lost:
             self._close()
             return
-        if self._cur is req:  # answered before its body was complete
-            self._cur = None
         self._set_deadline(_KEEPALIVE, self.factory.keepalive_timeout)
         if not self._feeding:
             self._pump()
