@@ -115,6 +115,7 @@ class _ScriptedConn(Protocol):
         self.index = index
         self.parser = httptools.HttpRequestParser(self)
         self.count = 0
+        self.lost = False
 
     def connectionMade(self) -> None:
         self.server.conns.append(self)
@@ -146,6 +147,7 @@ class _ScriptedConn(Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason=None):
+        self.lost = True
         self.server.closed.append(self.index)
 
 
@@ -169,7 +171,7 @@ class ScriptedUpstream(Factory):
 
     async def stop(self) -> None:
         for c in self.conns:
-            if c.transport is not None:
+            if c.transport is not None and not c.lost:
                 c.transport.abortConnection()
         await self.port.stopListening()
 
