@@ -726,6 +726,67 @@ def memory(workdir: Path, counts: list[int], proxy_pin: list[str]) -> None:
         stop_proc(slow)
 
 
+#: a stream the shared mock holds open: its first event at once, the next after 10 minutes
+IDLE_STREAM_BODY = (
+    '{"model":"gpt-4o-mini","stream":true,"user":"mock-chunk-delay-ms=600000",'
+    '"messages":[{"role":"user","content":"hi"}]}'
+)
+
+
+def lean_memory(upstream: Upstream, counts: list[int], proxy_pin: list[str]) -> None:
+    """Resident memory of the lean passthrough per open idle stream (server
+    and upstream sides both live in that process)."""
+    if not upstream.realistic:
+        print("\n(lean memory: needs the shared mock's per-request pacing; skipped)")
+        return
+    print(f"\nLean transport: resident memory per open idle stream ({load()}):")
+    for n in counts:
+        lean = Passthrough("lean", upstream, proxy_pin)
+        try:
+            time.sleep(0.5)
+            base = _rss_kib(lean.proc.pid)
+            out = subprocess.run(
+                [
+                    PY,
+                    str(BENCH / "hold_streams.py"),
+                    "--url",
+                    lean.url,
+                    "--key",
+                    CLIENT_KEY,
+                    "--count",
+                    str(n),
+                    "--hold",
+                    "2",
+                    "--rss-pid",
+                    str(lean.proc.pid),
+                    "--body",
+                    IDLE_STREAM_BODY,
+                ],
+                capture_output=True,
+                text=True,
+                preexec_fn=raise_fd_limit,
+            ).stdout
+            m = re.search(r"open=(\d+) rss_kib=(\d+)", out)
+            if not m:
+                print(f"  {n:>6} streams: failed ({out.strip()[-200:]})")
+                continue
+            opened, rss = int(m.group(1)), int(m.group(2))
+            per = (rss - base) / opened if opened else float("nan")
+            print(
+                f"  {n:>6} streams: {opened} open, RSS {rss / 1024:.1f} MiB "
+                f"(baseline {base / 1024:.1f} MiB) → {per:.1f} KiB per stream"
+            )
+        finally:
+            lean.stop()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def scaling(workdir: Path, upstream: Upstream, seconds: float, load_pin: list[str]) -> None:
     """--workers 1 against --workers 2, both free to use every core (on a
     2-core machine the load generator and the fake provider share them)."""
@@ -879,6 +940,8 @@ def main() -> None:
             for p in procs[1:]:
                 p.stop()
             del procs[1:]
+            if args.only == "lean":
+                lean_memory(upstream, [int(x) for x in args.memory_counts.split(",")], proxy_pin)
             if upstream.unauthorized():
                 print(f"\nWARNING: the provider refused {upstream.unauthorized()} requests (key)")
         if args.only in (None, "memory"):
