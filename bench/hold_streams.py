@@ -21,7 +21,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def one(host, port, path, key, ready: asyncio.Event, opened: list, gate):
+async def one(host, port, path, key, ready: asyncio.Event, opened: list, gate, body=BODY):
     async with gate:
         try:
             reader, writer = await asyncio.open_connection(host, port)
@@ -30,7 +30,7 @@ async def one(host, port, path, key, ready: asyncio.Event, opened: list, gate):
         writer.write(
             b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
             b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
-            % (path.encode(), host.encode(), key.encode(), len(BODY), BODY)
+            % (path.encode(), host.encode(), key.encode(), len(body), body)
         )
         await writer.drain()
         data = b""
@@ -55,13 +55,15 @@ async def main():
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--hold", type=float, default=5.0)
     p.add_argument("--rss-pid", type=int, required=True)
+    p.add_argument("--body", help="request body (default: a small streaming chat request)")
     a = p.parse_args()
+    body = a.body.encode() if a.body else BODY
     u = urlsplit(a.url)
     done = asyncio.Event()
     opened: list = []
     gate = asyncio.Semaphore(256)
     tasks = [
-        asyncio.create_task(one(u.hostname, u.port, u.path, a.key, done, opened, gate))
+        asyncio.create_task(one(u.hostname, u.port, u.path, a.key, done, opened, gate, body))
         for _ in range(a.count)
     ]
     deadline = time.monotonic() + 120

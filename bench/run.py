@@ -1,19 +1,39 @@
-"""Side-by-side benchmark: direct to a fake provider, through a bare
-twisted.web + Agent passthrough, and through Lectr.
+"""Side-by-side benchmark of Lectr against the bare Twisted passthrough.
 
-    python bench/run.py                 # everything (about 4 minutes)
-    python bench/run.py --quick         # shorter runs
-    python bench/run.py --only memory   # one section: throughput | ttfb | memory | logging |
-                                        #   scaling | flusher
+    python bench/run.py                 # everything (about 15 minutes)
+    python bench/run.py --quick         # shorter cells, 2 rounds
+    python bench/run.py --only lean     # one section: throughput | ttfb | memory | logging |
+                                        #   scaling | flusher | lean
 
-Needs `wrk` and `nginx` (apt-get install wrk nginx-light; installed on demand
-when running as root). The fake provider is nginx answering canned OpenAI
-responses (non-streaming JSON with usage; SSE streams of 20 events plus the
-usage chunk); the slow provider of the memory test is a small Twisted server.
-The load generator is pinned to core 0 and the proxy under test to core 1
-(`taskset`), when the machine has two cores or more. PostgreSQL: the server
-in DATABASE_URL when set (a scratch database is created on it), otherwise an
-embedded one in a temporary directory.
+What runs, and where (the method of ../shared/bench/README.md):
+
+- **the fake provider**: ``../shared/bench/mock_upstream.rs`` (relative to the
+  repository), compiled with ``rustc`` into a temporary directory: one epoll
+  thread, keep-alive, every SSE event its own ``write()`` and HTTP chunk (the
+  realistic case for a relay and its usage meter), ``--api-key`` checks that the
+  proxy swapped the key in. Without ``../shared/bench`` (or ``rustc``), nginx
+  answers canned responses instead; its stream is then one write — the best
+  case, and the output says so.
+- **bare**: ``../shared/bench/twisted_passthrough.py``, the ~100-line twisted.web
+  + Agent passthrough (key check, key swap, pooled Agent, body streamed back):
+  the ceiling of one CPython reactor with twisted.web before any product logic.
+  Fallback: ``bench/bare_passthrough.py`` (the same work, written here).
+- **lectr**: ``twistd -n lectr``, an org, a Lectr key and a provider key
+  provisioned through the admin API; every feature on.
+- **lean** (``--only lean``): ``bench/lean_passthrough.py``, the same work as
+  bare on Lectr's own transport (``lectr.http``): the ceiling of that transport.
+- **wrk** (closed loop, one thread, Lua POST script).
+
+wrk and the provider are pinned to core 0, the proxy under test alone to core 1
+(``taskset``), when the machine has two cores. Each cell: 3 s warm-up, then the
+measured run; every cell is measured in each of ``--rounds`` rounds (targets
+interleaved) and the median is printed, with the ratio to bare. The machine's
+load (``uptime``) is printed with each round: absolute figures are noisy on a
+shared machine, ratios measured in one run are what counts.
+
+Needs ``wrk`` (and ``nginx`` for the fallback provider); installed on demand
+with apt-get when running as root. PostgreSQL: the server in DATABASE_URL when
+set (a scratch database is created on it), otherwise an embedded one.
 """
 
 from __future__ import annotations
@@ -27,6 +47,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,12 +57,15 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+SHARED = REPO.parent / "shared" / "bench"
 PY = sys.executable
 UPSTREAM_KEY = "sk-bench-upstream-key-0123456789"
+CLIENT_KEY = "sk-bench-client-key-0123456789"  # the bare/lean passthroughs' client key
 CHAT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
 STREAM_BODY = (
     '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
 )
+CHAT_PATH = "/v1/chat/completions"
 
 
 def free_port() -> int:
@@ -51,21 +75,35 @@ def free_port() -> int:
 
 
 def cores() -> tuple[list[str], list[str]]:
-    """(load generator prefix, proxy prefix) for taskset pinning."""
+    """(load generator and provider prefix, proxy prefix) for taskset pinning."""
     n = os.cpu_count() or 1
     if n >= 2 and shutil.which("taskset"):
         return ["taskset", "-c", "0"], ["taskset", "-c", "1"]
     return [], []
 
 
-def ensure_tools() -> None:
-    missing = [t for t in ("wrk", "nginx") if not shutil.which(t)]
+def load() -> str:
+    """The machine's load averages (the machine is shared)."""
+    try:
+        return "load " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "load ?"
+
+
+def ensure_tools(need_nginx: bool) -> None:
+    wanted = {"wrk": "wrk"}
+    if need_nginx:
+        wanted["nginx"] = "nginx-light"
+    missing = [t for t in wanted if not shutil.which(t)]
     if not missing:
         return
     if os.geteuid() != 0:
         sys.exit(f"bench: needs {', '.join(missing)}: apt-get install wrk nginx-light")
-    pkgs = ["wrk" if t == "wrk" else "nginx-light" for t in missing]
-    subprocess.run(["apt-get", "install", "-y", "-q", *pkgs], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", *(wanted[t] for t in missing)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def raise_fd_limit() -> None:
@@ -80,49 +118,117 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-# --- the fake provider (nginx) -----------------------------------------------------------
+def wait_http(url: str, timeout: float = 60.0, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"bench: {url} did not come up")
+
+
+def stop_proc(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- the fake provider ---------------------------------------------------------------------
+
+
+class Upstream:
+    """The fake provider: the shared Rust mock, or nginx with canned answers.
+    ``base`` is what Lectr's LECTR_OPENAI_BASE_URL (and the passthroughs'
+    --upstream) is set to; ``base + CHAT_PATH`` answers chat completions."""
+
+    def __init__(self, workdir: Path, pin: list[str], *, force_fallback: bool = False) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.realistic = False
+        mock_src = SHARED / "mock_upstream.rs"
+        if mock_src.exists() and shutil.which("rustc") and not force_fallback:
+            binary = workdir / "mock_upstream"
+            subprocess.run(
+                ["rustc", "-O", "--edition", "2021", "-o", str(binary), str(mock_src)],
+                check=True,
+            )
+            self.proc = subprocess.Popen(
+                [
+                    *pin,
+                    str(binary),
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                    "--chunks",
+                    "20",
+                    "--api-key",
+                    UPSTREAM_KEY,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=raise_fd_limit,
+            )
+            self.kind = "shared Rust mock (one write per SSE event)"
+            self.realistic = True
+            wait_http(f"{self.base}/__health")
+        else:
+            self.proc = start_nginx(workdir, self.port, pin)
+            self.kind = "nginx canned answers (FALLBACK: a stream arrives in one write)"
+
+    def requests(self) -> int | None:
+        """Requests the mock has answered so far (None for nginx)."""
+        if not self.realistic:
+            return None
+        with urllib.request.urlopen(f"{self.base}/__stats", timeout=5) as r:
+            stats = json.loads(r.read())
+        return stats["chat"] + stats["chat_stream"] + stats["unauthorized"]
+
+    def unauthorized(self) -> int:
+        if not self.realistic:
+            return 0
+        with urllib.request.urlopen(f"{self.base}/__stats", timeout=5) as r:
+            return json.loads(r.read())["unauthorized"]
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
 
 
 def sse_body(events: int = 20) -> str:
     created = 1700000000
-    out = []
     head = {
         "id": "chatcmpl-bench",
         "object": "chat.completion.chunk",
         "created": created,
         "model": "gpt-4o-mini",
     }
-    out.append(
+    out = [
         {
             **head,
             "choices": [
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             ],
-            "usage": None,
         }
-    )
+    ]
     for i in range(events - 2):
         out.append(
             {
                 **head,
                 "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}],
-                "usage": None,
             }
         )
-    out.append(
-        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": None}
-    )
-    usage = {
-        **head,
-        "choices": [],
-        "usage": {
-            "prompt_tokens": 9,
-            "completion_tokens": events - 2,
-            "total_tokens": 9 + events - 2,
-        },
-    }
+    out.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     lines = [f"data: {json.dumps(e, separators=(',', ':'))}\n\n" for e in out]
-    lines.append(f"data: {json.dumps(usage, separators=(',', ':'))}\n\n")
     lines.append("data: [DONE]\n\n")
     return "".join(lines)
 
@@ -148,6 +254,8 @@ MODELS_RESPONSE = '{"object":"list","data":[{"id":"gpt-4o-mini","object":"model"
 
 
 def start_nginx(workdir: Path, port: int, pin: list[str]) -> subprocess.Popen:
+    """Fallback provider. The stream case is selected by the ``"stream":true``
+    of the body (as the real mock does), via a header the wrk script adds."""
     conf = workdir / "nginx.conf"
     conf.write_text(f"""
 worker_processes 1;
@@ -166,8 +274,9 @@ http {{
   scgi_temp_path {workdir}/nginx-scgi;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
-    location = /openai/v1/models {{ default_type application/json; return 200 '{MODELS_RESPONSE}'; }}
-    location = /openai/v1/chat/completions {{
+    location = /v1/models {{ default_type application/json; return 200 '{MODELS_RESPONSE}'; }}
+    location = /__health {{ default_type application/json; return 200 '{{"ok":true}}'; }}
+    location = /v1/chat/completions {{
       if ($http_x_bench_stream) {{ rewrite ^ /_stream last; }}
       default_type application/json;
       return 200 '{CHAT_RESPONSE}';
@@ -185,30 +294,53 @@ http {{
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_http(f"http://127.0.0.1:{port}/openai/v1/models")
+    wait_http(f"http://127.0.0.1:{port}/__health")
     return proc
 
 
-def wait_http(url: str, timeout: float = 60.0, headers: dict | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(url, headers=headers or {})
-            with urllib.request.urlopen(req, timeout=2) as r:
-                if r.status < 500:
-                    return
-        except urllib.error.HTTPError as e:
-            if e.code < 500:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"bench: {url} did not come up")
+# --- the passthroughs -----------------------------------------------------------------------
+
+
+class Passthrough:
+    """A bare passthrough process: ``bare`` (the shared twisted.web + Agent one,
+    or this project's fallback) or ``lean`` (lectr.http server + client)."""
+
+    def __init__(self, kind: str, upstream: Upstream, pin: list[str]) -> None:
+        self.port = free_port()
+        if kind == "bare":
+            shared = SHARED / "twisted_passthrough.py"
+            script = shared if shared.exists() else BENCH / "bare_passthrough.py"
+            self.source = "shared" if shared.exists() else "fallback"
+        else:
+            script = BENCH / "lean_passthrough.py"
+            self.source = "lectr.http"
+        self.proc = subprocess.Popen(
+            [
+                *pin,
+                PY,
+                str(script),
+                "--port",
+                str(self.port),
+                "--upstream",
+                upstream.base,
+                "--client-key",
+                CLIENT_KEY,
+                "--upstream-key",
+                UPSTREAM_KEY,
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=raise_fd_limit,
+        )
+        self.url = f"http://127.0.0.1:{self.port}{CHAT_PATH}"
+        wait_http(self.url)  # 401 (no key) is an answer
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
 
 
 # --- Lectr --------------------------------------------------------------------------------
-
-
 class Lectr:
     def __init__(
         self,
@@ -227,7 +359,8 @@ class Lectr:
         }
         self.env.update(
             {
-                "PYTHONPATH": str(REPO),
+                # extra_path first: its sitecustomize.py must win over any other
+                "PYTHONPATH": os.pathsep.join([*([extra_path] if extra_path else []), str(REPO)]),
                 "ENCRYPTION_KEY": self.key_b64,
                 "LECTR_DATA_DIR": str(workdir / "lectr-data"),
                 "LECTR_PROXY_LISTEN": f"tcp:{self.port}:interface=127.0.0.1:backlog=4096",
@@ -237,6 +370,10 @@ class Lectr:
                 "LECTR_WORKERS": str(workers),
             }
         )
+        self.nolog_marker = None
+        if extra_path:
+            self.nolog_marker = workdir / "nolog-loaded"
+            self.env["BENCH_NOLOG_MARKER"] = str(self.nolog_marker)
         self.db_name = None
         server = os.environ.get("DATABASE_URL")
         if server:
@@ -292,6 +429,7 @@ class Lectr:
     def _provision(self) -> str:
         org = self._admin("POST", "/admin/orgs", {"name": "bench"})
         org_id = org["org"]["id"] if "org" in org else org["id"]
+        self.org_id = org_id
         key = org.get("api_key") or org.get("key")
         plaintext = key["key"] if isinstance(key, dict) else key
         self._admin(
@@ -300,6 +438,11 @@ class Lectr:
             {"provider": "openai", "key": UPSTREAM_KEY, "name": "bench"},
         )
         return plaintext
+
+    def logged_requests(self) -> int:
+        """Requests in the org's request log so far (usage totals by provider)."""
+        report = self._admin("GET", f"/admin/orgs/{self.org_id}/usage?group_by=provider")
+        return sum(item["requests"] for item in report["items"])
 
     def rss_kib(self) -> int:
         """Resident memory of the Lectr process(es), in KiB."""
@@ -351,18 +494,17 @@ def _children(pid: int) -> list[int]:
 # --- wrk ---------------------------------------------------------------------------------------
 
 
-def wrk_script(workdir: Path, stream: bool, key: str | None) -> Path:
+def wrk_script(workdir: Path, stream: bool, key: str) -> Path:
     body = STREAM_BODY if stream else CHAT_BODY
     lines = [
         'wrk.method = "POST"',
         f"wrk.body = '{body}'",
         'wrk.headers["Content-Type"] = "application/json"',
+        f'wrk.headers["Authorization"] = "Bearer {key}"',
     ]
-    if key:
-        lines.append(f'wrk.headers["Authorization"] = "Bearer {key}"')
     if stream:
-        lines.append('wrk.headers["X-Bench-Stream"] = "1"')
-    path = workdir / f"post-{'stream' if stream else 'json'}-{'key' if key else 'nokey'}.lua"
+        lines.append('wrk.headers["X-Bench-Stream"] = "1"')  # only the nginx fallback reads it
+    path = workdir / f"post-{'stream' if stream else 'json'}-{key[:8]}.lua"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -375,7 +517,7 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
 
-def run_wrk(url: str, script: Path, conns: int, seconds: int, pin: list[str]) -> dict:
+def run_wrk(url: str, script: Path, conns: int, seconds: float, pin: list[str]) -> dict:
     out = subprocess.run(
         [
             *pin,
@@ -399,9 +541,12 @@ def run_wrk(url: str, script: Path, conns: int, seconds: int, pin: list[str]) ->
         "p90": float("nan"),
         "p99": float("nan"),
         "errors": 0,
+        "requests": 0,
     }
     if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
         result["rps"] = float(m.group(1))
+    if m := re.search(r"(\d+) requests in", out):
+        result["requests"] = int(m.group(1))
     for pct in ("50", "90", "99"):
         if m := re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M):
             result[f"p{pct}"] = _ms(m.group(1))
@@ -414,60 +559,98 @@ def run_wrk(url: str, script: Path, conns: int, seconds: int, pin: list[str]) ->
     return result
 
 
-# --- sections ----------------------------------------------------------------------------------
+def measure(url: str, script: Path, conns: int, seconds: float, pin: list[str]) -> dict:
+    run_wrk(url, script, conns, 3, pin)  # warm-up
+    return run_wrk(url, script, conns, seconds, pin)
+
+
+# --- throughput: several targets, several rounds, medians, ratios vs bare -------------------
+
+
+class Target:
+    def __init__(self, name: str, url: str, key: str) -> None:
+        self.name, self.url, self.key = name, url, key
 
 
 def throughput(
-    targets: dict[str, tuple[str, str | None]], workdir: Path, seconds: int, load_pin: list[str]
+    targets: list[Target],
+    upstream: Upstream,
+    workdir: Path,
+    seconds: float,
+    rounds: int,
+    conns_list: tuple[int, ...],
+    load_pin: list[str],
 ) -> list[dict]:
+    """Every (mode, c, target) cell once per round, targets interleaved; the
+    medians of the rounds, and each target's ratio to bare."""
+    samples: dict[tuple[str, int, str], list[dict]] = {}
+    for rnd in range(1, rounds + 1):
+        print(f"  round {rnd}/{rounds} ({load()})", flush=True)
+        for stream in (False, True):
+            mode = "stream" if stream else "json"
+            for conns in conns_list:
+                for t in targets:
+                    before = upstream.requests()
+                    r = measure(t.url, wrk_script(workdir, stream, t.key), conns, seconds, load_pin)
+                    after = upstream.requests()
+                    if before is not None and after - before < r["requests"]:
+                        r["errors"] += r["requests"] - (after - before)  # never reached the mock
+                    samples.setdefault((mode, conns, t.name), []).append(r)
+                    print(
+                        f"    {mode:6} c={conns:<4} {t.name:6} {r['rps']:9.0f} req/s  "
+                        f"p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  errors {r['errors']}",
+                        flush=True,
+                    )
     rows = []
-    for stream in (False, True):
-        for conns in (1, 32, 128):
-            for name, (url, key) in targets.items():
-                r = measure(url, wrk_script(workdir, stream, key), conns, seconds, load_pin)
-                rows.append(
-                    {"mode": "stream" if stream else "json", "c": conns, "target": name, **r}
-                )
-                print(
-                    f"  {rows[-1]['mode']:6} c={conns:<4} {name:8} {r['rps']:9.0f} req/s  "
-                    f"p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  errors {r['errors']}",
-                    flush=True,
-                )
+    for (mode, conns, name), runs in samples.items():
+        row = {"mode": mode, "c": conns, "target": name, "rounds": [x["rps"] for x in runs]}
+        for k in ("rps", "p50", "p90", "p99"):
+            row[k] = statistics.median(x[k] for x in runs)
+        row["errors"] = sum(x["errors"] for x in runs)
+        rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
+    def find(mode, c, target):
+        return next(
+            (r for r in rows if r["mode"] == mode and r["c"] == c and r["target"] == target), None
+        )
+
     print(
-        "\n| mode | conc | target | req/s | p50 ms | p90 ms | p99 ms | errors | req/s vs direct "
-        "| added p50 ms |"
+        "\n| mode | c | target | req/s (median) | rounds | p50 ms | p99 ms | errors "
+        "| req/s vs bare | added p50 ms vs direct |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        direct = next(
-            r
-            for r in rows
-            if r["mode"] == row["mode"] and r["c"] == row["c"] and r["target"] == "direct"
-        )
-        ratio = row["rps"] / direct["rps"] if direct["rps"] else float("nan")
-        added = row["p50"] - direct["p50"]
+        bare = find(row["mode"], row["c"], "bare")
+        direct = find(row["mode"], row["c"], "direct")
+        ratio = row["rps"] / bare["rps"] if bare and bare["rps"] else float("nan")
+        added = row["p50"] - direct["p50"] if direct else float("nan")
+        rounds = " / ".join(f"{x:.0f}" for x in row["rounds"])
         print(
-            f"| {row['mode']} | {row['c']} | {row['target']} | {row['rps']:.0f} | "
-            f"{row['p50']:.2f} | {row['p90']:.2f} | {row['p99']:.2f} | {row['errors']} | "
-            f"{ratio:.2f} | {added:+.2f} |"
+            f"| {row['mode']} | {row['c']} | {row['target']} | {row['rps']:.0f} | {rounds} | "
+            f"{row['p50']:.2f} | {row['p99']:.2f} | {row['errors']} | "
+            f"{ratio:.2f}× | {added:+.2f} |"
         )
 
 
-def ttfb(direct_url: str, lectr_url: str, key: str, n: int = 300) -> None:
-    """Median time to the first body byte of a stream, direct and through Lectr."""
+# --- other sections -----------------------------------------------------------------------------
+
+
+def ttfb(targets: list[Target], n: int = 300) -> None:
+    """Median time to the first body byte of a stream, per target."""
     import http.client
     from urllib.parse import urlsplit
 
-    def measure(url: str, auth: str | None) -> list[float]:
-        parts = urlsplit(url)
+    def sample(t: Target) -> list[float]:
+        parts = urlsplit(t.url)
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-        headers = {"content-type": "application/json", "x-bench-stream": "1"}
-        if auth:
-            headers["authorization"] = f"Bearer {auth}"
+        headers = {
+            "content-type": "application/json",
+            "x-bench-stream": "1",
+            "authorization": f"Bearer {t.key}",
+        }
         samples = []
         for i in range(n + 20):
             t0 = time.perf_counter()
@@ -481,14 +664,13 @@ def ttfb(direct_url: str, lectr_url: str, key: str, n: int = 300) -> None:
         conn.close()
         return sorted(samples)
 
-    d = measure(direct_url, None)
-    lc = measure(lectr_url, key)
-    med = lambda xs: xs[len(xs) // 2]  # noqa: E731
-    p99 = lambda xs: xs[int(len(xs) * 0.99) - 1]  # noqa: E731
-    print("\nTime to first byte of a stream (sequential requests, keep-alive):")
-    print(f"  direct  p50 {med(d):.3f} ms  p99 {p99(d):.3f} ms")
-    print(f"  lectr   p50 {med(lc):.3f} ms  p99 {p99(lc):.3f} ms")
-    print(f"  added   p50 {med(lc) - med(d):+.3f} ms")
+    print(f"\nTime to first byte of a stream (sequential requests, keep-alive; {load()}):")
+    results = {t.name: sample(t) for t in targets}
+    direct = results.get("direct")
+    for name, xs in results.items():
+        med, p99 = xs[len(xs) // 2], xs[int(len(xs) * 0.99) - 1]
+        added = f"  added p50 {med - direct[len(direct) // 2]:+.3f} ms" if direct else ""
+        print(f"  {name:7} p50 {med:.3f} ms  p99 {p99:.3f} ms{added}")
 
 
 def memory(workdir: Path, counts: list[int], proxy_pin: list[str]) -> None:
@@ -505,7 +687,7 @@ def memory(workdir: Path, counts: list[int], proxy_pin: list[str]) -> None:
         (workdir / "mem").mkdir()
         lectr = Lectr(workdir / "mem", f"http://127.0.0.1:{slow_port}/openai", proxy_pin)
         try:
-            print("\nResident memory with concurrent open streams (slow-dripping provider):")
+            print(f"\nResident memory with concurrent open streams (slow provider; {load()}):")
             for n in counts:
                 base = lectr.rss_kib()
                 out = subprocess.run(
@@ -513,7 +695,7 @@ def memory(workdir: Path, counts: list[int], proxy_pin: list[str]) -> None:
                         PY,
                         str(BENCH / "hold_streams.py"),
                         "--url",
-                        f"http://127.0.0.1:{lectr.port}/v1/chat/completions",
+                        f"http://127.0.0.1:{lectr.port}{CHAT_PATH}",
                         "--key",
                         lectr.lectr_key,
                         "--count",
@@ -541,37 +723,87 @@ def memory(workdir: Path, counts: list[int], proxy_pin: list[str]) -> None:
         finally:
             lectr.stop()
     finally:
-        slow.terminate()
-        slow.wait(10)
+        stop_proc(slow)
 
 
-def measure(url: str, script: Path, conns: int, seconds: int, pin: list[str]) -> dict:
-    run_wrk(url, script, conns, 2, pin)  # warm-up
-    return run_wrk(url, script, conns, seconds, pin)
+#: a stream the shared mock holds open: its first event at once, the next after 10 minutes
+IDLE_STREAM_BODY = (
+    '{"model":"gpt-4o-mini","stream":true,"user":"mock-chunk-delay-ms=600000",'
+    '"messages":[{"role":"user","content":"hi"}]}'
+)
 
 
-def both_modes(lectr: Lectr, sub: Path, conns: int, seconds: int, load_pin: list[str]):
-    """(mode, wrk result) for non-streaming then streaming requests to ``lectr``."""
-    url = f"http://127.0.0.1:{lectr.port}/v1/chat/completions"
-    for stream in (False, True):
-        script = wrk_script(sub, stream, lectr.lectr_key)
-        yield ("stream" if stream else "json"), measure(url, script, conns, seconds, load_pin)
+def lean_memory(upstream: Upstream, counts: list[int], proxy_pin: list[str]) -> None:
+    """Resident memory of the lean passthrough per open idle stream (server
+    and upstream sides both live in that process)."""
+    if not upstream.realistic:
+        print("\n(lean memory: needs the shared mock's per-request pacing; skipped)")
+        return
+    print(f"\nLean transport: resident memory per open idle stream ({load()}):")
+    for n in counts:
+        lean = Passthrough("lean", upstream, proxy_pin)
+        try:
+            time.sleep(0.5)
+            base = _rss_kib(lean.proc.pid)
+            out = subprocess.run(
+                [
+                    PY,
+                    str(BENCH / "hold_streams.py"),
+                    "--url",
+                    lean.url,
+                    "--key",
+                    CLIENT_KEY,
+                    "--count",
+                    str(n),
+                    "--hold",
+                    "2",
+                    "--rss-pid",
+                    str(lean.proc.pid),
+                    "--body",
+                    IDLE_STREAM_BODY,
+                ],
+                capture_output=True,
+                text=True,
+                preexec_fn=raise_fd_limit,
+            ).stdout
+            m = re.search(r"open=(\d+) rss_kib=(\d+)", out)
+            if not m:
+                print(f"  {n:>6} streams: failed ({out.strip()[-200:]})")
+                continue
+            opened, rss = int(m.group(1)), int(m.group(2))
+            per = (rss - base) / opened if opened else float("nan")
+            print(
+                f"  {n:>6} streams: {opened} open, RSS {rss / 1024:.1f} MiB "
+                f"(baseline {base / 1024:.1f} MiB) → {per:.1f} KiB per stream"
+            )
+        finally:
+            lean.stop()
 
 
-def scaling(workdir: Path, upstream: str, seconds: int, load_pin: list[str]) -> None:
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def scaling(workdir: Path, upstream: Upstream, seconds: float, load_pin: list[str]) -> None:
     """--workers 1 against --workers 2, both free to use every core (on a
     2-core machine the load generator and the fake provider share them)."""
-    print("\nScaling with --workers (proxy not pinned; wrk and nginx on core 0):")
-    print("| workers | mode | conc | req/s | p50 ms | p99 ms | errors |")
+    print(f"\nScaling with --workers (proxy not pinned; wrk and provider on core 0; {load()}):")
+    print("| workers | mode | c | req/s | p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|")
     for workers in (1, 2):
         sub = workdir / f"scale{workers}"
         sub.mkdir()
-        lectr = Lectr(sub, upstream, [], workers=workers)
+        lectr = Lectr(sub, upstream.base, [], workers=workers)
         try:
-            for mode, r in both_modes(lectr, sub, 128, seconds, load_pin):
+            url = f"http://127.0.0.1:{lectr.port}{CHAT_PATH}"
+            for stream in (False, True):
+                script = wrk_script(sub, stream, lectr.lectr_key)
+                r = measure(url, script, 128, seconds, load_pin)
                 print(
-                    f"| {workers} | {mode} | 128 | {r['rps']:.0f} | "
+                    f"| {workers} | {'stream' if stream else 'json'} | 128 | {r['rps']:.0f} | "
                     f"{r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} |",
                     flush=True,
                 )
@@ -580,26 +812,55 @@ def scaling(workdir: Path, upstream: str, seconds: int, load_pin: list[str]) -> 
 
 
 def logging_cost(
-    workdir: Path, upstream: str, seconds: int, load_pin: list[str], proxy_pin: list[str]
+    workdir: Path,
+    upstream: Upstream,
+    seconds: float,
+    rounds: int,
+    load_pin: list[str],
+    proxy_pin: list[str],
 ) -> None:
-    """The proxy with usage logging on, then with the recorder turned into a
-    no-op (bench/_nolog), same machine, same run."""
-    print("\nUsage logging on vs off (json, c=32, then stream, c=32):")
-    print("| usage logging | mode | req/s | p50 ms | p90 ms | p99 ms |")
-    print("|---|---|---|---|---|---|")
+    """Lectr with usage logging on, then with the recorder turned into a no-op
+    (bench/_nolog/sitecustomize.py, first on the PYTHONPATH), same run. Each
+    run proves its setting: the "off" process must have loaded the no-op (a
+    marker file) and written no request-log row; the "on" one must have
+    logged the requests it answered."""
+    print(f"\nUsage logging on vs off (c=32; medians of {rounds} rounds; {load()}):")
+    results: dict[tuple[str, str], list[dict]] = {}
+    checks = []
     for label, extra in (("on", None), ("off", str(BENCH / "_nolog"))):
         sub = workdir / f"log-{label}"
         sub.mkdir()
-        lectr = Lectr(sub, upstream, proxy_pin, extra_path=extra)
+        lectr = Lectr(sub, upstream.base, proxy_pin, extra_path=extra)
         try:
-            for mode, r in both_modes(lectr, sub, 32, seconds, load_pin):
-                print(
-                    f"| {label} | {mode} | {r['rps']:.0f} | "
-                    f"{r['p50']:.2f} | {r['p90']:.2f} | {r['p99']:.2f} |",
-                    flush=True,
-                )
+            if extra and not (lectr.nolog_marker and lectr.nolog_marker.exists()):
+                raise SystemExit("bench: the logging-off run did not load bench/_nolog")
+            url = f"http://127.0.0.1:{lectr.port}{CHAT_PATH}"
+            answered = 0
+            for _ in range(rounds):
+                for stream in (False, True):
+                    script = wrk_script(sub, stream, lectr.lectr_key)
+                    r = measure(url, script, 32, seconds, load_pin)
+                    answered += r["requests"]
+                    results.setdefault((label, "stream" if stream else "json"), []).append(r)
+            time.sleep(2.5)  # the flusher writes every second
+            logged = lectr.logged_requests()
+            checks.append(f"logging {label}: {logged} request-log rows for ≥{answered} requests")
+            if label == "off" and logged:
+                raise SystemExit("bench: the logging-off run wrote request-log rows")
+            if label == "on" and logged < answered:
+                raise SystemExit("bench: the logging-on run did not log every request")
         finally:
             lectr.stop()
+    print("| usage logging | mode | req/s | p50 ms | p90 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for (label, mode), runs in results.items():
+        med = {k: statistics.median(x[k] for x in runs) for k in ("rps", "p50", "p90", "p99")}
+        print(
+            f"| {label} | {mode} | {med['rps']:.0f} | {med['p50']:.2f} | {med['p90']:.2f} | "
+            f"{med['p99']:.2f} |"
+        )
+    for line in checks:
+        print(f"  ({line})")
 
 
 def flusher() -> None:
@@ -615,85 +876,85 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="5 s runs instead of 10 s")
+    parser.add_argument("--quick", action="store_true", help="5 s cells instead of 10 s")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per cell (median)")
     parser.add_argument(
-        "--only", choices=["throughput", "ttfb", "memory", "scaling", "logging", "flusher"]
+        "--only",
+        choices=["throughput", "ttfb", "memory", "scaling", "logging", "flusher", "lean"],
     )
+    parser.add_argument("--conns", default="1,32,128", help="concurrencies, comma-separated")
     parser.add_argument("--workers", type=int, default=1, help="Lectr --workers for throughput")
     parser.add_argument("--memory-counts", default="1000,10000")
+    parser.add_argument(
+        "--fallback-upstream", action="store_true", help="use nginx even if the shared mock exists"
+    )
     args = parser.parse_args()
-    ensure_tools()
+    use_mock = (SHARED / "mock_upstream.rs").exists() and shutil.which("rustc")
+    ensure_tools(need_nginx=args.fallback_upstream or not use_mock)
     raise_fd_limit()
     load_pin, proxy_pin = cores()
     seconds = 5 if args.quick else 10
-    print(
-        f"Lectr benchmark: {os.cpu_count()} cores; load generator "
-        f"{'pinned to core 0' if load_pin else 'not pinned'}, proxies "
-        f"{'pinned to core 1' if proxy_pin else 'not pinned'}, nginx fake provider on core 0."
-    )
-    print(
-        f"PostgreSQL: {'DATABASE_URL server' if os.environ.get('DATABASE_URL') else 'embedded'}"
-        f"; Lectr workers: {args.workers}"
-    )
+    conns_list = tuple(int(c) for c in args.conns.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="lectr-bench-"))
-    procs: list[subprocess.Popen] = []
-    lectr = None
+    procs = []
     try:
-        nginx_port = free_port()
-        procs.append(start_nginx(workdir, nginx_port, load_pin))
-        upstream = f"http://127.0.0.1:{nginx_port}/openai"
-        direct = f"{upstream}/v1/chat/completions"
-        if args.only in (None, "throughput", "ttfb"):
-            bare_port = free_port()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        *proxy_pin,
-                        PY,
-                        str(BENCH / "bare_passthrough.py"),
-                        "--port",
-                        str(bare_port),
-                        "--upstream",
-                        upstream,
-                        "--key",
-                        UPSTREAM_KEY,
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    preexec_fn=raise_fd_limit,
+        upstream = Upstream(workdir, load_pin, force_fallback=args.fallback_upstream)
+        procs.append(upstream)
+        print(
+            f"Lectr benchmark: {os.cpu_count()} cores; wrk and provider "
+            f"{'pinned to core 0' if load_pin else 'not pinned'}, proxy under test "
+            f"{'alone on core 1' if proxy_pin else 'not pinned'}; {load()}"
+        )
+        print(f"Provider: {upstream.kind}")
+        print(
+            f"PostgreSQL: {'DATABASE_URL server' if os.environ.get('DATABASE_URL') else 'embedded'}"
+            f"; Lectr workers: {args.workers}; {seconds} s cells after a 3 s warm-up, "
+            f"{args.rounds} rounds"
+        )
+        direct = Target("direct", upstream.base + CHAT_PATH, UPSTREAM_KEY)
+        if args.only in (None, "throughput", "ttfb", "lean"):
+            bare = Passthrough("bare", upstream, proxy_pin)
+            procs.append(bare)
+            print(f"Bare passthrough: {bare.source}")
+            targets = [direct, Target("bare", bare.url, CLIENT_KEY)]
+            if args.only == "lean":
+                lean = Passthrough("lean", upstream, proxy_pin)
+                procs.append(lean)
+                targets.append(Target("lean", lean.url, CLIENT_KEY))
+                title = "Lean transport ceiling (lectr.http passthrough vs bare)"
+            else:
+                lectr = Lectr(workdir, upstream.base, proxy_pin, workers=args.workers)
+                procs.append(lectr)
+                targets.append(
+                    Target("lectr", f"http://127.0.0.1:{lectr.port}{CHAT_PATH}", lectr.lectr_key)
                 )
-            )
-            wait_http(f"http://127.0.0.1:{bare_port}/v1/models")
-            lectr = Lectr(workdir, upstream, proxy_pin, workers=args.workers)
-            targets = {
-                "direct": (direct, None),
-                "bare": (f"http://127.0.0.1:{bare_port}/v1/chat/completions", None),
-                "lectr": (f"http://127.0.0.1:{lectr.port}/v1/chat/completions", lectr.lectr_key),
-            }
-            if args.only in (None, "throughput"):
-                print(f"\nThroughput ({seconds} s per run, after a 2 s warm-up):")
-                print_table(throughput(targets, workdir, seconds, load_pin))
-            if args.only in (None, "ttfb"):
-                ttfb(direct, targets["lectr"][0], lectr.lectr_key)
-            lectr.stop()
-            lectr = None
+                title = "Throughput"
+            if args.only != "ttfb":
+                print(f"\n{title} ({seconds} s cells):")
+                rows = throughput(
+                    targets, upstream, workdir, seconds, args.rounds, conns_list, load_pin
+                )
+                print_table(rows)
+            if args.only in (None, "ttfb", "lean"):
+                ttfb(targets)
+            for p in procs[1:]:
+                p.stop()
+            del procs[1:]
+            if args.only == "lean":
+                lean_memory(upstream, [int(x) for x in args.memory_counts.split(",")], proxy_pin)
+            if upstream.unauthorized():
+                print(f"\nWARNING: the provider refused {upstream.unauthorized()} requests (key)")
         if args.only in (None, "memory"):
             memory(workdir, [int(x) for x in args.memory_counts.split(",")], proxy_pin)
         if args.only in (None, "logging"):
-            logging_cost(workdir, upstream, seconds, load_pin, proxy_pin)
+            logging_cost(workdir, upstream, seconds, args.rounds, load_pin, proxy_pin)
         if args.only in (None, "scaling"):
             scaling(workdir, upstream, seconds, load_pin)
         if args.only in (None, "flusher"):
             flusher()
     finally:
-        if lectr is not None:
-            lectr.stop()
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for p in reversed(procs):
+            p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

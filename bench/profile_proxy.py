@@ -1,0 +1,193 @@
+"""Per-function CPU profile of a proxy under wrk: where the time goes.
+
+    python bench/profile_proxy.py                       # lectr and bare, json and stream, c=32
+    python bench/profile_proxy.py --target lean --mode stream --seconds 15
+    python bench/profile_proxy.py --out bench/profiles  # also write one text table per case
+
+Same set-up as bench/run.py (shared Rust mock and wrk on core 0, the proxy
+alone on core 1). ``py-spy record --format raw`` samples the proxy process
+(100 Hz, only samples holding the GIL, i.e. Python work) while wrk loads it;
+the collapsed stacks are folded into two top-15 tables per case:
+
+- **self**: the function on top of the stack (where the CPU is spent);
+- **total**: every function anywhere on the stack (what a call costs with
+  everything below it).
+
+Needs ``py-spy`` (pip install py-spy) and permission to ptrace (root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # bench/run.py: the shared set-up
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def fold(raw: Path) -> tuple[collections.Counter, collections.Counter, int]:
+    """(self samples, total samples, all samples) per ``function (file)``."""
+    own: collections.Counter = collections.Counter()
+    total: collections.Counter = collections.Counter()
+    n = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        c = int(count)
+        n += c
+        frames = []
+        for frame in stack.split(";"):
+            m = _FRAME.match(frame)
+            frames.append(f"{m['func']} ({m['file']})" if m else frame)
+        if frames and frames[0].startswith("process "):
+            frames = frames[1:]  # py-spy's "process PID:..." root, with --subprocesses
+        if not frames:
+            continue
+        own[frames[-1]] += c
+        for f in set(frames):
+            total[f] += c
+    return own, total, n
+
+
+def table(
+    title: str, counts: collections.Counter, n: int, top: int = 15, below: float = 1.0
+) -> str:
+    """The ``top`` entries, skipping those on more than ``below`` of all
+    samples (the reactor loop and dispatch frames under every sample)."""
+    lines = [f"{title} ({n} samples)", f"{'%':>6}  {'samples':>7}  function (file)"]
+    shown = 0
+    for func, c in counts.most_common():
+        if c > below * n:
+            continue
+        lines.append(f"{100.0 * c / n:6.1f}  {c:7d}  {func}")
+        shown += 1
+        if shown == top:
+            break
+    return "\n".join(lines)
+
+
+def by_file(own: collections.Counter) -> collections.Counter:
+    """Self samples per source file: which layer the CPU goes to."""
+    files: collections.Counter = collections.Counter()
+    for func, c in own.items():
+        m = re.search(r"\(([^()]*)\)$", func)
+        files[m.group(1) if m else func] += c
+    return files
+
+
+def profile_case(target, mode: str, conns: int, seconds: int, pid: int, workdir: Path) -> str:
+    raw = workdir / f"{target.name}-{mode}.raw"
+    script = run.wrk_script(workdir, mode == "stream", target.key)
+    run.run_wrk(target.url, script, conns, 3, LOAD_PIN)  # warm-up
+    spy = subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--gil",
+            "--nolineno",
+            "--rate",
+            "200",
+            "--duration",
+            str(seconds),
+            "--output",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    result = run.run_wrk(target.url, script, conns, seconds, LOAD_PIN)
+    spy.wait(seconds + 30)
+    own, total, n = fold(raw)
+    head = (
+        f"# {target.name}, {mode}, wrk -c{conns} {seconds} s: {result['rps']:.0f} req/s "
+        f"(p50 {result['p50']:.2f} ms, errors {result['errors']}); {run.load()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    return (
+        "\n\n".join(
+            [
+                head,
+                table("self: where the CPU is spent", own, n),
+                table("self, by file", by_file(own), n),
+                table(
+                    "total: with callees (frames under >= 70% of samples skipped)",
+                    total,
+                    n,
+                    below=0.7,
+                ),
+            ]
+        )
+        + "\n"
+    )
+
+
+LOAD_PIN: list[str] = []
+
+
+def main() -> None:
+    global LOAD_PIN
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--target", choices=["lectr", "bare", "lean"], action="append")
+    parser.add_argument("--mode", choices=["json", "stream"], action="append")
+    parser.add_argument("-c", "--conns", type=int, default=32)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--out", help="directory for the text tables")
+    args = parser.parse_args()
+    if not shutil.which("py-spy"):
+        sys.exit("bench: needs py-spy (pip install py-spy)")
+    run.ensure_tools(need_nginx=not (run.SHARED / "mock_upstream.rs").exists())
+    run.raise_fd_limit()
+    LOAD_PIN, proxy_pin = run.cores()
+    targets = args.target or ["lectr", "bare"]
+    modes = args.mode or ["json", "stream"]
+    workdir = Path(tempfile.mkdtemp(prefix="lectr-profile-"))
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    upstream = run.Upstream(workdir, LOAD_PIN)
+    print(f"Provider: {upstream.kind}")
+    try:
+        for name in targets:
+            if name == "lectr":
+                (workdir / "lectr").mkdir()
+                proc = run.Lectr(workdir / "lectr", upstream.base, proxy_pin)
+                pid = proc.serving_pid()
+                target = run.Target(
+                    "lectr", f"http://127.0.0.1:{proc.port}{run.CHAT_PATH}", proc.lectr_key
+                )
+            else:
+                proc = run.Passthrough(name, upstream, proxy_pin)
+                pid = proc.proc.pid
+                target = run.Target(name, proc.url, run.CLIENT_KEY)
+            try:
+                for mode in modes:
+                    text = profile_case(target, mode, args.conns, args.seconds, pid, workdir)
+                    print(text, flush=True)
+                    if out:
+                        (out / f"{name}-{mode}.txt").write_text(text)
+            finally:
+                proc.stop()
+    finally:
+        upstream.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
