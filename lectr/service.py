@@ -224,10 +224,6 @@ class LectrService(Service):
 
         # datastores → managers (one method per feature, in dependency order)
         c.providers = ProviderRegistry.from_config(config)
-        _log.info(
-            "provider base URLs: {urls}",
-            urls=", ".join(f"{p.name} {p.base_url}" for p in c.providers),
-        )
         c.orgs = OrgManager(OrgStore(c.database), ApiKeyStore(c.database))
         await self._start_catalogue(c)
         await self._start_vault(c)
@@ -307,8 +303,8 @@ class LectrService(Service):
         )
         c.custom_providers = manager
         _log.info(
-            "providers: {providers}",
-            providers=", ".join(f"{p.name} ({p.base_url or 'per key'})" for p in c.providers),
+            "provider base URLs: {urls}",
+            urls=", ".join(f"{p.name} {p.base_url or '(per key)'}" for p in c.providers),
         )
 
     async def _start_routes(self, c: Components) -> None:

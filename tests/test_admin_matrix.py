@@ -55,6 +55,17 @@ ORG_ROUTES = [
         ok=201,
     ),
     Route("DELETE", "/admin/orgs/{org_id}/provider-keys/{key_id}", "write", ok=204),
+    Route("PATCH", "/admin/orgs/{org_id}/provider-keys/{key_id}", "write", {"weight": 3}),
+    Route("GET", "/admin/orgs/{org_id}/routes", "read"),
+    Route("GET", "/admin/orgs/{org_id}/routes/{name}", "read"),
+    Route(
+        "PUT",
+        "/admin/orgs/{org_id}/routes/{name}",
+        "write",
+        {"targets": [{"provider": "openai", "model": "gpt-4o"}]},
+    ),
+    Route("DELETE", "/admin/orgs/{org_id}/routes/{name}", "write", ok=204),
+    Route("POST", "/admin/orgs/{org_id}/routes/explain", "read", {"body": {"model": "fast"}}),
     Route("GET", "/admin/orgs/{org_id}/providers", "read"),
     Route(
         "PUT", "/admin/orgs/{org_id}/providers/{provider}", "write", {"allowed_models": ["gpt-4o"]}
@@ -80,6 +91,27 @@ GLOBAL_ROUTES = [
     (Route("GET", "/admin/users", "global"), {"global"}),
     (Route("PUT", "/admin/users/{user_id}", "global", {"is_admin": False}), {"global"}),
     (Route("GET", "/admin/vault/rotation", "global"), {"global"}),
+    (Route("GET", "/admin/providers", "any"), set(PRINCIPALS)),
+    (
+        Route(
+            "POST",
+            "/admin/providers",
+            "global",
+            {"name": "vllm", "dialect": "openai", "base_url": "http://10.0.0.7:8000"},
+            ok=201,
+        ),
+        {"global"},
+    ),
+    (
+        Route(
+            "PUT",
+            "/admin/providers/{name}",
+            "global",
+            {"dialect": "openai", "base_url": "http://10.0.0.8:8000"},
+        ),
+        {"global"},
+    ),
+    (Route("DELETE", "/admin/providers/{name}", "global", ok=204), {"global"}),
 ]
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/admin/openapi.json"}
 
@@ -114,7 +146,7 @@ class World:
     def unique(self, body: dict | None) -> dict | None:
         """Org names are unique per deployment: each call that names an org
         gets a name of its own."""
-        if body is None or "name" not in body:
+        if body is None or "name" not in body or "dialect" in body:  # (a provider's name)
             return body
         self._serial += 1
         return {**body, "name": f"{body['name']} {self._serial}"}
@@ -141,6 +173,7 @@ class World:
                 await c.users.put_member(org.id, member_user, role)
         key = await c.orgs.create_key(org.id, "extra")
         pkey = await c.vault.add_key(org.id, "openai", OPENAI_KEY)
+        await c.routes.put(org.id, "fast", {"targets": [{"provider": "openai", "model": "m"}]})
         return Org(org.id, key.key.id, pkey.id, self.ids["victim"])
 
     async def make_orgs(self) -> dict[str, Org | None]:
@@ -156,7 +189,9 @@ def concrete(route: Route, orgs: dict[str, Org | None], target: str, world: Worl
     org_id = orgs[target].id if orgs[target] else str(uuid.uuid4())
     key_id = org.provider_key_id if "provider-keys" in route.template else org.key_id
     user_id = org.victim_id if "members" in route.template else world.ids["victim"]
-    return route.template.format(org_id=org_id, key_id=key_id, user_id=user_id, provider="openai")
+    return route.template.format(
+        org_id=org_id, key_id=key_id, user_id=user_id, provider="openai", name="fast"
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -184,7 +219,7 @@ async def test_authorization_matrix(db_url, tmp_path):
                         )
         for route, allowed in GLOBAL_ROUTES:
             for principal in PRINCIPALS:
-                path = route.template.format(user_id=world.ids["victim"])
+                path = route.template.format(user_id=world.ids["victim"], name="vllm")
                 answer = await world.clients[principal].call(
                     route.method, path, world.unique(route.body)
                 )
@@ -197,7 +232,7 @@ async def test_authorization_matrix(db_url, tmp_path):
                     )
             anonymous = await env.client(None).call(
                 route.method,
-                route.template.format(user_id=world.ids["victim"]),
+                route.template.format(user_id=world.ids["victim"], name="vllm"),
                 world.unique(route.body),
             )
             if anonymous.status != 401:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from lectr.providers import ProviderRegistry
 from lectr.providers.base import NO_OPTIONS, NoOptions, scrub
@@ -239,23 +239,40 @@ async def test_a_validation_404_says_what_happened_and_the_url_asked(fake):
 async def test_outgoing_connections_do_not_log_factory_start_and_stop(fake):
     from twisted.logger import formatEvent, globalLogPublisher
 
-    from lectr.proxy.upstream import make_agent
+    from lectr.http.client import Origin, UpstreamClient
 
     lines: list[str] = []
 
     def observe(event):
         lines.append(formatEvent(event))
 
+    class Sink:
+        def __init__(self) -> None:
+            self.done = Deferred()
+
+        def response_started(self, status, reason, headers, length) -> None:
+            self.status = status
+
+        def response_data(self, data) -> None:
+            pass
+
+        def response_done(self) -> None:
+            self.done.callback(self.status)
+
+        def response_failed(self, error) -> None:
+            self.done.errback(Exception(error.kind))
+
     globalLogPublisher.addObserver(observe)
-    agent, pool = make_agent(reactor, connect_timeout=5)
+    client = UpstreamClient(reactor, connect_timeout=5)
     try:
         for _ in range(2):
             await OpenAI(fake.openai_base_url).validate_key(
                 Secret(OPENAI_KEY), make_http_request(reactor)
             )
-        response = await agent.request(b"GET", fake.openai_base_url.encode() + b"/v1/models")
-        await treq.content(response)
-        await pool.closeCachedConnections()
+        sink = Sink()  # the proxy's own upstream client
+        client.request(Origin.from_url(fake.origin), b"GET", b"/openai/v1/models", [], None, sink)
+        assert await sink.done == 401
+        await client.close_idle()
     finally:
         globalLogPublisher.removeObserver(observe)
     assert len(fake.resource.calls()) == 3

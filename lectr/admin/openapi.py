@@ -105,27 +105,27 @@ def _operation(op: Operation) -> dict:
     return doc
 
 
-def _provider_enums(node, names: list[str], pattern: str) -> None:
-    """Every provider field (a string schema with the provider-name pattern)
-    lists the catalogue's names."""
+def _provider_enums(node, names: list[str]) -> None:
+    """Every field that names a provider of the catalogue (marked
+    ``x-lectr-catalogue``) lists the catalogue's names."""
     if isinstance(node, dict):
-        if node.get("pattern") == pattern and node.get("type") == "string":
+        if node.pop("x-lectr-catalogue", False):
             node["enum"] = list(names)
         for value in node.values():
-            _provider_enums(value, names, pattern)
+            _provider_enums(value, names)
     elif isinstance(node, list):
         for value in node:
-            _provider_enums(value, names, pattern)
+            _provider_enums(value, names)
 
 
 def build_openapi(
     operations: list[Operation], components: dict[str, dict], providers: list[str] | None = None
 ) -> dict:
     """``providers``: the catalogue's names (default: the built-in ones)."""
-    from lectr.admin.schemas import PROVIDER_PATTERN, PROVIDERS
+    from lectr.admin.schemas import PROVIDERS
 
     doc = _build(operations, components)
-    _provider_enums(doc, providers or list(PROVIDERS), PROVIDER_PATTERN)
+    _provider_enums(doc, providers or list(PROVIDERS))
     return doc
 
 

@@ -49,10 +49,19 @@ MODEL_PATTERNS = {
     "description": "exact model names or 'prefix*' patterns (case-insensitive)",
 }
 UUID = {"type": "string", "format": "uuid"}
+#: a provider's name (a route prefix)
+PROVIDER_NAME = {
+    "type": "string",
+    "pattern": PROVIDER_PATTERN,
+    "description": "lower-case letters, digits and '-', starting with a letter",
+}
+#: a provider of the catalogue: the OpenAPI document lists the live catalogue
+#: here (the annotation marks where; see lectr/admin/openapi.py)
 PROVIDER = {
     "type": "string",
     "pattern": PROVIDER_PATTERN,
     "description": "a provider of the catalogue (GET /admin/providers)",
+    "x-lectr-catalogue": True,
 }
 ROUTE_NAME = string(256, description="the name clients send as model; no '/'")
 MODEL = string(256, description="printable ASCII")
@@ -91,7 +100,7 @@ _CUSTOM_PROVIDER_FIELDS = {
     "models_path": string(200, description="the path key validation asks (default /v1/models)"),
 }
 CUSTOM_PROVIDER = obj(
-    {"name": PROVIDER, **_CUSTOM_PROVIDER_FIELDS}, ("name", "dialect", "base_url")
+    {"name": PROVIDER_NAME, **_CUSTOM_PROVIDER_FIELDS}, ("name", "dialect", "base_url")
 )
 CUSTOM_PROVIDER_UPDATE = obj(_CUSTOM_PROVIDER_FIELDS, ("dialect", "base_url"))
 ROUTE_TARGET = obj({"provider": PROVIDER, "model": MODEL, "weight": WEIGHT}, ("provider", "model"))
@@ -313,7 +322,7 @@ COMPONENTS: dict[str, dict] = {
     ),
     "Provider": obj(
         {
-            "name": PROVIDER,
+            "name": PROVIDER_NAME,
             "display_name": {"type": "string"},
             "dialect": {"type": "string", "enum": ["openai", "anthropic"]},
             "base_url": {"type": ["string", "null"], "description": "null: each key names one"},

@@ -46,6 +46,7 @@ _KNOWN_KEYWORDS = frozenset(
         "title",
         "writeOnly",
         "readOnly",
+        "x-lectr-catalogue",  # where the OpenAPI document lists the provider catalogue
     }
 )
 _TYPES = {

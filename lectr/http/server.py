@@ -158,6 +158,7 @@ class ServerRequest:
         "started",
         "finished",
         "on_lost",
+        "context",
         "_proto",
         "_chunks",
         "_size",
@@ -187,6 +188,7 @@ class ServerRequest:
         self.started = False
         self.finished = False
         self.on_lost = None
+        self.context = None  # the handler's own state for this request
         self._chunks: list[bytes] | None = None
         self._size = 0
         self._length: int | None = None

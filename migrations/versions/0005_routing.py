@@ -1,7 +1,7 @@
 """routing: key pools (weight, per-key base URL), custom providers, org routes, attempts in request logs
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-02
 
 - ``provider_keys`` become pools: several enabled keys per (org, provider),
@@ -20,7 +20,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
