@@ -33,8 +33,8 @@ from twisted.internet.task import react
 from lectr.db.database import Database
 from lectr.managers.vault import VaultManager
 from lectr.providers import ProviderRegistry
-from lectr.providers.anthropic import Anthropic
-from lectr.providers.openai import OpenAI
+from lectr.providers.catalogue.anthropic import Anthropic
+from lectr.providers.catalogue.openai import OpenAI
 from lectr.storage.provider_keys import ProviderKeyStore
 from lectr.util.secret import Secret
 from lectr.vault.crypto import Binding, Keyring

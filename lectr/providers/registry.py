@@ -11,8 +11,10 @@ the admin API (schemas, OpenAPI) and the CLI read this registry.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import re
+import sys
 
 from lectr.providers.base import CREDENTIAL_HEADERS, Provider
 
@@ -26,9 +28,13 @@ def discover() -> list[type[Provider]]:
     """The built-in provider classes, in listing order (``order``, then name)."""
     from lectr.providers import catalogue
 
-    paths = pkgutil.extend_path(list(catalogue.__path__), catalogue.__name__)
+    # every lectr/providers/catalogue directory on the path joins the package
+    for entry in sys.path:
+        extra = os.path.join(entry or os.curdir, "lectr", "providers", "catalogue")
+        if os.path.isdir(extra) and not any(os.path.samefile(extra, p) for p in catalogue.__path__):
+            catalogue.__path__.append(extra)
     found: dict[str, type[Provider]] = {}
-    for module in pkgutil.iter_modules(paths, catalogue.__name__ + "."):
+    for module in pkgutil.iter_modules(catalogue.__path__, catalogue.__name__ + "."):
         mod = importlib.import_module(module.name)
         for cls in getattr(mod, "PROVIDERS", ()):
             if not NAME_RE.fullmatch(cls.name) or cls.name in RESERVED_NAMES:

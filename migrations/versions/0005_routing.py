@@ -30,10 +30,16 @@ _NEW_UPDATED_AT_TABLES = ("custom_providers", "org_routes")
 def _timestamps():
     return [
         sa.Column(
-            "created_at", pg.TIMESTAMP(timezone=True), nullable=False, server_default=sa.text("now()")
+            "created_at",
+            pg.TIMESTAMP(timezone=True),
+            nullable=False,
+            server_default=sa.text("now()"),
         ),
         sa.Column(
-            "updated_at", pg.TIMESTAMP(timezone=True), nullable=False, server_default=sa.text("now()")
+            "updated_at",
+            pg.TIMESTAMP(timezone=True),
+            nullable=False,
+            server_default=sa.text("now()"),
         ),
     ]
 

@@ -212,7 +212,5 @@ async def start_admin_env(db_url: str, tmp_path, **env: str) -> AdminEnv:
         await issuer.stop()
         raise
     registry = service.components.providers
-    checker = OpenAPIChecker(
-        AdminApp.openapi(), live=lambda: AdminApp.openapi(registry.names())
-    )
+    checker = OpenAPIChecker(AdminApp.openapi(), live=lambda: AdminApp.openapi(registry.names()))
     return AdminEnv(service, fake, issuer, AdminClient(admin_url(service), ADMIN_TOKEN, checker))

@@ -277,7 +277,7 @@ class FakeProvider(Resource):
                 provider,
                 401,
                 "invalid x-api-key"
-                if provider == "anthropic"
+                if provider.startswith("anthropic")
                 else "Incorrect API key provided: sk-tes************CDEF.",
             )
 
@@ -329,7 +329,7 @@ class FakeProvider(Resource):
     def _authorized(self, provider: str, seen: Seen) -> bool:
         """Anthropic-shaped prefixes check ``x-api-key``, ``azure`` checks
         ``api-key``, every other prefix ``Authorization: Bearer``."""
-        if provider == "anthropic":
+        if provider.startswith("anthropic"):
             key = seen.header("x-api-key")
         elif provider == "azure":
             key = seen.header("api-key")
@@ -341,7 +341,7 @@ class FakeProvider(Resource):
     def _error(self, request, provider: str, status: int, message: str) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
-        if provider == "anthropic":
+        if provider.startswith("anthropic"):
             kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status, "api_error")
             return json.dumps(
                 {"type": "error", "error": {"type": kind, "message": message}}
@@ -358,9 +358,10 @@ class FakeProvider(Resource):
         ).encode()
 
     def _default(self, prefix: str, seen: Seen) -> Script:
-        # every prefix but anthropic answers like OpenAI; Azure deployment
+        # prefixes starting with "anthropic" answer like Anthropic, every
+        # other one like OpenAI; Azure deployment
         # paths and Gemini's version-less paths are read as /v1/...
-        provider = "anthropic" if prefix == "anthropic" else "openai"
+        provider = "anthropic" if prefix.startswith("anthropic") else "openai"
         path = seen.path
         if path.startswith("/openai/deployments/"):
             path = "/v1/" + path.split("/", 4)[4]
