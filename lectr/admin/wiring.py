@@ -40,7 +40,7 @@ def _usage_manager(c):
 
 def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
     """``c`` is the service's Components (database, metrics, orgs, vault,
-    settings, usage)."""
+    settings, usage, limits)."""
     users = UserManager(UserStore(c.database), MemberStore(c.database))
     jwks = verifier = None
     oidc = config.oidc
@@ -70,5 +70,6 @@ def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
         vault=c.vault,
         settings=c.settings,
         usage=c.usage if c.usage is not None else _usage_manager(c),
+        limits=c.limits,
     )
     return AdminParts(app, AdminSite(app.resource()), users, authenticator, jwks)
