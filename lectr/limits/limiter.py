@@ -528,7 +528,9 @@ class Limiter:
         return BUSY
 
     def _fits_slot(self, s: Slots) -> int:
-        if s.in_use < s.held:
+        # (a node holding more than the others leave — its in-flight
+        # requests on credit — only reuses what the cap allows)
+        if s.in_use < s.held and (not s.exhausted or s.in_use < s.cap - s.others):
             return OK
         if self.offline:
             if self.fail_closed:
@@ -779,9 +781,11 @@ class Limiter:
             want = s.in_use + (s.lease if recent else 0)
             free = s.held - s.in_use
             if s.exhausted and want > s.held:
-                ask = s.refused_at > s.checked_at and now - s.checked_at >= self.recheck
+                ask = s.refused_at >= s.checked_at and now - s.checked_at >= self.recheck
             else:
                 ask = (recent and free < s.low) or free > (2 * s.lease if recent else 0)
+            # holding more than the cap leaves (taken on credit): give it back
+            ask = ask or s.held > max(s.in_use, s.cap - s.others)
             beat = (s.held or s.in_use or s.reported) and now - s.checked_at >= self.slot_heartbeat
             if ask or beat:
                 slots.append(PlannedSlots(s, s.in_use, want))
