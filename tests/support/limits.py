@@ -48,6 +48,14 @@ class LimitsEnv:
         self.managers.append(m)
         return m
 
+    def crash(self, m: LimitsManager) -> None:
+        """The node stops dead: no more rounds, nothing handed back."""
+        m._stopping = True
+        m._loop.stop()
+        if m._scheduled is not None and m._scheduled.active():
+            m._scheduled.cancel()
+        self.managers.remove(m)
+
     async def sync(self) -> None:
         for m in self.managers:
             await m.sync()
