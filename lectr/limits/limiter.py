@@ -106,6 +106,10 @@ class Counter:
         "checked_at",
         "local_allow",
         "alerted",
+        "h_limit",
+        "reset_s",
+        "reset_b",
+        "watched",
     )
 
     def __init__(
@@ -128,6 +132,9 @@ class Counter:
         self.refused_at = -math.inf
         self.checked_at = -math.inf
         self.alerted = 0  # bit i: ALERT_THRESHOLDS[i] claimed
+        self.reset_s = -1  # the reset header, cached per whole second
+        self.reset_b = b""
+        self.watched = False  # in the limiter's watch list (see Limiter.plan)
         self.set_cap(cap, fraction)
 
     def set_cap(self, cap: int, fraction: float) -> None:
@@ -137,9 +144,20 @@ class Counter:
         self.exhausted = False
         self.retired = False
         self.local_allow: int | None = None
+        name = H_LIMIT_TOK if self.metric == "tokens" else H_LIMIT_REQ
+        self.h_limit = (name, b"%d" % cap)
 
     def remaining(self) -> int:
         return max(0, self.cap - self.others - self.spent - self.reserved)
+
+    def reset(self, now: float) -> bytes:
+        """Time to the end of the window, rounded up to whole seconds, the
+        way x-ratelimit-reset-* write it."""
+        secs = math.ceil(self.end - now)
+        if secs != self.reset_s:
+            self.reset_s = secs
+            self.reset_b = reset_text(secs)
+        return self.reset_b
 
 
 class Slots:
@@ -260,13 +278,14 @@ class Admission:
     """An admitted request. ``headers`` go on the response; ``settle`` is
     called once when the request ends (later calls do nothing)."""
 
-    __slots__ = ("headers", "_limiter", "_slots", "_usd", "_tpm", "_done")
+    __slots__ = ("headers", "_limiter", "_slots", "_usd", "_reserved", "_tpm", "_done")
 
     def __init__(self, limiter: Limiter) -> None:
         self.headers: Sequence[tuple[bytes, bytes]] = ()
         self._limiter = limiter
         self._slots: list[Slots] | None = None
-        self._usd: list[tuple[Counter, int]] | None = None
+        self._usd: list[Counter] | None = None  # dollar counters holding a reservation
+        self._reserved = 0  # the reservation (micro-dollars) in each of them
         self._tpm: list[Scope] | None = None
         self._done = False
 
@@ -354,6 +373,9 @@ class Limiter:
         self._orgs: dict[str, _OrgEntry] = {}
         self.scopes: dict[str, Scope] = {}
         self.counters: dict[tuple[str, str, int], Counter] = {}
+        # counters touched lately: what a lease round looks at (all of them
+        # only in a sweep, which forgets the windows that are over)
+        self._watch: list[Counter] = []
         self.slots: dict[str, Slots] = {}
         self.offline = False
         self.nodes = 1  # nodes seen alive lately (the share of each when offline)
@@ -426,27 +448,29 @@ class Limiter:
         scope.usd_month = (
             to_micro(limits.usd_per_month) if limits.usd_per_month is not None else None
         )
-        for attr, cap in (
-            ("req", scope.rpm),
-            ("tok", scope.tpm),
-            ("day", scope.usd_day),
-            ("month", scope.usd_month),
+        now = self._clock.seconds()
+        for attr, metric, cap in (
+            ("req", "requests", scope.rpm),
+            ("tok", "tokens", scope.tpm),
+            ("day", "usd_day", scope.usd_day),
+            ("month", "usd_month", scope.usd_month),
         ):
             counter: Counter | None = getattr(scope, attr)
-            if counter is None:
-                continue
             if cap is None:
-                counter.retired = True
-                setattr(scope, attr, None)
+                if counter is not None:
+                    counter.retired = True
+                    setattr(scope, attr, None)
+            elif counter is None or now >= counter.end:
+                self._counter(scope, metric, now)
             elif cap != counter.cap:
                 counter.set_cap(cap, self.fraction)
         slots = scope.slots
-        if slots is not None:
-            if scope.max_concurrent is None:
+        if scope.max_concurrent is None:
+            if slots is not None:
                 slots.retired = True
                 scope.slots = None
-            elif scope.max_concurrent != slots.cap:
-                slots.set_cap(scope.max_concurrent, self.fraction)
+        elif slots is None or scope.max_concurrent != slots.cap:
+            self._slots(scope)
 
     # --- the hot path -------------------------------------------------------------------
 
@@ -461,29 +485,36 @@ class Limiter:
         entry = self._orgs.get(org_id)
         if entry is None:
             return NO_LIMITS
-        key_scope = entry.keys.get(key_id) if entry.keys else None
+        key_scope = entry.keys.get(key_id)
         org_scope = entry.org
-        if key_scope is None and org_scope is None:
-            return NO_LIMITS
+        if key_scope is None:
+            if org_scope is None:
+                return NO_LIMITS
+            scopes: tuple[Scope, ...] = (org_scope,)
+        elif org_scope is None:
+            scopes = (key_scope,)
+        else:
+            scopes = (key_scope, org_scope)
         now = self._clock.seconds()
-        reserve = to_micro(reserve_usd) if reserve_usd is not None else None
+        reserve = None
+        if reserve_usd is not None:
+            for scope in scopes:
+                if scope.usd_day is not None or scope.usd_month is not None:
+                    reserve = to_micro(reserve_usd)
+                    break
         refusal = None
-        if key_scope is not None:
-            refusal = self._check(key_scope, now, reserve)
-        if org_scope is not None:
-            other = self._check(org_scope, now, reserve)
+        for scope in scopes:
+            other = self._check(scope, now, reserve)
             if other is not None and (refusal is None or other.retry_after > refusal.retry_after):
                 refusal = other
         if refusal is not None:
             self._m_refused.inc(1, refusal.limit, refusal.scope)
-            refusal.headers = self._headers(key_scope, org_scope, now, refusal.retry_after)
+            refusal.headers = self._headers(scopes, now, refusal.retry_after)
             return refusal
         admission = Admission(self)
-        if key_scope is not None:
-            self._charge(key_scope, now, reserve, admission)
-        if org_scope is not None:
-            self._charge(org_scope, now, reserve, admission)
-        admission.headers = self._headers(key_scope, org_scope, now, None)
+        for scope in scopes:
+            self._charge(scope, now, reserve, admission)
+        admission.headers = self._headers(scopes, now, None)
         return admission
 
     def _counter(self, scope: Scope, metric: str, now: float) -> Counter:
@@ -502,6 +533,9 @@ class Limiter:
             counter = self.counters[key] = Counter(scope, metric, start, end, cap, self.fraction)
         elif counter.retired or counter.cap != cap:
             counter.set_cap(cap, self.fraction)
+        if not counter.watched:
+            counter.watched = True
+            self._watch.append(counter)
         attr = {"requests": "req", "tokens": "tok", "usd_day": "day", "usd_month": "month"}[metric]
         setattr(scope, attr, counter)
         return counter
@@ -545,42 +579,48 @@ class Limiter:
         return CREDIT if s.in_use + 1 - s.held <= s.lease else BUSY
 
     def _check(self, scope: Scope, now: float, reserve: int | None) -> Refusal | None:
-        if scope.rpm is not None:
-            c = scope.req
-            if c is None or now >= c.end:
+        # (each limit first tries the common case inline: covered by what
+        # the node holds)
+        c = scope.req
+        if c is not None:
+            if now >= c.end:
                 c = self._counter(scope, "requests", now)
-            verdict = self._fits(c, 1)
-            if verdict > CREDIT:
-                return self._refuse(scope, c, verdict, now)
-        if scope.tpm is not None:
-            c = scope.tok
-            if c is None or now >= c.end:
+            if c.spent + c.reserved >= c.held:
+                verdict = self._fits(c, 1)
+                if verdict > CREDIT:
+                    return self._refuse(scope, c, verdict, now)
+        c = scope.tok
+        if c is not None:
+            if now >= c.end:
                 c = self._counter(scope, "tokens", now)
-            verdict = self._fits(c, 1, True)
-            if verdict > CREDIT:
-                return self._refuse(scope, c, verdict, now)
-        if scope.max_concurrent is not None:
-            s = scope.slots
-            if s is None:
-                s = self._slots(scope)
+            if c.spent >= c.held:
+                verdict = self._fits(c, 1, True)
+                if verdict > CREDIT:
+                    return self._refuse(scope, c, verdict, now)
+        s = scope.slots
+        if s is not None and (s.in_use >= s.held or s.exhausted):
             verdict = self._fits_slot(s)
             if verdict > CREDIT:
                 s.refused_at = now
                 return self._refuse_slot(scope, verdict)
-        if scope.usd_day is not None:
-            c = scope.day
-            if c is None or now >= c.end:
+        c = scope.day
+        if c is not None:
+            if now >= c.end:
                 c = self._counter(scope, "usd_day", now)
-            verdict = self._fits(c, reserve or 1, reserve is None)
-            if verdict > CREDIT:
-                return self._refuse(scope, c, verdict, now)
-        if scope.usd_month is not None:
-            c = scope.month
-            if c is None or now >= c.end:
+            need = reserve or 1
+            if c.spent + c.reserved + need > c.held:
+                verdict = self._fits(c, need, reserve is None)
+                if verdict > CREDIT:
+                    return self._refuse(scope, c, verdict, now)
+        c = scope.month
+        if c is not None:
+            if now >= c.end:
                 c = self._counter(scope, "usd_month", now)
-            verdict = self._fits(c, reserve or 1, reserve is None)
-            if verdict > CREDIT:
-                return self._refuse(scope, c, verdict, now)
+            need = reserve or 1
+            if c.spent + c.reserved + need > c.held:
+                verdict = self._fits(c, need, reserve is None)
+                if verdict > CREDIT:
+                    return self._refuse(scope, c, verdict, now)
         return None
 
     def _slots(self, scope: Scope) -> Slots:
@@ -594,15 +634,24 @@ class Limiter:
 
     def _charge(self, scope: Scope, now: float, reserve: int | None, admission: Admission) -> None:
         kick = False
+        watch = self._watch
         c = scope.req
         if c is not None:
             c.spent += 1
             c.active_at = now
-            kick = c.held - c.spent < c.low
+            if c.held - c.spent < c.low:
+                kick = True
+            if not c.watched:
+                c.watched = True
+                watch.append(c)
         c = scope.tok
         if c is not None:
             c.active_at = now
-            kick = kick or c.held - c.spent < c.low
+            if c.held - c.spent < c.low:
+                kick = True
+            if not c.watched:
+                c.watched = True
+                watch.append(c)
             if admission._tpm is None:
                 admission._tpm = [scope]
             else:
@@ -611,23 +660,29 @@ class Limiter:
         if s is not None:
             s.in_use += 1
             s.active_at = now
-            kick = kick or s.held - s.in_use < s.low
+            if s.held - s.in_use < s.low:
+                kick = True
             if admission._slots is None:
                 admission._slots = [s]
             else:
                 admission._slots.append(s)
+        amount = reserve or 0
         for c in (scope.day, scope.month):
             if c is None:
                 continue
-            amount = reserve or 0
             c.reserved += amount
             c.open += 1
             c.active_at = now
-            kick = kick or c.held - c.spent - c.reserved < c.low
+            if c.held - c.spent - c.reserved < c.low:
+                kick = True
+            if not c.watched:
+                c.watched = True
+                watch.append(c)
             if admission._usd is None:
-                admission._usd = [(c, amount)]
+                admission._usd = [c]
             else:
-                admission._usd.append((c, amount))
+                admission._usd.append(c)
+        admission._reserved = amount
         if kick and not self.kicked and not self.offline:
             self.kicked = True
             self._kick()
@@ -635,30 +690,40 @@ class Limiter:
     def _settle(self, admission: Admission, tokens: int | None, cost_usd: Decimal | None) -> None:
         now = self._clock.seconds()
         kick = False
+        watch = self._watch
         if admission._slots is not None:
             for s in admission._slots:
                 s.in_use -= 1
                 s.active_at = now
         if tokens and admission._tpm is not None:
             for scope in admission._tpm:
-                if scope.tpm is None:
-                    continue
                 c = scope.tok
-                if c is None or now >= c.end:
+                if c is None:  # the limit was removed meanwhile
+                    continue
+                if now >= c.end:
                     c = self._counter(scope, "tokens", now)
                 c.spent += tokens
                 c.active_at = now
-                kick = kick or c.held - c.spent < c.low
+                if c.held - c.spent < c.low:
+                    kick = True
+                if not c.watched:
+                    c.watched = True
+                    watch.append(c)
         if admission._usd is not None:
             cost = to_micro(cost_usd) if cost_usd is not None else 0
             if cost_usd is None and tokens:
                 self._m_unpriced.inc()
-            for c, reserved in admission._usd:
+            reserved = admission._reserved
+            for c in admission._usd:
                 c.reserved -= reserved
                 c.spent += cost
                 c.open -= 1
                 c.active_at = now
-                kick = kick or c.held - c.spent - c.reserved < c.low
+                if c.held - c.spent - c.reserved < c.low:
+                    kick = True
+                if not c.watched:
+                    c.watched = True
+                    watch.append(c)
         if kick and not self.kicked and not self.offline:
             self.kicked = True
             self._kick()
@@ -667,6 +732,9 @@ class Limiter:
 
     def _refuse(self, scope: Scope, c: Counter, verdict: int, now: float) -> Refusal:
         c.refused_at = now
+        if not c.watched:
+            c.watched = True
+            self._watch.append(c)
         limit, kind = _DESCRIBE[c.metric]
         who = scope.who
         short = "org" if scope.key_id is None else "key"
@@ -710,7 +778,7 @@ class Limiter:
         return Refusal(429, RATE_LIMITED, message, 1, [], "max_concurrent", short)
 
     def _headers(
-        self, key_scope: Scope | None, org_scope: Scope | None, now: float, retry: int | None
+        self, scopes: tuple[Scope, ...], now: float, retry: int | None
     ) -> list[tuple[bytes, bytes]]:
         """OpenAI-style headers of the tightest request and token limits."""
         out: list[tuple[bytes, bytes]] = []
@@ -718,41 +786,52 @@ class Limiter:
             out.append((b"retry-after", b"%d" % retry))
             out.append((b"retry-after-ms", b"%d" % (retry * 1000)))
         req = tok = None
-        for scope in (key_scope, org_scope):
-            if scope is None:
-                continue
+        req_left = tok_left = 0
+        for scope in scopes:
             c = scope.req
-            if c is not None and (req is None or c.remaining() < req.remaining()):
-                req = c
+            if c is not None:
+                left = c.cap - c.others - c.spent
+                if req is None or left < req_left:
+                    req, req_left = c, left
             c = scope.tok
-            if c is not None and (tok is None or c.remaining() < tok.remaining()):
-                tok = c
+            if c is not None:
+                left = c.cap - c.others - c.spent
+                if tok is None or left < tok_left:
+                    tok, tok_left = c, left
         if req is not None:
-            out.append((H_LIMIT_REQ, b"%d" % req.cap))
-            out.append((H_REMAIN_REQ, b"%d" % req.remaining()))
-            out.append((H_RESET_REQ, reset_text(req.end - now)))
+            out.append(req.h_limit)
+            out.append((H_REMAIN_REQ, b"%d" % (req_left if req_left > 0 else 0)))
+            out.append((H_RESET_REQ, req.reset(now)))
         if tok is not None:
-            out.append((H_LIMIT_TOK, b"%d" % tok.cap))
-            out.append((H_REMAIN_TOK, b"%d" % tok.remaining()))
-            out.append((H_RESET_TOK, reset_text(tok.end - now)))
+            out.append(tok.h_limit)
+            out.append((H_REMAIN_TOK, b"%d" % (tok_left if tok_left > 0 else 0)))
+            out.append((H_RESET_TOK, tok.reset(now)))
         return out
 
     # --- lease rounds (run by the manager) -------------------------------------------------
 
-    def plan(self, now: float) -> tuple[list[PlannedDraw], list[PlannedSlots]]:
+    def plan(self, now: float, sweep: bool = False) -> tuple[list[PlannedDraw], list[PlannedSlots]]:
         """What the next round must do: per counter the debt to record (or
         the unused lease to give back), what to draw, the consumption to
-        report; per concurrency scope the slots to hold. Forgets counters
-        whose window is over and fully reported."""
+        report; per concurrency scope the slots to hold. Looks at the
+        counters touched lately; a ``sweep`` looks at every counter and
+        forgets those whose window is over and fully reported."""
         self.kicked = False
         draws: list[PlannedDraw] = []
-        for key, c in list(self.counters.items()):
+        watch, self._watch = self._watch, []
+        if sweep:
+            for c in self.counters.values():
+                if not c.watched:
+                    c.watched = True
+                    watch.append(c)
+        for c in watch:
             load = c.spent + c.reserved
             debt = load - c.held if load > c.held else 0
             free = c.held + debt - load
             spent = c.spent - c.reported
             want = 0
             current = now < c.end
+            recent = False
             if current and not c.retired:
                 recent = (
                     now - c.active_at < self.idle_return or now - c.refused_at < self.idle_return
@@ -771,10 +850,19 @@ class Limiter:
                 if current and free > 0 and not debt:
                     debt = -free  # the limit was removed
                 include = debt or spent
-            if include:
-                draws.append(PlannedDraw(c, debt, want, spent))
-            elif c.open == 0 and (not current or c.retired):
-                del self.counters[key]
+            if include or recent:
+                self._watch.append(c)  # still watched
+                if include:
+                    draws.append(PlannedDraw(c, debt, want, spent))
+                continue
+            c.watched = False
+            if c.open == 0 and (not current or c.retired):
+                key = (c.scope_id, c.metric, int(c.start))
+                if self.counters.get(key) is c:
+                    del self.counters[key]
+            elif c.open:
+                c.watched = True  # a reservation is still open
+                self._watch.append(c)
         slots: list[PlannedSlots] = []
         for scope_id, s in list(self.slots.items()):
             recent = now - s.active_at < self.idle_return and not s.retired
@@ -863,6 +951,9 @@ class Limiter:
         back (and reports what was consumed)."""
         for c in self.counters.values():
             c.retired = True
+            if not c.watched:
+                c.watched = True
+                self._watch.append(c)
         for s in self.slots.values():
             s.retired = True
 

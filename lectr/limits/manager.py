@@ -86,6 +86,7 @@ class LimitsManager:
         heartbeat_interval: float = 5.0,
         slot_ttl: float = 15.0,
         cleanup_interval: float = 3600.0,
+        sweep_interval: float = 10.0,
         max_retry: float = 5.0,
     ) -> None:
         self.node_id = node_id or str(uuid.uuid4())
@@ -98,6 +99,8 @@ class LimitsManager:
         self._heartbeat_interval = heartbeat_interval
         self._slot_ttl = slot_ttl
         self._cleanup_interval = cleanup_interval
+        self._sweep_interval = sweep_interval
+        self._swept_at = -1e18
         self._max_retry = max_retry
         registry = metrics or Registry()
         self.limiter = Limiter(
@@ -269,7 +272,10 @@ class LimitsManager:
     async def _round(self) -> None:
         lim = self.limiter
         started = self._reactor.seconds()
-        draws, slots = lim.plan(started)
+        sweep = started - self._swept_at >= self._sweep_interval
+        if sweep:
+            self._swept_at = started
+        draws, slots = lim.plan(started, sweep)
         beat = lim.has_limits and started - self._beat_at >= self._heartbeat_interval
         if not (draws or slots or beat or self._unclaimed):
             return

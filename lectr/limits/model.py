@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 
 from lectr.errors import BadRequest
 
@@ -37,7 +37,7 @@ class Limits:
 def to_micro(usd: Decimal) -> int:
     """USD as whole micro-dollars, rounded up (a reservation or a cost is
     never counted short)."""
-    return int((usd * MICRO).to_integral_value(ROUND_CEILING))
+    return usd.scaleb(6).__ceil__()
 
 
 def from_micro(micro: int) -> Decimal:
