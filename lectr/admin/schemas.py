@@ -379,11 +379,13 @@ COMPONENTS["LimitsUsage"] = obj(
         "tokens_this_minute": _COUNT,
         "usd_today": {"type": "string", "description": "USD, settled cost (UTC day)"},
         "usd_this_month": {"type": "string", "description": "USD, settled cost (calendar month)"},
-        "concurrent": {**_COUNT, "description": "requests in flight on every node"},
+        "concurrent": {
+            **_COUNT,
+            "description": "requests in flight on every node (at most 5 seconds old)",
+        },
     },
     ("requests_this_minute", "tokens_this_minute", "usd_today", "usd_this_month", "concurrent"),
-    description="consumption in the current windows as the nodes last reported it (under a "
-    "second old)",
+    description="consumption in the current windows as the nodes last reported it",
 )
 COMPONENTS["Limits"] = obj(
     {
