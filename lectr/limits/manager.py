@@ -235,9 +235,13 @@ class LimitsManager:
         self._launch()
 
     def _tick(self) -> None:
-        if self.limiter.offline and self._reactor.seconds() < self._next_try:
-            return
-        self._launch()
+        # (the LoopingCall must survive anything)
+        try:
+            if self.limiter.offline and self._reactor.seconds() < self._next_try:
+                return
+            self._launch()
+        except Exception:
+            self._log.failure("limits: starting a lease round failed")
 
     def _launch(self) -> None:
         if self._running is not None:
