@@ -268,3 +268,25 @@ async def test_cli_sets_shows_and_clears_limits(env):
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr
     missing = await run("limits", "show", "Initech", "--key", "nope")
     assert missing.returncode == 1 and "no active key named 'nope'" in missing.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_service_wires_the_webhook_and_the_settings(db_url, tmp_path):
+    from lectr.limits.alerts import AlertWebhook
+
+    e = await start_admin_env(
+        db_url,
+        tmp_path,
+        LECTR_ALERT_WEBHOOK_URL="http://127.0.0.1:9/hook?token=t",
+        LECTR_ALERT_WEBHOOK_SECRET="whsec-0123456789abcdef",
+        LECTR_LIMITS_FAIL_CLOSED="1",
+        LECTR_LIMITS_LEASE_FRACTION="0.25",
+    )
+    try:
+        limits = e.components.limits
+        assert isinstance(limits._webhook, AlertWebhook)
+        assert limits.limiter.fail_closed is True and limits.limiter.fraction == 0.25
+        metrics = (await e.client(None).get("/metrics")).body.decode()
+        assert "lectr_limits_offline 0" in metrics
+    finally:
+        await e.stop()
