@@ -627,6 +627,78 @@ class Commands:
 
         self.out.result(doc, human)
 
+    # limits and budgets
+
+    def key_id(self, org_id: str, ref: str) -> str:
+        """A key id, or the id of the org's one active key with this name."""
+        if _UUID_RE.fullmatch(ref):
+            return ref.lower()
+        keys = [k for k in self.api.get(f"/admin/orgs/{org_id}/keys")["items"] if k["active"]]
+        matches = [k for k in keys if k["name"] == ref]
+        if not matches:
+            raise CliError(f"no active key named {ref!r} (use its id, see 'lectr keys list')")
+        if len(matches) > 1:
+            ids = ", ".join(k["id"] for k in matches)
+            raise CliError(f"several active keys are named {ref!r}: {ids}; use an id")
+        return matches[0]["id"]
+
+    def limits_path(self, args) -> str:
+        org_id = self.org_id(args.org)
+        if args.key:
+            return f"/admin/orgs/{org_id}/keys/{self.key_id(org_id, args.key)}/limits"
+        return f"/admin/orgs/{org_id}/limits"
+
+    def show_limits(self, doc: dict) -> None:
+        usage = doc["usage"]
+        scope = f"key {doc['key_id']}" if doc["key_id"] else "organization"
+        self.out.fields(
+            [
+                ("limits of", f"{scope} (org {doc['org_id']})" if doc["key_id"] else scope),
+                (
+                    "requests/min",
+                    _with_use(doc["rpm"], usage["requests_this_minute"], "this minute"),
+                ),
+                ("tokens/min", _with_use(doc["tpm"], usage["tokens_this_minute"], "this minute")),
+                ("concurrent", _with_use(doc["max_concurrent"], usage["concurrent"], "now")),
+                ("USD per day", _with_use(doc["usd_per_day"], usage["usd_today"], "today (UTC)")),
+                (
+                    "USD per month",
+                    _with_use(doc["usd_per_month"], usage["usd_this_month"], "this month"),
+                ),
+                ("updated", when(doc["updated_at"]) if doc["updated_at"] else "(no limits)"),
+            ]
+        )
+
+    def limits_show(self, args) -> None:
+        doc = self.api.get(self.limits_path(args))
+        self.out.result(doc, lambda: self.show_limits(doc))
+
+    def limits_set(self, args) -> None:
+        body = {
+            name: value
+            for name, value in (
+                ("rpm", args.rpm),
+                ("tpm", args.tpm),
+                ("max_concurrent", args.concurrent),
+                ("usd_per_day", args.usd_per_day),
+                ("usd_per_month", args.usd_per_month),
+            )
+            if value is not _UNSET
+        }
+        if not body:
+            raise CliError(
+                "nothing to change: give --rpm, --tpm, --concurrent, --usd-per-day or "
+                "--usd-per-month (a value, or 'none' to remove the limit)",
+                EXIT_USAGE,
+            )
+        doc = self.api.put(self.limits_path(args), body)
+        self.out.result(doc, lambda: self.show_limits(doc))
+
+    def limits_clear(self, args) -> None:
+        body = dict.fromkeys(("rpm", "tpm", "max_concurrent", "usd_per_day", "usd_per_month"))
+        doc = self.api.put(self.limits_path(args), body)
+        self.out.result(doc, lambda: self.show_limits(doc))
+
     # requests and usage
 
     def requests(self, args) -> None:
@@ -730,6 +802,34 @@ class Commands:
 
 
 # --- the command line -----------------------------------------------------------------
+
+_UNSET = object()
+
+
+def _with_use(limit: Any, used: Any, when_: str) -> str:
+    shown = "none" if limit is None else str(limit)
+    return f"{shown}  ({used} {when_})"
+
+
+def _count_or_none(raw: str) -> int | None:
+    if raw.strip().lower() in ("none", "off", "null"):
+        return None
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a whole number, or 'none'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 (or 'none')")
+    return value
+
+
+def _usd_or_none(raw: str) -> str | None:
+    value = raw.strip().removeprefix("$")
+    if value.lower() in ("none", "off", "null"):
+        return None
+    if not re.fullmatch(r"[0-9]{1,10}(\.[0-9]{1,6})?", value):
+        raise argparse.ArgumentTypeError("expected an amount of USD such as 25 or 12.50, or 'none'")
+    return value
 
 
 def _positive_float(raw: str) -> float:
@@ -914,6 +1014,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model (or route name) a client sends")
     p.add_argument("--path", default="/v1/chat/completions", help="the proxy path")
     p.add_argument("--session", help="an x-lectr-session value")
+    limits = group("limits", "limits and budgets of an org or of one of its keys")
+    for name, help_, handler in (
+        ("show", "show the limits and the current consumption", "limits_show"),
+        ("set", "set limits (the others keep their values)", "limits_set"),
+        ("clear", "remove every limit", "limits_clear"),
+    ):
+        p = command(limits, name, help_, handler)
+        p.add_argument("org", help="id or name")
+        p.add_argument(
+            "--key", help="a Lectr key (id, or name of an active key) instead of the org"
+        )
+        if name != "set":
+            continue
+        p.set_defaults(
+            rpm=_UNSET, tpm=_UNSET, concurrent=_UNSET, usd_per_day=_UNSET, usd_per_month=_UNSET
+        )
+        p.add_argument("--rpm", type=_count_or_none, help="requests per UTC minute, or 'none'")
+        p.add_argument("--tpm", type=_count_or_none, help="tokens per UTC minute, or 'none'")
+        p.add_argument(
+            "--concurrent", type=_count_or_none, help="requests in flight at once, or 'none'"
+        )
+        p.add_argument(
+            "--usd-per-day", type=_usd_or_none, metavar="USD", help="budget per UTC day, or 'none'"
+        )
+        p.add_argument(
+            "--usd-per-month",
+            type=_usd_or_none,
+            metavar="USD",
+            help="budget per calendar month (UTC), or 'none'",
+        )
 
     p = groups.add_parser("requests", help="an org's recent requests", parents=[common])
     p.set_defaults(handler="requests", handler_extra=())

@@ -129,6 +129,30 @@ def _provider_base_url(raw: str) -> str:
     return value
 
 
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a number above 0 and at most 1, got {value:g}")
+    return value
+
+
+def _webhook_url(raw: str) -> str:
+    """An http(s) URL to POST to; it may carry a path and a query string
+    (never shown in logs), not credentials."""
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http(s):// URL")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials (put a token in the query string)")
+    if parts.fragment:
+        raise ValueError("must not carry a fragment")
+    return value
+
+
 def parse_database_url(raw: str) -> str:
     """Validate a ``postgresql://`` URL and return it in the form libpq
     accepts. Unix-socket hosts (``?host=/run/postgresql`` or a percent-encoded
@@ -432,6 +456,37 @@ SETTINGS: tuple[Setting, ...] = (
         _int_in(0, 36500),
     ),
     Setting(
+        "limits_fail_closed",
+        "LECTR_LIMITS_FAIL_CLOSED",
+        "0",
+        "While PostgreSQL is unreachable, refuse requests under limits (503) once the "
+        "leases held run out, instead of enforcing each node's share locally",
+        parse_bool,
+    ),
+    Setting(
+        "limits_lease_fraction",
+        "LECTR_LIMITS_LEASE_FRACTION",
+        "0.05",
+        "Share of a cap a node draws from PostgreSQL at a time; the overshoot bound is "
+        "nodes x lease",
+        _fraction,
+    ),
+    Setting(
+        "alert_webhook_url",
+        "LECTR_ALERT_WEBHOOK_URL",
+        None,
+        "URL that budget alerts (80 % and 100 % of a budget) are POSTed to, signed",
+        _webhook_url,
+    ),
+    Setting(
+        "alert_webhook_secret",
+        "LECTR_ALERT_WEBHOOK_SECRET",
+        None,
+        "Key of the HMAC-SHA256 signature (x-lectr-signature) of budget alerts",
+        _token,
+        secret=True,
+    ),
+    Setting(
         "shutdown_grace",
         "LECTR_SHUTDOWN_GRACE",
         "30",
@@ -481,6 +536,10 @@ class Config:
     upstream_idle_timeout: float = 300.0
     spill_max_bytes: int = 1073741824
     request_log_retention_days: int = 0
+    limits_fail_closed: bool = False
+    limits_lease_fraction: float = 0.05
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: Secret[str] | None = None
     shutdown_grace: float = 30.0
     # Filled in by the start-up code, not by the operator.
     development_mode: bool = False
@@ -563,6 +622,11 @@ def _check(config: Config, environ: Mapping[str, str]) -> None:
         and config.encryption_key == config.encryption_key_new
     ):
         raise ConfigError("ENCRYPTION_KEY_NEW is the same key as ENCRYPTION_KEY")
+    if config.alert_webhook_url is not None and config.alert_webhook_secret is None:
+        raise ConfigError(
+            "LECTR_ALERT_WEBHOOK_URL is set but LECTR_ALERT_WEBHOOK_SECRET is not: budget "
+            "alerts are signed with it (at least 16 characters)"
+        )
     oidc_parts = [config.oidc_issuer, config.auth0_domain]
     if any(oidc_parts) and not (config.oidc_audience or config.auth0_audience):
         raise ConfigError(

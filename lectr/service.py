@@ -78,6 +78,7 @@ class Components:
     custom_providers: object | None = None  # custom provider rows (lectr.managers.custom_providers)
     routes: object | None = None  # org routes (lectr.managers.routes)
     health: object | None = None  # provider-key cool-downs (lectr.policy.health)
+    limits: object | None = None  # limits and budgets (lectr.limits.LimitsManager)
     proxy: object | None = None  # the proxy handler (lectr.proxy.handler)
     proxy_port: ListeningPortService | None = None
     admin_port: ListeningPortService | None = None
@@ -229,6 +230,7 @@ class LectrService(Service):
         await self._start_vault(c)
         await self._start_routes(c)
         await self._start_usage(c)
+        await self._start_limits(c)
         await self._start_proxy(c)
 
         # resources → ports
@@ -407,6 +409,44 @@ class LectrService(Service):
             await self._stack.start(
                 CallbackService("request log retention", start=retention.start, stop=retention.stop)
             )
+
+    async def _start_limits(self, c: Components) -> None:
+        """Limits and budgets (docs/limits.md): the caps cached in memory,
+        lease rounds with PostgreSQL in the background, budget alerts.
+        Started before the proxy port and so stopped after it has drained:
+        the unused leases are handed back at the end."""
+        from lectr.limits import LimitsManager
+        from lectr.storage.limits import LimitStore
+
+        config = self.config
+        webhook = None
+        if config.alert_webhook_url is not None:
+            from lectr.limits.alerts import AlertWebhook, describe_url
+
+            webhook = AlertWebhook(
+                config.alert_webhook_url,
+                config.alert_webhook_secret,
+                reactor=self._reactor,
+                metrics=c.metrics,
+            )
+            _log.info("budget alerts go to {url}", url=describe_url(config.alert_webhook_url))
+        limits = LimitsManager(
+            LimitStore(c.database),
+            reactor=self._reactor,
+            listener=c.listener,
+            metrics=c.metrics,
+            fail_closed=config.limits_fail_closed,
+            lease_fraction=config.limits_lease_fraction,
+            webhook=webhook,
+        )
+        await self._stack.start(
+            CallbackService(
+                "limits",
+                start=lambda: ensureDeferred(limits.start()),
+                stop=lambda: ensureDeferred(limits.stop()),
+            )
+        )
+        c.limits = limits
 
     async def _start_proxy(self, c: Components) -> None:
         """Authenticator (key cache), the upstream client, the policy chain,

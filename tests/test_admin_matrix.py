@@ -70,6 +70,10 @@ ORG_ROUTES = [
     Route(
         "PUT", "/admin/orgs/{org_id}/providers/{provider}", "write", {"allowed_models": ["gpt-4o"]}
     ),
+    Route("GET", "/admin/orgs/{org_id}/limits", "read"),
+    Route("PUT", "/admin/orgs/{org_id}/limits", "write", {"rpm": 100, "usd_per_day": "5.00"}),
+    Route("GET", "/admin/orgs/{org_id}/keys/{key_id}/limits", "read"),
+    Route("PUT", "/admin/orgs/{org_id}/keys/{key_id}/limits", "write", {"max_concurrent": 4}),
     Route("GET", "/admin/orgs/{org_id}/requests", "read"),
     Route("GET", "/admin/orgs/{org_id}/usage", "read"),
     Route("GET", "/admin/orgs/{org_id}/members", "owner"),

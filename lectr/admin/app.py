@@ -35,6 +35,7 @@ from lectr.admin.api import write_error as _write_error
 from lectr.admin.openapi import build_openapi
 from lectr.db.database import Database, DatabaseUnavailable
 from lectr.errors import Conflict, NotFound, ServiceUnavailable
+from lectr.limits.model import usd_text
 from lectr.managers.orgs import IssuedKey
 from lectr.managers.users import Permission, Principal, UserManager
 from lectr.metrics import Registry
@@ -153,6 +154,22 @@ def settings_view(st) -> dict:
     }
 
 
+def limits_view(v) -> dict:
+    """A LimitsView (lectr.limits): amounts of USD as decimal strings."""
+    lim = v.limits
+    return {
+        "org_id": v.org_id,
+        "key_id": v.key_id,
+        "rpm": lim.rpm,
+        "tpm": lim.tpm,
+        "max_concurrent": lim.max_concurrent,
+        "usd_per_day": usd_text(lim.usd_per_day) if lim.usd_per_day is not None else None,
+        "usd_per_month": usd_text(lim.usd_per_month) if lim.usd_per_month is not None else None,
+        "updated_at": v.updated_at,
+        "usage": dict(v.usage),
+    }
+
+
 def rotation_view(r) -> dict:
     return {
         "current_kek": r.current_kek,
@@ -194,6 +211,7 @@ class AdminApp:
         custom_providers=None,
         health=None,
         explainer=None,
+        limits=None,
     ) -> None:
         self._reactor = reactor
         self._db = database
@@ -208,6 +226,7 @@ class AdminApp:
         self._custom = custom_providers
         self._health = health
         self._explainer = explainer
+        self._limits = limits
         self.dispatcher = Dispatcher(
             authenticator=authenticator, users=users, metrics=metrics, clock=reactor
         )
@@ -606,6 +625,68 @@ class AdminApp:
             blocked_models=call.body.get("blocked_models"),
         )
         return ok(settings_view(updated))
+
+    # --- limits and budgets ------------------------------------------------------------------
+
+    @api.route(
+        "GET",
+        "/admin/orgs/{org_id}/limits",
+        P.ORG_READ,
+        summary="The org's limits and budgets, and its consumption in the current windows",
+        tags=("limits",),
+        responses={200: "Limits"},
+    )
+    async def get_org_limits(self, request, call: Call) -> Reply:
+        limits = self._need(self._limits, "limits")
+        return ok(limits_view(await limits.get(call.org_id)))
+
+    @api.route(
+        "PUT",
+        "/admin/orgs/{org_id}/limits",
+        P.ORG_WRITE,
+        summary="Set the org's limits and budgets",
+        description=(
+            "Requests and tokens per UTC minute, concurrent requests, USD per UTC day and per "
+            "calendar month (UTC), shared by all of the org's keys. null removes a limit; "
+            "fields left out keep their values. Effective on every node within a second."
+        ),
+        tags=("limits",),
+        body=s.PUT_LIMITS,
+        responses={200: "Limits"},
+    )
+    async def put_org_limits(self, request, call: Call) -> Reply:
+        limits = self._need(self._limits, "limits")
+        return ok(limits_view(await limits.update(call.org_id, None, call.body)))
+
+    @api.route(
+        "GET",
+        "/admin/orgs/{org_id}/keys/{key_id}/limits",
+        P.ORG_READ,
+        summary="A Lectr key's own limits and budgets, and its consumption",
+        tags=("limits",),
+        responses={200: "Limits"},
+    )
+    async def get_key_limits(self, request, call: Call) -> Reply:
+        limits = self._need(self._limits, "limits")
+        return ok(limits_view(await limits.get(call.org_id, call.params["key_id"])))
+
+    @api.route(
+        "PUT",
+        "/admin/orgs/{org_id}/keys/{key_id}/limits",
+        P.ORG_WRITE,
+        summary="Set a Lectr key's own limits and budgets",
+        description=(
+            "They apply on top of the org's: a request must pass both. null removes a limit; "
+            "fields left out keep their values."
+        ),
+        tags=("limits",),
+        body=s.PUT_LIMITS,
+        responses={200: "Limits"},
+    )
+    async def put_key_limits(self, request, call: Call) -> Reply:
+        limits = self._need(self._limits, "limits")
+        view = await limits.update(call.org_id, call.params["key_id"], call.body)
+        return ok(limits_view(view))
 
     # --- request logs and usage ----------------------------------------------------------------
 

@@ -154,6 +154,38 @@ PUT_MEMBER = obj(
 )
 SET_USER = obj({"is_admin": {"type": "boolean"}}, ("is_admin",))
 
+
+def _count_limit(maximum: int, what: str) -> dict:
+    return {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": maximum,
+        "description": f"{what}; null: no limit",
+    }
+
+
+def _usd_limit(what: str) -> dict:
+    return {
+        "type": ["number", "string", "null"],
+        "minimum": 0.000001,
+        "maximum": 1_000_000_000,
+        "pattern": r"^[0-9]{1,10}(\.[0-9]{1,6})?$",
+        "description": f"{what}: USD, a number or a decimal string (at most 6 decimals); "
+        "null: no budget",
+    }
+
+
+PUT_LIMITS = obj(
+    {
+        "rpm": _count_limit(1_000_000_000, "requests per UTC minute"),
+        "tpm": _count_limit(1_000_000_000_000, "tokens (input + output) per UTC minute"),
+        "max_concurrent": _count_limit(1_000_000, "requests in flight at once"),
+        "usd_per_day": _usd_limit("spend per UTC day"),
+        "usd_per_month": _usd_limit("spend per calendar month (UTC)"),
+    },
+    minProperties=1,
+)
+
 # --- query parameters -------------------------------------------------------------
 
 LIMIT = QueryParam(
@@ -521,6 +553,46 @@ COMPONENTS["UsageReport"] = obj(
         "items": {"type": "array", "items": ref("UsageTotal")},
     },
     ("since", "until", "group_by", "items"),
+)
+
+_USD_OUT = {"type": ["string", "null"], "description": "USD, a decimal string; null: no budget"}
+COMPONENTS["LimitsUsage"] = obj(
+    {
+        "requests_this_minute": _COUNT,
+        "tokens_this_minute": _COUNT,
+        "usd_today": {"type": "string", "description": "USD, settled cost (UTC day)"},
+        "usd_this_month": {"type": "string", "description": "USD, settled cost (calendar month)"},
+        "concurrent": {
+            **_COUNT,
+            "description": "requests in flight on every node (at most 5 seconds old)",
+        },
+    },
+    ("requests_this_minute", "tokens_this_minute", "usd_today", "usd_this_month", "concurrent"),
+    description="consumption in the current windows as the nodes last reported it",
+)
+COMPONENTS["Limits"] = obj(
+    {
+        "org_id": UUID,
+        "key_id": {"type": ["string", "null"], "format": "uuid", "description": "null: the org's"},
+        "rpm": {"type": ["integer", "null"]},
+        "tpm": {"type": ["integer", "null"]},
+        "max_concurrent": {"type": ["integer", "null"]},
+        "usd_per_day": _USD_OUT,
+        "usd_per_month": _USD_OUT,
+        "updated_at": {**nullable(TIMESTAMP), "description": "null: no limit is set"},
+        "usage": ref("LimitsUsage"),
+    },
+    (
+        "org_id",
+        "key_id",
+        "rpm",
+        "tpm",
+        "max_concurrent",
+        "usd_per_day",
+        "usd_per_month",
+        "updated_at",
+        "usage",
+    ),
 )
 
 # lists

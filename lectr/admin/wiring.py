@@ -51,7 +51,7 @@ def _explainer(c):
 
 def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
     """``c`` is the service's Components (database, metrics, orgs, vault,
-    settings, usage)."""
+    settings, usage, limits)."""
     users = UserManager(UserStore(c.database), MemberStore(c.database))
     jwks = verifier = None
     oidc = config.oidc
@@ -86,5 +86,6 @@ def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
         custom_providers=c.custom_providers,
         health=c.health,
         explainer=_explainer(c),
+        limits=getattr(c, "limits", None),  # (absent from partial component sets)
     )
     return AdminParts(app, AdminSite(app.resource()), users, authenticator, jwks)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     PrimaryKeyConstraint,
     SmallInteger,
     Table,
@@ -264,6 +265,94 @@ request_logs = Table(
     Index("request_logs_created_brin", "created_at", postgresql_using="brin"),
 )
 
+# Limits and budgets (migration 0007, docs/limits.md). ``scope_id`` is the
+# org's id for an org's limits, the key's id for a key's.
+limits = Table(
+    "limits",
+    metadata,
+    Column("scope_id", UUID(as_uuid=False), primary_key=True),
+    Column(
+        "org_id",
+        UUID(as_uuid=False),
+        ForeignKey("organizations.id", ondelete="CASCADE", name="limits_org_id_fkey"),
+        nullable=False,
+    ),
+    Column(
+        "key_id",
+        UUID(as_uuid=False),
+        ForeignKey("api_keys.id", ondelete="CASCADE", name="limits_key_id_fkey"),
+        nullable=True,
+    ),
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", BigInteger, nullable=True),
+    Column("max_concurrent", Integer, nullable=True),
+    Column("usd_per_day", Numeric(20, 6), nullable=True),
+    Column("usd_per_month", Numeric(20, 6), nullable=True),
+    *_timestamps(),
+    CheckConstraint(
+        "(key_id IS NULL AND scope_id = org_id) OR scope_id = key_id", name="limits_scope"
+    ),
+    CheckConstraint(
+        "rpm > 0 AND tpm > 0 AND max_concurrent > 0 AND usd_per_day > 0 AND usd_per_month > 0",
+        name="limits_positive",
+    ),
+    Index("limits_org_id_idx", "org_id"),
+)
+
+# The cluster-wide counters, slots, node heartbeats and alert claims are
+# written by every node in the background; no foreign keys (a deleted org's
+# rows expire with their windows).
+limit_counters = Table(
+    "limit_counters",
+    metadata,
+    Column("scope_id", UUID(as_uuid=False), nullable=False),
+    Column("metric", Text, nullable=False),
+    Column("window_start", TIMESTAMP(timezone=True), nullable=False),
+    Column("org_id", UUID(as_uuid=False), nullable=False),
+    Column("used", BigInteger, nullable=False, server_default=text("0")),
+    Column("spent", BigInteger, nullable=False, server_default=text("0")),
+    Column("last_grant", BigInteger, nullable=False, server_default=text("0")),
+    Column("updated_at", TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    PrimaryKeyConstraint("scope_id", "metric", "window_start", name="limit_counters_pkey"),
+    CheckConstraint(
+        "metric IN ('requests', 'tokens', 'usd_day', 'usd_month')", name="limit_counters_metric"
+    ),
+    Index("limit_counters_window_idx", "window_start"),
+)
+
+limit_slots = Table(
+    "limit_slots",
+    metadata,
+    Column("scope_id", UUID(as_uuid=False), nullable=False),
+    Column("node_id", UUID(as_uuid=False), nullable=False),
+    Column("org_id", UUID(as_uuid=False), nullable=False),
+    Column("held", Integer, nullable=False),
+    Column("in_use", Integer, nullable=False),
+    Column("expires_at", TIMESTAMP(timezone=True), nullable=False),
+    PrimaryKeyConstraint("scope_id", "node_id", name="limit_slots_pkey"),
+)
+
+limit_nodes = Table(
+    "limit_nodes",
+    metadata,
+    Column("node_id", UUID(as_uuid=False), primary_key=True),
+    Column("seen_at", TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+)
+
+limit_alerts = Table(
+    "limit_alerts",
+    metadata,
+    Column("scope_id", UUID(as_uuid=False), nullable=False),
+    Column("budget", Text, nullable=False),
+    Column("window_start", TIMESTAMP(timezone=True), nullable=False),
+    Column("threshold", SmallInteger, nullable=False),
+    Column("org_id", UUID(as_uuid=False), nullable=False),
+    Column("created_at", TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+    PrimaryKeyConstraint(
+        "scope_id", "budget", "window_start", "threshold", name="limit_alerts_pkey"
+    ),
+)
+
 TABLES_WITH_UPDATED_AT = (
     "organizations",
     "api_keys",
@@ -273,4 +362,5 @@ TABLES_WITH_UPDATED_AT = (
     "org_members",
     "custom_providers",
     "org_routes",
+    "limits",
 )
