@@ -454,6 +454,7 @@ class LectrService(Service):
         from lectr.http.client import Origin, UpstreamClient
         from lectr.managers.auth import Authenticator
         from lectr.policy.keys import KeyAvailability
+        from lectr.policy.limits import Limits
         from lectr.policy.org import OrgEnabled
         from lectr.policy.plan import Selector
         from lectr.policy.providers import ProviderPolicy
@@ -476,6 +477,7 @@ class LectrService(Service):
             ResolveRoute(c.routes, c.providers),
             ProviderPolicy(c.settings, c.providers),
             KeyAvailability(selector),
+            Limits(c.limits, worst_case=None),
         ]
         c.proxy = ProxyHandler(
             reactor=self._reactor,

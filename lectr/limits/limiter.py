@@ -479,8 +479,10 @@ class Limiter:
     ) -> Admission | Refusal:
         """Admit or refuse one request, in memory. ``reserve_usd``: its
         worst-case cost, reserved against the dollar budgets until
-        :meth:`Admission.settle`; None (unpriced): it is admitted while the
-        budgets have room, and charged the cost given at settlement, if
+        :meth:`Admission.settle` - or a function returning it, called only
+        when a dollar budget applies (pricing a request costs time the
+        common case need not spend); None (unpriced): it is admitted while
+        the budgets have room, and charged the cost given at settlement, if
         any."""
         entry = self._orgs.get(org_id)
         if entry is None:
@@ -500,7 +502,10 @@ class Limiter:
         if reserve_usd is not None:
             for scope in scopes:
                 if scope.usd_day is not None or scope.usd_month is not None:
-                    reserve = to_micro(reserve_usd)
+                    if callable(reserve_usd):
+                        reserve_usd = reserve_usd()
+                    if reserve_usd is not None:
+                        reserve = to_micro(reserve_usd)
                     break
         refusal = None
         for scope in scopes:

@@ -56,6 +56,7 @@ class _ExplainedCall:
         self.requested_model = None
         self.plan = None
         self.admission = None
+        self.dry_run = True  # nothing is reserved or counted
 
     def affinity(self) -> bytes | None:
         session = self.headers.first(b"x-lectr-session")

@@ -692,12 +692,27 @@ class Call:
         self.secret = None
         h = self.h
         h.call_done(self)
+        record = None
         try:
-            self._record()
+            record = self._record()
         except Exception:
             h.log.failure("recording request {rid} failed", Failure(), rid=self.rid)
+        admission = self.admission
+        if admission is not None:  # exactly once, whatever happened above
+            try:
+                if record is None:
+                    admission.settle(tokens=None, cost_usd=None)
+                else:
+                    admission.settle(
+                        tokens=record.usage.total_tokens,
+                        cost_usd=getattr(record, "cost_usd", None),
+                    )
+            except Exception:
+                h.log.failure("settling the limits of {rid} failed", Failure(), rid=self.rid)
 
-    def _record(self) -> None:
+    def _record(self) -> UsageRecord | None:
+        """Metrics and the request's row (priced, traced); the row, or None
+        for a request no org accounts for."""
         h = self.h
         elapsed = time.perf_counter() - self.t0
         attempt = self.attempt
@@ -710,7 +725,7 @@ class Call:
         usage = self.meter.finish() if self.meter is not None else NO_USAGE
         ident = self.ident
         if ident is None:
-            return  # not authenticated: no org to account to
+            return None  # not authenticated: no org to account to
         read = self.read
         plan = self.plan
         model = (
@@ -743,4 +758,6 @@ class Call:
             fallbacks=tuple(self.fallbacks),
             request_bytes=len(self.req.body),
         )
-        h.recorder.record(h.complete(self, record))
+        record = h.complete(self, record)
+        h.recorder.record(record)
+        return record

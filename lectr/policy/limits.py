@@ -1,0 +1,69 @@
+"""Step: limits and budgets (docs/limits.md) - the last step before the
+upstream call, so that requests another step refused never count.
+
+The limiter answers from memory (:mod:`lectr.limits`); a request it admits
+carries its :class:`~lectr.limits.limiter.Admission` (``call.admission``:
+``x-ratelimit-*`` headers on the response, settled exactly once when the
+call ends). Dollar budgets reserve the request's worst-case cost, computed
+only when a budget applies: the largest over the plan's targets, from the
+prompt's size and the request's own output limit (or the model's).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from lectr.limits.limiter import Refusal as LimitRefusal
+from lectr.policy.chain import Refusal
+from lectr.providers.dialects import BYTES_PER_TOKEN
+
+_KINDS = {"rate_limit_exceeded": "rate_limited", "budget_exceeded": "budget_exceeded"}
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def output_limit(doc: dict | None) -> int | None:
+    """The output-token limit a request sets, if any."""
+    if doc is None:
+        return None
+    for name in _OUTPUT_LIMITS:
+        value = doc.get(name)
+        if type(value) is int and value > 0:
+            return value
+    return None
+
+
+class Limits:
+    name = "limits"
+
+    def __init__(self, limits, worst_case=None) -> None:
+        """``worst_case(provider, model, prompt_tokens=, max_output_tokens=)``
+        -> Decimal | None: the pricing catalogue's worst case (None: no
+        prices, budgets then charge the real cost at settlement)."""
+        self._admit = limits.admit
+        self._worst_case = worst_case
+
+    def __call__(self, call) -> Refusal | None:
+        if getattr(call, "dry_run", False):
+            return None  # an explanation: nothing is reserved
+        ident = call.ident
+        reserve = self._reserve(call) if self._worst_case is not None else None
+        result = self._admit(ident.org_id, ident.key_id, reserve_usd=reserve)
+        if isinstance(result, LimitRefusal):
+            kind = _KINDS.get(result.kind, "unavailable")
+            return Refusal(result.status, kind, result.message, tuple(result.headers))
+        call.admission = result
+        return None
+
+    def _reserve(self, call):
+        def worst() -> Decimal | None:
+            read = call.read
+            prompt = len(read.body) // BYTES_PER_TOKEN + 1
+            limit = output_limit(read.doc)
+            costs = [
+                self._worst_case(t.provider, t.model, prompt_tokens=prompt, max_output_tokens=limit)
+                for t in call.plan.targets
+            ]
+            priced = [c for c in costs if c is not None]
+            return max(priced) if priced else None
+
+        return worst
