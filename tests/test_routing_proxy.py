@@ -52,13 +52,14 @@ class Env:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 8
 
-    async def post(self, path: str, body: dict, headers=None, key=None):
-        h = {"content-type": ["application/json"], "authorization": [f"Bearer {key or self.key}"]}
+    async def post(
+        self, path: str, body, headers=None, key=None, raw=False, ctype="application/json"
+    ):
+        h = {"content-type": [ctype], "authorization": [f"Bearer {key or self.key}"]}
         for name, value in (headers or {}).items():
             h[name] = [value]
-        return await treq.post(
-            proxy_url(self.service, path), data=json.dumps(body).encode(), headers=h, pool=self.pool
-        )
+        data = body if raw else json.dumps(body).encode()
+        return await treq.post(proxy_url(self.service, path), data=data, headers=h, pool=self.pool)
 
     async def admin(self, method: str, path: str, body=None):
         resp = await treq.request(
