@@ -61,10 +61,10 @@ SHARED = REPO.parent / "shared" / "bench"
 PY = sys.executable
 UPSTREAM_KEY = "sk-bench-upstream-key-0123456789"
 CLIENT_KEY = "sk-bench-client-key-0123456789"  # the bare/lean passthroughs' client key
-CHAT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-STREAM_BODY = (
-    '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
-)
+# "bench" is a route of Lectr's bench org (two targets over a two-key pool: every feature on);
+# the mock and the bare passthrough answer whatever the model.
+CHAT_BODY = '{"model":"bench","messages":[{"role":"user","content":"Say hello"}]}'
+STREAM_BODY = '{"model":"bench","stream":true,"messages":[{"role":"user","content":"Say hello"}]}'
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -432,10 +432,23 @@ class Lectr:
         self.org_id = org_id
         key = org.get("api_key") or org.get("key")
         plaintext = key["key"] if isinstance(key, dict) else key
+        # every feature on: a two-key pool (the mock knows one key: both hold it) and a
+        # two-target route; requests name the route
+        for name in ("bench-a", "bench-b"):
+            self._admin(
+                "POST",
+                f"/admin/orgs/{org_id}/provider-keys",
+                {"provider": "openai", "key": UPSTREAM_KEY, "name": name},
+            )
         self._admin(
-            "POST",
-            f"/admin/orgs/{org_id}/provider-keys",
-            {"provider": "openai", "key": UPSTREAM_KEY, "name": "bench"},
+            "PUT",
+            f"/admin/orgs/{org_id}/routes/bench",
+            {
+                "targets": [
+                    {"provider": "openai", "model": "gpt-4o-mini"},
+                    {"provider": "openai", "model": "gpt-4o"},
+                ]
+            },
         )
         return plaintext
 

@@ -226,3 +226,41 @@ def test_bodies_without_a_model():
     assert read_body(None, b"").kind == "empty"
     assert read_body([b"audio/wav"], b"RIFF\x00\x01").model is None
     assert read_body(JSON, b'{"input":"x"}').model is None
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(
+        st.text(max_size=8).filter(lambda k: k not in ("model", "stream", "stream_options")),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+            lambda children: (
+                st.lists(children, max_size=3)
+                | st.dictionaries(st.text(max_size=5), children, max_size=3)
+            ),
+            max_leaves=6,
+        ),
+        max_size=4,
+    ),
+    st.booleans(),
+    st.sampled_from([None, "gpt-4o", 'a"b\\c']),
+    st.sampled_from([True, False]),
+)
+def test_a_routed_model_replaces_the_value_and_nothing_else(other, stream, old, ensure_ascii):
+    """Routes rewrite the model in place: the body sent parses to the client's
+    document with the route's model (and the usage request, for a stream)."""
+    from lectr.usage.meters import plan_request
+
+    doc = dict(other)
+    if old is not None:
+        doc["model"] = old
+    if stream:
+        doc["stream"] = True
+    raw = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+    read = read_body(JSON, raw)
+    plan = plan_request("openai", b"POST", "/v1/chat/completions", read, "route-target")
+    expected = {**doc, "model": "route-target"}
+    if stream:
+        expected["stream_options"] = {"include_usage": True}
+    assert json.loads(plan.body) == expected
+    assert plan.strip_usage_chunk is stream

@@ -138,3 +138,20 @@ def test_routes():
     assert route(b"/openai/v2/x", False, REGISTRY) is None
     assert route(b"/openai/v1x", False, REGISTRY) is None
     assert route(b"/openai", False, REGISTRY) is None
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=60))
+def test_the_path_rules_alone_agree_on_targets_the_server_lets_through(raw):
+    """The proxy checks only the path rules on targets the HTTP server already
+    found well-formed; both checks must refuse the same targets."""
+    target = b"/" + raw
+    if target_problem(target) is None or not _server_accepts(target):
+        return
+    assert target_problem(target, syntax_checked=True) is not None
+
+
+def _server_accepts(target: bytes) -> bool:
+    from lectr.http import server
+
+    return server._TARGET.fullmatch(target) is not None  # as ServerProtocol checks it

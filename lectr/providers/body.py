@@ -84,8 +84,9 @@ class ReadBody:
     body: bytes
     """The bytes to forward: the client's, minus a UTF-8 byte-order mark."""
     model_span: tuple[int, int] | None = None
-    """Where the model's value is in ``body`` (multipart bodies), so that a
-    route can replace it without re-encoding the file parts."""
+    """Where the model's value is in ``body`` (the JSON value with its quotes,
+    or a multipart field's bytes), so that a route replaces it without
+    re-encoding the rest of the body."""
 
     @property
     def stream(self) -> bool:
@@ -144,8 +145,8 @@ def read_body(content_types: list[bytes] | None, body: bytes) -> ReadBody:
         if body.isspace():
             return ReadBody("empty", None, None, body)
         forwarded = body[3:] if body.startswith(_UTF8_BOM) else body
-        doc = parse_json_object(forwarded)
-        return ReadBody("json", doc, model_of(doc), forwarded)
+        doc, span = parse_json(forwarded)
+        return ReadBody("json", doc, model_of(doc), forwarded, span)
     if mtype == b"application/x-www-form-urlencoded":
         return ReadBody("form", None, form_model(body), body)
     return ReadBody("opaque", None, None, body)
@@ -153,6 +154,12 @@ def read_body(content_types: list[bytes] | None, body: bytes) -> ReadBody:
 
 def parse_json_object(body: bytes) -> dict:
     """A strict JSON object: UTF-8, RFC 8259, no duplicate top-level keys."""
+    return parse_json(body)[0]
+
+
+def parse_json(body: bytes) -> tuple[dict, tuple[int, int] | None]:
+    """:func:`parse_json_object`, and where the top-level ``model`` value is
+    in ``body`` (byte offsets), so that a route can replace it in place."""
     if body.startswith(_OTHER_BOMS) or body.startswith(_UTF8_BOM):
         raise BodyRefused("the JSON body must be UTF-8 without a byte-order mark")
     try:
@@ -168,6 +175,7 @@ def parse_json_object(body: bytes) -> dict:
             raise BodyRefused("the request body is not valid JSON") from None
         raise BodyRefused("the request body must be a JSON object")
     doc: dict = {}
+    span: tuple[int, int] | None = None
     try:
         idx = ws(text, idx + 1).end()
         if text[idx : idx + 1] == "}":
@@ -181,10 +189,13 @@ def parse_json_object(body: bytes) -> dict:
                 if text[idx : idx + 1] != ":":
                     raise ValueError
                 idx = ws(text, idx + 1).end()
+                start = idx
                 value, idx = _scan_value(text, idx)
                 if key in doc:
                     raise BodyRefused(f"the JSON body repeats the key {_shown(key)!r}")
                 doc[key] = value
+                if key == "model":
+                    span = (start, idx)
                 idx = ws(text, idx).end()
                 c = text[idx : idx + 1]
                 if c == ",":
@@ -200,7 +211,11 @@ def parse_json_object(body: bytes) -> dict:
         raise
     except (ValueError, StopIteration, RecursionError, IndexError):
         raise BodyRefused("the request body is not valid JSON") from None
-    return doc
+    if span is not None and len(text) != len(body):  # not ASCII: offsets in bytes
+        start, end = span
+        offset = len(text[:start].encode("utf-8"))
+        span = (offset, offset + len(text[start:end].encode("utf-8")))
+    return doc, span
 
 
 def _shown(text: str, limit: int = 60) -> str:

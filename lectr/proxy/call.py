@@ -196,7 +196,9 @@ class Call:
         h.active.add(self)
         req.on_lost = self.client_gone
         path = req.path
-        problem = target_problem(req.target)
+        # (lectr.http.server has already refused targets that are not visible
+        # ASCII with well-formed escapes: the path rules are left)
+        problem = target_problem(req.target, syntax_checked=True)
         if problem is not None:
             self.error_provider = error_provider(path, h.registry)
             self.refuse(400, "invalid_request", problem)

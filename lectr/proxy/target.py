@@ -28,19 +28,24 @@ _BAD_ESCAPE_RE = re.compile(rb"%(?:2[eEfF5]|5[cC]|00)")
 _DOT_SEGMENT_RE = re.compile(rb"(?:^|/)\.{1,2}(?:/|$)")
 
 
-def target_problem(target: bytes) -> str | None:
-    """Why a request target is refused (a message for the client), or None."""
+def target_problem(target: bytes, *, syntax_checked: bool = False) -> str | None:
+    """Why a request target is refused (a message for the client), or None.
+    ``syntax_checked``: the HTTP server already refused every target that is
+    not visible ASCII with well-formed escapes (lectr.http.server does), so
+    only the path rules are left to check."""
     path, _, query = target.partition(b"?")
-    if not _TARGET_RE.fullmatch(path) or (query and not _TARGET_RE.fullmatch(b"/" + query)):
+    if not syntax_checked and (
+        not _TARGET_RE.fullmatch(path) or (query and not _TARGET_RE.fullmatch(b"/" + query))
+    ):
         return (
             "The request target must be visible ASCII with well-formed percent-encoding "
             "(no control bytes, spaces, fragments or raw non-ASCII bytes)."
         )
     if b"\\" in path or b"//" in path or b";" in path:
         return "The request path must not contain backslashes, empty segments or ';'."
-    if _DOT_SEGMENT_RE.search(path):
+    if b"." in path and _DOT_SEGMENT_RE.search(path):
         return "The request path must not contain '.' or '..' segments."
-    if _BAD_ESCAPE_RE.search(path):
+    if b"%" in path and _BAD_ESCAPE_RE.search(path):
         return (
             "The request path must not percent-encode '.', '/', '\\', '%' or NUL "
             "(%2e, %2f, %5c, %25, %00)."

@@ -136,16 +136,24 @@ def plan_request(
         and _norm_path(path) == "/v1/chat/completions"
     )
     if rewrite:
-        rewritten = dict(doc)
-        rewritten["model"] = send_model
-        strip = False
-        if inject and _asks_usage(doc) is False:
-            rewritten["stream_options"] = {
-                **(doc.get("stream_options") or {}),
-                "include_usage": True,
-            }
-            strip = True
-        return RequestPlan(send_model, stream, _dumps(rewritten), strip)
+        inject = inject and _asks_usage(doc) is False
+        if read.model_span is None or (inject and "stream_options" in doc):
+            # rare: re-serialise with the model (and the usage request)
+            rewritten = dict(doc)
+            rewritten["model"] = send_model
+            if inject:
+                rewritten["stream_options"] = {
+                    **(doc.get("stream_options") or {}),
+                    "include_usage": True,
+                }
+            return RequestPlan(send_model, stream, _dumps(rewritten), inject)
+        # the one top-level model value replaced in place, every other byte kept
+        start, end = read.model_span
+        body = body[:start] + _dumps(send_model) + body[end:]
+        if inject:  # the member spliced in after the opening brace (before the model)
+            brace = body.index(b"{")
+            body = body[: brace + 1] + INCLUDE_USAGE_MEMBER + body[brace + 1 :]
+        return RequestPlan(send_model, stream, body, inject)
     if inject:
         new_body = _with_include_usage(body, doc)
         if new_body is not None:
@@ -153,7 +161,7 @@ def plan_request(
     return RequestPlan(send_model, stream, body, False)
 
 
-def _dumps(doc: dict) -> bytes:
+def _dumps(doc) -> bytes:
     # ASCII output survives any lone surrogate the client's JSON escapes carried.
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
