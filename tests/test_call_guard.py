@@ -143,3 +143,17 @@ async def test_a_crash_after_the_answer_started_aborts_the_connection(env):
     assert env.c.proxy.active == set()
     [row] = await env.rows()
     assert row["error_type"] == "internal"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_step_that_never_answers_times_out_with_503(env, monkeypatch):
+    from lectr.proxy import call as call_module
+
+    monkeypatch.setattr(call_module, "STEP_TIMEOUT", 0.3)
+    cancelled = []
+    with_step(env, lambda call: Deferred(lambda d: cancelled.append(True)))
+    resp = await env.post("/v1/chat/completions", CHAT)
+    assert resp.code == 503
+    assert "did not answer in time" in json.loads(await resp.content())["error"]["message"]
+    assert cancelled == [True]
+    await ended_once(env, resp)

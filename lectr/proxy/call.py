@@ -35,6 +35,7 @@ import time
 import zlib
 from datetime import UTC, datetime
 
+from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
 from lectr.managers.auth import RATE_LIMITED, UNKNOWN
@@ -57,6 +58,8 @@ SCRUB_MAX = 1 << 20
 _JSON = (b"content-type", b"application/json")
 _SHOULD_NOT_RETRY = (b"x-should-retry", b"false")
 _CONNECT_KINDS = frozenset({"connect", "dns", "tls"})
+#: seconds an asynchronous policy step may take before the request gets 503
+STEP_TIMEOUT = 10.0
 
 
 def guarded(method):
@@ -146,6 +149,7 @@ class Call:
         "held_encoding",
         "headers_timer",
         "idle_timer",
+        "step_timer",
         "deadline",
         "closed",
         "ended",
@@ -183,6 +187,7 @@ class Call:
         self.held_encoding: bytes | None = None
         self.headers_timer = None
         self.idle_timer = None
+        self.step_timer = None
         self.deadline = 0.0
         self.closed = False  # the client's answer is complete, aborted or being aborted
         self.ended = False  # recorded and out of the active set
@@ -276,10 +281,30 @@ class Call:
         except BodyRefused as e:
             self.refuse(400, "invalid_request", f"Malformed request body: {e}")
             return
-        run_chain(self.h.steps, self, self.chain_done, self.crash, waiting=self._waiting)
+        run_chain(self.h.steps, self, self.chain_done, self.chain_failed, waiting=self._waiting)
 
     def _waiting(self, d) -> None:
+        """An asynchronous step is running (``d``), or has answered (None);
+        it has STEP_TIMEOUT seconds."""
         self.pending = d
+        timer, self.step_timer = self.step_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if d is not None:
+            self.step_timer = self.h.reactor.callLater(STEP_TIMEOUT, self.step_timed_out)
+
+    @guarded
+    def step_timed_out(self) -> None:
+        self.step_timer = None
+        pending, self.pending = self.pending, None
+        self.refuse(503, "unavailable", "A policy check did not answer in time; retry shortly.")
+        if pending is not None:
+            pending.cancel()
+
+    def chain_failed(self, failure) -> None:
+        if self.closed and failure.check(CancelledError):
+            return  # the call ended first (the client left, a step timed out)
+        self.crash(failure)
 
     @guarded
     def chain_done(self, refusal: Refusal | None) -> None:
@@ -669,6 +694,9 @@ class Call:
     def _stop_upstream(self) -> None:
         self._cancel_headers_timer()
         self._cancel_idle_timer()
+        timer, self.step_timer = self.step_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.cancel()
