@@ -293,6 +293,13 @@ SETTINGS: tuple[Setting, ...] = (
         _http_base_url,
     ),
     Setting(
+        "oidc_client_id",
+        "LECTR_OIDC_CLIENT_ID",
+        None,
+        "OIDC client id of the dashboard (a public client: authorization code + PKCE)",
+        _nonempty,
+    ),
+    Setting(
         "openai_base_url",
         "LECTR_OPENAI_BASE_URL",
         "https://api.openai.com",
@@ -365,6 +372,7 @@ class OIDCConfig:
     issuer: str
     audience: str
     jwks_url: str
+    client_id: str | None = None  # the dashboard signs in only with one
 
 
 @dataclass(frozen=True)
@@ -386,6 +394,7 @@ class Config:
     oidc_issuer: str | None = None
     oidc_audience: str | None = None
     oidc_jwks_url: str | None = None
+    oidc_client_id: str | None = None
     openai_base_url: str = "https://api.openai.com"
     anthropic_base_url: str = "https://api.anthropic.com"
     max_body_bytes: int = 33554432
@@ -417,7 +426,9 @@ class Config:
             return None
         if not audience:
             return None
-        return OIDCConfig(issuer=issuer, audience=audience, jwks_url=jwks)
+        return OIDCConfig(
+            issuer=issuer, audience=audience, jwks_url=jwks, client_id=self.oidc_client_id
+        )
 
 
 def load_config(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
