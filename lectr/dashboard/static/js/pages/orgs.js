@@ -46,6 +46,7 @@ function orgTable(ctx, orgs, usage, status, reload) {
       { label: "Name", value: (org) => h("a", { href: `#/orgs/${encodeURIComponent(org.id)}` }, org.name) },
       {
         label: "Status",
+        class: "wide",
         value: (org) =>
           h("span", { class: ["badge", org.enabled ? "ok" : "off"] }, org.enabled ? "enabled" : "disabled"),
       },
@@ -65,7 +66,7 @@ function orgTable(ctx, orgs, usage, status, reload) {
       },
       { label: "Requests this month", class: "num", value: (org) => monthly(org, "requests", fmtInt) },
       { label: "Spend this month", class: "num", value: (org) => monthly(org, "cost_usd", fmtUsd) },
-      { label: "Your role", value: (org) => org.role || (ctx.me.is_admin ? "global admin" : "—") },
+      { label: "Your role", class: "wide", value: (org) => org.role || (ctx.me.is_admin ? "global admin" : "—") },
     ],
   });
 }

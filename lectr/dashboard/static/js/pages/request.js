@@ -33,7 +33,7 @@ function value(v) {
 function groups(r, keyName) {
   return [
     [
-      "Request",
+      "Call",
       [
         ["request_id", "Request id", (v) => h("code", {}, v)],
         ["created_at", "Time (UTC)", fmtTime],

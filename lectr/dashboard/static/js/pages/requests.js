@@ -37,7 +37,11 @@ function columns(ctx, keyNames) {
   return [
     {
       label: "Time (UTC)",
-      value: (r) => h("a", { href: detail(r), "aria-label": `Request at ${fmtTime(r.created_at)} (details)` }, fmtTime(r.created_at)),
+      value: (r) => {
+        const time = fmtTime(r.created_at);
+        // the year is hidden on narrow screens
+        return h("a", { href: detail(r), "aria-label": `Request at ${time} (details)` }, h("span", { class: "year" }, time.slice(0, 5)), time.slice(5));
+      },
     },
     { label: "Status", value: (r) => statusBadge(r.status) },
     { label: "Provider", class: "wide", value: (r) => r.provider },
@@ -136,7 +140,7 @@ export async function render(ctx) {
     count.textContent = `${fmtInt(seen.size)} request${seen.size === 1 ? "" : "s"} shown${nextCursor ? "; older ones below" : ""}.`;
   }
 
-  function add(rows) {
+  function addRows(rows) {
     const fresh = rows.filter((r) => !seen.has(r.request_id));
     fresh.forEach((r) => seen.add(r.request_id));
     appendRows(tbody, cols, fresh, rowProps);
@@ -147,7 +151,7 @@ export async function render(ctx) {
     replace(moreStatus, "Loading…");
     try {
       const page = await api.get(url, { ...filters, limit: OLDER_PAGE, cursor: nextCursor });
-      add(page.items);
+      addRows(page.items);
       nextCursor = page.next_cursor;
       replace(moreStatus);
       performance.mark("lectr:requests:older-rendered");
@@ -174,7 +178,7 @@ export async function render(ctx) {
     return true;
   }
 
-  add(first.items);
+  addRows(first.items);
   replace(
     body,
     emptyText,
