@@ -173,7 +173,8 @@ class _IssuerResource(Resource):
             for k, v in p.items()
         )
         page = (
-            "<!doctype html><html><head><title>Test issuer sign-in</title></head><body>"
+            "<!doctype html><html><head><title>Test issuer sign-in</title>"
+            '<link rel="icon" href="data:,"></head><body>'
             "<h1>Test issuer</h1>"
             f'<form method="post" action="/authorize">{hidden}'
             '<label>Subject <input name="sub" id="issuer-sub"></label> '
