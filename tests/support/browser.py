@@ -174,6 +174,7 @@ class Browser:
         element_id = self.wait(
             lambda: self.js(
                 "const scope = document.querySelector(arguments[1]);"
+                "if (!scope) return null;"
                 "const l = [...scope.querySelectorAll('label')]"
                 "  .find(x => x.textContent.trim() === arguments[0]);"
                 "return l ? l.htmlFor : null;",

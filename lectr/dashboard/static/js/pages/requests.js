@@ -12,6 +12,7 @@ const FIRST_PAGE = 100;
 const OLDER_PAGE = 200;
 const LIVE_PAGE = 200;
 const POLL_MS = 1500;
+const LIVE_MAX = 1000; // rows added live before the page starts again from the newest
 const FILTERS = ["provider", "model", "status", "key_id", "since", "until"];
 
 let listHref = null; // the list with its filters, for the detail page's "back"
@@ -203,6 +204,7 @@ export async function render(ctx) {
   // so a row committed late by another node is still picked up once
   let timer = null;
   let failures = 0;
+  let addedLive = 0;
   async function poll() {
     timer = null;
     if (ctx.signal.aborted || !liveBox.checked) return;
@@ -210,8 +212,8 @@ export async function render(ctx) {
       try {
         const page = await api.get(url, { ...filters, limit: LIVE_PAGE, after: liveCursors[0] });
         if (ctx.signal.aborted) return;
-        if (page.items.length === LIVE_PAGE) {
-          ctx.refresh(); // a burst: start again from the newest page
+        if (page.items.length === LIVE_PAGE || addedLive > LIVE_MAX) {
+          ctx.refresh(); // a burst, or a page grown long: start again from the newest rows
           return;
         }
         liveCursors = [...liveCursors, page.live_cursor].slice(-2);
@@ -221,6 +223,7 @@ export async function render(ctx) {
           if (place(row)) {
             seen.add(row.request_id);
             shown += 1;
+            addedLive += 1;
           }
         }
         if (shown) announce.textContent = `${shown} new request${shown === 1 ? "" : "s"}`;
