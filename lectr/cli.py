@@ -290,6 +290,17 @@ USAGE_COLUMNS = [
     ("TOTAL", lambda t: t["total_tokens"]),
     ("CACHED", lambda t: t["cached_tokens"]),
 ]
+
+
+def usage_total(items: list[dict]) -> dict:
+    """The sum of usage totals (the same figures as the dashboard's totals)."""
+    total: dict = {"key": "(total)"}
+    for name, value in ((n, v) for item in items for n, v in item.items() if n != "key"):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            total[name] = total.get(name, 0) + value
+    return total
+
+
 MEMBER_COLUMNS = [
     ("USER ID", lambda m: m["user_id"]),
     ("SUBJECT", lambda m: m["subject"]),
@@ -707,6 +718,7 @@ class Commands:
         filters = {
             "provider": args.provider,
             "model": args.model,
+            "key_id": args.key_id,
             "status": args.status,
             "since": args.since,
             "until": args.until,
@@ -756,7 +768,10 @@ class Commands:
         def human():
             self.out.line(f"{when(doc['since'])} to {when(doc['until'])} (UTC), by {args.by}")
             label = args.by.upper()
-            self.out.table(doc["items"], [(label, lambda t: t["key"]), *USAGE_COLUMNS])
+            rows = list(doc["items"])
+            if rows:
+                rows.append(usage_total(rows))
+            self.out.table(rows, [(label, lambda t: t["key"]), *USAGE_COLUMNS])
 
         self.out.result(doc, human)
 
@@ -1052,6 +1067,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cursor", help="continue after a previous page")
     p.add_argument("--provider", help=f"one provider ({providers_help})")
     p.add_argument("--model")
+    p.add_argument("--key-id", help="a Lectr key's id")
     p.add_argument("--status", help="429, 4xx, or 'error'")
     p.add_argument("--since", help="ISO 8601 date or time (UTC unless an offset is given)")
     p.add_argument("--until", help="ISO 8601 date or time")
@@ -1064,7 +1080,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("org", help="id or name")
     p.add_argument("--since", help="ISO 8601 (default: 30 days before --until)")
     p.add_argument("--until", help="ISO 8601 (default: now)")
-    p.add_argument("--by", choices=["model", "provider", "day"], default="model")
+    p.add_argument(
+        "--by",
+        choices=["model", "provider", "key", "day", "hour"],
+        default="model",
+        help="group by model, provider, Lectr key id, UTC day or UTC hour (at most 31 days)",
+    )
 
     members = group("members", "org members and roles (owners only)")
     p = command(members, "list", "list an org's members", "members_list")

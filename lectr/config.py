@@ -382,6 +382,13 @@ SETTINGS: tuple[Setting, ...] = (
         "JWKS URL of the issuer; default <issuer>/.well-known/jwks.json",
         _http_base_url,
     ),
+    Setting(
+        "oidc_client_id",
+        "LECTR_OIDC_CLIENT_ID",
+        None,
+        "OIDC client id of the dashboard (a public client: authorization code + PKCE)",
+        _nonempty,
+    ),
     *_provider_base_url_settings(),
     Setting(
         "max_body_bytes",
@@ -503,6 +510,7 @@ class OIDCConfig:
     issuer: str
     audience: str
     jwks_url: str
+    client_id: str | None = None  # the dashboard signs in only with one
 
 
 @dataclass(frozen=True)
@@ -526,6 +534,7 @@ class Config:
     oidc_jwks_url: str | None = None
     #: provider name -> base URL (LECTR_<PROVIDER>_BASE_URL or the default)
     provider_base_urls: Mapping[str, str] = field(default_factory=dict)
+    oidc_client_id: str | None = None
     max_body_bytes: int = 33554432
     body_read_timeout: float = 60.0
     max_unauthenticated: int = 1024
@@ -571,7 +580,9 @@ class Config:
             return None
         if not audience:
             return None
-        return OIDCConfig(issuer=issuer, audience=audience, jwks_url=jwks)
+        return OIDCConfig(
+            issuer=issuer, audience=audience, jwks_url=jwks, client_id=self.oidc_client_id
+        )
 
 
 def load_config(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Config:

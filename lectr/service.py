@@ -519,9 +519,8 @@ class LectrService(Service):
         admin = build_admin(c, self.config, reactor=self._reactor)
         c.users = admin.users
         c.extras["admin"] = admin
-        if admin.jwks is not None:
-            admin.jwks.start()  # in the background: the issuer may be down
-            self.add_stop_hook("JWKS fetcher", admin.jwks.stop)
+        admin.start()  # in the background: the issuer may be down
+        self.add_stop_hook("OIDC fetchers", admin.stop)
         return admin.site
 
     def add_stop_hook(self, name: str, stop) -> Deferred:

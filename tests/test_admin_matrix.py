@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest_twisted
 
 from lectr.admin.app import AdminApp
+from lectr.storage.request_logs import RequestLogStore
+from lectr.usage.model import Usage, UsageRecord
 from tests.support.admin import AdminClient, start_admin_env
 from tests.support.fake_provider import OPENAI_KEY
 
@@ -75,6 +78,7 @@ ORG_ROUTES = [
     Route("GET", "/admin/orgs/{org_id}/keys/{key_id}/limits", "read"),
     Route("PUT", "/admin/orgs/{org_id}/keys/{key_id}/limits", "write", {"max_concurrent": 4}),
     Route("GET", "/admin/orgs/{org_id}/requests", "read"),
+    Route("GET", "/admin/orgs/{org_id}/requests/{request_id}", "read"),
     Route("GET", "/admin/orgs/{org_id}/usage", "read"),
     Route("GET", "/admin/orgs/{org_id}/members", "owner"),
     Route(
@@ -92,6 +96,7 @@ GLOBAL_ROUTES = [
     (Route("GET", "/admin/me", "any"), set(PRINCIPALS)),
     (Route("GET", "/admin/orgs", "any"), set(PRINCIPALS)),
     (Route("POST", "/admin/orgs", "any", {"name": "Fresh"}, ok=201), set(PRINCIPALS)),
+    (Route("GET", "/admin/usage", "any"), set(PRINCIPALS)),
     (Route("GET", "/admin/users", "global"), {"global"}),
     (Route("PUT", "/admin/users/{user_id}", "global", {"is_admin": False}), {"global"}),
     (Route("GET", "/admin/vault/rotation", "global"), {"global"}),
@@ -117,7 +122,7 @@ GLOBAL_ROUTES = [
     ),
     (Route("DELETE", "/admin/providers/{name}", "global", ok=204), {"global"}),
 ]
-PUBLIC = {"/healthz", "/readyz", "/metrics", "/admin/openapi.json"}
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/admin/openapi.json", "/admin/ui-config"}
 
 
 def expected(route: Route, principal: str, target: str) -> int:
@@ -136,6 +141,7 @@ class Org:
     key_id: str  # an extra Lectr key
     provider_key_id: str
     victim_id: str  # a member that may be removed
+    request_id: str  # a logged request
 
 
 class World:
@@ -178,7 +184,9 @@ class World:
         key = await c.orgs.create_key(org.id, "extra")
         pkey = await c.vault.add_key(org.id, "openai", OPENAI_KEY)
         await c.routes.put(org.id, "fast", {"targets": [{"provider": "openai", "model": "m"}]})
-        return Org(org.id, key.key.id, pkey.id, self.ids["victim"])
+        logged = logged_request(org.id)
+        assert await RequestLogStore(c.database).insert([logged]) == 1
+        return Org(org.id, key.key.id, pkey.id, self.ids["victim"], logged.request_id)
 
     async def make_orgs(self) -> dict[str, Org | None]:
         own = await self.make_org(
@@ -194,7 +202,31 @@ def concrete(route: Route, orgs: dict[str, Org | None], target: str, world: Worl
     key_id = org.provider_key_id if "provider-keys" in route.template else org.key_id
     user_id = org.victim_id if "members" in route.template else world.ids["victim"]
     return route.template.format(
-        org_id=org_id, key_id=key_id, user_id=user_id, provider="openai", name="fast"
+        org_id=org_id,
+        key_id=key_id,
+        user_id=user_id,
+        provider="openai",
+        name="fast",
+        request_id=org.request_id,
+    )
+
+
+def logged_request(org_id: str) -> UsageRecord:
+    return UsageRecord(
+        request_id=str(uuid.uuid4()),
+        created_at=datetime.now(UTC),
+        org_id=org_id,
+        key_id=None,
+        provider="openai",
+        model="gpt-4o-mini",
+        method="POST",
+        path="/v1/chat/completions",
+        status=200,
+        latency_ms=10.0,
+        ttfb_ms=2.0,
+        streamed=False,
+        usage=Usage(1, 1, 2, 0, None, "provider"),
+        error_type=None,
     )
 
 

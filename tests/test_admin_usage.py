@@ -4,11 +4,17 @@ provider and day. Rows are written with the real request-log datastore."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from lectr.errors import BadRequest
+from lectr.managers.usage import decode_live_cursor, encode_live_cursor
 from lectr.storage.request_logs import RequestLogStore
 from lectr.usage.model import Usage, UsageRecord
 from tests.support.admin import start_admin_env
@@ -182,3 +188,179 @@ async def test_usage_totals(env):
     assert (await env.admin.get(path, params=reversed_range)).status == 400
     too_long = {"since": "2020-01-01", "until": "2025-01-01"}
     assert (await env.admin.get(path, params=too_long)).status == 400
+
+
+# --- round 2: key filter, live cursor, detail, hourly and per-key totals, per-org totals ---
+
+
+async def insert(env, *rows: UsageRecord) -> None:
+    assert await RequestLogStore(env.components.database).insert(list(rows)) == len(rows)
+
+
+@pytest_twisted.ensureDeferred
+async def test_filter_by_key(env):
+    org, _ = await seed(env)
+    key_a, key_b = str(uuid.uuid4()), str(uuid.uuid4())
+    await insert(
+        env,
+        dataclasses.replace(record(org, 5), key_id=key_a),
+        dataclasses.replace(record(org, 6), key_id=key_a),
+        dataclasses.replace(record(org, 7), key_id=key_b),
+    )
+    path = f"/admin/orgs/{org}/requests"
+    page = (await env.admin.get(path, params={"key_id": key_a})).json
+    assert [r["key_id"] for r in page["items"]] == [key_a, key_a]
+    assert len((await env.admin.get(path, params={"key_id": key_b})).json["items"]) == 1
+    assert (await env.admin.get(path, params={"key_id": str(uuid.uuid4())})).json["items"] == []
+    for bad in ("not-a-uuid", "1; DROP TABLE request_logs", ""):
+        assert (await env.admin.get(path, params={"key_id": bad})).status == 400, bad
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_cursor_returns_only_what_was_stored_since(env):
+    org, other = await seed(env)
+    path = f"/admin/orgs/{org}/requests"
+    first = (await env.admin.get(path, params={"limit": "2"})).json
+    live = first["live_cursor"]
+    assert isinstance(live, str) and first["next_cursor"] is not None
+
+    nothing = (await env.admin.get(path, params={"after": live})).json
+    assert nothing["items"] == [] and nothing["next_cursor"] is None
+
+    # stored later, even with an older time: a live view must see them all,
+    # in the order they were stored; another org's rows never
+    late = [record(org, 100), record(org, -100), record(org, 101, model="gpt-4o")]
+    await insert(env, record(other, 102), *late)
+    fresh = (await env.admin.get(path, params={"after": nothing["live_cursor"]})).json
+    assert [r["request_id"] for r in fresh["items"]] == [r.request_id for r in late]
+
+    # filters apply; a full page continues where it stopped
+    only = (await env.admin.get(path, params={"after": live, "model": "gpt-4o"})).json
+    assert [r["request_id"] for r in only["items"]] == [late[2].request_id]
+    part = (await env.admin.get(path, params={"after": live, "limit": "2"})).json
+    assert len(part["items"]) == 2
+    rest = (await env.admin.get(path, params={"after": part["live_cursor"], "limit": "2"})).json
+    assert [r["request_id"] for r in part["items"] + rest["items"]] == [r.request_id for r in late]
+    caught_up = (await env.admin.get(path, params={"after": fresh["live_cursor"]})).json
+    assert caught_up["items"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_cursor_refusals(env):
+    org, _ = await seed(env)
+    path = f"/admin/orgs/{org}/requests"
+    page = (await env.admin.get(path, params={"limit": "1"})).json
+    both = {"after": page["live_cursor"], "cursor": page["next_cursor"]}
+    answer = await env.admin.get(path, params=both)
+    assert answer.status == 400 and "not both" in answer.json["error"]["message"]
+    # a page cursor is not a live cursor, and the other way round
+    assert (await env.admin.get(path, params={"after": page["next_cursor"]})).status == 400
+    assert (await env.admin.get(path, params={"cursor": page["live_cursor"]})).status == 400
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=st.text(max_size=80) | st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode())
+)
+def test_any_after_cursor_is_decoded_or_refused(text):
+    try:
+        position = decode_live_cursor(text)
+    except BadRequest:
+        return
+    assert 0 <= position < 2**63
+    assert decode_live_cursor(encode_live_cursor(position)) == position
+
+
+@settings(max_examples=100, deadline=None)
+@given(position=st.integers(min_value=0, max_value=2**63 - 1))
+def test_live_cursors_round_trip(position):
+    assert decode_live_cursor(encode_live_cursor(position)) == position
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_after_values_answer_400_never_500(env):
+    org, _ = await seed(env)
+    path = f"/admin/orgs/{org}/requests"
+    hostile = [
+        "x" * 65,
+        "bGl2ZTotMQ",  # live:-1
+        base64.urlsafe_b64encode(b"live:99999999999999999999").decode(),
+        base64.urlsafe_b64encode(b"live:1 OR 1=1").decode(),
+        base64.urlsafe_b64encode(b"live:\x00").decode(),
+        "%00",
+        "' OR '1'='1",
+    ]
+    for value in hostile:
+        answer = await env.admin.get(path, params={"after": value})
+        assert answer.status == 400, (value, answer.status)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_request(env):
+    org, other = await seed(env)
+    row = record(org, 9, model="gpt-4o")
+    foreign = record(other, 9)
+    await insert(env, row, foreign)
+    answer = await env.admin.get(f"/admin/orgs/{org}/requests/{row.request_id}")
+    assert answer.status == 200
+    assert answer.json["request_id"] == row.request_id
+    assert answer.json["model"] == "gpt-4o" and answer.json["total_tokens"] == 15
+    listed = (await env.admin.get(f"/admin/orgs/{org}/requests", params={"limit": "1"})).json
+    assert set(answer.json) == set(listed["items"][0])
+    # another org's request, an unknown id, a malformed id: not found
+    for rid in (foreign.request_id, str(uuid.uuid4()), "nope"):
+        answer = await env.admin.get(f"/admin/orgs/{org}/requests/{rid}")
+        assert answer.status == 404, rid
+    bob = env.user("auth0|bob")
+    assert (await bob.get(f"/admin/orgs/{org}/requests/{row.request_id}")).status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_by_hour_and_by_key(env):
+    org, _ = await seed(env)
+    key = str(uuid.uuid4())
+    await insert(env, dataclasses.replace(record(org, 30), key_id=key))
+    path = f"/admin/orgs/{org}/usage"
+    rng = {"since": "2025-03-01", "until": "2025-03-03"}
+    by_hour = (await env.admin.get(path, params={**rng, "group_by": "hour"})).json
+    assert by_hour["group_by"] == "hour"
+    assert [(t["key"], t["requests"]) for t in by_hour["items"]] == [
+        ("2025-03-01T12:00:00Z", 4),
+        ("2025-03-02T12:00:00Z", 2),
+    ]
+    by_key = (await env.admin.get(path, params={**rng, "group_by": "key"})).json
+    assert [(t["key"], t["requests"]) for t in by_key["items"]] == [(None, 5), (key, 1)]
+    by_day = (await env.admin.get(path, params={**rng, "group_by": "day"})).json
+    # every grouping adds up to the same totals
+    for grouping in (by_hour, by_key, by_day):
+        assert sum(t["requests"] for t in grouping["items"]) == 6
+        assert sum(t["prompt_tokens"] for t in grouping["items"]) == 50
+    too_long = {"since": "2025-01-01", "until": "2025-02-02", "group_by": "hour"}
+    answer = await env.admin.get(path, params=too_long)
+    assert answer.status == 400 and "31 days" in answer.json["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_per_org(env):
+    org, other = await seed(env)
+    rng = {"since": "2025-03-01", "until": "2025-03-03"}
+    everything = (await env.admin.get("/admin/usage", params=rng)).json
+    assert {t["key"]: t["requests"] for t in everything["items"]} == {org: 5, other: 1}
+    totals = {t["key"]: t for t in everything["items"]}
+    assert totals[org]["errors"] == 2 and totals[org]["prompt_tokens"] == 40
+
+    # a user sees only the orgs they belong to
+    bob = env.user("auth0|bob")
+    bobs = (await bob.post("/admin/orgs", {"name": "Bob's"})).json["org"]["id"]
+    await insert(env, record(bobs, 1))
+    mine = (await bob.get("/admin/usage", params=rng)).json
+    assert [(t["key"], t["requests"]) for t in mine["items"]] == [(bobs, 1)]
+    carol = env.user("auth0|carol")
+    assert (await carol.get("/admin/usage", params=rng)).json["items"] == []
+
+    default = (await env.admin.get("/admin/usage")).json
+    until = datetime.fromisoformat(default["until"])
+    assert until - datetime.fromisoformat(default["since"]) == timedelta(days=30)
+    assert (await env.client(None).get("/admin/usage")).status == 401
+    bad = {"since": "2025-03-03", "until": "2025-03-01"}
+    assert (await env.admin.get("/admin/usage", params=bad)).status == 400

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -270,6 +271,27 @@ def test_provider_keys_providers_members_users_rotation(gateway):
     assert status["next_kek"] is None and status["done"] is True
     assert "current master key" in gateway.ok("rotation", "status")
     assert gateway.json("me")["kind"] == "token"
+
+
+def test_usage_by_hour_and_by_key_with_totals(gateway):
+    created = gateway.json("orgs", "create", "hourly")
+    key = created["key"]["key"]
+    gateway.ok("provider-keys", "add", "hourly", "openai", input=OPENAI_KEY + "\n")
+    for model in ("gpt-4o-mini", "gpt-4o", "gpt-4o-mini"):
+        assert gateway.proxy("/v1/chat/completions", chat(model), key)[0] == 200
+    assert eventually(lambda: len(gateway.json("requests", "hourly")["items"]) == 3)
+
+    by_hour = gateway.json("usage", "hourly", "--by", "hour")
+    assert by_hour["group_by"] == "hour"
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:00:00Z", t["key"]) for t in by_hour["items"])
+    by_key = gateway.json("usage", "hourly", "--by", "key")
+    assert [(t["key"], t["requests"]) for t in by_key["items"]] == [(created["key"]["id"], 3)]
+    for by in ("model", "provider", "key", "day", "hour"):
+        table = gateway.ok("usage", "hourly", "--by", by).splitlines()
+        total = next(line.split() for line in table if line.startswith("(total)"))
+        assert total[1:3] == ["3", "0"], (by, table)  # 3 requests, 0 errors, whatever the grouping
+    assert gateway.json("requests", "hourly", "--key-id", created["key"]["id"])["items"]
+    assert gateway.json("requests", "hourly", "--key-id", str(uuid.uuid4()))["items"] == []
 
 
 def test_follow_prints_json_lines(gateway):

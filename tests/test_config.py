@@ -142,6 +142,12 @@ def test_oidc_settings():
     assert c.oidc.jwks_url == "https://kc/realms/x/.well-known/jwks.json"
     with pytest.raises(ConfigError, match="audience"):
         load_config({}, {"LECTR_OIDC_ISSUER": "https://kc"})
+    # the dashboard's client id rides along (no client id: no OIDC sign-in in the dashboard)
+    assert c.oidc.client_id is None
+    auth0 = {"AUTH0_DOMAIN": "acme.eu.auth0.com", "AUTH0_AUDIENCE": "https://api"}
+    c = load_config({}, {**auth0, "LECTR_OIDC_CLIENT_ID": " spa-client "})
+    assert c.oidc.client_id == "spa-client"
+    assert load_config({}, {**auth0, "LECTR_OIDC_CLIENT_ID": "  "}).oidc.client_id is None
 
 
 def test_redact_url():

@@ -14,9 +14,9 @@ import pytest_twisted
 from lectr.errors import BadRequest, NotFound
 from lectr.managers.usage import (
     MAX_LIMIT,
-    RequestPage,
     UsageManager,
     decode_cursor,
+    decode_live_cursor,
     encode_cursor,
 )
 from lectr.storage.request_logs import RequestFilter, RequestLogStore
@@ -225,7 +225,9 @@ async def test_last_page_exactly_full_has_no_cursor(manager, store):
     assert len(second.items) == 5
     assert second.next_cursor is None
     empty = await manager.recent_requests(OTHER_ORG)
-    assert empty == RequestPage([], None)
+    assert (empty.items, empty.next_cursor) == ([], None)
+    # the live cursor is there all the same: where a live view starts
+    assert decode_live_cursor(empty.live_cursor) == 10
 
 
 @pytest_twisted.ensureDeferred

@@ -19,6 +19,7 @@ from klein import Klein
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from lectr import __version__
 from lectr.admin import schemas as s
 from lectr.admin.api import (
     Api,
@@ -212,6 +213,7 @@ class AdminApp:
         health=None,
         explainer=None,
         limits=None,
+        sign_in=None,
     ) -> None:
         self._reactor = reactor
         self._db = database
@@ -227,6 +229,7 @@ class AdminApp:
         self._health = health
         self._explainer = explainer
         self._limits = limits
+        self._sign_in = sign_in  # lectr.admin.signin.SignInOptions
         self.dispatcher = Dispatcher(
             authenticator=authenticator, users=users, metrics=metrics, clock=reactor
         )
@@ -317,6 +320,24 @@ class AdminApp:
     )
     async def openapi_document(self, request, call: Call) -> Reply:
         return Reply(200, self._openapi_bytes(), b"application/json; charset=utf-8")
+
+    @api.route(
+        "GET",
+        "/admin/ui-config",
+        P.PUBLIC,
+        summary="How the dashboard signs in",
+        description=(
+            "Whether the admin token is accepted, and the OIDC issuer, client id, audience "
+            "and endpoints for a sign-in with authorization code + PKCE."
+        ),
+        tags=("meta",),
+        responses={200: "UIConfig"},
+    )
+    async def ui_config(self, request, call: Call) -> Reply:
+        options = self._sign_in
+        if options is None:
+            return ok({"version": __version__, "admin_token": False, "oidc": None})
+        return ok(await options.describe())
 
     # --- identity ------------------------------------------------------------------
 
@@ -697,14 +718,18 @@ class AdminApp:
         summary="Recent requests, newest first (keyset pagination)",
         description=(
             "Pass next_cursor back as cursor (with the same filters) for the next, older "
-            "page. limit is clamped to 1..200."
+            "page. Pass live_cursor back as after for the requests stored since, oldest "
+            "first (a live view polls this way; a full page means more are waiting). "
+            "limit is clamped to 1..200."
         ),
         tags=("usage",),
         query=(
             s.LIMIT,
             s.CURSOR,
+            s.AFTER,
             s.PROVIDER_FILTER,
             s.MODEL_FILTER,
+            s.KEY_FILTER,
             s.STATUS_FILTER,
             s.SINCE,
             s.UNTIL,
@@ -718,8 +743,10 @@ class AdminApp:
             call.org_id,
             limit=q["limit"],
             cursor=q.get("cursor"),
+            after=q.get("after"),
             provider=q.get("provider"),
             model=q.get("model"),
+            key_id=q.get("key_id"),
             status=q.get("status"),
             since=q.get("since"),
             until=q.get("until"),
@@ -728,24 +755,37 @@ class AdminApp:
             {
                 "items": [record_view(r, s.REQUEST_FIELDS) for r in page.items],
                 "next_cursor": page.next_cursor,
+                "live_cursor": page.live_cursor,
             }
         )
 
     @api.route(
         "GET",
+        "/admin/orgs/{org_id}/requests/{request_id}",
+        P.ORG_READ,
+        summary="One request of the org",
+        tags=("usage",),
+        responses={200: "RequestLog"},
+    )
+    async def get_request(self, request, call: Call) -> Reply:
+        usage = self._need(self._usage, "request logs")
+        entry = await usage.get_request(call.org_id, call.params["request_id"])
+        return ok(record_view(entry, s.REQUEST_FIELDS))
+
+    @api.route(
+        "GET",
         "/admin/orgs/{org_id}/usage",
         P.ORG_READ,
-        summary="Request and token totals by model, provider or day over a time range",
+        summary="Request and token totals by model, provider, key, day or hour over a time range",
         description="The range is [since, until), at most 366 days; default: the last 30 days.",
         tags=("usage",),
-        query=(s.USAGE_SINCE, s.USAGE_UNTIL, s.GROUP_BY),
+        query=(*s.USAGE_RANGE, s.GROUP_BY),
         responses={200: "UsageReport"},
     )
     async def usage_totals(self, request, call: Call) -> Reply:
         usage = self._need(self._usage, "usage totals")
         q = call.query
-        until = q.get("until") or datetime.fromtimestamp(self._reactor.seconds(), UTC)
-        since = q.get("since") or until - timedelta(days=30)
+        since, until = self._usage_range(q)
         totals = await usage.usage_totals(
             call.org_id, since=since, until=until, group_by=q["group_by"]
         )
@@ -905,6 +945,38 @@ class AdminApp:
     async def explain_route(self, request, call: Call) -> Reply:
         explainer = self._need(self._explainer, "route explanations")
         return ok(await explainer.explain(call.org_id, call.body))
+
+    @api.route(
+        "GET",
+        "/admin/usage",
+        P.AUTHENTICATED,
+        summary="Request and token totals per org over a time range",
+        description=(
+            "One total per org the caller can see (a global admin: every org). "
+            "The range is [since, until), at most 366 days; default: the last 30 days."
+        ),
+        tags=("usage",),
+        query=s.USAGE_RANGE,
+        responses={200: "OrgUsageReport"},
+    )
+    async def org_usage(self, request, call: Call) -> Reply:
+        usage = self._need(self._usage, "usage totals")
+        since, until = self._usage_range(call.query)
+        visible = await self._users.visible_orgs(call.principal)
+        org_ids = None if visible is None else list(visible)
+        totals = await usage.org_totals(org_ids, since=since, until=until)
+        return ok(
+            {
+                "since": since,
+                "until": until,
+                "items": [record_view(t, s.USAGE_FIELDS) for t in totals],
+            }
+        )
+
+    def _usage_range(self, query: dict) -> tuple[datetime, datetime]:
+        until = query.get("until") or datetime.fromtimestamp(self._reactor.seconds(), UTC)
+        since = query.get("since") or until - timedelta(days=30)
+        return since, until
 
     # --- members ----------------------------------------------------------------------------
 

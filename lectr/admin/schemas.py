@@ -203,11 +203,19 @@ STATUS_FILTER = QueryParam(
     string(5, pattern=r"^([1-5][0-9][0-9]|[1-5]xx|error)$"),
     "a status (429), a class (4xx), or 'error' (every status from 400)",
 )
+KEY_FILTER = QueryParam("key_id", {**UUID}, "a Lectr key's id")
 CURSOR = QueryParam("cursor", string(64), "next_cursor of the previous page (same filters)")
+AFTER = QueryParam(
+    "after",
+    string(64),
+    "live_cursor of a previous answer (same filters): the requests stored since, oldest first",
+)
+GROUP_BY_VALUES = ["model", "provider", "key", "day", "hour"]
 GROUP_BY = QueryParam(
     "group_by",
-    {"type": "string", "enum": ["model", "provider", "day"], "default": "model"},
-    "what the totals are grouped by (days are UTC)",
+    {"type": "string", "enum": GROUP_BY_VALUES, "default": "model"},
+    "what the totals are grouped by: model, provider, Lectr key id, UTC day or UTC hour "
+    "(hourly ranges: at most 31 days)",
 )
 USAGE_SINCE = QueryParam(
     "since", {"type": "string", "format": "date-time"}, "inclusive; default: 30 days before until"
@@ -514,15 +522,22 @@ COMPONENTS["RequestPage"] = obj(
             "type": ["string", "null"],
             "description": "pass as cursor for the next (older) page; null: no more",
         },
+        "live_cursor": {
+            "type": "string",
+            "description": "pass as after to get the requests stored since this answer",
+        },
     },
-    ("items", "next_cursor"),
+    ("items", "next_cursor", "live_cursor"),
 )
 _COUNT = {"type": "integer", "minimum": 0}
 COMPONENTS["UsageTotal"] = obj(
     {
         "key": {
             "type": ["string", "null"],
-            "description": "the model (null: requests without one), provider, or UTC day",
+            "description": (
+                "the model (null: requests without one), provider, Lectr key id (null: none "
+                "recorded), org id, UTC day (2025-03-01) or UTC hour (2025-03-01T12:00:00Z)"
+            ),
         },
         "requests": _COUNT,
         "errors": {**_COUNT, "description": "status 400 and above"},
@@ -549,10 +564,62 @@ COMPONENTS["UsageReport"] = obj(
     {
         "since": TIMESTAMP,
         "until": TIMESTAMP,
-        "group_by": {"type": "string", "enum": ["model", "provider", "day"]},
+        "group_by": {"type": "string", "enum": GROUP_BY_VALUES},
         "items": {"type": "array", "items": ref("UsageTotal")},
     },
     ("since", "until", "group_by", "items"),
+)
+COMPONENTS["OrgUsageReport"] = obj(
+    {
+        "since": TIMESTAMP,
+        "until": TIMESTAMP,
+        "items": {
+            "type": "array",
+            "items": ref("UsageTotal"),
+            "description": "one total per org (key: the org id); orgs without requests left out",
+        },
+    },
+    ("since", "until", "items"),
+)
+_URL_OR_NULL = {"type": ["string", "null"], "format": "uri"}
+COMPONENTS["UIConfig"] = obj(
+    {
+        "version": {"type": "string", "description": "Lectr's version"},
+        "admin_token": {
+            "type": "boolean",
+            "description": "whether LECTR_ADMIN_TOKEN is set (the sign-in form may take it)",
+        },
+        "oidc": {
+            "oneOf": [
+                {"type": "null"},
+                obj(
+                    {
+                        "issuer": {"type": "string"},
+                        "client_id": {"type": "string"},
+                        "audience": {"type": "string"},
+                        "scope": {"type": "string"},
+                        "authorization_endpoint": _URL_OR_NULL,
+                        "token_endpoint": _URL_OR_NULL,
+                        "problem": {
+                            "type": ["string", "null"],
+                            "description": "why sign-in with the issuer is unavailable now",
+                        },
+                    },
+                    (
+                        "issuer",
+                        "client_id",
+                        "audience",
+                        "scope",
+                        "authorization_endpoint",
+                        "token_endpoint",
+                        "problem",
+                    ),
+                ),
+            ],
+            "description": "null unless OIDC and LECTR_OIDC_CLIENT_ID are configured",
+        },
+    },
+    ("version", "admin_token", "oidc"),
 )
 
 _USD_OUT = {"type": ["string", "null"], "description": "USD, a decimal string; null: no budget"}
@@ -596,6 +663,8 @@ COMPONENTS["Limits"] = obj(
 )
 
 # lists
+USAGE_RANGE = (USAGE_SINCE, USAGE_UNTIL)
+
 for _name in (
     "Org",
     "ApiKey",

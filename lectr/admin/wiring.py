@@ -1,7 +1,8 @@
 """Building the admin API from the running components (called by
 ``LectrService._admin_site``): identities and memberships, the
-authenticator (admin token, OIDC JWTs with a JWKS cache), the Klein app and
-its Site."""
+authenticator (admin token, OIDC JWTs with a JWKS cache), the dashboard's
+sign-in options (OIDC discovery), the Klein app, the dashboard and their
+Site."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from twisted.logger import Logger
 
 from lectr.admin.app import AdminApp
 from lectr.admin.auth import AdminAuthenticator, JWKSCache, JWTVerifier, treq_http_get
-from lectr.admin.site import AdminSite
+from lectr.admin.signin import OIDCDiscovery, SignInOptions
+from lectr.admin.site import AdminRoot, AdminSite
 from lectr.config import Config
 from lectr.managers.users import UserManager
 from lectr.storage.members import MemberStore
@@ -27,6 +29,19 @@ class AdminParts:
     users: UserManager
     authenticator: AdminAuthenticator
     jwks: JWKSCache | None
+    discovery: OIDCDiscovery | None = None
+
+    def start(self) -> None:
+        """Fetch the issuer's keys and endpoints in the background (the
+        issuer may be down: start-up never waits for it)."""
+        for fetcher in (self.jwks, self.discovery):
+            if fetcher is not None:
+                fetcher.start()
+
+    def stop(self) -> None:
+        for fetcher in (self.jwks, self.discovery):
+            if fetcher is not None:
+                fetcher.stop()
 
 
 def _usage_manager(c):
@@ -52,17 +67,31 @@ def _explainer(c):
 def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
     """``c`` is the service's Components (database, metrics, orgs, vault,
     settings, usage, limits)."""
+    from lectr.dashboard.assets import Assets
+    from lectr.dashboard.resource import DashboardResource
+
     users = UserManager(UserStore(c.database), MemberStore(c.database))
-    jwks = verifier = None
+    jwks = verifier = discovery = None
     oidc = config.oidc
     if oidc is not None:
-        jwks = JWKSCache(oidc.jwks_url, http_get=http_get or treq_http_get(reactor), clock=reactor)
+        http_get = http_get or treq_http_get(reactor)
+        jwks = JWKSCache(oidc.jwks_url, http_get=http_get, clock=reactor)
         verifier = JWTVerifier(issuer=oidc.issuer, audience=oidc.audience, jwks=jwks)
         _log.info(
             "admin API accepts OIDC tokens from {issuer} for {audience}",
             issuer=oidc.issuer,
             audience=oidc.audience,
         )
+        if oidc.client_id:
+            discovery = OIDCDiscovery(oidc.issuer, http_get=http_get, clock=reactor)
+        else:
+            _log.info("the dashboard offers no OIDC sign-in: LECTR_OIDC_CLIENT_ID is not set")
+    sign_in = SignInOptions(
+        admin_token=config.admin_token is not None,
+        oidc=oidc,
+        discovery=discovery,
+        reactor=reactor,
+    )
     if config.admin_token is None and verifier is None:
         _log.warn(
             "admin API: neither LECTR_ADMIN_TOKEN nor OIDC is configured; "
@@ -87,5 +116,8 @@ def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
         health=c.health,
         explainer=_explainer(c),
         limits=getattr(c, "limits", None),  # (absent from partial component sets)
+        sign_in=sign_in,
     )
-    return AdminParts(app, AdminSite(app.resource()), users, authenticator, jwks)
+    dashboard = DashboardResource(Assets.load(), sign_in)
+    site = AdminSite(AdminRoot(app.resource(), dashboard))
+    return AdminParts(app, site, users, authenticator, jwks, discovery)

@@ -1,5 +1,6 @@
 """Reading the request log back (for the admin API): an org's recent
-requests, newest first with keyset pagination, and its usage totals.
+requests, newest first with keyset pagination, the requests logged since a
+live view last looked, one request, and usage totals.
 
 Every argument may arrive as query-string text: the manager validates and
 converts it, and raises :class:`~lectr.errors.BadRequest` for anything
@@ -17,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from lectr.errors import BadRequest
+from lectr.errors import BadRequest, NotFound
 from lectr.storage.request_logs import RequestFilter, RequestLog, RequestLogStore
 from lectr.util.validate import parse_uuid
 
@@ -27,12 +28,15 @@ MAX_LIMIT = 200
 MAX_GROUPS = 1000
 #: the longest range usage totals cover in one call
 MAX_TOTALS_RANGE = timedelta(days=366)
-GROUP_BY = ("model", "provider", "day")
+#: hourly totals cover at most this long a range (744 buckets)
+MAX_HOURLY_RANGE = timedelta(days=31)
+GROUP_BY = ("model", "provider", "key", "day", "hour")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _STATUS_CLASS_RE = re.compile(r"([1-5])xx")
 _CURSOR_RE = re.compile(r"(-?\d{1,18}):(\d{1,19})")
+_LIVE_CURSOR_RE = re.compile(r"live:(\d{1,19})")
 _MAX_ID = 2**63 - 1
 
 
@@ -102,16 +106,24 @@ class RequestEntry:
 class RequestPage:
     items: list[RequestEntry]
     next_cursor: str | None  # pass back as ``cursor`` for the next page; None: no more
+    # pass back as ``after`` for the requests logged since this answer
+    live_cursor: str | None = None
 
     def to_json(self) -> dict:
-        return {"items": [i.to_json() for i in self.items], "next_cursor": self.next_cursor}
+        return {
+            "items": [i.to_json() for i in self.items],
+            "next_cursor": self.next_cursor,
+            "live_cursor": self.live_cursor,
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class UsageTotal:
     """Totals of one group over the range."""
 
-    key: str | None  # the model (None: requests without one), the provider, or "YYYY-MM-DD" (UTC)
+    # the model (None: requests without one), the provider, the Lectr key id
+    # (None: no key recorded), "YYYY-MM-DD" or "YYYY-MM-DDTHH:00:00Z" (UTC)
+    key: str | None
     requests: int
     errors: int  # status >= 400 (499: the client went away)
     unmetered: int  # requests whose usage is unknown (usage_source "none")
@@ -153,6 +165,46 @@ def decode_cursor(cursor: object) -> tuple[datetime, int]:
     except OverflowError:
         raise BadRequest("invalid cursor") from None
     return created_at, row_id
+
+
+def encode_live_cursor(row_id: int) -> str:
+    """A live view's position: the id of the newest row it has accounted for."""
+    return base64.urlsafe_b64encode(f"live:{row_id}".encode()).rstrip(b"=").decode()
+
+
+def decode_live_cursor(cursor: object) -> int:
+    if not isinstance(cursor, str) or not 1 <= len(cursor) <= 64:
+        raise BadRequest("invalid after cursor")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        raise BadRequest("invalid after cursor") from None
+    m = _LIVE_CURSOR_RE.fullmatch(raw)
+    if m is None or int(m.group(1)) > _MAX_ID:
+        raise BadRequest("invalid after cursor")
+    return int(m.group(1))
+
+
+def _group_key(value: object) -> str | None:
+    if isinstance(value, datetime):  # an hour (UTC, naive from the query)
+        return value.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+    if isinstance(value, date):
+        return value.isoformat()
+    return None if value is None else str(value)
+
+
+def _total(r) -> UsageTotal:
+    return UsageTotal(
+        key=_group_key(r.key),
+        requests=r.requests,
+        errors=r.errors,
+        unmetered=r.unmetered,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        total_tokens=r.total_tokens,
+        cached_tokens=r.cached_tokens,
+        cache_creation_tokens=r.cache_creation_tokens,
+    )
 
 
 # --- argument parsing ----------------------------------------------------------------
@@ -229,6 +281,15 @@ def parse_provider(value: object) -> str | None:
     return value
 
 
+def parse_key_id(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_uuid(value, "key")
+    except NotFound:
+        raise BadRequest("key_id must be a Lectr key id (a UUID)") from None
+
+
 def parse_model(value: object) -> str | None:
     if value is None or value == "":
         return None
@@ -252,22 +313,33 @@ class UsageManager:
         *,
         limit: object = DEFAULT_LIMIT,
         cursor: object = None,
+        after: object = None,
         provider: object = None,
         model: object = None,
+        key_id: object = None,
         status: object = None,
         since: object = None,
         until: object = None,
     ) -> RequestPage:
         """An org's requests, newest first. ``cursor`` is the previous page's
         ``next_cursor``; filters narrow the listing (a page and its cursor
-        must be read with the same filters)."""
+        must be read with the same filters).
+
+        ``after`` (a previous answer's ``live_cursor``) asks instead for the
+        requests stored since that answer, oldest first: a live view polls
+        with it. Its answer's ``live_cursor`` continues from there (when the
+        page is full, more are waiting)."""
         org = parse_uuid(org_id, "organization")
         n = parse_limit(limit)
-        before = decode_cursor(cursor) if cursor not in (None, "") else None
+        has_cursor = cursor not in (None, "")
+        has_after = after not in (None, "")
+        if has_cursor and has_after:
+            raise BadRequest("give cursor (older requests) or after (newer ones), not both")
         status_min, status_max = parse_status(status)
         where = RequestFilter(
             provider=parse_provider(provider),
             model=parse_model(model),
+            key_id=parse_key_id(key_id),
             status_min=status_min,
             status_max=status_max,
             since=parse_time(since, "since"),
@@ -275,43 +347,83 @@ class UsageManager:
         )
         if where.since and where.until and where.since >= where.until:
             raise BadRequest("since must be earlier than until")
+        if has_after:
+            return await self._newer(org, decode_live_cursor(after), n, where)
+        before = decode_cursor(cursor) if has_cursor else None
+        # Read the newest id first: a row stored between the two queries
+        # shows up twice (the client drops repeats by request_id) rather
+        # than never.
+        last_id = await self._store.last_id()
         rows = await self._store.recent(org, limit=n + 1, before=before, where=where)
         more = len(rows) > n
         rows = rows[:n]
         next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
-        return RequestPage([RequestEntry.from_row(r) for r in rows], next_cursor)
+        last_id = max([last_id, *(r.id for r in rows)])
+        return RequestPage(
+            [RequestEntry.from_row(r) for r in rows], next_cursor, encode_live_cursor(last_id)
+        )
+
+    async def _newer(self, org: str, after_id: int, n: int, where: RequestFilter) -> RequestPage:
+        last_id = await self._store.last_id()
+        rows = await self._store.newer(org, after_id=after_id, limit=n, where=where)
+        if len(rows) == n:  # a full page: continue right after it
+            position = rows[-1].id
+        else:
+            position = max([after_id, last_id, *(r.id for r in rows)])
+        return RequestPage(
+            [RequestEntry.from_row(r) for r in rows], None, encode_live_cursor(position)
+        )
+
+    async def get_request(self, org_id: object, request_id: object) -> RequestEntry:
+        org = parse_uuid(org_id, "organization")
+        rid = parse_uuid(request_id, "request")
+        row = await self._store.get(org, rid)
+        if row is None:
+            raise NotFound("request not found")
+        return RequestEntry.from_row(row)
 
     async def usage_totals(
         self, org_id: object, *, since: object, until: object, group_by: object
     ) -> list[UsageTotal]:
-        """Totals over ``[since, until)`` grouped by ``model``, ``provider``
-        or ``day`` (UTC). Models and providers come busiest first (at most
-        MAX_GROUPS); days in order, days without requests left out."""
+        """Totals over ``[since, until)`` grouped by ``model``, ``provider``,
+        ``key`` (the Lectr key id), ``day`` or ``hour`` (UTC). Models,
+        providers and keys come busiest first (at most MAX_GROUPS); days and
+        hours in order, those without requests left out."""
         org = parse_uuid(org_id, "organization")
         if group_by not in GROUP_BY:
-            raise BadRequest("group_by must be one of: model, provider, day")
-        start = parse_time(since, "since")
-        end = parse_time(until, "until")
-        if start is None or end is None:
-            raise BadRequest("since and until are required")
-        if start >= end:
-            raise BadRequest("since must be earlier than until")
-        if end - start > MAX_TOTALS_RANGE:
-            raise BadRequest(f"the range may span at most {MAX_TOTALS_RANGE.days} days")
+            raise BadRequest(f"group_by must be one of: {', '.join(GROUP_BY)}")
+        start, end = _range(since, until)
+        if group_by == "hour" and end - start > MAX_HOURLY_RANGE:
+            raise BadRequest(
+                f"hourly totals cover at most {MAX_HOURLY_RANGE.days} days; group by day"
+            )
         rows = await self._store.totals(
             org, since=start, until=end, group_by=group_by, limit=MAX_GROUPS
         )
-        return [
-            UsageTotal(
-                key=r.key.isoformat() if isinstance(r.key, date) else r.key,
-                requests=r.requests,
-                errors=r.errors,
-                unmetered=r.unmetered,
-                prompt_tokens=r.prompt_tokens,
-                completion_tokens=r.completion_tokens,
-                total_tokens=r.total_tokens,
-                cached_tokens=r.cached_tokens,
-                cache_creation_tokens=r.cache_creation_tokens,
-            )
-            for r in rows
-        ]
+        return [_total(r) for r in rows]
+
+    async def org_totals(
+        self, org_ids: list[str] | None, *, since: object, until: object
+    ) -> list[UsageTotal]:
+        """One total per org over ``[since, until)`` (``key``: the org id),
+        for ``org_ids`` (None: every org); orgs without requests are left
+        out."""
+        start, end = _range(since, until)
+        if org_ids is not None:
+            org_ids = [parse_uuid(o, "organization") for o in org_ids]
+            if not org_ids:
+                return []
+        rows = await self._store.totals_by_org(org_ids, since=start, until=end)
+        return sorted((_total(r) for r in rows), key=lambda t: (-t.requests, t.key or ""))
+
+
+def _range(since: object, until: object) -> tuple[datetime, datetime]:
+    start = parse_time(since, "since")
+    end = parse_time(until, "until")
+    if start is None or end is None:
+        raise BadRequest("since and until are required")
+    if start >= end:
+        raise BadRequest("since must be earlier than until")
+    if end - start > MAX_TOTALS_RANGE:
+        raise BadRequest(f"the range may span at most {MAX_TOTALS_RANGE.days} days")
+    return start, end

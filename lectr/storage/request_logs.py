@@ -73,6 +73,7 @@ class RequestFilter:
 
     provider: str | None = None
     model: str | None = None
+    key_id: str | None = None
     status_min: int | None = None  # inclusive
     status_max: int | None = None  # inclusive
     since: datetime | None = None  # inclusive
@@ -96,8 +97,39 @@ class UsageAggregate:
 _GROUP_KEYS = {
     "model": ("model", "requests DESC, key NULLS LAST"),
     "provider": ("provider", "requests DESC, key"),
+    "key": ("key_id", "requests DESC, key NULLS LAST"),
     "day": ("(created_at AT TIME ZONE 'UTC')::date", "key"),
+    "hour": ("date_trunc('hour', created_at AT TIME ZONE 'UTC')", "key"),
 }
+_TOTALS = (
+    "count(*) AS requests, "
+    "count(*) FILTER (WHERE status >= 400), "
+    "count(*) FILTER (WHERE usage_source = 'none'), "
+    "coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
+    "coalesce(sum(total_tokens), 0), coalesce(sum(cached_tokens), 0), "
+    "coalesce(sum(cache_creation_tokens), 0)"
+)
+
+
+def _conditions(where: RequestFilter, sql: list[str], args: list) -> None:
+    """Append the filter's conditions (bound parameters only)."""
+    for column, value in (
+        ("provider", where.provider),
+        ("model", where.model),
+        ("key_id", where.key_id),
+    ):
+        if value is not None:
+            sql.append(f"AND {column} = %s")
+            args.append(value)
+    for condition, value in (
+        ("status >= %s", where.status_min),
+        ("status <= %s", where.status_max),
+        ("created_at >= %s", where.since),
+        ("created_at < %s", where.until),
+    ):
+        if value is not None:
+            sql.append(f"AND {condition}")
+            args.append(value)
 
 
 def _array(values: list) -> str:
@@ -204,24 +236,7 @@ class RequestLogStore:
         older than ``before`` (a ``(created_at, id)`` keyset position)."""
         sql = [f"SELECT {_SELECT_COLUMNS} FROM request_logs WHERE org_id = %s"]
         args: list = [org_id]
-        if where.provider is not None:
-            sql.append("AND provider = %s")
-            args.append(where.provider)
-        if where.model is not None:
-            sql.append("AND model = %s")
-            args.append(where.model)
-        if where.status_min is not None:
-            sql.append("AND status >= %s")
-            args.append(where.status_min)
-        if where.status_max is not None:
-            sql.append("AND status <= %s")
-            args.append(where.status_max)
-        if where.since is not None:
-            sql.append("AND created_at >= %s")
-            args.append(where.since)
-        if where.until is not None:
-            sql.append("AND created_at < %s")
-            args.append(where.until)
+        _conditions(where, sql, args)
         if before is not None:
             sql.append("AND (created_at, id) < (%s, %s)")
             args.extend(before)
@@ -234,16 +249,11 @@ class RequestLogStore:
         self, org_id: str, *, since: datetime, until: datetime, group_by: str, limit: int
     ) -> list[UsageAggregate]:
         """Request and token totals of an org over ``[since, until)``, grouped
-        by model, provider or UTC day; at most ``limit`` groups (the busiest
-        first; days in order)."""
+        by model, provider, Lectr key, UTC day or UTC hour; at most ``limit``
+        groups (the busiest first; days and hours in order)."""
         key, order = _GROUP_KEYS[group_by]
         sql = (
-            f"SELECT {key} AS key, count(*) AS requests, "
-            "count(*) FILTER (WHERE status >= 400), "
-            "count(*) FILTER (WHERE usage_source = 'none'), "
-            "coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
-            "coalesce(sum(total_tokens), 0), coalesce(sum(cached_tokens), 0), "
-            "coalesce(sum(cache_creation_tokens), 0) "
+            f"SELECT {key} AS key, {_TOTALS} "
             "FROM request_logs WHERE org_id = %s AND created_at >= %s AND created_at < %s "
             f"GROUP BY 1 ORDER BY {order} LIMIT %s"
         )
@@ -251,6 +261,52 @@ class RequestLogStore:
             f"request_log_totals_by_{group_by}", sql, (org_id, since, until, limit)
         )
         return [UsageAggregate(*r) for r in rows]
+
+    async def totals_by_org(
+        self, org_ids: list[str] | None, *, since: datetime, until: datetime
+    ) -> list[UsageAggregate]:
+        """One total per org over ``[since, until)`` (``key`` is the org id),
+        for the given orgs (None: every org)."""
+        sql = [
+            f"SELECT org_id AS key, {_TOTALS} FROM request_logs "
+            "WHERE created_at >= %s AND created_at < %s"
+        ]
+        args: list = [since, until]
+        if org_ids is not None:
+            sql.append("AND org_id = ANY(%s::uuid[])")
+            args.append(list(org_ids))
+        sql.append("GROUP BY 1")
+        rows = await self._db.runQuery("request_log_totals_by_org", " ".join(sql), args)
+        return [UsageAggregate(*r) for r in rows]
+
+    async def get(self, org_id: str, request_id: str) -> RequestLog | None:
+        rows = await self._db.runQuery(
+            "get_request_log",
+            f"SELECT {_SELECT_COLUMNS} FROM request_logs WHERE request_id = %s AND org_id = %s",
+            (request_id, org_id),
+        )
+        return RequestLog(*rows[0]) if rows else None
+
+    async def newer(
+        self, org_id: str, *, after_id: int, limit: int, where: RequestFilter = RequestFilter()
+    ) -> list[RequestLog]:
+        """An org's rows stored after row ``after_id`` (ids grow as rows are
+        inserted), in insertion order: what a live view has not seen yet.
+        The scan walks the primary key from ``after_id``, so it reads only
+        the rows (of every org) inserted since."""
+        sql = [f"SELECT {_SELECT_COLUMNS} FROM request_logs WHERE id > %s AND org_id = %s"]
+        args: list = [after_id, org_id]
+        _conditions(where, sql, args)
+        sql.append("ORDER BY id LIMIT %s")
+        args.append(limit)
+        rows = await self._db.runQuery("newer_request_logs", " ".join(sql), args)
+        return [RequestLog(*r) for r in rows]
+
+    async def last_id(self) -> int:
+        """The id of the newest stored row (0 when there is none): a live
+        view's starting point (one step down the primary key)."""
+        rows = await self._db.runQuery("last_request_log_id", "SELECT max(id) FROM request_logs")
+        return rows[0][0] or 0
 
     async def count(self, org_id: str | None = None) -> int:
         """How many rows (of one org); for tests and tooling."""
