@@ -294,6 +294,10 @@ async def test_entries_are_json_ready(manager, store):
         "cache_creation_tokens",
         "usage_source",
         "error_type",
+        "route",
+        "provider_key_id",
+        "attempts",
+        "fallbacks",
     }
 
 
