@@ -20,13 +20,14 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     PrimaryKeyConstraint,
     SmallInteger,
     Table,
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 
 metadata = MetaData()
 
@@ -177,6 +178,13 @@ request_logs = Table(
     Column("cache_creation_tokens", Integer, nullable=True),
     Column("usage_source", Text, nullable=False, server_default=text("'none'")),
     Column("error_type", Text, nullable=True),
+    # migration 0006: pricing
+    Column("reasoning_tokens", Integer, nullable=True),
+    Column("cache_creation_1h_tokens", Integer, nullable=True),
+    Column("response_model", Text, nullable=True),  # the model the provider says it served
+    Column("usage_raw", Text, nullable=True),  # the provider's usage object (<= 4 KiB)
+    Column("cost_usd", Numeric, nullable=True),  # NULL: unpriced
+    Column("price_basis_id", BigInteger, nullable=True),  # price_bases.id (no FK: append-only)
     CheckConstraint(
         "usage_source IN ('provider', 'estimated', 'none')", name="request_logs_usage_source"
     ),
@@ -213,6 +221,66 @@ request_logs = Table(
     Index("request_logs_created_brin", "created_at", postgresql_using="brin"),
 )
 
+# The rates each stored cost was computed with, once per distinct set
+# (id: the first 8 bytes of the SHA-256 of the document).
+price_bases = Table(
+    "price_bases",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("basis", JSONB, nullable=False),
+    Column("created_at", TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+)
+
+# Global admins' prices: overrides of catalogue entries and custom models.
+price_overrides = Table(
+    "price_overrides",
+    metadata,
+    Column("provider", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("prices", JSONB, nullable=False),
+    *_timestamps(),
+    PrimaryKeyConstraint("provider", "model", name="price_overrides_pkey"),
+    CheckConstraint(
+        "char_length(provider) BETWEEN 1 AND 64 AND char_length(model) BETWEEN 1 AND 256",
+        name="price_overrides_name_length",
+    ),
+)
+
+# Hourly totals of request_logs, kept by the usage flusher in the same
+# transaction as the rows. A NULL model is stored as '', a NULL key as the
+# nil UUID. No foreign key, as for request_logs: deleting an org deletes its
+# rollups explicitly; request-log retention leaves them.
+_ROLLUP_COUNTS = (
+    "requests",
+    "errors",
+    "unmetered",
+    "estimated",
+    "unpriced",
+    "cache_hits",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+    "cache_creation_1h_tokens",
+    "reasoning_tokens",
+)
+usage_hourly = Table(
+    "usage_hourly",
+    metadata,
+    Column("org_id", UUID(as_uuid=False), nullable=False),
+    Column("hour", TIMESTAMP(timezone=True), nullable=False),
+    Column("provider", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("key_id", UUID(as_uuid=False), nullable=False),
+    *[
+        Column(name, BigInteger, nullable=False, server_default=text("0"))
+        for name in _ROLLUP_COUNTS
+    ],
+    Column("cost_usd", Numeric, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("org_id", "hour", "provider", "model", "key_id", name="usage_hourly_pkey"),
+)
+
 TABLES_WITH_UPDATED_AT = (
     "organizations",
     "api_keys",
@@ -220,4 +288,5 @@ TABLES_WITH_UPDATED_AT = (
     "org_provider_settings",
     "user_identities",
     "org_members",
+    "price_overrides",
 )
