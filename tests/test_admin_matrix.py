@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest_twisted
 
 from lectr.admin.app import AdminApp
+from lectr.storage.request_logs import RequestLogStore
+from lectr.usage.model import Usage, UsageRecord
 from tests.support.admin import AdminClient, start_admin_env
 from tests.support.fake_provider import OPENAI_KEY
 
@@ -35,6 +38,7 @@ class Route:
     needs: str  # read | write | owner
     body: object = None  # dict, or a callable(world, org) -> dict
     ok: int = 200
+    query: str = ""  # appended to the path
 
 
 ORG_ROUTES = [
@@ -61,6 +65,8 @@ ORG_ROUTES = [
     ),
     Route("GET", "/admin/orgs/{org_id}/requests", "read"),
     Route("GET", "/admin/orgs/{org_id}/usage", "read"),
+    # (no org in the path: the request's org decides)
+    Route("GET", "/admin/requests/{request_id}", "read"),
     Route("GET", "/admin/orgs/{org_id}/members", "owner"),
     Route(
         "POST",
@@ -80,6 +86,28 @@ GLOBAL_ROUTES = [
     (Route("GET", "/admin/users", "global"), {"global"}),
     (Route("PUT", "/admin/users/{user_id}", "global", {"is_admin": False}), {"global"}),
     (Route("GET", "/admin/vault/rotation", "global"), {"global"}),
+    (Route("GET", "/admin/pricing", "any"), set(PRINCIPALS)),
+    (
+        Route(
+            "PUT",
+            "/admin/pricing",
+            "global",
+            {
+                "provider": "openai",
+                "model": "gpt-matrix",
+                "input": 1,
+                "output": 2,
+                "checked": "2025-01-01",
+            },  # fmt: skip
+        ),
+        {"global"},
+    ),
+    (
+        Route(
+            "DELETE", "/admin/pricing", "global", ok=204, query="?provider=openai&model=gpt-matrix"
+        ),
+        {"global"},
+    ),
 ]
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/admin/openapi.json"}
 
@@ -100,6 +128,7 @@ class Org:
     key_id: str  # an extra Lectr key
     provider_key_id: str
     victim_id: str  # a member that may be removed
+    request_id: str  # a logged request
 
 
 class World:
@@ -130,7 +159,23 @@ class World:
                 await c.users.put_member(org.id, member_user, role)
         key = await c.orgs.create_key(org.id, "extra")
         pkey = await c.vault.add_key(org.id, "openai", OPENAI_KEY)
-        return Org(org.id, key.key.id, pkey.id, self.ids["victim"])
+        logged = UsageRecord(
+            request_id=str(uuid.uuid4()),
+            created_at=datetime.now(UTC),
+            org_id=org.id,
+            key_id=key.key.id,
+            provider="openai",
+            model="gpt-4o",
+            method="POST",
+            path="/v1/chat/completions",
+            status=200,
+            latency_ms=1.0,
+            ttfb_ms=1.0,
+            streamed=False,
+            usage=Usage(1, 1, 2, 0, None, "provider"),
+        )
+        await RequestLogStore(c.database).insert([logged])
+        return Org(org.id, key.key.id, pkey.id, self.ids["victim"], logged.request_id)
 
     async def make_orgs(self) -> dict[str, Org | None]:
         own = await self.make_org(
@@ -145,7 +190,10 @@ def concrete(route: Route, orgs: dict[str, Org | None], target: str, world: Worl
     org_id = orgs[target].id if orgs[target] else str(uuid.uuid4())
     key_id = org.provider_key_id if "provider-keys" in route.template else org.key_id
     user_id = org.victim_id if "members" in route.template else world.ids["victim"]
-    return route.template.format(org_id=org_id, key_id=key_id, user_id=user_id, provider="openai")
+    request_id = orgs[target].request_id if orgs[target] else str(uuid.uuid4())
+    return route.template.format(
+        org_id=org_id, key_id=key_id, user_id=user_id, provider="openai", request_id=request_id
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -171,7 +219,7 @@ async def test_authorization_matrix(db_url, tmp_path):
                         )
         for route, allowed in GLOBAL_ROUTES:
             for principal in PRINCIPALS:
-                path = route.template.format(user_id=world.ids["victim"])
+                path = route.template.format(user_id=world.ids["victim"]) + route.query
                 answer = await world.clients[principal].call(route.method, path, route.body)
                 want = route.ok if principal in allowed else 403
                 count += 1
@@ -181,7 +229,9 @@ async def test_authorization_matrix(db_url, tmp_path):
                         f"(expected {want})"
                     )
             anonymous = await env.client(None).call(
-                route.method, route.template.format(user_id=world.ids["victim"]), route.body
+                route.method,
+                route.template.format(user_id=world.ids["victim"]) + route.query,
+                route.body,
             )
             if anonymous.status != 401:
                 failures.append(f"{route.method} {route.template} anonymous: {anonymous.status}")
@@ -202,4 +252,8 @@ def test_the_matrix_covers_every_route():
 def test_org_routes_declare_the_permission_the_matrix_expects():
     by_route = {(op.method, op.path): op.permission.value for op in AdminApp.api.operations}
     for route in ORG_ROUTES:
+        if "{org_id}" not in route.template:
+            # the handler checks the org it finds (the matrix above proves it)
+            assert by_route[(route.method, route.template)] == "authenticated", route
+            continue
         assert by_route[(route.method, route.template)] == f"org_{route.needs}", route

@@ -24,7 +24,7 @@ from lectr.admin.api import Api, Call, Dispatcher, Reply, created, no_content, o
 from lectr.admin.api import write_error as _write_error
 from lectr.admin.openapi import build_openapi
 from lectr.db.database import Database, DatabaseUnavailable
-from lectr.errors import ServiceUnavailable
+from lectr.errors import BadRequest, ServiceUnavailable
 from lectr.managers.orgs import IssuedKey
 from lectr.managers.users import Permission, Principal, UserManager
 from lectr.metrics import Registry
@@ -151,6 +151,7 @@ class AdminApp:
         vault=None,
         settings=None,
         usage=None,
+        pricing=None,
     ) -> None:
         self._reactor = reactor
         self._db = database
@@ -160,6 +161,7 @@ class AdminApp:
         self._vault = vault
         self._settings = settings
         self._usage = usage
+        self._pricing = pricing
         self.dispatcher = Dispatcher(
             authenticator=authenticator, users=users, metrics=metrics, clock=reactor
         )
@@ -562,8 +564,12 @@ class AdminApp:
         "GET",
         "/admin/orgs/{org_id}/usage",
         P.ORG_READ,
-        summary="Request and token totals by model, provider or day over a time range",
-        description="The range is [since, until), at most 366 days; default: the last 30 days.",
+        summary="Request, token and cost totals by model, provider, key, day or hour",
+        description=(
+            "Read from the hourly rollups. The range is [since, until) in whole hours: since "
+            "is rounded down and until up to the hour, and the answer gives the range "
+            "covered; at most 366 days; default: the last 30 days."
+        ),
         tags=("usage",),
         query=(s.USAGE_SINCE, s.USAGE_UNTIL, s.GROUP_BY),
         responses={200: "UsageReport"},
@@ -573,17 +579,95 @@ class AdminApp:
         q = call.query
         until = q.get("until") or datetime.fromtimestamp(self._reactor.seconds(), UTC)
         since = q.get("since") or until - timedelta(days=30)
-        totals = await usage.usage_totals(
+        report = await usage.usage_totals(
             call.org_id, since=since, until=until, group_by=q["group_by"]
         )
         return ok(
             {
-                "since": since,
-                "until": until,
-                "group_by": q["group_by"],
-                "items": [record_view(t, s.USAGE_FIELDS) for t in totals],
+                "since": report.since,
+                "until": report.until,
+                "group_by": report.group_by,
+                "items": [record_view(t, s.USAGE_FIELDS) for t in report.items],
             }
         )
+
+    @api.route(
+        "GET",
+        "/admin/requests/{request_id}",
+        P.AUTHENTICATED,
+        summary="One request with its cost explained: tokens, prices used and the arithmetic",
+        description=(
+            "Any member of the request's org may read it; for anyone else it does not exist (404)."
+        ),
+        tags=("usage",),
+        responses={200: "CostExplanation"},
+        errors=(404,),
+    )
+    async def explain_request(self, request, call: Call) -> Reply:
+        usage = self._need(self._usage, "request logs")
+        explanation = await usage.explain(call.params["request_id"])
+        await self._users.authorize(call.principal, P.ORG_READ, explanation.org_id)
+        doc = explanation.to_json()
+        doc["request"] = record_view(explanation.request, s.REQUEST_FIELDS)
+        return ok(doc)
+
+    # --- prices -------------------------------------------------------------------------------
+
+    @api.route(
+        "GET",
+        "/admin/pricing",
+        P.AUTHENTICATED,
+        summary="The prices in effect: the shipped catalogue and the overrides",
+        description=(
+            "With provider and model: the one entry that prices that model (dated snapshots "
+            "resolve to their model), or none."
+        ),
+        tags=("pricing",),
+        query=(s.PRICE_PROVIDER, s.PRICE_MODEL),
+        responses={200: "PriceList"},
+    )
+    async def list_prices(self, request, call: Call) -> Reply:
+        pricing = self._need(self._pricing, "prices")
+        views = pricing.list_prices(call.query.get("provider"), call.query.get("model"))
+        return ok(items(v.to_json() for v in views))
+
+    @api.route(
+        "PUT",
+        "/admin/pricing",
+        P.GLOBAL_ADMIN,
+        summary="Set the price of a model (an override, or a custom model)",
+        description=(
+            "Replaces the whole entry; every node prices with it within a second. Rates are "
+            "USD per million tokens; a missing cache rate means the input rate."
+        ),
+        tags=("pricing",),
+        body=s.SET_PRICE,
+        responses={200: "Price"},
+    )
+    async def set_price(self, request, call: Call) -> Reply:
+        pricing = self._need(self._pricing, "prices")
+        body = dict(call.body)
+        provider, model = body.pop("provider"), body.pop("model")
+        view = await pricing.set_price(provider, model, body)
+        return ok(view.to_json())
+
+    @api.route(
+        "DELETE",
+        "/admin/pricing",
+        P.GLOBAL_ADMIN,
+        summary="Remove a price override (the shipped price, if any, applies again)",
+        tags=("pricing",),
+        query=(s.PRICE_PROVIDER_REQUIRED, s.PRICE_MODEL_REQUIRED),
+        responses={204: None},
+        errors=(404,),
+    )
+    async def unset_price(self, request, call: Call) -> Reply:
+        pricing = self._need(self._pricing, "prices")
+        provider, model = call.query.get("provider"), call.query.get("model")
+        if not provider or not model:
+            raise BadRequest("provider and model are required")
+        await pricing.unset_price(provider, model)
+        return no_content()
 
     # --- members ----------------------------------------------------------------------------
 
