@@ -69,7 +69,7 @@ _ROLLUP_ADD = ", ".join(f"{c} = u.{c} + EXCLUDED.{c}" for c in (*ROLLUP_COUNTS, 
 _INSERT_SQL = (
     "WITH bases AS ("
     " INSERT INTO price_bases (id, basis)"
-    " SELECT * FROM unnest(%s::bigint[], %s::jsonb[]) ON CONFLICT DO NOTHING"
+    " SELECT * FROM unnest(%s::bigint[], %s::jsonb[]) ORDER BY 1 ON CONFLICT DO NOTHING"
     "), ins AS ("
     f" INSERT INTO request_logs ({_INSERT_COLUMNS})"
     " SELECT * FROM unnest("
@@ -77,6 +77,9 @@ _INSERT_SQL = (
     "%s::text[], %s::text[], %s::smallint[], %s::float8[], %s::float8[], %s::bool[], "
     "%s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::text[], %s::text[], "
     "%s::int[], %s::int[], %s::text[], %s::text[], %s::numeric[], %s::bigint[]) "
+    # in request id order: concurrent batches holding the same rows (a replay
+    # racing a late commit) wait for each other instead of deadlocking
+    " ORDER BY 1"
     # no conflict target: the same statement works once request_logs is
     # partitioned (unique on request_id and created_at)
     " ON CONFLICT DO NOTHING"
