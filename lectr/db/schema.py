@@ -188,25 +188,9 @@ request_logs = Table(
     CheckConstraint(
         "usage_source IN ('provider', 'estimated', 'none')", name="request_logs_usage_source"
     ),
-    # Listing newest first, and (covering) the usage totals as an index-only
-    # scan; see migrations/versions/0002_request_log_indexes.py.
-    Index(
-        "request_logs_org_created_idx",
-        "org_id",
-        text("created_at DESC"),
-        text("id DESC"),
-        postgresql_include=[
-            "provider",
-            "model",
-            "status",
-            "usage_source",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "cached_tokens",
-            "cache_creation_tokens",
-        ],
-    ),
+    # Listing newest first (usage totals read usage_hourly; migration 0006
+    # dropped the columns this index INCLUDEd for them)
+    Index("request_logs_org_created_idx", "org_id", text("created_at DESC"), text("id DESC")),
     Index(
         "request_logs_org_model_idx", "org_id", "model", text("created_at DESC"), text("id DESC")
     ),

@@ -9,13 +9,13 @@ ever filter with parameters.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
 from lectr.db.database import Database, Transaction
-from lectr.pricing.cost import format_usd
 from lectr.usage.model import UsageRecord
 
 # "LECTRRET": one node at a time runs the retention deletes
@@ -208,6 +208,28 @@ def _array(values: list) -> str:
     return "{" + ",".join(parts) + "}"
 
 
+_NUMERIC = (int, float, bool)
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:E[-+]?[0-9]+)?")
+
+
+def _numbers(values: list) -> str:
+    """An array literal of numbers (or booleans, or NULL) without quoting:
+    their text cannot hold a separator. Anything else (a bug upstream)
+    takes the quoting path, so it still cannot shift the other values."""
+    try:
+        return "{" + ",".join(["NULL" if v is None else _plain(v) for v in values]) + "}"
+    except TypeError:
+        return _array(values)
+
+
+def _plain(v: object) -> str:
+    if type(v) in _NUMERIC:
+        return str(v)
+    if type(v) is str and _DECIMAL_TEXT.fullmatch(v):  # a Decimal's text
+        return v
+    raise TypeError("not a number")
+
+
 def _bases(rows: Sequence[UsageRecord]) -> tuple[str, str]:
     """The distinct price bases a batch names: (ids, documents) arrays."""
     seen: dict[int, str] = {}
@@ -236,23 +258,24 @@ def _columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
         _array([r.model for r in rows]),
         _array([r.method for r in rows]),
         _array([r.path for r in rows]),
-        _array([r.status for r in rows]),
-        _array([r.latency_ms for r in rows]),
-        _array([r.ttfb_ms for r in rows]),
-        _array([r.streamed for r in rows]),
-        _array([r.usage.prompt_tokens for r in rows]),
-        _array([r.usage.completion_tokens for r in rows]),
-        _array([r.usage.total_tokens for r in rows]),
-        _array([r.usage.cached_tokens for r in rows]),
-        _array([r.usage.cache_creation_tokens for r in rows]),
+        _numbers([r.status for r in rows]),
+        _numbers([r.latency_ms for r in rows]),
+        _numbers([r.ttfb_ms for r in rows]),
+        _numbers([r.streamed for r in rows]),
+        _numbers([r.usage.prompt_tokens for r in rows]),
+        _numbers([r.usage.completion_tokens for r in rows]),
+        _numbers([r.usage.total_tokens for r in rows]),
+        _numbers([r.usage.cached_tokens for r in rows]),
+        _numbers([r.usage.cache_creation_tokens for r in rows]),
         _array([r.usage.source for r in rows]),
         _array([r.error_type for r in rows]),
-        _array([r.usage.reasoning_tokens for r in rows]),
-        _array([r.usage.cache_creation_1h_tokens for r in rows]),
+        _numbers([r.usage.reasoning_tokens for r in rows]),
+        _numbers([r.usage.cache_creation_1h_tokens for r in rows]),
         _array([r.usage.model for r in rows]),
         _array([r.usage.raw for r in rows]),
-        _array([format_usd(r.cost_usd) for r in rows]),
-        _array([_basis_id(r) for r in rows]),
+        # (str: PostgreSQL reads a Decimal's exponent form, 1.5E-7, exactly)
+        _numbers([None if r.cost_usd is None else str(r.cost_usd) for r in rows]),
+        _numbers([_basis_id(r) for r in rows]),
     )
 
 

@@ -19,6 +19,11 @@ Create Date: 2026-12-10
   (one pass over ``request_logs``; a few seconds per million rows).
   NULL models and keys are stored as '' and the nil UUID (a primary key
   cannot hold NULL, and PostgreSQL 13 has no NULLS NOT DISTINCT).
+- ``request_logs_org_created_idx`` loses the columns it INCLUDEd for the
+  totals' index-only scans (migration 0002): totals now read the rollups, and
+  a slimmer index makes every insert cheaper (the rows are wider now). It is
+  rebuilt in the migration's transaction, which blocks inserts into
+  request_logs meanwhile (the recorder spills and replays).
 """
 
 import sqlalchemy as sa
@@ -31,6 +36,17 @@ branch_labels = None
 depends_on = None
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
+_INCLUDED_BY_0002 = [
+    "provider",
+    "model",
+    "status",
+    "usage_source",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+]
 _COUNTS = (
     "requests",
     "errors",
@@ -100,6 +116,13 @@ def upgrade() -> None:
             "org_id", "hour", "provider", "model", "key_id", name="usage_hourly_pkey"
         ),
     )
+    op.drop_index("request_logs_org_created_idx", table_name="request_logs")
+    op.create_index(
+        "request_logs_org_created_idx",
+        "request_logs",
+        ["org_id", sa.text("created_at DESC"), sa.text("id DESC")],
+    )
+
     # the rows already stored
     op.execute(
         f"""
@@ -122,6 +145,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("request_logs_org_created_idx", table_name="request_logs")
+    op.create_index(
+        "request_logs_org_created_idx",
+        "request_logs",
+        ["org_id", sa.text("created_at DESC"), sa.text("id DESC")],
+        postgresql_include=_INCLUDED_BY_0002,
+    )
     op.drop_table("usage_hourly")
     op.drop_table("price_overrides")
     op.drop_table("price_bases")
