@@ -600,3 +600,30 @@ def test_format_usd():
         "0.0000425",
     ]
     assert format_usd(None) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    value=st.one_of(
+        st.text(max_size=40),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(),
+        st.decimals(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.none(),
+        st.lists(st.integers(), max_size=2),
+    )
+)
+def test_any_rate_is_exact_or_refused(value):
+    try:
+        rate = check_rate(value, "input")
+    except PriceError:
+        return
+    assert isinstance(rate, Decimal) and rate.is_finite() and 0 <= rate < 1_000_000
+    assert rate == rate.quantize(D("0.000001"))  # at most 6 decimals: exact integer arithmetic
+
+
+def test_rates_are_held_with_one_exponent():
+    assert str(check_rate("0E-1000000", "input")) == "0.000000"
+    assert str(check_rate("1.5E+2", "input")) == "150.000000"
+    assert format_usd(check_rate("3.50", "input")) == "3.5"

@@ -51,6 +51,7 @@ _SNAPSHOT_RE = re.compile(
     r"|-v\d+(?::\d+)?)$"
 )
 _MAX_STRIPS = 4
+_RATE_QUANTUM = Decimal(1).scaleb(-RATE_DECIMALS)
 
 
 class PriceError(ValueError):
@@ -94,7 +95,8 @@ def check_rate(value: object, what: str) -> Decimal:
     exponent = rate.normalize().as_tuple().exponent
     if isinstance(exponent, int) and exponent < -RATE_DECIMALS:
         raise PriceError(f"{what} may have at most {RATE_DECIMALS} decimals")
-    return rate
+    # one exponent for every rate (0E-1000000 is 0.000000)
+    return rate.quantize(_RATE_QUANTUM)
 
 
 def _check_count(value: object, what: str, maximum: int) -> int:

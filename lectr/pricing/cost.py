@@ -203,9 +203,14 @@ class Priced(NamedTuple):
 
     @property
     def tier(self) -> str | None:
-        if self.basis is None:
-            return None
-        return json.loads(self.basis.json)["tier"]
+        """``base`` or ``long_context`` (None: unpriced)."""
+        return self.provenance["tier"] if self.basis is not None else None
+
+    @property
+    def provenance(self) -> dict | None:
+        """The prices used, as stored: provider, model (the entry), source,
+        checked (the date), tier, threshold, rates (decimal strings)."""
+        return json.loads(self.basis.json) if self.basis is not None else None
 
 
 #: the price of a request without usage (an error, an unmetered route)
