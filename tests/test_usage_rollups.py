@@ -409,3 +409,11 @@ async def test_totals_by_key_and_hour_with_cost(database, pricing):
         ("2025-03-10T11:00:00Z", 1, "0.0003"),
         ("2025-03-10T12:00:00Z", 3, "0.0003"),
     ]
+
+
+def test_rollup_pages_leave_room_for_hot_updates(db_url):
+    # the current hour's rows are updated by every flush (see migration 0006)
+    [(options,)] = admin_execute(
+        db_url, "SELECT reloptions FROM pg_class WHERE relname = 'usage_hourly'"
+    )
+    assert "fillfactor=50" in options

