@@ -1,5 +1,6 @@
 """How many usage rows per second the recorder's flusher sustains into
-PostgreSQL, and what ``record()`` costs the request path.
+PostgreSQL (rows, their price bases and their hourly rollups, in one
+transaction per batch), and what ``record()`` costs the request path.
 
     .venv/bin/python bench/flusher_bench.py [--database-url URL] [--rows 200000]
                                             [--batch-size 500] [--prefill 0]
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,22 +32,31 @@ from twisted.internet import defer, task
 from lectr.db.database import Database
 from lectr.db.migrate import upgrade_sync
 from lectr.metrics import Registry
+from lectr.pricing.manager import PricingManager
 from lectr.storage.request_logs import RequestLogStore
 from lectr.usage.model import Usage, UsageRecord
 from lectr.usage.recorder import UsageRecorder
 from tests.support.pg import admin_execute, with_database
 
+ROLLUP_CHECK_SQL = (
+    "SELECT (SELECT sum(requests) FROM usage_hourly) = (SELECT count(*) FROM request_logs) "
+    "AND (SELECT sum(cost_usd) FROM usage_hourly) = (SELECT sum(cost_usd) FROM request_logs)"
+)
 ORGS = [str(uuid.uuid4()) for _ in range(20)]
 KEYS = [str(uuid.uuid4()) for _ in range(40)]
 MODELS = ["gpt-4o-mini", "gpt-4o", "claude-3-5-haiku-latest", "text-embedding-3-small"]
 
 
 def make_rows(n: int) -> list[UsageRecord]:
+    """Priced as the proxy prices them (cost and basis), arriving in time
+    order over the last ``n`` x 20 ms (200,000 rows: a bit over an hour, so
+    the rollups of two hours are kept)."""
     now = datetime.now(UTC)
-    return [
+    pricing = PricingManager(None, reactor=None, metrics=Registry())
+    rows = [
         UsageRecord(
             request_id=str(uuid.uuid4()),
-            created_at=now,
+            created_at=now - timedelta(milliseconds=20 * (n - i)),
             org_id=ORGS[i % len(ORGS)],
             key_id=KEYS[i % len(KEYS)],
             provider="anthropic" if i % 4 == 2 else "openai",
@@ -57,10 +67,22 @@ def make_rows(n: int) -> list[UsageRecord]:
             latency_ms=812.25,
             ttfb_ms=95.5,
             streamed=bool(i % 2),
-            usage=Usage(1200, 350, 1550, 1024, None, "provider"),
+            usage=Usage(
+                1200,
+                350,
+                1550,
+                1024,
+                None,
+                "provider",
+                0,
+                None,
+                '{"prompt_tokens":1200,"completion_tokens":350,"total_tokens":1550}',
+                MODELS[i % len(MODELS)],
+            ),  # fmt: skip
         )
         for i in range(n)
     ]
+    return [pricing.price_record(r) for r in rows]
 
 
 def prefill(url: str, n: int) -> None:
@@ -122,6 +144,11 @@ async def run(reactor, url: str, rows: int, batch_size: int) -> None:
         f"({batches:.0f} batches of <= {batch_size}, {spilled:.0f} spilled)"
     )
     print(f"record(): {record_seconds / rows * 1e6:.2f} us per call on the reactor thread")
+    print(
+        f"rollup rows: {admin_execute(url, 'SELECT count(*) FROM usage_hourly')[0][0]}, "
+        f"rollups equal the rows: "
+        f"{admin_execute(url, ROLLUP_CHECK_SQL)[0][0]}"
+    )
 
 
 def main() -> None:

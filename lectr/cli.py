@@ -289,6 +289,38 @@ USAGE_COLUMNS = [
     ("OUT TOKENS", lambda t: t["completion_tokens"]),
     ("TOTAL", lambda t: t["total_tokens"]),
     ("CACHED", lambda t: t["cached_tokens"]),
+    (
+        "CACHE HIT",
+        lambda t: f"{t['cache_hit_rate']:.0%}" if t.get("cache_hit_rate") is not None else None,
+    ),
+    ("COST USD", lambda t: t["cost_usd"]),
+    ("UNPRICED", lambda t: t["unpriced"] or None),
+]
+
+
+def _rate(value: str | None) -> str:
+    return "-" if value is None else f"${value}"
+
+
+def _long_context(p: dict) -> str | None:
+    lc = p.get("long_context")
+    if not lc:
+        return None
+    return f">{lc['threshold']:,}: ${lc['input']} / ${lc['output']}"
+
+
+PRICE_COLUMNS = [
+    ("PROVIDER", lambda p: p["provider"]),
+    ("MODEL", lambda p: p["model"]),
+    ("SOURCE", lambda p: p["source"]),
+    ("INPUT", lambda p: _rate(p["input"])),
+    ("CACHED", lambda p: _rate(p["cached_input"])),
+    ("WRITE 5M", lambda p: _rate(p["cache_write_5m"])),
+    ("WRITE 1H", lambda p: _rate(p["cache_write_1h"])),
+    ("OUTPUT", lambda p: _rate(p["output"])),
+    ("LONG CONTEXT", _long_context),
+    ("MAX OUT", lambda p: p["max_output_tokens"]),
+    ("CHECKED", lambda p: p["checked"]),
 ]
 
 
@@ -760,6 +792,11 @@ class Commands:
             time.sleep(args.interval)
 
     def usage(self, args) -> None:
+        if args.explain:
+            self.explain(args.explain)
+            return
+        if not args.org:
+            raise CliError("name the organization (id or name), or use --explain", EXIT_USAGE)
         org_id = self.org_id(args.org)
         doc = self.api.get(
             f"/admin/orgs/{org_id}/usage", since=args.since, until=args.until, group_by=args.by
@@ -772,6 +809,113 @@ class Commands:
             if rows:
                 rows.append(usage_total(rows))
             self.out.table(rows, [(label, lambda t: t["key"]), *USAGE_COLUMNS])
+
+        self.out.result(doc, human)
+
+    def explain(self, request_id: str) -> None:
+        if not _UUID_RE.fullmatch(request_id):
+            raise CliError("the request id is a UUID (x-lectr-request-id)", EXIT_USAGE)
+        doc = self.api.get(f"/admin/requests/{request_id}")
+
+        def human():
+            r = doc["request"]
+            served = r["response_model"]
+            model = r["model"] or "-"
+            if served and served != r["model"]:
+                model += f" (served: {served})"
+            counts = [f"prompt {r['prompt_tokens']}"]
+            if r["cached_tokens"]:
+                counts.append(f"cached {r['cached_tokens']}")
+            if r["cache_creation_tokens"]:
+                one_hour = r["cache_creation_1h_tokens"] or 0
+                counts.append(f"cache writes {r['cache_creation_tokens']} (1h: {one_hour})")
+            counts.append(f"completion {r['completion_tokens']}")
+            if r["reasoning_tokens"]:
+                counts.append(f"of which reasoning {r['reasoning_tokens']}")
+            self.out.fields(
+                [
+                    ("request", r["request_id"]),
+                    ("time", when(r["created_at"])),
+                    ("route", f"{r['provider']} {r['method']} {r['path']} -> {r['status']}"),
+                    ("model", model),
+                    ("usage", f"{r['usage_source']}: " + ", ".join(counts)),
+                    ("cost", f"${r['cost_usd']}" if r["cost_usd"] is not None else "unpriced"),
+                ]
+            )
+            self.out.line()
+            self.out.line(doc["note"])
+            if doc["lines"]:
+                self.out.line()
+                width = max(len(f"{line['tokens']:,}") for line in doc["lines"])
+                for line in doc["lines"]:
+                    self.out.line(
+                        f"  {line['kind']:<15} {line['tokens']:>{width},} tokens x "
+                        f"${line['usd_per_million']}/M = ${line['cost_usd']}"
+                    )
+                verdict = (
+                    "matches the recorded cost"
+                    if doc["matches"]
+                    else "DIFFERS from the recorded cost"
+                )
+                self.out.line(f"  {'total':<15} ${doc['total_usd']} ({verdict})")
+            if doc["usage_raw"]:
+                self.out.line()
+                self.out.line(f"provider's usage: {doc['usage_raw']}")
+
+        self.out.result(doc, human)
+
+    # prices
+
+    def pricing_list(self, args) -> None:
+        doc = self.api.get("/admin/pricing", provider=args.provider, model=args.model)
+
+        def human():
+            self.out.table(doc["items"], PRICE_COLUMNS)
+            if args.model and not doc["items"]:
+                self.out.line(f"{args.model} has no price on {args.provider}: it is unpriced")
+
+        self.out.result(doc, human)
+
+    def pricing_set(self, args) -> None:
+        body: dict[str, Any] = {
+            "provider": args.provider,
+            "model": args.model,
+            "input": args.input,
+            "output": args.output,
+            "checked": args.checked or datetime.now(UTC).date().isoformat(),
+        }
+        for name in ("cached_input", "cache_write_5m", "cache_write_1h", "max_output_tokens"):
+            if getattr(args, name) is not None:
+                body[name] = getattr(args, name)
+        if args.note is not None:
+            body["note"] = args.note
+        if args.long_context_threshold is not None:
+            if args.long_context_input is None or args.long_context_output is None:
+                raise CliError(
+                    "--long-context-threshold needs --long-context-input and --long-context-output",
+                    EXIT_USAGE,
+                )
+            body["long_context"] = {
+                "threshold": args.long_context_threshold,
+                "input": args.long_context_input,
+                "output": args.long_context_output,
+            }
+        doc = self.api.put("/admin/pricing", body)
+        self.out.result(doc, lambda: self.out.table([doc], PRICE_COLUMNS))
+
+    def pricing_unset(self, args) -> None:
+        self.api.request(
+            "DELETE", "/admin/pricing", query={"provider": args.provider, "model": args.model}
+        )
+        doc = self.api.get("/admin/pricing", provider=args.provider, model=args.model)
+
+        def human():
+            self.out.line(f"Removed the price override of {args.provider}/{args.model}")
+            if doc["items"]:
+                self.out.line("now priced as:")
+                self.out.table(doc["items"], PRICE_COLUMNS)
+            else:
+                self.out.line("it is now unpriced")
 
         self.out.result(doc, human)
 
@@ -1075,17 +1219,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_positive_float, default=2.0, help="seconds between polls")
     p.add_argument("--max-polls", type=int, default=None, help=argparse.SUPPRESS)
 
-    p = groups.add_parser("usage", help="an org's usage totals", parents=[common])
-    p.set_defaults(handler="usage", handler_extra=())
-    p.add_argument("org", help="id or name")
-    p.add_argument("--since", help="ISO 8601 (default: 30 days before --until)")
-    p.add_argument("--until", help="ISO 8601 (default: now)")
-    p.add_argument(
-        "--by",
-        choices=["model", "provider", "key", "day", "hour"],
-        default="model",
-        help="group by model, provider, Lectr key id, UTC day or UTC hour (at most 31 days)",
+    p = groups.add_parser(
+        "usage", help="an org's usage and cost totals, or one request's cost", parents=[common]
     )
+    p.set_defaults(handler="usage", handler_extra=())
+    p.add_argument("org", nargs="?", help="id or name (not needed with --explain)")
+    p.add_argument("--since", help="ISO 8601, rounded down to the hour (default: 30 days ago)")
+    p.add_argument("--until", help="ISO 8601, rounded up to the hour (default: now)")
+    p.add_argument("--by", choices=["model", "provider", "key", "day", "hour"], default="model")
+    p.add_argument(
+        "--explain",
+        metavar="REQUEST_ID",
+        help="one request: its tokens, the prices used (with their date) and the arithmetic",
+    )
+
+    prices = group("pricing", "the price table (changes: global admins only)")
+    p = command(prices, "list", "the prices in effect (catalogue and overrides)", "pricing_list")
+    p.add_argument("--provider")
+    p.add_argument("--model", help="the one entry that prices this model (needs --provider)")
+    p = command(prices, "set", "set a model's price (USD per million tokens)", "pricing_set")
+    p.add_argument("provider")
+    p.add_argument("model")
+    p.add_argument("--input", required=True, help="prompt tokens (not cached)")
+    p.add_argument("--output", required=True, help="completion tokens, reasoning included")
+    p.add_argument("--cached-input", help="prompt tokens read from the cache (default: input)")
+    p.add_argument("--cache-write-5m", help="prompt tokens written to the cache, 5-minute TTL")
+    p.add_argument("--cache-write-1h", help="prompt tokens written to the cache, 1-hour TTL")
+    p.add_argument("--long-context-threshold", type=int, metavar="TOKENS")
+    p.add_argument("--long-context-input")
+    p.add_argument("--long-context-output")
+    p.add_argument("--max-output-tokens", type=int)
+    p.add_argument("--checked", help="the date the price was checked (default: today)")
+    p.add_argument("--note")
+    p = command(prices, "unset", "remove a price override", "pricing_unset")
+    p.add_argument("provider")
+    p.add_argument("model")
 
     members = group("members", "org members and roles (owners only)")
     p = command(members, "list", "list an org's members", "members_list")

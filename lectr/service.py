@@ -71,6 +71,7 @@ class Components:
     # filled by the features as they start (see LectrService._start_*)
     settings: object | None = None  # provider settings manager
     vault: object | None = None  # provider-key vault manager
+    pricing: object | None = None  # prices (lectr.pricing.manager.PricingManager)
     recorder: object | None = None  # usage recorder (UsageSink)
     usage: object | None = None  # request-log queries manager
     users: object | None = None  # admin identities and memberships
@@ -371,11 +372,27 @@ class LectrService(Service):
         c.vault = vault
 
     async def _start_usage(self, c: Components) -> None:
-        """Usage recorder and flusher; request-log queries."""
+        """Prices; usage recorder and flusher; request-log queries."""
         from lectr.managers.usage import UsageManager
+        from lectr.pricing.manager import PricingManager
+        from lectr.storage.pricing import PricingStore
         from lectr.storage.request_logs import RequestLogStore
         from lectr.usage.recorder import UsageRecorder
 
+        pricing = PricingManager(
+            PricingStore(c.database),
+            reactor=self._reactor,
+            metrics=c.metrics,
+            listener=c.listener,
+        )
+        await self._stack.start(
+            CallbackService(
+                "prices",
+                start=lambda: ensureDeferred(pricing.start()),
+                stop=lambda: ensureDeferred(pricing.stop()),
+            )
+        )
+        c.pricing = pricing
         store = RequestLogStore(c.database)
         recorder = UsageRecorder(
             store,
@@ -383,6 +400,7 @@ class LectrService(Service):
             data_dir=self.config.data_dir,
             metrics=c.metrics,
             spill_max_bytes=self.config.spill_max_bytes,
+            pricing=pricing,
         )
         # Registered before the ports (which start later): the stack stops in
         # reverse, so the final flush runs after the proxy has drained and
@@ -477,7 +495,7 @@ class LectrService(Service):
             ResolveRoute(c.routes, c.providers),
             ProviderPolicy(c.settings, c.providers),
             KeyAvailability(selector),
-            Limits(c.limits, worst_case=None),
+            Limits(c.limits, worst_case=c.pricing.worst_case_usd),
         ]
         c.proxy = ProxyHandler(
             reactor=self._reactor,
@@ -496,6 +514,7 @@ class LectrService(Service):
             headers_timeout=config.upstream_headers_timeout,
             idle_timeout=config.upstream_idle_timeout,
             origin_factory=Origin.from_url,
+            price=c.pricing.price,
         )
 
     def _proxy_site(self, c: Components):

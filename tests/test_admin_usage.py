@@ -181,7 +181,9 @@ async def test_usage_totals(env):
     assert recent["items"] == []
     since = datetime.fromisoformat(recent["since"])
     until = datetime.fromisoformat(recent["until"])
-    assert until - since == timedelta(days=30)
+    # whole hours: since rounded down, until up
+    assert since.minute == until.minute == since.second == until.second == 0
+    assert timedelta(days=30) <= until - since <= timedelta(days=30, hours=1)
 
     assert (await env.admin.get(path, params={"group_by": "color"})).status == 400
     reversed_range = {"since": "2025-03-03", "until": "2025-03-01"}

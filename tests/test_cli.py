@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,67 @@ def test_a_newcomer_sets_up_an_org_and_sees_its_requests(gateway):
     usage = gateway.json("usage", "acme", "--by", "model")
     assert {t["key"]: t["requests"] for t in usage["items"]} == {"gpt-4o-mini": 1, "gpt-4o": 1}
     assert "gpt-4o-mini" in gateway.ok("usage", "acme")
+
+
+def test_prices_and_the_cost_of_a_request_explained(gateway):
+    """`lectr pricing` sets a price every node uses; a request proxied after
+    it is priced with it; `lectr usage --explain` shows the tokens, the
+    prices (with their date) and the arithmetic; `lectr usage` the cost."""
+    shipped = gateway.json(
+        "pricing", "list", "--provider", "openai", "--model", "gpt-4o-2024-08-06"
+    )
+    assert [(p["model"], p["source"], p["input"]) for p in shipped["items"]] == [
+        ("gpt-4o", "catalogue", "2.5")
+    ]
+    table = gateway.ok("pricing", "list", "--provider", "anthropic")
+    assert "claude-sonnet-4-5" in table and ">200,000: $6 / $22.5" in table
+
+    set_out = gateway.ok(
+        "pricing", "set", "openai", "gpt-4o-mini", "--input", "1.5", "--output", "2",
+        "--cached-input", "0.5", "--checked", "2026-01-02", "--note", "negotiated",
+    )  # fmt: skip
+    assert "override" in set_out and "$1.5" in set_out
+    org = gateway.json("orgs", "create", "Initech")
+    key = org["key"]["key"]
+    gateway.ok("provider-keys", "add", "Initech", "openai", input=OPENAI_KEY + "\n")
+    status, body = gateway.proxy("/v1/chat/completions", chat("gpt-4o-mini"), key)
+    assert status == 200, body
+    usage = body["usage"]
+
+    def logged():
+        return gateway.json("requests", "Initech")["items"]
+
+    assert eventually(logged, 30)
+    [row] = logged()
+    prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    expected = Decimal(prompt) * Decimal("1.5") / 10**6 + Decimal(completion) * 2 / 10**6
+    assert Decimal(row["cost_usd"]) == expected
+
+    explained = gateway.json("usage", "--explain", row["request_id"])
+    assert explained["matches"] is True and explained["total_usd"] == row["cost_usd"]
+    assert explained["pricing"]["source"] == "override"
+    assert explained["pricing"]["checked"] == "2026-01-02"
+    assert json.loads(explained["usage_raw"]) == usage
+    human = gateway.ok("usage", "--explain", row["request_id"])
+    assert "override price, checked 2026-01-02" in human
+    assert f"{prompt} tokens x $1.5/M" in human and "matches the recorded cost" in human
+
+    by_key = gateway.json("usage", "Initech", "--by", "key")
+    assert [(t["key"], t["requests"], t["cost_usd"]) for t in by_key["items"]] == [
+        (org["key"]["id"], 1, row["cost_usd"])
+    ]
+    assert row["cost_usd"] in gateway.ok("usage", "Initech", "--by", "hour")
+
+    unset = gateway.ok("pricing", "unset", "openai", "gpt-4o-mini")
+    assert "now priced as" in unset and "catalogue" in unset
+    assert "unpriced" in gateway.ok("pricing", "list", "--provider", "openai", "--model", "gpt-9")
+    assert "no price override" in gateway.fails(1, "pricing", "unset", "openai", "gpt-4o-mini")
+    assert "decimals" in gateway.fails(
+        1, "pricing", "set", "openai", "m", "--input", "0.0000001", "--output", "1"
+    )
+    assert "request id" in gateway.fails(2, "usage", "--explain", "not-a-uuid")
+    assert "not found" in gateway.fails(1, "usage", "--explain", str(uuid.uuid4()))
+    assert "--explain" in gateway.fails(2, "usage")
 
 
 def test_orgs_and_keys(gateway):
@@ -365,7 +427,16 @@ def test_the_console_script_is_declared():
         text=True,
         check=True,
     ).stdout
-    for group in ("orgs", "keys", "provider-keys", "providers", "requests", "usage", "rotation"):
+    for group in (
+        "orgs",
+        "keys",
+        "provider-keys",
+        "providers",
+        "requests",
+        "usage",
+        "pricing",
+        "rotation",
+    ):
         assert group in help_text
 
 

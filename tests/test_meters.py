@@ -18,10 +18,12 @@ from lectr.usage.meters import (
     NOOP_METER,
     SSE_LINE_MAX,
     RequestPlan,
+    anthropic_usage,
     meter_for,
+    openai_usage,
 )
 from lectr.usage.meters import plan_request as plan_judged
-from lectr.usage.model import NO_USAGE, Usage
+from lectr.usage.model import NO_USAGE, RAW_USAGE_MAX, Usage
 from tests.support.fake_provider import (
     anthropic_message,
     anthropic_stream,
@@ -618,9 +620,20 @@ def test_large_anthropic_body_with_tool_input_named_usage():
     )
 
 
-def test_truncated_or_foreign_json_counts_nothing():
-    body = json.dumps(openai_chat_completion("m")).encode()
-    assert run(json_meter(), [body[:-30]])[1] == NO_USAGE
+def test_truncated_json_is_estimated_from_the_text_it_delivered():
+    doc = openai_chat_completion("gpt-4o-2024-08-06", prompt=30, completion=7)
+    doc["choices"][0]["message"]["content"] = "x" * 41
+    body = json.dumps(doc).encode()
+    usage = run(json_meter(), [body[: body.index(b'"usage"')]])[1]
+    # the answer was generated (a non-streaming body comes whole): priced as
+    # estimated, output from the text seen (41 bytes: 11 tokens)
+    assert usage == Usage(completion_tokens=11, source="estimated")
+    assert usage.model == "gpt-4o-2024-08-06"
+    # cut inside the answer itself: what did arrive is not a whole string
+    assert run(json_meter(), [body[:-200]])[1].source == "estimated"
+
+
+def test_foreign_json_counts_nothing():
     assert run(json_meter(), [b"<html>oops</html>"])[1] == NO_USAGE
     assert run(json_meter(), [b'{"usage": "many"}'])[1] == NO_USAGE
     assert run(json_meter(), [b'{"usage": {"prompt_tokens": -1}}'])[1] == NO_USAGE
@@ -705,3 +718,131 @@ def test_model_is_read_whatever_the_declared_content_type():
     assert plan_request("openai", b"POST", "/v1/x", ctype, form).model == "whisper-1"
     with pytest.raises(BodyRefused):
         plan_request("openai", b"POST", "/v1/x", ctype, form + b"&model=gpt-4o")
+
+
+# --- what pricing needs: reasoning, cache TTLs, raw usage, the served model ---------
+
+
+def test_openai_reasoning_tokens_are_inside_the_completion_count():
+    usage = openai_usage(
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 500,
+            "total_tokens": 600,
+            "prompt_tokens_details": {"cached_tokens": 64},
+            "completion_tokens_details": {"reasoning_tokens": 448},
+        },
+        "o4-mini-2025-04-16",
+    )
+    assert usage == Usage(100, 500, 600, 64, None, "provider", 448, None)
+    assert usage.model == "o4-mini-2025-04-16"
+    # Responses API names
+    usage = openai_usage(
+        {
+            "input_tokens": 100,
+            "output_tokens": 500,
+            "total_tokens": 600,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 448},
+        }
+    )
+    assert (usage.completion_tokens, usage.reasoning_tokens, usage.cached_tokens) == (500, 448, 0)
+
+
+def test_reasoning_reported_beside_the_completion_count_is_added_to_it():
+    # xAI: total = prompt + completion + reasoning
+    usage = openai_usage(
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 20,
+            "total_tokens": 330,
+            "completion_tokens_details": {"reasoning_tokens": 300},
+        }
+    )
+    assert (usage.completion_tokens, usage.reasoning_tokens, usage.total_tokens) == (320, 300, 330)
+    # without a total nothing says so: the OpenAI convention (inside)
+    usage = openai_usage(
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 20,
+            "completion_tokens_details": {"reasoning_tokens": 15},
+        }
+    )
+    assert (usage.completion_tokens, usage.total_tokens) == (20, 30)
+
+
+def test_deepseek_cache_hits_are_cached_tokens():
+    usage = openai_usage(
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 10,
+            "total_tokens": 1010,
+            "prompt_cache_hit_tokens": 900,
+            "prompt_cache_miss_tokens": 100,
+        }
+    )
+    assert (usage.prompt_tokens, usage.cached_tokens) == (1000, 900)
+
+
+def test_anthropic_cache_writes_split_by_ttl():
+    raw = {
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "cache_read_input_tokens": 100,
+        "cache_creation_input_tokens": 300,
+        "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+    }
+    usage = anthropic_usage(raw, "claude-sonnet-4-5-20250929")
+    assert usage == Usage(410, 5, 415, 100, 300, "provider", None, 200)
+    assert usage.model == "claude-sonnet-4-5-20250929"
+    assert json.loads(usage.raw) == raw
+    # the split alone (no cache_creation_input_tokens): the total is its sum
+    del raw["cache_creation_input_tokens"]
+    assert anthropic_usage(raw) == Usage(410, 5, 415, 100, 300, "provider", None, 200)
+    # a plain cache_creation_input_tokens: all 5-minute writes
+    plain = anthropic_usage(
+        {"input_tokens": 1, "output_tokens": 1, "cache_creation_input_tokens": 7}
+    )
+    assert (plain.cache_creation_tokens, plain.cache_creation_1h_tokens) == (7, None)
+
+
+def test_raw_usage_is_the_providers_object_bounded():
+    raw = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "zz": {"é": 1}}
+    assert json.loads(openai_usage(raw).raw) == raw
+    assert openai_usage(raw).raw == json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    huge = {"prompt_tokens": 1, "completion_tokens": 2, "junk": "x" * 100_000}
+    assert len(openai_usage(huge).raw) == RAW_USAGE_MAX
+
+
+def test_the_served_model_is_read_from_every_response_shape():
+    doc = openai_chat_completion("gpt-4o-2024-08-06")
+    assert run(json_meter(), [json.dumps(doc).encode()])[1].model == "gpt-4o-2024-08-06"
+    # a body too large to parse whole: the model from its head
+    doc["choices"][0]["message"]["content"] = "x" * (2 * JSON_FULL_PARSE_MAX)
+    usage = run(json_meter(), [json.dumps(doc).encode()])[1]
+    assert (usage.source, usage.model) == ("provider", "gpt-4o-2024-08-06")
+    stream = openai_chat_stream("gpt-4o-mini-2024-07-18", WORDS, True, prompt=12, cached=3)
+    for pieces in ([b"".join(stream)], stream):
+        usage = run(stripping_meter(), pieces)[1]
+        assert (usage, usage.model) == (EXPECTED_CHAT, "gpt-4o-mini-2024-07-18")
+    # cut before the usage chunk: the model of the chunks seen
+    assert run(stripping_meter(), stream[:3])[1].model == "gpt-4o-mini-2024-07-18"
+    events = anthropic_events()
+    assert run(anthropic_meter(), events)[1].model == "claude-3-5-haiku"
+    assert run(anthropic_meter(), events[:3])[1].model == "claude-3-5-haiku"
+
+
+def test_anthropic_stream_keeps_both_raw_reports():
+    usage = run(anthropic_meter(), anthropic_events())[1]
+    start, delta = json.loads(usage.raw)
+    assert start["cache_creation_input_tokens"] == 6
+    assert delta == {"output_tokens": 5}
+
+
+def test_a_stream_cut_before_any_text_is_estimated_not_nothing():
+    # the provider had the prompt: the row must not read "nothing happened"
+    events = chat_events()
+    usage = run(stripping_meter(), events[:1])[1]
+    assert usage == Usage(completion_tokens=0, source="estimated")
+    usage = run(anthropic_meter(), anthropic_events()[:1])[1]
+    assert usage == Usage(20, 1, 21, 4, 6, "estimated")

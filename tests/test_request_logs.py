@@ -19,7 +19,7 @@ from lectr.managers.usage import (
     decode_live_cursor,
     encode_cursor,
 )
-from lectr.storage.request_logs import RequestFilter, RequestLogStore
+from lectr.storage.request_logs import ROLLUPS_FROM_ROWS_SQL, RequestFilter, RequestLogStore
 from lectr.usage.model import Usage, UsageRecord
 
 ORG = "00000000-0000-4000-8000-0000000000a1"
@@ -298,6 +298,10 @@ async def test_entries_are_json_ready(manager, store):
         "provider_key_id",
         "attempts",
         "fallbacks",
+        "reasoning_tokens",
+        "cache_creation_1h_tokens",
+        "response_model",
+        "cost_usd",
     }
 
 
@@ -392,7 +396,7 @@ async def test_totals_by_model_provider_and_day(manager, store):
     )
     since, until = "2025-03-10", "2025-03-12"
 
-    by_model = await manager.usage_totals(ORG, since=since, until=until, group_by="model")
+    by_model = (await manager.usage_totals(ORG, since=since, until=until, group_by="model")).items
     assert [(t.key, t.requests) for t in by_model] == [("gpt-4o", 3), ("claude", 1), (None, 1)]
     gpt = by_model[0]
     assert (gpt.errors, gpt.unmetered) == (1, 1)
@@ -401,22 +405,25 @@ async def test_totals_by_model_provider_and_day(manager, store):
     assert by_model[1].cache_creation_tokens == 30
     assert by_model[2].errors == 1 and by_model[2].completion_tokens == 3
 
-    by_provider = await manager.usage_totals(ORG, since=since, until=until, group_by="provider")
+    by_provider = (
+        await manager.usage_totals(ORG, since=since, until=until, group_by="provider")
+    ).items
     assert [(t.key, t.requests, t.prompt_tokens) for t in by_provider] == [
         ("openai", 4, 30),
         ("anthropic", 1, 100),
     ]
 
-    by_day = await manager.usage_totals(ORG, since=since, until=until, group_by="day")
+    by_day = (await manager.usage_totals(ORG, since=since, until=until, group_by="day")).items
     assert [(t.key, t.requests, t.total_tokens) for t in by_day] == [
         ("2025-03-10", 1, 15),
         ("2025-03-11", 4, 137),
     ]
     assert json.loads(json.dumps([t.to_json() for t in by_day]))[0]["key"] == "2025-03-10"
 
-    # the range is [since, until)
+    # the range is [since, until), in whole hours: 23:59:59.999999 is in the hour 23:00
     just = await manager.usage_totals(ORG, since=day1, until=day2, group_by="provider")
-    assert [(t.key, t.requests) for t in just] == [("openai", 1)]
+    assert (just.since, just.until) == (day2 - timedelta(hours=1), day2)
+    assert [(t.key, t.requests) for t in just.items] == [("openai", 1)]
 
 
 @pytest.mark.parametrize(
@@ -447,10 +454,8 @@ def test_read_back_indexes_exist_as_designed(db_url):
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'request_logs'",
         )
     )
-    assert (
-        "(org_id, created_at DESC, id DESC) INCLUDE (provider, model, status"
-        in (defs["request_logs_org_created_idx"])
-    )
+    # (no INCLUDE since 0006: the totals read the rollups)
+    assert defs["request_logs_org_created_idx"].endswith("(org_id, created_at DESC, id DESC)")
     assert "(org_id, model, created_at DESC, id DESC)" in defs["request_logs_org_model_idx"]
     assert defs["request_logs_org_errors_idx"].endswith(
         "(org_id, created_at DESC, id DESC) WHERE (status >= 400)"
@@ -486,7 +491,9 @@ def big_table(db_url):
                 """,
                 (T0, ORG),
             )
+            cur.execute(ROLLUPS_FROM_ROWS_SQL)
             cur.execute("VACUUM ANALYZE request_logs")
+            cur.execute("VACUUM ANALYZE usage_hourly")
     finally:
         conn.close()
     return db_url
@@ -525,7 +532,7 @@ def test_query_plans_at_scale(big_table):
     run(spy.recent(ORG, limit=51, where=RequestFilter(model="gpt-rare")))
     run(spy.recent(ORG, limit=51, where=RequestFilter(status_min=500, status_max=599)))
     run(spy.recent(ORG, limit=51, before=cursor_pos, where=RequestFilter(status_min=400)))
-    for group_by in ("model", "provider", "day"):
+    for group_by in ("model", "provider", "key", "day", "hour"):
         run(
             spy.totals(
                 ORG,
@@ -546,4 +553,6 @@ def test_query_plans_at_scale(big_table):
     assert "request_logs_org_errors_idx" in plans[3]
     assert "request_logs_org_errors_idx" in plans[4]
     for plan in plans[5:]:
-        assert "Index Only Scan using request_logs_org_created_idx" in plan, plan
+        # totals come from the hourly rollups, never from the rows
+        assert "usage_hourly_pkey" in plan, plan
+        assert "request_logs" not in plan, plan

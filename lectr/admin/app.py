@@ -35,7 +35,7 @@ from lectr.admin.api import (
 from lectr.admin.api import write_error as _write_error
 from lectr.admin.openapi import build_openapi
 from lectr.db.database import Database, DatabaseUnavailable
-from lectr.errors import Conflict, NotFound, ServiceUnavailable
+from lectr.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from lectr.limits.model import usd_text
 from lectr.managers.orgs import IssuedKey
 from lectr.managers.users import Permission, Principal, UserManager
@@ -214,6 +214,7 @@ class AdminApp:
         explainer=None,
         limits=None,
         sign_in=None,
+        pricing=None,
     ) -> None:
         self._reactor = reactor
         self._db = database
@@ -230,6 +231,7 @@ class AdminApp:
         self._explainer = explainer
         self._limits = limits
         self._sign_in = sign_in  # lectr.admin.signin.SignInOptions
+        self._pricing = pricing
         self.dispatcher = Dispatcher(
             authenticator=authenticator, users=users, metrics=metrics, clock=reactor
         )
@@ -776,8 +778,12 @@ class AdminApp:
         "GET",
         "/admin/orgs/{org_id}/usage",
         P.ORG_READ,
-        summary="Request and token totals by model, provider, key, day or hour over a time range",
-        description="The range is [since, until), at most 366 days; default: the last 30 days.",
+        summary="Request, token and cost totals by model, provider, key, day or hour",
+        description=(
+            "Read from the hourly rollups. The range is [since, until) in whole hours: since "
+            "is rounded down and until up to the hour, and the answer gives the range "
+            "covered; at most 366 days; default: the last 30 days."
+        ),
         tags=("usage",),
         query=(*s.USAGE_RANGE, s.GROUP_BY),
         responses={200: "UsageReport"},
@@ -786,15 +792,15 @@ class AdminApp:
         usage = self._need(self._usage, "usage totals")
         q = call.query
         since, until = self._usage_range(q)
-        totals = await usage.usage_totals(
+        report = await usage.usage_totals(
             call.org_id, since=since, until=until, group_by=q["group_by"]
         )
         return ok(
             {
-                "since": since,
-                "until": until,
-                "group_by": q["group_by"],
-                "items": [record_view(t, s.USAGE_FIELDS) for t in totals],
+                "since": report.since,
+                "until": report.until,
+                "group_by": report.group_by,
+                "items": [record_view(t, s.USAGE_FIELDS) for t in report.items],
             }
         )
 
@@ -977,6 +983,84 @@ class AdminApp:
         until = query.get("until") or datetime.fromtimestamp(self._reactor.seconds(), UTC)
         since = query.get("since") or until - timedelta(days=30)
         return since, until
+
+    @api.route(
+        "GET",
+        "/admin/requests/{request_id}",
+        P.AUTHENTICATED,
+        summary="One request with its cost explained: tokens, prices used and the arithmetic",
+        description=(
+            "Any member of the request's org may read it; for anyone else it does not exist (404)."
+        ),
+        tags=("usage",),
+        responses={200: "CostExplanation"},
+        errors=(404,),
+    )
+    async def explain_request(self, request, call: Call) -> Reply:
+        usage = self._need(self._usage, "request logs")
+        explanation = await usage.explain(call.params["request_id"])
+        await self._users.authorize(call.principal, P.ORG_READ, explanation.org_id)
+        doc = explanation.to_json()
+        doc["request"] = record_view(explanation.request, s.REQUEST_FIELDS)
+        return ok(doc)
+
+    # --- prices -------------------------------------------------------------------------------
+
+    @api.route(
+        "GET",
+        "/admin/pricing",
+        P.AUTHENTICATED,
+        summary="The prices in effect: the shipped catalogue and the overrides",
+        description=(
+            "With provider and model: the one entry that prices that model (dated snapshots "
+            "resolve to their model), or none."
+        ),
+        tags=("pricing",),
+        query=(s.PRICE_PROVIDER, s.PRICE_MODEL),
+        responses={200: "PriceList"},
+    )
+    async def list_prices(self, request, call: Call) -> Reply:
+        pricing = self._need(self._pricing, "prices")
+        views = pricing.list_prices(call.query.get("provider"), call.query.get("model"))
+        return ok(items(v.to_json() for v in views))
+
+    @api.route(
+        "PUT",
+        "/admin/pricing",
+        P.GLOBAL_ADMIN,
+        summary="Set the price of a model (an override, or a custom model)",
+        description=(
+            "Replaces the whole entry; every node prices with it within a second. Rates are "
+            "USD per million tokens; a missing cache rate means the input rate."
+        ),
+        tags=("pricing",),
+        body=s.SET_PRICE,
+        responses={200: "Price"},
+    )
+    async def set_price(self, request, call: Call) -> Reply:
+        pricing = self._need(self._pricing, "prices")
+        body = dict(call.body)
+        provider, model = body.pop("provider"), body.pop("model")
+        view = await pricing.set_price(provider, model, body)
+        return ok(view.to_json())
+
+    @api.route(
+        "DELETE",
+        "/admin/pricing",
+        P.GLOBAL_ADMIN,
+        summary="Remove a price override (the shipped price, if any, applies again)",
+        tags=("pricing",),
+        query=(s.PRICE_PROVIDER_REQUIRED, s.PRICE_MODEL_REQUIRED),
+        responses={204: None},
+        errors=(404,),
+    )
+    async def unset_price(self, request, call: Call) -> Reply:
+        pricing = self._need(self._pricing, "prices")
+        provider, model = call.query.get("provider"), call.query.get("model")
+        if not provider or not model:
+            raise BadRequest("provider and model are required")
+        await pricing.unset_price(provider, model)
+        return no_content()
 
     # --- members ----------------------------------------------------------------------------
 

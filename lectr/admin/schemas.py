@@ -185,6 +185,41 @@ PUT_LIMITS = obj(
     },
     minProperties=1,
 )
+RATE = {
+    "type": ["number", "string"],
+    "maxLength": 32,
+    "description": "USD per million tokens, at most 6 decimals (a decimal string keeps it exact)",
+}
+_RATES = {
+    "input": {**RATE, "description": "prompt tokens not read from or written to a cache"},
+    "output": {**RATE, "description": "completion tokens, reasoning included"},
+    "cached_input": {**RATE, "description": "prompt tokens read from the cache (absent: input)"},
+    "cache_write_5m": {**RATE, "description": "prompt tokens written to the cache, 5-minute TTL"},
+    "cache_write_1h": {**RATE, "description": "prompt tokens written to the cache, 1-hour TTL"},
+}
+LONG_CONTEXT = obj(
+    {
+        "threshold": {
+            "type": "integer",
+            "minimum": 1,
+            "description": "a prompt over this many tokens prices the whole request at these rates",
+        },
+        **_RATES,
+    },
+    ("threshold", "input", "output"),
+)
+SET_PRICE = obj(
+    {
+        "provider": string(64, description="a provider name (built-in or custom)"),
+        "model": string(256, description="the model name (snapshots resolve to it)"),
+        **_RATES,
+        "long_context": LONG_CONTEXT,
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "checked": {"type": "string", "maxLength": 10, "description": "YYYY-MM-DD"},
+        "note": string(500, 0),
+    },
+    ("provider", "model", "input", "output", "checked"),
+)
 
 # --- query parameters -------------------------------------------------------------
 
@@ -218,11 +253,21 @@ GROUP_BY = QueryParam(
     "(hourly ranges: at most 31 days)",
 )
 USAGE_SINCE = QueryParam(
-    "since", {"type": "string", "format": "date-time"}, "inclusive; default: 30 days before until"
+    "since",
+    {"type": "string", "format": "date-time"},
+    "inclusive, rounded down to the hour; default: 30 days before until",
 )
 USAGE_UNTIL = QueryParam(
-    "until", {"type": "string", "format": "date-time"}, "exclusive; default: now"
+    "until",
+    {"type": "string", "format": "date-time"},
+    "exclusive, rounded up to the hour; default: now",
 )
+PRICE_PROVIDER = QueryParam("provider", string(64), "a provider name")
+PRICE_MODEL = QueryParam(
+    "model", string(256), "a model name: the one entry that prices it (needs provider)"
+)
+PRICE_PROVIDER_REQUIRED = QueryParam("provider", string(64), "the provider of the override")
+PRICE_MODEL_REQUIRED = QueryParam("model", string(256), "the model of the override")
 
 # --- response components ------------------------------------------------------------
 
@@ -489,6 +534,19 @@ COMPONENTS["RequestLog"] = obj(
             "description": "why each earlier attempt was abandoned",
             "items": {"type": "object"},
         },
+        "reasoning_tokens": {**_TOKENS, "description": "of completion_tokens"},
+        "cache_creation_1h_tokens": {
+            **_TOKENS,
+            "description": "of cache_creation_tokens: written with the 1-hour TTL",
+        },
+        "response_model": {
+            "type": ["string", "null"],
+            "description": "the model the provider says it served",
+        },
+        "cost_usd": {
+            "type": ["string", "null"],
+            "description": "exact decimal USD; null: unpriced (no usage, or no price)",
+        },
     },
     REQUEST_FIELDS := (
         "request_id",
@@ -513,6 +571,10 @@ COMPONENTS["RequestLog"] = obj(
         "provider_key_id",
         "attempts",
         "fallbacks",
+        "reasoning_tokens",
+        "cache_creation_1h_tokens",
+        "response_model",
+        "cost_usd",
     ),
 )
 COMPONENTS["RequestPage"] = obj(
@@ -535,35 +597,52 @@ COMPONENTS["UsageTotal"] = obj(
         "key": {
             "type": ["string", "null"],
             "description": (
-                "the model (null: requests without one), provider, Lectr key id (null: none "
-                "recorded), org id, UTC day (2025-03-01) or UTC hour (2025-03-01T12:00:00Z)"
+                "the model (null: requests without one), the provider, the Lectr key id "
+                "(null: requests without one), the UTC day (YYYY-MM-DD) or the hour (ISO 8601)"
             ),
         },
         "requests": _COUNT,
         "errors": {**_COUNT, "description": "status 400 and above"},
         "unmetered": {**_COUNT, "description": "requests whose usage is unknown"},
+        "estimated": {**_COUNT, "description": "requests whose usage is estimated (cut short)"},
+        "unpriced": {**_COUNT, "description": "metered requests without a price"},
         "prompt_tokens": _COUNT,
         "completion_tokens": _COUNT,
         "total_tokens": _COUNT,
-        "cached_tokens": _COUNT,
-        "cache_creation_tokens": _COUNT,
+        "cached_tokens": {**_COUNT, "description": "prompt tokens read from the cache"},
+        "cache_creation_tokens": {**_COUNT, "description": "prompt tokens written to the cache"},
+        "cache_creation_1h_tokens": _COUNT,
+        "reasoning_tokens": _COUNT,
+        "cache_hits": {**_COUNT, "description": "requests that read from the cache"},
+        "cache_hit_rate": {
+            "type": ["number", "null"],
+            "description": "cached_tokens / prompt_tokens",
+        },
+        "cost_usd": {"type": "string", "description": "exact decimal USD (priced requests)"},
     },
     USAGE_FIELDS := (
         "key",
         "requests",
         "errors",
         "unmetered",
+        "estimated",
+        "unpriced",
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
         "cached_tokens",
         "cache_creation_tokens",
+        "cache_creation_1h_tokens",
+        "reasoning_tokens",
+        "cache_hits",
+        "cache_hit_rate",
+        "cost_usd",
     ),
 )
 COMPONENTS["UsageReport"] = obj(
     {
-        "since": TIMESTAMP,
-        "until": TIMESTAMP,
+        "since": {**TIMESTAMP, "description": "the start of the first hour covered"},
+        "until": {**TIMESTAMP, "description": "the end of the last hour covered"},
         "group_by": {"type": "string", "enum": GROUP_BY_VALUES},
         "items": {"type": "array", "items": ref("UsageTotal")},
     },
@@ -660,6 +739,78 @@ COMPONENTS["Limits"] = obj(
         "updated_at",
         "usage",
     ),
+)
+
+_RATE_OUT = {"type": ["string", "null"], "description": "USD per million tokens"}
+_PRICE_RATES = {k: _RATE_OUT for k in _RATES}
+_PRICE_FIELDS = (
+    "provider",
+    "model",
+    "source",
+    *_RATES,
+    "long_context",
+    "max_output_tokens",
+    "checked",
+    "note",
+)
+_PRICE = {
+    "provider": {"type": "string"},
+    "model": {"type": "string"},
+    "source": {"type": "string", "enum": ["catalogue", "override"]},
+    **_PRICE_RATES,
+    "long_context": {
+        "type": ["object", "null"],
+        "description": "threshold (prompt tokens) and the rates past it",
+    },
+    "max_output_tokens": {"type": ["integer", "null"]},
+    "checked": {"type": "string", "format": "date"},
+    "note": {"type": ["string", "null"]},
+}
+COMPONENTS["CataloguePrice"] = obj(_PRICE, _PRICE_FIELDS)
+COMPONENTS["Price"] = obj(
+    {
+        **_PRICE,
+        "catalogue": {
+            "oneOf": [ref("CataloguePrice"), {"type": "null"}],
+            "description": "the shipped entry an override replaces",
+        },
+        "updated_at": {**nullable(TIMESTAMP), "description": "when the override was set"},
+    },
+    (*_PRICE_FIELDS, "catalogue", "updated_at"),
+)
+COMPONENTS["CostLine"] = obj(
+    {
+        "kind": {
+            "type": "string",
+            "enum": ["input", "cached_input", "cache_write_5m", "cache_write_1h", "output"],
+        },
+        "tokens": _COUNT,
+        "usd_per_million": {"type": "string"},
+        "cost_usd": {"type": "string", "description": "tokens x rate / 1,000,000"},
+    },
+    ("kind", "tokens", "usd_per_million", "cost_usd"),
+)
+COMPONENTS["CostExplanation"] = obj(
+    {
+        "request": ref("RequestLog"),
+        "usage_raw": {
+            "type": ["string", "null"],
+            "description": "the provider's usage object as received (at most 4 KiB)",
+        },
+        "pricing": {
+            "type": ["object", "null"],
+            "description": "the prices used: provider, model, source, checked, tier, rates",
+        },
+        "lines": {"type": "array", "items": ref("CostLine")},
+        "total_usd": {"type": ["string", "null"]},
+        "matches": {
+            "type": ["boolean", "null"],
+            "description": "the stored cost equals the sum of the lines",
+        },
+        "estimated": {"type": "boolean"},
+        "note": {"type": "string"},
+    },
+    ("request", "usage_raw", "pricing", "lines", "total_usd", "matches", "estimated", "note"),
 )
 
 # lists

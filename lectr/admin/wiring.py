@@ -117,6 +117,7 @@ def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
         explainer=_explainer(c),
         limits=getattr(c, "limits", None),  # (absent from partial component sets)
         sign_in=sign_in,
+        pricing=getattr(c, "pricing", None),
     )
     dashboard = DashboardResource(Assets.load(), sign_in)
     site = AdminSite(AdminRoot(app.resource(), dashboard))

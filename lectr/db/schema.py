@@ -229,28 +229,19 @@ request_logs = Table(
     Column("provider_key_id", UUID(as_uuid=False), nullable=True),
     Column("attempts", SmallInteger, nullable=False, server_default=text("1")),
     Column("fallbacks", JSONB, nullable=True),
+    # migration 0006: pricing
+    Column("reasoning_tokens", Integer, nullable=True),
+    Column("cache_creation_1h_tokens", Integer, nullable=True),
+    Column("response_model", Text, nullable=True),  # the model the provider says it served
+    Column("usage_raw", Text, nullable=True),  # the provider's usage object (<= 4 KiB)
+    Column("cost_usd", Numeric, nullable=True),  # NULL: unpriced
+    Column("price_basis_id", BigInteger, nullable=True),  # price_bases.id (no FK: append-only)
     CheckConstraint(
         "usage_source IN ('provider', 'estimated', 'none')", name="request_logs_usage_source"
     ),
-    # Listing newest first, and (covering) the usage totals as an index-only
-    # scan; see migrations/versions/0002_request_log_indexes.py.
-    Index(
-        "request_logs_org_created_idx",
-        "org_id",
-        text("created_at DESC"),
-        text("id DESC"),
-        postgresql_include=[
-            "provider",
-            "model",
-            "status",
-            "usage_source",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "cached_tokens",
-            "cache_creation_tokens",
-        ],
-    ),
+    # Listing newest first (usage totals read usage_hourly; migration 0006
+    # dropped the columns this index INCLUDEd for them)
+    Index("request_logs_org_created_idx", "org_id", text("created_at DESC"), text("id DESC")),
     Index(
         "request_logs_org_model_idx", "org_id", "model", text("created_at DESC"), text("id DESC")
     ),
@@ -353,6 +344,66 @@ limit_alerts = Table(
     ),
 )
 
+# The rates each stored cost was computed with, once per distinct set
+# (id: the first 8 bytes of the SHA-256 of the document).
+price_bases = Table(
+    "price_bases",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("basis", JSONB, nullable=False),
+    Column("created_at", TIMESTAMP(timezone=True), nullable=False, server_default=_now),
+)
+
+# Global admins' prices: overrides of catalogue entries and custom models.
+price_overrides = Table(
+    "price_overrides",
+    metadata,
+    Column("provider", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("prices", JSONB, nullable=False),
+    *_timestamps(),
+    PrimaryKeyConstraint("provider", "model", name="price_overrides_pkey"),
+    CheckConstraint(
+        "char_length(provider) BETWEEN 1 AND 64 AND char_length(model) BETWEEN 1 AND 256",
+        name="price_overrides_name_length",
+    ),
+)
+
+# Hourly totals of request_logs, kept by the usage flusher in the same
+# transaction as the rows. A NULL model is stored as '', a NULL key as the
+# nil UUID. No foreign key, as for request_logs: deleting an org deletes its
+# rollups explicitly; request-log retention leaves them.
+_ROLLUP_COUNTS = (
+    "requests",
+    "errors",
+    "unmetered",
+    "estimated",
+    "unpriced",
+    "cache_hits",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+    "cache_creation_1h_tokens",
+    "reasoning_tokens",
+)
+usage_hourly = Table(
+    "usage_hourly",
+    metadata,
+    Column("org_id", UUID(as_uuid=False), nullable=False),
+    Column("hour", TIMESTAMP(timezone=True), nullable=False),
+    Column("provider", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("key_id", UUID(as_uuid=False), nullable=False),
+    *[
+        Column(name, BigInteger, nullable=False, server_default=text("0"))
+        for name in _ROLLUP_COUNTS
+    ],
+    Column("cost_usd", Numeric, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("org_id", "hour", "provider", "model", "key_id", name="usage_hourly_pkey"),
+)
+
 TABLES_WITH_UPDATED_AT = (
     "organizations",
     "api_keys",
@@ -363,4 +414,5 @@ TABLES_WITH_UPDATED_AT = (
     "custom_providers",
     "org_routes",
     "limits",
+    "price_overrides",
 )

@@ -1,6 +1,5 @@
 """Reading the request log back (for the admin API): an org's recent
-requests, newest first with keyset pagination, the requests logged since a
-live view last looked, one request, and usage totals.
+requests, newest first with keyset pagination, and its usage totals.
 
 Every argument may arrive as query-string text: the manager validates and
 converts it, and raises :class:`~lectr.errors.BadRequest` for anything
@@ -17,8 +16,10 @@ import binascii
 import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 
 from lectr.errors import BadRequest, NotFound
+from lectr.pricing.cost import Line, breakdown, format_usd
 from lectr.storage.request_logs import RequestFilter, RequestLog, RequestLogStore
 from lectr.util.validate import parse_uuid
 
@@ -28,9 +29,9 @@ MAX_LIMIT = 200
 MAX_GROUPS = 1000
 #: the longest range usage totals cover in one call
 MAX_TOTALS_RANGE = timedelta(days=366)
+GROUP_BY = ("model", "provider", "key", "day", "hour")
 #: hourly totals cover at most this long a range (744 buckets)
 MAX_HOURLY_RANGE = timedelta(days=31)
-GROUP_BY = ("model", "provider", "key", "day", "hour")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -66,10 +67,14 @@ class RequestEntry:
     cache_creation_tokens: int | None
     usage_source: str  # provider | estimated | none
     error_type: str | None
-    route: str | None = None
-    provider_key_id: str | None = None
-    attempts: int = 1
-    fallbacks: list | None = None
+    reasoning_tokens: int | None
+    cache_creation_1h_tokens: int | None
+    response_model: str | None  # the model the provider says it served
+    cost_usd: str | None  # exact decimal; None: unpriced
+    route: str | None = None  # the route the model named
+    provider_key_id: str | None = None  # the provider key of the last attempt
+    attempts: int = 1  # upstream calls (0: refused before any)
+    fallbacks: list | None = None  # why each earlier attempt was abandoned
 
     @classmethod
     def from_row(cls, row: RequestLog) -> RequestEntry:
@@ -92,6 +97,10 @@ class RequestEntry:
             cache_creation_tokens=row.cache_creation_tokens,
             usage_source=row.usage_source,
             error_type=row.error_type,
+            reasoning_tokens=row.reasoning_tokens,
+            cache_creation_1h_tokens=row.cache_creation_1h_tokens,
+            response_model=row.response_model,
+            cost_usd=format_usd(row.cost_usd),
             route=row.route,
             provider_key_id=row.provider_key_id,
             attempts=row.attempts,
@@ -100,6 +109,34 @@ class RequestEntry:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class CostExplanation:
+    """One request, its tokens, the prices its cost was computed with
+    (their date and source) and the arithmetic."""
+
+    org_id: str
+    request: RequestEntry
+    usage_raw: str | None  # the provider's usage object, as received
+    pricing: dict | None  # the stored basis: provider, model, source, checked, tier, rates
+    lines: list[Line]
+    total_usd: str | None  # the sum of the lines (None: unpriced)
+    matches: bool | None  # the stored cost equals the sum of the lines
+    estimated: bool  # the counts (and so the cost) are estimates
+    note: str  # in words
+
+    def to_json(self) -> dict:
+        return {
+            "request": self.request.to_json(),
+            "usage_raw": self.usage_raw,
+            "pricing": self.pricing,
+            "lines": [line.to_json() for line in self.lines],
+            "total_usd": self.total_usd,
+            "matches": self.matches,
+            "estimated": self.estimated,
+            "note": self.note,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,16 +159,23 @@ class UsageTotal:
     """Totals of one group over the range."""
 
     # the model (None: requests without one), the provider, the Lectr key id
-    # (None: no key recorded), "YYYY-MM-DD" or "YYYY-MM-DDTHH:00:00Z" (UTC)
+    # (None: requests without one), "YYYY-MM-DD" (UTC) or the hour (ISO 8601, UTC)
     key: str | None
     requests: int
     errors: int  # status >= 400 (499: the client went away)
     unmetered: int  # requests whose usage is unknown (usage_source "none")
+    estimated: int  # requests whose usage is estimated (a cut response)
+    unpriced: int  # metered requests without a cost (a model with no price)
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     cached_tokens: int
     cache_creation_tokens: int
+    cache_creation_1h_tokens: int
+    reasoning_tokens: int
+    cache_hits: int  # requests with prompt tokens read from the provider's cache
+    cache_hit_rate: float | None  # cached_tokens / prompt_tokens
+    cost_usd: str  # exact decimal, the priced requests only
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -165,46 +209,6 @@ def decode_cursor(cursor: object) -> tuple[datetime, int]:
     except OverflowError:
         raise BadRequest("invalid cursor") from None
     return created_at, row_id
-
-
-def encode_live_cursor(row_id: int) -> str:
-    """A live view's position: the id of the newest row it has accounted for."""
-    return base64.urlsafe_b64encode(f"live:{row_id}".encode()).rstrip(b"=").decode()
-
-
-def decode_live_cursor(cursor: object) -> int:
-    if not isinstance(cursor, str) or not 1 <= len(cursor) <= 64:
-        raise BadRequest("invalid after cursor")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, ValueError):
-        raise BadRequest("invalid after cursor") from None
-    m = _LIVE_CURSOR_RE.fullmatch(raw)
-    if m is None or int(m.group(1)) > _MAX_ID:
-        raise BadRequest("invalid after cursor")
-    return int(m.group(1))
-
-
-def _group_key(value: object) -> str | None:
-    if isinstance(value, datetime):  # an hour (UTC, naive from the query)
-        return value.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
-    if isinstance(value, date):
-        return value.isoformat()
-    return None if value is None else str(value)
-
-
-def _total(r) -> UsageTotal:
-    return UsageTotal(
-        key=_group_key(r.key),
-        requests=r.requests,
-        errors=r.errors,
-        unmetered=r.unmetered,
-        prompt_tokens=r.prompt_tokens,
-        completion_tokens=r.completion_tokens,
-        total_tokens=r.total_tokens,
-        cached_tokens=r.cached_tokens,
-        cache_creation_tokens=r.cache_creation_tokens,
-    )
 
 
 # --- argument parsing ----------------------------------------------------------------
@@ -288,6 +292,24 @@ def parse_key_id(value: object) -> str | None:
         return parse_uuid(value, "key")
     except NotFound:
         raise BadRequest("key_id must be a Lectr key id (a UUID)") from None
+
+
+def encode_live_cursor(row_id: int) -> str:
+    """A live view's position: the id of the newest row it has accounted for."""
+    return base64.urlsafe_b64encode(f"live:{row_id}".encode()).rstrip(b"=").decode()
+
+
+def decode_live_cursor(cursor: object) -> int:
+    if not isinstance(cursor, str) or not 1 <= len(cursor) <= 64:
+        raise BadRequest("invalid after cursor")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        raise BadRequest("invalid after cursor") from None
+    m = _LIVE_CURSOR_RE.fullmatch(raw)
+    if m is None or int(m.group(1)) > _MAX_ID:
+        raise BadRequest("invalid after cursor")
+    return int(m.group(1))
 
 
 def parse_model(value: object) -> str | None:
@@ -375,40 +397,21 @@ class UsageManager:
         )
 
     async def get_request(self, org_id: object, request_id: object) -> RequestEntry:
+        """One request of an org (404 for another org's)."""
         org = parse_uuid(org_id, "organization")
         rid = parse_uuid(request_id, "request")
-        row = await self._store.get(org, rid)
-        if row is None:
+        detail = await self._store.get(rid)
+        if detail is None or detail.row.org_id != org:
             raise NotFound("request not found")
-        return RequestEntry.from_row(row)
-
-    async def usage_totals(
-        self, org_id: object, *, since: object, until: object, group_by: object
-    ) -> list[UsageTotal]:
-        """Totals over ``[since, until)`` grouped by ``model``, ``provider``,
-        ``key`` (the Lectr key id), ``day`` or ``hour`` (UTC). Models,
-        providers and keys come busiest first (at most MAX_GROUPS); days and
-        hours in order, those without requests left out."""
-        org = parse_uuid(org_id, "organization")
-        if group_by not in GROUP_BY:
-            raise BadRequest(f"group_by must be one of: {', '.join(GROUP_BY)}")
-        start, end = _range(since, until)
-        if group_by == "hour" and end - start > MAX_HOURLY_RANGE:
-            raise BadRequest(
-                f"hourly totals cover at most {MAX_HOURLY_RANGE.days} days; group by day"
-            )
-        rows = await self._store.totals(
-            org, since=start, until=end, group_by=group_by, limit=MAX_GROUPS
-        )
-        return [_total(r) for r in rows]
+        return RequestEntry.from_row(detail.row)
 
     async def org_totals(
         self, org_ids: list[str] | None, *, since: object, until: object
     ) -> list[UsageTotal]:
-        """One total per org over ``[since, until)`` (``key``: the org id),
-        for ``org_ids`` (None: every org); orgs without requests are left
-        out."""
-        start, end = _range(since, until)
+        """One total per org over the hours of ``[since, until)`` (``key``:
+        the org id), for ``org_ids`` (None: every org); orgs without requests
+        are left out."""
+        start, end = self._hours(since, until)
         if org_ids is not None:
             org_ids = [parse_uuid(o, "organization") for o in org_ids]
             if not org_ids:
@@ -416,14 +419,137 @@ class UsageManager:
         rows = await self._store.totals_by_org(org_ids, since=start, until=end)
         return sorted((_total(r) for r in rows), key=lambda t: (-t.requests, t.key or ""))
 
+    @staticmethod
+    def _hours(since: object, until: object) -> tuple[datetime, datetime]:
+        start = parse_time(since, "since")
+        end = parse_time(until, "until")
+        if start is None or end is None:
+            raise BadRequest("since and until are required")
+        if start >= end:
+            raise BadRequest("since must be earlier than until")
+        start, end = hour_floor(start), hour_ceil(end)
+        if end - start > MAX_TOTALS_RANGE + timedelta(hours=2):
+            raise BadRequest(f"the range may span at most {MAX_TOTALS_RANGE.days} days")
+        return start, end
 
-def _range(since: object, until: object) -> tuple[datetime, datetime]:
-    start = parse_time(since, "since")
-    end = parse_time(until, "until")
-    if start is None or end is None:
-        raise BadRequest("since and until are required")
-    if start >= end:
-        raise BadRequest("since must be earlier than until")
-    if end - start > MAX_TOTALS_RANGE:
-        raise BadRequest(f"the range may span at most {MAX_TOTALS_RANGE.days} days")
-    return start, end
+    async def usage_totals(
+        self, org_id: object, *, since: object, until: object, group_by: object
+    ) -> UsageReport:
+        """Totals grouped by ``model``, ``provider``, ``key`` (the Lectr key),
+        ``day`` (UTC) or ``hour``, read from the hourly rollups. The range
+        covers whole hours: ``since`` is rounded down and ``until`` up to the
+        hour, and the report says which range it covers. Models, providers
+        and keys come busiest first (at most MAX_GROUPS); days and hours in
+        order; groups without requests are left out."""
+        org = parse_uuid(org_id, "organization")
+        if group_by not in GROUP_BY:
+            raise BadRequest("group_by must be one of: " + ", ".join(GROUP_BY))
+        start, end = self._hours(since, until)
+        if group_by == "hour" and end - start > MAX_HOURLY_RANGE:
+            raise BadRequest(
+                f"hourly totals cover at most {MAX_HOURLY_RANGE.days} days; group by day"
+            )
+        rows = await self._store.totals(
+            org, since=start, until=end, group_by=group_by, limit=MAX_GROUPS
+        )
+        items = [_total(r) for r in rows]
+        return UsageReport(start, end, str(group_by), items)
+
+    async def explain(self, request_id: object) -> CostExplanation:
+        """One request's tokens, the prices its cost was computed with and
+        the arithmetic (the caller checks that it may see ``org_id``)."""
+        rid = parse_uuid(request_id, "request")
+        detail = await self._store.get(rid)
+        if detail is None:
+            raise NotFound("request not found")
+        row, basis = detail.row, detail.basis
+        entry = RequestEntry.from_row(row)
+        estimated = row.usage_source == "estimated"
+        if basis is None:
+            note = (
+                "no usage was reported, so there is nothing to price"
+                if row.usage_source == "none"
+                else f"unpriced: no price for {row.response_model or row.model or 'this model'} "
+                f"on {row.provider} when it was recorded (add one: lectr pricing set)"
+            )
+            return CostExplanation(
+                row.org_id, entry, row.usage_raw, None, [], None, None, estimated, note
+            )
+        rates = {k: Decimal(v) for k, v in basis["rates"].items()}
+        lines, total = breakdown(
+            rates,
+            prompt_tokens=row.prompt_tokens or 0,
+            cached_tokens=row.cached_tokens or 0,
+            cache_creation_tokens=row.cache_creation_tokens or 0,
+            cache_creation_1h_tokens=row.cache_creation_1h_tokens or 0,
+            completion_tokens=row.completion_tokens or 0,
+        )
+        matches = row.cost_usd is not None and total == row.cost_usd
+        tier = (
+            f"the long-context rates (prompt over {basis['threshold']:,} tokens)"
+            if basis.get("tier") == "long_context"
+            else "the base rates"
+        )
+        note = (
+            f"priced as {basis['provider']}/{basis['model']} ({basis['source']} price, "
+            f"checked {basis['checked']}), {tier}"
+        )
+        if estimated:
+            note += "; the counts are estimates (the response was cut short)"
+        return CostExplanation(
+            row.org_id,
+            entry,
+            row.usage_raw,
+            basis,
+            lines,
+            format_usd(total),
+            matches,
+            estimated,
+            note,
+        )
+
+
+def hour_floor(dt: datetime) -> datetime:
+    return dt.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def hour_ceil(dt: datetime) -> datetime:
+    floor = hour_floor(dt)
+    return floor if floor == dt else floor + timedelta(hours=1)
+
+
+def _group_key(key: object) -> str | None:
+    if isinstance(key, datetime):
+        return _iso(key).replace(".000000Z", "Z")
+    if isinstance(key, date):
+        return key.isoformat()
+    return None if key is None else str(key)
+
+
+def _total(r) -> UsageTotal:
+    return UsageTotal(
+        key=_group_key(r.key),
+        requests=r.requests,
+        errors=r.errors,
+        unmetered=r.unmetered,
+        estimated=r.estimated,
+        unpriced=r.unpriced,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        total_tokens=r.total_tokens,
+        cached_tokens=r.cached_tokens,
+        cache_creation_tokens=r.cache_creation_tokens,
+        cache_creation_1h_tokens=r.cache_creation_1h_tokens,
+        reasoning_tokens=r.reasoning_tokens,
+        cache_hits=r.cache_hits,
+        cache_hit_rate=round(r.cached_tokens / r.prompt_tokens, 6) if r.prompt_tokens else None,
+        cost_usd=format_usd(r.cost_usd) or "0",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    since: datetime  # the range covered: whole hours
+    until: datetime
+    group_by: str
+    items: list[UsageTotal]

@@ -15,7 +15,7 @@ from decimal import Decimal
 
 from lectr.limits.limiter import Refusal as LimitRefusal
 from lectr.policy.chain import Refusal
-from lectr.providers.dialects import BYTES_PER_TOKEN
+from lectr.pricing.cost import estimate_prompt_tokens
 
 _KINDS = {"rate_limit_exceeded": "rate_limited", "budget_exceeded": "budget_exceeded"}
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -57,7 +57,7 @@ class Limits:
     def _reserve(self, call):
         def worst() -> Decimal | None:
             read = call.read
-            prompt = len(read.body) // BYTES_PER_TOKEN + 1
+            prompt = estimate_prompt_tokens(len(read.body))
             limit = output_limit(read.doc)
             costs = [
                 self._worst_case(t.provider, t.model, prompt_tokens=prompt, max_output_tokens=limit)

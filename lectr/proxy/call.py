@@ -49,7 +49,7 @@ from lectr.providers.dialects import ERROR_STATUS
 from lectr.proxy.headers import downstream
 from lectr.proxy.ids import new_request_id
 from lectr.proxy.target import error_provider, route, target_problem
-from lectr.usage.model import NO_USAGE, UsageRecord
+from lectr.usage.model import NO_USAGE, NOTHING_RELAYED, UsageRecord
 
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 _NO_LENGTH_CODES = frozenset({204, 304})
@@ -752,7 +752,13 @@ class Call:
         name = provider.name if provider is not None else "unknown"
         h.m_requests.inc(1, name, str(self.status))
         h.m_latency.observe(elapsed, name)
-        usage = self.meter.finish() if self.meter is not None else NO_USAGE
+        meter = self.meter
+        if meter is not None:
+            usage = meter.finish()
+        elif self.attempt is not None and self.error_type == "client_disconnected":
+            usage = NOTHING_RELAYED  # sent, and cut before any answer: estimated, never nothing
+        else:
+            usage = NO_USAGE
         ident = self.ident
         if ident is None:
             return None  # not authenticated: no org to account to
@@ -765,6 +771,15 @@ class Call:
             if self.requested_model is not None
             else read.model
             if read is not None
+            else None
+        )
+        request_bytes = len(self.req.body)
+        # the cost (exact; estimated for a cut answer; None for an unpriced
+        # model), computed once, in memory: the recorder writes it, the
+        # limits settle it
+        priced = (
+            h.price(name, model, usage, request_bytes=request_bytes)
+            if h.price is not None
             else None
         )
         record = UsageRecord(
@@ -786,7 +801,9 @@ class Call:
             provider_key_id=attempt.key.id if attempt is not None else None,
             attempts=plan.n if plan is not None else 0,
             fallbacks=tuple(self.fallbacks),
-            request_bytes=len(self.req.body),
+            request_bytes=request_bytes,
+            cost_usd=priced.cost_usd if priced is not None else None,
+            pricing=priced,
         )
         record = h.complete(self, record)
         h.recorder.record(record)

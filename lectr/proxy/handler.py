@@ -47,6 +47,7 @@ class ProxyHandler:
         headers_timeout: float,
         idle_timeout: float,
         origin_factory,
+        price=None,
         complete=None,
         traceparent=None,
     ) -> None:
@@ -64,6 +65,8 @@ class ProxyHandler:
         self.idle_timeout = idle_timeout
         self._origin_factory = origin_factory
         self._origins: dict[str, object] = {}
+        #: price(provider, model, usage, request_bytes=) -> lectr.pricing.cost.Priced
+        self.price = price
         self._complete = complete
         self._traceparent = traceparent
         self.active: set[Call] = set()

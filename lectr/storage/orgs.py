@@ -127,6 +127,7 @@ class OrgStore:
             deleted = await t.execute("DELETE FROM organizations WHERE id = %s", (org_id,))
             if deleted:
                 await t.execute("DELETE FROM request_logs WHERE org_id = %s", (org_id,))
+                await t.execute("DELETE FROM usage_hourly WHERE org_id = %s", (org_id,))
                 t.notify("org", org_id)
             return bool(deleted)
 

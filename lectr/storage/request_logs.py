@@ -10,9 +10,11 @@ ever filter with parameters.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from lectr.db.database import Database, Transaction
 from lectr.usage.model import UsageRecord
@@ -23,17 +25,86 @@ _RETENTION_LOCK = int.from_bytes(b"LECTRRET", "big") & 0x7FFFFFFFFFFFFFFF
 _INSERT_COLUMNS = (
     "request_id, created_at, org_id, key_id, provider, model, method, path, status, "
     "latency_ms, ttfb_ms, streamed, prompt_tokens, completion_tokens, total_tokens, "
-    "cached_tokens, cache_creation_tokens, usage_source, error_type, "
+    "cached_tokens, cache_creation_tokens, usage_source, error_type, reasoning_tokens, "
+    "cache_creation_1h_tokens, response_model, usage_raw, cost_usd, price_basis_id, "
     "route, provider_key_id, attempts, fallbacks"
 )
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+# The rollup columns, and how one batch of inserted rows adds to them.
+ROLLUP_COUNTS = (
+    "requests",
+    "errors",
+    "unmetered",
+    "estimated",
+    "unpriced",
+    "cache_hits",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+    "cache_creation_1h_tokens",
+    "reasoning_tokens",
+)
+_ROLLUP_VALUES = (
+    "count(*), count(*) FILTER (WHERE status >= 400), "
+    "count(*) FILTER (WHERE usage_source = 'none'), "
+    "count(*) FILTER (WHERE usage_source = 'estimated'), "
+    "count(*) FILTER (WHERE usage_source <> 'none' AND cost_usd IS NULL), "
+    "count(*) FILTER (WHERE cached_tokens > 0), "
+    "coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
+    "coalesce(sum(total_tokens), 0), coalesce(sum(cached_tokens), 0), "
+    "coalesce(sum(cache_creation_tokens), 0), coalesce(sum(cache_creation_1h_tokens), 0), "
+    "coalesce(sum(reasoning_tokens), 0), coalesce(sum(cost_usd), 0)"
+)
+_ROLLUP_KEY = (
+    "org_id, date_trunc('hour', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', "
+    f"provider, coalesce(model, ''), coalesce(key_id, '{NIL_UUID}'::uuid)"
+)
+_ROLLUP_ADD = ", ".join(f"{c} = u.{c} + EXCLUDED.{c}" for c in (*ROLLUP_COUNTS, "cost_usd"))
+
+# One statement per batch: the rows (skipping request ids already stored, so
+# a replay never counts twice), the price bases they name, and the hourly
+# rollups of exactly the rows inserted; the rollup rows are locked in key
+# order, so concurrent batches from several nodes cannot deadlock.
 _INSERT_SQL = (
-    f"INSERT INTO request_logs ({_INSERT_COLUMNS}) "
-    "SELECT * FROM unnest("
+    "WITH bases AS ("
+    " INSERT INTO price_bases (id, basis)"
+    " SELECT * FROM unnest(%s::bigint[], %s::jsonb[]) ORDER BY 1 ON CONFLICT DO NOTHING"
+    "), ins AS ("
+    f" INSERT INTO request_logs ({_INSERT_COLUMNS})"
+    " SELECT * FROM unnest("
     "%s::uuid[], %s::timestamptz[], %s::uuid[], %s::uuid[], %s::text[], %s::text[], "
     "%s::text[], %s::text[], %s::smallint[], %s::float8[], %s::float8[], %s::bool[], "
     "%s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::text[], %s::text[], "
+    "%s::int[], %s::int[], %s::text[], %s::text[], %s::numeric[], %s::bigint[], "
     "%s::text[], %s::uuid[], %s::smallint[], %s::jsonb[]) "
-    "ON CONFLICT (request_id) DO NOTHING"
+    # in request id order: concurrent batches holding the same rows (a replay
+    # racing a late commit) wait for each other instead of deadlocking
+    " ORDER BY 1"
+    # no conflict target: the same statement works once request_logs is
+    # partitioned (unique on request_id and created_at)
+    " ON CONFLICT DO NOTHING"
+    " RETURNING org_id, created_at, provider, model, key_id, status, usage_source,"
+    " prompt_tokens, completion_tokens, total_tokens, cached_tokens, cache_creation_tokens,"
+    " cache_creation_1h_tokens, reasoning_tokens, cost_usd"
+    "), hourly AS ("
+    " INSERT INTO usage_hourly AS u (org_id, hour, provider, model, key_id, "
+    f"{', '.join(ROLLUP_COUNTS)}, cost_usd)"
+    f" SELECT {_ROLLUP_KEY}, {_ROLLUP_VALUES} FROM ins"
+    " GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"
+    " ON CONFLICT (org_id, hour, provider, model, key_id) DO UPDATE SET "
+    f"{_ROLLUP_ADD}"
+    ") SELECT count(*) FROM ins"
+)
+
+#: the rollups computed from scratch from the rows stored (tests, benchmarks,
+#: and an operator who deleted rows by hand: run it after DELETE FROM usage_hourly)
+ROLLUPS_FROM_ROWS_SQL = (
+    "INSERT INTO usage_hourly (org_id, hour, provider, model, key_id, "
+    f"{', '.join(ROLLUP_COUNTS)}, cost_usd) "
+    f"SELECT {_ROLLUP_KEY}, {_ROLLUP_VALUES} FROM request_logs GROUP BY 1, 2, 3, 4, 5"
 )
 
 _SELECT_COLUMNS = "id, " + _INSERT_COLUMNS
@@ -61,10 +132,24 @@ class RequestLog:
     cache_creation_tokens: int | None
     usage_source: str
     error_type: str | None
+    reasoning_tokens: int | None = None
+    cache_creation_1h_tokens: int | None = None
+    response_model: str | None = None
+    usage_raw: str | None = None
+    cost_usd: Decimal | None = None
+    price_basis_id: int | None = None
     route: str | None = None
     provider_key_id: str | None = None
     attempts: int = 1
     fallbacks: list | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDetail:
+    """One request with the prices its cost was computed from."""
+
+    row: RequestLog
+    basis: dict | None  # the price_bases document (None: unpriced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,33 +167,34 @@ class RequestFilter:
 
 @dataclass(frozen=True, slots=True)
 class UsageAggregate:
-    key: object  # the model or provider (str, model may be None), or the UTC day (date)
+    # the model or provider (str, model may be None), the key id (may be
+    # None), the UTC day (date) or the hour (datetime)
+    key: object
     requests: int
     errors: int  # status >= 400
     unmetered: int  # usage_source = 'none'
+    estimated: int  # usage_source = 'estimated'
+    unpriced: int  # metered, but no cost (a model without a price)
+    cache_hits: int  # requests with cached_tokens > 0
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     cached_tokens: int
     cache_creation_tokens: int
+    cache_creation_1h_tokens: int
+    reasoning_tokens: int
+    cost_usd: Decimal
 
 
 # Group keys are chosen from this table, never from caller text.
 _GROUP_KEYS = {
-    "model": ("model", "requests DESC, key NULLS LAST"),
+    "model": ("nullif(model, '')", "requests DESC, key NULLS LAST"),
     "provider": ("provider", "requests DESC, key"),
-    "key": ("key_id", "requests DESC, key NULLS LAST"),
-    "day": ("(created_at AT TIME ZONE 'UTC')::date", "key"),
-    "hour": ("date_trunc('hour', created_at AT TIME ZONE 'UTC')", "key"),
+    "key": (f"nullif(key_id, '{NIL_UUID}'::uuid)", "requests DESC, key NULLS LAST"),
+    "day": ("(hour AT TIME ZONE 'UTC')::date", "key"),
+    "hour": ("hour", "key"),
 }
-_TOTALS = (
-    "count(*) AS requests, "
-    "count(*) FILTER (WHERE status >= 400), "
-    "count(*) FILTER (WHERE usage_source = 'none'), "
-    "coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
-    "coalesce(sum(total_tokens), 0), coalesce(sum(cached_tokens), 0), "
-    "coalesce(sum(cache_creation_tokens), 0)"
-)
+_TOTALS = ", ".join(f"sum({c})::bigint AS {c}" for c in ROLLUP_COUNTS) + ", sum(cost_usd)"
 
 
 def _conditions(where: RequestFilter, sql: list[str], args: list) -> None:
@@ -151,9 +237,48 @@ def _array(values: list) -> str:
     return "{" + ",".join(parts) + "}"
 
 
+_NUMERIC = (int, float, bool)
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:E[-+]?[0-9]+)?")
+
+
+def _numbers(values: list) -> str:
+    """An array literal of numbers (or booleans, or NULL) without quoting:
+    their text cannot hold a separator. Anything else (a bug upstream)
+    takes the quoting path, so it still cannot shift the other values."""
+    try:
+        return "{" + ",".join(["NULL" if v is None else _plain(v) for v in values]) + "}"
+    except TypeError:
+        return _array(values)
+
+
+def _plain(v: object) -> str:
+    if type(v) in _NUMERIC:
+        return str(v)
+    if type(v) is str and _DECIMAL_TEXT.fullmatch(v):  # a Decimal's text
+        return v
+    raise TypeError("not a number")
+
+
+def _bases(rows: Sequence[UsageRecord]) -> tuple[str, str]:
+    """The distinct price bases a batch names: (ids, documents) arrays."""
+    seen: dict[int, str] = {}
+    for r in rows:
+        priced = r.pricing
+        if priced is not None and priced.basis is not None:
+            seen[priced.basis.id] = priced.basis.json
+    return _array(list(seen)), _array(list(seen.values()))
+
+
+def _basis_id(r: UsageRecord) -> int | None:
+    priced = r.pricing
+    return priced.basis.id if priced is not None and priced.basis is not None else None
+
+
 def _columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
-    """The column arrays of a batch, in ``_INSERT_COLUMNS`` order."""
+    """The two price-basis arrays and the 25 column arrays of a batch, in
+    ``_INSERT_SQL`` order."""
     return (
+        *_bases(rows),
         _array([r.request_id for r in rows]),
         _array([r.created_at.isoformat() for r in rows]),
         _array([r.org_id for r in rows]),
@@ -162,20 +287,27 @@ def _columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
         _array([r.model for r in rows]),
         _array([r.method for r in rows]),
         _array([r.path for r in rows]),
-        _array([r.status for r in rows]),
-        _array([r.latency_ms for r in rows]),
-        _array([r.ttfb_ms for r in rows]),
-        _array([r.streamed for r in rows]),
-        _array([r.usage.prompt_tokens for r in rows]),
-        _array([r.usage.completion_tokens for r in rows]),
-        _array([r.usage.total_tokens for r in rows]),
-        _array([r.usage.cached_tokens for r in rows]),
-        _array([r.usage.cache_creation_tokens for r in rows]),
+        _numbers([r.status for r in rows]),
+        _numbers([r.latency_ms for r in rows]),
+        _numbers([r.ttfb_ms for r in rows]),
+        _numbers([r.streamed for r in rows]),
+        _numbers([r.usage.prompt_tokens for r in rows]),
+        _numbers([r.usage.completion_tokens for r in rows]),
+        _numbers([r.usage.total_tokens for r in rows]),
+        _numbers([r.usage.cached_tokens for r in rows]),
+        _numbers([r.usage.cache_creation_tokens for r in rows]),
         _array([r.usage.source for r in rows]),
         _array([r.error_type for r in rows]),
+        _numbers([r.usage.reasoning_tokens for r in rows]),
+        _numbers([r.usage.cache_creation_1h_tokens for r in rows]),
+        _array([r.usage.model for r in rows]),
+        _array([r.usage.raw for r in rows]),
+        # (str: PostgreSQL reads a Decimal's exponent form, 1.5E-7, exactly)
+        _numbers([None if r.cost_usd is None else str(r.cost_usd) for r in rows]),
+        _numbers([_basis_id(r) for r in rows]),
         _array([r.route for r in rows]),
         _array([r.provider_key_id for r in rows]),
-        _array([r.attempts for r in rows]),
+        _numbers([r.attempts for r in rows]),
         _array([_json(r.fallbacks) for r in rows]),
     )
 
@@ -211,14 +343,17 @@ class RequestLogStore:
         return await self._db.runInteraction("expire_request_logs", txn)
 
     async def insert(self, rows: Sequence[UsageRecord]) -> int:
-        """Insert ``rows`` in one transaction; rows whose ``request_id`` is
-        already stored are skipped. Returns the number of rows inserted."""
+        """Insert ``rows`` in one transaction, with their price bases and
+        their share of the hourly rollups; rows whose ``request_id`` is
+        already stored are skipped (and not counted again). Returns the
+        number of rows inserted."""
         if not rows:
             return 0
         args = _columns(rows)
 
         async def txn(t: Transaction) -> int:
-            return await t.execute(_INSERT_SQL, args)
+            row = await t.fetchone(_INSERT_SQL, args)
+            return row[0]
 
         return await self._db.runInteraction("insert_request_logs", txn)
 
@@ -248,44 +383,35 @@ class RequestLogStore:
     async def totals(
         self, org_id: str, *, since: datetime, until: datetime, group_by: str, limit: int
     ) -> list[UsageAggregate]:
-        """Request and token totals of an org over ``[since, until)``, grouped
-        by model, provider, Lectr key, UTC day or UTC hour; at most ``limit``
-        groups (the busiest first; days and hours in order)."""
+        """Request, token and cost totals of an org over the hours in
+        ``[since, until)`` (read from the hourly rollups: ``since`` and
+        ``until`` should be whole hours), grouped by model, provider, key,
+        UTC day or hour; at most ``limit`` groups (the busiest first; days
+        and hours in order)."""
         key, order = _GROUP_KEYS[group_by]
         sql = (
-            f"SELECT {key} AS key, {_TOTALS} "
-            "FROM request_logs WHERE org_id = %s AND created_at >= %s AND created_at < %s "
+            f"SELECT {key} AS key, {_TOTALS} FROM usage_hourly "
+            "WHERE org_id = %s AND hour >= %s AND hour < %s "
             f"GROUP BY 1 ORDER BY {order} LIMIT %s"
         )
         rows = await self._db.runQuery(
-            f"request_log_totals_by_{group_by}", sql, (org_id, since, until, limit)
+            f"usage_totals_by_{group_by}", sql, (org_id, since, until, limit)
         )
         return [UsageAggregate(*r) for r in rows]
 
     async def totals_by_org(
         self, org_ids: list[str] | None, *, since: datetime, until: datetime
     ) -> list[UsageAggregate]:
-        """One total per org over ``[since, until)`` (``key`` is the org id),
-        for the given orgs (None: every org)."""
-        sql = [
-            f"SELECT org_id AS key, {_TOTALS} FROM request_logs "
-            "WHERE created_at >= %s AND created_at < %s"
-        ]
+        """One total per org over the hours in ``[since, until)`` (``key`` is
+        the org id), for the given orgs (None: every org), from the rollups."""
+        sql = [f"SELECT org_id AS key, {_TOTALS} FROM usage_hourly WHERE hour >= %s AND hour < %s"]
         args: list = [since, until]
         if org_ids is not None:
             sql.append("AND org_id = ANY(%s::uuid[])")
             args.append(list(org_ids))
         sql.append("GROUP BY 1")
-        rows = await self._db.runQuery("request_log_totals_by_org", " ".join(sql), args)
+        rows = await self._db.runQuery("usage_totals_by_org", " ".join(sql), args)
         return [UsageAggregate(*r) for r in rows]
-
-    async def get(self, org_id: str, request_id: str) -> RequestLog | None:
-        rows = await self._db.runQuery(
-            "get_request_log",
-            f"SELECT {_SELECT_COLUMNS} FROM request_logs WHERE request_id = %s AND org_id = %s",
-            (request_id, org_id),
-        )
-        return RequestLog(*rows[0]) if rows else None
 
     async def newer(
         self, org_id: str, *, after_id: int, limit: int, where: RequestFilter = RequestFilter()
@@ -307,6 +433,20 @@ class RequestLogStore:
         view's starting point (one step down the primary key)."""
         rows = await self._db.runQuery("last_request_log_id", "SELECT max(id) FROM request_logs")
         return rows[0][0] or 0
+
+    async def get(self, request_id: str) -> RequestDetail | None:
+        """One request by its id, with its price basis."""
+        rows = await self._db.runQuery(
+            "get_request_log",
+            f"SELECT {', '.join('r.' + c for c in _SELECT_COLUMNS.split(', '))}, b.basis "
+            "FROM request_logs r LEFT JOIN price_bases b ON b.id = r.price_basis_id "
+            "WHERE r.request_id = %s",
+            (request_id,),
+        )
+        if not rows:
+            return None
+        *values, basis = rows[0]
+        return RequestDetail(RequestLog(*values), basis)
 
     async def count(self, org_id: str | None = None) -> int:
         """How many rows (of one org); for tests and tooling."""

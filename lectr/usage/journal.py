@@ -24,10 +24,12 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 from twisted.logger import Logger
 
+from lectr.pricing.cost import Basis, Priced, basis_id, format_usd
 from lectr.usage.model import Usage, UsageRecord
 
 FORMAT_VERSION = 1
@@ -36,6 +38,60 @@ _SUFFIX = ".jsonl"
 _PREFIX = "spill-"
 
 _log = Logger()
+
+
+def _extras(r: UsageRecord) -> dict:
+    """What a row carries beyond the first 19 columns (only what is set)."""
+    u = r.usage
+    extras: dict = {}
+    for key, value in (
+        ("reasoning_tokens", u.reasoning_tokens),
+        ("cache_creation_1h_tokens", u.cache_creation_1h_tokens),
+        ("raw", u.raw),
+        ("response_model", u.model),
+        ("request_bytes", r.request_bytes or None),
+        ("cost_usd", format_usd(r.cost_usd)),
+        ("route", r.route),
+        ("provider_key_id", r.provider_key_id),
+        ("attempts", None if r.attempts == 1 else r.attempts),
+        ("fallbacks", list(r.fallbacks) or None),
+    ):
+        if value is not None:
+            extras[key] = value
+    p = r.pricing
+    if p is not None:
+        extras["pricing"] = {
+            "cost_usd": format_usd(p.cost_usd),
+            "estimated": p.estimated,
+            "basis": p.basis.json if p.basis is not None else None,
+            "prompt_estimate": p.prompt_estimate,
+            "reason": p.reason,
+        }
+    return extras
+
+
+def _decimal(value: object) -> Decimal | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return Decimal(value)
+    except ArithmeticError:  # InvalidOperation
+        raise ValueError("not a usage row") from None
+
+
+def _priced(doc: object) -> Priced | None:
+    if not isinstance(doc, dict):
+        return None
+    basis = doc.get("basis")
+    cost = doc.get("cost_usd")
+    return Priced(
+        _decimal(cost),
+        doc.get("estimated") is True,
+        Basis(basis_id(basis), basis) if isinstance(basis, str) else None,
+        None,
+        doc.get("prompt_estimate") if type(doc.get("prompt_estimate")) is int else None,
+        doc.get("reason") if isinstance(doc.get("reason"), str) else None,
+    )
 
 
 def encode_record(r: UsageRecord) -> bytes:
@@ -60,30 +116,37 @@ def encode_record(r: UsageRecord) -> bytes:
         u.cache_creation_tokens,
         u.source,
         r.error_type,
-        {
-            "route": r.route,
-            "provider_key_id": r.provider_key_id,
-            "attempts": r.attempts,
-            "fallbacks": list(r.fallbacks),
-            "request_bytes": r.request_bytes,
-        },
     ]
+    extras = _extras(r)
+    if extras:  # (a row of 19 columns is the format of earlier versions)
+        row.append(extras)
     # ASCII output: any string (lone surrogates, NULs) survives the round trip
     return (json.dumps(row, separators=(",", ":")) + "\n").encode("ascii")
 
 
 def decode_record(line: bytes) -> UsageRecord:
     row = json.loads(line)
-    # 19 columns (format of the first release), then a map of later fields
     if not isinstance(row, list) or len(row) not in (19, 20):
-        raise ValueError("not a usage row")
-    extra = row[19] if len(row) == 20 else {}
-    if not isinstance(extra, dict):
         raise ValueError("not a usage row")
     (rid, created, org, key, provider, model, method, path, status, latency, ttfb, streamed) = row[
         :12
     ]
-    usage = Usage(row[12], row[13], row[14], row[15], row[16], row[17])
+    extras = row[19] if len(row) == 20 else {}
+    if not isinstance(extras, dict):
+        raise ValueError("not a usage row")
+    usage = Usage(
+        row[12],
+        row[13],
+        row[14],
+        row[15],
+        row[16],
+        row[17],
+        reasoning_tokens=extras.get("reasoning_tokens"),
+        cache_creation_1h_tokens=extras.get("cache_creation_1h_tokens"),
+        raw=extras.get("raw"),
+        model=extras.get("response_model"),
+    )
+    cost = extras.get("cost_usd")
     return UsageRecord(
         request_id=rid,
         created_at=datetime.fromisoformat(created),
@@ -99,11 +162,14 @@ def decode_record(line: bytes) -> UsageRecord:
         streamed=streamed,
         usage=usage,
         error_type=row[18],
-        route=extra.get("route"),
-        provider_key_id=extra.get("provider_key_id"),
-        attempts=extra.get("attempts", 1),
-        fallbacks=tuple(extra.get("fallbacks") or ()),
-        request_bytes=extra.get("request_bytes", 0),
+        request_bytes=extras.get("request_bytes") or 0,
+        cost_usd=_decimal(cost),
+        # a row of an older journal has no price: the recorder prices it
+        pricing=_priced(extras.get("pricing")),
+        route=extras.get("route"),
+        provider_key_id=extras.get("provider_key_id"),
+        attempts=extras.get("attempts", 1),
+        fallbacks=tuple(extras.get("fallbacks") or ()),
     )
 
 

@@ -30,12 +30,12 @@ import math
 import re
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.logger import Logger
 
 from lectr.providers.body import BodyRefused, ReadBody
-from lectr.usage.model import NO_USAGE, Meter, Usage
+from lectr.usage.model import NO_USAGE, RAW_USAGE_MAX, Meter, Usage
 
 _log = Logger()
 
@@ -209,10 +209,45 @@ def _count(value: object) -> int | None:
     return None
 
 
-def openai_usage(usage: object) -> Usage | None:
+def _raw(usage: dict) -> str | None:
+    """The provider's usage object as a row keeps it: compact JSON with the
+    members, order and values received (bounded)."""
+    try:
+        text = json.dumps(usage, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return text[:RAW_USAGE_MAX]
+
+
+def _model_name(value: object) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= MODEL_MAX:
+        return value
+    return None
+
+
+def _detail(usage: dict, names: tuple[str, ...], key: str) -> int | None:
+    for name in names:
+        details = usage.get(name)
+        if isinstance(details, dict):
+            value = _count(details.get(key))
+            if value is not None:
+                return value
+    return None
+
+
+def openai_usage(usage: object, model: object = None) -> Usage | None:
     """Usage from an OpenAI ``usage`` object: chat and completions
     (``prompt_tokens``/``completion_tokens``), Responses and audio
-    (``input_tokens``/``output_tokens``), embeddings (prompt and total)."""
+    (``input_tokens``/``output_tokens``), embeddings (prompt and total).
+
+    ``prompt_tokens`` already includes the cached tokens
+    (``prompt_tokens_details.cached_tokens``; DeepSeek:
+    ``prompt_cache_hit_tokens``). Reasoning tokens
+    (``completion_tokens_details.reasoning_tokens``) are part of
+    ``completion_tokens`` for OpenAI; some OpenAI-dialect providers (xAI)
+    report them beside it, which shows as ``total = prompt + completion +
+    reasoning``: then they are added to ``completion_tokens``, so that it is
+    every output token billed. ``model`` is the response's model."""
     if not isinstance(usage, dict):
         return None
     prompt = _count(usage.get("prompt_tokens"))
@@ -224,40 +259,62 @@ def openai_usage(usage: object) -> Usage | None:
     total = _count(usage.get("total_tokens"))
     if prompt is None and completion is None and total is None:
         return None
+    reasoning = _detail(
+        usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens"
+    )
+    if (
+        reasoning
+        and prompt is not None
+        and completion is not None
+        and total == prompt + completion + reasoning
+    ):
+        completion += reasoning  # reported beside the completion tokens, not inside
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
-    cached = None
-    for name in ("prompt_tokens_details", "input_tokens_details"):
-        details = usage.get(name)
-        if isinstance(details, dict):
-            cached = _count(details.get("cached_tokens"))
-            if cached is not None:
-                break
-    return Usage(prompt, completion, total, cached, None, "provider")
+    cached = _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
+    if cached is None:
+        cached = _count(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
+    return Usage(
+        prompt,
+        completion,
+        total,
+        cached,
+        None,
+        "provider",
+        reasoning,
+        None,
+        _raw(usage),
+        _model_name(model),
+    )
 
 
-def anthropic_usage(usage: object) -> Usage | None:
+def anthropic_usage(usage: object, model: object = None) -> Usage | None:
     """Usage from an Anthropic ``usage`` object. Anthropic's
     ``input_tokens`` excludes the prompt tokens read from or written to the
     cache; Lectr's ``prompt_tokens`` is every prompt token (input + cache
     read + cache creation), so that ``cached_tokens`` is a part of it as it
-    is for OpenAI."""
+    is for OpenAI. Cache writes are split by TTL when Anthropic says so
+    (``cache_creation.ephemeral_5m_input_tokens`` and
+    ``ephemeral_1h_input_tokens``); a plain ``cache_creation_input_tokens``
+    is all 5-minute writes. ``model`` is the response's model."""
     if not isinstance(usage, dict):
         return None
     fields = _AnthropicCounts()
     if not fields.update(usage):
         return None
-    return fields.usage("provider")
+    return fields.usage("provider", model=_model_name(model))
 
 
 class _AnthropicCounts:
-    __slots__ = ("input", "output", "cache_read", "cache_creation")
+    __slots__ = ("input", "output", "cache_read", "cache_creation", "cache_1h", "raws")
 
     def __init__(self) -> None:
         self.input: int | None = None
         self.output: int | None = None
         self.cache_read: int | None = None
         self.cache_creation: int | None = None
+        self.cache_1h: int | None = None
+        self.raws: list[str] = []  # the usage objects seen, in order
 
     def update(self, usage: dict) -> bool:
         """Take the counts present in ``usage`` (a later report wins)."""
@@ -272,15 +329,52 @@ class _AnthropicCounts:
             if value is not None:
                 setattr(self, attr, value)
                 seen = True
+        split = usage.get("cache_creation")
+        if isinstance(split, dict):
+            five = _count(split.get("ephemeral_5m_input_tokens"))
+            hour = _count(split.get("ephemeral_1h_input_tokens"))
+            if five is not None or hour is not None:
+                self.cache_1h = hour or 0
+                if _count(usage.get("cache_creation_input_tokens")) is None:
+                    self.cache_creation = (five or 0) + (hour or 0)
+                seen = True
+        if seen:
+            raw = _raw(usage)
+            if raw is not None:
+                if len(self.raws) < 2:
+                    self.raws.append(raw)
+                else:  # keep the first report and the latest one
+                    self.raws[1] = raw
         return seen
 
-    def usage(self, source: str, output: int | None = None) -> Usage:
+    def usage(self, source: str, output: int | None = None, model: str | None = None) -> Usage:
         completion = self.output if output is None else output
         prompt = None
         if self.input is not None:
             prompt = self.input + (self.cache_read or 0) + (self.cache_creation or 0)
         total = prompt + completion if prompt is not None and completion is not None else None
-        return Usage(prompt, completion, total, self.cache_read, self.cache_creation, source)
+        cache_1h = self.cache_1h
+        if cache_1h is not None and self.cache_creation is not None:
+            cache_1h = min(cache_1h, self.cache_creation)
+        raws = self.raws
+        if not raws:
+            raw = None
+        elif len(raws) == 1:
+            raw = raws[0]
+        else:  # a stream: message_start's and message_delta's, in order
+            raw = ("[" + ",".join(raws) + "]")[:RAW_USAGE_MAX]
+        return Usage(
+            prompt,
+            completion,
+            total,
+            self.cache_read,
+            self.cache_creation,
+            source,
+            None,
+            cache_1h,
+            raw,
+            model,
+        )
 
 
 _USAGE_KEY_RE = re.compile(rb'"usage"\s*:\s*\{')
@@ -380,6 +474,7 @@ class JsonMeter(_Base):
         self._tail: deque[bytes] = deque()
         self._tail_size = 0
         self._result: Usage | None = None
+        self._head_model: str | None = None  # of a body too large to parse whole
 
     def feed(self, data: bytes) -> bytes:
         if self._broken or self._result is not None or not data:
@@ -400,6 +495,8 @@ class JsonMeter(_Base):
             if self._size <= JSON_FULL_PARSE_MAX:
                 return
             # too large to parse whole on the reactor: keep only a tail window
+            # (the model comes before the bulky content)
+            self._head_model = _first_model(b"".join(self._head)[:4096])
             for part in self._head:
                 self._tail.append(part)
                 self._tail_size += len(part)
@@ -428,16 +525,50 @@ class JsonMeter(_Base):
         if self._head is not None:
             if not self._head:
                 return None
+            body = b"".join(self._head)
             try:
-                doc = json.loads(b"".join(self._head))
+                doc = json.loads(body)
             except (ValueError, RecursionError):
-                return None  # cut short, or not JSON after all
-            usage = doc.get("usage") if isinstance(doc, dict) else None
+                return _cut_json(body)  # cut short, or not JSON after all
+            if not isinstance(doc, dict):
+                return None
+            usage, model = doc.get("usage"), doc.get("model")
         else:
             usage = usage_object_in_tail(b"".join(self._tail)[-JSON_TAIL_BYTES:])
+            model = self._head_model
+            if usage is None:  # a large body without its usage: cut short
+                return Usage(source="estimated", model=model)
         if self._kind == "anthropic":
-            return anthropic_usage(usage)
-        return openai_usage(usage)
+            return anthropic_usage(usage, model)
+        return openai_usage(usage, model)
+
+
+# Text a JSON answer carries (message content, tool arguments, thinking):
+# what a cut answer had delivered, for an estimate.
+_JSON_TEXT_RE = re.compile(
+    rb'"(?:content|text|arguments|refusal|thinking|partial_json)"\s*:\s*"((?:[^"\\]|\\.)*)"'
+)
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+
+
+def _first_model(data: bytes) -> str | None:
+    m = _MODEL_RE.search(data)
+    if m is None:
+        return None
+    try:
+        return _model_name(m.group(1).decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
+def _cut_json(body: bytes) -> Usage | None:
+    """A 2xx JSON object that ends early (the connection was cut): the
+    provider produced the answer, so the usage is estimated from the text it
+    had delivered (about four bytes a token); prompt tokens stay unknown."""
+    if body.lstrip()[:1] != b"{":
+        return None  # not a JSON object at all: nothing to estimate from
+    text = sum(m.end(1) - m.start(1) for m in _JSON_TEXT_RE.finditer(body))
+    return Usage(completion_tokens=-(-text // 4), source="estimated", model=_first_model(body))
 
 
 _PASS, _PENDING, _DROPPING, _DONE = range(4)
@@ -465,10 +596,11 @@ def _usage_only(doc: dict) -> bool:
 
 def _openai_report(doc: dict) -> Usage | None:
     """The usage an OpenAI event reports: chat/completions (``usage``) or
-    Responses (``response.usage``)."""
-    usage = openai_usage(doc.get("usage"))
+    Responses (``response.usage``), with the event's model."""
+    usage = openai_usage(doc.get("usage"), doc.get("model"))
     if usage is None and isinstance(doc.get("response"), dict):
-        usage = openai_usage(doc["response"].get("usage"))
+        response = doc["response"]
+        usage = openai_usage(response.get("usage"), response.get("model"))
     return usage
 
 
@@ -505,12 +637,15 @@ class SSEMeter(_Base):
         self._stripped = False
         self._finished: Usage | None = None
         self._final: Usage | None = None  # the provider's final usage report
+        self._fed = False  # a response body began
+        self._model: str | None = None  # the response's model, once seen
 
     # --- forwarding ---------------------------------------------------------------
 
     def feed(self, data: bytes) -> bytes:
         if not data:
             return data
+        self._fed = True
         if (
             self._decoder is None
             and not self._broken
@@ -763,7 +898,10 @@ class SSEMeter(_Base):
                     if self._decoder is not None and self._decoder.failed:
                         self._finished = NO_USAGE
                     else:
-                        self._finished = self._final or self._estimate()
+                        usage = self._final or self._estimate()
+                        if usage.model is None and self._model is not None:
+                            usage = replace(usage, model=self._model)
+                        self._finished = usage
                 except Exception:
                     self._give_up()
         return self._finished
@@ -812,6 +950,8 @@ class OpenAIStreamMeter(SSEMeter):
         self._deltas = 0
 
     def _event(self, name: bytes | None, data: bytes) -> None:
+        if self._model is None and b'"model"' in data:
+            self._model = _first_model(data)
         # (substring checks first: they are much cheaper than the regexes)
         if b'"usage"' in data and _USAGE_KEY_RE.search(data) is not None:
             try:
@@ -864,6 +1004,8 @@ class OpenAIStreamMeter(SSEMeter):
                 cut = (start, end + 2)  # the whole event: one data line and its blank line
             reports.append(doc)
         self._deltas += _count_deltas(data)
+        if self._model is None and b'"model"' in data:
+            self._model = _first_model(data)
         for doc in reports:
             usage = _openai_report(doc)
             if usage is not None:
@@ -883,7 +1025,10 @@ class OpenAIStreamMeter(SSEMeter):
             self._final = usage
 
     def _estimate(self) -> Usage:
-        if not self._deltas:
+        # The stream began, so the provider had the prompt: an estimate
+        # (completion tokens from the deltas seen, the prompt left to the
+        # pricing), never "nothing".
+        if not self._fed:
             return NO_USAGE
         return Usage(completion_tokens=self._deltas, source="estimated")
 
@@ -923,20 +1068,28 @@ class AnthropicStreamMeter(SSEMeter):
             return
         if doc.get("type") == "message_start":
             message = doc.get("message")
-            usage = message.get("usage") if isinstance(message, dict) else None
+            if not isinstance(message, dict):
+                return
+            if self._model is None:
+                self._model = _model_name(message.get("model"))
+            usage = message.get("usage")
             if isinstance(usage, dict) and self._counts.update(usage):
                 self._started = True
         elif doc.get("type") == "message_delta":
             usage = doc.get("usage")
             if isinstance(usage, dict) and self._counts.update(usage):
-                self._final = self._counts.usage("provider")
+                self._final = self._counts.usage("provider", model=self._model)
 
     def _estimate(self) -> Usage:
-        if not self._started and not self._text_bytes:
+        # The stream began, so the provider had the prompt: an estimate,
+        # never "nothing" (output from the text seen, at least what
+        # message_start reported; the prompt as message_start reported it,
+        # else left to the pricing).
+        if not self._fed:
             return NO_USAGE
         guess = -(-self._text_bytes // 4)
         output = max(self._counts.output or 0, guess)
-        return self._counts.usage("estimated", output=output)
+        return self._counts.usage("estimated", output=output, model=self._model)
 
 
 # --- choosing a meter --------------------------------------------------------------

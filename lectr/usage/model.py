@@ -8,24 +8,55 @@ sees the response bytes as they pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from decimal import Decimal
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from lectr.pricing.cost import Priced
 
 USAGE_SOURCES = ("provider", "estimated", "none")
+
+#: the most characters of a provider's usage object a row keeps
+RAW_USAGE_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Token counts of one response, normalized across dialects:
+
+    - ``prompt_tokens`` is every prompt token, those read from or written to
+      the provider's cache included (OpenAI counts them so; Anthropic's
+      ``input_tokens`` does not, and the meter adds them);
+    - ``completion_tokens`` is every output token, reasoning included (a
+      provider that reports reasoning outside its completion count has it
+      added, see :func:`lectr.usage.meters.openai_usage`).
+
+    ``raw`` and ``model`` are provenance, not counts: two usages with the
+    same counts compare equal whatever they say.
+    """
+
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
     cached_tokens: int | None = None  # prompt tokens served from the provider's cache
     cache_creation_tokens: int | None = None  # prompt tokens written to the cache (Anthropic)
     source: str = "none"  # provider | estimated | none
+    reasoning_tokens: int | None = None  # of completion_tokens: the model's reasoning
+    #: of cache_creation_tokens: those written with the 1-hour TTL (the rest: 5 minutes)
+    cache_creation_1h_tokens: int | None = None
+    #: the provider's usage object as received (compact JSON, at most RAW_USAGE_MAX characters)
+    raw: str | None = field(default=None, compare=False)
+    #: the model the provider says it served (the response's ``model``)
+    model: str | None = field(default=None, compare=False)
 
 
 NO_USAGE = Usage()
+#: the usage of a request whose client went away after the request was sent
+#: upstream but before any response arrived: the provider has the prompt, so
+#: the row is priced (estimated) from the request's size, never as nothing
+NOTHING_RELAYED = Usage(source="estimated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +81,11 @@ class UsageRecord:
     attempts: int = 1  # upstream calls made (0: refused before any)
     fallbacks: tuple[dict, ...] = ()  # why each earlier attempt was abandoned
     request_bytes: int = 0  # size of the request body (prompt estimates)
+    #: the request's cost in USD (None: unpriced, or not priced yet)
+    cost_usd: Decimal | None = None
+    #: how ``cost_usd`` was computed (lectr.pricing.cost.Priced); None: not
+    #: priced yet, and the recorder prices the row before writing it
+    pricing: Priced | None = None
 
 
 class UsageSink(Protocol):

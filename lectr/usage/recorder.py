@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lectr.metrics import Registry
+from lectr.pricing.cost import with_estimates
 from lectr.usage.journal import AppendResult, SpillJournal
-from lectr.usage.model import USAGE_SOURCES, Usage, UsageRecord
+from lectr.usage.model import RAW_USAGE_MAX, USAGE_SOURCES, Usage, UsageRecord
 
 #: errors that belong to the rows of a batch rather than to the database:
 #: the batch is split to find the offending rows. ValueError covers what the
@@ -63,6 +65,7 @@ _TEXT_LIMITS = (
     ("route", 256),
 )
 _INT32_MAX = 2**31 - 1
+_COST_MAX = Decimal(10) ** 15
 _SMALLINT_MAX = 2**15 - 1
 
 
@@ -153,11 +156,35 @@ def clean_record(r: UsageRecord) -> UsageRecord:
         u.total_tokens,
         u.cached_tokens,
         u.cache_creation_tokens,
+        u.reasoning_tokens,
+        u.cache_creation_1h_tokens,
     )
     cleaned_counts = tuple(_clean_count(c) for c in counts)
-    if cleaned_counts != counts or u.source not in USAGE_SOURCES:
-        source = u.source if u.source in USAGE_SOURCES else "none"
-        changes["usage"] = Usage(*cleaned_counts, source=source)
+    raw = u.raw if u.raw is None else _clean_text(u.raw, RAW_USAGE_MAX)
+    served = u.model if u.model is None else _clean_text(u.model, 256)
+    if (
+        cleaned_counts != counts
+        or u.source not in USAGE_SOURCES
+        or raw is not u.raw
+        or served is not u.model
+    ):
+        changes["usage"] = Usage(
+            *cleaned_counts[:5],
+            source=u.source if u.source in USAGE_SOURCES else "none",
+            reasoning_tokens=cleaned_counts[5],
+            cache_creation_1h_tokens=cleaned_counts[6],
+            raw=raw,
+            model=served,
+        )
+    if type(r.request_bytes) is not int or r.request_bytes < 0:
+        changes["request_bytes"] = _clean_count(r.request_bytes) or 0
+    cost = r.cost_usd
+    if cost is not None and (
+        not isinstance(cost, Decimal) or not cost.is_finite() or abs(cost) >= _COST_MAX
+    ):
+        # not a cost Lectr computed: price the row again
+        changes["cost_usd"] = None
+        changes["pricing"] = None
     return replace(r, **changes) if changes else r
 
 
@@ -192,11 +219,14 @@ class UsageRecorder:
         retry_max: float = 10.0,
         stop_timeout: float = 10.0,
         run_in_thread: Callable[..., Deferred] | None = None,
+        pricing=None,
     ) -> None:
         if batch_size < 1 or max_buffer < batch_size or flush_interval <= 0:
             raise ValueError("need flush_interval > 0 and 1 <= batch_size <= max_buffer")
         self._store = store
         self._reactor = reactor
+        # prices the rows that arrive without a price (lectr.pricing.manager.PricingManager)
+        self._pricing = pricing
         self._interval = flush_interval
         self._batch_size = batch_size
         self._max_buffer = max_buffer
@@ -529,11 +559,18 @@ class UsageRecorder:
         self._retry_delay = min(self._retry_delay * 2, self._retry_max)
 
     def _clean(self, rows: Sequence[UsageRecord]) -> list[UsageRecord]:
-        """Repaired rows; malformed ones are dropped (and counted) here."""
+        """Repaired and priced rows; malformed ones are dropped (and counted)
+        here. A row that arrives without a price (the proxy did not price
+        it, or it was replayed from an older journal) is priced now; an
+        estimated prompt count becomes the row's prompt count."""
         cleaned = []
+        pricing = self._pricing
         for r in rows:
             try:
-                cleaned.append(clean_record(r))
+                r = clean_record(r)
+                if r.pricing is None and pricing is not None:
+                    r = pricing.price_record(r)
+                cleaned.append(with_estimates(r))
             except Exception as e:
                 self._m_dropped.inc(1, "invalid")
                 self._log.warn("malformed usage row dropped: {reason}", reason=_reason(e))

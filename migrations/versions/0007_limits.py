@@ -1,7 +1,7 @@
 """limits and budgets: per-org and per-key caps, cluster-wide counters
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-10
 
 - ``limits``: the caps an admin sets, one row per org (``key_id`` NULL) or
@@ -28,7 +28,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql as pg
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
