@@ -825,5 +825,6 @@ for _name in (
     "ProviderSettings",
     "Provider",
     "Route",
+    "Price",
 ):
     COMPONENTS[f"{_name}List"] = items_of(_name)
