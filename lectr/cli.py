@@ -25,6 +25,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -325,11 +326,16 @@ PRICE_COLUMNS = [
 
 
 def usage_total(items: list[dict]) -> dict:
-    """The sum of usage totals (the same figures as the dashboard's totals)."""
+    """The sum of usage totals (the same figures as the dashboard's totals):
+    counts added, costs added exactly, the cache-hit rate recomputed."""
     total: dict = {"key": "(total)"}
     for name, value in ((n, v) for item in items for n, v in item.items() if n != "key"):
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if type(value) is int:
             total[name] = total.get(name, 0) + value
+    cost = sum((Decimal(item.get("cost_usd") or "0") for item in items), Decimal(0))
+    total["cost_usd"] = format(cost.normalize(), "f") if cost else "0"
+    prompt = total.get("prompt_tokens", 0)
+    total["cache_hit_rate"] = round(total.get("cached_tokens", 0) / prompt, 6) if prompt else None
     return total
 
 

@@ -232,7 +232,8 @@ def concrete(route: Route, orgs: dict[str, Org | None], target: str, world: Worl
         user_id=user_id,
         provider="openai",
         name="fast",
-        request_id=org.request_id,
+        # (a request of a missing org: an id that names none)
+        request_id=orgs[target].request_id if orgs[target] else str(uuid.uuid4()),
     )
 
 
@@ -280,7 +281,7 @@ async def test_authorization_matrix(db_url, tmp_path):
                         )
         for route, allowed in GLOBAL_ROUTES:
             for principal in PRINCIPALS:
-                path = route.template.format(user_id=world.ids["victim"], name="vllm")
+                path = route.template.format(user_id=world.ids["victim"], name="vllm") + route.query
                 answer = await world.clients[principal].call(
                     route.method, path, world.unique(route.body)
                 )
@@ -293,7 +294,7 @@ async def test_authorization_matrix(db_url, tmp_path):
                     )
             anonymous = await env.client(None).call(
                 route.method,
-                route.template.format(user_id=world.ids["victim"], name="vllm"),
+                route.template.format(user_id=world.ids["victim"], name="vllm") + route.query,
                 world.unique(route.body),
             )
             if anonymous.status != 401:

@@ -291,7 +291,7 @@ def test_org_names_are_unique_so_a_name_names_one_org(gateway):
 
 
 def test_provider_keys_providers_members_users_rotation(gateway):
-    org = gateway.json("orgs", "create", "Initech")["org"]["id"]
+    org = gateway.json("orgs", "create", "Initrode")["org"]["id"]
     out = gateway.run(
         "provider-keys",
         "add",

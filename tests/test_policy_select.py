@@ -148,3 +148,18 @@ def test_failure_classes():
         "5xx",
         "5xx",
     ]
+
+
+def test_targets_of_one_provider_each_get_its_single_key():
+    """A route from one model to another of the same provider, with a single
+    key: a 5xx on the first target still falls back to the second (the key
+    was not at fault), while a refused key is not tried again anywhere."""
+    sel = Selector(FakeVault({"openai": (K("only", 1),)}), KeyHealth(Clock()), FakeRegistry())
+    route = _route(Target("openai", "gpt-4o-mini"), Target("openai", "gpt-4o"))
+    plan = RoutingPlan(route, list(route.targets), lambda: None)
+    assert plan.first(sel, "org").target.model == "gpt-4o-mini"
+    second = plan.next(sel, "org", 503, "5xx")
+    assert (second.target.model, second.key.id, second.n) == ("gpt-4o", "only", 2)
+    plan = RoutingPlan(route, list(route.targets), lambda: None)
+    plan.first(sel, "org")
+    assert plan.next(sel, "org", 401, "refused") is None

@@ -11,6 +11,7 @@ round-robin state used is a private copy, and no key is decrypted.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from lectr.errors import BadRequest, NotFound
 from lectr.policy.chain import Refusal, run_chain
@@ -147,18 +148,24 @@ class RouteExplainer:
                 selector, org_id, 503, "5xx"
             )
         keys = []
-        for target in plan.targets:
-            for key in self._vault.pool(org_id, target.provider):
+        for provider in dict.fromkeys(t.provider for t in plan.targets):  # each pool once
+            for key in self._vault.pool(org_id, provider):
                 cooldown = self._health.cooldown(key.id)
                 keys.append(
                     {
-                        "provider": target.provider,
+                        "provider": provider,
                         "id": key.id,
                         "name": key.name,
                         "weight": key.weight,
                         "cooldown": None
                         if cooldown is None
-                        else {"reason": cooldown.reason, "seconds": round(cooldown.seconds, 3)},
+                        else {
+                            "reason": cooldown.reason,
+                            "remaining_seconds": round(self._health.remaining(key.id), 3),
+                            "until": datetime.fromtimestamp(
+                                cooldown.at + cooldown.seconds, UTC
+                            ).isoformat(),
+                        },
                     }
                 )
         route = plan.route

@@ -485,7 +485,7 @@ class VaultManager:
             if not host_ok:
                 allowed = ", ".join(p.key_base_url_hosts + self._key_base_url_hosts)
                 raise BadRequest(
-                    f"base_url must name a {p.display_name} host ({allowed}); operators can "
+                    f"base_url must name a host of {p.display_name} ({allowed}); operators can "
                     "allow more with LECTR_KEY_BASE_URL_HOSTS"
                 )
             if base_url.startswith("http://") and not host_matches(

@@ -63,10 +63,13 @@ class Selector:
         rest = sorted((t for t in targets if t is not first), key=_weight, reverse=True)
         return [first, *rest]
 
-    def pick_key(self, plan: RoutingPlan, org_id: str, target: Target, first: bool):
+    def pick_key(
+        self, plan: RoutingPlan, org_id: str, target: Target, first: bool, tried=frozenset()
+    ):
+        """A key of ``target``'s pool, not in ``tried`` (the keys this target
+        already used, and those its provider refused or rate-limited)."""
         pool = self.vault.pool(org_id, target.provider)
         vault = self.vault
-        tried = plan.tried_keys
         if len(pool) == 1:  # the common case
             key = pool[0]
             return key if key.id not in tried and vault.usable(key) else None
@@ -111,7 +114,9 @@ class RoutingPlan:
         "retry_on",
         "max_attempts",
         "attempt_timeout",
-        "tried_keys",
+        "tried",
+        "key_failures",
+        "_last_key",
         "_order",
         "_index",
         "_affinity",
@@ -135,7 +140,11 @@ class RoutingPlan:
             self.retry_on = route.retry_on
             self.max_attempts = route.max_attempts
             self.attempt_timeout = route.attempt_timeout
-        self.tried_keys: set[str] = set()
+        #: (target index, key id) of every attempt: a target never uses a key twice
+        self.tried: set[tuple[int, str]] = set()
+        #: keys their provider refused or rate-limited: no other target uses them either
+        self.key_failures: set[str] = set()
+        self._last_key: str | None = None
         self._order: list[Target] | None = None
         self._index = 0
         self._affinity: bytes | None = None
@@ -168,9 +177,9 @@ class RoutingPlan:
         and ``status`` the provider's status when it answered."""
         if self.n >= self.max_attempts or self._order is None:
             return None
-        target = self._order[self._index]
         if failure in ("refused", "429"):
-            attempt = self._attempt(selector, org_id, target, first=False)
+            self.key_failures.add(self._last_key)
+            attempt = self._attempt(selector, org_id, self._index, first=False)
             if attempt is not None:
                 return attempt  # the next key of the same pool
             if failure == "429" and "429" not in self.retry_on:
@@ -182,22 +191,26 @@ class RoutingPlan:
         return self._from(selector, org_id, self._index + 1, first=True)
 
     def _from(self, selector: Selector, org_id: str, start: int, first: bool) -> Attempt | None:
-        order = self._order
-        for i in range(start, len(order)):
-            attempt = self._attempt(selector, org_id, order[i], first)
+        for i in range(start, len(self._order)):
+            attempt = self._attempt(selector, org_id, i, first)
             if attempt is not None:
                 self._index = i
                 return attempt
         return None
 
-    def _attempt(self, selector: Selector, org_id: str, target: Target, first: bool):
-        key = selector.pick_key(self, org_id, target, first)
+    def _attempt(self, selector: Selector, org_id: str, index: int, first: bool):
+        target = self._order[index]
+        tried = self.key_failures
+        if self.tried:
+            tried = tried | {key for i, key in self.tried if i == index}
+        key = selector.pick_key(self, org_id, target, first, tried)
         if key is None:
             return None
         provider = selector.registry.get(target.provider)
         if provider is None:  # a custom provider deleted since the plan was made
             return None
-        self.tried_keys.add(key.id)
+        self.tried.add((index, key.id))
+        self._last_key = key.id
         self.n += 1
         return Attempt(self.n, target, provider, key)
 
