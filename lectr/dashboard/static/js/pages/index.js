@@ -12,9 +12,11 @@ import * as members from "./members.js";
 import * as requests from "./requests.js";
 import * as request from "./request.js";
 import * as usage from "./usage.js";
+import * as catalogue from "./catalogue.js";
 
 export const PAGES = [
   { path: "/orgs", page: orgs },
+  { path: "/providers", page: catalogue },
   { path: "/orgs/:org", page: overview, tab: "Overview" },
   { path: "/orgs/:org/requests", page: requests, tab: "Requests" },
   { path: "/orgs/:org/requests/:request", page: request },
