@@ -12,6 +12,7 @@ import * as members from "./members.js";
 import * as requests from "./requests.js";
 import * as request from "./request.js";
 import * as usage from "./usage.js";
+import * as routes from "./routes.js";
 import * as catalogue from "./catalogue.js";
 
 export const PAGES = [
@@ -23,6 +24,7 @@ export const PAGES = [
   { path: "/orgs/:org/usage", page: usage, tab: "Usage" },
   { path: "/orgs/:org/keys", page: keys, tab: "Lectr keys" },
   { path: "/orgs/:org/provider-keys", page: providerKeys, tab: "Provider keys" },
+  { path: "/orgs/:org/routes", page: routes, tab: "Routes" },
   { path: "/orgs/:org/providers", page: providers, tab: "Providers & models" },
   { path: "/orgs/:org/members", page: members, tab: "Members", needs: "owner" },
 ];
