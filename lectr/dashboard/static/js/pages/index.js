@@ -13,6 +13,7 @@ import * as requests from "./requests.js";
 import * as request from "./request.js";
 import * as usage from "./usage.js";
 import * as routes from "./routes.js";
+import * as limits from "./limits.js";
 import * as catalogue from "./catalogue.js";
 
 export const PAGES = [
@@ -25,6 +26,7 @@ export const PAGES = [
   { path: "/orgs/:org/keys", page: keys, tab: "Lectr keys" },
   { path: "/orgs/:org/provider-keys", page: providerKeys, tab: "Provider keys" },
   { path: "/orgs/:org/routes", page: routes, tab: "Routes" },
+  { path: "/orgs/:org/limits", page: limits, tab: "Limits" },
   { path: "/orgs/:org/providers", page: providers, tab: "Providers & models" },
   { path: "/orgs/:org/members", page: members, tab: "Members", needs: "owner" },
 ];
