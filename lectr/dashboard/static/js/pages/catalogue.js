@@ -114,6 +114,7 @@ export async function render(ctx) {
           showForm();
           reload();
           status.scrollIntoView({ block: "nearest" });
+          formBox.querySelector("input[name=name]")?.focus({ preventScroll: true });
         }),
         cancel,
       ),

@@ -282,12 +282,17 @@ function explainForm(ctx, routeNames, result) {
       const body = { path: proxyPath.trim(), body: { model: model.trim() } };
       if (session.trim()) body.headers = { "x-lectr-session": session.trim() };
       replace(result, loading("Explaining…"));
+      let doc;
       try {
-        replace(result, explanation(await ctx.api.post(path`/admin/orgs/${ctx.org.id}/routes/explain`, body)));
+        doc = await ctx.api.post(path`/admin/orgs/${ctx.org.id}/routes/explain`, body);
       } catch (e) {
         replace(result);
         throw e;
       }
+      replace(result, explanation(doc));
+      // announced (the form's result is a live region); the plan itself is below
+      const n = doc.attempts.length;
+      return h("span", { class: "sr-only" }, doc.refusal ? `Refused: ${doc.refusal.message}` : `${n} attempt${n === 1 ? "" : "s"} planned.`);
     },
   });
   el.append(h("datalist", { id: listId }, routeNames.map((n) => h("option", { value: n }))));
@@ -302,7 +307,7 @@ export async function render(ctx) {
   const status = h("div", { "aria-live": "polite" });
   const formBox = h("div");
   const explainBox = h("section", { class: "card", "aria-labelledby": "explain", id: "explain-card" });
-  const explainResult = h("div", { "aria-live": "polite", id: "explain-result" });
+  const explainResult = h("div", { id: "explain-result" });
   let providers = [];
   let routes = [];
 
@@ -319,6 +324,8 @@ export async function render(ctx) {
           replace(status, notice(`Saved the route ${saved.name}: effective on every node within a second.`));
           showForm();
           reload();
+          // the form was redrawn: the keyboard starts again at its first field
+          formBox.querySelector("input[name=name]")?.focus({ preventScroll: true });
         }),
         route ? button("Cancel", () => showForm()) : null,
       ),
