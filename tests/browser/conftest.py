@@ -123,6 +123,34 @@ class Dash:
         )
         return org_id, created["key"]["key"]
 
+    def add_provider_key(self, org_id: str, provider: str, *options: str) -> dict:
+        """A key the fake provider accepts (OpenAI's), for ``provider``."""
+        return self.stack.cli_json(
+            "provider-keys",
+            "add",
+            org_id,
+            provider,
+            "--key-env",
+            "E2E_PROVIDER_KEY",
+            *options,
+            env={"E2E_PROVIDER_KEY": OPENAI_KEY},
+        )
+
+    def custom_provider(self) -> str:
+        """A new custom provider of the catalogue (OpenAI dialect) that the
+        fake provider answers; its name."""
+        name = f"backup-{uuid.uuid4().hex[:6]}"
+        self.stack.cli(
+            "catalogue",
+            "set",
+            name,
+            "--dialect",
+            "openai",
+            "--base-url",
+            self.stack.fake.origin + "/openai",
+        )
+        return name
+
     def seed_requests(
         self, org_id: str, count: int, *, key_id: str | None = None, spacing_s: float = 7.0
     ) -> datetime:

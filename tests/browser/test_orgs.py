@@ -78,7 +78,9 @@ def test_create_an_org_copy_its_key_and_see_requests_live(dash, browser):
         "return [...document.querySelector('#requests tbody tr').cells].map(c => c.textContent)"
     )
     assert cells[1:4] == ["200", "openai", "gpt-4o-mini"]
-    assert cells[6:8] == ["12", "5"]  # the fake provider's token counts
+    assert cells[4] == "—"  # no route (the column is hidden while no row has one)
+    assert browser.find("#requests").get_attribute("class") == "no-routes"
+    assert cells[7:9] == ["12", "5"]  # the fake provider's token counts
 
     # a second request appears on top
     chat(sdk(dash, key), "gpt-4o")
@@ -254,6 +256,8 @@ def test_a_member_sees_no_write_controls(dash, browser):
     org_id, key = dash.new_org()
     chat(sdk(dash, key))
     dash.stack.cli("members", "add", org_id, "--subject", "oidc|mia", "--role", "member")
+    dash.stack.cli("routes", "set", org_id, "smart", "--target", "openai:gpt-4o-mini")
+    dash.stack.cli("limits", "set", org_id, "--rpm", "600", "--usd-per-day", "50")
 
     browser.open()
     host = dash.issuer.origin.removeprefix("http://")
@@ -265,8 +269,18 @@ def test_a_member_sees_no_write_controls(dash, browser):
     assert not browser.all(".kill-switch")
     # creating an org is open to every signed-in user; nothing else is
     assert browser.buttons() == ["Create"]
+    assert [a.text for a in browser.all("header nav a")] == ["Organizations"]  # no catalogue
 
-    tabs = ["Overview", "Requests", "Usage", "Lectr keys", "Provider keys", "Providers & models"]
+    tabs = [
+        "Overview",
+        "Requests",
+        "Usage",
+        "Lectr keys",
+        "Provider keys",
+        "Routes",
+        "Limits",
+        "Providers & models",
+    ]
     browser.go(f"/orgs/{org_id}")
     browser.wait(lambda: browser.all("nav.tabs a"), what="the tabs")
     assert [a.text for a in browser.all("nav.tabs a")] == tabs  # no Members tab
@@ -277,6 +291,8 @@ def test_a_member_sees_no_write_controls(dash, browser):
         "/providers": [],
         "/usage": ["Show"],
         "/requests": [],  # the filters are folded away until opened
+        "/routes": ["Explain", "Explain"],  # the route's row, the explain form (a read)
+        "/limits": [],
     }
     headings = {
         "": None,
@@ -285,6 +301,8 @@ def test_a_member_sees_no_write_controls(dash, browser):
         "/providers": "Providers & models",
         "/usage": "Usage",
         "/requests": "Requests",
+        "/routes": "Routes",
+        "/limits": "Limits",
     }
     for suffix, allowed in expected_buttons.items():
         browser.go(f"/orgs/{org_id}{suffix}")
@@ -293,8 +311,43 @@ def test_a_member_sees_no_write_controls(dash, browser):
         browser.wait(lambda: not browser.all("main .loading"), what="the page to load")
         assert browser.buttons() == allowed, (suffix, browser.buttons())
         assert not browser.all("main form textarea"), suffix
-        assert not browser.all(".kill-switch"), suffix
+        assert not browser.all(".kill-switch, .switch, input[name=weight]"), suffix
         assert not browser.all("main [role=alert]"), (suffix, browser.text())
+        if suffix not in ("/routes", "/usage", "/requests"):  # forms that only read
+            assert not browser.all("main form"), (suffix, browser.text())
+
+    # the routes, limits and pools are there to read; explain works
+    browser.go(f"/orgs/{org_id}/routes")
+    browser.heading("Routes")
+    assert [f.get_attribute("aria-label") for f in browser.all("main form")] == [
+        "Explain a request"
+    ]
+    browser.find("button[aria-label='Explain smart']").click()
+    browser.wait(
+        lambda: (
+            browser.texts("#explain-result tr[data-attempt]") == ["1\topenai\tgpt-4o-mini\tdefault"]
+        ),
+        what="the plan",
+    )
+    browser.go(f"/orgs/{org_id}/limits")
+    browser.heading("Limits")
+    browser.wait(lambda: browser.all("tr[data-key-limits]"), what="the keys' limits")
+    text = browser.text()
+    assert "Requests per minute\t600" in text and "USD per day\t$50.00" in text, text
+    assert not browser.all("main input")
+    browser.find("tr[data-key-limits] a").click()  # "Show"
+    browser.find("section[aria-labelledby='key-limits'] tr[data-limit='rpm']")
+    assert "Requests per minute\tno limit" in browser.text()
+    assert not browser.all("main input")
+    browser.go(f"/orgs/{org_id}/provider-keys")
+    browser.wait(lambda: browser.all("tr[data-provider-key]"), what="the pool")
+    assert "enabled" in browser.find("tr[data-provider-key]").text
+
+    # the catalogue, opened by its address: a list, nothing to change
+    browser.go("/providers")
+    browser.heading("Providers")
+    browser.find("tr[data-catalogue='openai']")
+    assert browser.buttons() == [] and not browser.all("main form")
     # what members are for: reading
     browser.go(f"/orgs/{org_id}/requests")
     browser.wait(lambda: browser.all("#requests tbody tr"), what="the member's requests")

@@ -29,6 +29,32 @@ def showcase(dash):
     dash.stack.cli("keys", "create", org_id, "--name", "ci")
     dash.stack.cli("members", "add", org_id, "--subject", "oidc|owner", "--role", "owner")
     dash.stack.cli("members", "add", org_id, "--subject", "oidc|reader", "--role", "member")
+    # routing and limits: a pool of two keys, a route with a fallback, caps
+    backup = dash.custom_provider()
+    dash.add_provider_key(org_id, backup, "--name", "vllm")
+    dash.add_provider_key(org_id, "openai", "--name", "team-b", "--weight", "3")
+    dash.stack.cli(
+        "routes",
+        "set",
+        org_id,
+        "smart",
+        "--target",
+        "openai:gpt-4o-mini",
+        "--target",
+        f"{backup}:gpt-4o",
+        "--attempt-timeout",
+        "20",
+    )
+    dash.stack.cli("limits", "set", org_id, "--rpm", "600", "--tpm", "200000")
+    dash.stack.cli("limits", "set", org_id, "--usd-per-day", "50", "--usd-per-month", "1000")
+    dash.stack.cli(
+        "limits", "set", org_id, "--key", "ci", "--concurrent", "4", "--usd-per-day", "5"
+    )
+    for _ in range(3):
+        client.chat.completions.create(model="smart", messages=[{"role": "user", "content": "hi"}])
+    # the last request falls back: the request page shows its attempts
+    dash.stack.fake.next(status=503, body='{"error": {"message": "overloaded"}}')
+    client.chat.completions.create(model="smart", messages=[{"role": "user", "content": "hi"}])
     return org_id
 
 
@@ -52,6 +78,9 @@ def test_every_page_at_both_widths(dash, browser, showcase):
         "SELECT request_id FROM request_logs WHERE org_id = %s ORDER BY created_at DESC LIMIT 1",
         (org_id,),
     )[0][0]
+    ci_key = next(
+        k["id"] for k in dash.stack.cli_json("keys", "list", org_id)["items"] if k["name"] == "ci"
+    )
     pages = [
         ("orgs", "/orgs", "Organizations"),
         ("overview", f"/orgs/{org_id}", "acme"),
@@ -62,6 +91,9 @@ def test_every_page_at_both_widths(dash, browser, showcase):
         ("provider-keys", f"/orgs/{org_id}/provider-keys", "Provider keys"),
         ("providers", f"/orgs/{org_id}/providers", "Providers & models"),
         ("members", f"/orgs/{org_id}/members", "Members"),
+        ("routes", f"/orgs/{org_id}/routes", "Routes"),
+        ("limits", f"/orgs/{org_id}/limits?key={ci_key}", "Limits"),
+        ("catalogue", "/providers", "Providers"),
     ]
     for width in WIDTHS:
         browser.viewport(width)
@@ -76,6 +108,13 @@ def test_every_page_at_both_widths(dash, browser, showcase):
             settle(browser, heading)
             if name == "request":
                 browser.wait_text("Request id")
+                browser.find("#attempts tr[data-outcome='abandoned']")
+            if name == "routes":
+                browser.find("button[aria-label='Explain smart']").click()
+                browser.find("[data-explain='plan'] tr[data-attempt='2']")
+            if name == "limits":
+                browser.find("section[aria-labelledby='key-limits'] input[name=rpm]")
+                browser.find("tr[data-key-limits]")
             if name == "usage":
                 browser.wait(lambda: browser.all("figure.chart svg rect"), what="the charts")
             check_page(browser, name)

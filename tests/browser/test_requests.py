@@ -103,7 +103,7 @@ def test_filters_are_applied_and_kept_in_the_address(dash, browser, busy_org):
     assert "model=o3-mini" in browser.js("return location.hash")
     cells = browser.js(
         "return [...document.querySelectorAll('#requests tbody tr')]"
-        ".map(r => [r.cells[1].textContent, r.cells[3].textContent, r.cells[4].textContent])"
+        ".map(r => [r.cells[1].textContent, r.cells[3].textContent, r.cells[5].textContent])"
     )
     expected = dash.sql(
         "SELECT count(*) FROM request_logs WHERE org_id = %s AND model = 'o3-mini' "

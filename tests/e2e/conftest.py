@@ -70,6 +70,11 @@ class FakeProviderProcess:
     def reset(self) -> None:
         self._control("reset", {})
 
+    def next(self, **script) -> None:
+        """Answer the next request with this script (status, body, headers,
+        ...: tests/support/fake_provider.py's Script) instead of the default."""
+        self._control("next", script)
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)

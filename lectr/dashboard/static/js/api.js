@@ -65,6 +65,7 @@ export function createApi({ token, onUnauthorized = () => {} }) {
     get: (path, params) => call("GET", path, { params }),
     post: (path, body) => call("POST", path, { body }),
     put: (path, body) => call("PUT", path, { body }),
+    patch: (path, body) => call("PATCH", path, { body }),
     del: (path) => call("DELETE", path),
   };
 }

@@ -59,7 +59,8 @@ function who() {
   return me.user?.email || me.user?.subject || "signed in";
 }
 
-function header() {
+function header(where = "") {
+  const current = (prefix) => (where === prefix ? "page" : where.startsWith(`${prefix}/`) ? "true" : null);
   const signOutButton = h(
     "button",
     { type: "button", class: "btn subtle", on: { click: () => signOut({ text: "You are signed out.", kind: "info" }) } },
@@ -69,7 +70,12 @@ function header() {
     "header",
     { class: "topbar" },
     h("a", { class: "brand", href: "#/orgs" }, "Lectr"),
-    h("nav", { "aria-label": "Main" }, h("a", { href: "#/orgs" }, "Organizations")),
+    h(
+      "nav",
+      { "aria-label": "Main" },
+      h("a", { href: "#/orgs", "aria-current": current("/orgs") }, "Organizations"),
+      me?.is_admin ? h("a", { href: "#/providers", "aria-current": current("/providers") }, "Providers") : null,
+    ),
     h(
       "div",
       { class: "who" },
@@ -136,7 +142,9 @@ async function show() {
     }
     if (controller.signal.aborted) return;
     const main = h("main", { id: "main", tabindex: "-1" });
-    replace(root, header(), org ? orgHeader(org, access, found.route.path) : null, main);
+    replace(root, header(where), org ? orgHeader(org, access, found.route.path) : null, main);
+    // on a narrow screen the tabs scroll: show the current one
+    root.querySelector(".tabs a[aria-current=page]")?.scrollIntoView({ block: "nearest", inline: "nearest" });
     const { page } = found.route;
     document.title = [page.title, org?.name, "Lectr"].filter(Boolean).join(" · ");
     await page.render({

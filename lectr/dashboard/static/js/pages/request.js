@@ -4,7 +4,7 @@
 
 import { path } from "../api.js";
 import { add, DASH, fmtInt, fmtMs, fmtTime, fmtUsd, h, orDash, present } from "../dom.js";
-import { errorBox, fields, loading } from "../ui.js";
+import { errorBox, fields, loading, table } from "../ui.js";
 import { lastListHref } from "./requests.js";
 
 export const title = "Request";
@@ -30,7 +30,49 @@ function value(v) {
   return String(v);
 }
 
-function groups(r, keyName) {
+function providerKeyText(id, key) {
+  return key ? `${key.name} (${key.provider} …${key.last4})` : id;
+}
+
+function attemptsText(n, fallbacks) {
+  if (n === 0) return "0 (refused before any upstream call)";
+  const abandoned = fallbacks?.length || 0;
+  return abandoned ? `${n} (${abandoned} abandoned)` : String(n);
+}
+
+/** Every upstream call of the request: the abandoned ones, then the one that answered. */
+function attemptTable(r, providerKey) {
+  const rows = (r.fallbacks || []).map((f, i) => ({ ...f, attempt: f.attempt ?? i + 1, outcome: "abandoned" }));
+  if (r.attempts > 0) {
+    const key = providerKey(r.provider_key_id);
+    rows.push({
+      attempt: r.attempts,
+      provider: r.provider,
+      model: r.model,
+      key: key ? key.name : r.provider_key_id,
+      reason: null,
+      status: r.status,
+      outcome: r.status < 400 ? "answered" : "last attempt",
+    });
+  }
+  return table({
+    caption: "Attempts",
+    emptyText: "No upstream call was made.",
+    rows,
+    rowProps: (a) => ({ "data-attempt": a.attempt, "data-outcome": a.outcome }),
+    columns: [
+      { label: "#", class: "num", value: (a) => String(a.attempt) },
+      { label: "Provider", value: (a) => a.provider },
+      { label: "Model", value: (a) => orDash(a.model, (m) => h("code", {}, m)) },
+      { label: "Key", value: (a) => orDash(a.key) },
+      { label: "Outcome", value: (a) => h("span", { class: ["badge", a.outcome === "answered" ? "ok" : "warn"] }, a.outcome) },
+      { label: "Reason", value: (a) => orDash(a.reason) },
+      { label: "Status", class: "num", value: (a) => orDash(a.status) },
+    ],
+  });
+}
+
+function groups(r, keyName, providerKey) {
   return [
     [
       "Call",
@@ -50,9 +92,9 @@ function groups(r, keyName) {
         ["provider", "Provider", String],
         ["model", "Model", orDash],
         ["key_id", "Lectr key", (v) => (v ? `${keyName(v) || "?"} (${v})` : DASH)],
-        ["route", "Route", value],
-        ["provider_key_id", "Provider key", value],
-        ["attempts", "Attempts", value],
+        ["route", "Route", (v) => h("code", {}, v)],
+        ["provider_key_id", "Provider key", (v) => providerKeyText(v, providerKey(v))],
+        ["attempts", "Attempts", (v) => attemptsText(v, r.fallbacks)],
       ],
     ],
     [
@@ -84,18 +126,21 @@ export async function render(ctx) {
   add(ctx.main, h("p", {}, back), h("h1", {}, "Request"), body);
   let r;
   let keys = [];
+  let providerKeys = [];
   try {
-    [r, keys] = await Promise.all([
+    [r, keys, providerKeys] = await Promise.all([
       api.get(path`/admin/orgs/${org.id}/requests/${params.request}`),
       api.get(path`/admin/orgs/${org.id}/keys`).then((d) => d.items, () => []),
+      api.get(path`/admin/orgs/${org.id}/provider-keys`).then((d) => d.items, () => []),
     ]);
   } catch (e) {
     body.replaceChildren(errorBox(e));
     return;
   }
   const keyName = (id) => keys.find((k) => k.id === id)?.name;
-  const known = new Set();
-  const sections = groups(r, keyName).map(([heading, rows]) => {
+  const providerKey = (id) => providerKeys.find((k) => k.id === id);
+  const known = new Set(["fallbacks"]);
+  const sections = groups(r, keyName, providerKey).map(([heading, rows]) => {
     rows.forEach(([name]) => known.add(name));
     return h(
       "section",
@@ -110,5 +155,9 @@ export async function render(ctx) {
       h("section", { class: "card" }, h("h2", {}, "More"), fields(extra.map((name) => [name, value(r[name])]))),
     );
   }
-  body.replaceChildren(h("div", { class: "detail-grid" }, sections));
+  const attempts =
+    r.route || r.fallbacks?.length || r.attempts > 1
+      ? h("section", { class: "card", id: "attempts" }, h("h2", {}, "Attempts"), attemptTable(r, providerKey))
+      : null;
+  body.replaceChildren(h("div", { class: "detail-grid" }, sections), attempts);
 }

@@ -47,6 +47,8 @@ function columns(ctx, keyNames) {
     { label: "Status", value: (r) => statusBadge(r.status) },
     { label: "Provider", class: "wide", value: (r) => r.provider },
     { label: "Model", value: (r) => orDash(r.model) },
+    // hidden (table.no-routes) until a row has a route
+    { label: "Route", class: "route-col", value: (r) => orDash(r.route, (v) => h("code", {}, v)) },
     { label: "Key", class: "wide", value: (r) => (r.key_id ? keyNames.get(r.key_id) || r.key_id.slice(0, 8) : "—") },
     { label: "Latency", class: "num", value: (r) => fmtMs(r.latency_ms) },
     { label: "Input tokens", class: "num wide", value: (r) => fmtInt(r.prompt_tokens) },
@@ -141,10 +143,16 @@ export async function render(ctx) {
     count.textContent = `${fmtInt(seen.size)} request${seen.size === 1 ? "" : "s"} shown${nextCursor ? "; older ones below" : ""}.`;
   }
 
+  const grid = h("table", { id: "requests", class: "no-routes" });
+  function showRoutes(rows) {
+    if (rows.some((r) => r.route)) grid.classList.remove("no-routes");
+  }
+
   function addRows(rows) {
     const fresh = rows.filter((r) => !seen.has(r.request_id));
     fresh.forEach((r) => seen.add(r.request_id));
     appendRows(tbody, cols, fresh, rowProps);
+    showRoutes(fresh);
   }
 
   async function loadOlder() {
@@ -186,9 +194,8 @@ export async function render(ctx) {
     h(
       "div",
       { class: "table-wrap", tabindex: "0", role: "region", "aria-label": "Requests, newest first" },
-      h(
-        "table",
-        { id: "requests" },
+      add(
+        grid,
         h("caption", { class: "sr-only" }, "Requests, newest first"),
         h("thead", {}, h("tr", {}, cols.map((c) => h("th", { scope: "col", class: c.class }, c.label)))),
         tbody,
@@ -221,6 +228,7 @@ export async function render(ctx) {
         let shown = 0;
         for (const row of fresh) {
           if (place(row)) {
+            showRoutes([row]);
             seen.add(row.request_id);
             shown += 1;
             addedLive += 1;
