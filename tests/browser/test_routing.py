@@ -6,6 +6,7 @@ catalogue of a global admin."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections import Counter
@@ -169,7 +170,11 @@ def test_a_route_made_in_the_page_serves_the_sdk_and_explain_shows_its_plan(dash
     browser.fill("Session (x-lectr-session, optional)", "conversation-1")
     browser.find("form[aria-label='Explain a request'] button[type=submit]").click()
     browser.wait(
-        lambda: "rate limited (429) set aside for 120" in browser.text(), what="the cool-down"
+        lambda: re.search(
+            r"rate limited \(429\) set aside for 1[12]\d s more \(until \d\d:\d\d:\d\d UTC\)",
+            browser.text(),
+        ),
+        what="the cool-down",
     )
 
     # a refusal: no Anthropic key

@@ -234,7 +234,7 @@ function explanation(doc) {
           label: "Cool-down",
           value: (k) =>
             k.cooldown
-              ? h("span", {}, h("span", { class: "badge warn" }, k.cooldown.reason.replaceAll("_", " ")), ` set aside for ${k.cooldown.seconds} s`)
+              ? h("span", {}, h("span", { class: "badge warn" }, k.cooldown.reason.replaceAll("_", " ")), ` set aside for ${Math.ceil(k.cooldown.remaining_seconds)} s more (until ${k.cooldown.until.slice(11, 19)} UTC)`)
               : h("span", { class: "badge ok" }, "ready"),
         },
       ],
