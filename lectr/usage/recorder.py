@@ -259,11 +259,13 @@ class UsageRecorder:
             "lectr_usage_spill_bytes",
             "Bytes in the usage spill journal (as last counted)",
             lambda: self.journal.size,
+            mode="livemax",  # the journal directory is shared by the workers
         )
         m.callback_gauge(
             "lectr_usage_database_writable",
             "1 while usage rows reach PostgreSQL, 0 while they are spilled",
             lambda: 1 if self._db_ok else 0,
+            mode="livemin",  # 0 as soon as one worker spills
         )
 
     # --- the request path -----------------------------------------------------------
