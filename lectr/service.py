@@ -32,6 +32,7 @@ from lectr.providers import ProviderRegistry
 from lectr.proxy.site import ProxySite
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
+from lectr.tracing import Tracing
 from lectr.util.service import CallbackService, ListeningPortService, ServiceStack
 from lectr.vault.errors import VaultKeyError
 
@@ -72,6 +73,7 @@ class Components:
     users: object | None = None  # admin identities and memberships
     authenticator: object | None = None  # Lectr-key cache (lectr.managers.auth)
     proxy: object | None = None  # the proxy handler (lectr.proxy.handler)
+    tracing: Tracing | None = None  # OpenTelemetry export (lectr.tracing), maybe disabled
     proxy_port: ListeningPortService | None = None
     admin_port: ListeningPortService | None = None
     extras: dict = field(default_factory=dict)
@@ -195,6 +197,7 @@ class LectrService(Service):
                 data_dir=str(config.data_dir),
             )
 
+        await self._start_tracing(c)
         db_service = DatabaseService(config, reactor=self._reactor, metrics=c.metrics)
         await self._stack.start(db_service)
         c.database, c.dsn = db_service.database, db_service.dsn
@@ -256,6 +259,25 @@ class LectrService(Service):
         return c
 
     # --- features ------------------------------------------------------------------
+
+    async def _start_tracing(self, c: Components) -> None:
+        """OpenTelemetry traces (OTEL_* variables). Started first so that it
+        stops last: the spans of the requests drained at shutdown go out."""
+        try:
+            c.tracing = Tracing.from_environ(
+                os.environ,
+                reactor=self._reactor,
+                metrics=c.metrics,
+                propagation=self.config.trace_propagation,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        tracing = c.tracing
+        await self._stack.start(
+            CallbackService(
+                "tracing", start=tracing.start, stop=lambda: ensureDeferred(tracing.stop())
+            )
+        )
 
     async def _start_vault(self, c: Components) -> None:
         """Provider keys (BYOK vault), master-key rotation, provider settings."""

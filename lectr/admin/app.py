@@ -151,6 +151,7 @@ class AdminApp:
         vault=None,
         settings=None,
         usage=None,
+        tracing=None,
     ) -> None:
         self._reactor = reactor
         self._db = database
@@ -161,7 +162,11 @@ class AdminApp:
         self._settings = settings
         self._usage = usage
         self.dispatcher = Dispatcher(
-            authenticator=authenticator, users=users, metrics=metrics, clock=reactor
+            authenticator=authenticator,
+            users=users,
+            metrics=metrics,
+            clock=reactor,
+            tracing=tracing,
         )
         self._openapi = json.dumps(self.openapi(), separators=(",", ":")).encode()
 

@@ -70,5 +70,6 @@ def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
         vault=c.vault,
         settings=c.settings,
         usage=c.usage if c.usage is not None else _usage_manager(c),
+        tracing=getattr(c, "tracing", None),
     )
     return AdminParts(app, AdminSite(app.resource()), users, authenticator, jwks)
