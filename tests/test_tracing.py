@@ -524,3 +524,23 @@ async def test_admin_calls_and_their_database_work_are_traced(
     # nothing the client sent (the bearer token) is in any span
     for s in receiver.spans:
         assert "test-admin-token" not in repr(s.attributes)
+
+
+def test_propagation_setting_is_checked():
+    from lectr.config import ConfigError, load_config
+
+    assert load_config({}, {}).trace_propagation == "lectr"
+    assert load_config({}, {"LECTR_TRACE_PROPAGATION": " None "}).trace_propagation == "none"
+    with pytest.raises(ConfigError, match="LECTR_TRACE_PROPAGATION is malformed"):
+        load_config({}, {"LECTR_TRACE_PROPAGATION": "sometimes"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_otel_variable_stops_start_up(db_url, tmp_path, monkeypatch):
+    from lectr.config import ConfigError
+    from tests.support.lectr_service import start_lectr
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "sometimes")
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER"):
+        await start_lectr(db_url, tmp_path)
