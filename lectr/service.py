@@ -347,18 +347,20 @@ class LectrService(Service):
         )
         c.recorder = recorder
         c.usage = UsageManager(store)
-        if self.config.request_log_retention_days:
-            from lectr.usage.retention import RequestLogRetention
+        from lectr.usage.retention import RequestLogMaintenance
 
-            retention = RequestLogRetention(
-                store,
-                days=self.config.request_log_retention_days,
-                reactor=self._reactor,
-                metrics=c.metrics,
+        # partitions made ahead of time; retention drops the expired ones
+        maintenance = RequestLogMaintenance(
+            store,
+            days=self.config.request_log_retention_days,
+            reactor=self._reactor,
+            metrics=c.metrics,
+        )
+        await self._stack.start(
+            CallbackService(
+                "request log partitions", start=maintenance.start, stop=maintenance.stop
             )
-            await self._stack.start(
-                CallbackService("request log retention", start=retention.start, stop=retention.stop)
-            )
+        )
 
     async def _start_proxy(self, c: Components) -> None:
         """Authenticator (key cache), the upstream connection pool, the handler."""
