@@ -4,7 +4,7 @@ twisted.web + Agent passthrough, and through Lectr.
     python bench/run.py                 # everything (about 4 minutes)
     python bench/run.py --quick         # shorter runs
     python bench/run.py --only memory   # one section: throughput | ttfb | memory | logging |
-                                        #   scaling | flusher
+                                        #   metrics | scaling | flusher
 
 Needs `wrk` and `nginx` (apt-get install wrk nginx-light; installed on demand
 when running as root). The fake provider is nginx answering canned OpenAI
@@ -602,6 +602,43 @@ def logging_cost(
             lectr.stop()
 
 
+def metrics_cost(
+    workdir: Path,
+    upstream: str,
+    seconds: int,
+    load_pin: list[str],
+    proxy_pin: list[str],
+    workers: int,
+    rounds: int = 2,
+) -> None:
+    """The proxy with metrics on, then with every metric update turned into
+    a no-op (bench/_nometrics), alternating ``rounds`` times in one run so
+    that drift on a shared machine hits both alike."""
+    print(f"\nMetrics on vs off (--workers {workers}; json, c=32, then stream, c=32):")
+    print("| metrics | round | mode | req/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    totals: dict[tuple[str, str], float] = {}
+    for n in range(rounds):
+        for label, extra in (("on", None), ("off", str(BENCH / "_nometrics"))):
+            sub = workdir / f"metrics-{label}-{n}"
+            sub.mkdir()
+            pin = proxy_pin if workers == 1 else []
+            lectr = Lectr(sub, upstream, pin, extra_path=extra, workers=workers)
+            try:
+                for mode, r in both_modes(lectr, sub, 32, seconds, load_pin):
+                    totals[(label, mode)] = totals.get((label, mode), 0.0) + r["rps"]
+                    print(
+                        f"| {label} | {n + 1} | {mode} | {r['rps']:.0f} | "
+                        f"{r['p50']:.2f} | {r['p99']:.2f} |",
+                        flush=True,
+                    )
+            finally:
+                lectr.stop()
+    for mode in ("json", "stream"):
+        on, off = totals[("on", mode)], totals[("off", mode)]
+        print(f"{mode}: metrics on / off = {on / off:.3f} ({(on - off) / off * 100:+.1f} % req/s)")
+
+
 def flusher() -> None:
     script = BENCH / "flusher_bench.py"
     if not script.exists():
@@ -617,7 +654,8 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="5 s runs instead of 10 s")
     parser.add_argument(
-        "--only", choices=["throughput", "ttfb", "memory", "scaling", "logging", "flusher"]
+        "--only",
+        choices=["throughput", "ttfb", "memory", "scaling", "logging", "metrics", "flusher"],
     )
     parser.add_argument("--workers", type=int, default=1, help="Lectr --workers for throughput")
     parser.add_argument("--memory-counts", default="1000,10000")
@@ -681,6 +719,8 @@ def main() -> None:
             memory(workdir, [int(x) for x in args.memory_counts.split(",")], proxy_pin)
         if args.only in (None, "logging"):
             logging_cost(workdir, upstream, seconds, load_pin, proxy_pin)
+        if args.only in (None, "metrics"):
+            metrics_cost(workdir, upstream, seconds, load_pin, proxy_pin, args.workers)
         if args.only in (None, "scaling"):
             scaling(workdir, upstream, seconds, load_pin)
         if args.only in (None, "flusher"):

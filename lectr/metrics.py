@@ -55,6 +55,7 @@ import os
 import shutil
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -211,10 +212,7 @@ class Histogram(_Metric):
         if series is None:
             # bucket counts..., sum, count
             series = self._series[key] = [0.0] * (len(self.buckets) + 2)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                series[i] += 1
-                break
+        series[bisect_left(self.buckets, value)] += 1  # the first bound >= value
         series[-2] += value
         series[-1] += 1
 
