@@ -227,7 +227,8 @@ class Lectr:
         }
         self.env.update(
             {
-                "PYTHONPATH": str(REPO),
+                # extra_path first: its sitecustomize.py is the one Python loads
+                "PYTHONPATH": os.pathsep.join(p for p in (extra_path, str(REPO)) if p),
                 "ENCRYPTION_KEY": self.key_b64,
                 "LECTR_DATA_DIR": str(workdir / "lectr-data"),
                 "LECTR_PROXY_LISTEN": f"tcp:{self.port}:interface=127.0.0.1:backlog=4096",
