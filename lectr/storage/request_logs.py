@@ -307,8 +307,10 @@ class RequestLogStore:
             sql.append("AND created_at < %s")
             args.append(where.until)
         if before is not None:
-            sql.append("AND (created_at, id) < (%s, %s)")
-            args.extend(before)
+            # the plain bound lets the planner skip newer partitions (it
+            # cannot prune on the row comparison)
+            sql.append("AND created_at <= %s AND (created_at, id) < (%s, %s)")
+            args.extend((before[0], *before))
         sql.append("ORDER BY created_at DESC, id DESC LIMIT %s")
         args.append(limit)
         rows = await self._db.runQuery("list_request_logs", " ".join(sql), args)
