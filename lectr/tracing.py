@@ -364,8 +364,7 @@ class Tracing:
         self._early = None
         self._failing = False
         self._stopped = False
-        self._resource = None
-        self._scope = None
+        self._builder: _SpanBuilder | None = None  # made in the export thread
         self._thread = None
         if run_in_thread is None and exporter is not None:
             self._thread = _ExportThread(reactor)
@@ -622,144 +621,147 @@ class Tracing:
         """In the export thread: build the spans, send them. True on success."""
         from opentelemetry.sdk.trace.export import SpanExportResult
 
+        if self._builder is None:
+            self._builder = _SpanBuilder(self._service_name)
         spans = []
         for item in batch:
-            spans.extend(self._build(item))
+            if item[0] == "proxy":
+                spans.extend(self._builder.request(item[1], item[2]))
+            else:
+                spans.extend(self._builder.admin_call(*item[1:]))
         return self._exporter.export(spans) is SpanExportResult.SUCCESS
 
-    def _build(self, item: tuple) -> list:
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-        if self._resource is None:
-            self._resource, self._scope = _resource_and_scope(self._service_name)
-        kind, ctx = item[0], item[1]
-        flags = TraceFlags(TraceFlags.SAMPLED)
-        own = SpanContext(ctx.trace_id, ctx.span_id, is_remote=False, trace_flags=flags)
+class _SpanBuilder:
+    """Turns finished requests into ``ReadableSpan`` objects with the ids
+    and timestamps recorded on the reactor (export thread only)."""
+
+    def __init__(self, service_name: str) -> None:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import ReadableSpan
+
+        self._api = trace
+        self._span_class = ReadableSpan
+        self._resource, self._scope = _resource_and_scope(service_name)
+        self._flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+
+    def _context(self, trace_id: int, span_id: int, remote: bool = False):
+        return self._api.SpanContext(trace_id, span_id, is_remote=remote, trace_flags=self._flags)
+
+    def _span(self, name, context, parent, kind, attributes, started, ended, error):
+        return self._span_class(
+            name=name,
+            context=context,
+            parent=parent,
+            resource=self._resource,
+            attributes={k: v for k, v in attributes.items() if v is not None},
+            kind=kind,
+            status=self._api.Status(
+                self._api.StatusCode.ERROR if error else self._api.StatusCode.UNSET
+            ),
+            start_time=_ns(started),
+            end_time=_ns(ended),
+            instrumentation_scope=self._scope,
+        )
+
+    def _own_and_parent(self, ctx: TraceContext):
+        own = self._context(ctx.trace_id, ctx.span_id)
         parent = (
-            SpanContext(ctx.trace_id, ctx.parent_span_id, is_remote=True, trace_flags=flags)
+            self._context(ctx.trace_id, ctx.parent_span_id, remote=True)
             if ctx.parent_span_id
             else None
         )
+        return own, parent
 
-        def span(name, context, parent, kind, attributes, started, ended, error) -> ReadableSpan:
-            return ReadableSpan(
-                name=name,
-                context=context,
-                parent=parent,
-                resource=self._resource,
-                attributes={k: v for k, v in attributes.items() if v is not None},
-                kind=kind,
-                status=Status(StatusCode.ERROR) if error else Status(StatusCode.UNSET),
-                start_time=_ns(started),
-                end_time=_ns(ended),
-                instrumentation_scope=self._scope,
+    def request(self, ctx: TraceContext, s: RequestSummary) -> list:
+        """A proxied request: its SERVER span and one CLIENT span per attempt."""
+        own, parent = self._own_and_parent(ctx)
+        op = s.operation or operation_name(s.path)
+        model = _cut(s.request_model)
+        attributes = {
+            "gen_ai.operation.name": op,
+            "gen_ai.system": s.provider,
+            "gen_ai.provider.name": s.provider,
+            "gen_ai.request.model": model,
+            "gen_ai.response.model": _cut(s.response_model),
+            "gen_ai.usage.input_tokens": s.input_tokens,
+            "gen_ai.usage.output_tokens": s.output_tokens,
+            "lectr.streamed": s.streamed,
+            "lectr.time_to_first_token": s.time_to_first_token,
+            "http.request.method": s.method,
+            "url.path": _cut(s.path, 512),
+            "http.response.status_code": s.status,
+            "error.type": s.error_type or (str(s.status) if s.status >= 400 else None),
+            "lectr.request_id": s.request_id,
+            "lectr.org_id": s.org_id,
+            "lectr.route": _cut(s.route),
+            "lectr.attempts": len(s.attempts),
+        }
+        name = f"{op} {model}" if op and model else f"{s.method} {s.provider or 'lectr'}"
+        kind = self._api.SpanKind
+        out = [
+            self._span(
+                name, own, parent, kind.SERVER, attributes, ctx.started, s.ended, s.status >= 500
             )
-
-        out = []
-        if kind == "proxy":
-            s: RequestSummary = item[2]
-            op = s.operation or operation_name(s.path)
-            model = _cut(s.request_model)
-            name = f"{op} {model}" if op and model else f"{s.method} {s.provider or 'lectr'}"
-            error_type = s.error_type or (str(s.status) if s.status >= 400 else None)
+        ]
+        for a in s.attempts:
+            attempt_model = _cut(a.model)
+            ok = a.outcome == "ok"
             out.append(
-                span(
-                    name,
+                self._span(
+                    f"{op} {attempt_model}" if op and attempt_model else f"{s.method} {a.provider}",
+                    self._context(ctx.trace_id, ctx.attempt_span_id(a.number)),
                     own,
-                    parent,
-                    SpanKind.SERVER,
+                    kind.CLIENT,
                     {
                         "gen_ai.operation.name": op,
-                        "gen_ai.system": s.provider,
-                        "gen_ai.provider.name": s.provider,
-                        "gen_ai.request.model": model,
-                        "gen_ai.response.model": _cut(s.response_model),
-                        "gen_ai.usage.input_tokens": s.input_tokens,
-                        "gen_ai.usage.output_tokens": s.output_tokens,
-                        "lectr.streamed": s.streamed,
-                        "lectr.time_to_first_token": s.time_to_first_token,
-                        "http.request.method": s.method,
-                        "url.path": _cut(s.path, 512),
-                        "http.response.status_code": s.status,
-                        "error.type": error_type,
-                        "lectr.request_id": s.request_id,
-                        "lectr.org_id": s.org_id,
-                        "lectr.route": _cut(s.route),
-                        "lectr.attempts": len(s.attempts),
+                        "gen_ai.system": a.provider,
+                        "gen_ai.provider.name": a.provider,
+                        "gen_ai.request.model": attempt_model,
+                        "lectr.attempt": a.number,
+                        "lectr.outcome": a.outcome,
+                        "http.response.status_code": a.status,
+                        "error.type": None if ok else a.outcome,
                     },
-                    ctx.started,
-                    s.ended,
-                    s.status >= 500,
+                    a.started,
+                    a.ended,
+                    not ok,
                 )
             )
-            for a in s.attempts:
-                attempt_model = _cut(a.model)
-                ok = a.outcome == "ok"
-                out.append(
-                    span(
-                        f"{op} {attempt_model}"
-                        if op and attempt_model
-                        else f"{s.method} {a.provider}",
-                        SpanContext(
-                            ctx.trace_id,
-                            ctx.attempt_span_id(a.number),
-                            is_remote=False,
-                            trace_flags=flags,
-                        ),
-                        own,
-                        SpanKind.CLIENT,
-                        {
-                            "gen_ai.operation.name": op,
-                            "gen_ai.system": a.provider,
-                            "gen_ai.provider.name": a.provider,
-                            "gen_ai.request.model": attempt_model,
-                            "lectr.attempt": a.number,
-                            "lectr.outcome": a.outcome,
-                            "http.response.status_code": a.status,
-                            "error.type": None if ok else a.outcome,
-                        },
-                        a.started,
-                        a.ended,
-                        not ok,
-                    )
-                )
-        else:  # an admin API call and its database operations
-            _, _, name, ended, status, attributes = item
-            attributes["http.response.status_code"] = status
-            if status >= 400:
-                attributes["error.type"] = str(status)
+        return out
+
+    def admin_call(
+        self, ctx: TraceContext, name: str, ended: float, status: int, attributes: dict
+    ) -> list:
+        """An admin API call: its SERVER span and one CLIENT span per
+        database operation."""
+        own, parent = self._own_and_parent(ctx)
+        attributes["http.response.status_code"] = status
+        if status >= 400:
+            attributes["error.type"] = str(status)
+        kind = self._api.SpanKind
+        out = [
+            self._span(
+                name, own, parent, kind.SERVER, attributes, ctx.started, ended, status >= 500
+            )
+        ]
+        for child, started, child_ended, error in ctx._children or ():
             out.append(
-                span(
-                    name,
+                self._span(
+                    child,
+                    self._context(ctx.trace_id, _getrandbits(64) or 1),
                     own,
-                    parent,
-                    SpanKind.SERVER,
-                    attributes,
-                    ctx.started,
-                    ended,
-                    status >= 500,
+                    kind.CLIENT,
+                    {
+                        "db.system.name": "postgresql",
+                        "db.query.summary": child,
+                        "error.type": error,
+                    },
+                    started,
+                    child_ended,
+                    error is not None,
                 )
             )
-            for child_name, started, child_ended, error in ctx._children or ():
-                out.append(
-                    span(
-                        child_name,
-                        SpanContext(
-                            ctx.trace_id, _getrandbits(64) or 1, is_remote=False, trace_flags=flags
-                        ),
-                        own,
-                        SpanKind.CLIENT,
-                        {
-                            "db.system.name": "postgresql",
-                            "db.query.summary": child_name,
-                            "error.type": error,
-                        },
-                        started,
-                        child_ended,
-                        error is not None,
-                    )
-                )
         return out
 
 
