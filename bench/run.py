@@ -3,7 +3,7 @@
     python bench/run.py                 # everything (about 15 minutes)
     python bench/run.py --quick         # shorter cells, 2 rounds
     python bench/run.py --only lean     # one section: throughput | ttfb | memory | logging |
-                                        #   scaling | flusher | lean
+                                        #   metrics | scaling | flusher | lean
 
 What runs, and where (the method of ../shared/bench/README.md):
 
@@ -359,8 +359,8 @@ class Lectr:
         }
         self.env.update(
             {
-                # extra_path first: its sitecustomize.py must win over any other
-                "PYTHONPATH": os.pathsep.join([*([extra_path] if extra_path else []), str(REPO)]),
+                # extra_path first: its sitecustomize.py is the one Python loads
+                "PYTHONPATH": os.pathsep.join(p for p in (extra_path, str(REPO)) if p),
                 "ENCRYPTION_KEY": self.key_b64,
                 "LECTR_DATA_DIR": str(workdir / "lectr-data"),
                 "LECTR_PROXY_LISTEN": f"tcp:{self.port}:interface=127.0.0.1:backlog=4096",
@@ -876,6 +876,46 @@ def logging_cost(
         print(f"  ({line})")
 
 
+def metrics_cost(
+    workdir: Path,
+    upstream: Upstream,
+    seconds: float,
+    rounds: int,
+    load_pin: list[str],
+    proxy_pin: list[str],
+) -> None:
+    """Lectr with metrics on, then with every metric update turned into a
+    no-op (bench/_nometrics), alternating ``rounds`` times in one run so
+    that drift on a shared machine hits both alike."""
+    print(f"\nMetrics on vs off (c=32; {rounds} alternating rounds; {load()}):")
+    print("| metrics | round | mode | req/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    totals: dict[tuple[str, str], float] = {}
+    for n in range(rounds):
+        for label, extra in (("on", None), ("off", str(BENCH / "_nometrics"))):
+            sub = workdir / f"metrics-{label}-{n}"
+            sub.mkdir()
+            lectr = Lectr(sub, upstream.base, proxy_pin, extra_path=extra)
+            try:
+                url = f"http://127.0.0.1:{lectr.port}{CHAT_PATH}"
+                for stream in (False, True):
+                    mode = "stream" if stream else "json"
+                    r = measure(
+                        url, wrk_script(sub, stream, lectr.lectr_key), 32, seconds, load_pin
+                    )
+                    totals[(label, mode)] = totals.get((label, mode), 0.0) + r["rps"]
+                    print(
+                        f"| {label} | {n + 1} | {mode} | {r['rps']:.0f} | "
+                        f"{r['p50']:.2f} | {r['p99']:.2f} |",
+                        flush=True,
+                    )
+            finally:
+                lectr.stop()
+    for mode in ("json", "stream"):
+        on, off = totals[("on", mode)], totals[("off", mode)]
+        print(f"{mode}: metrics on / off = {on / off:.3f} ({(on - off) / off * 100:+.1f} % req/s)")
+
+
 def flusher() -> None:
     script = BENCH / "flusher_bench.py"
     if not script.exists():
@@ -893,7 +933,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per cell (median)")
     parser.add_argument(
         "--only",
-        choices=["throughput", "ttfb", "memory", "scaling", "logging", "flusher", "lean"],
+        choices=[
+            "throughput",
+            "ttfb",
+            "memory",
+            "scaling",
+            "logging",
+            "metrics",
+            "flusher",
+            "lean",
+        ],
     )
     parser.add_argument("--conns", default="1,32,128", help="concurrencies, comma-separated")
     parser.add_argument("--workers", type=int, default=1, help="Lectr --workers for throughput")
@@ -961,6 +1010,8 @@ def main() -> None:
             memory(workdir, [int(x) for x in args.memory_counts.split(",")], proxy_pin)
         if args.only in (None, "logging"):
             logging_cost(workdir, upstream, seconds, args.rounds, load_pin, proxy_pin)
+        if args.only in (None, "metrics"):
+            metrics_cost(workdir, upstream, seconds, args.rounds, load_pin, proxy_pin)
         if args.only in (None, "scaling"):
             scaling(workdir, upstream, seconds, load_pin)
         if args.only in (None, "flusher"):

@@ -72,6 +72,16 @@ def _workers(raw: str) -> int:
     return _int_in(1, 256)(value)
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
 def _nonempty(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must not be empty")
@@ -449,6 +459,13 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds(0.1, 86400),
     ),
     Setting(
+        "trace_propagation",
+        "LECTR_TRACE_PROPAGATION",
+        "lectr",
+        "With tracing on: the traceparent providers receive (lectr, client or none)",
+        _one_of("lectr", "client", "none"),
+    ),
+    Setting(
         "spill_max_bytes",
         "LECTR_SPILL_MAX_BYTES",
         "1073741824",
@@ -543,6 +560,7 @@ class Config:
     upstream_connect_timeout: float = 10.0
     upstream_headers_timeout: float = 600.0
     upstream_idle_timeout: float = 300.0
+    trace_propagation: str = "lectr"
     spill_max_bytes: int = 1073741824
     request_log_retention_days: int = 0
     limits_fail_closed: bool = False

@@ -1,35 +1,83 @@
-"""A small metrics registry with Prometheus text exposition (format 0.0.4).
+"""Metrics: one registry per process, exposed in the Prometheus text format
+by ``prometheus_client``, aggregated over every worker of ``--workers N``.
 
 One :class:`Registry` is made by the composition root and handed to the
 components that measure something; ``GET /metrics`` on the admin port renders
-it. Updating a metric is a dict operation: cheap enough for the hot path.
+it. The API is small and stable (call sites never change)::
+
+    requests = registry.counter("lectr_x_total", "help", ["provider", "status"])
+    requests.inc(1, "openai", "200")
+    seconds = registry.histogram("lectr_x_seconds", "help", ["provider"])
+    seconds.observe(0.12, "openai")
+    registry.callback_gauge("lectr_x_in_flight", "help", lambda: len(active), mode="livesum")
+
+**Hot path.** ``inc``/``observe`` update this process's own values in a dict
+(about 0.2 µs / 0.4 µs). prometheus_client's own multiprocess values take a
+lock and write an mmap on every call (0.8 µs to 2.6 µs measured, with the
+label lookup), so Lectr keeps its values in process and copies them to the
+shared files once a second instead (``bench/metrics_bench.py`` prints both).
+
+**One process** (``--workers 1``): :meth:`Registry.render` reports the
+process's values.
+
+**Several workers** (``--workers N``): the supervisor makes a run directory
+(:class:`MetricsRunDirectory`, under ``<data-dir>/metrics/``) and hands it to
+every worker (``LECTR_METRICS_DIR``). Each worker's :class:`MetricsFileSync`
+writes every series into prometheus_client's multiprocess files
+(``counter_<pid>.db``, ``histogram_<pid>.db``, ``gauge_<mode>_<pid>.db``)
+every second and once more when it stops. A scrape, answered by whichever
+worker accepts the connection, first writes that worker's values, then merges
+every file with ``prometheus_client.multiprocess.MultiProcessCollector``:
+
+- counters and histograms are summed over every worker of this run,
+  including the workers that exited (their files stay; a restarted worker
+  gets new files, so nothing counts twice). A worker killed hard (SIGKILL,
+  OOM) loses what it counted in its last second;
+- gauges are combined by their *mode*, one per gauge: ``livesum`` (in-flight
+  requests, buffered rows, pool connections: the deployment's total),
+  ``livemax`` (per-process copies of one thing: cached keys), ``livemin``
+  (``lectr_usage_database_writable``: 0 when any worker cannot write) or
+  ``liveall`` (one series per worker, with a ``pid`` label). Only live
+  workers count: the supervisor removes an exited worker's gauge files.
+  Callback gauges are read by each worker when it writes its files (the
+  scraping worker cannot call the others), so they are at most a second old.
+
+The run directory is made fresh at every start of the supervisor; directories
+left by earlier runs (a supervisor that was killed) are removed when no
+process holds their lock, so stale files are never counted twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
-from collections.abc import Callable, Iterable, Sequence
+import os
+import shutil
+import tempfile
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.utils import floatToGoString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 _DEFAULT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+#: How several workers' values of one gauge combine (prometheus_client's
+#: multiprocess modes; only the "live" ones: an exited worker stops counting).
+GAUGE_MODES = ("livesum", "livemax", "livemin", "liveall", "livemostrecent")
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+#: Environment variable that hands the run directory to the workers.
+METRICS_DIR_ENV = "LECTR_METRICS_DIR"
 
-
-def _fmt(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+# (file prefix, metric name, sample name, label names, label values, value, help)
+_Sample = tuple[str, str, str, tuple[str, ...], tuple[str, ...], float, str]
 
 
 class _Metric:
@@ -51,23 +99,54 @@ class _Metric:
     def value(self, *labelvalues: str) -> float:
         return self._values.get(self._key(labelvalues), 0.0)
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.kind}"
-        for key, value in sorted(self._values.items()):
-            yield f"{self.name}{_labels(self.labelnames, key)} {_fmt(value)}"
+    # --- exposition (never on the hot path) ----------------------------------------
+
+    def _family(self) -> Metric:
+        """This process's values as a prometheus_client metric family."""
+        raise NotImplementedError
+
+    def _samples(self) -> Iterator[_Sample]:
+        """This process's values as multiprocess-file samples."""
+        raise NotImplementedError
+
+    def _labels(self, key: tuple[str, ...]) -> dict[str, str]:
+        return {n: str(v) for n, v in zip(self.labelnames, key, strict=True)}
 
 
 class Counter(_Metric):
     kind = "counter"
 
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        if not name.endswith("_total"):
+            raise ValueError(f"counter {name} must end with _total")
+        super().__init__(name, help, labelnames)
+        self._base = name.removesuffix("_total")
+
     def inc(self, amount: float = 1.0, *labelvalues: str) -> None:
         key = self._key(labelvalues) if labelvalues or self.labelnames else ()
         self._values[key] = self._values.get(key, 0.0) + amount
 
+    def _family(self) -> Metric:
+        family = Metric(self._base, self.help, "counter")
+        for key, value in sorted(self._values.items()):
+            family.add_sample(self.name, self._labels(key), value)
+        return family
+
+    def _samples(self) -> Iterator[_Sample]:
+        for key, value in list(self._values.items()):
+            yield ("counter", self._base, self.name, self.labelnames, key, value, self.help)
+
 
 class Gauge(_Metric):
     kind = "gauge"
+
+    def __init__(
+        self, name: str, help: str, labelnames: Sequence[str] = (), mode: str = "livesum"
+    ) -> None:
+        if mode not in GAUGE_MODES:
+            raise ValueError(f"gauge {name}: mode must be one of {', '.join(GAUGE_MODES)}")
+        super().__init__(name, help, labelnames)
+        self.mode = mode
 
     def set(self, value: float, *labelvalues: str) -> None:
         self._values[self._key(labelvalues)] = float(value)
@@ -79,22 +158,36 @@ class Gauge(_Metric):
     def dec(self, amount: float = 1.0, *labelvalues: str) -> None:
         self.inc(-amount, *labelvalues)
 
+    def _current(self) -> dict[tuple[str, ...], float]:
+        return self._values
 
-class CallbackGauge(_Metric):
-    """A gauge read from a function when /metrics is rendered."""
+    def _family(self) -> Metric:
+        family = Metric(self.name, self.help, "gauge")
+        for key, value in sorted(self._current().items()):
+            family.add_sample(self.name, self._labels(key), value)
+        return family
 
-    kind = "gauge"
+    def _samples(self) -> Iterator[_Sample]:
+        prefix = f"gauge_{self.mode}"
+        for key, value in list(self._current().items()):
+            yield (prefix, self.name, self.name, self.labelnames, key, value, self.help)
 
-    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
-        super().__init__(name, help)
+
+class CallbackGauge(Gauge):
+    """A gauge read from a function when it is rendered or written to the
+    multiprocess files."""
+
+    def __init__(
+        self, name: str, help: str, read: Callable[[], float], mode: str = "livesum"
+    ) -> None:
+        super().__init__(name, help, (), mode)
         self._read = read
 
     def value(self, *labelvalues: str) -> float:
         return float(self._read())
 
-    def render(self) -> Iterable[str]:
-        self._values[()] = self.value()
-        return super().render()
+    def _current(self) -> dict[tuple[str, ...], float]:
+        return {(): self.value()}
 
 
 class Histogram(_Metric):
@@ -110,6 +203,7 @@ class Histogram(_Metric):
         super().__init__(name, help, labelnames)
         self._values.clear()
         self.buckets = tuple(sorted(buckets)) + (math.inf,)
+        self._le = tuple(floatToGoString(b) for b in self.buckets)
         self._series: dict[tuple[str, ...], list[float]] = {}
 
     def observe(self, value: float, *labelvalues: str) -> None:
@@ -118,10 +212,7 @@ class Histogram(_Metric):
         if series is None:
             # bucket counts..., sum, count
             series = self._series[key] = [0.0] * (len(self.buckets) + 2)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                series[i] += 1
-                break
+        series[bisect_left(self.buckets, value)] += 1  # the first bound >= value
         series[-2] += value
         series[-1] += 1
 
@@ -129,22 +220,104 @@ class Histogram(_Metric):
         series = self._series.get(self._key(labelvalues))
         return series[-1] if series else 0.0
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
+    def sum(self, *labelvalues: str) -> float:
+        series = self._series.get(self._key(labelvalues))
+        return series[-2] if series else 0.0
+
+    def _family(self) -> Metric:
+        family = Metric(self.name, self.help, "histogram")
         for key, series in sorted(self._series.items()):
+            labels = self._labels(key)
             cumulative = 0.0
-            for bound, n in zip(self.buckets, series, strict=False):
+            for le, n in zip(self._le, series, strict=False):
                 cumulative += n
-                le = f'le="{_fmt(bound)}"'
-                yield f"{self.name}_bucket{_labels(self.labelnames, key, le)} {_fmt(cumulative)}"
-            yield f"{self.name}_sum{_labels(self.labelnames, key)} {_fmt(series[-2])}"
-            yield f"{self.name}_count{_labels(self.labelnames, key)} {_fmt(series[-1])}"
+                family.add_sample(self.name + "_bucket", {**labels, "le": le}, cumulative)
+            family.add_sample(self.name + "_count", labels, series[-1])
+            family.add_sample(self.name + "_sum", labels, series[-2])
+        return family
+
+    def _samples(self) -> Iterator[_Sample]:
+        # the files hold each bucket's own count (not cumulative) and the sum;
+        # the collector accumulates the buckets and derives the count
+        bucket_names = (*self.labelnames, "le")
+        for key, series in list(self._series.items()):
+            for le, n in zip(self._le, series, strict=False):
+                yield (
+                    "histogram",
+                    self.name,
+                    self.name + "_bucket",
+                    bucket_names,
+                    (*key, le),
+                    n,
+                    self.help,
+                )
+            yield (
+                "histogram",
+                self.name,
+                self.name + "_sum",
+                self.labelnames,
+                key,
+                series[-2],
+                self.help,
+            )
+
+
+class _LocalCollector:
+    def __init__(self, metrics: dict[str, _Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        for name in sorted(self._metrics):
+            yield self._metrics[name]._family()
+
+
+class _SharedCollector:
+    """Every worker's files, merged (sorted by name, as the local render)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = [str(p) for p in self._directory.glob("*.db")]
+        return sorted(MultiProcessCollector.merge(files, accumulate=True), key=lambda m: m.name)
+
+
+class _Files:
+    """This process's multiprocess files (not thread-safe: the reactor
+    thread is the only writer)."""
+
+    def __init__(self, directory: Path, process_id: int | str) -> None:
+        self.directory = directory
+        self._pid = process_id
+        self._files: dict[str, MmapedDict] = {}
+        self._keys: dict[tuple, str] = {}
+
+    def write(self, sample: _Sample, timestamp: float) -> None:
+        prefix, metric_name, name, labelnames, labelvalues, value, help = sample
+        cache_key = (name, labelnames, labelvalues)
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = self._keys[cache_key] = mmap_key(
+                metric_name, name, list(labelnames), [str(v) for v in labelvalues], help
+            )
+        f = self._files.get(prefix)
+        if f is None:
+            f = self._files[prefix] = MmapedDict(str(self.directory / f"{prefix}_{self._pid}.db"))
+        f.write_value(key, value, timestamp)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 class Registry:
+    _log = Logger()
+
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
+        self._files: _Files | None = None
+        self._failed_reads: set[str] = set()
 
     def _get(self, cls: type, name: str, *args, **kwargs):
         existing = self._metrics.get(name)
@@ -158,11 +331,15 @@ class Registry:
     def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
         return self._get(Counter, name, help, labelnames)
 
-    def gauge(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Gauge:
-        return self._get(Gauge, name, help, labelnames)
+    def gauge(
+        self, name: str, help: str, labelnames: Sequence[str] = (), *, mode: str = "livesum"
+    ) -> Gauge:
+        return self._get(Gauge, name, help, labelnames, mode)
 
-    def callback_gauge(self, name: str, help: str, read: Callable[[], float]) -> CallbackGauge:
-        metric = self._get(CallbackGauge, name, help, read)
+    def callback_gauge(
+        self, name: str, help: str, read: Callable[[], float], *, mode: str = "livesum"
+    ) -> CallbackGauge:
+        metric = self._get(CallbackGauge, name, help, read, mode)
         metric._read = read  # the newest owner wins (a restarted component)
         return metric
 
@@ -178,8 +355,152 @@ class Registry:
     def get(self, name: str) -> _Metric | None:
         return self._metrics.get(name)
 
+    # --- several workers -------------------------------------------------------------
+
+    def share(self, directory: Path, process_id: int | str | None = None) -> None:
+        """From now on, :meth:`sync` writes this process's values to
+        ``directory`` and :meth:`render` reports every process's files."""
+        if self._files is not None:
+            self._files.close()
+        self._files = _Files(Path(directory), os.getpid() if process_id is None else process_id)
+
+    @property
+    def shared_directory(self) -> Path | None:
+        return self._files.directory if self._files is not None else None
+
+    def sync(self) -> None:
+        """Write every series to this process's multiprocess files (a no-op
+        when the registry is not shared). A callback that fails is skipped
+        (and logged once), never the whole write."""
+        files = self._files
+        if files is None:
+            return
+        now = time.time()
+        for metric in list(self._metrics.values()):
+            try:
+                samples = list(metric._samples())
+            except Exception:
+                if metric.name not in self._failed_reads:
+                    self._failed_reads.add(metric.name)
+                    self._log.failure("metric {name} cannot be read", name=metric.name)
+                continue
+            for sample in samples:
+                files.write(sample, now)
+
+    def unshare(self) -> None:
+        if self._files is not None:
+            self._files.close()
+            self._files = None
+
+    # --- exposition ---------------------------------------------------------------------
+
     def render(self) -> str:
-        lines: list[str] = []
-        for name in sorted(self._metrics):
-            lines.extend(self._metrics[name].render())
-        return "\n".join(lines) + "\n"
+        """Prometheus text format (0.0.4): this process's values, or, when
+        shared, every worker's (after writing this one's)."""
+        registry = CollectorRegistry(auto_describe=False)
+        if self._files is None:
+            registry.register(_LocalCollector(self._metrics))
+        else:
+            self.sync()
+            registry.register(_SharedCollector(self._files.directory))
+        return generate_latest(registry).decode()
+
+
+class MetricsFileSync:
+    """In a worker: writes the registry to the run directory every
+    ``interval`` seconds (a LoopingCall that survives failures) and once more
+    at :meth:`stop`."""
+
+    _log = Logger()
+
+    def __init__(
+        self, registry: Registry, directory: Path, *, reactor, interval: float = 1.0
+    ) -> None:
+        self._registry = registry
+        self._directory = Path(directory)
+        self._interval = interval
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        self._registry.share(self._directory)
+        self._registry.sync()  # every metric is visible from the first scrape
+        d = self._loop.start(self._interval, now=False)
+        d.addErrback(lambda f: self._log.failure("metrics file sync stopped", f))
+
+    def _tick(self) -> None:
+        try:
+            self._registry.sync()
+        except Exception:
+            self._log.failure("cannot write the metrics files")
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        self._tick()
+        self._registry.unshare()
+
+
+class MetricsRunDirectory:
+    """The supervisor's multiprocess directory for one run:
+    ``<data-dir>/metrics/run-<pid>-<random>/``, locked (``flock``) for as long
+    as the supervisor lives. Making one removes the directories of earlier
+    runs that nobody holds any more."""
+
+    _log = Logger()
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self.path = path
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def create(cls, data_dir: Path) -> MetricsRunDirectory:
+        root = Path(data_dir) / "metrics"
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # made and locked under a name the cleanup skips, then renamed: no
+        # other supervisor can take it for a stale one in between
+        staging = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
+        fd = os.open(staging / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = root / f"run-{os.getpid()}-{staging.name.removeprefix('.new-')}"
+        staging.rename(path)
+        cls._remove_stale(root, keep=path)
+        return cls(path, fd)
+
+    @classmethod
+    def _remove_stale(cls, root: Path, keep: Path) -> None:
+        for entry in root.iterdir():
+            if entry == keep or not entry.is_dir():
+                continue
+            if entry.name.startswith(".new-") and time.time() - entry.stat().st_mtime < 60:
+                continue  # another supervisor is making it right now
+            try:
+                fd = os.open(entry / "lock", os.O_RDWR)
+            except FileNotFoundError:
+                fd = None
+            except OSError:
+                continue
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live supervisor's run
+                shutil.rmtree(entry, ignore_errors=True)
+                cls._log.info(
+                    "removed the metrics files of an earlier run ({name})", name=entry.name
+                )
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def process_ended(self, pid: int) -> None:
+        """A worker exited: its gauges stop counting (its counters and
+        histograms keep counting)."""
+        mark_process_dead(pid, str(self.path))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

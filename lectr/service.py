@@ -35,6 +35,7 @@ from lectr.metrics import Registry
 from lectr.providers import ProviderRegistry
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
+from lectr.tracing import Tracing
 from lectr.util.listen import ListenError, bind_ports
 from lectr.util.service import CallbackService, ListeningPortService, ServiceStack
 from lectr.vault.errors import VaultKeyError
@@ -81,6 +82,7 @@ class Components:
     health: object | None = None  # provider-key cool-downs (lectr.policy.health)
     limits: object | None = None  # limits and budgets (lectr.limits.LimitsManager)
     proxy: object | None = None  # the proxy handler (lectr.proxy.handler)
+    tracing: Tracing | None = None  # OpenTelemetry export (lectr.tracing), maybe disabled
     proxy_port: ListeningPortService | None = None
     admin_port: ListeningPortService | None = None
     extras: dict = field(default_factory=dict)
@@ -212,6 +214,7 @@ class LectrService(Service):
                 data_dir=str(config.data_dir),
             )
 
+        await self._start_tracing(c)
         db_service = DatabaseService(config, reactor=self._reactor, metrics=c.metrics)
         await self._stack.start(db_service)
         c.database, c.dsn = db_service.database, db_service.dsn
@@ -329,6 +332,25 @@ class LectrService(Service):
         c.routes = routes
         c.health = KeyHealth(self._reactor, wall_clock=time.time, metrics=c.metrics)
 
+    async def _start_tracing(self, c: Components) -> None:
+        """OpenTelemetry traces (OTEL_* variables). Started first so that it
+        stops last: the spans of the requests drained at shutdown go out."""
+        try:
+            c.tracing = Tracing.from_environ(
+                os.environ,
+                reactor=self._reactor,
+                metrics=c.metrics,
+                propagation=self.config.trace_propagation,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        tracing = c.tracing
+        await self._stack.start(
+            CallbackService(
+                "tracing", start=tracing.start, stop=lambda: ensureDeferred(tracing.stop())
+            )
+        )
+
     async def _start_vault(self, c: Components) -> None:
         """Provider keys (BYOK vault), master-key rotation, provider settings."""
         from lectr.managers.provider_settings import ProviderSettingsManager
@@ -415,18 +437,20 @@ class LectrService(Service):
         )
         c.recorder = recorder
         c.usage = UsageManager(store)
-        if self.config.request_log_retention_days:
-            from lectr.usage.retention import RequestLogRetention
+        from lectr.usage.retention import RequestLogMaintenance
 
-            retention = RequestLogRetention(
-                store,
-                days=self.config.request_log_retention_days,
-                reactor=self._reactor,
-                metrics=c.metrics,
+        # partitions made ahead of time; retention drops the expired ones
+        maintenance = RequestLogMaintenance(
+            store,
+            days=self.config.request_log_retention_days,
+            reactor=self._reactor,
+            metrics=c.metrics,
+        )
+        await self._stack.start(
+            CallbackService(
+                "request log partitions", start=maintenance.start, stop=maintenance.stop
             )
-            await self._stack.start(
-                CallbackService("request log retention", start=retention.start, stop=retention.stop)
-            )
+        )
 
     async def _start_limits(self, c: Components) -> None:
         """Limits and budgets (docs/limits.md): the caps cached in memory,
@@ -506,7 +530,9 @@ class LectrService(Service):
             health=c.health,
             steps=steps,
             header_policy=HeaderPolicy(
-                c.providers, forward=frozenset(h.encode() for h in config.forward_headers)
+                c.providers,
+                forward=frozenset(h.encode() for h in config.forward_headers),
+                trace_propagation=c.tracing.propagation if c.tracing.enabled else None,
             ),
             client=client,
             recorder=c.recorder,
@@ -515,6 +541,7 @@ class LectrService(Service):
             idle_timeout=config.upstream_idle_timeout,
             origin_factory=Origin.from_url,
             price=c.pricing.price,
+            tracing=c.tracing,
         )
 
     def _proxy_site(self, c: Components):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from pathlib import Path
 
 
 def main() -> None:
@@ -20,6 +21,7 @@ def main() -> None:
     from lectr.config import ConfigError, load_config
     from lectr.devmode import apply_development_defaults
     from lectr.logging import json_lines_observer
+    from lectr.metrics import METRICS_DIR_ENV, MetricsFileSync
     from lectr.service import LectrService
 
     index = os.environ.get("LECTR_WORKER_INDEX", "0")
@@ -45,6 +47,11 @@ def main() -> None:
     ready_fd = int(os.environ.get("LECTR_WORKER_READY_FD", "-1"))
 
     service = LectrService(config, reactor=reactor, adopt=adopt)
+    metrics_dir = os.environ.get(METRICS_DIR_ENV)
+    if metrics_dir:  # the supervisor's: one /metrics for every worker
+        sync = MetricsFileSync(service.components.metrics, Path(metrics_dir), reactor=reactor)
+        sync.start()
+        reactor.addSystemEventTrigger("after", "shutdown", sync.stop)
 
     def ready(_) -> None:
         if ready_fd >= 0:

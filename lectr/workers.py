@@ -30,6 +30,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from lectr.config import SETTINGS, Config
+from lectr.metrics import METRICS_DIR_ENV, MetricsRunDirectory
 from lectr.util.listen import ListenError, ListenSpec, bind_ports, describe
 
 __all__ = ["ListenSpec", "WorkerSupervisor"]
@@ -48,6 +49,7 @@ class _WorkerProtocol(ProcessProtocol):
         self.index = index
         self.ready: Deferred[None] = Deferred()
         self.ended: Deferred[int | None] = Deferred()
+        self.pid: int | None = None
         self._status = b""
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -97,6 +99,7 @@ class WorkerSupervisor(Service):
         self._stopping = False
         self._restart_delay: dict[int, float] = {}
         self.ready: Deferred[None] = Deferred()
+        self._metrics_dir: MetricsRunDirectory | None = None
 
     # --- start -------------------------------------------------------------------
 
@@ -139,6 +142,13 @@ class WorkerSupervisor(Service):
         self._sockets = [self._bound["proxy"], self._bound["admin"]]
         for name, sock in zip(("proxy", "admin API"), self._sockets, strict=True):
             self._log.info("{name} socket bound to {address}", name=name, address=describe(sock))
+        try:
+            # one /metrics for every worker (lectr.metrics)
+            self._metrics_dir = MetricsRunDirectory.create(self.config.data_dir)
+        except OSError as e:
+            raise StartupError(
+                f"cannot create the metrics directory in {self.config.data_dir}: {e.strerror}"
+            ) from None
         results = await DeferredList(
             [self._spawn(i).ready for i in range(self.config.workers)],
             fireOnOneErrback=True,
@@ -155,13 +165,14 @@ class WorkerSupervisor(Service):
         child_fds: dict[int, object] = {0: "w", 1: 1, 2: 2, READY_FD: "r"}
         for offset, sock in enumerate(self._sockets):
             child_fds[INHERITED_FIRST_FD + offset] = sock.fileno()
-        self._reactor.spawnProcess(
+        transport = self._reactor.spawnProcess(
             protocol,
             self._executable,
             [self._executable, "-m", "lectr.worker"],
             env=env,
             childFDs=child_fds,
         )
+        protocol.pid = transport.pid
         self._workers[index] = protocol
         return protocol
 
@@ -186,6 +197,8 @@ class WorkerSupervisor(Service):
         )
         env["LECTR_WORKER_FAMILIES"] = ",".join(str(int(s.family)) for s in self._sockets)
         env["LECTR_WORKER_READY_FD"] = str(READY_FD)
+        if self._metrics_dir is not None:
+            env[METRICS_DIR_ENV] = str(self._metrics_dir.path)
         parent = getattr(self._options, "parent", None)
         if parent is not None and "json_observer" in str(parent.get("logger") or ""):
             env["LECTR_LOG_FORMAT"] = "json"
@@ -196,6 +209,8 @@ class WorkerSupervisor(Service):
     def worker_ended(self, worker: _WorkerProtocol, code: int | None, sig: int | None) -> None:
         if self._workers.get(worker.index) is worker:
             del self._workers[worker.index]
+        if self._metrics_dir is not None and worker.pid is not None:
+            self._metrics_dir.process_ended(worker.pid)
         if self._stopping or not self.ready.called:
             return
         delay = self._restart_delay.get(worker.index, 0.5)
@@ -248,6 +263,8 @@ class WorkerSupervisor(Service):
         await DeferredList([w.ended for w in workers], consumeErrors=True)
         if killer.active():
             killer.cancel()
+        if self._metrics_dir is not None:
+            self._metrics_dir.remove()
 
 
 def _signal(worker: _WorkerProtocol, sig: int) -> None:

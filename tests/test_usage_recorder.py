@@ -117,6 +117,13 @@ def value(metrics: Registry, name: str, *labels: str) -> float:
     return metrics.get(name).value(*labels)
 
 
+GENAI = ("chat", "openai", "gpt-4o-mini", ORG)
+
+
+def genai_requests(metrics: Registry) -> float:
+    return metrics.get("gen_ai_server_request_duration").count(*GENAI, "")
+
+
 async def tick(clock: Clock, recorder: UsageRecorder, seconds: float = 1.0) -> None:
     clock.advance(seconds)
     await recorder.wait_idle()
@@ -273,6 +280,9 @@ async def test_outage_spills_then_replays_exactly_once(make_recorder, clock, sto
     await assert_exactly_once(store, before + during + after)
     assert value(metrics, "lectr_usage_rows_replayed_total") == 430
     assert value(metrics, "lectr_usage_rows_dropped_total", "spill_full") == 0
+    # the GenAI metrics saw every request once: spilled and replayed rows too
+    assert genai_requests(metrics) == 480
+    assert metrics.get("gen_ai_client_token_usage").sum(*GENAI, "input") == 7 * 480
     assert recorder.journal.segments() == []
     assert any("reach PostgreSQL again" in t for t in texts(logs))
     await recorder.stop()
@@ -394,6 +404,7 @@ async def test_buffer_cap_spills_when_writes_fall_behind(make_recorder, clock, s
     for _ in range(40):
         await tick(clock, recorder)
     await assert_exactly_once(store, rows)
+    assert genai_requests(metrics) == 350
     await recorder.stop()
 
 

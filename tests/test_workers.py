@@ -10,7 +10,9 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +224,129 @@ def test_new_connections_are_refused_during_the_shutdown_grace(tmp_path, db_url)
     finally:
         proc.kill()
         fake.stop()
+
+
+# --- one /metrics for every worker -------------------------------------------------------
+
+_401 = 'lectr_proxy_requests_total{provider="openai",status="401"}'
+
+
+def scrape(proc: LectrProcess) -> dict[str, float]:
+    """The samples of one /metrics answer (a new connection each time, so
+    the scrapes land on different workers)."""
+    with urllib.request.urlopen(proc.url("admin", "/metrics"), timeout=5) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def unauthenticated_requests(proc: LectrProcess, n: int) -> None:
+    for _ in range(n):
+        req = urllib.request.Request(
+            proc.url("proxy", "/v1/chat/completions"), data=b"{}", method="POST"
+        )
+        try:
+            urllib.request.urlopen(req, timeout=5)
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+        else:
+            raise AssertionError("expected 401")
+
+
+def per_worker_401s(run_dir: Path) -> dict[str, float]:
+    """What each worker wrote to its counter file for ``_401``."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    counts = {}
+    for path in run_dir.glob("counter_*.db"):
+        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            _, name, labels, _ = json.loads(key)
+            if name == "lectr_proxy_requests_total" and labels == {
+                "provider": "openai",
+                "status": "401",
+            }:
+                counts[path.name] = value
+    return counts
+
+
+def wait_for(predicate, what: str, proc: LectrProcess, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}:\n{proc.output}"
+        time.sleep(0.2)
+
+
+def test_metrics_add_up_over_every_worker(tmp_path, db_url):
+    # a run directory left by a supervisor that was killed: never counted
+    stale = tmp_path / ".lectr" / "metrics" / "run-1-stale"
+    stale.mkdir(parents=True)
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    old = MmapedDict(str(stale / "counter_1.db"))
+    old.write_value(
+        mmap_key(
+            "lectr_proxy_requests",
+            "lectr_proxy_requests_total",
+            ["provider", "status"],
+            ["openai", "401"],
+            "",
+        ),
+        1000.0,
+        0.0,
+    )
+    old.close()
+
+    proc = LectrProcess(
+        base_env(
+            DATABASE_URL=db_url,
+            ENCRYPTION_KEY=new_master_key(),
+            LECTR_WORKERS="2",
+            LECTR_DB_POOL_MIN="2",
+            LECTR_DB_POOL_MAX="2",
+        ),
+        cwd=tmp_path,
+    )
+    try:
+        wait_for(lambda: "Lectr is ready (2 workers)" in proc.output, "not ready", proc, 60)
+        assert not stale.exists()
+        (run_dir,) = (tmp_path / ".lectr" / "metrics").glob("run-*")
+
+        unauthenticated_requests(proc, 60)
+        # every worker served some of them (the kernel spreads connections)
+        counts = wait_for(
+            lambda: (c := per_worker_401s(run_dir)) and sum(c.values()) == 60 and c,
+            "the workers did not write their counts",
+            proc,
+        )
+        assert len(counts) == 2 and all(v > 0 for v in counts.values()), counts
+        # whichever worker answers the scrape reports the sum
+        for _ in range(8):
+            samples = scrape(proc)
+            assert samples[_401] == 60
+            assert samples["lectr_proxy_active_requests"] == 0
+            # livesum: both pools (2 connections each)
+            assert samples["lectr_db_pool_connections"] == 4
+            assert samples['lectr_proxy_request_seconds_count{provider="openai"}'] == 60
+
+        # a worker that dies keeps counting; its replacement adds to the sum
+        victim = workers_of(proc)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: "is back" in proc.output, "worker not restarted", proc)
+        assert not list(run_dir.glob(f"gauge_live*_{victim}.db"))  # its gauges stop counting
+        assert list(run_dir.glob(f"counter_{victim}.db"))
+        unauthenticated_requests(proc, 20)
+        wait_for(lambda: scrape(proc)[_401] == 80, "exited worker's counts lost", proc)
+        for _ in range(4):
+            samples = scrape(proc)
+            assert samples[_401] == 80
+            assert samples["lectr_db_pool_connections"] == 4  # two live workers, not three
+    finally:
+        proc.stop_cleanly()
+    assert not run_dir.exists()

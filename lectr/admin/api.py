@@ -44,6 +44,7 @@ from lectr.db.database import DatabaseUnavailable
 from lectr.errors import BadRequest, LectrError
 from lectr.managers.users import Access, Permission, UserManager
 from lectr.metrics import Registry
+from lectr.tracing import Tracing, activate, deactivate
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -260,10 +261,13 @@ class Dispatcher:
 
     _log = Logger()
 
-    def __init__(self, *, authenticator, users: UserManager, metrics: Registry, clock) -> None:
+    def __init__(
+        self, *, authenticator, users: UserManager, metrics: Registry, clock, tracing=None
+    ) -> None:
         self._auth = authenticator
         self._users = users
         self._clock = clock
+        self._tracing = tracing if tracing is not None else Tracing.disabled(reactor=clock)
         self._m_requests = metrics.counter(
             "lectr_admin_requests_total", "Admin API requests", ["operation", "status"]
         )
@@ -275,6 +279,14 @@ class Dispatcher:
         started = self._clock.seconds()
         access: Access | None = None
         status = 500
+        # one span per call (health checks and /metrics excepted), its
+        # database operations as children
+        trace = (
+            self._tracing.begin(request.requestHeaders)
+            if self._tracing.enabled and "health" not in op.tags
+            else None
+        )
+        token = activate(trace) if trace is not None else None
         try:
             principal = None
             if op.permission is not Permission.PUBLIC:
@@ -329,6 +341,19 @@ class Dispatcher:
         finally:
             self._m_requests.inc(1, op.name, str(status))
             self._m_seconds.observe(self._clock.seconds() - started, op.name)
+            if token is not None:
+                deactivate(token)
+                self._tracing.finish_server(
+                    trace,
+                    name=f"{op.method} {op.path}",
+                    status=status,
+                    attributes={
+                        "http.request.method": op.method,
+                        "http.route": op.path,
+                        "lectr.operation": op.name,
+                        "lectr.org_id": access.org_id if access is not None else None,
+                    },
+                )
 
     def _body(self, op: Operation, request) -> Any:
         raw = read_body(request)

@@ -215,6 +215,7 @@ class AdminApp:
         limits=None,
         sign_in=None,
         pricing=None,
+        tracing=None,
     ) -> None:
         self._reactor = reactor
         self._db = database
@@ -233,7 +234,11 @@ class AdminApp:
         self._sign_in = sign_in  # lectr.admin.signin.SignInOptions
         self._pricing = pricing
         self.dispatcher = Dispatcher(
-            authenticator=authenticator, users=users, metrics=metrics, clock=reactor
+            authenticator=authenticator,
+            users=users,
+            metrics=metrics,
+            clock=reactor,
+            tracing=tracing,
         )
         self._openapi: tuple[tuple[str, ...], bytes] | None = None
 

@@ -118,6 +118,7 @@ def build_admin(c, config: Config, *, reactor, http_get=None) -> AdminParts:
         limits=getattr(c, "limits", None),  # (absent from partial component sets)
         sign_in=sign_in,
         pricing=getattr(c, "pricing", None),
+        tracing=getattr(c, "tracing", None),
     )
     dashboard = DashboardResource(Assets.load(), sign_in)
     site = AdminSite(AdminRoot(app.resource(), dashboard))

@@ -37,6 +37,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from txpostgres import txpostgres
 
+from lectr import tracing
 from lectr.config import redact_url
 from lectr.metrics import Registry
 from lectr.util.deferred import CancellationFlag, delay_cancellation
@@ -268,6 +269,9 @@ class Database:
 
     async def _run(self, desc: str, flag: CancellationFlag, body, *args, retry: bool) -> Any:
         started = self._reactor.seconds()
+        trace = tracing.current()  # a traced admin call: this becomes a child span
+        trace_started = trace.now() if trace is not None else 0.0
+        error: str | None = None
         try:
             for attempt in (1, 2):
                 conn = await self._acquire()
@@ -285,12 +289,15 @@ class Database:
                     self._release(conn)
             raise AssertionError("unreachable")
         except BaseException as e:
+            error = type(e).__name__
             if not isinstance(e, CancelledError):
                 self._m_errors.inc(1, desc)
             raise
         finally:
             elapsed = self._reactor.seconds() - started
             self._m_txn.observe(elapsed, desc)
+            if trace is not None:
+                trace.child(desc, trace_started, trace.now(), error)
             if elapsed > self._slow:
                 self._log.warn(
                     "slow database operation {desc}: {ms:.0f} ms", desc=desc, ms=elapsed * 1000

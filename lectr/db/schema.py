@@ -25,6 +25,7 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
@@ -201,12 +202,15 @@ org_members = Table(
 # Append-only. No foreign key to organizations: rows are written in batches
 # after the fact (and replayed from the spill journal), and deleting an org
 # deletes its rows explicitly.
+# Partitioned by range of created_at (migration 0008): the partitions
+# (request_logs_pYYYYMMDD, request_logs_default) are made by the migration and
+# the partition job, not by this model. Unique constraints include created_at.
 request_logs = Table(
     "request_logs",
     metadata,
     Column("id", BigInteger, Identity(always=True), primary_key=True),
-    Column("request_id", UUID(as_uuid=False), nullable=False, unique=True),
-    Column("created_at", TIMESTAMP(timezone=True), nullable=False),
+    Column("request_id", UUID(as_uuid=False), nullable=False),
+    Column("created_at", TIMESTAMP(timezone=True), nullable=False, primary_key=True),
     Column("org_id", UUID(as_uuid=False), nullable=False),
     Column("key_id", UUID(as_uuid=False), nullable=True),
     Column("provider", Text, nullable=False),
@@ -252,8 +256,11 @@ request_logs = Table(
         text("id DESC"),
         postgresql_where=text("status >= 400"),
     ),
-    # the retention job's oldest-first deletes (migration 0003)
+    # time-range scans across orgs (migration 0003)
     Index("request_logs_created_brin", "created_at", postgresql_using="brin"),
+    # replays of the spill journal conflict on this pair (one request, one row)
+    UniqueConstraint("request_id", "created_at", name="request_logs_request_id_key"),
+    postgresql_partition_by="RANGE (created_at)",
 )
 
 # Limits and budgets (migration 0007, docs/limits.md). ``scope_id`` is the

@@ -87,7 +87,10 @@ class Authenticator:
             "lectr_auth_lookups_total", "Key lookups by outcome", ["outcome"]
         )
         registry.callback_gauge(
-            "lectr_auth_cached_keys", "Active keys cached in memory", lambda: len(self._positive)
+            "lectr_auth_cached_keys",
+            "Active keys cached in memory",
+            lambda: len(self._positive),
+            mode="livemax",  # every worker caches the same keys
         )
 
     # --- lifecycle ---------------------------------------------------------------

@@ -240,6 +240,7 @@ class VaultManager:
             "lectr_vault_cached_keys",
             "Enabled provider keys held (sealed) in memory",
             lambda: sum(len(rows) for org in self._cache.values() for rows in org.values()),
+            mode="livemax",  # every worker holds the same keys
         )
         self._census = (
             Census(self._keyring.fingerprints, store.announce, reactor=reactor)

@@ -49,6 +49,8 @@ from lectr.providers.dialects import ERROR_STATUS
 from lectr.proxy.headers import downstream
 from lectr.proxy.ids import new_request_id
 from lectr.proxy.target import error_provider, route, target_problem
+from lectr.tracing import Attempt as TracedAttempt
+from lectr.tracing import RequestSummary
 from lectr.usage.model import NO_USAGE, NOTHING_RELAYED, UsageRecord
 
 _NO_BODY_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
@@ -58,6 +60,15 @@ SCRUB_MAX = 1 << 20
 _JSON = (b"content-type", b"application/json")
 _SHOULD_NOT_RETRY = (b"x-should-retry", b"false")
 _CONNECT_KINDS = frozenset({"connect", "dns", "tls"})
+#: an answer's retry class (lectr.policy.plan.failure_class) → the outcome
+#: and fallback reason in metrics and traces
+_OUTCOME = {None: "ok", "429": "429", "5xx": "5xx", "refused": "auth"}
+#: what stopped a call whose attempt had no answer yet
+_CANCELLED = frozenset({"client_disconnected", "shutdown"})
+#: the provider's answer started and then broke
+_UPSTREAM_BROKE = frozenset(
+    {"upstream_dropped", "upstream_idle_timeout", "upstream_error_too_large"}
+)
 #: seconds an asynchronous policy step may take before the request gets 503
 STEP_TIMEOUT = 10.0
 
@@ -153,6 +164,10 @@ class Call:
         "deadline",
         "closed",
         "ended",
+        "attempt_t0",
+        "attempt_status",
+        "trace",
+        "traced_attempts",
         "__weakref__",
     )
 
@@ -191,6 +206,11 @@ class Call:
         self.deadline = 0.0
         self.closed = False  # the client's answer is complete, aborted or being aborted
         self.ended = False  # recorded and out of the active set
+        self.attempt_t0: float | None = None  # the current attempt is under way since
+        self.attempt_status: int | None = None  # its answer's status, once relayed
+        tracing = handler.tracing
+        self.trace = tracing.begin(req.headers) if tracing.enabled else None
+        self.traced_attempts: list[TracedAttempt] | None = [] if self.trace is not None else None
 
     # --- 1-2: target, route, key ------------------------------------------------
 
@@ -374,12 +394,18 @@ class Call:
             list(headers),
             body if body or req.method not in _NO_BODY_METHODS else None,
         )
-        traceparent = h.traceparent(self, attempt.n)
-        if traceparent is not None:
-            upstream.headers.append((b"traceparent", traceparent))
+        trace = self.trace
+        if trace is not None:
+            # the client's traceparent never goes upstream while tracing is on
+            # (HeaderPolicy): the attempt's own span, or the client's as is,
+            # or none (LECTR_TRACE_PROPAGATION)
+            traceparent = trace.attempt_traceparent(attempt.n)
+            if traceparent is not None:
+                upstream.headers.append((b"traceparent", traceparent))
         provider.sign(upstream, secret, key)
         self.secret = secret
-        h.m_attempts.inc(1, provider.name, "sent")
+        self.attempt_t0 = time.perf_counter()
+        self.attempt_status = None
         self.handle = h.client.request(
             h.origin(upstream.base_url),
             upstream.method,
@@ -402,6 +428,8 @@ class Call:
         attempt = self.attempt
         h = self.h
         nxt = self.plan.next(h.selector, self.ident.org_id, status, failure)
+        reason = _OUTCOME.get(failure, failure)
+        self._attempt_over(reason, status)
         if nxt is not None:
             self.fallbacks.append(
                 {
@@ -413,7 +441,7 @@ class Call:
                     "status": status,
                 }
             )
-            h.m_fallbacks.inc(1, attempt.provider.name, failure)
+            h.upstream_metrics.fallback(attempt.provider.name, reason)
             self.secret = None
             self.send(nxt)
             return True
@@ -433,7 +461,6 @@ class Call:
         if self.closed:
             return
         provider = self.attempt.provider
-        self.h.m_attempts.inc(1, provider.name, "timeout")
         self.retry_or_fail(
             None,
             "timeout",
@@ -454,7 +481,7 @@ class Call:
             self._stop_upstream()
             return
         failure = failure_class(status)
-        h.m_attempts.inc(1, provider.name, str(status))
+        self.attempt_status = status
         if failure is not None:
             if failure != "5xx":
                 retry_after = parse_retry_after(headers.first(b"retry-after"))
@@ -592,7 +619,8 @@ class Call:
         if not error.started:
             timeout = error.kind == "connect_timeout"
             connect = timeout or error.kind in _CONNECT_KINDS
-            self.h.m_attempts.inc(1, provider.name, "connect_error" if connect else "error")
+            if not connect:
+                self._attempt_over("error", None)  # (the fallback's reason: 5xx)
             self.retry_or_fail(
                 None,
                 "timeout" if timeout else "connect" if connect else "5xx",
@@ -704,6 +732,30 @@ class Call:
         if handle is not None:
             handle.cancel()
 
+    def _attempt_over(self, outcome: str, status: int | None) -> None:
+        """The current upstream attempt is over: counted by outcome, and
+        kept for the request's trace (each attempt once)."""
+        t0, self.attempt_t0 = self.attempt_t0, None
+        if t0 is None:
+            return
+        attempt = self.attempt
+        self.h.upstream_metrics.attempt(attempt.provider.name, outcome)
+        traced = self.traced_attempts
+        if traced is not None:
+            # epoch seconds: the trace's start (reactor time) plus the offset
+            epoch = self.trace.started - self.t0
+            traced.append(
+                TracedAttempt(
+                    attempt.n,
+                    attempt.provider.name,
+                    attempt.target.model,
+                    t0 + epoch,
+                    time.perf_counter() + epoch,
+                    outcome,
+                    status,
+                )
+            )
+
     def _cancel_headers_timer(self) -> None:
         timer, self.headers_timer = self.headers_timer, None
         if timer is not None and timer.active():
@@ -722,11 +774,25 @@ class Call:
         self.secret = None
         h = self.h
         h.call_done(self)
+        if self.attempt_t0 is not None:  # the attempt whose answer was relayed, or cut
+            status = self.attempt_status
+            if status is None:
+                outcome = "cancelled" if self.error_type in _CANCELLED else "error"
+            elif self.error_type in _UPSTREAM_BROKE:
+                outcome = "error"
+            else:
+                outcome = _OUTCOME.get(failure_class(status), "ok")
+            self._attempt_over(outcome, status)
         record = None
         try:
             record = self._record()
         except Exception:
             h.log.failure("recording request {rid} failed", Failure(), rid=self.rid)
+        if self.trace is not None:
+            try:
+                self._traced(record)
+            except Exception:
+                h.log.failure("tracing request {rid} failed", Failure(), rid=self.rid)
         admission = self.admission
         if admission is not None:  # exactly once, whatever happened above
             try:
@@ -739,6 +805,43 @@ class Call:
                     )
             except Exception:
                 h.log.failure("settling the limits of {rid} failed", Failure(), rid=self.rid)
+
+    def _traced(self, record: UsageRecord | None) -> None:
+        """Hand the finished request to the tracer (spans are built and
+        exported off the reactor)."""
+        trace = self.trace
+        epoch = trace.started - self.t0
+        read = self.read
+        usage = record.usage if record is not None else None
+        attempt = self.attempt
+        provider = (
+            attempt.provider if attempt is not None else self.entry.provider if self.entry else None
+        )
+        self.h.tracing.finish(
+            trace,
+            RequestSummary(
+                ended=time.perf_counter() + epoch,
+                status=self.status,
+                method=self.req.method.decode("ascii", "replace"),
+                path=self.api_path_text,
+                provider=provider.name if provider is not None else None,
+                request_model=self.requested_model
+                if self.requested_model is not None
+                else read.model
+                if read is not None
+                else None,
+                response_model=usage.model if usage is not None else None,
+                streamed=read.stream if read is not None else False,
+                input_tokens=usage.prompt_tokens if usage is not None else None,
+                output_tokens=usage.completion_tokens if usage is not None else None,
+                time_to_first_token=self.ttfb - self.t0 if self.ttfb is not None else None,
+                org_id=self.ident.org_id if self.ident is not None else None,
+                request_id=self.rid,
+                route=self.plan.route_name if self.plan is not None else None,
+                error_type=self.error_type,
+                attempts=tuple(self.traced_attempts),
+            ),
+        )
 
     def _record(self) -> UsageRecord | None:
         """Metrics and the request's row (priced, traced); the row, or None
@@ -805,6 +908,5 @@ class Call:
             cost_usd=priced.cost_usd if priced is not None else None,
             pricing=priced,
         )
-        record = h.complete(self, record)
         h.recorder.record(record)
         return record

@@ -16,9 +16,11 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from lectr.gateway_metrics import UpstreamMetrics
 from lectr.proxy.call import Call
 from lectr.proxy.ids import new_request_id
 from lectr.proxy.target import error_provider
+from lectr.tracing import Tracing
 
 # the server's names for body problems, as Lectr's error kinds
 _KINDS = {"body_timeout": "timeout"}
@@ -48,8 +50,7 @@ class ProxyHandler:
         idle_timeout: float,
         origin_factory,
         price=None,
-        complete=None,
-        traceparent=None,
+        tracing=None,
     ) -> None:
         self.reactor = reactor
         self.registry = registry
@@ -67,8 +68,9 @@ class ProxyHandler:
         self._origins: dict[str, object] = {}
         #: price(provider, model, usage, request_bytes=) -> lectr.pricing.cost.Priced
         self.price = price
-        self._complete = complete
-        self._traceparent = traceparent
+        #: lectr.tracing.Tracing (a disabled one when traces are off)
+        self.tracing = tracing if tracing is not None else Tracing.disabled(reactor=reactor)
+        self.upstream_metrics = UpstreamMetrics(metrics)
         self.active: set[Call] = set()
         self._draining: Deferred | None = None
         self.m_requests = metrics.counter(
@@ -81,17 +83,6 @@ class ProxyHandler:
             "Proxied request duration by provider",
             ["provider"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-        )
-        self.m_attempts = metrics.counter(
-            "lectr_upstream_attempts_total",
-            "Upstream attempts by provider and outcome (the provider's status, 'timeout', "
-            "'connect_error', 'error', or 'sent')",
-            ["provider", "outcome"],
-        )
-        self.m_fallbacks = metrics.counter(
-            "lectr_fallbacks_total",
-            "Attempts abandoned for another one, by provider and reason",
-            ["provider", "reason"],
         )
         self.m_too_large = metrics.counter(
             "lectr_proxy_body_too_large_total", "Requests refused with 413"
@@ -145,16 +136,6 @@ class ProxyHandler:
                 f"{parts.scheme}://{parts.netloc}"
             )
         return origin
-
-    def traceparent(self, call: Call, attempt: int) -> bytes | None:
-        hook = self._traceparent
-        return hook(call, attempt) if hook is not None else None
-
-    def complete(self, call: Call, record):
-        """The end of a call, before its record is queued: pricing, limits
-        settlement, tracing. Returns the record to write."""
-        hook = self._complete
-        return hook(call, record) if hook is not None else record
 
     # --- shutdown --------------------------------------------------------------------
 

@@ -12,6 +12,9 @@ Upstream: the client's headers minus
   ``CF-Connecting-IP``, ``X-Client-IP``, ``X-Cluster-Client-IP``) unless the
   operator lists them in ``LECTR_FORWARD_HEADERS``;
 - Lectr's own request headers (``x-lectr-*``);
+- while tracing is on, the client's ``traceparent`` (each attempt sends its
+  own, see :mod:`lectr.tracing`), and ``tracestate`` too when
+  ``LECTR_TRACE_PROPAGATION=none``;
 - ``Accept-Encoding``, replaced by ``identity``: Lectr reads every response
   (usage, error masking) and never relays bytes it could not check;
 then the provider's own credential (added by the provider's ``sign``).
@@ -67,14 +70,28 @@ class HeaderPolicy:
     """Which client headers go upstream (one per process). Follows the
     registry's credential headers (a custom provider may add one)."""
 
-    def __init__(self, registry, forward: frozenset[bytes] = frozenset()) -> None:
+    def __init__(
+        self,
+        registry,
+        forward: frozenset[bytes] = frozenset(),
+        trace_propagation: str | None = None,
+    ) -> None:
+        """``trace_propagation``: None when tracing is off (trace headers
+        pass as any other), else ``LECTR_TRACE_PROPAGATION``."""
         self.forward = frozenset(h.lower() for h in forward)
+        self._trace = (
+            frozenset()
+            if trace_propagation is None
+            else frozenset({b"traceparent", b"tracestate"})
+            if trace_propagation == "none"
+            else frozenset({b"traceparent"})
+        )
         self._registry = registry
         self._refresh()
 
     def _refresh(self) -> None:
         credentials = self._source = self._registry.credential_headers
-        self._never = _NEVER_UPSTREAM | credentials | (CLIENT_IDENTITY - self.forward)
+        self._never = _NEVER_UPSTREAM | credentials | (CLIENT_IDENTITY - self.forward) | self._trace
         self._cache: dict[bytes, bool] = {}
 
     def _allowed(self, lower: bytes) -> bool:

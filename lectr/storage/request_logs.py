@@ -1,10 +1,19 @@
-"""SQL for ``request_logs``: batched inserts and the read-back queries.
+"""SQL for ``request_logs``: batched inserts, the read-back queries, and
+the partitions.
 
 Writes are one multi-row ``INSERT … SELECT … FROM unnest(…)`` per batch
 (txpostgres has neither ``executemany`` nor COPY), idempotent on
-``request_id`` so a batch replayed from the spill journal never duplicates a
-row. Reads are keyset-paginated on ``(created_at DESC, id DESC)`` and only
-ever filter with parameters.
+``(request_id, created_at)`` (one request is one row, with one arrival time)
+so a batch replayed from the spill journal never duplicates a row. Reads are
+keyset-paginated on ``(created_at DESC, id DESC)`` and only ever filter with
+parameters.
+
+The table is partitioned by range of ``created_at`` (migration 0008):
+``request_logs_pYYYYMMDD`` partitions plus ``request_logs_default`` for rows
+no partition covers. The maintenance statements (create, drop, trim the
+default partition) each run in a short transaction holding the advisory lock
+that makes one node at a time do this work, with a ``lock_timeout`` so that
+DDL never queues behind long readers while blocking the inserts.
 """
 
 from __future__ import annotations
@@ -16,11 +25,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+import psycopg2
+import psycopg2.errors
+
 from lectr.db.database import Database, Transaction
 from lectr.usage.model import UsageRecord
 
-# "LECTRRET": one node at a time runs the retention deletes
+# "LECTRRET": one node at a time maintains the partitions (and expires rows)
 _RETENTION_LOCK = int.from_bytes(b"LECTRRET", "big") & 0x7FFFFFFFFFFFFFFF
+
+
+class MaintenanceBusy(Exception):
+    """A partition could not be created or dropped now: another node holds
+    the maintenance lock, or the table's lock was not granted in time."""
+
 
 _INSERT_COLUMNS = (
     "request_id, created_at, org_id, key_id, provider, model, method, path, status, "
@@ -107,6 +125,13 @@ ROLLUPS_FROM_ROWS_SQL = (
     f"SELECT {_ROLLUP_KEY}, {_ROLLUP_VALUES} FROM request_logs GROUP BY 1, 2, 3, 4, 5"
 )
 
+DEFAULT_PARTITION = "request_logs_default"
+# storage parameters of every partition (the parent takes none): see 0002
+_PARTITION_OPTIONS = (
+    "autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_vacuum_insert_threshold = 10000"
+)
+_BOUND_RE = re.compile(r"^FOR VALUES FROM \((.+)\) TO \((.+)\)$")
+
 _SELECT_COLUMNS = "id, " + _INSERT_COLUMNS
 
 
@@ -150,6 +175,14 @@ class RequestDetail:
 
     row: RequestLog
     basis: dict | None  # the price_bases document (None: unpriced)
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    name: str
+    start: datetime | None  # inclusive; None: no lower bound (or the default partition)
+    end: datetime | None  # exclusive; None: no upper bound (or the default partition)
+    default: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,23 +357,90 @@ class RequestLogStore:
 
     # --- writes -------------------------------------------------------------------
 
-    async def delete_older_than(self, cutoff: datetime, limit: int) -> int | None:
-        """Delete up to ``limit`` rows created before ``cutoff``, oldest
-        first. None when another node holds the retention lock (it is doing
-        the same work)."""
+    async def delete_default_older_than(self, cutoff: datetime, limit: int) -> int | None:
+        """Delete up to ``limit`` rows created before ``cutoff`` from the
+        default partition, oldest first (the partitions are dropped whole).
+        None when another node holds the maintenance lock."""
 
         async def txn(t: Transaction) -> int | None:
-            locked = await t.fetchone("SELECT pg_try_advisory_xact_lock(%s)", (_RETENTION_LOCK,))
-            if not locked[0]:
+            if not await _try_lock(t):
                 return None
             return await t.execute(
-                "DELETE FROM request_logs WHERE id IN ("
-                " SELECT id FROM request_logs WHERE created_at < %s"
+                f"DELETE FROM {DEFAULT_PARTITION} WHERE (id, created_at) IN ("
+                f" SELECT id, created_at FROM {DEFAULT_PARTITION} WHERE created_at < %s"
                 " ORDER BY created_at LIMIT %s)",
                 (cutoff, limit),
             )
 
         return await self._db.runInteraction("expire_request_logs", txn)
+
+    async def create_partition(self, name: str, start: datetime, end: datetime) -> bool:
+        """Create the partition ``name`` for ``[start, end)``. Rows of that
+        range waiting in the default partition move into it. False when a
+        partition already covers part of the range. Raises MaintenanceBusy."""
+
+        async def txn(t: Transaction) -> bool:
+            await _lock_for_ddl(t)
+            overlap = await t.fetchone(
+                "SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'request_logs'::regclass AND c.relname = %s",
+                (name,),
+            )
+            if overlap:
+                return False
+            stray = await t.fetchone(
+                f"SELECT 1 FROM {DEFAULT_PARTITION} WHERE created_at >= %s AND created_at < %s "
+                "LIMIT 1",
+                (start, end),
+            )
+            try:
+                if stray is None:
+                    await t.execute(
+                        f"CREATE TABLE {_ident(name)} PARTITION OF request_logs "
+                        f"FOR VALUES FROM (%s) TO (%s) WITH ({_PARTITION_OPTIONS})",
+                        (start, end),
+                    )
+                    return True
+                # rows of this range went to the default partition meanwhile:
+                # move them into the new table, then attach it
+                columns = await _parent_columns(t)
+                await t.execute(
+                    f"CREATE TABLE {_ident(name)} (LIKE request_logs INCLUDING DEFAULTS "
+                    f"INCLUDING CONSTRAINTS) WITH ({_PARTITION_OPTIONS})"
+                )
+                await t.execute(
+                    f"WITH moved AS (DELETE FROM {DEFAULT_PARTITION} "
+                    f"WHERE created_at >= %s AND created_at < %s RETURNING {columns}) "
+                    f"INSERT INTO {_ident(name)} ({columns}) SELECT {columns} FROM moved",
+                    (start, end),
+                )
+                await t.execute(
+                    f"ALTER TABLE request_logs ATTACH PARTITION {_ident(name)} "
+                    "FOR VALUES FROM (%s) TO (%s)",
+                    (start, end),
+                )
+                return True
+            except psycopg2.errors.InvalidObjectDefinition:
+                return False  # "would overlap partition …"
+
+        try:
+            return await self._db.runInteraction("create_request_log_partition", txn)
+        except psycopg2.errors.LockNotAvailable:
+            raise MaintenanceBusy("request_logs is busy") from None
+
+    async def drop_partition(self, name: str) -> None:
+        """Drop one partition and its rows. Raises MaintenanceBusy."""
+
+        async def txn(t: Transaction) -> None:
+            await _lock_for_ddl(t)
+            await t.execute(f"DROP TABLE IF EXISTS {_ident(name)}")
+
+        if name == DEFAULT_PARTITION or not name.startswith("request_logs_p"):
+            raise ValueError(f"not a dated request-log partition: {name}")
+        try:
+            await self._db.runInteraction("drop_request_log_partition", txn)
+        except psycopg2.errors.LockNotAvailable:
+            raise MaintenanceBusy("request_logs is busy") from None
 
     async def insert(self, rows: Sequence[UsageRecord]) -> int:
         """Insert ``rows`` in one transaction, with their price bases and
@@ -373,8 +473,10 @@ class RequestLogStore:
         args: list = [org_id]
         _conditions(where, sql, args)
         if before is not None:
-            sql.append("AND (created_at, id) < (%s, %s)")
-            args.extend(before)
+            # the plain bound lets the planner skip newer partitions (it
+            # cannot prune on the row comparison)
+            sql.append("AND created_at <= %s AND (created_at, id) < (%s, %s)")
+            args.extend((before[0], *before))
         sql.append("ORDER BY created_at DESC, id DESC LIMIT %s")
         args.append(limit)
         rows = await self._db.runQuery("list_request_logs", " ".join(sql), args)
@@ -448,6 +550,29 @@ class RequestLogStore:
         *values, basis = rows[0]
         return RequestDetail(RequestLog(*values), basis)
 
+    async def partitions(self) -> list[Partition]:
+        """Every partition of request_logs, with its bounds (UTC)."""
+
+        async def txn(t: Transaction) -> list[tuple]:
+            await t.execute("SET LOCAL TimeZone = 'UTC'")
+            return await t.fetchall(
+                "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) "
+                "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'request_logs'::regclass ORDER BY c.relname"
+            )
+
+        rows = await self._db.runInteraction("list_request_log_partitions", txn)
+        return [_partition(name, bound) for name, bound in rows]
+
+    async def default_rows(self, limit: int) -> int:
+        """Rows in the default partition (counted up to ``limit``)."""
+        rows = await self._db.runQuery(
+            "count_default_request_logs",
+            f"SELECT count(*) FROM (SELECT 1 FROM {DEFAULT_PARTITION} LIMIT %s) AS r",
+            (limit,),
+        )
+        return rows[0][0]
+
     async def count(self, org_id: str | None = None) -> int:
         """How many rows (of one org); for tests and tooling."""
         if org_id is None:
@@ -461,3 +586,49 @@ class RequestLogStore:
                 (org_id,),
             )
         return rows[0][0]
+
+
+# --- partitions -------------------------------------------------------------------
+
+
+def _ident(name: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"not a table name: {name!r}")
+    return name
+
+
+async def _try_lock(t: Transaction) -> bool:
+    locked = await t.fetchone("SELECT pg_try_advisory_xact_lock(%s)", (_RETENTION_LOCK,))
+    return bool(locked[0])
+
+
+async def _lock_for_ddl(t: Transaction) -> None:
+    if not await _try_lock(t):
+        raise MaintenanceBusy("another node is maintaining the request-log partitions")
+    # DDL on a partition locks the parent: wait for it briefly or not at all,
+    # never in the queue ahead of the inserts for long
+    await t.execute("SET LOCAL lock_timeout = '2s'")
+
+
+async def _parent_columns(t: Transaction) -> str:
+    row = await t.fetchone(
+        "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute "
+        "WHERE attrelid = 'request_logs'::regclass AND attnum > 0 AND NOT attisdropped"
+    )
+    return row[0]
+
+
+def _bound(text: str) -> datetime | None:
+    text = text.strip()
+    if text in ("MINVALUE", "MAXVALUE"):
+        return None
+    return datetime.fromisoformat(text.strip("'"))
+
+
+def _partition(name: str, bound: str) -> Partition:
+    if bound == "DEFAULT":
+        return Partition(name, None, None, default=True)
+    m = _BOUND_RE.match(bound)
+    if m is None:
+        raise ValueError(f"unexpected partition bound of {name}: {bound}")
+    return Partition(name, _bound(m.group(1)), _bound(m.group(2)))

@@ -44,6 +44,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from lectr.gateway_metrics import GenAIMetrics
 from lectr.metrics import Registry
 from lectr.pricing.cost import with_estimates
 from lectr.usage.journal import AppendResult, SpillJournal
@@ -258,6 +259,7 @@ class UsageRecorder:
         self._replay_pending = False
 
         m = metrics
+        self._genai = GenAIMetrics(metrics)
         self._m_recorded = m.counter(
             "lectr_usage_rows_recorded_total", "Usage rows handed to the recorder"
         )
@@ -294,11 +296,13 @@ class UsageRecorder:
             "lectr_usage_spill_bytes",
             "Bytes in the usage spill journal (as last counted)",
             lambda: self.journal.size,
+            mode="livemax",  # the journal directory is shared by the workers
         )
         m.callback_gauge(
             "lectr_usage_database_writable",
             "1 while usage rows reach PostgreSQL, 0 while they are spilled",
             lambda: 1 if self._db_ok else 0,
+            mode="livemin",  # 0 as soon as one worker spills
         )
 
     # --- the request path -----------------------------------------------------------
@@ -318,6 +322,7 @@ class UsageRecorder:
                     # writes are not keeping up (or hang): keep memory bounded
                     self._buffer = []
                     self._spill_soon(buffer)
+                    self._reactor.callLater(0, self._observe, buffer)
                 elif self._flushing is None and self._early is None:
                     self._early = self._reactor.callLater(0, self._early_tick)
         except Exception:
@@ -365,7 +370,7 @@ class UsageRecorder:
                     # harmless: the replay skips rows already stored)
                     self._log.warn("usage flush still running at shutdown; spilling its rows")
                     await self._spill(list(self._inflight))
-            rows, self._buffer = self._buffer, []
+            rows = self._take_buffer()
             if rows:
                 remaining = deadline - self._reactor.seconds()
                 if self._db_ok and remaining > 0:
@@ -378,7 +383,7 @@ class UsageRecorder:
                     await self._spill(rows)
             # from here on a row would be lost: count it instead
             self._stopped = True
-            late, self._buffer = self._buffer, []
+            late = self._take_buffer()
             await self._spill(late)
             for d in list(self._spills):
                 await self._wait(d, max(deadline - self._reactor.seconds(), 1.0))
@@ -414,6 +419,19 @@ class UsageRecorder:
         return len(self._buffer) + len(self._inflight)
 
     # --- the flusher ------------------------------------------------------------------
+
+    def _take_buffer(self) -> list[UsageRecord]:
+        """Swap the buffer out; its rows feed the GenAI metrics here, once
+        each, off the request path."""
+        rows, self._buffer = self._buffer, []
+        self._observe(rows)
+        return rows
+
+    def _observe(self, rows: list[UsageRecord]) -> None:
+        try:
+            self._genai.observe(rows)
+        except Exception:
+            self._log.failure("usage recorder: GenAI metrics failed")
 
     def _early_tick(self) -> None:
         self._early = None
@@ -456,7 +474,7 @@ class UsageRecorder:
             and self._buffer
             and self._reactor.seconds() - started > self._stall_timeout
         ):
-            rows, self._buffer = self._buffer, []
+            rows = self._take_buffer()
             self._log.warn(
                 "usage write has been waiting for {seconds:.0f}s; spilling {n} rows",
                 seconds=self._reactor.seconds() - started,
@@ -465,7 +483,7 @@ class UsageRecorder:
             self._spill_soon(rows)
 
     async def _flush(self) -> None:
-        rows, self._buffer = self._buffer, []
+        rows = self._take_buffer()
         if not self._db_ok and self._reactor.seconds() < self._retry_at:
             await self._spill(rows)  # PostgreSQL failed a moment ago: no need to wait on it
             return

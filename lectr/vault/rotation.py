@@ -94,6 +94,7 @@ class Rewrapper:
             "lectr_vault_rotation_blocking_nodes",
             "Running nodes without ENCRYPTION_KEY_NEW, holding the rotation back",
             lambda: len(self._blocked),
+            mode="livemax",  # every worker sees the same nodes
         )
 
     # --- lifecycle ---------------------------------------------------------------
