@@ -383,7 +383,8 @@ COMPONENTS: dict[str, dict] = {
             "created_at": TIMESTAMP,
             "cooldown": {
                 "type": ["object", "null"],
-                "description": "set aside by this node after a refusal or a rate limit",
+                "description": "set aside by the process that answered (each process keeps its own) "
+                "after a refusal or a rate limit",
                 "properties": {
                     "reason": {"type": "string"},
                     "since": TIMESTAMP,
