@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import psycopg2
 import pytest
 
+from lectr.storage.request_logs import add_rollups_sql
 from tests.e2e.conftest import ADMIN_TOKEN, FakeProviderProcess, Stack, free_port, start_stack
 from tests.support.browser import Browser, missing_browser, origin
 from tests.support.fake_provider import OPENAI_KEY
@@ -155,9 +156,11 @@ class Dash:
         self, org_id: str, count: int, *, key_id: str | None = None, spacing_s: float = 7.0
     ) -> datetime:
         """``count`` request-log rows, newest now, one every ``spacing_s``
-        seconds back: three models, some 429 and 500. Returns the newest time."""
+        seconds back: three models, some 429 and 500, with their hourly
+        rollups (as the recorder writes them). Returns the newest time."""
         now = datetime.now(UTC)
         self.sql(
+            "WITH seeded AS ("
             "INSERT INTO request_logs (request_id, created_at, org_id, key_id, provider, model, "
             " method, path, status, latency_ms, ttfb_ms, streamed, prompt_tokens, "
             " completion_tokens, total_tokens, cached_tokens, usage_source, error_type) "
@@ -168,7 +171,8 @@ class Dash:
             " 100 + i %% 900, 20 + i %% 100, i %% 2 = 0, 10 + i %% 90, 5 + i %% 40, "
             " 15 + i %% 90 + i %% 40, 0, 'provider', "
             " CASE WHEN i %% 50 = 0 THEN 'upstream' END "
-            "FROM generate_series(0, %s - 1) AS i",
+            "FROM generate_series(0, %s - 1) AS i RETURNING *"
+            f") {add_rollups_sql('seeded')}",
             (now, spacing_s, org_id, key_id, count),
         )
         return now

@@ -34,13 +34,19 @@ def test_usage_totals_match_the_cli(dash, browser, range_, bucket):
     for by in (bucket, "model", "key"):  # every grouping has the same totals
         cli = cli_totals(dash, org_id, since, until, by)
         assert {k: int(v.replace(",", "")) for k, v in shown.items() if k != "cost_usd"} == cli
-    assert shown["cost_usd"] == "—"  # no pricing on this branch: shown as absent
+    # the seeded rows carry no cost: $0.00, and the page says how many are unpriced
+    assert shown["cost_usd"] == "$0.00"
+    note = browser.find("[data-note=cost_usd]").text
+    assert note == f"{int(shown['requests'].replace(',', '')):,} requests without a price"
     expected = (
         900
         if range_ == "30d"
         else dash.sql(
-            "SELECT count(*) FROM request_logs WHERE org_id = %s AND created_at >= %s "
-            "AND created_at < %s",
+            # totals cover whole hours: the range widened to them
+            "SELECT count(*) FROM request_logs WHERE org_id = %s "
+            "AND created_at >= date_trunc('hour', %s::timestamptz) "
+            "AND created_at < date_trunc('hour', %s::timestamptz - interval '1 microsecond') "
+            "+ interval '1 hour'",
             (org_id, since, until),
         )[0][0]
     )

@@ -94,8 +94,15 @@ function controls(ctx, q) {
 
 function totalsView(items) {
   const t = (name) => sumOf(items, name) ?? (name === "cost_usd" ? null : 0);
-  const stat = (label, name, format) =>
-    h("div", { class: "stat" }, h("span", { class: "stat-label" }, label), h("span", { class: "stat-value", "data-total": name }, format(t(name))));
+  const stat = (label, name, format, note) =>
+    h(
+      "div",
+      { class: "stat" },
+      h("span", { class: "stat-label" }, label),
+      h("span", { class: "stat-value", "data-total": name }, format(t(name))),
+      note ? h("span", { class: "stat-note", "data-note": name }, note) : null,
+    );
+  const unpriced = t("unpriced");
   return h(
     "div",
     { class: "stats", id: "usage-totals", role: "group", "aria-label": "Totals over the range" },
@@ -104,7 +111,7 @@ function totalsView(items) {
     stat("Input tokens", "prompt_tokens", fmtInt),
     stat("Output tokens", "completion_tokens", fmtInt),
     stat("Total tokens", "total_tokens", fmtInt),
-    stat("Cost", "cost_usd", fmtUsd),
+    stat("Cost", "cost_usd", fmtUsd, unpriced ? `${fmtInt(unpriced)} ${unpriced === 1 ? "request" : "requests"} without a price` : null),
   );
 }
 
@@ -131,10 +138,10 @@ function charts(buckets, items) {
       ],
     }),
   ];
-  if (items.some((t) => present(t.cost_usd))) {
+  if (items.some((t) => Number(t.cost_usd) > 0)) {
     out.push(barChart({ label: "Cost", buckets, format: fmtUsd, series: [{ name: "cost", values: values((t) => Number(t.cost_usd) || 0) }] }));
   } else {
-    out.push(h("p", { class: "hint" }, "Cost: — (shown when the API reports cost_usd)."));
+    out.push(h("p", { class: "hint" }, "No cost in this range (unpriced models count no cost: see the price catalogue)."));
   }
   return h("div", { class: "charts" }, out);
 }
