@@ -82,6 +82,21 @@ _ROLLUP_KEY = (
 )
 _ROLLUP_ADD = ", ".join(f"{c} = u.{c} + EXCLUDED.{c}" for c in (*ROLLUP_COUNTS, "cost_usd"))
 
+
+def add_rollups_sql(rows: str) -> str:
+    """The statement adding the rows of ``rows`` (a table or a CTE with
+    request_logs' columns) to their hourly rollups, in key order (the lock
+    order that keeps concurrent batches from deadlocking)."""
+    return (
+        "INSERT INTO usage_hourly AS u (org_id, hour, provider, model, key_id, "
+        f"{', '.join(ROLLUP_COUNTS)}, cost_usd)"
+        f" SELECT {_ROLLUP_KEY}, {_ROLLUP_VALUES} FROM {rows}"
+        " GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"
+        " ON CONFLICT (org_id, hour, provider, model, key_id) DO UPDATE SET "
+        f"{_ROLLUP_ADD}"
+    )
+
+
 # One statement per batch: the rows (skipping request ids already stored, so
 # a replay never counts twice), the price bases they name, and the hourly
 # rollups of exactly the rows inserted; the rollup rows are locked in key
@@ -107,13 +122,7 @@ _INSERT_SQL = (
     " RETURNING org_id, created_at, provider, model, key_id, status, usage_source,"
     " prompt_tokens, completion_tokens, total_tokens, cached_tokens, cache_creation_tokens,"
     " cache_creation_1h_tokens, reasoning_tokens, cost_usd"
-    "), hourly AS ("
-    " INSERT INTO usage_hourly AS u (org_id, hour, provider, model, key_id, "
-    f"{', '.join(ROLLUP_COUNTS)}, cost_usd)"
-    f" SELECT {_ROLLUP_KEY}, {_ROLLUP_VALUES} FROM ins"
-    " GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"
-    " ON CONFLICT (org_id, hour, provider, model, key_id) DO UPDATE SET "
-    f"{_ROLLUP_ADD}"
+    f"), hourly AS ({add_rollups_sql('ins')}"
     ") SELECT count(*) FROM ins"
 )
 
