@@ -516,6 +516,28 @@ async def test_explain_shows_the_plan_without_calling_anyone(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_explain_lists_the_attempts_the_proxy_makes_with_one_key(env):
+    """Two targets of one provider whose pool has a single key: a 5xx on the
+    first falls back to the second with the same key, and explain says so."""
+    await env.route(
+        "twins",
+        targets=[{"provider": "openai", "model": "a"}, {"provider": "openai", "model": "b"}],
+    )
+    status, doc = await env.admin(
+        "POST", f"/admin/orgs/{env.org.id}/routes/explain", {"body": {"model": "twins"}}
+    )
+    assert status == 200, doc
+    explained = [(a["model"], a["key"]["name"]) for a in doc["attempts"]]
+    assert explained == [("a", "main"), ("b", "main")]
+    env.provider.next(Script(status=503, body=b'{"error":{"message":"overloaded"}}'))
+    resp = await env.post("/v1/chat/completions", {**CHAT, "model": "twins"})
+    assert resp.code == 200
+    await resp.content()
+    sent = [(c.json()["model"], key) for c, key in zip(env.provider.calls(), env.keys_used())]
+    assert sent == [("a", OPENAI_KEY), ("b", OPENAI_KEY)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_policy_applies_to_every_target(env):
     status, _ = await env.admin(
         "PUT", f"/admin/orgs/{env.org.id}/providers/openai", {"blocked_models": ["gpt-4o"]}

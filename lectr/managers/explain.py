@@ -143,10 +143,14 @@ class RouteExplainer:
                     "key": {"id": attempt.key.id, "name": attempt.key.name},
                 }
             )
-            # the next attempt if this one failed with a key failure, then a target failure
-            attempt = plan.next(selector, org_id, 429, "429") or plan.next(
-                selector, org_id, 503, "5xx"
-            )
+            # the next attempt if this one failed with a key failure (another
+            # key of the pool); when there is none, if it failed with a
+            # target failure (the next target, which may use the same key)
+            saved = plan.save()
+            attempt = plan.next(selector, org_id, 429, "429")
+            if attempt is None:
+                plan.restore(saved)
+                attempt = plan.next(selector, org_id, 503, "5xx")
         keys = []
         for provider in dict.fromkeys(t.provider for t in plan.targets):  # each pool once
             for key in self._vault.pool(org_id, provider):

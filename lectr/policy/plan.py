@@ -190,6 +190,15 @@ class RoutingPlan:
             return None
         return self._from(selector, org_id, self._index + 1, first=True)
 
+    def save(self) -> tuple:
+        """What :meth:`next` changes (for a caller that explores a branch:
+        the explain API), to :meth:`restore` afterwards."""
+        return (set(self.tried), set(self.key_failures), self._last_key, self._index, self.n)
+
+    def restore(self, saved: tuple) -> None:
+        tried, key_failures, self._last_key, self._index, self.n = saved
+        self.tried, self.key_failures = set(tried), set(key_failures)
+
     def _from(self, selector: Selector, org_id: str, start: int, first: bool) -> Attempt | None:
         for i in range(start, len(self._order)):
             attempt = self._attempt(selector, org_id, i, first)
