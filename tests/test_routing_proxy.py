@@ -94,8 +94,9 @@ class Env:
         return out
 
 
-@pytest_twisted.async_yield_fixture
-async def env(db_url, tmp_path):
+async def make_env(db_url, tmp_path, **settings) -> Env:
+    """Lectr (extra settings as environment variables) in front of the fake
+    provider, with the org Acme: an OpenAI, a Groq and an Anthropic key."""
     fake = await FakeProviderServer.start()
     fake.resource.keys.update(
         {
@@ -111,6 +112,7 @@ async def env(db_url, tmp_path):
         fake,
         LECTR_GROQ_BASE_URL=fake.origin + "/groq",
         LECTR_KEY_BASE_URL_HOSTS="127.0.0.1",
+        **settings,
     )
     c = service.components
     org, issued = await c.orgs.create_org("Acme")
@@ -118,13 +120,22 @@ async def env(db_url, tmp_path):
     await c.vault.add_key(org.id, "groq", GROQ_KEY, name="groq")
     await c.vault.add_key(org.id, "anthropic", ANTHROPIC_KEY, name="main")
     fake.resource.reset()
-    e = Env(service, fake, org, issued.plaintext.reveal())
+    return Env(service, fake, org, issued.plaintext.reveal())
+
+
+async def close_env(e: Env) -> None:
+    await e.pool.closeCachedConnections()
+    await e.service.stopService()
+    await e.fake.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def env(db_url, tmp_path):
+    e = await make_env(db_url, tmp_path)
     try:
         yield e
     finally:
-        await e.pool.closeCachedConnections()
-        await service.stopService()
-        await fake.stop()
+        await close_env(e)
 
 
 def route_header(resp) -> dict:
@@ -533,7 +544,10 @@ async def test_explain_lists_the_attempts_the_proxy_makes_with_one_key(env):
     resp = await env.post("/v1/chat/completions", {**CHAT, "model": "twins"})
     assert resp.code == 200
     await resp.content()
-    sent = [(c.json()["model"], key) for c, key in zip(env.provider.calls(), env.keys_used())]
+    sent = [
+        (c.json()["model"], key)
+        for c, key in zip(env.provider.calls(), env.keys_used(), strict=True)
+    ]
     assert sent == [("a", OPENAI_KEY), ("b", OPENAI_KEY)]
 
 
@@ -575,3 +589,53 @@ async def test_hostile_paths_are_400_with_no_upstream_call(env):
         assert out.startswith(b"HTTP/1.1 400 "), (path, out[:200])
     assert env.provider.calls() == []
     assert env.c.proxy.active == set()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("model", ["smart", "groq/llama-3.1-8b-instant"])
+async def test_a_form_body_cannot_be_routed_to_another_model(env, model):
+    """A URL-encoded body's model cannot be rewritten in place: a route or a
+    provider/model name that would change it gets a 400 before any upstream
+    call (never a 500); the same body with a plain model passes."""
+    await env.route("smart", targets=[{"provider": "openai", "model": "gpt-4o"}])
+    form = "application/x-www-form-urlencoded"
+    resp = await env.post(
+        "/v1/chat/completions", f"model={model}&x=1".encode(), raw=True, ctype=form
+    )
+    assert resp.code == 400
+    doc = json.loads(await resp.content())
+    assert doc["error"]["type"] == "invalid_request_error"
+    assert "cannot be rewritten" in doc["error"]["message"]
+    assert env.provider.calls() == []
+    resp = await env.post("/v1/chat/completions", b"model=gpt-4o&x=1", raw=True, ctype=form)
+    assert resp.code == 200
+    await resp.content()
+    assert [c.body for c in env.provider.calls()] == [b"model=gpt-4o&x=1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_attempt_is_sent_once_the_headers_deadline_has_passed(db_url, tmp_path):
+    """LECTR_UPSTREAM_HEADERS_TIMEOUT bounds the whole request's wait for
+    headers, fallbacks included: once it has passed, the route's remaining
+    targets are not called (a provider would process, and bill, a request
+    whose answer Lectr could no longer wait for)."""
+    env = await make_env(db_url, tmp_path, LECTR_UPSTREAM_HEADERS_TIMEOUT="0.6")
+    try:
+        await env.route(
+            "slow",
+            targets=[{"provider": "openai", "model": m} for m in ("a", "b", "c", "d")],
+            retry_on=["timeout"],
+            max_attempts=4,
+            attempt_timeout=0.4,
+        )
+        for _ in range(4):
+            env.provider.next(Script(hang=True))
+        resp = await env.post("/v1/chat/completions", {**CHAT, "model": "slow"})
+        doc = json.loads(await resp.content())
+        assert resp.code == 504 and doc["error"]["code"] == "upstream_timeout", doc
+        # a: 0.4 s; b: the 0.2 s left; then the deadline: c and d never go out
+        assert [c.json()["model"] for c in env.provider.calls()] == ["a", "b"]
+        [row] = await env.rows()
+        assert row["attempts"] == 2 and row["error_type"] == "upstream_timeout"
+    finally:
+        await close_env(env)

@@ -13,10 +13,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from lectr.tracing import format_traceparent, parse_traceparent
-from tests.support.fake_provider import OPENAI_KEY, FakeProviderServer, Script
-from tests.support.lectr_service import proxy_url, start_lectr
+from tests.support.fake_provider import Script
+from tests.support.lectr_service import proxy_url
 from tests.support.otlp import start_receiver
-from tests.test_routing_proxy import GROQ_KEY, Env
+from tests.test_routing_proxy import Env, close_env, make_env
 
 CLIENT_TRACE, CLIENT_SPAN = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
 CLIENT_TP = format_traceparent(CLIENT_TRACE, CLIENT_SPAN, True).decode()
@@ -28,23 +28,11 @@ async def _env(db_url, tmp_path, monkeypatch, **settings):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.base_url)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "lectr-proxy-test")
-    fake = await FakeProviderServer.start()
-    fake.resource.keys.update({"groq": {GROQ_KEY}})
-    service = await start_lectr(
-        db_url, tmp_path, fake, LECTR_GROQ_BASE_URL=fake.origin + "/groq", **settings
-    )
-    c = service.components
-    org, issued = await c.orgs.create_org("Traced")
-    await c.vault.add_key(org.id, "openai", OPENAI_KEY, name="main")
-    await c.vault.add_key(org.id, "groq", GROQ_KEY, name="groq")
-    fake.resource.reset()
-    return Env(service, fake, org, issued.plaintext.reveal()), receiver
+    return await make_env(db_url, tmp_path, **settings), receiver
 
 
 async def _close(env: Env, receiver) -> None:
-    await env.pool.closeCachedConnections()
-    await env.service.stopService()
-    await env.fake.stop()
+    await close_env(env)
     await receiver.stop()
 
 

@@ -59,5 +59,18 @@ class ResolveRoute:
                 targets = [Target(provider.name, model)]
         else:
             targets = [Target(provider.name, model)]
+        read = call.read
+        if read.doc is None and read.model_span is None and model is not None:
+            # a body whose model Lectr cannot rewrite in place (a URL-encoded
+            # form): only the targets that keep the client's model
+            kept = [t for t in targets if t.model == model]
+            if not kept:
+                return Refusal(
+                    400,
+                    "invalid_request",
+                    f"'{model[:200]}' sends the request to another model, which needs a JSON "
+                    "or multipart body; this body's model cannot be rewritten.",
+                )
+            targets = kept
         call.plan = RoutingPlan(route, targets, call.affinity)
         return None

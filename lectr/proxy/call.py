@@ -60,6 +60,8 @@ SCRUB_MAX = 1 << 20
 _JSON = (b"content-type", b"application/json")
 _SHOULD_NOT_RETRY = (b"x-should-retry", b"false")
 _CONNECT_KINDS = frozenset({"connect", "dns", "tls"})
+#: an attempt is not worth sending with less time than this left for its headers
+_MIN_ATTEMPT_WINDOW = 0.05
 #: an answer's retry class (lectr.policy.plan.failure_class) → the outcome
 #: and fallback reason in metrics and traces
 _OUTCOME = {None: "ok", "429": "429", "5xx": "5xx", "refused": "auth"}
@@ -380,7 +382,11 @@ class Call:
         target = attempt.target
         read = self.read
         model = target.model if target.model != read.model else None
-        self.rplan = rplan = provider.plan(req.method, self.api_path_text, read, model)
+        try:
+            self.rplan = rplan = provider.plan(req.method, self.api_path_text, read, model)
+        except BodyRefused as e:  # (the route step drops the targets it can tell)
+            self.refuse(400, "invalid_request", f"Malformed request body: {e}")
+            return
         headers = self.upstream_headers
         if headers is None:
             headers = self.upstream_headers = h.header_policy.upstream(req.headers)
@@ -427,7 +433,13 @@ class Call:
         attempt if the plan allows one (True), else the error answer (False)."""
         attempt = self.attempt
         h = self.h
-        nxt = self.plan.next(h.selector, self.ident.org_id, status, failure)
+        # LECTR_UPSTREAM_HEADERS_TIMEOUT bounds the whole wait, fallbacks
+        # included: past it, no other attempt goes out (a provider would
+        # process, and bill, a request Lectr could not wait for)
+        if time.monotonic() < self.deadline - _MIN_ATTEMPT_WINDOW:
+            nxt = self.plan.next(h.selector, self.ident.org_id, status, failure)
+        else:
+            nxt = None
         reason = _OUTCOME.get(failure, failure)
         self._attempt_over(reason, status)
         if nxt is not None:
