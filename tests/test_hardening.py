@@ -347,3 +347,40 @@ def test_connections_waiting_without_a_checked_key_are_capped(gateway):
     # the port still serves
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert status_of(gateway.exchange(request)) == 200
+
+
+# a chunked body whose framing breaks after a valid start: a bad size line, a
+# chunk longer or shorter than its size, a bare LF, a missing CRLF
+_BROKEN_CHUNKS = st.sampled_from(
+    [b"zz\r\nab\r\n", b"2\r\nabc\r\n", b"3\r\nab\r\n\r\n", b"2\nab\n", b"2\r\nab0\r\n", b"-1\r\n"]
+)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    start=st.sampled_from([b"", b'5\r\n{"a":\r\n']),
+    broken=_BROKEN_CHUNKS,
+    anthropic=st.booleans(),
+)
+def test_a_body_with_broken_framing_gets_a_400_in_the_routes_dialect(
+    gateway, start, broken, anthropic
+):
+    path = b"/anthropic/v1/messages" if anthropic else b"/openai/v1/chat/completions"
+    out = gateway.exchange(
+        b"POST "
+        + path
+        + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + gateway.key.encode()
+        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + start
+        + broken
+    )
+    assert status_of(out) == 400, out[:300]
+    doc = json.loads(out.partition(b"\r\n\r\n")[2])
+    if anthropic:
+        assert doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error", doc
+    else:
+        assert doc["error"]["type"] == "invalid_request_error", doc
+        assert doc["error"]["code"] is None  # (OpenAI's own for a malformed request)

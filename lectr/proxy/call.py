@@ -60,6 +60,19 @@ SCRUB_MAX = 1 << 20
 _JSON = (b"content-type", b"application/json")
 _SHOULD_NOT_RETRY = (b"x-should-retry", b"false")
 _CONNECT_KINDS = frozenset({"connect", "dns", "tls"})
+#: the server's protocol error kinds (lectr.http.server) → Lectr's error kinds
+_SERVER_KINDS = {"body_timeout": "timeout", "bad_request": "invalid_request"}
+
+
+def protocol_error_kind(kind: str, status: int) -> str:
+    """The Lectr error kind (a key of ERROR_STATUS, which every dialect
+    renders) of a protocol error the server reported."""
+    kind = _SERVER_KINDS.get(kind, kind)
+    if kind in ERROR_STATUS:
+        return kind
+    return "invalid_request" if 400 <= status < 500 else "internal"
+
+
 #: an attempt is not worth sending with less time than this left for its headers
 _MIN_ATTEMPT_WINDOW = 0.05
 #: an answer's retry class (lectr.policy.plan.failure_class) → the outcome
@@ -666,7 +679,7 @@ class Call:
         """The server refused the body (413: too large, 408: too slow)."""
         if status == 413:
             self.h.m_too_large.inc()
-        self.refuse(status, "timeout" if kind == "body_timeout" else kind, message)
+        self.refuse(status, protocol_error_kind(kind, status), message)
 
     @guarded
     def client_gone(self, reason=None) -> None:

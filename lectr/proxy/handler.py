@@ -17,14 +17,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from lectr.gateway_metrics import UpstreamMetrics
-from lectr.proxy.call import Call
+from lectr.proxy.call import Call, protocol_error_kind
 from lectr.proxy.ids import new_request_id
 from lectr.proxy.target import error_provider
 from lectr.tracing import Tracing
 
 # the server's names for body problems, as Lectr's error kinds
-_KINDS = {"body_timeout": "timeout"}
-
 _HEALTH_BODY = b'{"status":"ok"}'
 _HEALTH_HEADERS = [(b"content-type", b"application/json")]
 
@@ -120,7 +118,7 @@ class ProxyHandler:
         req.respond(
             status,
             [(b"content-type", b"application/json"), (b"x-lectr-request-id", rid.encode())],
-            provider.error_body(_KINDS.get(kind, kind), message, rid),
+            provider.error_body(protocol_error_kind(kind, status), message, rid),
         )
 
     # --- what calls share ------------------------------------------------------------
