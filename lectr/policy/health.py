@@ -9,7 +9,10 @@ first, first), so a wrong guess never becomes an outage made by Lectr.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 
 from lectr.metrics import Registry
 
@@ -87,15 +90,37 @@ class KeyHealth:
         self._cooling.pop(key_id, None)
 
 
-def parse_retry_after(value: bytes | None) -> float | None:
-    """Seconds from a ``retry-after`` header (delta-seconds only; an HTTP
-    date is treated as absent) or from ``retry-after-ms``."""
+def parse_retry_after(headers, now: float | None = None) -> float | None:
+    """Seconds the provider asks to wait, from its answer's headers:
+    ``retry-after-ms`` (OpenAI's, milliseconds) first, else ``retry-after``
+    as delta-seconds or an HTTP date (``now``: the wall clock, seconds since
+    the epoch). None when absent or malformed (NaN, negative, not a number
+    or a date)."""
+    ms = _number(headers.first(b"retry-after-ms"))
+    if ms is not None:
+        return ms / 1000.0
+    value = headers.first(b"retry-after")
+    if not value:
+        return None
+    seconds = _number(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = parsedate_to_datetime(value.decode("ascii").strip())
+    except (UnicodeDecodeError, TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # (an HTTP date is GMT)
+        when = when.replace(tzinfo=UTC)
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+def _number(value: bytes | None) -> float | None:
     if not value:
         return None
     try:
         seconds = float(value.strip())
     except ValueError:
         return None
-    if seconds != seconds or seconds < 0:  # NaN or negative
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
         return None
     return seconds

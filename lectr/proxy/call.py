@@ -509,7 +509,7 @@ class Call:
         self.attempt_status = status
         if failure is not None:
             if failure != "5xx":
-                retry_after = parse_retry_after(headers.first(b"retry-after"))
+                retry_after = parse_retry_after(headers)
                 h.health.cool(attempt.key.id, provider.name, status, retry_after)
             if self.plan.n < self.plan.max_attempts:
                 handle, self.handle = self.handle, None
