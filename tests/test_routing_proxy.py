@@ -639,3 +639,28 @@ async def test_no_attempt_is_sent_once_the_headers_deadline_has_passed(db_url, t
         assert row["attempts"] == 2 and row["error_type"] == "upstream_timeout"
     finally:
         await close_env(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_explain_and_the_proxy_pick_the_same_key_for_a_long_session(env):
+    """Only the first 512 bytes of x-lectr-session count, in the proxy and in
+    explain alike: explain names the key the proxy then uses."""
+    await env.add_key("openai", OPENAI_KEY_2, name="second")
+    await env.add_key("openai", OPENAI_KEY_3, name="third")
+    names = {OPENAI_KEY: "main", OPENAI_KEY_2: "second", OPENAI_KEY_3: "third"}
+    for i in range(10):
+        session = f"conversation-{i}-" + "x" * 600
+        explained = []
+        for value in (session, session[:512]):
+            status, doc = await env.admin(
+                "POST",
+                f"/admin/orgs/{env.org.id}/routes/explain",
+                {"body": CHAT, "headers": {"x-lectr-session": value}},
+            )
+            assert status == 200, doc
+            explained.append(doc["attempts"][0]["key"]["name"])
+        resp = await env.post("/v1/chat/completions", CHAT, headers={"x-lectr-session": session})
+        assert resp.code == 200
+        await resp.content()
+        used = names[env.keys_used("openai")[-1]]
+        assert explained == [used, used], (i, explained, used)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from lectr.errors import BadRequest, NotFound
 from lectr.policy.chain import Refusal, run_chain
-from lectr.policy.plan import Selector
+from lectr.policy.plan import Selector, request_affinity
 from lectr.providers.body import BodyRefused, read_body
 from lectr.proxy.target import route, target_problem
 from lectr.storage.api_keys import KeyIdentity
@@ -60,14 +60,7 @@ class _ExplainedCall:
         self.dry_run = True  # nothing is reserved or counted
 
     def affinity(self) -> bytes | None:
-        session = self.headers.first(b"x-lectr-session")
-        if session:
-            return b"s:" + session
-        key = self.dialect.session_key(self.read.doc)
-        if key is not None:
-            return b"s:" + key.encode()
-        prefix = self.dialect.cache_prefix(self.read.doc)
-        return b"p:" + prefix if prefix is not None else None
+        return request_affinity(self.headers, self.dialect, self.read.doc)
 
 
 class RouteExplainer:

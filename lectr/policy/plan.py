@@ -105,6 +105,26 @@ def _weight(c) -> int:
     return c.weight
 
 
+#: the part of an x-lectr-session header that counts
+SESSION_MAX = 512
+
+
+def request_affinity(headers, dialect, doc: dict | None) -> bytes | None:
+    """What ties a request to a conversation, for sticky key and target
+    choice: the ``x-lectr-session`` header (its first SESSION_MAX bytes),
+    the body's session fields, or a digest of a cacheable prompt prefix.
+    The proxy and the explain API both use this, so that explain shows the
+    key the proxy would pick."""
+    session = headers.first(b"x-lectr-session")
+    if session:
+        return b"s:" + session[:SESSION_MAX]
+    key = dialect.session_key(doc)
+    if key is not None:
+        return b"s:" + key.encode("utf-8", "surrogatepass")
+    prefix = dialect.cache_prefix(doc)
+    return b"p:" + prefix if prefix is not None else None
+
+
 class RoutingPlan:
     """What one request may try, and what it has tried."""
 

@@ -42,7 +42,7 @@ from lectr.managers.auth import RATE_LIMITED, UNKNOWN
 from lectr.managers.orgs import looks_like_key
 from lectr.policy.chain import Refusal, run_chain
 from lectr.policy.health import parse_retry_after
-from lectr.policy.plan import failure_class
+from lectr.policy.plan import failure_class, request_affinity
 from lectr.providers.base import scrub_body
 from lectr.providers.body import BodyRefused, read_body
 from lectr.providers.dialects import ERROR_STATUS
@@ -363,15 +363,9 @@ class Call:
         """What ties this request to a conversation, for sticky key and
         target choice: ``x-lectr-session``, the body's session fields, or a
         digest of a cacheable prompt prefix (RoutingPlan calls this lazily)."""
-        session = self.headers.first(b"x-lectr-session")
-        if session:
-            return b"s:" + session[:512]
-        doc = self.read.doc if self.read is not None else None
-        key = self.dialect.session_key(doc)
-        if key is not None:
-            return b"s:" + key.encode("utf-8", "surrogatepass")
-        prefix = self.dialect.cache_prefix(doc)
-        return b"p:" + prefix if prefix is not None else None
+        return request_affinity(
+            self.headers, self.dialect, self.read.doc if self.read is not None else None
+        )
 
     # --- 5: attempts ------------------------------------------------------------------
 
