@@ -664,3 +664,26 @@ async def test_explain_and_the_proxy_pick_the_same_key_for_a_long_session(env):
         await resp.content()
         used = names[env.keys_used("openai")[-1]]
         assert explained == [used, used], (i, explained, used)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_route_or_a_provider_of_another_dialect_is_refused_with_a_clear_400(env):
+    """Lectr does not translate between dialects: an Anthropic route called
+    with an OpenAI-style request (and an Anthropic model named on /v1 chat
+    completions) gets a 400 that says what to do, with no upstream call."""
+    await env.route("claude", targets=[{"provider": "anthropic", "model": "claude-x"}])
+    resp = await env.post("/v1/chat/completions", {**CHAT, "model": "claude"})
+    doc = json.loads(await resp.content())
+    assert resp.code == 400
+    assert doc["error"]["message"] == (
+        "Route 'claude' sends Anthropic-style requests; call it through an Anthropic-style "
+        "path, not this one."
+    )
+    resp = await env.post("/v1/chat/completions", {**CHAT, "model": "anthropic/claude-x"})
+    doc = json.loads(await resp.content())
+    assert resp.code == 400
+    assert doc["error"]["message"] == (
+        "Anthropic speaks the Anthropic API; send 'anthropic/…' models in Anthropic-style "
+        "requests, not in OpenAI-style ones."
+    )
+    assert env.provider.calls() == []

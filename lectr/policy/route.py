@@ -39,8 +39,9 @@ class ResolveRoute:
                 return Refusal(
                     400,
                     "invalid_request",
-                    f"Route '{route.name}' sends {target_provider.dialect.name}-style "
-                    f"requests; call it on a {target_provider.dialect.name} route.",
+                    f"Route '{route.name}' sends {target_provider.dialect.title}-style "
+                    f"requests; call it through an {target_provider.dialect.title}-style "
+                    "path, not this one.",
                 )
             targets = list(route.targets)
         elif entry.auto and model is not None and "/" in model:
@@ -51,8 +52,9 @@ class ResolveRoute:
                     return Refusal(
                         400,
                         "invalid_request",
-                        f"{named.display_name} speaks the {named.dialect.name} API; send "
-                        f"'{prefix}/…' models on its routes, not in a {call.dialect.name} request.",
+                        f"{named.display_name} speaks the {named.dialect.title} API; send "
+                        f"'{prefix}/…' models in {named.dialect.title}-style requests, not in "
+                        f"{call.dialect.title}-style ones.",
                     )
                 targets = [Target(named.name, bare)]
             else:

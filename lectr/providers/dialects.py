@@ -58,6 +58,7 @@ def _digest(data: bytes) -> bytes:
 
 class Dialect:
     name: ClassVar[str]
+    title: ClassVar[str]  # for messages: "OpenAI"
 
     def error_body(self, kind: str, message: str, request_id: str | None = None) -> bytes:
         raise NotImplementedError
@@ -105,6 +106,7 @@ class Dialect:
 
 class OpenAIDialect(Dialect):
     name = "openai"
+    title = "OpenAI"
 
     _TYPES: ClassVar[dict[str, tuple[str, str | None]]] = {
         "invalid_request": ("invalid_request_error", None),
@@ -154,6 +156,7 @@ class OpenAIDialect(Dialect):
 
 class AnthropicDialect(Dialect):
     name = "anthropic"
+    title = "Anthropic"
 
     _TYPES: ClassVar[dict[str, str]] = {
         "invalid_request": "invalid_request_error",
