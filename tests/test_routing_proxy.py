@@ -493,6 +493,14 @@ async def test_azure_keys_name_their_resource_and_deployment(env):
         {"provider": "azure", "key": AZURE_KEY, "base_url": "https://evil.example.com"},
     )
     assert status == 400 and "azure.com" in doc["error"]["message"]
+    # nor give a base URL to a provider whose keys have none, even to a host
+    # the operator allowed (env: LECTR_KEY_BASE_URL_HOSTS=127.0.0.1)
+    status, doc = await env.admin(
+        "POST",
+        f"/admin/orgs/{env.org.id}/provider-keys",
+        {"provider": "openai", "key": OPENAI_KEY_2, "base_url": env.fake.origin + "/openai"},
+    )
+    assert (status, doc["error"]["message"]) == (400, "OpenAI keys cannot carry a base_url")
     resp = await env.post("/azure/v1/chat/completions", {**CHAT, "model": "my-gpt4o"})
     assert resp.code == 200
     await resp.content()

@@ -477,11 +477,13 @@ class VaultManager:
         """Check a key's own base URL and API version against what its
         provider accepts: org admins never point Lectr at an arbitrary host."""
         if base_url is not None:
-            if not (p.key_base_url_hosts or self._key_base_url_hosts):
+            # only providers whose keys name their own resource (Azure) take
+            # one; LECTR_KEY_BASE_URL_HOSTS adds hosts for those providers
+            if not p.key_base_url_hosts:
                 raise BadRequest(f"{p.display_name} keys cannot carry a base_url")
             base_url = check_base_url(base_url)
-            host_ok = p.check_key_base_url(base_url) or (
-                bool(p.key_base_url_hosts) and host_matches(base_url, self._key_base_url_hosts)
+            host_ok = p.check_key_base_url(base_url) or host_matches(
+                base_url, self._key_base_url_hosts
             )
             if not host_ok:
                 allowed = ", ".join(p.key_base_url_hosts + self._key_base_url_hosts)
