@@ -510,7 +510,9 @@ class LectrService(Service):
         await self._stack.start(CallbackService("key cache", start=auth.start, stop=auth.stop))
         c.authenticator = auth
 
-        client = UpstreamClient(self._reactor, connect_timeout=config.upstream_connect_timeout)
+        client = UpstreamClient(
+            self._reactor, connect_timeout=config.upstream_connect_timeout, metrics=c.metrics
+        )
         await self._stack.start(CallbackService("upstream connections", stop=client.close_idle))
         selector = Selector(c.vault, c.health, c.providers)
         # The policy chain, in order (docs/architecture.md, "The policy chain").
@@ -555,6 +557,7 @@ class LectrService(Service):
             header_timeout=30.0,
             keepalive_timeout=300.0,
             max_unadmitted=self.config.max_unauthenticated,
+            metrics=c.metrics,
         )
 
     def _admin_site(self, c: Components) -> Site:

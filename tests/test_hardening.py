@@ -325,6 +325,7 @@ def test_a_slow_body_with_a_key_is_cut_by_the_body_deadline(gateway):
 
 
 def test_connections_waiting_without_a_checked_key_are_capped(gateway):
+    refused_before = gateway.metric("lectr_http_connections_refused_total")
     idle = []
     try:
         for _ in range(60):  # the cap is 40 (LECTR_MAX_UNAUTHENTICATED)
@@ -341,9 +342,12 @@ def test_connections_waiting_without_a_checked_key_are_capped(gateway):
             except OSError:
                 closed += 1
         assert closed >= 15, closed
+        assert gateway.metric("lectr_http_unadmitted_connections") >= 40
     finally:
         for s in idle:
             s.close()
+    # every refusal is counted
+    assert gateway.metric("lectr_http_connections_refused_total") - refused_before >= closed
     # the port still serves
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     assert status_of(gateway.exchange(request)) == 200

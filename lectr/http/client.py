@@ -120,6 +120,7 @@ class UpstreamClient:
         max_idle_per_origin: int = 512,
         idle_timeout: float = 20,
         tls_policy=None,
+        metrics=None,
     ) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
@@ -129,9 +130,26 @@ class UpstreamClient:
         self._idle: dict[tuple, list[_UpstreamProtocol]] = {}
         self._endpoints: dict[tuple, object] = {}
         self._sweeper = None
-        #: counters for metrics: connections opened, exchanges retried
+        #: counters (also exported when ``metrics`` is given): connections
+        #: opened, exchanges retried on a new connection
         self.connections_opened = 0
         self.retries = 0
+        self._m_opened = self._m_retries = None
+        if metrics is not None:
+            self._m_opened = metrics.counter(
+                "lectr_upstream_connections_opened_total",
+                "Connections opened to providers (the rest of the requests reuse one)",
+            )
+            self._m_retries = metrics.counter(
+                "lectr_upstream_stale_retries_total",
+                "Requests resent on a new connection because a reused one was closed "
+                "by the provider before any answer",
+            )
+            metrics.callback_gauge(
+                "lectr_upstream_idle_connections",
+                "Idle keep-alive connections to providers",
+                lambda: sum(len(v) for v in self._idle.values()),
+            )
 
     # --- requests ------------------------------------------------------------------------
 
@@ -193,6 +211,8 @@ class UpstreamClient:
             handle._fail(UpstreamError("tls" if origin.scheme == "https" else "connect", str(e)))
             return
         self.connections_opened += 1
+        if self._m_opened is not None:
+            self._m_opened.inc()
         d = endpoint.connect(_ConnFactory(self, origin.key))
         handle._connecting = d
         d.addCallbacks(handle._connected, handle._connect_failed)
@@ -659,7 +679,10 @@ class _UpstreamProtocol(Protocol):
             and reason.check(net_error.ConnectionDone, net_error.ConnectionLost)
         ):
             h._reused = False  # the retry is on a new connection, and the only one
-            self._client.retries += 1
+            client = self._client
+            client.retries += 1
+            if client._m_retries is not None:
+                client._m_retries.inc()
             self._client._connect(h)
             return
         h._fail(UpstreamError("closed", _reason_text(reason)))

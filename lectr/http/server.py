@@ -102,10 +102,12 @@ class ProxyServerFactory(ServerFactory):
     """Builds one :class:`ServerProtocol` per connection; usable with any
     Twisted endpoint (``tcp:``, ``unix:``, adopted sockets).
 
-    Counters for metrics (plain ints, read them from a callback gauge):
-    ``unadmitted`` (connections now not admitted), ``refused_unadmitted``,
-    ``bad_requests`` (400/431 answered by the server itself),
-    ``header_timeouts``.
+    Counters (plain ints, also exported when ``metrics`` is given):
+    ``unadmitted`` (connections now not admitted:
+    ``lectr_http_unadmitted_connections``), ``refused_unadmitted``
+    (``lectr_http_connections_refused_total``), ``bad_requests`` (400/431
+    answered by the server itself: ``lectr_http_bad_requests_total``),
+    ``header_timeouts`` (``lectr_http_header_timeouts_total``).
     """
 
     noisy = False
@@ -122,6 +124,7 @@ class ProxyServerFactory(ServerFactory):
         keepalive_timeout: float,
         max_header_bytes: int = 64 * 1024,
         max_unadmitted: int = 2048,
+        metrics=None,
     ) -> None:
         self.handler = handler
         self.reactor = reactor
@@ -135,10 +138,43 @@ class ProxyServerFactory(ServerFactory):
         self.refused_unadmitted = 0
         self.bad_requests = 0
         self.header_timeouts = 0
+        self._m_refused = self._m_bad = self._m_header_timeouts = None
+        if metrics is not None:
+            self._m_refused = metrics.counter(
+                "lectr_http_connections_refused_total",
+                "Proxy connections closed at once: too many waiting for a key check "
+                "(LECTR_MAX_UNAUTHENTICATED)",
+            )
+            self._m_bad = metrics.counter(
+                "lectr_http_bad_requests_total",
+                "Requests the proxy's HTTP server refused itself (malformed, ambiguous "
+                "framing, head too large)",
+            )
+            self._m_header_timeouts = metrics.counter(
+                "lectr_http_header_timeouts_total",
+                "Proxy connections closed because a request head did not arrive in time",
+            )
+            metrics.callback_gauge(
+                "lectr_http_unadmitted_connections",
+                "Proxy connections whose request has no checked key yet",
+                lambda: self.unadmitted,
+            )
+
+    def count_bad_request(self) -> None:
+        self.bad_requests += 1
+        if self._m_bad is not None:
+            self._m_bad.inc()
+
+    def count_header_timeout(self) -> None:
+        self.header_timeouts += 1
+        if self._m_header_timeouts is not None:
+            self._m_header_timeouts.inc()
 
     def buildProtocol(self, addr):
         if self.unadmitted >= self.max_unadmitted:
             self.refused_unadmitted += 1
+            if self._m_refused is not None:
+                self._m_refused.inc()
             return None  # Twisted closes the connection at once
         self.unadmitted += 1
         return ServerProtocol(self)
@@ -761,7 +797,7 @@ class ServerProtocol(Protocol):
         close. A malformed body of the request in hand: the handler answers
         (``request_error``), then close. Else: answer what is in hand (parsed
         before the bad bytes), then close."""
-        self.factory.bad_requests += 1
+        self.factory.count_bad_request()
         cur, self._cur = self._cur, None
         queue = self._queue
         if cur is not None and queue and cur in queue:
@@ -824,7 +860,7 @@ class ServerProtocol(Protocol):
                 self._closing_after_queue()
                 self._request_error(req, 408, "body_timeout", "Request body not received in time.")
         elif kind == _HEADER:
-            self.factory.header_timeouts += 1
+            self.factory.count_header_timeout()
             self._abort()
         elif kind == _KEEPALIVE:
             self._close()
