@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("-c", "--conns", type=int, default=32)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--out", help="directory for the text tables")
+    parser.add_argument("--raw", help="directory to keep py-spy's collapsed stacks in")
     args = parser.parse_args()
     if not shutil.which("py-spy"):
         sys.exit("bench: needs py-spy (pip install py-spy)")
@@ -182,6 +183,9 @@ def main() -> None:
                     print(text, flush=True)
                     if out:
                         (out / f"{name}-{mode}.txt").write_text(text)
+                    if args.raw:
+                        Path(args.raw).mkdir(parents=True, exist_ok=True)
+                        shutil.copy(workdir / f"{name}-{mode}.raw", args.raw)
             finally:
                 proc.stop()
     finally:

@@ -60,7 +60,7 @@ class _ExplainedCall:
         self.dry_run = True  # nothing is reserved or counted
 
     def affinity(self) -> bytes | None:
-        return request_affinity(self.headers, self.dialect, self.read.doc)
+        return request_affinity(self.headers, self.dialect, self.read)
 
 
 class RouteExplainer:

@@ -109,7 +109,7 @@ def _weight(c) -> int:
 SESSION_MAX = 512
 
 
-def request_affinity(headers, dialect, doc: dict | None) -> bytes | None:
+def request_affinity(headers, dialect, read) -> bytes | None:
     """What ties a request to a conversation, for sticky key and target
     choice: the ``x-lectr-session`` header (its first SESSION_MAX bytes),
     the body's session fields, or a digest of a cacheable prompt prefix.
@@ -118,10 +118,11 @@ def request_affinity(headers, dialect, doc: dict | None) -> bytes | None:
     session = headers.first(b"x-lectr-session")
     if session:
         return b"s:" + session[:SESSION_MAX]
+    doc = read.doc if read is not None else None
     key = dialect.session_key(doc)
     if key is not None:
         return b"s:" + key.encode("utf-8", "surrogatepass")
-    prefix = dialect.cache_prefix(doc)
+    prefix = dialect.cache_prefix(doc, len(read.body) if read is not None else None)
     return b"p:" + prefix if prefix is not None else None
 
 

@@ -46,6 +46,9 @@ OPENAI_CACHE_MIN_TOKENS = 1024
 #: bytes per token assumed when a prompt's length must be guessed
 BYTES_PER_TOKEN = 4
 _PREFIX_BYTES = OPENAI_CACHE_MIN_TOKENS * BYTES_PER_TOKEN
+# compact, as the provider reads it; a prompt's lone surrogates (valid JSON
+# escapes) are kept as they are ("surrogatepass") when hashed
+_PREFIX_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _text(value: object, limit: int = 512) -> str | None:
@@ -98,9 +101,10 @@ class Dialect:
         """An explicit conversation id in the body, if any."""
         return None
 
-    def cache_prefix(self, doc: dict | None) -> bytes | None:
+    def cache_prefix(self, doc: dict | None, size: int | None = None) -> bytes | None:
         """A digest of the prompt prefix the provider would cache, for prompts
-        long enough (or marked) to be cached; None otherwise."""
+        long enough (or marked) to be cached; None otherwise. ``size``: the
+        request body's length, when known."""
         return None
 
 
@@ -135,8 +139,11 @@ class OpenAIDialect(Dialect):
             return None
         return _text(doc.get("prompt_cache_key")) or _text(doc.get("user"))
 
-    def cache_prefix(self, doc: dict | None) -> bytes | None:
-        if doc is None:
+    def cache_prefix(self, doc: dict | None, size: int | None = None) -> bytes | None:
+        if doc is None or (size is not None and size < _PREFIX_BYTES):
+            # (a body shorter than the cacheable prefix cannot hold one: the
+            # prompt's compact serialisation is never much longer than the
+            # body it was parsed from)
             return None
         prompt = doc.get("messages")
         if prompt is None:
@@ -148,7 +155,7 @@ class OpenAIDialect(Dialect):
         pieces.extend(prompt if isinstance(prompt, list) else [prompt])
         out = bytearray()
         for piece in pieces:
-            out += json.dumps(piece, separators=(",", ":"), ensure_ascii=False).encode()
+            out += _PREFIX_ENCODER.encode(piece).encode("utf-8", "surrogatepass")
             if len(out) >= _PREFIX_BYTES:
                 return _digest(bytes(out[:_PREFIX_BYTES]))
         return None
@@ -188,7 +195,7 @@ class AnthropicDialect(Dialect):
         metadata = doc.get("metadata")
         return _text(metadata.get("user_id")) if isinstance(metadata, dict) else None
 
-    def cache_prefix(self, doc: dict | None) -> bytes | None:
+    def cache_prefix(self, doc: dict | None, size: int | None = None) -> bytes | None:
         """Everything up to the first ``cache_control`` breakpoint, in the
         order Anthropic caches (tools, system, messages); None when the
         request marks none."""
@@ -203,8 +210,8 @@ class AnthropicDialect(Dialect):
             for block in blocks:
                 parts.append(block)
                 if _has_breakpoint(block):
-                    text = json.dumps(parts, separators=(",", ":"), ensure_ascii=False)
-                    return _digest(text.encode())
+                    text = _PREFIX_ENCODER.encode(parts)
+                    return _digest(text.encode("utf-8", "surrogatepass"))
         return None
 
 

@@ -363,9 +363,7 @@ class Call:
         """What ties this request to a conversation, for sticky key and
         target choice: ``x-lectr-session``, the body's session fields, or a
         digest of a cacheable prompt prefix (RoutingPlan calls this lazily)."""
-        return request_affinity(
-            self.headers, self.dialect, self.read.doc if self.read is not None else None
-        )
+        return request_affinity(self.headers, self.dialect, self.read)
 
     # --- 5: attempts ------------------------------------------------------------------
 
