@@ -846,3 +846,50 @@ def test_a_stream_cut_before_any_text_is_estimated_not_nothing():
     assert usage == Usage(completion_tokens=0, source="estimated")
     usage = run(anthropic_meter(), anthropic_events()[:1])[1]
     assert usage == Usage(20, 1, 21, 4, 6, "estimated")
+
+
+_COUNTS = st.dictionaries(
+    st.sampled_from(["prompt_tokens", "completion_tokens", "total_tokens", "input_tokens"]),
+    st.integers(min_value=0, max_value=10**6),
+)
+# any JSON value, decoys included: nested "usage" objects with counts and
+# nested "model" members, before or after the top-level ones
+_DECOY = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | _COUNTS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["usage", "model", "a"]), inner, max_size=3)
+        | st.fixed_dictionaries({"usage": _COUNTS})
+        | st.fixed_dictionaries({"model": st.text(min_size=1, max_size=5)})
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    usage=_COUNTS,
+    model=st.none() | st.text(min_size=1, max_size=12),
+    others=st.dictionaries(st.sampled_from(["id", "choices", "x", "metadata"]), _DECOY, max_size=4),
+    order=st.randoms(use_true_random=False),
+    indent=st.sampled_from([None, 1]),
+    kind=st.sampled_from(["openai", "anthropic"]),
+)
+def test_json_answers_read_without_a_full_parse_agree_with_one(
+    usage, model, others, order, indent, kind
+):
+    """The meter reads a whole JSON answer's top-level usage and model
+    without parsing all of it when it can tell them exactly; whatever the
+    member order, nesting, decoys and formatting, the result is the one a
+    full parse gives."""
+    members = [("usage", usage), *others.items()]
+    if model is not None:
+        members.append(("model", model))
+    order.shuffle(members)
+    body = json.dumps(dict(members), indent=indent).encode()
+    read = anthropic_usage if kind == "anthropic" else openai_usage
+    path = "/v1/messages" if kind == "anthropic" else CHAT
+    doc = json.loads(body)
+    expected = read(doc.get("usage"), doc.get("model")) or NO_USAGE
+    got = run(json_meter(kind, path), [body])[1]
+    assert got == expected and got.model == expected.model and got.raw == expected.raw

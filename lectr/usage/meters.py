@@ -209,11 +209,14 @@ def _count(value: object) -> int | None:
     return None
 
 
+_RAW_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _raw(usage: dict) -> str | None:
     """The provider's usage object as a row keeps it: compact JSON with the
     members, order and values received (bounded)."""
     try:
-        text = json.dumps(usage, separators=(",", ":"), ensure_ascii=False)
+        text = _RAW_ENCODER.encode(usage)
     except (TypeError, ValueError, RecursionError):
         return None
     return text[:RAW_USAGE_MAX]
@@ -401,6 +404,52 @@ def usage_object_in_tail(tail: bytes) -> dict | None:
     return None
 
 
+# after a top-level member: only scalar members, then the object's end
+_SCALAR_MEMBERS_TO_END_RE = re.compile(
+    rb'(?:\s*,\s*"(?:[^"\\]|\\.)*"\s*:\s*'
+    rb'(?:"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|true|false|null))*\s*\}\s*'
+)
+
+
+def _top_level_usage(body: bytes) -> tuple[dict, str | None] | None:
+    """``(usage, model)`` of a whole JSON answer without parsing all of it,
+    or None when that cannot be told exactly (the caller then parses it).
+
+    The usage object is the last ``"usage": {`` found from the end, and it is
+    the top-level member only if what follows it is scalar members and the
+    closing brace of the outermost object. The model is the first
+    ``"model": "…"`` if nothing but scalar members precede it (no ``{`` past
+    the opening one, no ``[``); a body that names no model has none."""
+    if body[-1:] != b"}" and body.rstrip()[-1:] != b"}":
+        return None
+    tail = body[-JSON_TAIL_BYTES:] if len(body) > JSON_TAIL_BYTES else body
+    matches = list(_USAGE_KEY_RE.finditer(tail))
+    if not matches:
+        return None
+    m = matches[-1]
+    start = m.end() - 1
+    try:
+        text = tail[start:].decode("utf-8")
+        usage, end = _DECODER.raw_decode(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    rest = text[end:].encode("utf-8")
+    if not isinstance(usage, dict) or _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is None:
+        return None
+    if b'"model"' not in body:
+        return usage, None
+    found = _MODEL_RE.search(body, 0, 4096)
+    if found is None:
+        return None
+    before = body[: found.start()]
+    if before.count(b"{") != 1 or b"[" in before:
+        return None
+    try:
+        return usage, _model_name(found.group(1).decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
 # --- meters -----------------------------------------------------------------------
 
 
@@ -526,6 +575,12 @@ class JsonMeter(_Base):
             if not self._head:
                 return None
             body = b"".join(self._head)
+            found = _top_level_usage(body)
+            if found is not None:  # the common case, without parsing the whole answer
+                usage, model = found
+                if self._kind == "anthropic":
+                    return anthropic_usage(usage, model)
+                return openai_usage(usage, model)
             try:
                 doc = json.loads(body)
             except (ValueError, RecursionError):
