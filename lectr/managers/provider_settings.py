@@ -162,6 +162,12 @@ class ProviderSettingsManager:
         settings = self._cache.get((org_id, provider))
         return settings if settings is not None else default_settings(org_id, provider)
 
+    def stored(self, org_id: str, provider: str) -> ProviderSettings | None:
+        """The org's own settings for the provider, or None when the defaults
+        apply (enabled, every model allowed): the proxy's check, which makes
+        no object for the common case."""
+        return self._cache.get((org_id, provider))
+
     # --- the cache -----------------------------------------------------------------
 
     async def _load_all(self) -> None:

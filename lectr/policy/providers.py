@@ -30,8 +30,10 @@ class ProviderPolicy:
                     403, "permission", f"Provider '{target.provider}' is not available."
                 )
                 continue
-            settings = self._settings.get(org_id, target.provider)
-            if not settings.enabled:
+            settings = self._settings.stored(org_id, target.provider)
+            if settings is None:  # the defaults: enabled, every model allowed
+                kept.append(target)
+            elif not settings.enabled:
                 refusal = refusal or Refusal(
                     403,
                     "permission",

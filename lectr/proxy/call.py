@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import time
 import zlib
 from datetime import UTC, datetime
@@ -121,11 +122,17 @@ def presented_key(headers) -> str | None:
     return None
 
 
+# visible ASCII but ; = % , (what _header_text leaves as it is)
+_SAFE_HEADER_TEXT = re.compile(r"[\x21-\x24\x26-\x2b\x2d-\x3a\x3c\x3e-\x7e]{1,200}")
+
+
 def _header_text(value: str | None, limit: int = 200) -> str:
     """A value safe inside a response header: visible ASCII, ';' and '='
     escaped, bounded."""
     if not value:
         return "-"
+    if _SAFE_HEADER_TEXT.fullmatch(value) is not None:
+        return value  # (the common case: nothing to escape)
     out = []
     for c in value[:limit]:
         o = ord(c)
