@@ -238,7 +238,7 @@ def _detail(usage: dict, names: tuple[str, ...], key: str) -> int | None:
     return None
 
 
-def openai_usage(usage: object, model: object = None) -> Usage | None:
+def openai_usage(usage: object, model: object = None, raw: str | None = None) -> Usage | None:
     """Usage from an OpenAI ``usage`` object: chat and completions
     (``prompt_tokens``/``completion_tokens``), Responses and audio
     (``input_tokens``/``output_tokens``), embeddings (prompt and total).
@@ -250,7 +250,8 @@ def openai_usage(usage: object, model: object = None) -> Usage | None:
     ``completion_tokens`` for OpenAI; some OpenAI-dialect providers (xAI)
     report them beside it, which shows as ``total = prompt + completion +
     reasoning``: then they are added to ``completion_tokens``, so that it is
-    every output token billed. ``model`` is the response's model."""
+    every output token billed. ``model`` is the response's model; ``raw``,
+    the usage object's compact JSON as received, when the caller has it."""
     if not isinstance(usage, dict):
         return None
     prompt = _count(usage.get("prompt_tokens"))
@@ -286,7 +287,7 @@ def openai_usage(usage: object, model: object = None) -> Usage | None:
         "provider",
         reasoning,
         None,
-        _raw(usage),
+        raw[:RAW_USAGE_MAX] if raw is not None else _raw(usage),
         _model_name(model),
     )
 
@@ -404,6 +405,8 @@ def usage_object_in_tail(tail: bytes) -> dict | None:
     return None
 
 
+# JSON text with no whitespace and no escapes: as the compact encoder writes it
+_COMPACT_PLAIN_RE = re.compile(r"[^\s\\]*")
 # after a top-level member: only scalar members, then the object's end
 _SCALAR_MEMBERS_TO_END_RE = re.compile(
     rb'(?:\s*,\s*"(?:[^"\\]|\\.)*"\s*:\s*'
@@ -411,9 +414,12 @@ _SCALAR_MEMBERS_TO_END_RE = re.compile(
 )
 
 
-def _top_level_usage(body: bytes) -> tuple[dict, str | None] | None:
-    """``(usage, model)`` of a whole JSON answer without parsing all of it,
-    or None when that cannot be told exactly (the caller then parses it).
+def _top_level_usage(body: bytes) -> tuple[dict, str | None, str | None] | None:
+    """``(usage, model, raw)`` of a whole JSON answer without parsing all of
+    it, or None when that cannot be told exactly (the caller then parses it).
+    ``raw`` is the usage object's text as received when it is compact ASCII
+    JSON with no escapes (what providers send), so that it needs no
+    re-serialising; None otherwise.
 
     The usage object is the last ``"usage": {`` found from the end, and it is
     the top-level member only if what follows it is scalar members and the
@@ -436,8 +442,11 @@ def _top_level_usage(body: bytes) -> tuple[dict, str | None] | None:
     rest = text[end:].encode("utf-8")
     if not isinstance(usage, dict) or _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is None:
         return None
+    raw = text[:end]
+    if not (raw.isascii() and _COMPACT_PLAIN_RE.fullmatch(raw)):
+        raw = None
     if b'"model"' not in body:
-        return usage, None
+        return usage, None, raw
     found = _MODEL_RE.search(body, 0, 4096)
     if found is None:
         return None
@@ -445,7 +454,7 @@ def _top_level_usage(body: bytes) -> tuple[dict, str | None] | None:
     if before.count(b"{") != 1 or b"[" in before:
         return None
     try:
-        return usage, _model_name(found.group(1).decode("utf-8"))
+        return usage, _model_name(found.group(1).decode("utf-8")), raw
     except UnicodeDecodeError:
         return None
 
@@ -577,10 +586,10 @@ class JsonMeter(_Base):
             body = b"".join(self._head)
             found = _top_level_usage(body)
             if found is not None:  # the common case, without parsing the whole answer
-                usage, model = found
+                usage, model, raw = found
                 if self._kind == "anthropic":
                     return anthropic_usage(usage, model)
-                return openai_usage(usage, model)
+                return openai_usage(usage, model, raw)
             try:
                 doc = json.loads(body)
             except (ValueError, RecursionError):
