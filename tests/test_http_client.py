@@ -558,3 +558,14 @@ async def test_relay_backpressure_a_slow_client_pauses_the_upstream_read(upstrea
 
 def transport_buffered(t) -> int:
     return len(t.dataBuffer) + sum(map(len, t._tempDataBuffer))
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_connections_send_small_writes_at_once(upstreams, client):
+    """TCP_NODELAY on every upstream connection (a request's head and body go
+    out without waiting for the provider's ACK)."""
+    _, origin = upstreams(reply(ok(b"hi")))
+    _, result, _ = await fetch(client, origin)
+    assert result == "done"
+    (conn,) = [c for pool in client._idle.values() for c in pool]
+    assert conn.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

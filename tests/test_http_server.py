@@ -750,3 +750,19 @@ def test_status_lines_are_well_formed():
 
     assert _STATUS_LINES[200] == b"HTTP/1.1 200 OK\r\n"
     assert all(re.fullmatch(rb"HTTP/1\.1 \d{3} [ -~]+\r\n", v) for v in _STATUS_LINES.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_connections_send_small_writes_at_once(servers):
+    """TCP_NODELAY on every accepted connection: each relayed event is sent
+    as it is written, not held back until the previous one is acknowledged
+    (the client's delayed ACK would stall a stream by up to 40 ms)."""
+    handler = Handler("hold")
+    s = servers(handler)
+    c = await connect(s.port)
+    c.send(post(b"/v1/x", b"{}"))
+    while not handler.pending:
+        await sleep(0.01)
+    sock = handler.pending[0]._proto.transport.getHandle()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    c.close()

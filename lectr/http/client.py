@@ -53,6 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lectr.http.headers import HeaderList
+from lectr.http.tcp import no_delay
 
 _SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 _LENGTH_ALWAYS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -490,6 +491,9 @@ class _UpstreamProtocol(Protocol):
         self._pooled = False
         self._idle_since = 0.0
         self._on_close: Deferred | None = None
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
 
     def send(self, handle: UpstreamHandle) -> None:
         if self._dirty:

@@ -65,6 +65,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lectr.http.headers import HeaderList
+from lectr.http.tcp import no_delay
 
 #: requests parsed ahead from one read while an earlier one is answered
 MAX_PIPELINED = 16
@@ -456,6 +457,7 @@ class ServerProtocol(Protocol):
     # --- connection ----------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # each relayed event goes out as it is written
         self._set_deadline(_HEADER, self.factory.header_timeout)
 
     def connectionLost(self, reason=None) -> None:
