@@ -2,6 +2,7 @@
 
     python bench/profile_proxy.py                       # lectr and bare, json and stream, c=32
     python bench/profile_proxy.py --target lean --mode stream --seconds 15
+    python bench/profile_proxy.py --target lectr-limited  # every limit set on org and key
     python bench/profile_proxy.py --out bench/profiles  # also write one text table per case
 
 Same set-up as bench/run.py (shared Rust mock and wrk on core 0, the proxy
@@ -144,7 +145,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--target", choices=["lectr", "bare", "lean"], action="append")
+    parser.add_argument(
+        "--target", choices=["lectr", "lectr-limited", "bare", "lean"], action="append"
+    )
     parser.add_argument("--mode", choices=["json", "stream"], action="append")
     parser.add_argument("-c", "--conns", type=int, default=32)
     parser.add_argument("--seconds", type=int, default=10)
@@ -166,13 +169,14 @@ def main() -> None:
     print(f"Provider: {upstream.kind}")
     try:
         for name in targets:
-            if name == "lectr":
-                (workdir / "lectr").mkdir()
-                proc = run.Lectr(workdir / "lectr", upstream.base, proxy_pin)
+            if name.startswith("lectr"):
+                (workdir / name).mkdir()
+                proc = run.Lectr(workdir / name, upstream.base, proxy_pin)
                 pid = proc.serving_pid()
-                target = run.Target(
-                    "lectr", f"http://127.0.0.1:{proc.port}{run.CHAT_PATH}", proc.lectr_key
-                )
+                key = proc.lectr_key
+                if name == "lectr-limited":  # the bench route, every limit set on org and key
+                    key = proc.add_org("bench-limited", route=True, limits=True)
+                target = run.Target(name, f"http://127.0.0.1:{proc.port}{run.CHAT_PATH}", key)
             else:
                 proc = run.Passthrough(name, upstream, proxy_pin)
                 pid = proc.proc.pid

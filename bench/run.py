@@ -3,7 +3,7 @@
     python bench/run.py                 # everything (about 15 minutes)
     python bench/run.py --quick         # shorter cells, 2 rounds
     python bench/run.py --only lean     # one section: throughput | ttfb | memory | logging |
-                                        #   metrics | scaling | flusher | lean
+                                        #   metrics | features | scaling | flusher | lean
 
 What runs, and where (the method of ../shared/bench/README.md):
 
@@ -452,6 +452,43 @@ class Lectr:
         )
         return plaintext
 
+    def add_org(self, name: str, *, route: bool, limits: bool) -> str:
+        """Another org on the same process, for the features section: one
+        provider key and the model named directly (``route=False``), or the
+        bench org's two-key pool and two-target route; with ``limits``, every
+        limit set on the org and on its key, high enough never to refuse.
+        Returns the org's Lectr key."""
+        org = self._admin("POST", "/admin/orgs", {"name": name})
+        org_id = org["org"]["id"]
+        for n in ("a", "b") if route else ("a",):
+            self._admin(
+                "POST",
+                f"/admin/orgs/{org_id}/provider-keys",
+                {"provider": "openai", "key": UPSTREAM_KEY, "name": f"{name}-{n}"},
+            )
+        if route:
+            self._admin(
+                "PUT",
+                f"/admin/orgs/{org_id}/routes/bench",
+                {
+                    "targets": [
+                        {"provider": "openai", "model": "gpt-4o-mini"},
+                        {"provider": "openai", "model": "gpt-4o"},
+                    ]
+                },
+            )
+        if limits:
+            caps = {
+                "rpm": 100_000_000,
+                "tpm": 1_000_000_000,
+                "max_concurrent": 100_000,
+                "usd_per_day": "1000000",
+                "usd_per_month": "10000000",
+            }
+            self._admin("PUT", f"/admin/orgs/{org_id}/limits", caps)
+            self._admin("PUT", f"/admin/orgs/{org_id}/keys/{org['key']['id']}/limits", caps)
+        return org["key"]["key"]
+
     def logged_requests(self) -> int:
         """Requests in the org's request log so far (usage totals by provider)."""
         report = self._admin("GET", f"/admin/orgs/{self.org_id}/usage?group_by=provider")
@@ -507,8 +544,8 @@ def _children(pid: int) -> list[int]:
 # --- wrk ---------------------------------------------------------------------------------------
 
 
-def wrk_script(workdir: Path, stream: bool, key: str) -> Path:
-    body = STREAM_BODY if stream else CHAT_BODY
+def wrk_script(workdir: Path, stream: bool, key: str, model: str = "bench") -> Path:
+    body = (STREAM_BODY if stream else CHAT_BODY).replace('"bench"', json.dumps(model))
     lines = [
         'wrk.method = "POST"',
         f"wrk.body = '{body}'",
@@ -517,7 +554,7 @@ def wrk_script(workdir: Path, stream: bool, key: str) -> Path:
     ]
     if stream:
         lines.append('wrk.headers["X-Bench-Stream"] = "1"')  # only the nginx fallback reads it
-    path = workdir / f"post-{'stream' if stream else 'json'}-{key[:8]}.lua"
+    path = workdir / f"post-{'stream' if stream else 'json'}-{key[:11]}-{model}.lua"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -916,6 +953,65 @@ def metrics_cost(
         print(f"{mode}: metrics on / off = {on / off:.3f} ({(on - off) / off * 100:+.1f} % req/s)")
 
 
+def features(
+    workdir: Path,
+    upstream: Upstream,
+    seconds: float,
+    rounds: int,
+    load_pin: list[str],
+    proxy_pin: list[str],
+) -> None:
+    """What routing and limits cost, in one Lectr process and one run: three
+    orgs, requests interleaved per round at c=32. ``plain``: one provider key,
+    the model named directly; ``routed``: a two-key pool and a two-target
+    route (the request names the route); ``limited``: the same plus every
+    limit set on the org and on its key (caps that never refuse)."""
+    print(f"\nRouting and limits (c=32, {seconds} s cells, {rounds} rounds; {load()}):")
+    sub = workdir / "features"
+    sub.mkdir()
+    lectr = Lectr(sub, upstream.base, proxy_pin)
+    try:
+        url = f"http://127.0.0.1:{lectr.port}{CHAT_PATH}"
+        cases = [
+            ("plain", lectr.add_org("bench-plain", route=False, limits=False), "gpt-4o-mini"),
+            ("routed", lectr.add_org("bench-routed", route=True, limits=False), "bench"),
+            ("limited", lectr.add_org("bench-limited", route=True, limits=True), "bench"),
+        ]
+        got: dict[tuple[str, str], list[dict]] = {}
+        for rnd in range(1, rounds + 1):
+            print(f"  round {rnd}/{rounds} ({load()})", flush=True)
+            for stream in (False, True):
+                mode = "stream" if stream else "json"
+                for name, key, model in cases:
+                    script = wrk_script(workdir, stream, key, model)
+                    r = measure(url, script, 32, seconds, load_pin)
+                    got.setdefault((name, mode), []).append(r)
+                    print(
+                        f"    {mode:6} {name:8} {r['rps']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                        f"p99 {r['p99']:6.2f} ms  errors {r['errors']}",
+                        flush=True,
+                    )
+        print("\n| mode | case | req/s (median) | rounds | p50 ms | errors | vs plain |")
+        print("|---|---|---|---|---|---|---|")
+        for mode in ("json", "stream"):
+            plain = statistics.median(x["rps"] for x in got[("plain", mode)])
+            for name, _, _ in cases:
+                runs = got[(name, mode)]
+                rps = statistics.median(x["rps"] for x in runs)
+                p50 = statistics.median(x["p50"] for x in runs)
+                each = " / ".join(f"{x['rps']:.0f}" for x in runs)
+                print(
+                    f"| {mode} | {name} | {rps:.0f} | "
+                    f"{each} | {p50:.2f} | "
+                    f"{sum(x['errors'] for x in runs)} | {rps / plain:.3f} |"
+                )
+            limited = statistics.median(x["rps"] for x in got[("limited", mode)])
+            routed = statistics.median(x["rps"] for x in got[("routed", mode)])
+            print(f"{mode}: limited / routed = {limited / routed:.3f}")
+    finally:
+        lectr.stop()
+
+
 def flusher() -> None:
     script = BENCH / "flusher_bench.py"
     if not script.exists():
@@ -942,6 +1038,7 @@ def main() -> None:
             "metrics",
             "flusher",
             "lean",
+            "features",
         ],
     )
     parser.add_argument("--conns", default="1,32,128", help="concurrencies, comma-separated")
@@ -1012,6 +1109,8 @@ def main() -> None:
             logging_cost(workdir, upstream, seconds, args.rounds, load_pin, proxy_pin)
         if args.only in (None, "metrics"):
             metrics_cost(workdir, upstream, seconds, args.rounds, load_pin, proxy_pin)
+        if args.only in (None, "features"):
+            features(workdir, upstream, seconds, args.rounds, load_pin, proxy_pin)
         if args.only in (None, "scaling"):
             scaling(workdir, upstream, seconds, load_pin)
         if args.only in (None, "flusher"):

@@ -10,9 +10,10 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lectr.limits.model import to_micro
 from lectr.metrics import Registry
 from lectr.pricing.catalogue import (
     PriceError,
@@ -398,6 +399,27 @@ def test_worst_case(pricing, catalogue):
     )
     assert worst_case(entry, 10, None) is None
     assert worst_case(entry, 10, 5) == D("0.00002")
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    model=st.sampled_from(
+        ["claude-sonnet-4-5", "gpt-4o-2024-11-20", "text-embedding-3-large", "gpt-4o-mini"]
+    ),
+    prompt=st.integers(min_value=-5, max_value=2_000_000),
+    limit=st.none() | st.integers(min_value=-5, max_value=1_000_000),
+)
+def test_worst_case_micro_is_the_usd_figure_rounded_up(pricing, model, prompt, limit):
+    # the proxy reserves worst_case_micro (integers only): always the Decimal
+    # worst case in whole micro-dollars, rounded up, never short
+    provider = "anthropic" if model.startswith("claude") else "openai"
+    usd = pricing.worst_case_usd(provider, model, prompt_tokens=prompt, max_output_tokens=limit)
+    micro = pricing.worst_case_micro(provider, model, prompt_tokens=prompt, max_output_tokens=limit)
+    assert micro == (None if usd is None else to_micro(usd))
+    if micro is not None:
+        assert D(micro) / 1_000_000 >= usd > D(micro - 1) / 1_000_000
 
 
 # --- the catalogue ----------------------------------------------------------------------------

@@ -478,12 +478,12 @@ class Limiter:
         self, org_id: str, key_id: str, *, reserve_usd: Decimal | None
     ) -> Admission | Refusal:
         """Admit or refuse one request, in memory. ``reserve_usd``: its
-        worst-case cost, reserved against the dollar budgets until
-        :meth:`Admission.settle` - or a function returning it, called only
-        when a dollar budget applies (pricing a request costs time the
-        common case need not spend); None (unpriced): it is admitted while
-        the budgets have room, and charged the cost given at settlement, if
-        any."""
+        worst-case cost (a Decimal in USD, or an int in whole micro-dollars),
+        reserved against the dollar budgets until :meth:`Admission.settle` -
+        or a function returning it, called only when a dollar budget applies
+        (pricing a request costs time the common case need not spend); None
+        (unpriced): it is admitted while the budgets have room, and charged
+        the cost given at settlement, if any."""
         entry = self._orgs.get(org_id)
         if entry is None:
             return NO_LIMITS
@@ -504,7 +504,9 @@ class Limiter:
                 if scope.usd_day is not None or scope.usd_month is not None:
                     if callable(reserve_usd):
                         reserve_usd = reserve_usd()
-                    if reserve_usd is not None:
+                    if type(reserve_usd) is int:
+                        reserve = reserve_usd
+                    elif reserve_usd is not None:
                         reserve = to_micro(reserve_usd)
                     break
         refusal = None

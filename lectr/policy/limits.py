@@ -37,8 +37,9 @@ class Limits:
 
     def __init__(self, limits, worst_case=None) -> None:
         """``worst_case(provider, model, prompt_tokens=, max_output_tokens=)``
-        -> Decimal | None: the pricing catalogue's worst case (None: no
-        prices, budgets then charge the real cost at settlement)."""
+        -> int | Decimal | None: the pricing catalogue's worst case, in whole
+        micro-dollars or in USD (None: no price; budgets then charge the real
+        cost at settlement)."""
         self._admit = limits.admit
         self._worst_case = worst_case
 
@@ -55,15 +56,17 @@ class Limits:
         return None
 
     def _reserve(self, call):
-        def worst() -> Decimal | None:
+        def worst() -> int | Decimal | None:
             read = call.read
             prompt = estimate_prompt_tokens(len(read.body))
             limit = output_limit(read.doc)
-            costs = [
-                self._worst_case(t.provider, t.model, prompt_tokens=prompt, max_output_tokens=limit)
-                for t in call.plan.targets
-            ]
-            priced = [c for c in costs if c is not None]
-            return max(priced) if priced else None
+            dearest = None
+            for t in call.plan.targets:
+                cost = self._worst_case(
+                    t.provider, t.model, prompt_tokens=prompt, max_output_tokens=limit
+                )
+                if cost is not None and (dearest is None or cost > dearest):
+                    dearest = cost
+            return dearest
 
         return worst

@@ -257,6 +257,22 @@ def cost_of(entry: PriceEntry, usage: Usage, request_bytes: int = 0) -> Priced:
     return Priced(Decimal(pico).scaleb(-12), estimated, t.basis, entry, prompt_estimate)
 
 
+def worst_case_units(
+    entry: PriceEntry, prompt_tokens: int, max_output_tokens: int | None
+) -> int | None:
+    """:func:`worst_case` in integer units of 10^-12 USD (the rates' own
+    scale): the hot path of budget reservations, no Decimal."""
+    prompt = prompt_tokens if prompt_tokens > 0 else 0
+    t = entry.tier_for(prompt)
+    limit = max_output_tokens if max_output_tokens is not None else entry.max_output_tokens
+    if limit is None:
+        if t.i_output:
+            return None
+        limit = 0
+    dearest = max(t.i_input, t.i_cached, t.i_write_5m, t.i_write_1h)
+    return prompt * dearest + (limit if limit > 0 else 0) * t.i_output
+
+
 def worst_case(
     entry: PriceEntry, prompt_tokens: int, max_output_tokens: int | None
 ) -> Decimal | None:
@@ -265,15 +281,8 @@ def worst_case(
     limit (the request's, else the model's) at the output rate, at the tier
     the prompt falls in. None when the output is unbounded (no limit known
     and the output is not free)."""
-    prompt = max(prompt_tokens, 0)
-    t = entry.tier_for(prompt)
-    limit = max_output_tokens if max_output_tokens is not None else entry.max_output_tokens
-    if limit is None:
-        if t.i_output:
-            return None
-        limit = 0
-    dearest = max(t.i_input, t.i_cached, t.i_write_5m, t.i_write_1h)
-    return Decimal(prompt * dearest + max(limit, 0) * t.i_output).scaleb(-12)
+    units = worst_case_units(entry, prompt_tokens, max_output_tokens)
+    return None if units is None else Decimal(units).scaleb(-12)
 
 
 # --- explaining a stored cost ------------------------------------------------------------

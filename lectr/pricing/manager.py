@@ -12,7 +12,8 @@ and cached.
   (called by the proxy at the end of every request, and by the usage
   recorder for rows that arrive without a price);
 - :meth:`PricingManager.worst_case_usd` — the most a request can cost, for
-  budget reservations;
+  budget reservations (:meth:`~PricingManager.worst_case_micro`: the same in
+  whole micro-dollars, on integers, for the proxy);
 - :meth:`PricingManager.price_record` — a usage record with its price.
 """
 
@@ -43,6 +44,7 @@ from lectr.pricing.cost import (
     cost_of,
     format_usd,
     worst_case,
+    worst_case_units,
 )
 from lectr.usage.model import Usage, UsageRecord
 from lectr.util.deferred import timeout_without_cancel
@@ -229,6 +231,24 @@ class PricingManager:
         if entry is None:
             return None
         return worst_case(entry, prompt_tokens, max_output_tokens)
+
+    def worst_case_micro(
+        self,
+        provider: str,
+        model: str | None,
+        *,
+        prompt_tokens: int,
+        max_output_tokens: int | None,
+    ) -> int | None:
+        """:meth:`worst_case_usd` in whole micro-dollars, rounded up (what a
+        budget reserves), computed on integers only: the proxy's hot path."""
+        if model is None:
+            return None
+        entry = self.resolve(provider, model)
+        if entry is None:
+            return None
+        units = worst_case_units(entry, prompt_tokens, max_output_tokens)
+        return None if units is None else -(-units // 1_000_000)
 
     def price_record(self, record: UsageRecord) -> UsageRecord:
         """``record`` with its cost (for rows that arrive without one)."""
