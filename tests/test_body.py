@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lectr.providers.body import BodyRefused, read_body
+from lectr.providers.body import BodyRefused, media_type, read_body
 
 JSON = [b"application/json"]
 
@@ -264,3 +264,36 @@ def test_a_routed_model_replaces_the_value_and_nothing_else(other, stream, old, 
         expected["stream_options"] = {"include_usage": True}
     assert json.loads(plan.body) == expected
     assert plan.strip_usage_chunk is stream
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ctype=st.binary(max_size=80)
+    | st.sampled_from(
+        [
+            b"application/json",
+            b"Application/JSON; charset=utf-8",
+            b'multipart/form-data; boundary="a b"',
+            b"text/plain; a=1; A=2",
+            b"application/json; charset",
+            b"",
+            b" ",
+        ]
+    )
+)
+def test_media_type_answers_the_same_when_remembered(ctype):
+    # well-formed values are remembered: the second answer is the first, and a
+    # malformed value is refused every time (never remembered as good)
+    def judge():
+        try:
+            mtype, params = media_type(ctype)
+            return mtype, dict(params)
+        except BodyRefused as e:
+            return str(e)
+
+    first = judge()
+    assert judge() == first
+    if not isinstance(first, str):
+        _, params = media_type(ctype)
+        with pytest.raises(TypeError):
+            params[b"boundary"] = b"x"  # read-only: one caller cannot change another's

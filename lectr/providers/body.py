@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from json.decoder import scanstring
 from json.scanner import make_scanner
+from types import MappingProxyType
 from urllib.parse import unquote_to_bytes
 
 #: model names longer than this are not model names
@@ -93,11 +95,32 @@ class ReadBody:
         return self.doc is not None and self.doc.get("stream") is True
 
 
-def media_type(content_type: bytes | None) -> tuple[bytes, dict[bytes, bytes]]:
+_NO_PARAMS: Mapping[bytes, bytes] = MappingProxyType({})
+_MEDIA_TYPES: dict[bytes, tuple[bytes, Mapping[bytes, bytes]]] = {}
+_MEDIA_TYPES_MAX = 256  # distinct values remembered, each at most 256 bytes
+
+
+def media_type(content_type: bytes | None) -> tuple[bytes, Mapping[bytes, bytes]]:
     """``(type/subtype lower-cased, {param: value})``; ``(b"", {})`` when
-    absent. Raises :class:`BodyRefused` when malformed."""
-    if content_type is None or not content_type.strip():
-        return b"", {}
+    absent. Raises :class:`BodyRefused` when malformed. Well-formed values
+    are remembered (a few distinct ones make nearly all traffic); the
+    parameters are read-only."""
+    if content_type is None:
+        return b"", _NO_PARAMS
+    known = _MEDIA_TYPES.get(content_type)
+    if known is not None:
+        return known
+    result = _parse_media_type(content_type)
+    if len(content_type) <= 256:
+        if len(_MEDIA_TYPES) >= _MEDIA_TYPES_MAX:
+            _MEDIA_TYPES.clear()
+        _MEDIA_TYPES[content_type] = result
+    return result
+
+
+def _parse_media_type(content_type: bytes) -> tuple[bytes, Mapping[bytes, bytes]]:
+    if not content_type.strip():
+        return b"", _NO_PARAMS
     m = _MEDIA_TYPE.fullmatch(content_type)
     if m is None:
         raise BodyRefused("the Content-Type header is malformed")
@@ -109,7 +132,7 @@ def media_type(content_type: bytes | None) -> tuple[bytes, dict[bytes, bytes]]:
         if value[:1] == b'"':
             value = re.sub(rb"\\(.)", rb"\1", value[1:-1])
         params[name] = value
-    return (m.group(1) + b"/" + m.group(2)).lower(), params
+    return (m.group(1) + b"/" + m.group(2)).lower(), MappingProxyType(params)
 
 
 def is_json_type(mtype: bytes) -> bool:
@@ -284,7 +307,7 @@ def _form_decode(data: bytes) -> bytes:
 
 
 def multipart_model(
-    params: dict[bytes, bytes], body: bytes
+    params: Mapping[bytes, bytes], body: bytes
 ) -> tuple[str | None, tuple[int, int] | None]:
     """The ``model`` field of a multipart/form-data body (RFC 7578), read
     strictly and without copying the file parts, and where its value is."""
