@@ -175,7 +175,9 @@ async def test_partitions_are_made_ahead_and_expired_whole(database, db_url):
 
 @pytest_twisted.ensureDeferred
 async def test_rows_of_the_default_partition_move_into_a_new_partition(database, db_url):
-    insert_rows(db_url, [-60, -60.5, -90])  # a skewed clock: 60 and 90 days ahead
+    # a skewed clock: two rows 60 days ahead (the same instant: one partition,
+    # whatever the time of day) and one 90 days ahead
+    insert_rows(db_url, [-60, -60, -90])
     assert where_rows_are(db_url) == {"request_logs_default": 3}
     result = await job(database, 0, ahead=timedelta(days=70)).run_once()
     assert result.created
