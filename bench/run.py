@@ -427,30 +427,10 @@ class Lectr:
             return json.loads(r.read())
 
     def _provision(self) -> str:
-        org = self._admin("POST", "/admin/orgs", {"name": "bench"})
-        org_id = org["org"]["id"] if "org" in org else org["id"]
-        self.org_id = org_id
-        key = org.get("api_key") or org.get("key")
-        plaintext = key["key"] if isinstance(key, dict) else key
         # every feature on: a two-key pool (the mock knows one key: both hold it) and a
         # two-target route; requests name the route
-        for name in ("bench-a", "bench-b"):
-            self._admin(
-                "POST",
-                f"/admin/orgs/{org_id}/provider-keys",
-                {"provider": "openai", "key": UPSTREAM_KEY, "name": name},
-            )
-        self._admin(
-            "PUT",
-            f"/admin/orgs/{org_id}/routes/bench",
-            {
-                "targets": [
-                    {"provider": "openai", "model": "gpt-4o-mini"},
-                    {"provider": "openai", "model": "gpt-4o"},
-                ]
-            },
-        )
-        return plaintext
+        self.org_id, key = self._org("bench", route=True, limits=False)
+        return key
 
     def add_org(self, name: str, *, route: bool, limits: bool) -> str:
         """Another org on the same process, for the features section: one
@@ -458,6 +438,9 @@ class Lectr:
         bench org's two-key pool and two-target route; with ``limits``, every
         limit set on the org and on its key, high enough never to refuse.
         Returns the org's Lectr key."""
+        return self._org(name, route=route, limits=limits)[1]
+
+    def _org(self, name: str, *, route: bool, limits: bool) -> tuple[str, str]:
         org = self._admin("POST", "/admin/orgs", {"name": name})
         org_id = org["org"]["id"]
         for n in ("a", "b") if route else ("a",):
@@ -487,7 +470,7 @@ class Lectr:
             }
             self._admin("PUT", f"/admin/orgs/{org_id}/limits", caps)
             self._admin("PUT", f"/admin/orgs/{org_id}/keys/{org['key']['id']}/limits", caps)
-        return org["key"]["key"]
+        return org_id, org["key"]["key"]
 
     def logged_requests(self) -> int:
         """Requests in the org's request log so far (usage totals by provider)."""
