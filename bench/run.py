@@ -813,6 +813,12 @@ def lean_memory(upstream: Upstream, counts: list[int], proxy_pin: list[str]) -> 
             lean.stop()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -960,37 +966,59 @@ def features(
             ("routed", lectr.add_org("bench-routed", route=True, limits=False), "bench"),
             ("limited", lectr.add_org("bench-limited", route=True, limits=True), "bench"),
         ]
+        pid = lectr.serving_pid()
         got: dict[tuple[str, str], list[dict]] = {}
         for rnd in range(1, rounds + 1):
             print(f"  round {rnd}/{rounds} ({load()})", flush=True)
             for stream in (False, True):
                 mode = "stream" if stream else "json"
-                for name, key, model in cases:
+                # each round starts with another case: drift within a round
+                # falls on each case alike
+                shift = (rnd - 1) % len(cases)
+                for name, key, model in cases[shift:] + cases[:shift]:
                     script = wrk_script(workdir, stream, key, model)
-                    r = measure(url, script, 32, seconds, load_pin)
+                    run_wrk(url, script, 32, 3, load_pin)  # warm-up
+                    cpu = _cpu_seconds(pid)
+                    r = run_wrk(url, script, 32, seconds, load_pin)
+                    # the proxy's own CPU per request: steadier than req/s on a
+                    # shared machine (another tenant slows the clock, not the work)
+                    r["cpu_us"] = (_cpu_seconds(pid) - cpu) / max(1, r["requests"]) * 1e6
                     got.setdefault((name, mode), []).append(r)
                     print(
                         f"    {mode:6} {name:8} {r['rps']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
-                        f"p99 {r['p99']:6.2f} ms  errors {r['errors']}",
+                        f"p99 {r['p99']:6.2f} ms  CPU {r['cpu_us']:6.1f} us/request  "
+                        f"errors {r['errors']}",
                         flush=True,
                     )
-        print("\n| mode | case | req/s (median) | rounds | p50 ms | errors | vs plain |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "\n| mode | case | req/s (median) | rounds | vs plain | CPU µs/request (median) "
+            "| rounds | req/s per CPU, vs plain | errors |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        med: dict[tuple[str, str], tuple[float, float]] = {}
         for mode in ("json", "stream"):
-            plain = statistics.median(x["rps"] for x in got[("plain", mode)])
             for name, _, _ in cases:
                 runs = got[(name, mode)]
-                rps = statistics.median(x["rps"] for x in runs)
-                p50 = statistics.median(x["p50"] for x in runs)
-                each = " / ".join(f"{x['rps']:.0f}" for x in runs)
-                print(
-                    f"| {mode} | {name} | {rps:.0f} | "
-                    f"{each} | {p50:.2f} | "
-                    f"{sum(x['errors'] for x in runs)} | {rps / plain:.3f} |"
+                med[(name, mode)] = (
+                    statistics.median(x["rps"] for x in runs),
+                    statistics.median(x["cpu_us"] for x in runs),
                 )
-            limited = statistics.median(x["rps"] for x in got[("limited", mode)])
-            routed = statistics.median(x["rps"] for x in got[("routed", mode)])
-            print(f"{mode}: limited / routed = {limited / routed:.3f}")
+            plain_rps, plain_cpu = med[("plain", mode)]
+            for name, _, _ in cases:
+                runs = got[(name, mode)]
+                rps, cpu = med[(name, mode)]
+                each = " / ".join(f"{x['rps']:.0f}" for x in runs)
+                each_cpu = " / ".join(f"{x['cpu_us']:.0f}" for x in runs)
+                print(
+                    f"| {mode} | {name} | {rps:.0f} | {each} | {rps / plain_rps:.3f} | "
+                    f"{cpu:.1f} | {each_cpu} | {plain_cpu / cpu:.3f} | "
+                    f"{sum(x['errors'] for x in runs)} |"
+                )
+            (r_rps, r_cpu), (l_rps, l_cpu) = med[("routed", mode)], med[("limited", mode)]
+            print(
+                f"{mode}: limited / routed = {l_rps / r_rps:.3f} (req/s), "
+                f"{r_cpu / l_cpu:.3f} (requests per CPU second)"
+            )
     finally:
         lectr.stop()
 
