@@ -432,15 +432,16 @@ class Lectr:
         self.org_id, key = self._org("bench", route=True, limits=False)
         return key
 
-    def add_org(self, name: str, *, route: bool, limits: bool) -> str:
+    def add_org(self, name: str, *, route: bool, limits: bool | str) -> str:
         """Another org on the same process, for the features section: one
         provider key and the model named directly (``route=False``), or the
         bench org's two-key pool and two-target route; with ``limits``, every
-        limit set on the org and on its key, high enough never to refuse.
+        limit set on the org and on its key, high enough never to refuse
+        (``"rpm"``: only a requests-per-minute limit on the org).
         Returns the org's Lectr key."""
         return self._org(name, route=route, limits=limits)[1]
 
-    def _org(self, name: str, *, route: bool, limits: bool) -> tuple[str, str]:
+    def _org(self, name: str, *, route: bool, limits: bool | str) -> tuple[str, str]:
         org = self._admin("POST", "/admin/orgs", {"name": name})
         org_id = org["org"]["id"]
         for n in ("a", "b") if route else ("a",):
@@ -460,7 +461,9 @@ class Lectr:
                     ]
                 },
             )
-        if limits:
+        if limits == "rpm":  # one limit, on the org
+            self._admin("PUT", f"/admin/orgs/{org_id}/limits", {"rpm": 100_000_000})
+        elif limits:
             caps = {
                 "rpm": 100_000_000,
                 "tpm": 1_000_000_000,
@@ -950,10 +953,11 @@ def features(
     load_pin: list[str],
     proxy_pin: list[str],
 ) -> None:
-    """What routing and limits cost, in one Lectr process and one run: three
+    """What routing and limits cost, in one Lectr process and one run: four
     orgs, requests interleaved per round at c=32. ``plain``: one provider key,
     the model named directly; ``routed``: a two-key pool and a two-target
-    route (the request names the route); ``limited``: the same plus every
+    route (the request names the route); ``rpm``: the same plus a
+    requests-per-minute limit on the org; ``limited``: the same plus every
     limit set on the org and on its key (caps that never refuse)."""
     print(f"\nRouting and limits (c=32, {seconds} s cells, {rounds} rounds; {load()}):")
     sub = workdir / "features"
@@ -964,6 +968,7 @@ def features(
         cases = [
             ("plain", lectr.add_org("bench-plain", route=False, limits=False), "gpt-4o-mini"),
             ("routed", lectr.add_org("bench-routed", route=True, limits=False), "bench"),
+            ("rpm", lectr.add_org("bench-rpm", route=True, limits="rpm"), "bench"),
             ("limited", lectr.add_org("bench-limited", route=True, limits=True), "bench"),
         ]
         pid = lectr.serving_pid()
