@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lectr.errors import BadRequest, NotFound
 from lectr.managers.usage import (
@@ -677,3 +679,38 @@ async def test_keyset_pages_cross_partitions(big_table, database):
         assert got == [r[0] for r in expected]
     totals = await store.totals(ORG, since=since, until=until, group_by="day", limit=10)
     assert sum(t.requests for t in totals) == len(expected) and len(totals) == 3
+
+
+# --- a batch's columns are built in slices, the reactor served in between ----------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.sampled_from([1, 99, 100, 101, 199, 250, 500]),
+    models=st.lists(st.none() | st.text(max_size=12), min_size=1, max_size=7),
+    statuses=st.lists(st.integers(100, 599), min_size=1, max_size=5),
+)
+def test_columns_built_in_slices_are_the_columns_built_at_once(n, models, statuses):
+    # quotes, backslashes, commas, braces, NULLs and numbers at every slice
+    # boundary: the merged arrays are exactly the arrays of one pass
+    from twisted.internet.defer import ensureDeferred, succeed
+
+    from lectr.storage import request_logs
+
+    rows = [
+        rec(
+            model=models[i % len(models)],
+            status=statuses[i % len(statuses)],
+            error_type=None if i % 3 else 'a"b\\c,{d}',
+        )
+        for i in range(n)
+    ]
+    pauses = []
+
+    def pause():
+        pauses.append(1)
+        return succeed(None)
+
+    d = ensureDeferred(request_logs._columns_in_slices(rows, pause))
+    assert d.result == request_logs._columns(rows)
+    assert len(pauses) == (n - 1) // request_logs.PREPARE_SLICE

@@ -17,7 +17,7 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.defer import DeferredList, ensureDeferred, succeed
 from twisted.internet.task import Clock
 
 from lectr.db.database import Database
@@ -163,6 +163,9 @@ class SyncDatabase:
     def runInteraction(self, desc, txn):
         with self.conn, self.conn.cursor() as cursor:  # one transaction
             return _Now(run_now(txn(_SyncTransaction(cursor))))
+
+    def pause(self):
+        return succeed(None)  # no reactor to yield to
 
     def close(self) -> None:
         self.conn.close()

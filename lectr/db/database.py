@@ -33,7 +33,7 @@ import psycopg2.extensions
 from twisted.internet import error, main
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorCore, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from txpostgres import txpostgres
 
@@ -243,6 +243,11 @@ class Database:
             return await self._run(desc, flag, self._query, sql, args, retry=True)
 
         return delay_cancellation(run)
+
+    def pause(self) -> Deferred[None]:
+        """Fires on a later turn of the reactor: for work that prepares a
+        large statement in slices, so that requests are served in between."""
+        return deferLater(self._reactor, 0, lambda: None)
 
     def runInteraction(
         self,

@@ -316,11 +316,38 @@ def _basis_id(r: UsageRecord) -> int | None:
     return priced.basis.id if priced is not None and priced.basis is not None else None
 
 
+#: rows whose column arrays are built in one turn of the reactor (about half
+#: a millisecond); a batch of 500 built at once held it for about 3 ms,
+#: which the requests arriving meanwhile waited out (their p99 at c=1)
+PREPARE_SLICE = 100
+
+
 def _columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
     """The two price-basis arrays and the 25 column arrays of a batch, in
     ``_INSERT_SQL`` order."""
+    return (*_bases(rows), *_row_columns(rows))
+
+
+async def _columns_in_slices(rows: Sequence[UsageRecord], pause) -> tuple[str, ...]:
+    """:func:`_columns`, built ``PREPARE_SLICE`` rows at a time with
+    ``pause()`` (a Deferred) awaited between slices. The arrays are the
+    same: a slice's array literal is never empty, so the slices' elements
+    join with a comma."""
+    if len(rows) <= PREPARE_SLICE:
+        return _columns(rows)
+    slices = []
+    for i in range(0, len(rows), PREPARE_SLICE):
+        if i:
+            await pause()
+        slices.append(_row_columns(rows[i : i + PREPARE_SLICE]))
+    merged = tuple(
+        "{" + ",".join(part[1:-1] for part in column) + "}" for column in zip(*slices, strict=True)
+    )
+    return (*_bases(rows), *merged)
+
+
+def _row_columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
     return (
-        *_bases(rows),
         _array([r.request_id for r in rows]),
         _array([r.created_at.isoformat() for r in rows]),
         _array([r.org_id for r in rows]),
@@ -458,7 +485,7 @@ class RequestLogStore:
         number of rows inserted."""
         if not rows:
             return 0
-        args = _columns(rows)
+        args = await _columns_in_slices(rows, self._db.pause)
 
         async def txn(t: Transaction) -> int:
             row = await t.fetchone(_INSERT_SQL, args)
