@@ -225,12 +225,8 @@ class PricingManager:
         ``max_output_tokens``; None: the model's limit from the price table)
         at the output rate. None when the model has no price, or when its
         output is unbounded (no limit in the request nor in the table)."""
-        if model is None:
-            return None
-        entry = self.resolve(provider, model)
-        if entry is None:
-            return None
-        return worst_case(entry, prompt_tokens, max_output_tokens)
+        entry = self._entry(provider, model)
+        return None if entry is None else worst_case(entry, prompt_tokens, max_output_tokens)
 
     def worst_case_micro(
         self,
@@ -242,13 +238,14 @@ class PricingManager:
     ) -> int | None:
         """:meth:`worst_case_usd` in whole micro-dollars, rounded up (what a
         budget reserves), computed on integers only: the proxy's hot path."""
-        if model is None:
-            return None
-        entry = self.resolve(provider, model)
+        entry = self._entry(provider, model)
         if entry is None:
             return None
         units = worst_case_units(entry, prompt_tokens, max_output_tokens)
         return None if units is None else -(-units // 1_000_000)
+
+    def _entry(self, provider: str, model: str | None) -> PriceEntry | None:
+        return None if model is None else self.resolve(provider, model)
 
     def price_record(self, record: UsageRecord) -> UsageRecord:
         """``record`` with its cost (for rows that arrive without one)."""

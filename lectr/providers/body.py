@@ -97,7 +97,8 @@ class ReadBody:
 
 _NO_PARAMS: Mapping[bytes, bytes] = MappingProxyType({})
 _MEDIA_TYPES: dict[bytes, tuple[bytes, Mapping[bytes, bytes]]] = {}
-_MEDIA_TYPES_MAX = 256  # distinct values remembered, each at most 256 bytes
+_MEDIA_TYPES_MAX = 256  # distinct values remembered
+_MEDIA_TYPE_REMEMBERED_BYTES = 256  # longer values are parsed every time
 
 
 def media_type(content_type: bytes | None) -> tuple[bytes, Mapping[bytes, bytes]]:
@@ -111,7 +112,7 @@ def media_type(content_type: bytes | None) -> tuple[bytes, Mapping[bytes, bytes]
     if known is not None:
         return known
     result = _parse_media_type(content_type)
-    if len(content_type) <= 256:
+    if len(content_type) <= _MEDIA_TYPE_REMEMBERED_BYTES:
         if len(_MEDIA_TYPES) >= _MEDIA_TYPES_MAX:
             _MEDIA_TYPES.clear()
         _MEDIA_TYPES[content_type] = result
