@@ -595,9 +595,20 @@ def run_wrk(url: str, script: Path, conns: int, seconds: float, pin: list[str]) 
     return result
 
 
-def measure(url: str, script: Path, conns: int, seconds: float, pin: list[str]) -> dict:
+def measure(
+    url: str, script: Path, conns: int, seconds: float, pin: list[str], cpu_pid: int | None = None
+) -> dict:
+    """A 3 s warm-up, then the measured run. With ``cpu_pid``, also
+    ``cpu_us``: that process's own CPU time per request during the run
+    (steadier than req/s on a shared machine: another tenant slows the
+    clock, not the work)."""
     run_wrk(url, script, conns, 3, pin)  # warm-up
-    return run_wrk(url, script, conns, seconds, pin)
+    if cpu_pid is None:
+        return run_wrk(url, script, conns, seconds, pin)
+    cpu = _cpu_seconds(cpu_pid)
+    result = run_wrk(url, script, conns, seconds, pin)
+    result["cpu_us"] = (_cpu_seconds(cpu_pid) - cpu) / max(1, result["requests"]) * 1e6
+    return result
 
 
 # --- throughput: several targets, several rounds, medians, ratios vs bare -------------------
@@ -982,12 +993,7 @@ def features(
                 shift = (rnd - 1) % len(cases)
                 for name, key, model in cases[shift:] + cases[:shift]:
                     script = wrk_script(workdir, stream, key, model)
-                    run_wrk(url, script, 32, 3, load_pin)  # warm-up
-                    cpu = _cpu_seconds(pid)
-                    r = run_wrk(url, script, 32, seconds, load_pin)
-                    # the proxy's own CPU per request: steadier than req/s on a
-                    # shared machine (another tenant slows the clock, not the work)
-                    r["cpu_us"] = (_cpu_seconds(pid) - cpu) / max(1, r["requests"]) * 1e6
+                    r = measure(url, script, 32, seconds, load_pin, cpu_pid=pid)
                     got.setdefault((name, mode), []).append(r)
                     print(
                         f"    {mode:6} {name:8} {r['rps']:9.0f} req/s  p50 {r['p50']:6.2f} ms  "
