@@ -521,7 +521,7 @@ class LectrService(Service):
             ResolveRoute(c.routes, c.providers),
             ProviderPolicy(c.settings, c.providers),
             KeyAvailability(selector),
-            Limits(c.limits, worst_case=c.pricing.worst_case_micro),
+            Limits(c.limits, dearest=c.pricing.dearest_micro),
         ]
         c.proxy = ProxyHandler(
             reactor=self._reactor,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
@@ -311,3 +311,142 @@ def test_a_removed_limit_gives_its_allowance_back_and_stops_counting():
     assert [(p.debt, p.want) for p in draws] == [(-5, 0)]
     assert lim.plan(clock.seconds()) == ([], [])
     assert lim.counters == {}
+
+
+# --- the inline path --------------------------------------------------------------------------
+
+_admit = st.tuples(
+    st.just("admit"),
+    st.sampled_from(["key", "key", "other"]),
+    st.none() | st.integers(min_value=0, max_value=60_000),
+)
+_round = st.tuples(
+    st.just("round"),
+    st.booleans(),
+    st.sampled_from([0, 0, 0, 3, 10]),  # used by the other nodes
+    st.booleans(),
+)
+_ops = st.lists(
+    st.one_of(
+        _admit,
+        _admit,
+        _admit,
+        st.tuples(
+            st.just("settle"),
+            st.integers(min_value=0, max_value=50),
+            st.none() | st.integers(min_value=0, max_value=300),
+            st.none() | st.integers(min_value=0, max_value=40_000),
+        ),
+        st.tuples(
+            st.just("round"), st.booleans(), st.integers(min_value=0, max_value=10), st.booleans()
+        ),
+        # (T0 is 30 s before a minute, a day, a month and a year end)
+        st.tuples(st.just("advance"), st.sampled_from([0.2, 1.0, 2.5, 29.5, 30.0, 3600.0])),
+        st.tuples(st.just("offline"), st.booleans()),
+    ),
+    min_size=30,
+    max_size=200,
+)
+
+
+def _state(lim: Limiter) -> dict:
+    counters = {
+        key: (c.held, c.spent, c.reserved, c.reported, c.open, c.exhausted, c.watched)
+        for key, c in lim.counters.items()
+    }
+    slots = {key: (s.held, s.in_use, s.exhausted) for key, s in lim.slots.items()}
+    return {"counters": counters, "slots": slots, "watch": sorted(id(c) for c in lim._watch)}
+
+
+def _outcome(r) -> tuple:
+    if isinstance(r, Refusal):
+        return ("refused", r.status, r.kind, r.message, r.retry_after, tuple(r.headers))
+    return ("admitted", tuple(r.headers))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_ops, fraction=st.sampled_from([0.1, 0.5, 1.0]))
+def test_the_inline_path_decides_exactly_as_the_careful_one(ops, fraction):
+    # The hot path decides most admissions inline (every counter well inside
+    # its lease); it must admit, refuse, charge, kick and answer headers
+    # exactly as the careful path would, over any sequence of requests,
+    # settlements, lease rounds (granted in full, in part or not at all),
+    # window rollovers and outages. Caps are small so that every limit is
+    # reached.
+    both = []
+    for inline in (True, False):
+        clock = Clock()
+        clock.advance(T0)
+        kicks: list = []
+        lim = Limiter(
+            clock=clock,
+            kick=lambda kicks=kicks, clock=clock: kicks.append(clock.seconds()),
+            lease_fraction=fraction,
+            inline=inline,
+        )
+        caps = Limits(
+            rpm=60,
+            tpm=4_000,
+            max_concurrent=40,
+            usd_per_day=Decimal("0.5"),
+            usd_per_month=Decimal("2"),
+        )
+        lim.set_org(
+            "org",
+            [
+                ("org", None, caps),
+                (
+                    "key",
+                    "key",
+                    Limits(rpm=40, tpm=3_000, max_concurrent=30, usd_per_day=Decimal("0.3")),
+                ),
+            ],
+        )
+        both.append((lim, clock, kicks, []))
+    for op in ops:
+        seen = []
+        for lim, clock, kicks, open_ in both:
+            kind = op[0]
+            if kind == "admit":
+                r = lim.admit("org", op[1], reserve_usd=op[2])
+                if isinstance(r, Admission):
+                    open_.append(r)
+                seen.append(_outcome(r))
+            elif kind == "settle" and open_:
+                a = open_.pop(op[1] % len(open_))
+                a.settle(tokens=op[2], cost_usd=op[3])
+            elif kind == "advance":
+                clock.advance(op[1])
+            elif kind == "round" and not lim.offline:
+                draws, slots = lim.plan(clock.seconds(), sweep=op[3])
+                results = []
+                for p in draws:
+                    c = p.counter
+                    used_before = op[2] + c.held
+                    grant = min(p.want, max(c.cap - used_before - p.debt, 0)) if op[1] else 0
+                    results.append(
+                        Drawn(
+                            c.scope_id,
+                            c.metric,
+                            datetime.fromtimestamp(c.start, UTC),
+                            used_before + p.debt + grant,
+                            c.reported + p.spent,
+                            grant,
+                        )
+                    )
+                lim.apply_draws(draws, results, clock.seconds())
+                held = [
+                    SlotsHeld(p.slots.scope_id, max(p.in_use, min(p.want, p.slots.cap)), 0)
+                    for p in slots
+                ]
+                lim.apply_slots(slots, held, clock.seconds())
+                seen.append(([(p.debt, p.want, p.spent) for p in draws], len(slots)))
+            elif kind == "offline":
+                lim.set_offline(op[1])
+            seen.append((len(kicks), lim.kicked, len(open_)))
+        assert seen[: len(seen) // 2] == seen[len(seen) // 2 :], op
+        (a, *_), (b, *_) = both
+        assert (
+            _state(a)["counters"] == _state(b)["counters"]
+            and _state(a)["slots"] == _state(b)["slots"]
+        ), op

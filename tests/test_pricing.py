@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -401,6 +402,11 @@ def test_worst_case(pricing, catalogue):
     assert worst_case(entry, 10, 5) == D("0.00002")
 
 
+class Target(NamedTuple):
+    provider: str
+    model: str | None
+
+
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -420,6 +426,21 @@ def test_worst_case_micro_is_the_usd_figure_rounded_up(pricing, model, prompt, l
     assert micro == (None if usd is None else to_micro(usd))
     if micro is not None:
         assert D(micro) / 1_000_000 >= usd > D(micro - 1) / 1_000_000
+    # a plan's reservation: the dearest of its targets, the unpriced ones skipped
+    others = [("openai", "gpt-4o"), ("openai", "no-such-model"), ("anthropic", None)]
+    targets = [Target(p, m) for p, m in [(provider, model), *others]]
+    each = [
+        pricing.worst_case_micro(p, m, prompt_tokens=prompt, max_output_tokens=limit)
+        for p, m in [(provider, model), *others]
+    ]
+    priced = [x for x in each if x is not None]
+    assert pricing.dearest_micro(targets, prompt_tokens=prompt, max_output_tokens=limit) == (
+        max(priced) if priced else None
+    )
+    assert (
+        pricing.dearest_micro(targets[1:3], prompt_tokens=prompt, max_output_tokens=limit)
+        == (each[1])
+    )
 
 
 # --- the catalogue ----------------------------------------------------------------------------
@@ -611,6 +632,8 @@ def test_the_explanation_always_adds_up_to_the_cost(
     lines, total = _explain(priced, u, 0)
     assert total == priced.cost_usd
     assert "E" not in format_usd(priced.cost_usd)  # plain fixed-point text
+    # what the limits are charged: the same cost in whole micro-dollars, rounded up
+    assert priced.cost_micro == to_micro(priced.cost_usd)
 
 
 def test_format_usd():

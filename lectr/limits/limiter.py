@@ -25,6 +25,16 @@ Per counter (a scope, a metric, a window) a node keeps:
 Concurrency works the same way with slots each node holds (``Slots``), kept
 alive by heartbeats so that a crashed node's slots come back.
 
+The hot path: most admissions are decided inline in :meth:`Limiter.admit`,
+one comparison per limit against ``room`` (what the node holds less half a
+lease): while every limit of the org and the key has room, the request
+fits, no lease round is due, and nothing but the charge itself is written
+(activity is kept per scope, not per counter). Anything else - a counter
+running low, a window over, a counter the lease rounds stopped watching,
+credit, a refusal - takes the careful path (``_check``, ``_charged``),
+which decides exactly as before; a generated test plays any sequence of
+requests, settlements, rounds and outages through both and compares.
+
 When PostgreSQL cannot be reached, a node first spends what it holds, then
 enforces its share of what was left alone (``local-only``): the remaining
 allowance divided by the number of nodes it last saw; or, with
@@ -83,6 +93,7 @@ class Counter:
     """This node's share of one cluster-wide counter (see the module doc)."""
 
     __slots__ = (
+        "scope",
         "scope_id",
         "org_id",
         "metric",
@@ -91,6 +102,7 @@ class Counter:
         "cap",
         "lease",
         "low",
+        "room",
         "held",
         "spent",
         "reserved",
@@ -101,13 +113,12 @@ class Counter:
         "synced",
         "retired",
         "open",
-        "active_at",
         "refused_at",
         "checked_at",
         "local_allow",
         "alerted",
         "h_limit",
-        "reset_s",
+        "reset_from",
         "reset_b",
         "watched",
     )
@@ -115,6 +126,7 @@ class Counter:
     def __init__(
         self, scope: Scope, metric: str, start: float, end: float, cap: int, fraction: float
     ):
+        self.scope = scope  # (its activity is the counter's, see Limiter.plan)
         self.scope_id = scope.id
         self.org_id = scope.org_id
         self.metric = metric
@@ -128,11 +140,10 @@ class Counter:
         self.global_spent = 0  # consumption reported by every node, as of the last draw
         self.synced = False  # the database row is known to exist
         self.open = 0  # admissions whose reservation is not settled yet
-        self.active_at = -math.inf
         self.refused_at = -math.inf
         self.checked_at = -math.inf
         self.alerted = 0  # bit i: ALERT_THRESHOLDS[i] claimed
-        self.reset_s = -1  # the reset header, cached per whole second
+        self.reset_from = math.inf  # the reset header, valid for one second from here
         self.reset_b = b""
         self.watched = False  # in the limiter's watch list (see Limiter.plan)
         self.set_cap(cap, fraction)
@@ -141,6 +152,7 @@ class Counter:
         self.cap = cap
         self.lease = max(1, math.ceil(cap * fraction))
         self.low = (self.lease + 1) // 2
+        self.room = self.held - self.low
         self.exhausted = False
         self.retired = False
         self.local_allow: int | None = None
@@ -153,9 +165,10 @@ class Counter:
     def reset(self, now: float) -> bytes:
         """Time to the end of the window, rounded up to whole seconds, the
         way x-ratelimit-reset-* write it."""
-        secs = math.ceil(self.end - now)
-        if secs != self.reset_s:
-            self.reset_s = secs
+        start = self.reset_from
+        if not start <= now < start + 1.0:
+            secs = math.ceil(self.end - now)
+            self.reset_from = self.end - secs
             self.reset_b = reset_text(secs)
         return self.reset_b
 
@@ -164,31 +177,32 @@ class Slots:
     """This node's share of a scope's concurrency cap."""
 
     __slots__ = (
+        "scope",
         "scope_id",
         "org_id",
         "cap",
         "lease",
         "low",
+        "room",
         "held",
         "in_use",
         "reported",
         "others",
         "exhausted",
         "retired",
-        "active_at",
         "refused_at",
         "checked_at",
         "local_allow",
     )
 
     def __init__(self, scope: Scope, cap: int, fraction: float) -> None:
+        self.scope = scope
         self.scope_id = scope.id
         self.org_id = scope.org_id
         self.held = 0
         self.in_use = 0
         self.reported = 0
         self.others = 0
-        self.active_at = -math.inf
         self.refused_at = -math.inf
         self.checked_at = -math.inf
         self.set_cap(cap, fraction)
@@ -198,6 +212,7 @@ class Slots:
         self.lease = max(1, math.ceil(cap * fraction))
         self.low = (self.lease + 1) // 2
         self.exhausted = False
+        self.room = self.held - self.low
         self.retired = False
         self.local_allow: int | None = None
 
@@ -221,6 +236,9 @@ class Scope:
         "day",
         "month",
         "slots",
+        "budgeted",
+        "until",
+        "active_at",
     )
 
     def __init__(self, scope_id: str, org_id: str, key_id: str | None) -> None:
@@ -232,6 +250,15 @@ class Scope:
         self.rpm = self.tpm = self.max_concurrent = self.usd_day = self.usd_month = None
         self.req = self.tok = self.day = self.month = None
         self.slots: Slots | None = None
+        self.budgeted = False  # a dollar budget is set
+        # the hot path decides inline until then: the end of the first of its
+        # counters' windows, or -inf while one of them is not watched (see
+        # Limiter._refresh)
+        self.until = -math.inf
+        # the last admission or settlement: the activity of every counter
+        # and slot of the scope (read by Limiter.plan; the hot path writes
+        # one attribute instead of one per counter)
+        self.active_at = -math.inf
 
 
 class _OrgEntry:
@@ -278,21 +305,22 @@ class Admission:
     """An admitted request. ``headers`` go on the response; ``settle`` is
     called once when the request ends (later calls do nothing)."""
 
-    __slots__ = ("headers", "_limiter", "_slots", "_usd", "_reserved", "_tpm", "_done")
+    __slots__ = ("headers", "_limiter", "_parts", "_reserved", "_done")
 
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, parts: tuple = (), reserved: int = 0) -> None:
         self.headers: Sequence[tuple[bytes, bytes]] = ()
         self._limiter = limiter
-        self._slots: list[Slots] | None = None
-        self._usd: list[Counter] | None = None  # dollar counters holding a reservation
-        self._reserved = 0  # the reservation (micro-dollars) in each of them
-        self._tpm: list[Scope] | None = None
+        # per scope charged: (scope, its Slots, its tokens counter, its daily
+        # and monthly counters holding the reservation), each None if unset
+        self._parts = parts
+        self._reserved = reserved  # the reservation (micro-dollars) in each dollar counter
         self._done = False
 
-    def settle(self, *, tokens: int | None, cost_usd: Decimal | None) -> None:
+    def settle(self, *, tokens: int | None, cost_usd: Decimal | int | None) -> None:
         """Release the concurrency slots, charge the tokens to the current
-        minute, replace the dollar reservations by ``cost_usd`` (None:
-        nothing to charge, e.g. refused later in the chain, or unpriced)."""
+        minute, replace the dollar reservations by ``cost_usd`` (a Decimal in
+        USD or an int in whole micro-dollars; None: nothing to charge, e.g.
+        refused later in the chain, or unpriced)."""
         if self._done:
             return
         self._done = True
@@ -359,7 +387,10 @@ class Limiter:
         unavailable_retry: int = 5,
         metrics: Registry | None = None,
         kick: Callable[[], None] | None = None,
+        inline: bool = True,
     ) -> None:
+        """``inline`` False: every admission takes the careful path (tests
+        prove the inline one decides the same)."""
         if not 0 < lease_fraction <= 1:
             raise ValueError("lease_fraction must be in (0, 1]")
         self._clock = clock
@@ -370,6 +401,7 @@ class Limiter:
         self.recheck = recheck
         self.slot_heartbeat = slot_heartbeat
         self.unavailable_retry = unavailable_retry
+        self.inline = inline
         self._orgs: dict[str, _OrgEntry] = {}
         self.scopes: dict[str, Scope] = {}
         self.counters: dict[tuple[str, str, int], Counter] = {}
@@ -471,6 +503,23 @@ class Limiter:
                 scope.slots = None
         elif slots is None or scope.max_concurrent != slots.cap:
             self._slots(scope)
+        self._refresh(scope)
+
+    def _refresh(self, scope: Scope) -> None:
+        """What the hot path reads of a scope's counters: is a dollar budget
+        set, until when may it decide inline (the end of the first window;
+        never while a counter is not in the watch list: only the careful
+        path puts it back)."""
+        scope.budgeted = scope.day is not None or scope.month is not None
+        until = math.inf if self.inline else -math.inf
+        for c in (scope.req, scope.tok, scope.day, scope.month):
+            if c is not None:
+                if not c.watched:
+                    until = -math.inf
+                    break
+                if c.end < until:
+                    until = c.end
+        scope.until = until
 
     # --- the hot path -------------------------------------------------------------------
 
@@ -501,7 +550,7 @@ class Limiter:
         reserve = None
         if reserve_usd is not None:
             for scope in scopes:
-                if scope.usd_day is not None or scope.usd_month is not None:
+                if scope.budgeted:
                     if callable(reserve_usd):
                         reserve_usd = reserve_usd()
                     if type(reserve_usd) is int:
@@ -509,6 +558,36 @@ class Limiter:
                     elif reserve_usd is not None:
                         reserve = to_micro(reserve_usd)
                     break
+        # The common case, decided inline: every limit of every scope well
+        # inside what this node holds - room for the request and, after it,
+        # still at least ``low`` (``room`` = held - low: no draw to ask for,
+        # nothing to kick), no window over, every counter watched. Anything
+        # else takes the careful path (_check, then the bookkeeping of
+        # _charged).
+        for scope in scopes:
+            if now >= scope.until:
+                break
+            c = scope.req
+            if c is not None and c.spent >= c.room:
+                break
+            c = scope.tok
+            if c is not None and c.spent > c.room:
+                break
+            sl = scope.slots
+            if sl is not None and sl.in_use >= sl.room:  # (room -1 while exhausted)
+                break
+            if scope.budgeted:
+                need = reserve or 1
+                c = scope.day
+                if c is not None and c.spent + c.reserved + need > c.room:
+                    break
+                c = scope.month
+                if c is not None and c.spent + c.reserved + need > c.room:
+                    break
+        else:
+            admission = self._charge(scopes, now, reserve)
+            admission.headers = self._headers(scopes, now, None)
+            return admission
         refusal = None
         for scope in scopes:
             other = self._check(scope, now, reserve)
@@ -518,9 +597,8 @@ class Limiter:
             self._m_refused.inc(1, refusal.limit, refusal.scope)
             refusal.headers = self._headers(scopes, now, refusal.retry_after)
             return refusal
-        admission = Admission(self)
-        for scope in scopes:
-            self._charge(scope, now, reserve, admission)
+        admission = self._charge(scopes, now, reserve)
+        self._charged(scopes)
         admission.headers = self._headers(scopes, now, None)
         return admission
 
@@ -540,11 +618,13 @@ class Limiter:
             counter = self.counters[key] = Counter(scope, metric, start, end, cap, self.fraction)
         elif counter.retired or counter.cap != cap:
             counter.set_cap(cap, self.fraction)
+        counter.scope = scope
         if not counter.watched:
             counter.watched = True
             self._watch.append(counter)
         attr = {"requests": "req", "tokens": "tok", "usd_day": "day", "usd_month": "month"}[metric]
         setattr(scope, attr, counter)
+        self._refresh(scope)
         return counter
 
     def _fits(self, c: Counter, need: int, later: bool = False) -> int:
@@ -636,104 +716,98 @@ class Limiter:
             s = self.slots[scope.id] = Slots(scope, scope.max_concurrent, self.fraction)
         elif s.retired or s.cap != scope.max_concurrent:
             s.set_cap(scope.max_concurrent, self.fraction)
+        s.scope = scope
         scope.slots = s
         return s
 
-    def _charge(self, scope: Scope, now: float, reserve: int | None, admission: Admission) -> None:
-        kick = False
-        watch = self._watch
-        c = scope.req
-        if c is not None:
-            c.spent += 1
-            c.active_at = now
-            if c.held - c.spent < c.low:
-                kick = True
-            if not c.watched:
-                c.watched = True
-                watch.append(c)
-        c = scope.tok
-        if c is not None:
-            c.active_at = now
-            if c.held - c.spent < c.low:
-                kick = True
-            if not c.watched:
-                c.watched = True
-                watch.append(c)
-            if admission._tpm is None:
-                admission._tpm = [scope]
-            else:
-                admission._tpm.append(scope)
-        s = scope.slots
-        if s is not None:
-            s.in_use += 1
-            s.active_at = now
-            if s.held - s.in_use < s.low:
-                kick = True
-            if admission._slots is None:
-                admission._slots = [s]
-            else:
-                admission._slots.append(s)
+    def _charge(self, scopes: tuple[Scope, ...], now: float, reserve: int | None) -> Admission:
+        """Charge an admitted request to every scope (the request, a slot,
+        the reservation); the admission keeps what to settle."""
         amount = reserve or 0
-        for c in (scope.day, scope.month):
-            if c is None:
-                continue
-            c.reserved += amount
-            c.open += 1
-            c.active_at = now
-            if c.held - c.spent - c.reserved < c.low:
-                kick = True
-            if not c.watched:
-                c.watched = True
-                watch.append(c)
-            if admission._usd is None:
-                admission._usd = [c]
-            else:
-                admission._usd.append(c)
-        admission._reserved = amount
-        if kick and not self.kicked and not self.offline:
-            self.kicked = True
-            self._kick()
+        parts = []
+        for scope in scopes:
+            scope.active_at = now
+            c = scope.req
+            if c is not None:
+                c.spent += 1
+            sl = scope.slots
+            if sl is not None:
+                sl.in_use += 1
+            day = month = None
+            if scope.budgeted:
+                day = scope.day
+                if day is not None:
+                    day.reserved += amount
+                    day.open += 1
+                month = scope.month
+                if month is not None:
+                    month.reserved += amount
+                    month.open += 1
+            parts.append((scope, sl, scope.tok, day, month))
+        return Admission(self, tuple(parts), amount)
 
-    def _settle(self, admission: Admission, tokens: int | None, cost_usd: Decimal | None) -> None:
-        now = self._clock.seconds()
+    def _charged(self, scopes: tuple[Scope, ...]) -> None:
+        """After a charge on the careful path: every counter watched, and a
+        lease round kicked when one runs low."""
         kick = False
         watch = self._watch
-        if admission._slots is not None:
-            for s in admission._slots:
-                s.in_use -= 1
-                s.active_at = now
-        if tokens and admission._tpm is not None:
-            for scope in admission._tpm:
-                c = scope.tok
-                if c is None:  # the limit was removed meanwhile
+        for scope in scopes:
+            for c in (scope.req, scope.tok, scope.day, scope.month):
+                if c is None:
                     continue
-                if now >= c.end:
-                    c = self._counter(scope, "tokens", now)
-                c.spent += tokens
-                c.active_at = now
-                if c.held - c.spent < c.low:
-                    kick = True
-                if not c.watched:
-                    c.watched = True
-                    watch.append(c)
-        if admission._usd is not None:
-            cost = to_micro(cost_usd) if cost_usd is not None else 0
-            if cost_usd is None and tokens:
-                self._m_unpriced.inc()
-            reserved = admission._reserved
-            for c in admission._usd:
-                c.reserved -= reserved
-                c.spent += cost
-                c.open -= 1
-                c.active_at = now
                 if c.held - c.spent - c.reserved < c.low:
                     kick = True
                 if not c.watched:
                     c.watched = True
                     watch.append(c)
+            sl = scope.slots
+            if sl is not None and sl.held - sl.in_use < sl.low:
+                kick = True
+            self._refresh(scope)
         if kick and not self.kicked and not self.offline:
             self.kicked = True
             self._kick()
+
+    def _settle(
+        self, admission: Admission, tokens: int | None, cost_usd: Decimal | int | None
+    ) -> None:
+        # (no lease round is kicked from here: consumption that leaves a
+        # counter low sends the next admission down the careful path, which
+        # kicks one; the dollar counters stay watched while a reservation
+        # is open - see plan)
+        now = self._clock.seconds()
+        cost = -1  # (converted once, when a dollar counter needs it)
+        reserved = admission._reserved
+        for scope, sl, tok, day, month in admission._parts:
+            scope.active_at = now
+            if sl is not None:
+                sl.in_use -= 1
+            if tokens and tok is not None:
+                c = scope.tok
+                if c is not None:  # (None: the limit was removed meanwhile)
+                    if now >= c.end:
+                        c = self._counter(scope, "tokens", now)
+                    c.spent += tokens
+                    if not c.watched:  # (a stream longer than the idle time)
+                        c.watched = True
+                        self._watch.append(c)
+            if day is None and month is None:
+                continue
+            if cost < 0:
+                if cost_usd is None:
+                    cost = 0
+                    if tokens:
+                        self._m_unpriced.inc()
+                else:
+                    cost = cost_usd if type(cost_usd) is int else to_micro(cost_usd)
+            if day is not None:
+                day.reserved -= reserved
+                day.spent += cost
+                day.open -= 1
+            if month is not None:
+                month.reserved -= reserved
+                month.spent += cost
+                month.open -= 1
 
     # --- answers -----------------------------------------------------------------------
 
@@ -787,7 +861,8 @@ class Limiter:
     def _headers(
         self, scopes: tuple[Scope, ...], now: float, retry: int | None
     ) -> list[tuple[bytes, bytes]]:
-        """OpenAI-style headers of the tightest request and token limits."""
+        """OpenAI-style headers of the tightest request and token limits (on
+        a refusal, with ``retry`` seconds)."""
         out: list[tuple[bytes, bytes]] = []
         if retry is not None:
             out.append((b"retry-after", b"%d" % retry))
@@ -806,13 +881,19 @@ class Limiter:
                 if tok is None or left < tok_left:
                     tok, tok_left = c, left
         if req is not None:
-            out.append(req.h_limit)
-            out.append((H_REMAIN_REQ, b"%d" % (req_left if req_left > 0 else 0)))
-            out.append((H_RESET_REQ, req.reset(now)))
+            start = req.reset_from  # (Counter.reset, inline: the hot path)
+            out += (
+                req.h_limit,
+                (H_REMAIN_REQ, b"%d" % (req_left if req_left > 0 else 0)),
+                (H_RESET_REQ, req.reset_b if start <= now < start + 1.0 else req.reset(now)),
+            )
         if tok is not None:
-            out.append(tok.h_limit)
-            out.append((H_REMAIN_TOK, b"%d" % (tok_left if tok_left > 0 else 0)))
-            out.append((H_RESET_TOK, tok.reset(now)))
+            start = tok.reset_from
+            out += (
+                tok.h_limit,
+                (H_REMAIN_TOK, b"%d" % (tok_left if tok_left > 0 else 0)),
+                (H_RESET_TOK, tok.reset_b if start <= now < start + 1.0 else tok.reset(now)),
+            )
         return out
 
     # --- lease rounds (run by the manager) -------------------------------------------------
@@ -841,7 +922,8 @@ class Limiter:
             recent = False
             if current and not c.retired:
                 recent = (
-                    now - c.active_at < self.idle_return or now - c.refused_at < self.idle_return
+                    now - c.scope.active_at < self.idle_return
+                    or now - c.refused_at < self.idle_return
                 )
                 # an active counter hears of the other nodes at least this often
                 due = recent and now - c.checked_at >= self.refresh
@@ -863,6 +945,7 @@ class Limiter:
                     draws.append(PlannedDraw(c, debt, want, spent))
                 continue
             c.watched = False
+            c.scope.until = -math.inf  # (the careful path watches it again)
             if c.open == 0 and (not current or c.retired):
                 key = (c.scope_id, c.metric, int(c.start))
                 if self.counters.get(key) is c:
@@ -872,7 +955,7 @@ class Limiter:
                 self._watch.append(c)
         slots: list[PlannedSlots] = []
         for scope_id, s in list(self.slots.items()):
-            recent = now - s.active_at < self.idle_return and not s.retired
+            recent = now - s.scope.active_at < self.idle_return and not s.retired
             want = s.in_use + (s.lease if recent else 0)
             free = s.held - s.in_use
             if s.exhausted and want > s.held:
@@ -900,6 +983,7 @@ class Limiter:
                 c.synced = False
                 continue
             c.held += p.debt + r.grant
+            c.room = c.held - c.low
             c.reported += p.spent
             c.others = max(0, r.used - c.held)
             c.global_spent = r.spent
@@ -942,6 +1026,7 @@ class Limiter:
             s.reported = p.in_use
             s.checked_at = now
             s.exhausted = r.held < p.want
+            s.room = s.held - s.low if not s.exhausted else -1
             s.local_allow = None
 
     def set_offline(self, offline: bool) -> None:

@@ -11,8 +11,6 @@ prompt's size and the request's own output limit (or the model's).
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 from lectr.limits.limiter import Refusal as LimitRefusal
 from lectr.policy.chain import Refusal
 from lectr.pricing.cost import estimate_prompt_tokens
@@ -35,38 +33,34 @@ def output_limit(doc: dict | None) -> int | None:
 class Limits:
     name = "limits"
 
-    def __init__(self, limits, worst_case=None) -> None:
-        """``worst_case(provider, model, prompt_tokens=, max_output_tokens=)``
-        -> int | Decimal | None: the pricing catalogue's worst case, in whole
-        micro-dollars or in USD (None: no price; budgets then charge the real
-        cost at settlement)."""
+    def __init__(self, limits, dearest=None) -> None:
+        """``dearest(targets, prompt_tokens=, max_output_tokens=)`` -> int |
+        None: the pricing catalogue's largest worst case over a plan's
+        targets, in whole micro-dollars (None: none is priced; budgets then
+        charge the real cost at settlement)."""
         self._admit = limits.admit
-        self._worst_case = worst_case
+        self._dearest = dearest
 
     def __call__(self, call) -> Refusal | None:
         if getattr(call, "dry_run", False):
             return None  # an explanation: nothing is reserved
         ident = call.ident
-        reserve = self._reserve(call) if self._worst_case is not None else None
+        reserve = self._reserve(call) if self._dearest is not None else None
         result = self._admit(ident.org_id, ident.key_id, reserve_usd=reserve)
-        if isinstance(result, LimitRefusal):
+        if result.__class__ is LimitRefusal:
             kind = _KINDS.get(result.kind, "unavailable")
             return Refusal(result.status, kind, result.message, tuple(result.headers))
         call.admission = result
         return None
 
     def _reserve(self, call):
-        def worst() -> int | Decimal | None:
+        # (called by the limiter only when a dollar budget applies)
+        def worst() -> int | None:
             read = call.read
-            prompt = estimate_prompt_tokens(len(read.body))
-            limit = output_limit(read.doc)
-            dearest = None
-            for t in call.plan.targets:
-                cost = self._worst_case(
-                    t.provider, t.model, prompt_tokens=prompt, max_output_tokens=limit
-                )
-                if cost is not None and (dearest is None or cost > dearest):
-                    dearest = cost
-            return dearest
+            return self._dearest(
+                call.plan.targets,
+                prompt_tokens=estimate_prompt_tokens(len(read.body)),
+                max_output_tokens=output_limit(read.doc),
+            )
 
         return worst

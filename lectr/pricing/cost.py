@@ -108,6 +108,11 @@ class Tier:
     i_write_5m: int
     i_write_1h: int
     basis: Basis
+    i_dearest: int = 0  # the dearest prompt rate (what a worst case charges each prompt token)
+
+    def __post_init__(self) -> None:
+        dearest = max(self.i_input, self.i_cached, self.i_write_5m, self.i_write_1h)
+        object.__setattr__(self, "i_dearest", dearest)
 
     def rates(self) -> dict[str, Decimal]:
         return {k: getattr(self, k) for k in RATE_KINDS}
@@ -200,6 +205,9 @@ class Priced(NamedTuple):
     entry: PriceEntry | None = None  # the price entry (None when read back from storage)
     prompt_estimate: int | None = None  # prompt tokens estimated from the request's size
     reason: str | None = None  # why unpriced: no_usage | no_model | unknown_model
+    #: ``cost_usd`` in whole micro-dollars, rounded up (what budgets are
+    #: charged; None: unpriced, or read back from storage)
+    cost_micro: int | None = None
 
     @property
     def tier(self) -> str | None:
@@ -254,7 +262,15 @@ def cost_of(entry: PriceEntry, usage: Usage, request_bytes: int = 0) -> Priced:
         + writes_1h * t.i_write_1h
         + completion * t.i_output
     )
-    return Priced(Decimal(pico).scaleb(-12), estimated, t.basis, entry, prompt_estimate)
+    return Priced(
+        Decimal(pico).scaleb(-12),
+        estimated,
+        t.basis,
+        entry,
+        prompt_estimate,
+        None,
+        -(-pico // 1_000_000),
+    )
 
 
 def worst_case_units(
@@ -269,8 +285,7 @@ def worst_case_units(
         if t.i_output:
             return None
         limit = 0
-    dearest = max(t.i_input, t.i_cached, t.i_write_5m, t.i_write_1h)
-    return prompt * dearest + (limit if limit > 0 else 0) * t.i_output
+    return prompt * t.i_dearest + (limit if limit > 0 else 0) * t.i_output
 
 
 def worst_case(

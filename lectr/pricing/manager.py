@@ -19,6 +19,7 @@ and cached.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -243,6 +244,30 @@ class PricingManager:
             return None
         units = worst_case_units(entry, prompt_tokens, max_output_tokens)
         return None if units is None else -(-units // 1_000_000)
+
+    def dearest_micro(
+        self, targets: Iterable, *, prompt_tokens: int, max_output_tokens: int | None
+    ) -> int | None:
+        """The largest :meth:`worst_case_micro` over ``targets`` (objects with
+        ``provider`` and ``model``: a plan's targets), skipping the unpriced
+        ones (None: none is priced). What a budget reserves for a request
+        that may be served by any of them; one loop, integers only."""
+        cache = self._cache
+        prompt = prompt_tokens if prompt_tokens > 0 else 0
+        dearest = None
+        for t in targets:
+            model = t.model
+            if model is None:
+                continue
+            entry = cache.get((t.provider, model), _MISSING)
+            if entry is _MISSING:
+                entry = self.resolve(t.provider, model)
+            if entry is None:
+                continue
+            units = worst_case_units(entry, prompt, max_output_tokens)
+            if units is not None and (dearest is None or units > dearest):
+                dearest = units
+        return None if dearest is None else -(-dearest // 1_000_000)
 
     def _entry(self, provider: str, model: str | None) -> PriceEntry | None:
         return None if model is None else self.resolve(provider, model)

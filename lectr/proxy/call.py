@@ -823,9 +823,13 @@ class Call:
                 if record is None:
                     admission.settle(tokens=None, cost_usd=None)
                 else:
+                    priced = getattr(record, "pricing", None)
                     admission.settle(
                         tokens=record.usage.total_tokens,
-                        cost_usd=getattr(record, "cost_usd", None),
+                        # (whole micro-dollars when priced here: no Decimal on the way)
+                        cost_usd=priced.cost_micro
+                        if priced is not None and priced.cost_micro is not None
+                        else getattr(record, "cost_usd", None),
                     )
             except Exception:
                 h.log.failure("settling the limits of {rid} failed", Failure(), rid=self.rid)
