@@ -44,7 +44,7 @@ allowance divided by the number of nodes it last saw; or, with
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -403,6 +403,9 @@ class Limiter:
         self.unavailable_retry = unavailable_retry
         self.inline = inline
         self._orgs: dict[str, _OrgEntry] = {}
+        #: the orgs with a limit on them or on one of their keys (read-only:
+        #: the policy step skips the rest without a call)
+        self.limited_orgs: Mapping[str, object] = self._orgs
         self.scopes: dict[str, Scope] = {}
         self.counters: dict[tuple[str, str, int], Counter] = {}
         # counters touched lately: what a lease round looks at (all of them

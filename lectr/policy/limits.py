@@ -39,12 +39,15 @@ class Limits:
         targets, in whole micro-dollars (None: none is priced; budgets then
         charge the real cost at settlement)."""
         self._admit = limits.admit
+        self._limited = limits.limiter.limited_orgs
         self._dearest = dearest
 
     def __call__(self, call) -> Refusal | None:
+        ident = call.ident
+        if ident.org_id not in self._limited:
+            return None  # no limit on the org or its keys: nothing to admit or settle
         if getattr(call, "dry_run", False):
             return None  # an explanation: nothing is reserved
-        ident = call.ident
         reserve = self._reserve(call) if self._dearest is not None else None
         result = self._admit(ident.org_id, ident.key_id, reserve_usd=reserve)
         if result.__class__ is LimitRefusal:

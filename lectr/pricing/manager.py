@@ -264,8 +264,16 @@ class PricingManager:
                 entry = self.resolve(t.provider, model)
             if entry is None:
                 continue
-            units = worst_case_units(entry, prompt, max_output_tokens)
-            if units is not None and (dearest is None or units > dearest):
+            # (worst_case_units, inline: the hot path)
+            lc = entry.long_context
+            t = entry.long if lc is not None and prompt > lc.threshold else entry.base
+            limit = max_output_tokens if max_output_tokens is not None else entry.max_output_tokens
+            if limit is None:
+                if t.i_output:
+                    continue  # unbounded: no worst case
+                limit = 0
+            units = prompt * t.i_dearest + (limit if limit > 0 else 0) * t.i_output
+            if dearest is None or units > dearest:
                 dearest = units
         return None if dearest is None else -(-dearest // 1_000_000)
 
