@@ -3,7 +3,8 @@ PostgreSQL (rows, their price bases and their hourly rollups, in one
 transaction per batch), and what ``record()`` costs the request path.
 
     .venv/bin/python bench/flusher_bench.py [--database-url URL] [--rows 200000]
-                                            [--batch-size 500] [--prefill 0]
+                                            [--batch-size 500] [--statement-rows 2000]
+                                            [--parallel 2] [--prefill 0]
 
 Creates a scratch database on the server (the role needs CREATEDB), runs the
 migrations, feeds ``--rows`` rows to a real UsageRecorder on the real
@@ -107,7 +108,9 @@ def prefill(url: str, n: int) -> None:
     print(f"prefilled {n} rows in {time.perf_counter() - started:.1f}s", flush=True)
 
 
-async def run(reactor, url: str, rows: int, batch_size: int) -> None:
+async def run(
+    reactor, url: str, rows: int, batch_size: int, statement_rows: int, parallel: int
+) -> None:
     db = Database(url, reactor=reactor, min_size=2, max_size=4)
     await db.start()
     metrics = Registry()
@@ -118,6 +121,8 @@ async def run(reactor, url: str, rows: int, batch_size: int) -> None:
             data_dir=Path(data_dir),
             metrics=metrics,
             batch_size=batch_size,
+            statement_rows=statement_rows,
+            parallel=parallel,
             max_buffer=max(batch_size * 400, 200_000),
         )
         await recorder.start()
@@ -141,7 +146,8 @@ async def run(reactor, url: str, rows: int, batch_size: int) -> None:
     await db.close()
     print(
         f"flusher: {rows} rows in {elapsed:.2f}s = {rows / elapsed:,.0f} rows/s sustained "
-        f"({batches:.0f} batches of <= {batch_size}, {spilled:.0f} spilled)"
+        f"({batches:.0f} statements of <= {statement_rows} rows, {parallel} at a time, a flush "
+        f"started at {batch_size} buffered; {spilled:.0f} spilled)"
     )
     print(f"record(): {record_seconds / rows * 1e6:.2f} us per call on the reactor thread")
     print(
@@ -159,7 +165,9 @@ def main() -> None:
         help="a PostgreSQL server URL whose role may CREATE DATABASE",
     )
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=500, help="rows that start a flush")
+    parser.add_argument("--statement-rows", type=int, default=2000, help="most rows per INSERT")
+    parser.add_argument("--parallel", type=int, default=2, help="statements in flight at once")
     parser.add_argument("--prefill", type=int, default=0, help="rows loaded before measuring")
     args = parser.parse_args()
 
@@ -170,7 +178,9 @@ def main() -> None:
         upgrade_sync(url)
         prefill(url, args.prefill)
         task.react(
-            lambda reactor: defer.ensureDeferred(run(reactor, url, args.rows, args.batch_size))
+            lambda reactor: defer.ensureDeferred(
+                run(reactor, url, args.rows, args.batch_size, args.statement_rows, args.parallel)
+            )
         )
     finally:
         admin_execute(args.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 import psycopg2
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -18,7 +20,14 @@ from lectr.metrics import Registry
 from lectr.storage.request_logs import RequestLogStore
 from lectr.usage.journal import SpillJournal, encode_record
 from lectr.usage.model import Usage, UsageRecord
-from lectr.usage.recorder import SPILL_DIRNAME, UsageRecorder, clean_record, synchronous
+from lectr.usage.recorder import (
+    SPILL_DIRNAME,
+    SPLIT_MIN,
+    UsageRecorder,
+    _split,
+    clean_record,
+    synchronous,
+)
 
 ORG = "00000000-0000-4000-8000-0000000000c3"
 
@@ -147,7 +156,7 @@ async def assert_exactly_once(store: FlakyStore, records: list[UsageRecord]) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_rows_wait_for_the_tick_and_go_in_batches(make_recorder, clock, store, metrics):
-    recorder = make_recorder()
+    recorder = make_recorder(statement_rows=100, parallel=1)
     await recorder.start()
     rows = [rec() for _ in range(250)]
     for r in rows[:99]:
@@ -162,7 +171,7 @@ async def test_rows_wait_for_the_tick_and_go_in_batches(make_recorder, clock, st
     await tick(clock, recorder, 0)  # a full batch flushes at once, not at the next tick
     await tick(clock, recorder)
     assert sum(store.calls) == 250
-    assert max(store.calls) == 100
+    assert store.calls == [99, 76, 75]  # at most 100 rows per statement, of even sizes
     assert value(metrics, "lectr_usage_rows_written_total") == 250
     assert value(metrics, "lectr_usage_rows_recorded_total") == 250
     assert value(metrics, "lectr_usage_rows_buffered") == 0
@@ -207,6 +216,57 @@ async def test_one_flush_at_a_time_and_the_backlog_follows(make_recorder, clock,
     await tick(clock, recorder)
     assert sum(store.calls) == 260
     await assert_exactly_once(store, first + more)
+    await recorder.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(min_value=0, max_value=20_000),
+    most=st.integers(min_value=1, max_value=5_000),
+    parallel=st.integers(min_value=1, max_value=4),
+)
+def test_a_write_is_split_in_even_statements(n, most, parallel):
+    rows = list(range(n))
+    batches = _split(rows, most, parallel)
+    assert [r for b in batches for r in b] == rows  # every row once, in order
+    assert all(0 < len(b) <= most for b in batches)
+    if batches:  # one size, the last one taking what is left
+        size = len(batches[0])
+        assert all(len(b) == size for b in batches[:-1]) and len(batches[-1]) <= size
+    if n >= parallel * SPLIT_MIN:
+        assert len(batches) >= parallel  # enough rows: every connection gets a statement
+    if n:
+        assert len(batches) <= max(-(-n // most), parallel)
+
+
+@pytest_twisted.ensureDeferred
+async def test_statements_go_in_parallel_and_a_failed_one_is_spilled_alone(
+    make_recorder, clock, store, metrics
+):
+    # 1,000 rows buffered: four statements of 250, two in flight at a time.
+    # The first fails (PostgreSQL went away): it and the two not yet sent are
+    # spilled, the one that committed is not; the replay completes the rest.
+    recorder = make_recorder(max_buffer=5000, statement_rows=300, parallel=2, retry_max=2.0)
+    await recorder.start()
+    rows = [rec() for _ in range(1000)]
+    for r in rows:
+        recorder.record(r)
+    store.hold = Deferred()
+    store.fail_with.append(DatabaseUnavailable("insert_request_logs: connection lost"))
+    clock.advance(0)
+    assert store.calls == [250, 250]  # both sent before either answered
+    hold, store.hold = store.hold, None
+    hold.callback(None)
+    await recorder.wait_idle()
+    assert store.calls == [250, 250]  # the other two were not sent: spilled
+    assert not recorder.database_writable
+    assert value(metrics, "lectr_usage_rows_written_total") == 250
+    assert value(metrics, "lectr_usage_rows_spilled_total") == 750
+    for _ in range(4):
+        await tick(clock, recorder, 2)
+    assert recorder.database_writable
+    assert value(metrics, "lectr_usage_rows_replayed_total") == 750
+    await assert_exactly_once(store, rows)
     await recorder.stop()
 
 

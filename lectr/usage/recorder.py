@@ -3,9 +3,12 @@ row, without the request ever waiting for PostgreSQL.
 
 ``record()`` appends to an in-memory buffer and returns. A ``LoopingCall``
 flusher (every ``flush_interval`` seconds, and at once when the buffer
-reaches ``batch_size``) swaps the buffer out and writes it, one transaction
-per batch of at most ``batch_size`` rows (Synapse's client-IP writer is the
-model). The loop body catches and logs everything, so it never stops.
+reaches ``batch_size``) swaps the buffer out and writes it (Synapse's
+client-IP writer is the model): in statements of at most ``statement_rows``
+rows, one transaction each, ``parallel`` of them in flight at once on as
+many connections. What accumulates while a write is in flight goes in the
+next one, so under load the statements grow and their fixed cost is shared
+by more rows. The loop body catches and logs everything, so it never stops.
 
 When PostgreSQL cannot take a batch (down, refusing, failing), the rows go
 to the spill journal on disk (:mod:`lectr.usage.journal`) and the database is
@@ -38,7 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    maybeDeferred,
+)
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -189,6 +198,21 @@ def clean_record(r: UsageRecord) -> UsageRecord:
     return replace(r, **changes) if changes else r
 
 
+#: rows below which a write is not split across connections
+SPLIT_MIN = 250
+
+
+def _split(rows: Sequence[UsageRecord], most: int, parallel: int) -> list[Sequence[UsageRecord]]:
+    """``rows`` in statements of at most ``most`` rows, of even sizes, and
+    in at least ``parallel`` of them when each still gets ``SPLIT_MIN``."""
+    n = len(rows)
+    if not n:
+        return []
+    count = max(-(-n // most), min(parallel, n // SPLIT_MIN), 1)
+    each = -(-n // count)
+    return [rows[i : i + each] for i in range(0, n, each)]
+
+
 def _chunks(rows: Sequence[UsageRecord], size: int):
     for i in range(0, len(rows), size):
         yield rows[i : i + size]
@@ -214,6 +238,8 @@ class UsageRecorder:
         metrics: Registry,
         flush_interval: float = 1.0,
         batch_size: int = 500,
+        statement_rows: int = 2_000,
+        parallel: int = 2,
         max_buffer: int = 50_000,
         spill_max_bytes: int = 1024**3,
         stall_timeout: float = 5.0,
@@ -224,12 +250,22 @@ class UsageRecorder:
     ) -> None:
         if batch_size < 1 or max_buffer < batch_size or flush_interval <= 0:
             raise ValueError("need flush_interval > 0 and 1 <= batch_size <= max_buffer")
+        if statement_rows < 1 or parallel < 1:
+            raise ValueError("need statement_rows >= 1 and parallel >= 1")
         self._store = store
         self._reactor = reactor
         # prices the rows that arrive without a price (lectr.pricing.manager.PricingManager)
         self._pricing = pricing
         self._interval = flush_interval
         self._batch_size = batch_size
+        # rows per INSERT: a write takes what the buffer holds, so when the
+        # database is the bottleneck the statements grow (fewer, larger
+        # statements: each costs PostgreSQL about as much again as 500 rows)
+        self._statement_rows = statement_rows
+        # statements in flight at once, on as many connections: PostgreSQL
+        # inserts the rows and maintains the indexes of each on its own
+        # backend (the rollups, updated last, wait for each other briefly)
+        self._parallel = parallel
         self._max_buffer = max_buffer
         self._stall_timeout = stall_timeout
         self._retry_max = retry_max
@@ -245,7 +281,7 @@ class UsageRecorder:
         self._buffer: list[UsageRecord] = []
         self._inflight: Sequence[UsageRecord] = ()
         self._flushing: Deferred | None = None
-        self._op_started: float | None = None
+        self._op_starts: list[float] = []  # when each statement in flight was sent
         self._early = None  # IDelayedCall of an early flush
         self._spills: set[Deferred] = set()
         self._loop = LoopingCall(self._tick)
@@ -468,7 +504,7 @@ class UsageRecorder:
     def _check_stall(self) -> None:
         """A write has been waiting on PostgreSQL for too long: do not keep
         the new rows only in memory meanwhile."""
-        started = self._op_started
+        started = min(self._op_starts) if self._op_starts else None
         if (
             started is not None
             and self._buffer
@@ -500,21 +536,38 @@ class UsageRecorder:
             await self._replay_one()
 
     async def _write(self, rows: Sequence[UsageRecord], *, spill_on_failure: bool) -> bool:
-        """Write ``rows`` in batches. True when all went to PostgreSQL (or
-        were rejected on their own); False when it failed, in which case the
-        unwritten rows were spilled."""
+        """Write ``rows`` in statements, ``parallel`` at a time. True when all
+        went to PostgreSQL (or were rejected on their own); False when it
+        failed, in which case the unwritten rows were spilled."""
         rows = self._clean(rows)
         self._inflight = rows
         try:
-            for i in range(0, len(rows), self._batch_size):
-                batch = rows[i : i + self._batch_size]
-                try:
-                    await self._insert(batch)
-                except _Unavailable as e:
-                    self._database_failed(e.__cause__ or e)
-                    if spill_on_failure:
-                        await self._spill(rows[i:])
-                    return False
+            batches = _split(rows, self._statement_rows, self._parallel)
+            for i in range(0, len(batches), self._parallel):
+                group = batches[i : i + self._parallel]
+                if len(group) == 1:
+                    outcomes = [(True, None)]
+                    try:
+                        await self._insert(group[0])
+                    except _Unavailable:
+                        outcomes = [(False, Failure())]
+                else:
+                    outcomes = await DeferredList(
+                        [ensureDeferred(self._insert(b)) for b in group], consumeErrors=True
+                    )
+                failed = [b for b, (ok, _) in zip(group, outcomes, strict=True) if not ok]
+                if not failed:
+                    continue
+                errors = [f for ok, f in outcomes if not ok]
+                unexpected = [f for f in errors if not f.check(_Unavailable)]
+                if unexpected:
+                    unexpected[0].raiseException()  # (the caller spills the rows)
+                cause = errors[0].value
+                self._database_failed(cause.__cause__ or cause)
+                if spill_on_failure:
+                    # what did not commit: the failed statements and those not sent
+                    await self._spill([r for b in (*failed, *batches[i + len(group) :]) for r in b])
+                return False
             return True
         finally:
             self._inflight = ()
@@ -522,13 +575,15 @@ class UsageRecorder:
     async def _insert(self, batch: Sequence[UsageRecord], replay: bool = False) -> None:
         """Insert one batch; isolate rows PostgreSQL refuses by bisection.
         Raises _Unavailable when the database, not the data, failed."""
-        started = self._op_started = self._reactor.seconds()
+        started = self._reactor.seconds()
+        self._op_starts.append(started)
         try:
             inserted = await self._store.insert(batch)
         except CancelledError:
             raise
         except _DATA_ERRORS as e:
-            self._op_started = None
+            self._op_starts.remove(started)
+            started = None
             if len(batch) == 1:
                 self._reject(batch[0], e)
                 return
@@ -539,7 +594,8 @@ class UsageRecorder:
         except Exception as e:
             raise _Unavailable() from e
         finally:
-            self._op_started = None
+            if started is not None:
+                self._op_starts.remove(started)
         self._m_flush.observe(self._reactor.seconds() - started)
         self._m_written.inc(inserted)
         if replay:
@@ -669,7 +725,7 @@ class UsageRecorder:
                 name=segment.path.name,
             )
         try:
-            for batch in _chunks(self._clean(records), self._batch_size):
+            for batch in _chunks(self._clean(records), self._statement_rows):
                 await self._insert(batch, replay=True)
         except BaseException as e:
             await self._in_thread(segment.release)
