@@ -1026,9 +1026,18 @@ def features(
                     f"{sum(x['errors'] for x in runs)} |"
                 )
             (r_rps, r_cpu), (l_rps, l_cpu) = med[("routed", mode)], med[("limited", mode)]
+            # each round's own ratio (its cells minutes apart at most), then the
+            # median: steadier than a ratio of medians when the host drifts
+            paired = [
+                (lim["rps"] / rt["rps"], rt["cpu_us"] / lim["cpu_us"])
+                for rt, lim in zip(got[("routed", mode)], got[("limited", mode)], strict=True)
+                if rt["rps"] and lim["cpu_us"]
+            ]
             print(
                 f"{mode}: limited / routed = {l_rps / r_rps:.3f} (req/s), "
-                f"{r_cpu / l_cpu:.3f} (requests per CPU second)"
+                f"{r_cpu / l_cpu:.3f} (requests per CPU second); median of the rounds' own "
+                f"ratios: {statistics.median(p[0] for p in paired):.3f} (req/s), "
+                f"{statistics.median(p[1] for p in paired):.3f} (per CPU second)"
             )
     finally:
         lectr.stop()

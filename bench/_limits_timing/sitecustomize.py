@@ -1,0 +1,44 @@
+"""Benchmark-only: loaded (via PYTHONPATH) into the Lectr process of
+``bench/limits_insitu.py``. Times, inside the loaded proxy, the limits
+policy step (admission, with its reservation and headers) and the
+settlement, and writes the totals to ``$BENCH_LIMITS_STATS`` (JSON) on
+SIGUSR1, then starts counting afresh."""
+
+import json
+import os
+import signal
+import time
+
+from lectr.limits import limiter
+from lectr.policy import limits as step
+
+_stats = {"step": [0, 0.0], "settle": [0, 0.0]}
+
+
+def _timed(func, name):
+    counts = _stats[name]
+    clock = time.perf_counter
+
+    def timed(*args, **kwargs):
+        t = clock()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            counts[0] += 1
+            counts[1] += clock() - t
+
+    return timed
+
+
+step.Limits.__call__ = _timed(step.Limits.__call__, "step")
+limiter.Admission.settle = _timed(limiter.Admission.settle, "settle")
+
+
+def _dump(*_):
+    with open(os.environ["BENCH_LIMITS_STATS"], "w") as f:
+        json.dump(_stats, f)
+    for counts in _stats.values():
+        counts[0], counts[1] = 0, 0.0
+
+
+signal.signal(signal.SIGUSR1, _dump)

@@ -1,0 +1,86 @@
+"""What the limits cost inside a loaded proxy, measured in the process:
+
+    python bench/limits_insitu.py [--seconds 8] [--rounds 3]
+
+One Lectr (set up as bench/run.py sets it up: the shared Rust mock, wrk on
+core 0, the proxy alone on core 1) with an org on the bench route and every
+limit set on the org and on its key (caps that never refuse). wrk loads it
+at c=32; a benchmark-only hook (bench/_limits_timing) times the limits step
+(admission, its reservation and its headers) and the settlement of each
+request, with the clock, inside the proxy. Printed per case: the time per
+request in them, the proxy's CPU per request, and the first as a share of
+the second: what the limits add to a request, without the host's drift
+between two runs (which on a shared machine is larger than the effect).
+The timers add about a microsecond of their own, so the share is an upper
+bound. Not counted: writing the six x-ratelimit-* headers (about 1 µs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # bench/run.py: the shared set-up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    run.ensure_tools(need_nginx=not (run.SHARED / "mock_upstream.rs").exists())
+    run.raise_fd_limit()
+    load_pin, proxy_pin = run.cores()
+    workdir = Path(tempfile.mkdtemp(prefix="lectr-limits-insitu-"))
+    stats = workdir / "limits-stats.json"
+    os.environ["BENCH_LIMITS_STATS"] = str(stats)
+    upstream = run.Upstream(workdir, load_pin)
+    lectr = None
+    try:
+        lectr = run.Lectr(
+            workdir, upstream.base, proxy_pin, extra_path=str(run.BENCH / "_limits_timing")
+        )
+        key = lectr.add_org("bench-limited", route=True, limits=True)
+        pid = lectr.serving_pid()
+        url = f"http://127.0.0.1:{lectr.port}{run.CHAT_PATH}"
+        print(f"Limits inside the proxy (every limit on org and key, c=32; {run.load()}):")
+        shares: dict[str, list[float]] = {}
+        for rnd in range(args.rounds):
+            for mode in ("json", "stream"):
+                script = run.wrk_script(workdir, mode == "stream", key, "bench")
+                run.run_wrk(url, script, 32, 3, load_pin)  # warm-up
+                os.kill(pid, signal.SIGUSR1)  # start counting here
+                time.sleep(0.3)
+                r = run.measure(url, script, 32, args.seconds, load_pin, cpu_pid=pid)
+                os.kill(pid, signal.SIGUSR1)
+                time.sleep(0.3)
+                got = json.loads(stats.read_text())
+                step_us = got["step"][1] / max(1, got["step"][0]) * 1e6
+                settle_us = got["settle"][1] / max(1, got["settle"][0]) * 1e6
+                share = (step_us + settle_us) / r["cpu_us"] * 100
+                shares.setdefault(mode, []).append(share)
+                print(
+                    f"  round {rnd + 1} {mode:6} {r['rps']:6.0f} req/s, CPU {r['cpu_us']:5.0f} µs "
+                    f"per request; limits step {step_us:5.1f} µs + settlement {settle_us:4.1f} µs "
+                    f"= {share:4.1f} % of it",
+                    flush=True,
+                )
+        for mode, values in shares.items():
+            print(f"{mode}: the limits take {statistics.median(values):.1f} % of a request's CPU")
+    finally:
+        if lectr is not None:
+            lectr.stop()
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    main()
