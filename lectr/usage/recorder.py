@@ -317,7 +317,8 @@ class UsageRecorder:
             "lectr_usage_rows_dropped_total", "Usage rows lost, by reason", ["reason"]
         )
         self._m_flush = m.histogram(
-            "lectr_usage_flush_seconds", "Time to write one statement of usage rows (one transaction)"
+            "lectr_usage_flush_seconds",
+            "Time to write one statement of usage rows (one transaction)",
         )
         self._m_failures = m.counter(
             "lectr_usage_flush_failures_total",
