@@ -43,10 +43,12 @@ def limiter(**kw) -> tuple[Limiter, Clock, list]:
     return lim, clock, kicks
 
 
-def answer(lim: Limiter, now: float, grant_all: bool = True, used_by_others: int = 0):
+def answer(
+    lim: Limiter, now: float, grant_all: bool = True, used_by_others: int = 0, sweep: bool = False
+):
     """Play one lease round, PostgreSQL's part written out for the counters
     planned: grant what is asked while the cap allows."""
-    draws, slots = lim.plan(now)
+    draws, slots = lim.plan(now, sweep=sweep)
     results = []
     for p in draws:
         c = p.counter
@@ -418,28 +420,7 @@ def test_the_inline_path_decides_exactly_as_the_careful_one(ops, fraction):
             elif kind == "advance":
                 clock.advance(op[1])
             elif kind == "round" and not lim.offline:
-                draws, slots = lim.plan(clock.seconds(), sweep=op[3])
-                results = []
-                for p in draws:
-                    c = p.counter
-                    used_before = op[2] + c.held
-                    grant = min(p.want, max(c.cap - used_before - p.debt, 0)) if op[1] else 0
-                    results.append(
-                        Drawn(
-                            c.scope_id,
-                            c.metric,
-                            datetime.fromtimestamp(c.start, UTC),
-                            used_before + p.debt + grant,
-                            c.reported + p.spent,
-                            grant,
-                        )
-                    )
-                lim.apply_draws(draws, results, clock.seconds())
-                held = [
-                    SlotsHeld(p.slots.scope_id, max(p.in_use, min(p.want, p.slots.cap)), 0)
-                    for p in slots
-                ]
-                lim.apply_slots(slots, held, clock.seconds())
+                draws, slots, _ = answer(lim, clock.seconds(), op[1], op[2], sweep=op[3])
                 seen.append(([(p.debt, p.want, p.spent) for p in draws], len(slots)))
             elif kind == "offline":
                 lim.set_offline(op[1])
