@@ -317,6 +317,20 @@ def test_a_removed_limit_gives_its_allowance_back_and_stops_counting():
 
 # --- the inline path --------------------------------------------------------------------------
 
+_ORG_CAPS = Limits(
+    rpm=60, tpm=4_000, max_concurrent=40, usd_per_day=Decimal("0.5"), usd_per_month=Decimal("2")
+)
+_KEY_CAPS = Limits(rpm=40, tpm=3_000, max_concurrent=30, usd_per_day=Decimal("0.3"))
+#: what an admin may change meanwhile: the first is the start
+_CONFIGS = (
+    [("org", None, _ORG_CAPS), ("key", "key", _KEY_CAPS)],
+    [("org", None, _ORG_CAPS)],  # the key's limits removed
+    [("org", None, Limits(rpm=90, max_concurrent=8)), ("key", "key", _KEY_CAPS)],  # org changed
+    [("key", "key", Limits(rpm=40, tpm=1_000, usd_per_month=Decimal("0.2")))],  # org's removed
+    [],  # no limits at all
+)
+
+
 _admit = st.tuples(
     st.just("admit"),
     st.sampled_from(["key", "key", "other"]),
@@ -345,6 +359,7 @@ _ops = st.lists(
         # (T0 is 30 s before a minute, a day, a month and a year end)
         st.tuples(st.just("advance"), st.sampled_from([0.2, 1.0, 2.5, 29.5, 30.0, 3600.0])),
         st.tuples(st.just("offline"), st.booleans()),
+        st.tuples(st.just("config"), st.integers(min_value=0, max_value=len(_CONFIGS) - 1)),
     ),
     min_size=30,
     max_size=200,
@@ -373,8 +388,8 @@ def test_the_inline_path_decides_exactly_as_the_careful_one(ops, fraction):
     # its lease); it must admit, refuse, charge, kick and answer headers
     # exactly as the careful path would, over any sequence of requests,
     # settlements, lease rounds (granted in full, in part or not at all),
-    # window rollovers and outages. Caps are small so that every limit is
-    # reached.
+    # window rollovers, outages and limits changed or removed meanwhile.
+    # Caps are small so that every limit is reached.
     both = []
     for inline in (True, False):
         clock = Clock()
@@ -386,24 +401,7 @@ def test_the_inline_path_decides_exactly_as_the_careful_one(ops, fraction):
             lease_fraction=fraction,
             inline=inline,
         )
-        caps = Limits(
-            rpm=60,
-            tpm=4_000,
-            max_concurrent=40,
-            usd_per_day=Decimal("0.5"),
-            usd_per_month=Decimal("2"),
-        )
-        lim.set_org(
-            "org",
-            [
-                ("org", None, caps),
-                (
-                    "key",
-                    "key",
-                    Limits(rpm=40, tpm=3_000, max_concurrent=30, usd_per_day=Decimal("0.3")),
-                ),
-            ],
-        )
+        lim.set_org("org", _CONFIGS[0])
         both.append((lim, clock, kicks, []))
     for op in ops:
         seen = []
@@ -424,6 +422,8 @@ def test_the_inline_path_decides_exactly_as_the_careful_one(ops, fraction):
                 seen.append(([(p.debt, p.want, p.spent) for p in draws], len(slots)))
             elif kind == "offline":
                 lim.set_offline(op[1])
+            elif kind == "config":
+                lim.set_org("org", _CONFIGS[op[1]])
             seen.append((len(kicks), lim.kicked, len(open_)))
         assert seen[: len(seen) // 2] == seen[len(seen) // 2 :], op
         (a, *_), (b, *_) = both
