@@ -884,18 +884,16 @@ class Limiter:
                 if tok is None or left < tok_left:
                     tok, tok_left = c, left
         if req is not None:
-            start = req.reset_from  # (Counter.reset, inline: the hot path)
             out += (
                 req.h_limit,
                 (H_REMAIN_REQ, b"%d" % (req_left if req_left > 0 else 0)),
-                (H_RESET_REQ, req.reset_b if start <= now < start + 1.0 else req.reset(now)),
+                (H_RESET_REQ, req.reset(now)),
             )
         if tok is not None:
-            start = tok.reset_from
             out += (
                 tok.h_limit,
                 (H_REMAIN_TOK, b"%d" % (tok_left if tok_left > 0 else 0)),
-                (H_RESET_TOK, tok.reset_b if start <= now < start + 1.0 else tok.reset(now)),
+                (H_RESET_TOK, tok.reset(now)),
             )
         return out
 

@@ -251,31 +251,18 @@ class PricingManager:
         """The largest :meth:`worst_case_micro` over ``targets`` (objects with
         ``provider`` and ``model``: a plan's targets), skipping the unpriced
         ones (None: none is priced). What a budget reserves for a request
-        that may be served by any of them; one loop, integers only."""
-        cache = self._cache
-        prompt = prompt_tokens if prompt_tokens > 0 else 0
+        that may be served by any of them."""
         dearest = None
         for t in targets:
-            model = t.model
-            if model is None:
-                continue
-            entry = cache.get((t.provider, model), _MISSING)
-            if entry is _MISSING:
-                entry = self.resolve(t.provider, model)
-            if entry is None:
-                continue
-            # (worst_case_units, inline: the hot path)
-            lc = entry.long_context
-            t = entry.long if lc is not None and prompt > lc.threshold else entry.base
-            limit = max_output_tokens if max_output_tokens is not None else entry.max_output_tokens
-            if limit is None:
-                if t.i_output:
-                    continue  # unbounded: no worst case
-                limit = 0
-            units = prompt * t.i_dearest + (limit if limit > 0 else 0) * t.i_output
-            if dearest is None or units > dearest:
-                dearest = units
-        return None if dearest is None else -(-dearest // 1_000_000)
+            cost = self.worst_case_micro(
+                t.provider,
+                t.model,
+                prompt_tokens=prompt_tokens,
+                max_output_tokens=max_output_tokens,
+            )
+            if cost is not None and (dearest is None or cost > dearest):
+                dearest = cost
+        return dearest
 
     def _entry(self, provider: str, model: str | None) -> PriceEntry | None:
         return None if model is None else self.resolve(provider, model)
