@@ -546,16 +546,9 @@ class UsageRecorder:
             batches = _split(rows, self._statement_rows, self._parallel)
             for i in range(0, len(batches), self._parallel):
                 group = batches[i : i + self._parallel]
-                if len(group) == 1:
-                    outcomes = [(True, None)]
-                    try:
-                        await self._insert(group[0])
-                    except _Unavailable:
-                        outcomes = [(False, Failure())]
-                else:
-                    outcomes = await DeferredList(
-                        [ensureDeferred(self._insert(b)) for b in group], consumeErrors=True
-                    )
+                outcomes = await DeferredList(
+                    [ensureDeferred(self._insert(b)) for b in group], consumeErrors=True
+                )
                 failed = [b for b, (ok, _) in zip(group, outcomes, strict=True) if not ok]
                 if not failed:
                     continue
