@@ -34,7 +34,7 @@ class Limits:
     name = "limits"
 
     def __init__(self, limits, dearest=None) -> None:
-        """``dearest(targets, prompt_tokens=, max_output_tokens=)`` -> int |
+        """``dearest(targets, prompt_tokens, max_output_tokens)`` -> int |
         None: the pricing catalogue's largest worst case over a plan's
         targets, in whole micro-dollars (None: none is priced; budgets then
         charge the real cost at settlement)."""
@@ -61,9 +61,7 @@ class Limits:
         def worst() -> int | None:
             read = call.read
             return self._dearest(
-                call.plan.targets,
-                prompt_tokens=estimate_prompt_tokens(len(read.body)),
-                max_output_tokens=output_limit(read.doc),
+                call.plan.targets, estimate_prompt_tokens(len(read.body)), output_limit(read.doc)
             )
 
         return worst

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import Decimal, localcontext
@@ -145,14 +146,30 @@ class PriceEntry:
     note: str | None = None
     base: Tier = field(init=False, compare=False, repr=False)
     long: Tier | None = field(init=False, compare=False, repr=False)
+    # what a budget reservation reads, flat (see worst_units): the long-context
+    # threshold (no long context: never crossed), the dearest prompt rate and
+    # the output rate of each tier, the model's output limit
+    worst: tuple = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         base = self._tier("base", self.rates, None)
         object.__setattr__(self, "base", base)
         long = None
+        threshold = sys.maxsize
         if self.long_context is not None:
             long = self._tier("long_context", self.long_context.rates, base)
+            threshold = self.long_context.threshold
         object.__setattr__(self, "long", long)
+        top = long if long is not None else base
+        worst = (
+            threshold,
+            base.i_dearest,
+            base.i_output,
+            top.i_dearest,
+            top.i_output,
+            self.max_output_tokens,
+        )
+        object.__setattr__(self, "worst", worst)
 
     def _tier(self, name: str, rates: Rates, fallback: Tier | None) -> Tier:
         def pick(kind: str) -> Decimal:
@@ -228,7 +245,7 @@ UNMETERED = Priced(None, False, None, reason="no_usage")
 def estimate_prompt_tokens(request_bytes: int) -> int:
     """Prompt tokens guessed from the request body's size (about four bytes
     a token; JSON structure and base64 images make it an overestimate)."""
-    return -(-max(request_bytes, 0) // BYTES_PER_TOKEN)
+    return -(-request_bytes // BYTES_PER_TOKEN) if request_bytes > 0 else 0
 
 
 def cost_of(entry: PriceEntry, usage: Usage, request_bytes: int = 0) -> Priced:
@@ -278,14 +295,20 @@ def worst_case_units(
 ) -> int | None:
     """:func:`worst_case` in integer units of 10^-12 USD (the rates' own
     scale): the hot path of budget reservations, no Decimal."""
-    prompt = prompt_tokens if prompt_tokens > 0 else 0
-    t = entry.tier_for(prompt)
-    limit = max_output_tokens if max_output_tokens is not None else entry.max_output_tokens
-    if limit is None:
-        if t.i_output:
-            return None
-        limit = 0
-    return prompt * t.i_dearest + (limit if limit > 0 else 0) * t.i_output
+    return worst_units(entry.worst, prompt_tokens if prompt_tokens > 0 else 0, max_output_tokens)
+
+
+def worst_units(worst: tuple, prompt: int, max_output_tokens: int | None) -> int | None:
+    """:func:`worst_case_units` from an entry's flat ``worst`` tuple and a
+    prompt count >= 0 (what the proxy calls per target of a plan)."""
+    threshold, dearest, output, long_dearest, long_output, limit = worst
+    if prompt > threshold:
+        dearest, output = long_dearest, long_output
+    if max_output_tokens is not None:
+        limit = max_output_tokens
+    elif limit is None:
+        return None if output else prompt * dearest
+    return prompt * dearest + (limit if limit > 0 else 0) * output
 
 
 def worst_case(

@@ -46,6 +46,7 @@ from lectr.pricing.cost import (
     format_usd,
     worst_case,
     worst_case_units,
+    worst_units,
 )
 from lectr.usage.model import Usage, UsageRecord
 from lectr.util.deferred import timeout_without_cancel
@@ -116,6 +117,8 @@ class PricingManager:
         self._table = PriceTable(self._catalogue)
         self._updated: dict[tuple[str, str], datetime] = {}
         self._cache: dict[tuple[str, str], object] = {}
+        # (provider, model) -> its entry's flat worst-case tuple, or None
+        self._worst: dict[tuple[str, str | None], tuple | None] = {}
         self._reloader = OrgCacheReloader(
             "price overrides",
             load_orgs=lambda _providers: self._load(),
@@ -175,6 +178,7 @@ class PricingManager:
         self._table = PriceTable(self._catalogue, overrides)
         self._updated = updated
         self._cache = {}
+        self._worst = {}
 
     # --- the hot path ------------------------------------------------------------------
 
@@ -246,23 +250,30 @@ class PricingManager:
         return None if units is None else -(-units // 1_000_000)
 
     def dearest_micro(
-        self, targets: Iterable, *, prompt_tokens: int, max_output_tokens: int | None
+        self, targets: Iterable, prompt_tokens: int, max_output_tokens: int | None
     ) -> int | None:
         """The largest :meth:`worst_case_micro` over ``targets`` (objects with
         ``provider`` and ``model``: a plan's targets), skipping the unpriced
-        ones (None: none is priced). What a budget reserves for a request
-        that may be served by any of them."""
+        ones (None: none is priced). What a budget reservation holds for a
+        request that may be served by any of them: the proxy's hot path
+        (one cached lookup per target, integers only)."""
+        flat = self._worst
+        prompt = prompt_tokens if prompt_tokens > 0 else 0
         dearest = None
         for t in targets:
-            cost = self.worst_case_micro(
-                t.provider,
-                t.model,
-                prompt_tokens=prompt_tokens,
-                max_output_tokens=max_output_tokens,
-            )
-            if cost is not None and (dearest is None or cost > dearest):
-                dearest = cost
-        return dearest
+            key = (t.provider, t.model)
+            worst = flat.get(key, _MISSING)
+            if worst is _MISSING:
+                entry = self._entry(t.provider, t.model)
+                worst = None if entry is None else entry.worst
+                if len(flat) >= RESOLVE_CACHE_MAX:
+                    flat.clear()
+                flat[key] = worst
+            if worst is not None:
+                units = worst_units(worst, prompt, max_output_tokens)
+                if units is not None and (dearest is None or units > dearest):
+                    dearest = units
+        return None if dearest is None else -(-dearest // 1_000_000)
 
     def _entry(self, provider: str, model: str | None) -> PriceEntry | None:
         return None if model is None else self.resolve(provider, model)
