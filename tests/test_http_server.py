@@ -19,7 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 
-from lectr.http.server import ProxyServerFactory
+from lectr.http.server import ProxyServerFactory, ServerRequest
 from tests.support.http_wire import connect, parse_responses, sleep
 
 JSON = [(b"Content-Type", b"application/json")]
@@ -766,3 +766,49 @@ async def test_client_connections_send_small_writes_at_once(servers):
     sock = handler.pending[0]._proto.transport.getHandle()
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     c.close()
+
+
+class _Proto:
+    _closing = False
+
+
+_FRAMING_NAMES = ("content-length", "transfer-encoding", "connection", "keep-alive")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    headers=st.lists(
+        st.tuples(
+            st.one_of(
+                st.binary(min_size=1, max_size=12),
+                st.sampled_from(_FRAMING_NAMES)
+                .flatmap(lambda n: st.sampled_from([n, n.upper(), n.title()]))
+                .map(str.encode),
+            ),
+            st.binary(max_size=12),
+        ),
+        max_size=6,
+    ),
+    length=st.one_of(st.none(), st.integers(min_value=0, max_value=10**6)),
+)
+def test_generated_response_heads_keep_one_line_per_header(headers, length):
+    """The head a handler's headers make: framing headers (any case) are the
+    server's own and dropped; any CR or LF in a name or value is refused
+    (response splitting), never written; every other header appears exactly
+    once, as given."""
+    req = ServerRequest(_Proto())
+    req._keep_alive = True
+    req._complete = True
+    req.method = b"POST"
+    kept = [(n, v) for n, v in headers if n.lower().decode("latin-1") not in _FRAMING_NAMES]
+    if any(b"\r" in n + v or b"\n" in n + v for n, v in kept):
+        with pytest.raises(ValueError):
+            req._head(200, None, headers, length)
+        return
+    head = req._head(200, None, headers, length)
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK" and lines[-2:] == [b"", b""]
+    framing = [b"Content-Length: %d" % length] if length is not None else []
+    if length is None:
+        framing = [b"Transfer-Encoding: chunked"]
+    assert lines[1:-2] == [n + b": " + v for n, v in kept] + framing

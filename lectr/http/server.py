@@ -76,6 +76,7 @@ MAX_HELD = 64 * 1024
 # origin-form only: '/' then visible ASCII except '#', '%' only as %XX
 _TARGET = re.compile(rb"/(?:[\x21\x22\x24\x26-\x7e]|%[0-9A-Fa-f]{2})*")
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+_FRAMING_LENGTHS = frozenset(map(len, _FRAMING))
 _NO_BODY_STATUS = frozenset({204, 304})
 _STATUS_LINES = {
     s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("ascii")) for s in HTTPStatus
@@ -320,10 +321,14 @@ class ServerRequest:
         else:
             line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
         lines = [line]
+        n = 1  # the lines so far, each ending in CRLF
         for name, value in headers:
-            if name.lower() in _FRAMING:
+            # (the length first: most names cannot be a framing header)
+            if len(name) in _FRAMING_LENGTHS and name.lower() in _FRAMING:
                 continue
-            lines.append(name + b": " + value + b"\r\n")
+            lines += (name, b": ", value, b"\r\n")  # (no temporary per line)
+            n += 1
+        mark = len(lines)  # (each line from here is a whole one)
         if status >= 200 and status not in _NO_BODY_STATUS:
             if length is not None:
                 lines.append(b"Content-Length: %d\r\n" % length)
@@ -340,9 +345,9 @@ class ServerRequest:
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
         head = b"".join(lines)
-        # One line per entry: a CR or LF inside a name or value would split
+        # One CRLF per line: a CR or LF inside a name or value would split
         # the response (header injection). Cheap to check whole.
-        n = len(lines)
+        n += len(lines) - mark
         if head.count(b"\n") != n or head.count(b"\r") != n:
             raise ValueError("CR or LF in a response header name or value")
         return head
