@@ -2,7 +2,9 @@
 ``bench/limits_insitu.py``. Times, inside the loaded proxy, the limits
 policy step (admission, with its reservation and headers) and the
 settlement, and writes the totals to ``$BENCH_LIMITS_STATS`` (JSON) on
-SIGUSR1, then starts counting afresh."""
+SIGUSR1, then starts counting afresh. After each timed step it also times
+an empty function through the same wrapper ("probe"): what the timing
+itself adds to each figure, measured in the same process and seconds."""
 
 import json
 import os
@@ -12,7 +14,7 @@ import time
 from lectr.limits import limiter
 from lectr.policy import limits as step
 
-_stats = {"step": [0, 0.0], "settle": [0, 0.0]}
+_stats = {"step": [0, 0.0], "settle": [0, 0.0], "probe": [0, 0.0]}
 
 
 def _timed(func, name):
@@ -30,7 +32,22 @@ def _timed(func, name):
     return timed
 
 
-step.Limits.__call__ = _timed(step.Limits.__call__, "step")
+def _empty(*args, **kwargs):
+    return None
+
+
+_probe = _timed(_empty, "probe")
+_step = _timed(step.Limits.__call__, "step")
+
+
+def _step_and_probe(self, call):
+    try:
+        return _step(self, call)
+    finally:
+        _probe(self, call)
+
+
+step.Limits.__call__ = _step_and_probe
 limiter.Admission.settle = _timed(limiter.Admission.settle, "settle")
 
 
