@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from lectr.providers.body import BodyRefused, read_body
 from lectr.usage.meters import (
+    _USAGE_KEY_RE,
     INCLUDE_USAGE_MEMBER,
     JSON_FULL_PARSE_MAX,
     NOOP_METER,
     SSE_LINE_MAX,
     RequestPlan,
+    _last_usage_key,
     anthropic_usage,
     meter_for,
     openai_usage,
@@ -893,3 +895,34 @@ def test_json_answers_read_without_a_full_parse_agree_with_one(
     expected = read(doc.get("usage"), doc.get("model")) or NO_USAGE
     got = run(json_meter(kind, path), [body])[1]
     assert got == expected and got.model == expected.model and got.raw == expected.raw
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b'"usage"',
+                b'"usage":{',
+                b'"usage" : {',
+                b'"usage":null',
+                b":",
+                b"{",
+                b" ",
+                b"x",
+                b'"',
+            ]
+        ),
+        max_size=12,
+    )
+)
+def test_the_last_usage_key_is_the_last_match(pieces):
+    """The shortcut (search back for the key, check the pattern there) finds
+    what listing every match finds, whatever follows the last key."""
+    data = b"".join(pieces)
+    matches = list(_USAGE_KEY_RE.finditer(data))
+    found = _last_usage_key(data)
+    if not matches:
+        assert found is None
+    else:
+        assert found is not None and found.span() == matches[-1].span()

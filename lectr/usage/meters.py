@@ -385,6 +385,21 @@ _USAGE_KEY_RE = re.compile(rb'"usage"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
 
 
+def _last_usage_key(data: bytes) -> re.Match | None:
+    """The last ``"usage": {`` in ``data``: found by searching back for the
+    key (memchr speed), the regular expression checked there; only when the
+    last ``"usage"`` is not followed by an object are all the matches
+    listed."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    m = _USAGE_KEY_RE.match(data, at)
+    if m is not None:
+        return m
+    matches = list(_USAGE_KEY_RE.finditer(data, 0, at))
+    return matches[-1] if matches else None
+
+
 def usage_object_in_tail(tail: bytes) -> dict | None:
     """The last ``"usage": {...}`` object in a window of raw JSON.
 
@@ -429,10 +444,9 @@ def _top_level_usage(body: bytes) -> tuple[dict, str | None, str | None] | None:
     if body[-1:] != b"}" and body.rstrip()[-1:] != b"}":
         return None
     tail = body[-JSON_TAIL_BYTES:] if len(body) > JSON_TAIL_BYTES else body
-    matches = list(_USAGE_KEY_RE.finditer(tail))
-    if not matches:
+    m = _last_usage_key(tail)
+    if m is None:
         return None
-    m = matches[-1]
     start = m.end() - 1
     try:
         text = tail[start:].decode("utf-8")
