@@ -790,25 +790,35 @@ _FRAMING_NAMES = ("content-length", "transfer-encoding", "connection", "keep-ali
         max_size=6,
     ),
     length=st.one_of(st.none(), st.integers(min_value=0, max_value=10**6)),
+    block=st.lists(st.binary(max_size=12), max_size=3),
+    miscount=st.sampled_from([0, 0, 0, 1, -1]),
 )
-def test_generated_response_heads_keep_one_line_per_header(headers, length):
+def test_generated_response_heads_keep_one_line_per_header(headers, length, block, miscount):
     """The head a handler's headers make: framing headers (any case) are the
     server's own and dropped; any CR or LF in a name or value is refused
     (response splitting), never written; every other header appears exactly
-    once, as given."""
+    once, as given, then the pre-rendered block as it is - refused unless it
+    holds exactly the lines it is said to."""
+    rendered = b"".join(b"x-block: " + v + b"\r\n" for v in block)
+    block_lines = len(block) + miscount if block else 0
     req = ServerRequest(_Proto())
     req._keep_alive = True
     req._complete = True
     req.method = b"POST"
     kept = [(n, v) for n, v in headers if n.lower().decode("latin-1") not in _FRAMING_NAMES]
-    if any(b"\r" in n + v or b"\n" in n + v for n, v in kept):
+    if (
+        any(b"\r" in n + v or b"\n" in n + v for n, v in kept)
+        or any(b"\r" in v or b"\n" in v for v in block)
+        or (block and miscount)
+    ):
         with pytest.raises(ValueError):
-            req._head(200, None, headers, length)
+            req._head(200, None, headers, length, rendered, block_lines)
         return
-    head = req._head(200, None, headers, length)
+    head = req._head(200, None, headers, length, rendered, block_lines)
     lines = head.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 200 OK" and lines[-2:] == [b"", b""]
     framing = [b"Content-Length: %d" % length] if length is not None else []
     if length is None:
         framing = [b"Transfer-Encoding: chunked"]
-    assert lines[1:-2] == [n + b": " + v for n, v in kept] + framing
+    extra = [b"x-block: " + v for v in block]
+    assert lines[1:-2] == [n + b": " + v for n, v in kept] + extra + framing

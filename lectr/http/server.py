@@ -300,18 +300,23 @@ class ServerRequest:
         reason: bytes | None,
         headers: list[tuple[bytes, bytes]],
         length: int | None,
+        block: bytes = b"",
+        block_lines: int = 0,
     ) -> None:
         """Send the head now. ``length`` None: chunked (HTTP/1.1) or
         close-delimited (HTTP/1.0). Never a body for HEAD, 1xx, 204, 304.
         Framing headers in ``headers`` (Content-Length, Transfer-Encoding,
-        Connection, Keep-Alive) are dropped: the server sets them."""
+        Connection, Keep-Alive) are dropped: the server sets them.
+        ``block``: ``block_lines`` more header lines, already rendered
+        (``Name: value\\r\\n`` each; the head is refused unless it holds
+        exactly that many)."""
         if self.started or self.finished:
             return
-        head = self._head(status, reason, headers, length)
+        head = self._head(status, reason, headers, length, block, block_lines)
         self.started = True
         self._proto.transport.write(head)
 
-    def _head(self, status, reason, headers, length) -> bytes:
+    def _head(self, status, reason, headers, length, block=b"", block_lines=0) -> bytes:
         proto = self._proto
         no_body = self.method == b"HEAD" or status < 200 or status in _NO_BODY_STATUS
         self._no_body = no_body
@@ -328,6 +333,9 @@ class ServerRequest:
                 continue
             lines += (name, b": ", value, b"\r\n")  # (no temporary per line)
             n += 1
+        if block:
+            lines.append(block)
+            n += block_lines
         mark = len(lines)  # (each line from here is a whole one)
         if status >= 200 and status not in _NO_BODY_STATUS:
             if length is not None:

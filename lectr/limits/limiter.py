@@ -44,7 +44,7 @@ allowance divided by the number of nodes it last saw; or, with
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -88,6 +88,14 @@ H_LIMIT_TOK = b"x-ratelimit-limit-tokens"
 H_REMAIN_TOK = b"x-ratelimit-remaining-tokens"
 H_RESET_TOK = b"x-ratelimit-reset-tokens"
 
+# The headers of an admission, rendered in one formatting operation as
+# response-head lines (see Admission.block): the limit, what remains, when
+# the window resets.
+_LINES = b"%s: %%s\r\n%s: %%d\r\n%s: %%s\r\n"
+_BLOCK_REQ = _LINES % (H_LIMIT_REQ, H_REMAIN_REQ, H_RESET_REQ)
+_BLOCK_TOK = _LINES % (H_LIMIT_TOK, H_REMAIN_TOK, H_RESET_TOK)
+_BLOCK_BOTH = _BLOCK_REQ + _BLOCK_TOK
+
 
 class Counter:
     """This node's share of one cluster-wide counter (see the module doc)."""
@@ -117,7 +125,7 @@ class Counter:
         "checked_at",
         "local_allow",
         "alerted",
-        "h_limit",
+        "limit_b",
         "reset_from",
         "reset_b",
         "watched",
@@ -156,8 +164,7 @@ class Counter:
         self.exhausted = False
         self.retired = False
         self.local_allow: int | None = None
-        name = H_LIMIT_TOK if self.metric == "tokens" else H_LIMIT_REQ
-        self.h_limit = (name, b"%d" % cap)
+        self.limit_b = b"%d" % cap
 
     def remaining(self) -> int:
         return max(0, self.cap - self.others - self.spent - self.reserved)
@@ -302,19 +309,27 @@ class Refusal:
 
 
 class Admission:
-    """An admitted request. ``headers`` go on the response; ``settle`` is
-    called once when the request ends (later calls do nothing)."""
+    """An admitted request. ``block`` (``block_lines`` lines) goes on the
+    response head as it is: its x-ratelimit-* headers, already rendered;
+    ``headers`` gives them as pairs. ``settle`` is called once when the
+    request ends (later calls do nothing)."""
 
-    __slots__ = ("headers", "_limiter", "_parts", "_reserved", "_done")
+    __slots__ = ("block", "block_lines", "_limiter", "_parts", "_reserved", "_done")
 
     def __init__(self, limiter: Limiter, parts: tuple = (), reserved: int = 0) -> None:
-        self.headers: Sequence[tuple[bytes, bytes]] = ()
+        self.block = b""
+        self.block_lines = 0
         self._limiter = limiter
         # per scope charged: (scope, its Slots, its tokens counter, its daily
         # and monthly counters holding the reservation), each None if unset
         self._parts = parts
         self._reserved = reserved  # the reservation (micro-dollars) in each dollar counter
         self._done = False
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``block`` as (name, value) pairs (error responses, tests)."""
+        return _pairs(self.block)
 
     def settle(self, *, tokens: int | None, cost_usd: Decimal | int | None) -> None:
         """Release the concurrency slots, charge the tokens to the current
@@ -325,6 +340,14 @@ class Admission:
             return
         self._done = True
         self._limiter._settle(self, tokens, cost_usd)
+
+
+def _pairs(block: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b": ")
+        out.append((name, value))
+    return out
 
 
 class _NoLimits(Admission):
@@ -589,7 +612,7 @@ class Limiter:
                     break
         else:
             admission = self._charge(scopes, now, reserve)
-            admission.headers = self._headers(scopes, now, None)
+            admission.block, admission.block_lines = self._block(scopes, now)
             return admission
         refusal = None
         for scope in scopes:
@@ -602,7 +625,7 @@ class Limiter:
             return refusal
         admission = self._charge(scopes, now, reserve)
         self._charged(scopes)
-        admission.headers = self._headers(scopes, now, None)
+        admission.block, admission.block_lines = self._block(scopes, now)
         return admission
 
     def _counter(self, scope: Scope, metric: str, now: float) -> Counter:
@@ -864,12 +887,14 @@ class Limiter:
     def _headers(
         self, scopes: tuple[Scope, ...], now: float, retry: int | None
     ) -> list[tuple[bytes, bytes]]:
-        """OpenAI-style headers of the tightest request and token limits (on
-        a refusal, with ``retry`` seconds)."""
-        out: list[tuple[bytes, bytes]] = []
-        if retry is not None:
-            out.append((b"retry-after", b"%d" % retry))
-            out.append((b"retry-after-ms", b"%d" % (retry * 1000)))
+        """A refusal's headers: ``retry-after`` (``retry`` seconds) and the
+        x-ratelimit-* headers (see :meth:`_block`)."""
+        out = [(b"retry-after", b"%d" % retry), (b"retry-after-ms", b"%d" % (retry * 1000))]
+        return out + _pairs(self._block(scopes, now)[0])
+
+    def _block(self, scopes: tuple[Scope, ...], now: float) -> tuple[bytes, int]:
+        """The OpenAI-style headers of the tightest request and token limits,
+        rendered as response-head lines, and how many lines."""
         req = tok = None
         req_left = tok_left = 0
         for scope in scopes:
@@ -884,18 +909,25 @@ class Limiter:
                 if tok is None or left < tok_left:
                     tok, tok_left = c, left
         if req is not None:
-            out += (
-                req.h_limit,
-                (H_REMAIN_REQ, b"%d" % (req_left if req_left > 0 else 0)),
-                (H_RESET_REQ, req.reset(now)),
-            )
+            if req_left < 0:
+                req_left = 0
+            if tok is None:
+                return _BLOCK_REQ % (req.limit_b, req_left, req.reset(now)), 3
+            if tok_left < 0:
+                tok_left = 0
+            return _BLOCK_BOTH % (
+                req.limit_b,
+                req_left,
+                req.reset(now),
+                tok.limit_b,
+                tok_left,
+                tok.reset(now),
+            ), 6
         if tok is not None:
-            out += (
-                tok.h_limit,
-                (H_REMAIN_TOK, b"%d" % (tok_left if tok_left > 0 else 0)),
-                (H_RESET_TOK, tok.reset(now)),
-            )
-        return out
+            if tok_left < 0:
+                tok_left = 0
+            return _BLOCK_TOK % (tok.limit_b, tok_left, tok.reset(now)), 3
+        return b"", 0
 
     # --- lease rounds (run by the manager) -------------------------------------------------
 

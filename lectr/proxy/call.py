@@ -527,8 +527,6 @@ class Call:
         out = downstream(headers)
         out.append((b"x-lectr-request-id", self.rid.encode()))
         out.extend(self._route_headers())
-        if self.admission is not None:
-            out.extend(self.admission.headers)
         if status >= 400:
             # a provider error may quote the org's key: held, then masked
             self.held = bytearray()
@@ -551,7 +549,13 @@ class Call:
             headers.first(b"content-encoding"),
         )
         self.ttfb = time.perf_counter()
-        req.start_response(status, reason or None, out, length)
+        admission = self.admission
+        if admission is None:
+            req.start_response(status, reason or None, out, length)
+        else:  # (its x-ratelimit-* headers, rendered already)
+            req.start_response(
+                status, reason or None, out, length, admission.block, admission.block_lines
+            )
         handle = self.handle
         if handle is not None:
             req.set_producer(handle)
