@@ -4,6 +4,8 @@ And the keyboard: every action reachable, with a visible focus."""
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 from selenium.webdriver.common.keys import Keys
@@ -74,10 +76,20 @@ def check_page(browser, name: str) -> None:
 
 def test_every_page_at_both_widths(dash, browser, showcase):
     org_id = showcase
-    request_id = dash.sql(
-        "SELECT request_id FROM request_logs WHERE org_id = %s ORDER BY created_at DESC LIMIT 1",
-        (org_id,),
-    )[0][0]
+    # the request that fell back (its row is written by the flusher within
+    # about a second of the answer)
+    deadline = time.monotonic() + 15
+    while True:
+        found = dash.sql(
+            "SELECT request_id FROM request_logs WHERE org_id = %s AND attempts > 1 "
+            "ORDER BY created_at DESC LIMIT 1",
+            (org_id,),
+        )
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found, "the fallen-back request was never logged"
+    request_id = found[0][0]
     ci_key = next(
         k["id"] for k in dash.stack.cli_json("keys", "list", org_id)["items"] if k["name"] == "ci"
     )
