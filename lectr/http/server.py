@@ -334,6 +334,16 @@ class ServerRequest:
             lines += (name, b": ", value, b"\r\n")  # (no temporary per line)
             n += 1
         if block:
+            # exactly ``block_lines`` lines, each ending in CRLF, no other CR
+            # or LF: checked apart, so that nothing in it can offset a CR or
+            # LF elsewhere in the head
+            if not (
+                block.endswith(b"\r\n")
+                and block.count(b"\r\n") == block_lines
+                and block.count(b"\n") == block_lines
+                and block.count(b"\r") == block_lines
+            ):
+                raise ValueError("a pre-rendered header block with other lines than it says")
             lines.append(block)
             n += block_lines
         mark = len(lines)  # (each line from here is a whole one)
