@@ -321,6 +321,9 @@ def test_a_member_sees_no_write_controls(dash, browser):
     # the routes, limits and pools are there to read; explain works
     browser.go(f"/orgs/{org_id}/routes")
     browser.heading("Routes")
+    # (the heading comes before the page's data: wait for the form, then
+    # check it is the only one)
+    browser.wait(lambda: browser.all("main form"), what="the explain form")
     assert [f.get_attribute("aria-label") for f in browser.all("main form")] == [
         "Explain a request"
     ]
