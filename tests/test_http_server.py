@@ -790,38 +790,32 @@ _FRAMING_NAMES = ("content-length", "transfer-encoding", "connection", "keep-ali
         max_size=6,
     ),
     length=st.one_of(st.none(), st.integers(min_value=0, max_value=10**6)),
-    block=st.lists(st.binary(max_size=12), max_size=3),
-    miscount=st.sampled_from([0, 0, 0, 1, -1]),
+    block=st.lists(st.from_regex(rb"\A[0-9a-z]{0,8}\Z"), max_size=3),
 )
-# a CR and an LF in a value offset by a block said to hold one line more
-@example(headers=[(b"x", b"\n\r")], length=None, block=[b""], miscount=1)
-@example(headers=[], length=0, block=[b"a\nb", b"c"], miscount=0)
-def test_generated_response_heads_keep_one_line_per_header(headers, length, block, miscount):
+# a CR and an LF in a value next to a block of lines
+@example(headers=[(b"x", b"\n\r")], length=None, block=[b""])
+@example(headers=[(b"x", b"\r")], length=0, block=[b"1", b"2"])
+def test_generated_response_heads_keep_one_line_per_header(headers, length, block):
     """The head a handler's headers make: framing headers (any case) are the
     server's own and dropped; any CR or LF in a name or value is refused
-    (response splitting), never written; every other header appears exactly
-    once, as given, then the pre-rendered block as it is - refused unless it
-    holds exactly the lines it is said to."""
+    (response splitting), never written, whatever block of Lectr's own lines
+    comes with it; every other header appears exactly once, as given, then
+    the block as it is."""
     rendered = b"".join(b"x-block: " + v + b"\r\n" for v in block)
-    block_lines = len(block) + miscount if block else 0
     req = ServerRequest(_Proto())
     req._keep_alive = True
     req._complete = True
     req.method = b"POST"
     kept = [(n, v) for n, v in headers if n.lower().decode("latin-1") not in _FRAMING_NAMES]
-    if (
-        any(b"\r" in n + v or b"\n" in n + v for n, v in kept)
-        or any(b"\r" in v or b"\n" in v for v in block)
-        or (block and miscount)
-    ):
+    if any(b"\r" in n + v or b"\n" in n + v for n, v in kept):
         with pytest.raises(ValueError):
-            req._head(200, None, headers, length, rendered, block_lines)
+            req._head(200, None, headers, length, rendered)
         return
-    head = req._head(200, None, headers, length, rendered, block_lines)
+    head = req._head(200, None, headers, length, rendered)
     lines = head.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 200 OK" and lines[-2:] == [b"", b""]
     framing = [b"Content-Length: %d" % length] if length is not None else []
     if length is None:
         framing = [b"Transfer-Encoding: chunked"]
     extra = [b"x-block: " + v for v in block]
-    assert lines[1:-2] == [n + b": " + v for n, v in kept] + extra + framing
+    assert lines[1:-2] == [n + b": " + v for n, v in kept] + framing + extra

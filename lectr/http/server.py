@@ -301,22 +301,22 @@ class ServerRequest:
         headers: list[tuple[bytes, bytes]],
         length: int | None,
         block: bytes = b"",
-        block_lines: int = 0,
     ) -> None:
         """Send the head now. ``length`` None: chunked (HTTP/1.1) or
         close-delimited (HTTP/1.0). Never a body for HEAD, 1xx, 204, 304.
         Framing headers in ``headers`` (Content-Length, Transfer-Encoding,
         Connection, Keep-Alive) are dropped: the server sets them.
-        ``block``: ``block_lines`` more header lines, already rendered
-        (``Name: value\\r\\n`` each; the head is refused unless it holds
-        exactly that many)."""
+        ``block``: more header lines, rendered by Lectr itself from numbers
+        and constants (``Name: value\\r\\n`` each: the limits'
+        x-ratelimit-* headers), written as they are, after the check of
+        ``headers`` - never request or provider data."""
         if self.started or self.finished:
             return
-        head = self._head(status, reason, headers, length, block, block_lines)
+        head = self._head(status, reason, headers, length, block)
         self.started = True
         self._proto.transport.write(head)
 
-    def _head(self, status, reason, headers, length, block=b"", block_lines=0) -> bytes:
+    def _head(self, status, reason, headers, length, block=b"") -> bytes:
         proto = self._proto
         no_body = self.method == b"HEAD" or status < 200 or status in _NO_BODY_STATUS
         self._no_body = no_body
@@ -333,19 +333,6 @@ class ServerRequest:
                 continue
             lines += (name, b": ", value, b"\r\n")  # (no temporary per line)
             n += 1
-        if block:
-            # exactly ``block_lines`` lines, each ending in CRLF, no other CR
-            # or LF: checked apart, so that nothing in it can offset a CR or
-            # LF elsewhere in the head
-            if not (
-                block.endswith(b"\r\n")
-                and block.count(b"\r\n") == block_lines
-                and block.count(b"\n") == block_lines
-                and block.count(b"\r") == block_lines
-            ):
-                raise ValueError("a pre-rendered header block with other lines than it says")
-            lines.append(block)
-            n += block_lines
         mark = len(lines)  # (each line from here is a whole one)
         if status >= 200 and status not in _NO_BODY_STATUS:
             if length is not None:
@@ -368,6 +355,8 @@ class ServerRequest:
         n += len(lines) - mark
         if head.count(b"\n") != n or head.count(b"\r") != n:
             raise ValueError("CR or LF in a response header name or value")
+        if block:  # (Lectr's own lines, after the check: nothing in them can offset it)
+            head = b"".join((head[:-2], block, b"\r\n"))
         return head
 
     def write(self, data: bytes) -> None:

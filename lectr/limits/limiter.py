@@ -309,16 +309,15 @@ class Refusal:
 
 
 class Admission:
-    """An admitted request. ``block`` (``block_lines`` lines) goes on the
-    response head as it is: its x-ratelimit-* headers, already rendered;
-    ``headers`` gives them as pairs. ``settle`` is called once when the
+    """An admitted request. ``block`` goes on the response head as it is:
+    its x-ratelimit-* headers, already rendered as head lines; ``headers``
+    gives them as pairs. ``settle`` is called once when the
     request ends (later calls do nothing)."""
 
-    __slots__ = ("block", "block_lines", "_limiter", "_parts", "_reserved", "_done")
+    __slots__ = ("block", "_limiter", "_parts", "_reserved", "_done")
 
     def __init__(self, limiter: Limiter, parts: tuple = (), reserved: int = 0) -> None:
         self.block = b""
-        self.block_lines = 0
         self._limiter = limiter
         # per scope charged: (scope, its Slots, its tokens counter, its daily
         # and monthly counters holding the reservation), each None if unset
@@ -612,7 +611,7 @@ class Limiter:
                     break
         else:
             admission = self._charge(scopes, now, reserve)
-            admission.block, admission.block_lines = self._block(scopes, now)
+            admission.block = self._block(scopes, now)
             return admission
         refusal = None
         for scope in scopes:
@@ -625,7 +624,7 @@ class Limiter:
             return refusal
         admission = self._charge(scopes, now, reserve)
         self._charged(scopes)
-        admission.block, admission.block_lines = self._block(scopes, now)
+        admission.block = self._block(scopes, now)
         return admission
 
     def _counter(self, scope: Scope, metric: str, now: float) -> Counter:
@@ -890,11 +889,12 @@ class Limiter:
         """A refusal's headers: ``retry-after`` (``retry`` seconds) and the
         x-ratelimit-* headers (see :meth:`_block`)."""
         out = [(b"retry-after", b"%d" % retry), (b"retry-after-ms", b"%d" % (retry * 1000))]
-        return out + _pairs(self._block(scopes, now)[0])
+        return out + _pairs(self._block(scopes, now))
 
-    def _block(self, scopes: tuple[Scope, ...], now: float) -> tuple[bytes, int]:
+    def _block(self, scopes: tuple[Scope, ...], now: float) -> bytes:
         """The OpenAI-style headers of the tightest request and token limits,
-        rendered as response-head lines, and how many lines."""
+        rendered as response-head lines (from numbers and constants only:
+        the server writes them unchecked)."""
         req = tok = None
         req_left = tok_left = 0
         for scope in scopes:
@@ -912,7 +912,7 @@ class Limiter:
             if req_left < 0:
                 req_left = 0
             if tok is None:
-                return _BLOCK_REQ % (req.limit_b, req_left, req.reset(now)), 3
+                return _BLOCK_REQ % (req.limit_b, req_left, req.reset(now))
             if tok_left < 0:
                 tok_left = 0
             return _BLOCK_BOTH % (
@@ -922,12 +922,12 @@ class Limiter:
                 tok.limit_b,
                 tok_left,
                 tok.reset(now),
-            ), 6
+            )
         if tok is not None:
             if tok_left < 0:
                 tok_left = 0
-            return _BLOCK_TOK % (tok.limit_b, tok_left, tok.reset(now)), 3
-        return b"", 0
+            return _BLOCK_TOK % (tok.limit_b, tok_left, tok.reset(now))
+        return b""
 
     # --- lease rounds (run by the manager) -------------------------------------------------
 

@@ -553,9 +553,7 @@ class Call:
         if admission is None:
             req.start_response(status, reason or None, out, length)
         else:  # (its x-ratelimit-* headers, rendered already)
-            req.start_response(
-                status, reason or None, out, length, admission.block, admission.block_lines
-            )
+            req.start_response(status, reason or None, out, length, admission.block)
         handle = self.handle
         if handle is not None:
             req.set_producer(handle)
