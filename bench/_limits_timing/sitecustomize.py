@@ -68,7 +68,7 @@ _head = server.ServerRequest._head
 _flip = [False]
 
 
-def _head_measured(self, status, reason, headers, length, block=b"", block_lines=0):
+def _head_measured(self, status, reason, headers, length, block=b""):
     if not block:
         return _head(self, status, reason, headers, length)
     clock = time.perf_counter
@@ -77,12 +77,12 @@ def _head_measured(self, status, reason, headers, length, block=b"", block_lines
         t0 = clock()
         _head(self, status, reason, headers, length)
         t1 = clock()
-        out = _head(self, status, reason, headers, length, block, block_lines)
+        out = _head(self, status, reason, headers, length, block)
         t2 = clock()
         without, with_block = t1 - t0, t2 - t1
     else:
         t0 = clock()
-        out = _head(self, status, reason, headers, length, block, block_lines)
+        out = _head(self, status, reason, headers, length, block)
         t1 = clock()
         _head(self, status, reason, headers, length)
         t2 = clock()
