@@ -884,7 +884,7 @@ class Limiter:
         return Refusal(429, RATE_LIMITED, message, 1, [], "max_concurrent", short)
 
     def _headers(
-        self, scopes: tuple[Scope, ...], now: float, retry: int | None
+        self, scopes: tuple[Scope, ...], now: float, retry: int
     ) -> list[tuple[bytes, bytes]]:
         """A refusal's headers: ``retry-after`` (``retry`` seconds) and the
         x-ratelimit-* headers (see :meth:`_block`)."""

@@ -117,8 +117,6 @@ class PricingManager:
         self._table = PriceTable(self._catalogue)
         self._updated: dict[tuple[str, str], datetime] = {}
         self._cache: dict[tuple[str, str], object] = {}
-        # (provider, model) -> its entry's flat worst-case tuple, or None
-        self._worst: dict[tuple[str, str | None], tuple | None] = {}
         self._reloader = OrgCacheReloader(
             "price overrides",
             load_orgs=lambda _providers: self._load(),
@@ -178,7 +176,6 @@ class PricingManager:
         self._table = PriceTable(self._catalogue, overrides)
         self._updated = updated
         self._cache = {}
-        self._worst = {}
 
     # --- the hot path ------------------------------------------------------------------
 
@@ -257,20 +254,15 @@ class PricingManager:
         ones (None: none is priced). What a budget reservation holds for a
         request that may be served by any of them: the proxy's hot path
         (one cached lookup per target, integers only)."""
-        flat = self._worst
+        cache = self._cache  # (resolve's: an entry, or None for an unpriced model)
         prompt = prompt_tokens if prompt_tokens > 0 else 0
         dearest = None
         for t in targets:
-            key = (t.provider, t.model)
-            worst = flat.get(key, _MISSING)
-            if worst is _MISSING:
+            entry = cache.get((t.provider, t.model), _MISSING)
+            if entry is _MISSING:
                 entry = self._entry(t.provider, t.model)
-                worst = None if entry is None else entry.worst
-                if len(flat) >= RESOLVE_CACHE_MAX:
-                    flat.clear()
-                flat[key] = worst
-            if worst is not None:
-                units = worst_units(worst, prompt, max_output_tokens)
+            if entry is not None:
+                units = worst_units(entry.worst, prompt, max_output_tokens)
                 if units is not None and (dearest is None or units > dearest):
                     dearest = units
         return None if dearest is None else -(-dearest // 1_000_000)

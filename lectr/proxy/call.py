@@ -549,11 +549,9 @@ class Call:
             headers.first(b"content-encoding"),
         )
         self.ttfb = time.perf_counter()
-        admission = self.admission
-        if admission is None:
-            req.start_response(status, reason or None, out, length)
-        else:  # (its x-ratelimit-* headers, rendered already)
-            req.start_response(status, reason or None, out, length, admission.block)
+        admission = self.admission  # (its x-ratelimit-* headers, rendered already)
+        block = b"" if admission is None else admission.block
+        req.start_response(status, reason or None, out, length, block)
         handle = self.handle
         if handle is not None:
             req.set_producer(handle)
