@@ -385,7 +385,7 @@ class ServerRequest:
         if not self.started:
             raise RuntimeError("finish() before the response was started")
         self.finished = True
-        self.on_lost = None
+        self.on_lost = self.context = None
         if self._chunked:
             self._proto.transport.write(b"0\r\n\r\n")
         self._proto._request_done(self)
@@ -396,7 +396,7 @@ class ServerRequest:
         if self.finished:
             return
         self.finished = True
-        self.on_lost = None
+        self.on_lost = self.context = None
         self._proto._abort()
 
     # --- backpressure ----------------------------------------------------------------------------
@@ -488,6 +488,7 @@ class ServerProtocol(Protocol):
         if req is not None and not req.finished:
             req.finished = True
             hook, req.on_lost = req.on_lost, None
+            req.context = None
             if hook is not None:
                 try:
                     hook(reason if reason is not None else Failure(ConnectionError("lost")))

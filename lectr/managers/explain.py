@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from lectr.errors import BadRequest, NotFound
 from lectr.policy.chain import Refusal, run_chain
-from lectr.policy.plan import Selector, request_affinity
+from lectr.policy.plan import Selector
 from lectr.providers.body import BodyRefused, read_body
 from lectr.proxy.target import route, target_problem
 from lectr.storage.api_keys import KeyIdentity
@@ -58,9 +58,6 @@ class _ExplainedCall:
         self.plan = None
         self.admission = None
         self.dry_run = True  # nothing is reserved or counted
-
-    def affinity(self) -> bytes | None:
-        return request_affinity(self.headers, self.dialect, self.read)
 
 
 class RouteExplainer:

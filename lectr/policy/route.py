@@ -10,9 +10,11 @@ to.
 
 from __future__ import annotations
 
+from functools import partial
+
 from lectr.managers.routes import Target
 from lectr.policy.chain import Refusal
-from lectr.policy.plan import RoutingPlan
+from lectr.policy.plan import RoutingPlan, request_affinity
 
 
 class ResolveRoute:
@@ -74,5 +76,9 @@ class ResolveRoute:
                     "or multipart body; this body's model cannot be rewritten.",
                 )
             targets = kept
-        call.plan = RoutingPlan(route, targets, call.affinity)
+        # (what the plan may ask for later, not the call itself: nothing a
+        # call owns refers back to it, so that a finished call is freed at
+        # once rather than by the cyclic collector - tests/test_request_cycles.py)
+        affinity = partial(request_affinity, call.headers, call.dialect, read)
+        call.plan = RoutingPlan(route, targets, affinity)
         return None

@@ -43,7 +43,7 @@ from lectr.managers.auth import RATE_LIMITED, UNKNOWN
 from lectr.managers.orgs import looks_like_key
 from lectr.policy.chain import Refusal, run_chain
 from lectr.policy.health import parse_retry_after
-from lectr.policy.plan import failure_class, request_affinity
+from lectr.policy.plan import failure_class
 from lectr.providers.base import scrub_body
 from lectr.providers.body import BodyRefused, read_body
 from lectr.providers.dialects import ERROR_STATUS
@@ -149,7 +149,10 @@ class Call:
     API path, whether it is the bare ``/v1``), ``dialect``, ``api_path_text``,
     ``read`` (the judged body), ``headers`` (the request's), ``plan`` (set by
     the route step), ``admission`` (set by the limits step),
-    ``requested_model``."""
+    ``requested_model``; ``dry_run`` is False (True on the route
+    explainer's calls: nothing is reserved or counted)."""
+
+    dry_run = False
 
     __slots__ = (
         "h",
@@ -365,12 +368,6 @@ class Call:
             )
             return
         self.send(attempt)
-
-    def affinity(self) -> bytes | None:
-        """What ties this request to a conversation, for sticky key and
-        target choice: ``x-lectr-session``, the body's session fields, or a
-        digest of a cacheable prompt prefix (RoutingPlan calls this lazily)."""
-        return request_affinity(self.headers, self.dialect, self.read)
 
     # --- 5: attempts ------------------------------------------------------------------
 
