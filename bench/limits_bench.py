@@ -13,7 +13,11 @@ requests):
 - an org and its key both with every limit set (rpm, tpm, max_concurrent,
   usd_per_day, usd_per_month; caps high enough never to refuse), priced
   requests (a reservation and a cost);
-- the same with the requests refused (a cap of 1 already used).
+- the same with the requests refused (a cap of 1 already used);
+- the policy step as the proxy runs it (``lectr.policy.limits.Limits``):
+  the same org and key, a bench-like request on a two-target route, its
+  reservation priced from the shipped catalogue, settled with a cost in
+  whole micro-dollars as the proxy settles it.
 
 Only the synchronous calls are timed, not the rounds.
 """
@@ -27,6 +31,7 @@ import time
 import timeit
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,7 +41,10 @@ from lectr.db.database import Database
 from lectr.db.migrate import upgrade_sync
 from lectr.limits import Admission, LimitsManager
 from lectr.managers.orgs import OrgManager
+from lectr.managers.routes import Target
 from lectr.metrics import Registry
+from lectr.policy.limits import Limits
+from lectr.pricing.manager import PricingManager
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.limits import LimitStore
 from lectr.storage.orgs import OrgStore
@@ -68,6 +76,32 @@ async def measure(reactor, m: LimitsManager, org: str, key: str, calls: int, pri
         wall += time.perf_counter() - t
         cpu += time.process_time() - c
         await task.deferLater(reactor, 0)  # the lease rounds run here
+    return wall / calls * 1e6, cpu / calls * 1e6, admitted
+
+
+async def measure_step(reactor, m: LimitsManager, org: str, key: str, calls: int):
+    """The same for the policy step and the settlement of a proxied request."""
+    step = Limits(m, dearest=PricingManager(reactor=reactor, metrics=Registry()).dearest_micro)
+    body = b'{"model":"bench","messages":[{"role":"user","content":"Say hello"}]}'
+    call = SimpleNamespace(
+        ident=SimpleNamespace(org_id=org, key_id=key),
+        read=SimpleNamespace(body=body, doc={"model": "bench", "messages": []}),
+        plan=SimpleNamespace(targets=[Target("openai", "gpt-4o-mini"), Target("openai", "gpt-4o")]),
+        admission=None,
+        dry_run=False,
+    )
+    wall = cpu = 0.0
+    admitted = 0
+    for _ in range(0, calls, 1000):
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(1000):
+            call.admission = None
+            if step(call) is None:
+                call.admission.settle(tokens=350, cost_usd=4200)
+                admitted += 1
+        wall += time.perf_counter() - t
+        cpu += time.process_time() - c
+        await task.deferLater(reactor, 0)
     return wall / calls * 1e6, cpu / calls * 1e6, admitted
 
 
@@ -103,6 +137,11 @@ async def run(reactor, url: str, calls: int) -> None:
             f"{label:36s} {wall:6.2f} us per admit()+settle() (CPU {cpu:.2f} us; "
             f"{admitted} admitted)"
         )
+    wall, cpu, admitted = await measure_step(reactor, m, limited.id, limited_key.key.id, calls)
+    print(
+        f"{'policy step, every limit, catalogue':36s} {wall:6.2f} us per step+settle() "
+        f"(CPU {cpu:.2f} us; {admitted} admitted)"
+    )
     print(f"lease rounds meanwhile: {rounds.value('ok') - before:.0f} ok")
     await m.stop()
     await db.close()
