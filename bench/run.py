@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import json
 import os
 import re
@@ -341,6 +342,9 @@ class Passthrough:
 
 
 # --- Lectr --------------------------------------------------------------------------------
+_DB_SEQ = itertools.count(1)
+
+
 class Lectr:
     def __init__(
         self,
@@ -379,7 +383,7 @@ class Lectr:
         if server:
             import psycopg2
 
-            self.db_name = f"lectr_bench_{os.getpid()}"
+            self.db_name = f"lectr_bench_{os.getpid()}_{next(_DB_SEQ)}"  # (one per instance)
             conn = psycopg2.connect(server)
             conn.autocommit = True
             with conn.cursor() as cur:
