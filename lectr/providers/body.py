@@ -75,7 +75,9 @@ class BodyRefused(ValueError):
     claims to be). The message is shown to the client."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one per request on the hot path (see lectr.usage.model.Usage);
+# treat it as immutable all the same.
+@dataclass(slots=True)
 class ReadBody:
     kind: str
     """``empty``, ``json``, ``multipart``, ``form`` or ``opaque``."""

@@ -64,7 +64,9 @@ MODEL_MAX = 256
 # --- requests ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one per request on the hot path (see lectr.usage.model.Usage);
+# treat it as immutable all the same.
+@dataclass(slots=True)
 class RequestPlan:
     model: str | None
     """The request's model: the JSON body's ``model`` (a string), or the
