@@ -204,6 +204,24 @@ async def test_connections_are_reused_lifo(upstreams, client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_reads_reach_the_connection_without_the_endpoint_wrapper(upstreams, client):
+    """The endpoint's pass-through protocol is out of the way once connected:
+    the TCP transport delivers to the upstream connection itself, which still
+    serves requests and sees the end of the connection."""
+    up, origin = upstreams(reply(ok(b"one")))
+    sink, result, _ = await fetch(client, origin)
+    assert result == "done" and bytes(sink.data) == b"one"
+    [conn] = client._idle[origin.key]
+    assert conn.transport.protocol is conn
+    sink, result, _ = await fetch(client, origin)  # the same connection, read directly
+    assert result == "done" and bytes(sink.data) == b"one"
+    assert [s.conn for s in up.seen] == [0, 0]
+    up.conns[0].transport.loseConnection()  # the server ends it: the connection hears of it
+    await sleep(0.1)
+    assert conn._lost and client.idle_count(origin) == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_idle_connections_are_evicted(upstreams):
     client = UpstreamClient(reactor, connect_timeout=2, idle_timeout=0.2)
     up, origin = upstreams(reply(ok()))
@@ -463,6 +481,9 @@ async def test_tls_upstream():
             sink, result, _ = await fetch(trusted, origin)
             assert result == "done" and bytes(sink.data) == b"over tls"
         assert [s.conn for s in up.seen] == [0, 0]  # kept alive over TLS
+        [conn] = trusted._idle[origin.key]
+        tls = conn.transport  # the TCP transport reads straight into the TLS layer
+        assert tls.wrappedProtocol is conn and tls.transport.protocol is tls
         assert up.seen[0].target == b"/v1/x"
         sink, error, _ = await fetch(untrusted, origin)
         assert error.kind == "tls" and not error.started, error

@@ -53,7 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lectr.http.headers import HeaderList
-from lectr.http.tcp import no_delay
+from lectr.http.tcp import direct_reads, no_delay
 
 _SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 _LENGTH_ALWAYS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -494,6 +494,7 @@ class _UpstreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        direct_reads(self)
 
     def send(self, handle: UpstreamHandle) -> None:
         if self._dirty:
