@@ -747,25 +747,14 @@ class Limiter:
     def _charge(self, scopes: tuple[Scope, ...], now: float, reserve: int | None) -> Admission:
         """Charge an admitted request to every scope (the request, a slot,
         the reservation); the admission keeps what to settle, and its
-        headers: those of the tightest request and token limits after the
-        charge (see :meth:`_block`; found in the same pass)."""
+        headers (see :meth:`_block`)."""
         amount = reserve or 0
         parts = []
-        req = tok = None
-        req_left = tok_left = 0
         for scope in scopes:
             scope.active_at = now
             c = scope.req
             if c is not None:
                 c.spent += 1
-                left = c.cap - c.others - c.spent
-                if req is None or left < req_left:
-                    req, req_left = c, left
-            t = scope.tok
-            if t is not None:
-                left = t.cap - t.others - t.spent
-                if tok is None or left < tok_left:
-                    tok, tok_left = t, left
             sl = scope.slots
             if sl is not None:
                 sl.in_use += 1
@@ -779,8 +768,8 @@ class Limiter:
                 if month is not None:
                     month.reserved += amount
                     month.open += 1
-            parts.append((scope, sl, t, day, month))
-        return Admission(self, tuple(parts), amount, _render(req, req_left, tok, tok_left, now))
+            parts.append((scope, sl, scope.tok, day, month))
+        return Admission(self, tuple(parts), amount, self._block(scopes, now))
 
     def _charged(self, scopes: tuple[Scope, ...]) -> None:
         """After a charge on the careful path: every counter watched, and a
@@ -904,8 +893,7 @@ class Limiter:
 
     def _block(self, scopes: tuple[Scope, ...], now: float) -> bytes:
         """The OpenAI-style headers of the tightest request and token limits,
-        rendered as response-head lines (a refusal's; an admission's are
-        found as it is charged, see :meth:`_charge`)."""
+        rendered as response-head lines (see :func:`_render`)."""
         req = tok = None
         req_left = tok_left = 0
         for scope in scopes:
