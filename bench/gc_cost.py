@@ -19,12 +19,8 @@ young-generation threshold instead of Lectr's (lectr.service.GC_YOUNG_THRESHOLD)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,34 +34,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--young", type=int, help="the young generation's threshold to run with")
     args = parser.parse_args()
-    run.ensure_tools(need_nginx=not (run.SHARED / "mock_upstream.rs").exists())
-    run.raise_fd_limit()
-    load_pin, proxy_pin = run.cores()
-    workdir = Path(tempfile.mkdtemp(prefix="lectr-gc-"))
-    stats = workdir / "gc-stats.json"
-    os.environ["BENCH_GC_STATS"] = str(stats)
     if args.young:
         os.environ["BENCH_GC_YOUNG"] = str(args.young)
-    upstream = run.Upstream(workdir, load_pin)
-    lectr = None
-    try:
-        lectr = run.Lectr(
-            workdir, upstream.base, proxy_pin, extra_path=str(run.BENCH / "_gc_timing")
-        )
-        key = lectr.add_org("bench-gc", route=True, limits=False)
-        pid = lectr.serving_pid()
-        url = f"http://127.0.0.1:{lectr.port}{run.CHAT_PATH}"
+    with run.Counted("lectr-gc-", "_gc_timing", "BENCH_GC_STATS", limits=False) as bench:
         print(f"The cyclic garbage collector inside the proxy (c=32; {run.load()}):")
         for rnd in range(args.rounds):
             for mode in ("json", "stream"):
-                script = run.wrk_script(workdir, mode == "stream", key, "bench")
-                run.run_wrk(url, script, 32, 3, load_pin)  # warm-up
-                os.kill(pid, signal.SIGUSR1)  # start counting here
-                time.sleep(0.3)
-                r = run.measure(url, script, 32, args.seconds, load_pin, cpu_pid=pid)
-                os.kill(pid, signal.SIGUSR1)
-                time.sleep(0.3)
-                got = json.loads(stats.read_text())
+                r, got = bench.run(mode, args.seconds)
                 n = max(1, r["requests"])
                 print(
                     f"  round {rnd + 1} {mode:6} {r['rps']:6.0f} req/s, CPU {r['cpu_us']:5.0f} µs "
@@ -76,10 +51,6 @@ def main() -> None:
                     f"threshold {got['threshold']})",
                     flush=True,
                 )
-    finally:
-        if lectr is not None:
-            lectr.stop()
-        upstream.stop()
 
 
 if __name__ == "__main__":

@@ -27,13 +27,8 @@ without them costs (1 - share) of it: a throughput ratio of 1 - share.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,34 +41,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    run.ensure_tools(need_nginx=not (run.SHARED / "mock_upstream.rs").exists())
-    run.raise_fd_limit()
-    load_pin, proxy_pin = run.cores()
-    workdir = Path(tempfile.mkdtemp(prefix="lectr-limits-insitu-"))
-    stats = workdir / "limits-stats.json"
-    os.environ["BENCH_LIMITS_STATS"] = str(stats)
-    upstream = run.Upstream(workdir, load_pin)
-    lectr = None
-    try:
-        lectr = run.Lectr(
-            workdir, upstream.base, proxy_pin, extra_path=str(run.BENCH / "_limits_timing")
-        )
-        key = lectr.add_org("bench-limited", route=True, limits=True)
-        pid = lectr.serving_pid()
-        url = f"http://127.0.0.1:{lectr.port}{run.CHAT_PATH}"
+    with run.Counted(
+        "lectr-limits-insitu-", "_limits_timing", "BENCH_LIMITS_STATS", limits=True
+    ) as bench:
         print(f"Limits inside the proxy (every limit on org and key, c=32; {run.load()}):")
         shares: dict[str, list[float]] = {}
         nets: dict[str, list[float]] = {}
         for rnd in range(args.rounds):
             for mode in ("json", "stream"):
-                script = run.wrk_script(workdir, mode == "stream", key, "bench")
-                run.run_wrk(url, script, 32, 3, load_pin)  # warm-up
-                os.kill(pid, signal.SIGUSR1)  # start counting here
-                time.sleep(0.3)
-                r = run.measure(url, script, 32, args.seconds, load_pin, cpu_pid=pid)
-                os.kill(pid, signal.SIGUSR1)
-                time.sleep(0.3)
-                got = json.loads(stats.read_text())
+                r, got = bench.run(mode, args.seconds)
                 n = max(1, got["step"][0])
                 step_us = got["step"][1] / n * 1e6
                 settle_us = got["settle"][1] / max(1, got["settle"][0]) * 1e6
@@ -101,10 +77,6 @@ def main() -> None:
                 f"(a throughput of {1 - statistics.median(nets[mode]) / 100:.3f} of the same "
                 "requests without limits)"
             )
-    finally:
-        if lectr is not None:
-            lectr.stop()
-        upstream.stop()
 
 
 if __name__ == "__main__":
