@@ -316,10 +316,8 @@ class Admission:
 
     __slots__ = ("block", "_limiter", "_parts", "_reserved", "_done")
 
-    def __init__(
-        self, limiter: Limiter, parts: tuple = (), reserved: int = 0, block: bytes = b""
-    ) -> None:
-        self.block = block
+    def __init__(self, limiter: Limiter, parts: tuple = (), reserved: int = 0) -> None:
+        self.block = b""
         self._limiter = limiter
         # per scope charged: (scope, its Slots, its tokens counter, its daily
         # and monthly counters holding the reservation), each None if unset
@@ -612,7 +610,9 @@ class Limiter:
                 if c is not None and c.spent + c.reserved + need > c.room:
                     break
         else:
-            return self._charge(scopes, now, reserve)
+            admission = self._charge(scopes, now, reserve)
+            admission.block = self._block(scopes, now)
+            return admission
         refusal = None
         for scope in scopes:
             other = self._check(scope, now, reserve)
@@ -624,6 +624,7 @@ class Limiter:
             return refusal
         admission = self._charge(scopes, now, reserve)
         self._charged(scopes)
+        admission.block = self._block(scopes, now)
         return admission
 
     def _counter(self, scope: Scope, metric: str, now: float) -> Counter:
@@ -746,8 +747,7 @@ class Limiter:
 
     def _charge(self, scopes: tuple[Scope, ...], now: float, reserve: int | None) -> Admission:
         """Charge an admitted request to every scope (the request, a slot,
-        the reservation); the admission keeps what to settle, and its
-        headers (see :meth:`_block`)."""
+        the reservation); the admission keeps what to settle."""
         amount = reserve or 0
         parts = []
         for scope in scopes:
@@ -769,7 +769,7 @@ class Limiter:
                     month.reserved += amount
                     month.open += 1
             parts.append((scope, sl, scope.tok, day, month))
-        return Admission(self, tuple(parts), amount, self._block(scopes, now))
+        return Admission(self, tuple(parts), amount)
 
     def _charged(self, scopes: tuple[Scope, ...]) -> None:
         """After a charge on the careful path: every counter watched, and a
@@ -893,7 +893,8 @@ class Limiter:
 
     def _block(self, scopes: tuple[Scope, ...], now: float) -> bytes:
         """The OpenAI-style headers of the tightest request and token limits,
-        rendered as response-head lines (see :func:`_render`)."""
+        rendered as response-head lines (from numbers and constants only:
+        the server writes them unchecked)."""
         req = tok = None
         req_left = tok_left = 0
         for scope in scopes:
@@ -907,7 +908,26 @@ class Limiter:
                 left = c.cap - c.others - c.spent
                 if tok is None or left < tok_left:
                     tok, tok_left = c, left
-        return _render(req, req_left, tok, tok_left, now)
+        if req is not None:
+            if req_left < 0:
+                req_left = 0
+            if tok is None:
+                return _BLOCK_REQ % (req.limit_b, req_left, req.reset(now))
+            if tok_left < 0:
+                tok_left = 0
+            return _BLOCK_BOTH % (
+                req.limit_b,
+                req_left,
+                req.reset(now),
+                tok.limit_b,
+                tok_left,
+                tok.reset(now),
+            )
+        if tok is not None:
+            if tok_left < 0:
+                tok_left = 0
+            return _BLOCK_TOK % (tok.limit_b, tok_left, tok.reset(now))
+        return b""
 
     # --- lease rounds (run by the manager) -------------------------------------------------
 
@@ -1065,35 +1085,6 @@ class Limiter:
     @property
     def has_limits(self) -> bool:
         return bool(self.scopes)
-
-
-def _render(
-    req: Counter | None, req_left: int, tok: Counter | None, tok_left: int, now: float
-) -> bytes:
-    """x-ratelimit-* response-head lines for the tightest request counter
-    ``req`` and token counter ``tok`` (None: no such limit) with what they
-    have left (from numbers and constants only: the server writes them
-    unchecked)."""
-    if req is not None:
-        if req_left < 0:
-            req_left = 0
-        if tok is None:
-            return _BLOCK_REQ % (req.limit_b, req_left, req.reset(now))
-        if tok_left < 0:
-            tok_left = 0
-        return _BLOCK_BOTH % (
-            req.limit_b,
-            req_left,
-            req.reset(now),
-            tok.limit_b,
-            tok_left,
-            tok.reset(now),
-        )
-    if tok is not None:
-        if tok_left < 0:
-            tok_left = 0
-        return _BLOCK_TOK % (tok.limit_b, tok_left, tok.reset(now))
-    return b""
 
 
 def _unavailable(scope: Scope, limit: str, retry: int) -> Refusal:

@@ -16,7 +16,6 @@ from lectr.policy.chain import Refusal
 from lectr.pricing.cost import estimate_prompt_tokens
 
 _KINDS = {"rate_limit_exceeded": "rate_limited", "budget_exceeded": "budget_exceeded"}
-
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
@@ -45,13 +44,12 @@ class Limits:
 
     def __call__(self, call) -> Refusal | None:
         ident = call.ident
-        org_id = ident.org_id
-        if org_id not in self._limited:
+        if ident.org_id not in self._limited:
             return None  # no limit on the org or its keys: nothing to admit or settle
         if call.dry_run:
             return None  # an explanation: nothing is reserved
         reserve = self._reserve(call) if self._dearest is not None else None
-        result = self._admit(org_id, ident.key_id, reserve_usd=reserve)
+        result = self._admit(ident.org_id, ident.key_id, reserve_usd=reserve)
         if result.__class__ is LimitRefusal:
             kind = _KINDS.get(result.kind, "unavailable")
             return Refusal(result.status, kind, result.message, tuple(result.headers))
