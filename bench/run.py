@@ -615,29 +615,12 @@ def measure(
     return result
 
 
-def counted_run(
-    url: str, script: Path, pid: int, stats: Path, seconds: float, pin: list[str]
-) -> tuple[dict, dict]:
-    """A measured c=32 run of a Lectr that carries a counting hook on its
-    PYTHONPATH (bench/_limits_timing, bench/_gc_timing): a warm-up, SIGUSR1
-    (the hook starts counting afresh), the run with the process's CPU per
-    request (:func:`measure`), SIGUSR1 again (the hook writes what it counted
-    to ``stats``, JSON). Returns the run and the hook's figures."""
-    run_wrk(url, script, 32, 3, pin)  # warm-up
-    os.kill(pid, signal.SIGUSR1)  # start counting here
-    time.sleep(0.3)
-    r = measure(url, script, 32, seconds, pin, cpu_pid=pid)
-    os.kill(pid, signal.SIGUSR1)
-    time.sleep(0.3)
-    return r, json.loads(stats.read_text())
-
-
 class Counted:
     """The shared mock and one Lectr carrying the counting hook ``hook``
     (a directory of bench/ with a sitecustomize.py) that writes its figures
     to the file named by the environment variable ``stats_env``, with an org
     on the bench route (``limits``: every limit on the org and its key).
-    Use as a context manager; :meth:`run` is :func:`counted_run`."""
+    Use as a context manager."""
 
     def __init__(self, prefix: str, hook: str, stats_env: str, *, limits: bool) -> None:
         ensure_tools(need_nginx=not (SHARED / "mock_upstream.rs").exists())
@@ -660,8 +643,18 @@ class Counted:
         self.url = f"http://127.0.0.1:{self.lectr.port}{CHAT_PATH}"
 
     def run(self, mode: str, seconds: float) -> tuple[dict, dict]:
+        """A measured c=32 run: a warm-up, SIGUSR1 (the hook starts counting
+        afresh), the run with the process's CPU per request (:func:`measure`),
+        SIGUSR1 again (the hook writes what it counted to ``stats``, JSON).
+        Returns the run and the hook's figures."""
         script = wrk_script(self.workdir, mode == "stream", self.key, "bench")
-        return counted_run(self.url, script, self.pid, self.stats, seconds, self.load_pin)
+        run_wrk(self.url, script, 32, 3, self.load_pin)  # warm-up
+        os.kill(self.pid, signal.SIGUSR1)  # start counting here
+        time.sleep(0.3)
+        r = measure(self.url, script, 32, seconds, self.load_pin, cpu_pid=self.pid)
+        os.kill(self.pid, signal.SIGUSR1)
+        time.sleep(0.3)
+        return r, json.loads(self.stats.read_text())
 
     def __enter__(self) -> Counted:
         return self
