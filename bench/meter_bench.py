@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lectr.providers.body import read_body
 from lectr.usage.meters import meter_for, plan_request
 from tests.support.fake_provider import (
     anthropic_stream,
@@ -53,19 +54,21 @@ def main() -> None:
     n = 20000
     started = time.perf_counter()
     for _ in range(n):
-        plan = plan_request("openai", b"POST", CHAT, JSON, body)
+        plan = plan_request("openai", b"POST", CHAT, read_body([JSON], body))
     print(
-        f"{'plan_request (1.3 KB chat body, injection)':44s} {(time.perf_counter() - started) / n * 1e6:9.1f} us/request"
+        f"{'read_body + plan_request (1.3 KB, injection)':44s} {(time.perf_counter() - started) / n * 1e6:9.1f} us/request"
     )
 
     asked = plan_request(
         "openai",
         b"POST",
         CHAT,
-        JSON,
-        json.dumps(
-            {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
-        ).encode(),
+        read_body(
+            [JSON],
+            json.dumps(
+                {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
+            ).encode(),
+        ),
     )
     events = openai_chat_stream("gpt-4o-mini", WORDS, True)
     per_response(
