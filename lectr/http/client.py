@@ -53,7 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lectr.http.headers import HeaderList
-from lectr.http.tcp import direct_reads, no_delay
+from lectr.http.tcp import direct_reads, no_delay, send
 
 _SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 _LENGTH_ALWAYS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -509,7 +509,7 @@ class _UpstreamProtocol(Protocol):
         self._head_done = False
         self._msg_done = False
         self._close_delimited = False
-        self.transport.writeSequence(handle._data)
+        send(self.transport, handle._data)
         if handle._paused:
             self.transport.pauseProducing()
 

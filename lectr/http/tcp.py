@@ -1,9 +1,12 @@
-"""Socket options both sides of the proxy's transport set, and how the
-client's connections are wired to their TCP transport."""
+"""Socket options both sides of the proxy's transport set, how the
+client's connections are wired to their TCP transport, and how both
+sides write to it."""
 
 from __future__ import annotations
 
-from twisted.internet import endpoints
+from collections.abc import Sequence
+
+from twisted.internet import endpoints, tcp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 _WRAPPER = getattr(endpoints, "_WrappingProtocol", None)
@@ -43,3 +46,56 @@ def direct_reads(protocol) -> None:
         and getattr(wrapper, "_wrappedProtocol", None) is inner
     ):
         transport.protocol = inner
+
+
+_EAGER = (tcp.Server, tcp.Client)
+
+
+def send(transport, parts: Sequence[bytes]) -> None:
+    """Write ``parts`` in order, as ``transport.writeSequence`` would, but
+    hand them to the kernel at once when nothing is queued ahead of them.
+
+    Twisted's TCP transport queues every write and sends it on the next
+    reactor turn: it registers the socket for writability (an
+    ``epoll_ctl``), waits for the poll to report it, sends, and unregisters
+    it (a second ``epoll_ctl``) - two system calls and a Python dispatch
+    per write, i.e. per relayed stream event. A socket with an empty send
+    queue is nearly always writable, so the parts go out in one
+    ``sendmsg`` (scatter-gather: no joining) right away. Whatever the kernel
+    does not take, and every write to anything but a plain TCP transport
+    (TLS, test transports), goes through Twisted's queue as before, with its
+    producer pausing; an error is left for that queue to meet and report as
+    a lost connection.
+
+    Used for the requests sent upstream, not for the answers to clients:
+    measured side by side (bench/compare.py, 2026-12-03), sending both at
+    once took a request-response at c=1 from 418 to 343 µs round trip, but
+    sending the answers at once cost 6 % more CPU per request at c=32 -
+    there, the queued answers of a busy reactor turn go out together and
+    the clients' next requests arrive in larger batches - while sending only
+    the upstream requests at once gave the same c=1 gain and cost nothing
+    at c=32."""
+    if (
+        type(transport) in _EAGER
+        and not transport._tempDataLen
+        and not transport.dataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+    ):
+        try:
+            sent = transport.socket.sendmsg(parts)
+        except OSError:  # would block, or the connection failed: Twisted's queue decides
+            sent = 0
+        for i, part in enumerate(parts):
+            size = len(part)
+            if sent < size:
+                if sent:
+                    rest = [part[sent:], *parts[i + 1 :]]
+                else:
+                    rest = parts[i:]
+                transport.writeSequence(rest)
+                return
+            sent -= size
+        return
+    transport.writeSequence(parts)
