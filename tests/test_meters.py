@@ -12,6 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lectr.providers.body import BodyRefused, read_body
+from lectr.usage import meters
+from lectr.usage.meters import (
+    _OPENAI_TEXT_DELTA_RE as OPENAI_TEXT_DELTA_RE,
+)
+from lectr.usage.meters import (
+    _RESPONSES_DELTA_RE as RESPONSES_DELTA_RE,
+)
 from lectr.usage.meters import (
     _USAGE_KEY_RE,
     INCLUDE_USAGE_MEMBER,
@@ -373,6 +380,53 @@ def test_chat_disconnect_mid_stream_is_estimated():
     assert usage == Usage(completion_tokens=3, source="estimated")
     # nothing at all
     assert stripping_meter().finish() == NO_USAGE
+
+
+_DELTA_EVENT = st.sampled_from(
+    [
+        {"choices": [{"delta": {"content": "x"}}], "usage": None},
+        {"choices": [{"delta": {"role": "assistant", "content": ""}}], "usage": None},
+        {"choices": [{"delta": {"content": 'say ": then'}}]},
+        {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": '{"a'}}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": ""}}]}}]},
+        {"choices": [{"delta": {"content": None, "refusal": "no"}}]},
+        {"choices": [{"delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]},
+        {"type": "response.output_text.delta", "delta": "x"},
+        {"type": "response.created", "response": {"status": "in_progress"}},
+        {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": None},
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    docs=st.lists(_DELTA_EVENT, max_size=40),
+    spaced=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0), max_size=10),
+    strip=st.booleans(),
+)
+def test_a_cut_stream_is_estimated_as_the_regexes_count_it(docs, spaced, cuts, strip):
+    """However the events arrive (whole runs take the batched fast path, split
+    ones the per-event path), the estimate of a stream cut before its usage
+    report is every text delta, as the reference regexes count them event
+    by event - in compact JSON and in spaced JSON alike."""
+    separators = (", ", ": ") if spaced else (",", ":")
+    events = [json.dumps(d, separators=separators).encode() for d in docs]
+    stream = b"".join(b"data: " + e + b"\n\n" for e in events)
+    expected = sum(
+        len(OPENAI_TEXT_DELTA_RE.findall(e)) + len(RESPONSES_DELTA_RE.findall(e)) for e in events
+    )
+    for pieces in (split_at(stream, cuts), [b"data: " + e + b"\n\n" for e in events]):
+        meter = stripping_meter() if strip else passthrough_meter()
+        with pytest.MonkeyPatch.context() as patch:
+            if not spaced:  # compact JSON is counted without the regexes
+                patch.setattr(meters, "_OPENAI_TEXT_DELTA_RE", None)
+            out, usage = run(meter, pieces)
+        if not strip or not spaced:
+            assert out == (stream if not strip else stream.replace(b',"usage":null', b""))
+        assert usage == (
+            Usage(completion_tokens=expected, source="estimated") if stream else NO_USAGE
+        )
 
 
 def test_chat_cut_inside_the_usage_chunk_line():
