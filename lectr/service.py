@@ -37,6 +37,7 @@ from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
 from lectr.tracing import Tracing
 from lectr.util.listen import ListenError, bind_ports
+from lectr.util.poll import lean_dispatch
 from lectr.util.service import CallbackService, ListeningPortService, ServiceStack
 from lectr.vault.errors import VaultKeyError
 
@@ -280,6 +281,8 @@ class LectrService(Service):
         # (which the in-flight requests and the usage buffer alone cross several
         # times a second: ~6 µs of each request's CPU at c=32, ~0 after).
         if self._freeze_gc:
+            # (a process of its own: its reactor is Lectr's to tune)
+            lean_dispatch(self._reactor)
             gc.collect()
             gc.freeze()
             _, older, oldest = gc.get_threshold()
