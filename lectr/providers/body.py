@@ -55,6 +55,7 @@ _OTHER_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 # whether a body could be taken for JSON, never to accept one.
 _SNIFF_SKIP = b" \t\r\n\f\v\x00\xef\xbb\xbf\xff\xfe\xc2\xa0"
 _JSON_WS = re.compile(r"[ \t\n\r]*")
+_WS_CHARS = frozenset(" \t\n\r")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _MEDIA_TYPE = re.compile(
     rb"\s*(" + _TOKEN + rb")/(" + _TOKEN + rb")\s*"
@@ -202,6 +203,8 @@ def parse_json(body: bytes) -> tuple[dict, tuple[int, int] | None]:
         raise BodyRefused("the request body must be a JSON object")
     doc: dict = {}
     span: tuple[int, int] | None = None
+    # (whitespace is skipped with the regex only where there is some: compact
+    # JSON, what SDKs send, has none between tokens)
     try:
         idx = ws(text, idx + 1).end()
         if text[idx : idx + 1] == "}":
@@ -211,10 +214,13 @@ def parse_json(body: bytes) -> tuple[dict, tuple[int, int] | None]:
                 if text[idx : idx + 1] != '"':
                     raise ValueError
                 key, idx = scanstring(text, idx + 1, True)
-                idx = ws(text, idx).end()
                 if text[idx : idx + 1] != ":":
-                    raise ValueError
-                idx = ws(text, idx + 1).end()
+                    idx = ws(text, idx).end()
+                    if text[idx : idx + 1] != ":":
+                        raise ValueError
+                idx += 1
+                if text[idx : idx + 1] in _WS_CHARS:
+                    idx = ws(text, idx).end()
                 start = idx
                 value, idx = _scan_value(text, idx)
                 if key in doc:
@@ -222,10 +228,14 @@ def parse_json(body: bytes) -> tuple[dict, tuple[int, int] | None]:
                 doc[key] = value
                 if key == "model":
                     span = (start, idx)
-                idx = ws(text, idx).end()
                 c = text[idx : idx + 1]
+                if c in _WS_CHARS:
+                    idx = ws(text, idx).end()
+                    c = text[idx : idx + 1]
                 if c == ",":
-                    idx = ws(text, idx + 1).end()
+                    idx += 1
+                    if text[idx : idx + 1] in _WS_CHARS:
+                        idx = ws(text, idx).end()
                     continue
                 if c == "}":
                     idx += 1
