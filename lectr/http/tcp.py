@@ -63,7 +63,9 @@ def send(transport, parts: Sequence[bytes]) -> None:
     queue is nearly always writable, so the parts go out in one
     ``sendmsg`` (scatter-gather: no joining) right away. Whatever the kernel
     does not take, and every write to anything but a plain TCP transport
-    (TLS, test transports), goes through Twisted's queue as before, with its
+    (TLS - so an https provider's requests, whose ciphertext the TLS layer
+    writes itself - and test transports), goes through Twisted's queue as
+    before, with its
     producer pausing; an error is left for that queue to meet and report as
     a lost connection.
 

@@ -53,8 +53,10 @@ def _do_poll(self, timeout):
 def lean_dispatch(reactor) -> bool:
     """Give ``reactor`` (when it is Twisted's epoll reactor, as ``twistd``
     installs it on Linux) the lean dispatch; True when it has it."""
-    from twisted.internet.epollreactor import EPollReactor
-
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # not Linux: no epoll, another reactor
+        return False
     if type(reactor) is not EPollReactor or not hasattr(reactor, "_poller"):
         return False
     method = types.MethodType(_do_poll, reactor)
