@@ -35,6 +35,7 @@ from lectr.admin.validation import decode_path, decode_query, parse_json_body, t
 from lectr.errors import BadRequest
 from tests.support.admin import ADMIN_TOKEN, Answer, start_admin_env
 from tests.support.fake_provider import OPENAI_KEY
+from tests.support.http_wire import sleep
 
 DOC = AdminApp.openapi()
 OPERATIONS = [
@@ -391,3 +392,50 @@ async def test_no_generated_input_reaches_a_500(env, data):
     method, template, path, body = data.draw(requests(env.ids))
     answer = await send(env, method, path, body)
     check(env, method, template, path, body, answer)
+
+
+# --- what twisted.web would not read to its end ----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_line_longer_than_read_is_answered_414(env):
+    """twisted.web reads lines of up to 16 KiB and closes the connection
+    without a word past that; the admin port answers, and the answer reaches
+    the client even though the rest of the request was never read."""
+    for n in (17_000, 70_000, 300_000):
+        answer = await send(env, "GET", b"/admin/orgs/x/requests?since=" + b"x" * n, None)
+        assert (answer.status, answer.error_code) == (414, "uri_too_long"), n
+        assert answer.headers.getRawHeaders(b"connection") == [b"close"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_header_line_longer_than_read_is_answered_431(env):
+    exchange = _RawExchange(
+        b"GET /admin/orgs HTTP/1.0\r\nHost: 127.0.0.1\r\nX-Big: " + b"y" * 40_000 + b"\r\n\r\n"
+    )
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", env.port), exchange)
+    raw = await exchange.done
+    status_line, _, rest = raw.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "headers_too_large"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_body_still_being_sent_does_not_lose_the_413(env):
+    """The 413 goes out before the body is read; the client is still sending
+    megabytes. Closing then would make the kernel reset the connection and
+    destroy the answer on its way: the close lingers instead."""
+    body = b"{" + b" " * (8 * 1024 * 1024) + b"}"
+    for _ in range(3):
+        exchange = _RawExchange(
+            b"POST /admin/orgs HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+            + ADMIN_TOKEN.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        conn = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", env.port), exchange)
+        conn.transport.pauseProducing()  # the client reads only once the server has closed
+        await sleep(0.5)
+        conn.transport.resumeProducing()
+        raw = await exchange.done
+        assert raw.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n"), raw[:80]

@@ -1,8 +1,48 @@
-"""twisted.web pieces shared by the proxy and admin ports."""
+"""twisted.web pieces of the admin port: a capped in-memory request body,
+and answering a request the channel will not read to its end."""
 
 from __future__ import annotations
 
 from io import BytesIO
+
+#: how long a refused client may go on sending before its connection is cut
+LINGER_SECONDS = 2.0
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+def answer_and_close(channel, response: bytes) -> None:
+    """Write a whole raw ``response`` on ``channel`` (a twisted.web
+    ``HTTPChannel``) and end the connection so that the client does read it.
+
+    Closing a socket whose peer is still sending makes the kernel answer
+    with a reset, which can destroy the response on its way: the client sees
+    the connection reset, or nothing at all. So the close lingers, as web
+    servers do for a refused request: the write side is shut once the
+    response is out (the client reads it, then the end of the stream), what
+    the client still sends is read and dropped, and the connection is
+    closed when the client closes it, or cut after ``LINGER_SECONDS``."""
+    transport = channel.transport
+    if transport is None or not transport.connected:
+        return
+    channel.setTimeout(None)  # the lingering has its own limit
+    # later input is dropped unread (twisted.web itself does this on a
+    # connection that is no longer persistent)
+    channel.dataReceived = _discard
+    transport.write(response)
+    lose_write = getattr(transport, "loseWriteConnection", None)
+    if lose_write is None:
+        channel.loseConnection()
+        return
+    lose_write()
+
+    def cut() -> None:
+        if transport.connected:
+            transport.abortConnection()
+
+    channel.callLater(LINGER_SECONDS, cut)
 
 
 class _Discard:
@@ -60,16 +100,17 @@ class CappedBodyRequest:
         self._refused = True
         # the request target, set by HTTPChannel before gotLength
         target = getattr(self.channel, "_path", b"/")
-        self.channel.transport.write(self.refuse_too_large(target.split(b"?", 1)[0]))
-        self.channel.loseConnection()
+        answer_and_close(self.channel, self.refuse_too_large(target.split(b"?", 1)[0]))
 
     def refuse_too_large(self, path: bytes) -> bytes:
         """The whole raw 413 response (status line, headers, body)."""
         raise NotImplementedError
 
 
-def raw_413(body: bytes, *extra_headers: bytes) -> bytes:
-    head = b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
+def raw_response(status_line: bytes, body: bytes, *extra_headers: bytes) -> bytes:
+    """A whole JSON response that closes its connection: ``status_line``
+    like ``b"413 Request Entity Too Large"``."""
+    head = b"HTTP/1.1 " + status_line + b"\r\nContent-Type: application/json\r\n"
     for h in extra_headers:
         head += h + b"\r\n"
     return head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
