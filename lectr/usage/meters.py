@@ -671,7 +671,7 @@ def _strip_null_usage(data):
     bytearray; inside a JSON string the quotes would be escaped, so only
     members match)."""
     out = data.replace(_NULL_USAGE[0], b"")
-    if len(out) == len(data) and _NULL_USAGE[1] in data:  # not compact JSON
+    if len(out) == len(data) and data.find(_NULL_USAGE[1]) >= 0:  # not compact JSON
         out = data.replace(_NULL_USAGE[1], b"")
     return out
 
