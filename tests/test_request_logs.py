@@ -714,3 +714,44 @@ def test_columns_built_in_slices_are_the_columns_built_at_once(n, models, status
     d = ensureDeferred(request_logs._columns_in_slices(rows, pause))
     assert d.result == request_logs._columns(rows)
     assert len(pauses) == (n - 1) // request_logs.PREPARE_SLICE
+
+
+# --- the array literals' fast paths write what the value-by-value paths write -----------------------
+
+
+class _Tag(str):
+    def __str__(self) -> str:
+        return "tag:" + str.__str__(self)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(
+        st.none() | st.text(max_size=8) | st.sampled_from(['a"b', "c\\d", "{,}", "NULL", ""]),
+        max_size=12,
+    )
+    | st.lists(st.text(alphabet="abc,{} ", max_size=6), max_size=12)
+    | st.lists(st.builds(_Tag, st.text(max_size=4)) | st.integers(), max_size=6)
+)
+def test_text_arrays_are_the_value_by_value_arrays(values):
+    from lectr.storage import request_logs
+
+    assert request_logs._array(values) == request_logs._array_each(values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(
+        st.none()
+        | st.integers(-(2**63), 2**63)
+        | st.floats(allow_nan=False)
+        | st.booleans()
+        | st.sampled_from(["1.50", "-2E-7", "x,y", 'q"'])
+        | st.decimals(allow_nan=False, allow_infinity=False).map(str),
+        max_size=12,
+    )
+)
+def test_number_arrays_are_the_value_by_value_arrays(values):
+    from lectr.storage import request_logs
+
+    assert request_logs._numbers(values) == request_logs._numbers_each(values)
