@@ -65,9 +65,8 @@ def send(transport, parts: Sequence[bytes]) -> None:
     does not take, and every write to anything but a plain TCP transport
     (TLS - so an https provider's requests, whose ciphertext the TLS layer
     writes itself - and test transports), goes through Twisted's queue as
-    before, with its
-    producer pausing; an error is left for that queue to meet and report as
-    a lost connection.
+    before, with its producer pausing; an error is left for that queue to
+    meet and report as a lost connection.
 
     Used for the requests sent upstream, not for the answers to clients:
     measured side by side (bench/compare.py, 2026-12-03), sending both at

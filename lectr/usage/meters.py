@@ -1098,6 +1098,12 @@ class OpenAIStreamMeter(SSEMeter):
                     return super()._feed_events(data, whole)
                 cut = (start, end + 2)  # the whole event: one data line and its blank line
             reports.append(doc)
+        if self._model is None and data.find(b'"model"') >= 0:
+            self._model = _first_model(data)
+        for doc in reports:
+            usage = _openai_report(doc)
+            if usage is not None:
+                self._final = usage
         if self._final is None:
             # Deltas matter only if the stream ends without a usage report
             # (the estimate): they are counted in batches of whole events, a
@@ -1107,14 +1113,9 @@ class OpenAIStreamMeter(SSEMeter):
             self._uncounted_size += whole
             if self._uncounted_size > DELTA_BATCH_BYTES:
                 self._count_uncounted()
-        if self._model is None and data.find(b'"model"') >= 0:
-            self._model = _first_model(data)
-        for doc in reports:
-            usage = _openai_report(doc)
-            if usage is not None:
-                self._final = usage
-                self._uncounted.clear()
-                self._uncounted_size = 0
+        elif self._uncounted:  # the report came: what waited is not needed
+            self._uncounted.clear()
+            self._uncounted_size = 0
         if not stripping:
             return data
         if cut is not None:

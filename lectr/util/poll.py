@@ -57,7 +57,7 @@ def lean_dispatch(reactor) -> bool:
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # not Linux: no epoll, another reactor
         return False
-    if type(reactor) is not EPollReactor or not hasattr(reactor, "_poller"):
+    if type(reactor) is not EPollReactor:
         return False
     method = types.MethodType(_do_poll, reactor)
     reactor.doPoll = reactor.doIteration = method
