@@ -9,7 +9,8 @@ mock, wrk on core 0, the proxy under test alone on core 1; the bench route,
 every feature on), are loaded in turn, JSON then streams, each round in the
 other order. Printed: every cell, then per mode the medians, each Lectr's
 ratio to bare (the median of the rounds' own ratios) and this checkout's CPU
-per request over the earlier one's (the median of the rounds' own ratios):
+per request over the earlier one's (the median of the rounds' own ratios),
+and each one's p99 (the median of the rounds):
 on a shared machine whose speed moves by 20-40 % from minute to minute, a
 change of a few per cent shows only in figures measured side by side.
 """
@@ -74,7 +75,8 @@ def main() -> None:
                     got.setdefault((mode, name), []).append(r)
                     print(
                         f"  round {rnd + 1} {mode:6} {name:12} {r['rps']:7.0f} req/s  "
-                        f"CPU {r['cpu_us']:6.1f} µs per request  errors {r['errors']}",
+                        f"CPU {r['cpu_us']:6.1f} µs per request  p99 {r['p99']:6.2f} ms  "
+                        f"errors {r['errors']}",
                         flush=True,
                     )
         a = args.against
@@ -92,7 +94,9 @@ def main() -> None:
                 f"this {med(mode, 'this', 'rps'):.0f} req/s ({med(mode, 'this', 'cpu_us'):.1f} µs), "
                 f"bare {med(mode, 'bare', 'rps'):.0f} req/s; vs bare: {a} "
                 f"{ratio(mode, a, 'bare', 'rps'):.2f}×, this {ratio(mode, 'this', 'bare', 'rps'):.2f}×; "
-                f"CPU per request, this / {a}: {ratio(mode, 'this', a, 'cpu_us'):.3f}"
+                f"CPU per request, this / {a}: {ratio(mode, 'this', a, 'cpu_us'):.3f}; "
+                f"p99 {a} {med(mode, a, 'p99'):.2f} ms, this {med(mode, 'this', 'p99'):.2f} ms, "
+                f"bare {med(mode, 'bare', 'p99'):.2f} ms"
             )
     finally:
         for p in procs:

@@ -11,13 +11,14 @@ import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from lectr.db.database import DatabaseUnavailable
 from lectr.metrics import Registry
-from lectr.storage.request_logs import RequestLogStore
+from lectr.storage.request_logs import PREPARE_SLICE, RequestLogStore
 from lectr.usage.journal import SpillJournal, encode_record
 from lectr.usage.model import Usage, UsageRecord
 from lectr.usage.recorder import (
@@ -101,6 +102,9 @@ def make_recorder(store, clock, metrics, tmp_path):
             batch_size=100,
             max_buffer=1000,
             run_in_thread=synchronous,
+            # the flusher's turns between slices of a batch: on the real
+            # reactor, which the fake clock does not drive
+            pause=lambda: deferLater(reactor, 0, lambda: None),
         )
         options.update(kw)
         recorder = UsageRecorder(target, **options)
@@ -131,6 +135,15 @@ GENAI = ("chat", "openai", "gpt-4o-mini", ORG)
 
 def genai_requests(metrics: Registry) -> float:
     return metrics.get("gen_ai_server_request_duration").count(*GENAI, "")
+
+
+async def turns_until(condition, most: int = 200) -> None:
+    """Let the real reactor turn until ``condition()`` holds (at most ``most`` turns)."""
+    for _ in range(most):
+        if condition():
+            return
+        await deferLater(reactor, 0, lambda: None)
+    assert condition()
 
 
 async def tick(clock: Clock, recorder: UsageRecorder, seconds: float = 1.0) -> None:
@@ -219,6 +232,39 @@ async def test_one_flush_at_a_time_and_the_backlog_follows(make_recorder, clock,
     await recorder.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_batch_is_prepared_a_slice_per_turn_of_the_reactor(
+    make_recorder, clock, store, metrics
+):
+    # the flusher shares the reactor with the requests: a batch is counted
+    # and repaired PREPARE_SLICE rows per turn, never in one piece, and the
+    # write starts after the last slice (the turns are fired by hand here)
+    turns: list[Deferred] = []
+
+    def pause() -> Deferred:
+        turns.append(Deferred())
+        return turns[-1]
+
+    recorder = make_recorder(batch_size=500, max_buffer=5000, pause=pause)
+    await recorder.start()
+    rows = [rec() for _ in range(2 * PREPARE_SLICE + 50)]
+    for r in rows:
+        recorder.record(r)
+    clock.advance(1)  # the tick: the first slice
+    assert genai_requests(metrics) == PREPARE_SLICE
+    assert (len(turns), store.calls) == (1, [])
+    assert recorder.buffered == len(rows)  # still counted while being prepared
+    turns[0].callback(None)
+    assert genai_requests(metrics) == 2 * PREPARE_SLICE
+    assert (len(turns), store.calls) == (2, [])
+    turns[1].callback(None)  # the last slice, and the write
+    assert genai_requests(metrics) == len(rows)
+    assert (len(turns), store.calls) == (2, [len(rows)])
+    await recorder.wait_idle()
+    await assert_exactly_once(store, rows)
+    await recorder.stop()
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     n=st.integers(min_value=0, max_value=20_000),
@@ -254,6 +300,7 @@ async def test_statements_go_in_parallel_and_a_failed_one_is_spilled_alone(
     store.hold = Deferred()
     store.fail_with.append(DatabaseUnavailable("insert_request_logs: connection lost"))
     clock.advance(0)
+    await turns_until(lambda: len(store.calls) == 2)  # (the batch is prepared in slices)
     assert store.calls == [250, 250]  # both sent before either answered
     hold, store.hold = store.hold, None
     hold.callback(None)
