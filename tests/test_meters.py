@@ -928,11 +928,11 @@ _DECOY = st.recursive(
     model=st.none() | st.text(min_size=1, max_size=12),
     others=st.dictionaries(st.sampled_from(["id", "choices", "x", "metadata"]), _DECOY, max_size=4),
     order=st.randoms(use_true_random=False),
-    indent=st.sampled_from([None, 1]),
+    style=st.sampled_from(["spaced", "indented", "compact"]),
     kind=st.sampled_from(["openai", "anthropic"]),
 )
 def test_json_answers_read_without_a_full_parse_agree_with_one(
-    usage, model, others, order, indent, kind
+    usage, model, others, order, style, kind
 ):
     """The meter reads a whole JSON answer's top-level usage and model
     without parsing all of it when it can tell them exactly; whatever the
@@ -942,7 +942,11 @@ def test_json_answers_read_without_a_full_parse_agree_with_one(
     if model is not None:
         members.append(("model", model))
     order.shuffle(members)
-    body = json.dumps(dict(members), indent=indent).encode()
+    body = json.dumps(
+        dict(members),
+        indent=1 if style == "indented" else None,
+        separators=(",", ":") if style == "compact" else None,
+    ).encode()
     read = anthropic_usage if kind == "anthropic" else openai_usage
     path = "/v1/messages" if kind == "anthropic" else CHAT
     doc = json.loads(body)
