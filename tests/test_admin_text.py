@@ -406,6 +406,7 @@ async def test_a_request_line_longer_than_read_is_answered_414(env):
         answer = await send(env, "GET", b"/admin/orgs/x/requests?since=" + b"x" * n, None)
         assert (answer.status, answer.error_code) == (414, "uri_too_long"), n
         assert answer.headers.getRawHeaders(b"connection") == [b"close"]
+        assert answer.headers.getRawHeaders(b"x-content-type-options") == [b"nosniff"]
 
 
 @pytest_twisted.ensureDeferred
@@ -418,6 +419,36 @@ async def test_a_header_line_longer_than_read_is_answered_431(env):
     status_line, _, rest = raw.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "headers_too_large"
+
+
+def _lingering() -> list:
+    return [
+        c
+        for c in reactor.getDelayedCalls()
+        if getattr(c.func, "__qualname__", "").startswith("answer_and_close.")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lingering_close_ends_with_the_connection(env):
+    """A refusal closes lingering, cut after LINGER_SECONDS at most; a client
+    that reads the answer and closes leaves nothing behind (the cut is
+    cancelled, not left to fire on a closed connection)."""
+    exchange = _RawExchange(
+        b"GET /admin/orgs HTTP/1.0\r\nHost: 127.0.0.1\r\nX-Big: " + b"y" * 40_000 + b"\r\n\r\n"
+    )
+    conn = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", env.port), exchange)
+    conn.transport.pauseProducing()  # the answer waits, unread: the cut is pending
+    await sleep(0.2)
+    assert len(_lingering()) == 1
+    conn.transport.resumeProducing()
+    raw = await exchange.done
+    assert raw.startswith(b"HTTP/1.1 431 ")
+    for _ in range(50):  # the server sees the client's close
+        if not _lingering():
+            break
+        await sleep(0.02)
+    assert _lingering() == []
 
 
 @pytest_twisted.ensureDeferred

@@ -42,7 +42,15 @@ def answer_and_close(channel, response: bytes) -> None:
         if transport.connected:
             transport.abortConnection()
 
-    channel.callLater(LINGER_SECONDS, cut)
+    call = channel.callLater(LINGER_SECONDS, cut)
+    lost = channel.connectionLost
+
+    def connection_lost(reason) -> None:
+        if call.active():  # the client closed first: nothing left to cut
+            call.cancel()
+        lost(reason)
+
+    channel.connectionLost = connection_lost
 
 
 class _Discard:
@@ -110,7 +118,11 @@ class CappedBodyRequest:
 def raw_response(status_line: bytes, body: bytes, *extra_headers: bytes) -> bytes:
     """A whole JSON response that closes its connection: ``status_line``
     like ``b"413 Request Entity Too Large"``."""
-    head = b"HTTP/1.1 " + status_line + b"\r\nContent-Type: application/json\r\n"
+    head = (
+        b"HTTP/1.1 "
+        + status_line
+        + b"\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
+    )
     for h in extra_headers:
         head += h + b"\r\n"
     return head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
