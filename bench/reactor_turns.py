@@ -2,6 +2,8 @@
 that does to the latency tail:
 
     python bench/reactor_turns.py [--seconds 10] [--rounds 2] [--conns 1,32]
+                                  [--variant full|no-statement|no-logging]
+                                  [--background-database]
 
 One Lectr (set up as bench/run.py sets it up: the shared Rust mock, wrk on
 core 0, the proxy alone on core 1; the bench route, every feature on,
@@ -13,8 +15,14 @@ req/s, p50 and p99, the turns over 1, 2 and 5 ms (per 10,000 requests) and
 the longest, and the garbage collector's runs and longest run per
 generation.
 
-At c=1 the p99 is made of these: a request that arrives while the usage
-flusher prepares a batch, or while the collector runs, waits for it.
+``--variant no-statement`` prepares the usage rows as for a write but sends
+no statement to PostgreSQL; ``no-logging`` records no usage at all (both
+benchmark-only hooks). ``--background-database`` gives the PostgreSQL
+server's processes the lowest CPU share for the run (autogroup nice 19;
+root; restored afterwards): on a 2-core machine the database shares the
+cores of the benchmark, and a backend woken by an INSERT can take the
+proxy's core for milliseconds - inside the proxy's send of the statement,
+which then shows as a long turn.
 """
 
 from __future__ import annotations
@@ -37,34 +45,51 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--conns", default="1,32", help="concurrencies, comma-separated")
+    parser.add_argument("--variant", choices=["full", "no-statement", "no-logging"], default="full")
+    parser.add_argument("--background-database", action="store_true")
     args = parser.parse_args()
+    os.environ["BENCH_TURNS_VARIANT"] = args.variant
     with run.Counted("lectr-turns-", "_turns", "BENCH_TURNS_STATS", limits=False) as bench:
-        print(f"Reactor turns inside the proxy ({run.load()}):")
-        for rnd in range(args.rounds):
-            for conns in (int(c) for c in args.conns.split(",")):
-                for mode in ("json", "stream"):
-                    script = run.wrk_script(bench.workdir, mode == "stream", bench.key, "bench")
-                    run.run_wrk(bench.url, script, conns, 3, bench.load_pin)  # warm-up
-                    os.kill(bench.pid, signal.SIGUSR1)  # count from here
-                    time.sleep(0.3)
-                    r = run.run_wrk(bench.url, script, conns, args.seconds, bench.load_pin)
-                    os.kill(bench.pid, signal.SIGUSR1)
-                    time.sleep(0.3)
-                    got = json.loads(bench.stats.read_text())
-                    per = 10_000 / max(1, r["requests"])
-                    long = got["long"]
-                    over = "  ".join(
-                        f">{ms} ms {sum(t > ms / 1000 for t in long) * per:5.1f}"
-                        for ms in (1, 2, 5)
-                    )
-                    gcs = " ".join(f"{len(g)}/{max(g, default=0) * 1e3:.1f}" for g in got["gc"])
-                    print(
-                        f"  round {rnd + 1} c={conns:<3} {mode:6} {r['rps']:6.0f} req/s  "
-                        f"p50 {r['p50']:5.2f} ms  p99 {r['p99']:5.2f} ms  turns per 10k requests: "
-                        f"{over}  longest {max(long, default=0) * 1e3:5.1f} ms  "
-                        f"collector (runs/longest ms by generation) {gcs}",
-                        flush=True,
-                    )
+        if args.background_database:
+            if not run.database_share(19):
+                sys.exit("bench: cannot lower PostgreSQL's CPU share (root, a local server)")
+        try:
+            _turns(args, bench)
+        finally:
+            if args.background_database:
+                run.database_share(0)
+
+
+def _turns(args, bench) -> None:
+    """Every (round, c, mode) cell: a warm-up, then the counted run."""
+    print(
+        f"Reactor turns inside the proxy ({args.variant}"
+        f"{', database in the background' if args.background_database else ''}; {run.load()}):"
+    )
+    for rnd in range(args.rounds):
+        for conns in (int(c) for c in args.conns.split(",")):
+            for mode in ("json", "stream"):
+                script = run.wrk_script(bench.workdir, mode == "stream", bench.key, "bench")
+                run.run_wrk(bench.url, script, conns, 3, bench.load_pin)  # warm-up
+                os.kill(bench.pid, signal.SIGUSR1)  # count from here
+                time.sleep(0.3)
+                r = run.run_wrk(bench.url, script, conns, args.seconds, bench.load_pin)
+                os.kill(bench.pid, signal.SIGUSR1)
+                time.sleep(0.3)
+                got = json.loads(bench.stats.read_text())
+                per = 10_000 / max(1, r["requests"])
+                long = got["long"]
+                over = "  ".join(
+                    f">{ms} ms {sum(t > ms / 1000 for t in long) * per:5.1f}" for ms in (1, 2, 5)
+                )
+                gcs = " ".join(f"{len(g)}/{max(g, default=0) * 1e3:.1f}" for g in got["gc"])
+                print(
+                    f"  round {rnd + 1} c={conns:<3} {mode:6} {r['rps']:6.0f} req/s  "
+                    f"p50 {r['p50']:5.2f} ms  p99 {r['p99']:5.2f} ms  turns per 10k requests: "
+                    f"{over}  longest {max(long, default=0) * 1e3:5.1f} ms  "
+                    f"collector (runs/longest ms by generation) {gcs}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

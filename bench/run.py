@@ -83,6 +83,22 @@ def cores() -> tuple[list[str], list[str]]:
     return [], []
 
 
+def database_share(nice: int) -> int:
+    """Set the autogroup nice value (the CPU share of the scheduler group)
+    of every PostgreSQL server process on this machine: 19 puts the
+    database in the background, 0 restores it. Returns how many were set
+    (none without root or without a local server)."""
+    done = 0
+    pids = subprocess.run(["pgrep", "postgres"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+            done += 1
+        except OSError:
+            pass
+    return done
+
+
 def load() -> str:
     """The machine's load averages (the machine is shared)."""
     try:
@@ -1132,6 +1148,12 @@ def main() -> None:
     parser.add_argument(
         "--fallback-upstream", action="store_true", help="use nginx even if the shared mock exists"
     )
+    parser.add_argument(
+        "--background-database",
+        action="store_true",
+        help="give the local PostgreSQL server the lowest CPU share for the run (root): on a "
+        "2-core machine it otherwise takes part of the proxy's core",
+    )
     args = parser.parse_args()
     use_mock = (SHARED / "mock_upstream.rs").exists() and shutil.which("rustc")
     ensure_tools(need_nginx=args.fallback_upstream or not use_mock)
@@ -1141,6 +1163,8 @@ def main() -> None:
     conns_list = tuple(int(c) for c in args.conns.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="lectr-bench-"))
     procs = []
+    if args.background_database and not database_share(19):
+        sys.exit("bench: cannot lower PostgreSQL's CPU share (needs root and a local server)")
     try:
         upstream = Upstream(workdir, load_pin, force_fallback=args.fallback_upstream)
         procs.append(upstream)
@@ -1152,6 +1176,7 @@ def main() -> None:
         print(f"Provider: {upstream.kind}")
         print(
             f"PostgreSQL: {'DATABASE_URL server' if os.environ.get('DATABASE_URL') else 'embedded'}"
+            f"{' (in the background: lowest CPU share)' if args.background_database else ''}"
             f"; Lectr workers: {args.workers}; {seconds} s cells after a 3 s warm-up, "
             f"{args.rounds} rounds"
         )
@@ -1204,6 +1229,8 @@ def main() -> None:
         for p in reversed(procs):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+        if args.background_database:
+            database_share(0)
 
 
 if __name__ == "__main__":

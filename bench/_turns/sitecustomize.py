@@ -4,7 +4,13 @@ without serving anything else in between - each dispatch of a ready
 descriptor (``_doReadOrWrite``) and each run of the due timed calls
 (``runUntilCurrent``) - and every run of the cyclic garbage collector (which
 happens inside one of them). On SIGUSR1 it writes what it timed since the
-last signal to ``$BENCH_TURNS_STATS`` (JSON) and starts afresh."""
+last signal to ``$BENCH_TURNS_STATS`` (JSON) and starts afresh.
+
+``$BENCH_TURNS_VARIANT``: ``no-logging`` turns the usage recorder into a
+no-op; ``no-statement`` prepares every batch of usage rows as for a write
+(repaired, GenAI metrics fed, column arrays built, in slices) but sends no
+statement to PostgreSQL - to tell the flusher's own work from the
+database's."""
 
 import gc
 import json
@@ -58,3 +64,24 @@ def _dump(*_):
 
 
 signal.signal(signal.SIGUSR1, _dump)
+
+_variant = os.environ.get("BENCH_TURNS_VARIANT", "full")
+if _variant == "no-logging":
+    from lectr.usage.recorder import UsageRecorder
+
+    def _record(self, record):
+        pass
+
+    UsageRecorder.record = _record
+elif _variant == "no-statement":
+    from lectr.storage import request_logs
+
+    async def _insert(self, rows):
+        if not rows:
+            return 0
+        await request_logs._columns_in_slices(rows, self._db.pause)
+        return len(rows)
+
+    request_logs.RequestLogStore.insert = _insert
+elif _variant != "full":
+    raise SystemExit(f"BENCH_TURNS_VARIANT: unknown variant {_variant!r}")
