@@ -11,9 +11,10 @@ usage rows written to PostgreSQL), loaded with JSON and streams. A
 benchmark-only hook (bench/_turns) times every dispatch of a ready
 descriptor and every run of the due timed calls: while one runs, nothing
 else is served, so a request arriving then waits it out. Printed per run:
-req/s, p50 and p99, the turns over 1, 2 and 5 ms (per 10,000 requests) and
-the longest, and the garbage collector's runs and longest run per
-generation.
+req/s, p50 and p99, the CPU per request of the proxy and of the PostgreSQL
+server (every postgres process on the machine), the turns over 1, 2 and
+5 ms (per 10,000 requests) and the longest, and the garbage collector's runs
+and longest run per generation.
 
 ``--variant no-statement`` prepares the usage rows as for a write but sends
 no statement to PostgreSQL; ``no-logging`` records no usage at all (both
@@ -73,7 +74,11 @@ def _turns(args, bench) -> None:
                 run.run_wrk(bench.url, script, conns, 3, bench.load_pin)  # warm-up
                 os.kill(bench.pid, signal.SIGUSR1)  # count from here
                 time.sleep(0.3)
+                cpu = run._cpu_seconds(bench.pid), run.database_cpu_seconds()
                 r = run.run_wrk(bench.url, script, conns, args.seconds, bench.load_pin)
+                n = max(1, r["requests"])
+                proxy_us = (run._cpu_seconds(bench.pid) - cpu[0]) / n * 1e6
+                database_us = (run.database_cpu_seconds() - cpu[1]) / n * 1e6
                 os.kill(bench.pid, signal.SIGUSR1)
                 time.sleep(0.3)
                 got = json.loads(bench.stats.read_text())
@@ -85,7 +90,8 @@ def _turns(args, bench) -> None:
                 gcs = " ".join(f"{len(g)}/{max(g, default=0) * 1e3:.1f}" for g in got["gc"])
                 print(
                     f"  round {rnd + 1} c={conns:<3} {mode:6} {r['rps']:6.0f} req/s  "
-                    f"p50 {r['p50']:5.2f} ms  p99 {r['p99']:5.2f} ms  turns per 10k requests: "
+                    f"p50 {r['p50']:5.2f} ms  p99 {r['p99']:5.2f} ms  CPU per request: proxy "
+                    f"{proxy_us:5.1f} µs, database {database_us:5.1f} µs  turns per 10k requests: "
                     f"{over}  longest {max(long, default=0) * 1e3:5.1f} ms  "
                     f"collector (runs/longest ms by generation) {gcs}",
                     flush=True,

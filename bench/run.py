@@ -903,6 +903,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def database_cpu_seconds() -> float:
+    """User + system CPU time so far of every PostgreSQL server process on
+    this machine (0.0 when there is none or it cannot be read)."""
+    total = 0.0
+    pids = subprocess.run(["pgrep", "postgres"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            total += _cpu_seconds(int(pid))
+        except (OSError, ValueError, IndexError):
+            pass  # (exited meanwhile)
+    return total
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
