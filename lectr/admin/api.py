@@ -205,13 +205,18 @@ def write_json(request, status: int, payload: Any) -> bytes:
     return json.dumps(payload, separators=(",", ":"), default=_json_default).encode()
 
 
+def error_payload(code: str, message: str) -> dict:
+    """The admin API's error envelope (also what the site's raw refusals send)."""
+    return {"error": {"code": code, "message": message}}
+
+
 def write_error(request, status: int, code: str, message: str) -> bytes:
     if status == 401:
         challenge = b'Bearer realm="lectr"'
         if code == "invalid_token":
             challenge += b', error="invalid_token"'
         request.setHeader(b"www-authenticate", challenge)
-    return write_json(request, status, {"error": {"code": code, "message": message}})
+    return write_json(request, status, error_payload(code, message))
 
 
 class TextGate(Resource):

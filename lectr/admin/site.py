@@ -15,19 +15,19 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from lectr.admin.api import MAX_BODY_BYTES
+from lectr.admin.api import MAX_BODY_BYTES, error_payload
 from lectr.util.web import CappedBodyRequest, answer_and_close, raw_response
 
 
 def _error(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+    return json.dumps(error_payload(code, message)).encode()
 
 
 class AdminRequest(CappedBodyRequest, Request):
     def refuse_too_large(self, path: bytes) -> bytes:
         limit = self.channel.site.max_body_bytes
         body = _error("payload_too_large", f"the request body is larger than {limit} bytes")
-        return raw_response(b"413 Request Entity Too Large", body, b"Cache-Control: no-store")
+        return raw_response(b"413 Request Entity Too Large", body)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -70,7 +70,7 @@ class AdminChannel(HTTPChannel):
                 b"431 Request Header Fields Too Large",
                 _error("headers_too_large", "a request header line is too long"),
             )
-        answer_and_close(self, raw_response(status, body, b"Cache-Control: no-store"))
+        answer_and_close(self, raw_response(status, body))
 
 
 class AdminSite(Site):

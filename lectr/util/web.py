@@ -115,14 +115,15 @@ class CappedBodyRequest:
         raise NotImplementedError
 
 
-def raw_response(status_line: bytes, body: bytes, *extra_headers: bytes) -> bytes:
-    """A whole JSON response that closes its connection: ``status_line``
-    like ``b"413 Request Entity Too Large"``."""
-    head = (
+def raw_response(status_line: bytes, body: bytes) -> bytes:
+    """A whole JSON response that closes its connection, with the headers
+    every admin answer carries (as ``lectr.admin.api.write_json`` sets them):
+    ``status_line`` like ``b"413 Request Entity Too Large"``."""
+    return (
         b"HTTP/1.1 "
         + status_line
         + b"\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
+        + b"Cache-Control: no-store\r\n"
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
     )
-    for h in extra_headers:
-        head += h + b"\r\n"
-    return head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
