@@ -83,14 +83,18 @@ def cores() -> tuple[list[str], list[str]]:
     return [], []
 
 
+def _postgres_pids() -> list[str]:
+    """Every PostgreSQL server process on this machine."""
+    return subprocess.run(["pgrep", "postgres"], capture_output=True, text=True).stdout.split()
+
+
 def database_share(nice: int) -> int:
     """Set the autogroup nice value (the CPU share of the scheduler group)
     of every PostgreSQL server process on this machine: 19 puts the
     database in the background, 0 restores it. Returns how many were set
     (none without root or without a local server)."""
     done = 0
-    pids = subprocess.run(["pgrep", "postgres"], capture_output=True, text=True).stdout.split()
-    for pid in pids:
+    for pid in _postgres_pids():
         try:
             Path(f"/proc/{pid}/autogroup").write_text(str(nice))
             done += 1
@@ -907,8 +911,7 @@ def database_cpu_seconds() -> float:
     """User + system CPU time so far of every PostgreSQL server process on
     this machine (0.0 when there is none or it cannot be read)."""
     total = 0.0
-    pids = subprocess.run(["pgrep", "postgres"], capture_output=True, text=True).stdout.split()
-    for pid in pids:
+    for pid in _postgres_pids():
         try:
             total += _cpu_seconds(int(pid))
         except (OSError, ValueError, IndexError):
