@@ -82,7 +82,7 @@ def _turns(args, bench) -> None:
                 os.kill(bench.pid, signal.SIGUSR1)
                 time.sleep(0.3)
                 got = json.loads(bench.stats.read_text())
-                per = 10_000 / max(1, r["requests"])
+                per = 10_000 / n
                 long = got["long"]
                 over = "  ".join(
                     f">{ms} ms {sum(t > ms / 1000 for t in long) * per:5.1f}" for ms in (1, 2, 5)
