@@ -268,6 +268,27 @@ def test_a_routed_model_replaces_the_value_and_nothing_else(other, stream, old, 
 
 @settings(max_examples=300, deadline=None)
 @given(
+    st.text(
+        st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), min_size=1
+    ),
+    st.booleans(),
+)
+def test_any_routed_model_is_written_as_a_json_string(target, stream):
+    """Whatever a route names (quotes, backslashes, controls, lone
+    surrogates, astral characters), the body sent carries exactly that
+    model, as ASCII JSON, and every other byte of the client's body."""
+    from lectr.usage.meters import plan_request
+
+    raw = b'{"model":"gpt-4o","messages":[],"stream":' + (b"true" if stream else b"false") + b"}"
+    plan = plan_request("openai", b"POST", "/v1/chat/completions", read_body(JSON, raw), target)
+    sent = json.loads(plan.body)
+    assert sent["model"] == target
+    assert plan.body.isascii()
+    assert sent["messages"] == [] and sent["stream"] is stream
+
+
+@settings(max_examples=300, deadline=None)
+@given(
     ctype=st.binary(max_size=80)
     | st.sampled_from(
         [
