@@ -3,7 +3,7 @@ that does to the latency tail:
 
     python bench/reactor_turns.py [--seconds 10] [--rounds 2] [--conns 1,32]
                                   [--variant full|no-statement|no-logging]
-                                  [--background-database]
+                                  [--background-database] [--database-core 0]
 
 One Lectr (set up as bench/run.py sets it up: the shared Rust mock, wrk on
 core 0, the proxy alone on core 1; the bench route, every feature on,
@@ -23,7 +23,8 @@ server's processes the lowest CPU share for the run (autogroup nice 19;
 root; restored afterwards): on a 2-core machine the database shares the
 cores of the benchmark, and a backend woken by an INSERT can take the
 proxy's core for milliseconds - inside the proxy's send of the statement,
-which then shows as a long turn.
+which then shows as a long turn. ``--database-core 0`` pins them to core 0
+instead (with wrk and the provider), so the proxy is alone on core 1.
 """
 
 from __future__ import annotations
@@ -47,25 +48,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--conns", default="1,32", help="concurrencies, comma-separated")
     parser.add_argument("--variant", choices=["full", "no-statement", "no-logging"], default="full")
-    parser.add_argument("--background-database", action="store_true")
+    run.add_database_options(parser)
     args = parser.parse_args()
     os.environ["BENCH_TURNS_VARIANT"] = args.variant
     with run.Counted("lectr-turns-", "_turns", "BENCH_TURNS_STATS", limits=False) as bench:
-        if args.background_database:
-            if not run.database_share(19):
-                sys.exit("bench: cannot lower PostgreSQL's CPU share (root, a local server)")
-        try:
+        with run.database_placement(args.background_database, args.database_core):
             _turns(args, bench)
-        finally:
-            if args.background_database:
-                run.database_share(0)
 
 
 def _turns(args, bench) -> None:
     """Every (round, c, mode) cell: a warm-up, then the counted run."""
     print(
         f"Reactor turns inside the proxy ({args.variant}"
-        f"{', database in the background' if args.background_database else ''}; {run.load()}):"
+        f"{run.database_note(args.background_database, args.database_core)}; {run.load()}):"
     )
     for rnd in range(args.rounds):
         for conns in (int(c) for c in args.conns.split(",")):

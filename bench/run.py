@@ -33,13 +33,18 @@ shared machine, ratios measured in one run are what counts.
 
 Needs ``wrk`` (and ``nginx`` for the fallback provider); installed on demand
 with apt-get when running as root. PostgreSQL: the server in DATABASE_URL when
-set (a scratch database is created on it), otherwise an embedded one.
+set (a scratch database is created on it), otherwise an embedded one (a child
+of the proxy, so on the proxy's core). On a 2-core machine the database shares
+the benchmark's cores: ``--database-core 0`` pins a local server to core 0 (with
+wrk and the provider, leaving the proxy alone on core 1), ``--background-database``
+gives it the lowest CPU share; in a deployment it has its own machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -101,6 +106,66 @@ def database_share(nice: int) -> int:
         except OSError:
             pass
     return done
+
+
+def database_core(core: int | None) -> int:
+    """Pin every PostgreSQL server process on this machine to ``core`` (its
+    backends forked later inherit the postmaster's affinity), or, with None,
+    let them run on every core again. Returns how many were set (none
+    without root or without a local server)."""
+    cpus = {core} if core is not None else set(range(os.cpu_count() or 1))
+    done = 0
+    for pid in _postgres_pids():
+        try:
+            os.sched_setaffinity(int(pid), cpus)
+            done += 1
+        except OSError:
+            pass  # (not ours, or exited meanwhile)
+    return done
+
+
+@contextlib.contextmanager
+def database_placement(background: bool, core: int | None):
+    """The local PostgreSQL server in the background (lowest CPU share)
+    and/or on one core for the duration of a benchmark; exits if that
+    cannot be done (it needs root and a server on this machine)."""
+    if background and not database_share(19):
+        sys.exit("bench: cannot lower PostgreSQL's CPU share (needs root and a local server)")
+    if core is not None and not database_core(core):
+        sys.exit("bench: cannot pin PostgreSQL to a core (needs root and a local server)")
+    try:
+        yield
+    finally:
+        if background:
+            database_share(0)
+        if core is not None:
+            database_core(None)
+
+
+def add_database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--background-database",
+        action="store_true",
+        help="give the local PostgreSQL server the lowest CPU share for the run (root): on a "
+        "2-core machine it otherwise takes part of the proxy's core",
+    )
+    parser.add_argument(
+        "--database-core",
+        type=int,
+        metavar="CORE",
+        help="pin the local PostgreSQL server to this core for the run (root); 0 puts it with "
+        "wrk and the provider, leaving the proxy alone on core 1",
+    )
+
+
+def database_note(background: bool, core: int | None) -> str:
+    """How the benchmark placed PostgreSQL, for its header line."""
+    notes = []
+    if background:
+        notes.append("in the background: lowest CPU share")
+    if core is not None:
+        notes.append(f"pinned to core {core}")
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def load() -> str:
@@ -1164,12 +1229,7 @@ def main() -> None:
     parser.add_argument(
         "--fallback-upstream", action="store_true", help="use nginx even if the shared mock exists"
     )
-    parser.add_argument(
-        "--background-database",
-        action="store_true",
-        help="give the local PostgreSQL server the lowest CPU share for the run (root): on a "
-        "2-core machine it otherwise takes part of the proxy's core",
-    )
+    add_database_options(parser)
     args = parser.parse_args()
     use_mock = (SHARED / "mock_upstream.rs").exists() and shutil.which("rustc")
     ensure_tools(need_nginx=args.fallback_upstream or not use_mock)
@@ -1179,8 +1239,8 @@ def main() -> None:
     conns_list = tuple(int(c) for c in args.conns.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="lectr-bench-"))
     procs = []
-    if args.background_database and not database_share(19):
-        sys.exit("bench: cannot lower PostgreSQL's CPU share (needs root and a local server)")
+    placement = contextlib.ExitStack()
+    placement.enter_context(database_placement(args.background_database, args.database_core))
     try:
         upstream = Upstream(workdir, load_pin, force_fallback=args.fallback_upstream)
         procs.append(upstream)
@@ -1192,7 +1252,7 @@ def main() -> None:
         print(f"Provider: {upstream.kind}")
         print(
             f"PostgreSQL: {'DATABASE_URL server' if os.environ.get('DATABASE_URL') else 'embedded'}"
-            f"{' (in the background: lowest CPU share)' if args.background_database else ''}"
+            f"{database_note(args.background_database, args.database_core)}"
             f"; Lectr workers: {args.workers}; {seconds} s cells after a 3 s warm-up, "
             f"{args.rounds} rounds"
         )
@@ -1245,8 +1305,7 @@ def main() -> None:
         for p in reversed(procs):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-        if args.background_database:
-            database_share(0)
+        placement.close()
 
 
 if __name__ == "__main__":
