@@ -3,8 +3,8 @@ PostgreSQL (rows, their price bases and their hourly rollups, in one
 transaction per batch), and what ``record()`` costs the request path.
 
     .venv/bin/python bench/flusher_bench.py [--database-url URL] [--rows 200000]
-                                            [--batch-size 500] [--statement-rows 2000]
-                                            [--parallel 2] [--prefill 0]
+                                            [--batch-size N] [--statement-rows N]
+                                            [--parallel N] [--prefill 0] [--rate 0]
 
 Creates a scratch database on the server (the role needs CREATEDB), runs the
 migrations, feeds ``--rows`` rows to a real UsageRecorder on the real
@@ -13,6 +13,13 @@ flusher runs, as it would between requests), waits until every row is
 committed, prints the figures and drops the database. ``--prefill`` first
 loads that many rows, to measure inserts into a table with millions of rows
 (index maintenance grows with the table).
+
+``--rate R`` feeds the rows at R per second instead (as a proxy serving R
+requests a second would), so the statements have the sizes the flusher gives
+them at that rate, and prints the CPU per row of this process (the
+recorder's work on the reactor) and of the PostgreSQL server (every
+postgres process on this machine: run it on a quiet server). The batch
+options default to the recorder's own defaults.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import run as bench_run  # bench/run.py: PostgreSQL's CPU time
 from twisted.internet import defer, task
 
 from lectr.db.database import Database
@@ -109,9 +118,7 @@ def prefill(url: str, n: int) -> None:
     print(f"prefilled {n} rows in {time.perf_counter() - started:.1f}s", flush=True)
 
 
-async def run(
-    reactor, url: str, rows: int, batch_size: int, statement_rows: int, parallel: int
-) -> None:
+async def run(reactor, url: str, rows: int, options: dict, rate: float) -> None:
     db = Database(url, reactor=reactor, min_size=2, max_size=4)
     await db.start()
     metrics = Registry()
@@ -121,34 +128,51 @@ async def run(
             reactor=reactor,
             data_dir=Path(data_dir),
             metrics=metrics,
-            batch_size=batch_size,
-            statement_rows=statement_rows,
-            parallel=parallel,
-            max_buffer=max(batch_size * 400, 200_000),
+            max_buffer=max(options.get("batch_size", 500) * 400, 200_000),
+            **options,
         )
         await recorder.start()
         data = make_rows(rows)
         written = metrics.get("lectr_usage_rows_written_total")
         record_seconds = 0.0
         started = time.perf_counter()
-        slice_size = 1000
-        for i in range(0, rows, slice_size):
-            t = time.perf_counter()
-            for r in data[i : i + slice_size]:
-                recorder.record(r)
-            record_seconds += time.perf_counter() - t
-            await task.deferLater(reactor, 0)  # let the flusher and the database run
+        cpu_started = time.process_time(), bench_run.database_cpu_seconds()
+        if rate:
+            fed = 0
+            while fed < rows:  # what is due by now, then a 5 ms sleep
+                due = min(rows, int((time.perf_counter() - started) * rate))
+                t = time.perf_counter()
+                for r in data[fed:due]:
+                    recorder.record(r)
+                record_seconds += time.perf_counter() - t
+                fed = max(fed, due)
+                await task.deferLater(reactor, 0.005)
+        else:
+            slice_size = 1000
+            for i in range(0, rows, slice_size):
+                t = time.perf_counter()
+                for r in data[i : i + slice_size]:
+                    recorder.record(r)
+                record_seconds += time.perf_counter() - t
+                await task.deferLater(reactor, 0)  # let the flusher and the database run
         while written.value() < rows:
             await task.deferLater(reactor, 0.005)
         elapsed = time.perf_counter() - started
+        own_cpu = time.process_time() - cpu_started[0]
+        db_cpu = bench_run.database_cpu_seconds() - cpu_started[1]
         spilled = metrics.get("lectr_usage_rows_spilled_total").value()
         batches = metrics.get("lectr_usage_flush_seconds").count()
         await recorder.stop()
     await db.close()
+    settings = ", ".join(f"{k}={v}" for k, v in options.items()) or "the recorder's defaults"
     print(
-        f"flusher: {rows} rows in {elapsed:.2f}s = {rows / elapsed:,.0f} rows/s sustained "
-        f"({batches:.0f} statements of <= {statement_rows} rows, {parallel} at a time, a flush "
-        f"started at {batch_size} buffered; {spilled:.0f} spilled)"
+        f"flusher: {rows} rows in {elapsed:.2f}s = {rows / elapsed:,.0f} rows/s "
+        f"{f'fed at {rate:,.0f}/s' if rate else 'sustained'} ({batches:.0f} flushes, "
+        f"{rows / max(batches, 1):.0f} rows each; {settings}; {spilled:.0f} spilled)"
+    )
+    print(
+        f"CPU per row: this process {own_cpu / rows * 1e6:.1f} us (recorder and rows), "
+        f"PostgreSQL {db_cpu / rows * 1e6:.1f} us"
     )
     print(f"record(): {record_seconds / rows * 1e6:.2f} us per call on the reactor thread")
     print(
@@ -166,11 +190,17 @@ def main() -> None:
         help="a PostgreSQL server URL whose role may CREATE DATABASE",
     )
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=500, help="rows that start a flush")
-    parser.add_argument("--statement-rows", type=int, default=2000, help="most rows per INSERT")
-    parser.add_argument("--parallel", type=int, default=2, help="statements in flight at once")
+    parser.add_argument("--batch-size", type=int, help="rows that start a flush")
+    parser.add_argument("--statement-rows", type=int, help="most rows per INSERT")
+    parser.add_argument("--parallel", type=int, help="statements in flight at once")
     parser.add_argument("--prefill", type=int, default=0, help="rows loaded before measuring")
+    parser.add_argument("--rate", type=float, default=0, help="rows fed per second (0: at once)")
     args = parser.parse_args()
+    options = {
+        name: value
+        for name in ("batch_size", "statement_rows", "parallel")
+        if (value := getattr(args, name)) is not None
+    }
 
     name = f"lectr_bench_{os.getpid()}"
     admin_execute(args.database_url, f'CREATE DATABASE "{name}"')
@@ -179,9 +209,7 @@ def main() -> None:
         upgrade_sync(url)
         prefill(url, args.prefill)
         task.react(
-            lambda reactor: defer.ensureDeferred(
-                run(reactor, url, args.rows, args.batch_size, args.statement_rows, args.parallel)
-            )
+            lambda reactor: defer.ensureDeferred(run(reactor, url, args.rows, options, args.rate))
         )
     finally:
         admin_execute(args.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

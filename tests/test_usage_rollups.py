@@ -164,6 +164,11 @@ class SyncDatabase:
         with self.conn, self.conn.cursor() as cursor:  # one transaction
             return _Now(run_now(txn(_SyncTransaction(cursor))))
 
+    def runQuery(self, desc, sql, args=None):  # autocommit: one statement, its own transaction
+        with self.conn, self.conn.cursor() as cursor:
+            cursor.execute(sql, args)
+            return _Now(cursor.fetchall() if cursor.description is not None else [])
+
     def pause(self):
         return succeed(None)  # no reactor to yield to
 
