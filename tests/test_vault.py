@@ -395,6 +395,25 @@ async def test_several_keys_the_newest_enabled_one_is_used(vaults, orgs, kek, fa
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_key_that_leaves_the_cache_leaves_nothing_behind(vaults, orgs, kek, fake):
+    """A key's unwrapped data key is kept while the key is usable, and
+    forgotten once it is disabled or deleted (on every node: the reload that
+    follows the notification drops it)."""
+    fake.resource.keys["openai"].add(OPENAI_KEY_2)
+    org, _ = await orgs.create_org("Acme")
+    vault = await vaults.start(kek)
+    first = await vault.add_key(org.id, "openai", OPENAI_KEY)
+    second = await vault.add_key(org.id, "openai", OPENAI_KEY_2)
+    for key in vault.pool(org.id, "openai"):
+        assert vault.reveal(key) is not None
+    assert set(vault._prepared) == {first.id, second.id}
+    await vault.set_key_enabled(org.id, second.id, False)
+    assert set(vault._prepared) == {first.id}
+    await vault.delete_key(org.id, first.id)
+    assert vault._prepared == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_hot_path_never_touches_the_database(vaults, orgs, kek, db_url):
     from lectr.db.database import Database
 

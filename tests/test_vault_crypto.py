@@ -17,6 +17,7 @@ from lectr.vault.crypto import (
     Binding,
     Kek,
     Keyring,
+    Prepared,
     Sealed,
     kek_fingerprint,
 )
@@ -55,6 +56,36 @@ def test_repr_shows_no_bytes(ring):
     assert sealed.ciphertext.hex() not in text and repr(sealed.ciphertext) not in text
     assert sealed.kek_id in text
     assert "<Kek " in repr(ring.current)
+
+
+def _damaged(data: bytes) -> bytes:
+    return bytes([data[0] ^ 1]) + data[1:]
+
+
+def test_a_prepared_key_keeps_its_data_key_but_decrypts_the_key_every_time(ring):
+    b = binding()
+    p = Prepared(b, ring.seal(b, KEY))
+    assert ring.open_prepared(p) == KEY
+    assert ring.open_prepared(p) == KEY
+    # the data key is kept: a second open needs no master key any more...
+    assert Keyring(new_kek()).open_prepared(p) == KEY
+    # ...but the provider key itself is decrypted on every open, never kept
+    p.ciphertext = _damaged(p.ciphertext)
+    with pytest.raises(DecryptionFailed):
+        ring.open_prepared(p)
+
+
+@pytest.mark.parametrize("field", ["ciphertext", "nonce", "wrapped_dek", "dek_nonce"])
+def test_a_data_key_is_kept_only_once_it_opened_its_key(ring, field):
+    b = binding()
+    sealed = ring.seal(b, KEY)
+    p = Prepared(b, replace(sealed, **{field: _damaged(getattr(sealed, field))}))
+    for _ in range(2):
+        with pytest.raises(DecryptionFailed):
+            ring.open_prepared(p)
+    # nothing was kept: without the master key it cannot even be tried
+    with pytest.raises(UnknownKek):
+        Keyring(new_kek()).open_prepared(p)
 
 
 def _flips(data: bytes):

@@ -365,7 +365,8 @@ class VaultManager:
     def reveal(self, key: PoolKey) -> Secret[str] | None:
         """One pool key decrypted now, in memory, for one attempt; None when it
         cannot be decrypted (logged once, counted, and skipped from then on).
-        The plaintext is not kept."""
+        The plaintext is not kept (its data key is, while the key is in the
+        cache: :class:`~lectr.vault.crypto.Prepared`)."""
         row = key.row
         if self._broken and self._broken.get(row.id) == row.wrapped_dek:
             return None
@@ -428,9 +429,7 @@ class VaultManager:
     async def _load_all(self) -> None:
         rows = await self._store.load_enabled()
         self._cache = self._group(rows)
-        live = {r.id for r in rows}
-        self._broken = {k: v for k, v in self._broken.items() if k in live}
-        self._prepared = {k: v for k, v in self._prepared.items() if k in live}
+        self._forget_gone()
 
     async def _load_orgs(self, org_ids: list[str]) -> None:
         rows = await self._store.load_enabled(org_ids)
@@ -440,6 +439,17 @@ class VaultManager:
                 self._cache[org_id] = grouped[org_id]
             else:
                 self._cache.pop(org_id, None)
+        self._forget_gone()
+
+    def _forget_gone(self) -> None:
+        """Drop what is kept about keys no longer in the cache (deleted or
+        disabled): their failure marks, and their prepared form with its
+        unwrapped data key."""
+        live = {key.id for pools in self._cache.values() for keys in pools.values() for key in keys}
+        if any(k not in live for k in self._prepared):
+            self._prepared = {k: v for k, v in self._prepared.items() if k in live}
+        if any(k not in live for k in self._broken):
+            self._broken = {k: v for k, v in self._broken.items() if k in live}
 
     def _on_change(self, org_id: str) -> None:
         self._reloader.org_changed(org_id)
