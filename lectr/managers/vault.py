@@ -372,7 +372,11 @@ class VaultManager:
             return None
         prepared = self._prepared.get(row.id)
         if prepared is None or prepared.wrapped_dek is not row.wrapped_dek:
-            prepared = self._prepared[row.id] = Prepared(_binding(row), _sealed(row))
+            prepared = Prepared(_binding(row), _sealed(row))
+            if key in self._cache.get(row.org_id, _NO_POOLS).get(row.provider, ()):
+                # kept (with its data key, once it opens) only for a key still in
+                # the cache: one that left it since it was picked is not put back
+                self._prepared[row.id] = prepared
         try:
             plaintext = self._keyring.open_prepared(prepared).decode("ascii")
         except VaultCryptoError as e:
@@ -429,27 +433,31 @@ class VaultManager:
     async def _load_all(self) -> None:
         rows = await self._store.load_enabled()
         self._cache = self._group(rows)
-        self._forget_gone()
+        live = {r.id for r in rows}
+        self._forget([k for k in (*self._prepared, *self._broken) if k not in live])
 
     async def _load_orgs(self, org_ids: list[str]) -> None:
         rows = await self._store.load_enabled(org_ids)
         grouped = self._group(rows)
+        gone: set[str] = set()
         for org_id in org_ids:
-            if org_id in grouped:
-                self._cache[org_id] = grouped[org_id]
+            old = self._cache.get(org_id, _NO_POOLS)
+            new = grouped.get(org_id)
+            if new is not None:
+                self._cache[org_id] = new
             else:
                 self._cache.pop(org_id, None)
-        self._forget_gone()
+            gone.update(key.id for keys in old.values() for key in keys)
+            gone.difference_update(key.id for keys in (new or {}).values() for key in keys)
+        self._forget(gone)
 
-    def _forget_gone(self) -> None:
-        """Drop what is kept about keys no longer in the cache (deleted or
+    def _forget(self, ids) -> None:
+        """Drop what is kept about keys that left the cache (deleted or
         disabled): their failure marks, and their prepared form with its
         unwrapped data key."""
-        live = {key.id for pools in self._cache.values() for keys in pools.values() for key in keys}
-        if any(k not in live for k in self._prepared):
-            self._prepared = {k: v for k, v in self._prepared.items() if k in live}
-        if any(k not in live for k in self._broken):
-            self._broken = {k: v for k, v in self._broken.items() if k in live}
+        for key_id in ids:
+            self._prepared.pop(key_id, None)
+            self._broken.pop(key_id, None)
 
     def _on_change(self, org_id: str) -> None:
         self._reloader.org_changed(org_id)
