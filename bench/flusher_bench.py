@@ -128,7 +128,7 @@ async def run(reactor, url: str, rows: int, options: dict, rate: float) -> None:
             reactor=reactor,
             data_dir=Path(data_dir),
             metrics=metrics,
-            max_buffer=max(options.get("batch_size", 500) * 400, 200_000),
+            max_buffer=max(options.get("batch_size", 1_000) * 400, 200_000),
             **options,
         )
         await recorder.start()
@@ -136,7 +136,7 @@ async def run(reactor, url: str, rows: int, options: dict, rate: float) -> None:
         written = metrics.get("lectr_usage_rows_written_total")
         record_seconds = 0.0
         started = time.perf_counter()
-        cpu_started = time.process_time(), bench_run.database_cpu_seconds()
+        cpu_started = time.process_time(), bench_run.database_cpu()
         if rate:
             fed = 0
             while fed < rows:  # what is due by now, then a 5 ms sleep
@@ -159,7 +159,7 @@ async def run(reactor, url: str, rows: int, options: dict, rate: float) -> None:
             await task.deferLater(reactor, 0.005)
         elapsed = time.perf_counter() - started
         own_cpu = time.process_time() - cpu_started[0]
-        db_cpu = bench_run.database_cpu_seconds() - cpu_started[1]
+        db_cpu = bench_run.database_cpu_since(cpu_started[1])
         spilled = metrics.get("lectr_usage_rows_spilled_total").value()
         batches = metrics.get("lectr_usage_flush_seconds").count()
         await recorder.stop()
@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=0, help="rows loaded before measuring")
     parser.add_argument("--rate", type=float, default=0, help="rows fed per second (0: at once)")
     args = parser.parse_args()
+    if args.rows < 1 or not args.rate >= 0:
+        parser.error("need --rows >= 1 and --rate >= 0")
     options = {
         name: value
         for name in ("batch_size", "statement_rows", "parallel")

@@ -69,11 +69,11 @@ def _turns(args, bench) -> None:
                 run.run_wrk(bench.url, script, conns, 3, bench.load_pin)  # warm-up
                 os.kill(bench.pid, signal.SIGUSR1)  # count from here
                 time.sleep(0.3)
-                cpu = run._cpu_seconds(bench.pid), run.database_cpu_seconds()
+                cpu = run._cpu_seconds(bench.pid), run.database_cpu()
                 r = run.run_wrk(bench.url, script, conns, args.seconds, bench.load_pin)
                 n = max(1, r["requests"])
                 proxy_us = (run._cpu_seconds(bench.pid) - cpu[0]) / n * 1e6
-                database_us = (run.database_cpu_seconds() - cpu[1]) / n * 1e6
+                database_us = run.database_cpu_since(cpu[1]) / n * 1e6
                 os.kill(bench.pid, signal.SIGUSR1)
                 time.sleep(0.3)
                 got = json.loads(bench.stats.read_text())

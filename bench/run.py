@@ -108,38 +108,62 @@ def database_share(nice: int) -> int:
     return done
 
 
-def database_core(core: int | None) -> int:
+def database_core(core: int) -> dict[int, set[int]]:
     """Pin every PostgreSQL server process on this machine to ``core`` (its
-    backends forked later inherit the postmaster's affinity), or, with None,
-    let them run on every core again. Returns how many were set (none
+    backends forked later inherit the postmaster's affinity). Returns the
+    affinity each one had, for :func:`database_affinity_restore` (empty
     without root or without a local server)."""
-    cpus = {core} if core is not None else set(range(os.cpu_count() or 1))
-    done = 0
-    for pid in _postgres_pids():
+    before: dict[int, set[int]] = {}
+    for pid in map(int, _postgres_pids()):
         try:
-            os.sched_setaffinity(int(pid), cpus)
-            done += 1
+            mask = os.sched_getaffinity(pid)
+            os.sched_setaffinity(pid, {core})
+            before[pid] = mask
         except OSError:
             pass  # (not ours, or exited meanwhile)
-    return done
+    return before
+
+
+def database_affinity_restore(before: dict[int, set[int]]) -> None:
+    """Give the processes pinned by :func:`database_core` their affinity
+    back; a process forked since (a backend) gets its postmaster's."""
+    if not before:
+        return
+    widest = max(before.values(), key=len)
+    for pid in map(int, _postgres_pids()):
+        try:
+            os.sched_setaffinity(pid, before.get(pid, widest))
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
 def database_placement(background: bool, core: int | None):
     """The local PostgreSQL server in the background (lowest CPU share)
     and/or on one core for the duration of a benchmark; exits if that
-    cannot be done (it needs root and a server on this machine)."""
-    if background and not database_share(19):
-        sys.exit("bench: cannot lower PostgreSQL's CPU share (needs root and a local server)")
-    if core is not None and not database_core(core):
-        sys.exit("bench: cannot pin PostgreSQL to a core (needs root and a local server)")
+    cannot be done (it needs root and the server of DATABASE_URL running on
+    this machine: an embedded one is the proxy's child, on its core).
+    Whatever was changed is restored, also on exit."""
+    if (background or core is not None) and not os.environ.get("DATABASE_URL"):
+        sys.exit("bench: placing PostgreSQL needs DATABASE_URL (a running local server)")
+    if core is not None and core not in os.sched_getaffinity(0):
+        sys.exit(f"bench: --database-core {core}: this machine has no such core")
+    shared = False
+    pinned: dict[int, set[int]] = {}
     try:
+        if background:
+            shared = database_share(19) > 0
+            if not shared:
+                sys.exit("bench: cannot lower PostgreSQL's CPU share (root, a local server)")
+        if core is not None:
+            pinned = database_core(core)
+            if not pinned:
+                sys.exit("bench: cannot pin PostgreSQL to a core (root, a local server)")
         yield
     finally:
-        if background:
+        if shared:
             database_share(0)
-        if core is not None:
-            database_core(None)
+        database_affinity_restore(pinned)
 
 
 def add_database_options(parser: argparse.ArgumentParser) -> None:
@@ -972,16 +996,24 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def database_cpu_seconds() -> float:
-    """User + system CPU time so far of every PostgreSQL server process on
-    this machine (0.0 when there is none or it cannot be read)."""
-    total = 0.0
-    for pid in _postgres_pids():
+def database_cpu() -> dict[int, float]:
+    """User + system CPU time so far of each PostgreSQL server process on
+    this machine, by pid (empty when there is none or it cannot be read)."""
+    times = {}
+    for pid in map(int, _postgres_pids()):
         try:
-            total += _cpu_seconds(int(pid))
+            times[pid] = _cpu_seconds(pid)
         except (OSError, ValueError, IndexError):
             pass  # (exited meanwhile)
-    return total
+    return times
+
+
+def database_cpu_since(before: dict[int, float]) -> float:
+    """The CPU time PostgreSQL's processes spent since ``before`` (a
+    :func:`database_cpu` snapshot): each process's own difference, a process
+    started since counted whole. (A process that ended meanwhile, an
+    autovacuum worker, takes its last moments with it: a slight undercount.)"""
+    return sum(t - before.get(pid, 0.0) for pid, t in database_cpu().items())
 
 
 def _rss_kib(pid: int) -> int:

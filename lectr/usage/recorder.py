@@ -206,7 +206,8 @@ def clean_record(r: UsageRecord) -> UsageRecord:
     return replace(r, **changes) if changes else r
 
 
-#: rows below which a write is not split across connections: a statement has
+#: rows each statement must get for a write to be split across ``parallel``
+#: connections (so 2,000 rows before a write is split in two): a statement has
 #: a fixed cost on the server (about 1.2 ms: parsing, analysing and planning
 #: the statement, the commit), shared by more rows in one statement: fed
 #: 4,500 rows a second, 890-row statements cost PostgreSQL 24-25 µs of CPU
