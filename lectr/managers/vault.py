@@ -439,17 +439,18 @@ class VaultManager:
     async def _load_orgs(self, org_ids: list[str]) -> None:
         rows = await self._store.load_enabled(org_ids)
         grouped = self._group(rows)
-        gone: set[str] = set()
+        before = {
+            key.id
+            for o in org_ids
+            for keys in self._cache.get(o, _NO_POOLS).values()
+            for key in keys
+        }
         for org_id in org_ids:
-            old = self._cache.get(org_id, _NO_POOLS)
-            new = grouped.get(org_id)
-            if new is not None:
-                self._cache[org_id] = new
+            if org_id in grouped:
+                self._cache[org_id] = grouped[org_id]
             else:
                 self._cache.pop(org_id, None)
-            gone.update(key.id for keys in old.values() for key in keys)
-            gone.difference_update(key.id for keys in (new or {}).values() for key in keys)
-        self._forget(gone)
+        self._forget(before.difference(r.id for r in rows))
 
     def _forget(self, ids) -> None:
         """Drop what is kept about keys that left the cache (deleted or

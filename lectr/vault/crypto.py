@@ -139,8 +139,12 @@ class Kek:
         return self._aead.encrypt(nonce, dek, binding.dek_ad()), nonce
 
     def unwrap(self, wrapped: bytes, nonce: bytes, binding: Binding) -> bytes:
+        return self.unwrap_with_ad(wrapped, nonce, binding.dek_ad())
+
+    def unwrap_with_ad(self, wrapped: bytes, nonce: bytes, dek_ad: bytes) -> bytes:
+        """:meth:`unwrap` with the binding's associated data already computed."""
         try:
-            dek = self._aead.decrypt(nonce, wrapped, binding.dek_ad())
+            dek = self._aead.decrypt(nonce, wrapped, dek_ad)
         except (InvalidTag, ValueError):
             # ValueError: a nonce of the wrong length (a damaged row)
             raise DecryptionFailed("the data key does not unwrap") from None
@@ -204,18 +208,7 @@ class Keyring:
         Its data key is unwrapped on the first successful open only."""
         aead = p._data_aead
         if aead is None:
-            kek = self._by_id.get(p.kek_id)
-            if kek is None:
-                raise UnknownKek(
-                    f"wrapped by master key {p.kek_id}, which this process does not hold"
-                )
-            try:
-                dek = kek._aead.decrypt(p.dek_nonce, p.wrapped_dek, p.dek_ad)
-            except (InvalidTag, ValueError):
-                raise DecryptionFailed("the data key does not unwrap") from None
-            if len(dek) != KEY_BYTES:
-                raise DecryptionFailed("the data key has the wrong length")
-            aead = AESGCM(dek)
+            aead = AESGCM(self._kek(p.kek_id).unwrap_with_ad(p.wrapped_dek, p.dek_nonce, p.dek_ad))
         try:
             plaintext = aead.decrypt(p.nonce, p.ciphertext, p.key_ad)
         except (InvalidTag, ValueError):
