@@ -137,24 +137,20 @@ async def run(reactor, url: str, rows: int, options: dict, rate: float) -> None:
         record_seconds = 0.0
         started = time.perf_counter()
         cpu_started = time.process_time(), bench_run.database_cpu()
-        if rate:
-            fed = 0
-            while fed < rows:  # what is due by now, then a 5 ms sleep
+        fed = 0
+        while fed < rows:
+            # at a rate: what is due by now, then a 5 ms sleep; at once: 1,000
+            # rows, then a turn of the reactor for the flusher and the database
+            if rate:
                 due = min(rows, int((time.perf_counter() - started) * rate))
-                t = time.perf_counter()
-                for r in data[fed:due]:
-                    recorder.record(r)
-                record_seconds += time.perf_counter() - t
-                fed = max(fed, due)
-                await task.deferLater(reactor, 0.005)
-        else:
-            slice_size = 1000
-            for i in range(0, rows, slice_size):
-                t = time.perf_counter()
-                for r in data[i : i + slice_size]:
-                    recorder.record(r)
-                record_seconds += time.perf_counter() - t
-                await task.deferLater(reactor, 0)  # let the flusher and the database run
+            else:
+                due = min(rows, fed + 1000)
+            t = time.perf_counter()
+            for r in data[fed:due]:
+                recorder.record(r)
+            record_seconds += time.perf_counter() - t
+            fed = max(fed, due)
+            await task.deferLater(reactor, 0.005 if rate else 0)
         while written.value() < rows:
             await task.deferLater(reactor, 0.005)
         elapsed = time.perf_counter() - started

@@ -508,10 +508,10 @@ class RequestLogStore:
             raise MaintenanceBusy("request_logs is busy") from None
 
     async def insert(self, rows: Sequence[UsageRecord]) -> int:
-        """Insert ``rows`` in one statement (its own transaction), with their price bases and
-        their share of the hourly rollups; rows whose ``request_id`` is
-        already stored are skipped (and not counted again). Returns the
-        number of rows inserted."""
+        """Insert ``rows`` in one statement (its own transaction), with their
+        price bases and their share of the hourly rollups; rows whose
+        ``request_id`` is already stored are skipped (and not counted again).
+        Returns the number of rows inserted."""
         if not rows:
             return 0
         args = await _columns_in_slices(rows, self._db.pause)
