@@ -326,6 +326,52 @@ def test_stripping_any_split(cuts, crlf):
     assert usage == EXPECTED_CHAT
 
 
+_CONTENT_TEXT = st.sampled_from(["hi", ' "usage":{', '"usage":null,', "usage", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    before=st.lists(_CONTENT_TEXT, max_size=10),
+    after=st.lists(_CONTENT_TEXT, max_size=3),
+    spaced=st.booleans(),
+    runs=st.lists(st.integers(min_value=1, max_value=6), max_size=20),
+)
+def test_stripping_runs_of_whole_events(before, after, spaced, runs):
+    """Whatever runs of whole events the stream arrives in (the batched
+    path), stripping removes exactly the usage-only event and the
+    ``"usage": null`` member of each event before it - compact or spaced,
+    whatever the text deltas say about usage - leaves every event after it
+    byte for byte, and reads the report."""
+    sep = (", ", ": ") if spaced else (",", ":")
+    null = b', "usage": null' if spaced else b',"usage":null'
+
+    def chunk(text: str, usage: object) -> bytes:
+        doc = {"model": "m", "choices": [{"index": 0, "delta": {"content": text}}]}
+        return b"data: " + json.dumps({**doc, "usage": usage}, separators=sep).encode() + b"\n\n"
+
+    report = {"prompt_tokens": 4, "completion_tokens": len(before), "total_tokens": 4}
+    usage_event = (
+        b"data: " + json.dumps({"choices": [], "usage": report}, separators=sep).encode() + b"\n\n"
+    )
+    events = [chunk(t, None) for t in before] + [usage_event]
+    events += [chunk(t, None) for t in after] + [b"data: [DONE]\n\n"]
+    expected = b"".join(
+        [e.replace(null, b"") for e in events[: len(before)]] + events[len(before) + 1 :]
+    )
+    pieces, at = [], 0
+    for size in [*runs, len(events)]:
+        if at < len(events):
+            pieces.append(b"".join(events[at : at + size]))
+            at += size
+    out, usage = run(stripping_meter(), pieces)
+    assert out == expected
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (
+        4,
+        len(before),
+        "provider",
+    )
+
+
 def test_stripping_keeps_comments_event_names_and_ids():
     # everything around the usage chunk survives byte for byte
     usage_event = (

@@ -1089,6 +1089,21 @@ class OpenAIStreamMeter(SSEMeter):
         if whole < len(data) or whole > SSE_LINE_MAX:
             return super()._feed_events(data, whole)
         stripping = self._state == _PENDING
+        if stripping:
+            # The usual run while stripping: content chunks, each with the
+            # compact ``"usage":null`` member Lectr's include_usage made
+            # OpenAI add. Cut them first; if no ``"usage"`` is left, the run
+            # holds no report and no usage-only event, and is done.
+            out = data.replace(_NULL_USAGE[0], b"")
+            if out.find(b'"usage"') < 0:
+                if self._model is None and data.find(b'"model"') >= 0:
+                    self._model = _first_model(data)
+                if self._final is None:
+                    self._uncounted.append(data)
+                    self._uncounted_size += whole
+                    if self._uncounted_size > DELTA_BATCH_BYTES:
+                        self._count_uncounted()
+                return out
         cut: tuple[int, int] | None = None
         reports = []
         at = data.find(b'"usage"')
