@@ -1030,3 +1030,29 @@ def test_the_last_usage_key_is_the_last_match(pieces):
         assert found is None
     else:
         assert found is not None and found.span() == matches[-1].span()
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # NaN and the infinities too: json.loads reads them
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), _JSON_VALUES, max_size=6))
+def test_a_usage_object_is_kept_as_compact_json_of_what_was_received(usage):
+    """The usage text a row keeps (the encoder built once) is what
+    ``json.dumps`` gives for the object, compact and unescaped, cut to
+    RAW_USAGE_MAX - floats, NaN, any text, any nesting."""
+    expected = json.dumps(usage, separators=(",", ":"), ensure_ascii=False)[:RAW_USAGE_MAX]
+    assert meters._raw(usage) == expected
+    decoded = json.loads(json.dumps(usage))
+    assert (
+        meters._raw(decoded)
+        == json.dumps(decoded, separators=(",", ":"), ensure_ascii=False)[:RAW_USAGE_MAX]
+    )

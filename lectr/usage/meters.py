@@ -31,7 +31,7 @@ import re
 import zlib
 from collections import deque
 from dataclasses import dataclass, replace
-from json.encoder import encode_basestring_ascii
+from json.encoder import c_make_encoder, encode_basestring, encode_basestring_ascii
 
 from twisted.logger import Logger
 
@@ -226,13 +226,26 @@ def _count(value: object) -> int | None:
 
 
 _RAW_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# The C encoder that _RAW_ENCODER.encode builds on every call, built once
+# (a third of the cost of a stream's usage report). Without the cycle check:
+# a usage object comes from json.loads, which cannot make a cycle.
+_RAW_ENCODE = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(
+        None, _RAW_ENCODER.default, encode_basestring, None, ":", ",", False, False, True
+    )
+)
 
 
 def _raw(usage: dict) -> str | None:
     """The provider's usage object as a row keeps it: compact JSON with the
     members, order and values received (bounded)."""
     try:
-        text = _RAW_ENCODER.encode(usage)
+        if _RAW_ENCODE is not None:
+            text = "".join(_RAW_ENCODE(usage, 0))
+        else:
+            text = _RAW_ENCODER.encode(usage)
     except (TypeError, ValueError, RecursionError):
         return None
     return text[:RAW_USAGE_MAX]
