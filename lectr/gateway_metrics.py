@@ -104,6 +104,17 @@ def _folded_counter(registry: Registry):
     )
 
 
+_UNSEEN = object()
+
+
+def _add(series: dict[tuple, list], key: tuple, value: float) -> None:
+    values = series.get(key)
+    if values is None:
+        series[key] = [value]
+    else:
+        values.append(value)
+
+
 class GenAIMetrics:
     _log = Logger()
 
@@ -147,25 +158,44 @@ class GenAIMetrics:
     def observe(self, rows: Iterable[UsageRecord]) -> None:
         """Account for finished requests (the recorder's flusher calls this
         with each batch it takes). Requests to endpoints that are not GenAI
-        operations (models, files…) are left out."""
-        token_usage = self.token_usage.observe
-        duration = self.duration.observe
-        ttft = self.ttft.observe
+        operations (models, files…) are left out.
+
+        A batch is observed series by series: each row's labels are worked
+        out once per distinct (path, provider, model, org) in the batch - a
+        label that was folded into ``other`` is worked out again for every
+        row, so the folding counter counts rows as before - and each
+        series takes its values in row order (the same sums to the bit)."""
+        labelled: dict[tuple, tuple[str, ...] | None] = {}
+        durations: dict[tuple, list[float]] = {}
+        ttfts: dict[tuple, list[float]] = {}
+        tokens: dict[tuple, list[int]] = {}
         for r in rows:
-            op = operation_name(r.path)
-            if op is None:
+            seen = (r.path, r.provider, r.model, r.org_id)
+            labels = labelled.get(seen, _UNSEEN)
+            if labels is _UNSEEN:
+                op = operation_name(r.path)
+                labels = None if op is None else (op, *self._labels(r))
+                if labels is None or OTHER not in labels:
+                    labelled[seen] = labels
+            if labels is None:
                 continue
-            labels = (op, *self._labels(r))
             status = r.status
-            duration(r.latency_ms / 1000.0, *labels, str(status) if status >= 400 else "")
+            _add(durations, (*labels, str(status) if status >= 400 else ""), r.latency_ms / 1000.0)
             if r.streamed and r.ttfb_ms is not None and status < 400:
-                ttft(r.ttfb_ms / 1000.0, *labels)
+                _add(ttfts, labels, r.ttfb_ms / 1000.0)
             usage = r.usage
             if usage.source != "none":
                 if usage.prompt_tokens is not None:
-                    token_usage(usage.prompt_tokens, *labels, "input")
+                    _add(tokens, (*labels, "input"), usage.prompt_tokens)
                 if usage.completion_tokens is not None:
-                    token_usage(usage.completion_tokens, *labels, "output")
+                    _add(tokens, (*labels, "output"), usage.completion_tokens)
+        for histogram, series in (
+            (self.duration, durations),
+            (self.ttft, ttfts),
+            (self.token_usage, tokens),
+        ):
+            for labelvalues, values in series.items():
+                histogram.observe_each(values, *labelvalues)
 
     def _labels(self, r: UsageRecord) -> tuple[str, str, str]:
         """(provider, model, org); past ``max_series`` combinations, new ones

@@ -216,6 +216,21 @@ class Histogram(_Metric):
         series[-2] += value
         series[-1] += 1
 
+    def observe_each(self, values: Sequence[float], *labelvalues: str) -> None:
+        """``observe(v, *labelvalues)`` for each of ``values``, in order (the
+        same buckets, count and sum to the last bit), with one label lookup."""
+        key = self._key(labelvalues)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = [0.0] * (len(self.buckets) + 2)
+        buckets = self.buckets
+        total = series[-2]
+        for value in values:
+            series[bisect_left(buckets, value)] += 1
+            total += value
+        series[-2] = total
+        series[-1] += len(values)
+
     def count(self, *labelvalues: str) -> float:
         series = self._series.get(self._key(labelvalues))
         return series[-1] if series else 0.0

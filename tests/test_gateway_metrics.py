@@ -137,3 +137,67 @@ def test_client_chosen_labels_stay_bounded(models, orgs):
     distinct_models = len({mo[:128] for mo in models} | {"gpt-4o-mini"})
     if distinct_models > 5:
         assert r.get("lectr_metrics_labels_folded_total").value("gen_ai_request_model") > 0
+
+
+def _observe_row_by_row(m: GenAIMetrics, rows) -> None:
+    """The reference: every row on its own, as the metrics were first kept."""
+    for r in rows:
+        op = operation_name(r.path)
+        if op is None:
+            continue
+        labels = (op, *m._labels(r))
+        status = r.status
+        m.duration.observe(r.latency_ms / 1000.0, *labels, str(status) if status >= 400 else "")
+        if r.streamed and r.ttfb_ms is not None and status < 400:
+            m.ttft.observe(r.ttfb_ms / 1000.0, *labels)
+        if r.usage.source != "none":
+            if r.usage.prompt_tokens is not None:
+                m.token_usage.observe(r.usage.prompt_tokens, *labels, "input")
+            if r.usage.completion_tokens is not None:
+                m.token_usage.observe(r.usage.completion_tokens, *labels, "output")
+
+
+_ROWS = st.lists(
+    st.builds(
+        rec,
+        path=st.sampled_from(["/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/x"]),
+        provider=st.sampled_from(["openai", "anthropic", "p" * 200]),
+        model=st.none() | st.sampled_from(["a", "b", "c", "other", "\ud800x", "m" * 300]),
+        org_id=st.sampled_from([ORG, "o2", "o3"]),
+        status=st.sampled_from([200, 201, 400, 429, 500]),
+        latency_ms=st.floats(min_value=0, max_value=1e6),
+        ttfb_ms=st.none() | st.floats(min_value=0, max_value=1e6),
+        streamed=st.booleans(),
+        usage=st.sampled_from(
+            [
+                NO_USAGE,
+                Usage(1, 2, 3, None, None, "provider"),
+                Usage(None, 7, None, None, None, "estimated"),
+                Usage(5, None, None, None, None, "provider"),
+            ]
+        ),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batches=st.lists(_ROWS, min_size=1, max_size=3),
+    limits=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 8)),
+)
+def test_a_batch_is_observed_as_its_rows_one_by_one(batches, limits):
+    """Observing a batch series by series gives the histograms, and the
+    folding counts, that observing its rows one by one gives - whatever the
+    paths, label values, folding limits and order."""
+    models, orgs, providers, series = limits
+    got_registry, want_registry = Registry(), Registry()
+    kw = dict(max_models=models, max_orgs=orgs, max_providers=providers, max_series=series)
+    got, want = GenAIMetrics(got_registry, **kw), GenAIMetrics(want_registry, **kw)
+    for rows in batches:
+        got.observe(rows)
+        _observe_row_by_row(want, rows)
+    for name in ("duration", "ttft", "token_usage"):
+        assert getattr(got, name)._series == getattr(want, name)._series
+    folded = "lectr_metrics_labels_folded_total"
+    assert got_registry.get(folded)._values == want_registry.get(folded)._values
