@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import psycopg2
 import pytest
@@ -25,6 +26,8 @@ from lectr.usage.recorder import (
     SPILL_DIRNAME,
     SPLIT_MIN,
     UsageRecorder,
+    _clean_fully,
+    _plainly_clean,
     _split,
     clean_record,
     synchronous,
@@ -439,7 +442,7 @@ async def test_poison_rows_are_isolated_and_repairable_rows_kept(
 
 def test_clean_record_leaves_good_rows_alone_and_refuses_non_rows():
     r = rec()
-    assert clean_record(r) is r
+    assert _plainly_clean(r) and clean_record(r) is r
     naive = rec(created_at=datetime(2025, 1, 1))
     assert clean_record(naive).created_at.tzinfo is UTC
     assert clean_record(rec(usage=Usage(source="bogus"))).usage.source == "none"
@@ -448,6 +451,59 @@ def test_clean_record_leaves_good_rows_alone_and_refuses_non_rows():
         clean_record(rec(created_at="yesterday"))
     with pytest.raises(ValueError):
         clean_record({"request_id": "x"})
+
+
+def _either(good, *bad):
+    """Mostly the good value (so that whole rows are often clean), else one
+    of the hostile ones."""
+    return st.one_of(st.just(good), st.just(good), st.sampled_from(bad))
+
+
+_TEXTS = ("", "x" * 3000, "a\x00b", "é", "\ud800", 7, None, b"bytes")
+_COUNTS = (-1, 2**31, 2**31 - 1, 0, 3.0, 2.5, float("nan"), True, "5", None)
+_USAGES = st.builds(
+    Usage,
+    *[_either(7, *_COUNTS) for _ in range(5)],
+    source=_either("provider", "estimated", "none", "bogus", None),
+    reasoning_tokens=_either(None, *_COUNTS),
+    cache_creation_1h_tokens=_either(None, *_COUNTS),
+    raw=_either(None, '{"a":1}', *_TEXTS),
+    model=_either(None, "gpt-4o", *_TEXTS),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    r=st.builds(
+        rec,
+        request_id=_either(str(uuid.uuid4()), 5, None),
+        key_id=_either(None, ORG, 5),
+        created_at=_either(datetime.now(UTC), datetime(2025, 1, 1), "yesterday"),
+        provider=_either("openai", *_TEXTS),
+        model=_either("gpt-4o-mini", *_TEXTS),
+        method=_either("POST", *_TEXTS),
+        path=_either("/v1/chat/completions", *_TEXTS),
+        status=_either(200, -1, 70000, 200.0, True, "200", None),
+        latency_ms=_either(12.5, 12, "x", None, float("inf")),
+        ttfb_ms=_either(None, 3.0, 3, "x"),
+        streamed=_either(True, False, 1, None),
+        usage=_either(Usage(7, 3, 10, None, None, "provider"), None) | _USAGES,
+        error_type=_either(None, "upstream_error", *_TEXTS),
+        route=_either(None, "fast", *_TEXTS),
+        provider_key_id=_either(None, ORG, 5),
+        attempts=_either(1, 0, -1, 40000, 1.0, True),
+        request_bytes=_either(0, 10, -1, 1.5, None),
+        cost_usd=_either(
+            None, Decimal("0.0001"), Decimal("NaN"), Decimal("1e20"), Decimal("-1e20"), 0.5
+        ),
+    )
+)
+def test_the_quick_check_passes_only_rows_the_full_check_leaves_alone(r):
+    """A row the quick check passes is one the full check would return
+    unchanged, whatever its values (hostile types, bounds, text PostgreSQL
+    refuses, non-finite numbers): it may not even be invalid."""
+    if _plainly_clean(r):
+        assert _clean_fully(r) is r
 
 
 @pytest_twisted.ensureDeferred
