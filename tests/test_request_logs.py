@@ -731,6 +731,7 @@ class _Tag(str):
         max_size=12,
     )
     | st.lists(st.text(alphabet="abc,{} ", max_size=6), max_size=12)
+    | st.lists(st.text(alphabet='a"\\\x00,{}', max_size=6), max_size=12)
     | st.lists(st.builds(_Tag, st.text(max_size=4)) | st.integers(), max_size=6)
 )
 def test_text_arrays_are_the_value_by_value_arrays(values):

@@ -274,9 +274,14 @@ def _array(values: list) -> str:
     if not values or set(map(type, values)) != _STR_ONLY:  # (None, numbers, subclasses)
         return _array_each(values)
     text = "".join(values)
-    if "\\" in text or '"' in text:
+    if "\\" not in text and '"' not in text:
+        return '{"' + '","'.join(values) + '"}'
+    if "\x00" in text:  # (PostgreSQL refuses it in text; the batch will say so)
         return _array_each(values)
-    return '{"' + '","'.join(values) + '"}'
+    # every value escaped at once (JSON usage objects, paths with quotes),
+    # joined by a separator no value holds
+    text = "\x00".join(values).replace("\\", "\\\\").replace('"', '\\"')
+    return '{"' + text.replace("\x00", '","') + '"}'
 
 
 def _array_each(values: list) -> str:
