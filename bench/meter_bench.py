@@ -81,6 +81,15 @@ def main() -> None:
         lambda: meter_for(plan, "openai", CHAT, 200, SSE),
         events,
     )
+    # under load a 20-event stream reaches the proxy in one or two reads
+    # (bench/run.py's streams): the whole run at once, usage chunk included
+    short = [b"".join(openai_chat_stream("gpt-4o-mini", WORDS[:18], True))]
+    per_response(
+        "OpenAI 20-event stream in one read, removing",
+        lambda: meter_for(plan, "openai", CHAT, 200, SSE),
+        short,
+        rounds=5000,
+    )
     anthropic = anthropic_stream("claude", WORDS)
     per_response(
         "Anthropic message stream",
