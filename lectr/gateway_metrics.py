@@ -169,26 +169,36 @@ class GenAIMetrics:
         durations: dict[tuple, list[float]] = {}
         ttfts: dict[tuple, list[float]] = {}
         tokens: dict[tuple, list[int]] = {}
+        malformed = 0
         for r in rows:
-            seen = (r.path, r.provider, r.model, r.org_id)
-            labels = labelled.get(seen, _UNSEEN)
-            if labels is _UNSEEN:
-                op = operation_name(r.path)
-                labels = None if op is None else (op, *self._labels(r))
-                if labels is None or OTHER not in labels:
-                    labelled[seen] = labels
-            if labels is None:
+            try:
+                seen = (r.path, r.provider, r.model, r.org_id)
+                labels = labelled.get(seen, _UNSEEN)
+                if labels is _UNSEEN:
+                    op = operation_name(r.path)
+                    labels = None if op is None else (op, *self._labels(r))
+                    if labels is None or OTHER not in labels:
+                        labelled[seen] = labels
+                if labels is None:
+                    continue
+                status = r.status
+                error = str(status) if status >= 400 else ""
+                duration = r.latency_ms / 1000.0
+                ttft = r.ttfb_ms / 1000.0 if r.streamed and r.ttfb_ms is not None else None
+                usage = r.usage
+                metered = usage.source != "none"
+                prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            except Exception:  # a malformed row (a bug upstream): the others still count
+                malformed += 1
                 continue
-            status = r.status
-            _add(durations, (*labels, str(status) if status >= 400 else ""), r.latency_ms / 1000.0)
-            if r.streamed and r.ttfb_ms is not None and status < 400:
-                _add(ttfts, labels, r.ttfb_ms / 1000.0)
-            usage = r.usage
-            if usage.source != "none":
-                if usage.prompt_tokens is not None:
-                    _add(tokens, (*labels, "input"), usage.prompt_tokens)
-                if usage.completion_tokens is not None:
-                    _add(tokens, (*labels, "output"), usage.completion_tokens)
+            _add(durations, (*labels, error), duration)
+            if ttft is not None and status < 400:
+                _add(ttfts, labels, ttft)
+            if metered:
+                if prompt is not None:
+                    _add(tokens, (*labels, "input"), prompt)
+                if completion is not None:
+                    _add(tokens, (*labels, "output"), completion)
         for histogram, series in (
             (self.duration, durations),
             (self.ttft, ttfts),
@@ -196,6 +206,8 @@ class GenAIMetrics:
         ):
             for labelvalues, values in series.items():
                 histogram.observe_each(values, *labelvalues)
+        if malformed:
+            self._log.warn("GenAI metrics: {n} malformed usage rows left out", n=malformed)
 
     def _labels(self, r: UsageRecord) -> tuple[str, str, str]:
         """(provider, model, org); past ``max_series`` combinations, new ones

@@ -201,3 +201,22 @@ def test_a_batch_is_observed_as_its_rows_one_by_one(batches, limits):
         assert getattr(got, name)._series == getattr(want, name)._series
     folded = "lectr_metrics_labels_folded_total"
     assert got_registry.get(folded)._values == want_registry.get(folded)._values
+
+
+def test_a_malformed_row_leaves_the_rest_of_its_batch_observed():
+    """A row the proxy should never have made (a bug upstream) is left out of
+    the histograms; the rows around it are observed as if it were not
+    there, and nothing is raised into the flusher."""
+    good = [rec(), rec(status=500, model="gpt-4o"), rec(streamed=False)]
+    bad = [
+        rec(latency_ms="slow"),
+        rec(status=None),
+        rec(usage=None),
+        rec(path=["/v1/chat/completions"]),
+    ]
+    got, want = GenAIMetrics(Registry()), GenAIMetrics(Registry())
+    got.observe([good[0], bad[0], bad[1], good[1], bad[2], bad[3], good[2]])
+    want.observe(good)
+    for name in ("duration", "ttft", "token_usage"):
+        assert getattr(got, name)._series == getattr(want, name)._series
+    assert got.duration._series  # (something was observed)
