@@ -4,6 +4,7 @@
     python bench/profile_proxy.py --target lean --mode stream --seconds 15
     python bench/profile_proxy.py --target lectr-limited  # every limit set on org and key
     python bench/profile_proxy.py --out bench/profiles  # also write one text table per case
+    python bench/profile_proxy.py --native              # perf: the interpreter, kernel, C parts
 
 Same set-up as bench/run.py (shared Rust mock and wrk on core 0, the proxy
 alone on core 1). ``py-spy record --format raw`` samples the proxy process
@@ -14,7 +15,14 @@ the collapsed stacks are folded into two top-15 tables per case:
 - **total**: every function anywhere on the stack (what a call costs with
   everything below it).
 
-Needs ``py-spy`` (pip install py-spy) and permission to ptrace (root).
+``--native`` samples with ``perf record -e cpu-clock`` instead (the software
+clock: a VM often has no hardware counters) and prints the shares by library
+(the interpreter, the kernel, libc, llhttp, cryptography) and by symbol:
+what runs underneath the Python, and how much of it no Python change can
+remove.
+
+Needs ``py-spy`` (pip install py-spy), or ``perf`` for ``--native`` (Debian's
+linux-perf), and permission to ptrace (root).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import collections
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,6 +94,53 @@ def by_file(own: collections.Counter) -> collections.Counter:
         m = re.search(r"\(([^()]*)\)$", func)
         files[m.group(1) if m else func] += c
     return files
+
+
+def _perf_table(data: Path, sort: str, top: int) -> str:
+    """The ``top`` lines of ``perf report --sort SORT`` (shares of all samples)."""
+    report = subprocess.run(
+        ["perf", "report", "-i", str(data), "--sort", sort, "--stdio", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [line.strip() for line in report.splitlines()]
+    rows = [r for r in rows if r[:1].isdigit()][:top]
+    return "\n".join(rows)
+
+
+def native_case(target, mode: str, conns: int, seconds: int, pid: int, workdir: Path) -> str:
+    """What runs underneath the Python: ``perf record`` with the software
+    clock (hardware counters are often missing on VMs) on the proxy while
+    wrk loads it; the shares by library (the interpreter, the kernel, libc,
+    the C extensions) and by symbol."""
+    data = workdir / f"{target.name}-{mode}.perf"
+    script = run.wrk_script(workdir, mode == "stream", target.key)
+    run.run_wrk(target.url, script, conns, 3, LOAD_PIN)  # warm-up
+    perf = subprocess.Popen(
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", "997", "-p", str(pid), "-o", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # (attached before the measured run)
+    result = run.run_wrk(target.url, script, conns, seconds, LOAD_PIN)
+    perf.send_signal(signal.SIGINT)
+    perf.wait(60)
+    head = (
+        f"# {target.name}, {mode}, native, wrk -c{conns} {seconds} s: {result['rps']:.0f} req/s "
+        f"(p50 {result['p50']:.2f} ms, errors {result['errors']}); {run.load()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    return (
+        "\n\n".join(
+            [
+                head,
+                "by library (perf report --sort dso)\n" + _perf_table(data, "dso", 10),
+                "by symbol (perf report --sort sym)\n" + _perf_table(data, "sym", 20),
+            ]
+        )
+        + "\n"
+    )
 
 
 def profile_case(target, mode: str, conns: int, seconds: int, pid: int, workdir: Path) -> str:
@@ -153,8 +209,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--out", help="directory for the text tables")
     parser.add_argument("--raw", help="directory to keep py-spy's collapsed stacks in")
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="perf's shares by library and symbol instead of py-spy's Python functions",
+    )
     args = parser.parse_args()
-    if not shutil.which("py-spy"):
+    if args.native and not shutil.which("perf"):
+        sys.exit("bench: --native needs perf (apt-get install linux-perf)")
+    if not args.native and not shutil.which("py-spy"):
         sys.exit("bench: needs py-spy (pip install py-spy)")
     run.ensure_tools(need_nginx=not (run.SHARED / "mock_upstream.rs").exists())
     run.raise_fd_limit()
@@ -183,11 +246,13 @@ def main() -> None:
                 target = run.Target(name, proc.url, run.CLIENT_KEY)
             try:
                 for mode in modes:
-                    text = profile_case(target, mode, args.conns, args.seconds, pid, workdir)
+                    case = native_case if args.native else profile_case
+                    text = case(target, mode, args.conns, args.seconds, pid, workdir)
                     print(text, flush=True)
                     if out:
-                        (out / f"{name}-{mode}.txt").write_text(text)
-                    if args.raw:
+                        suffix = "-native" if args.native else ""
+                        (out / f"{name}-{mode}{suffix}.txt").write_text(text)
+                    if args.raw and not args.native:
                         Path(args.raw).mkdir(parents=True, exist_ok=True)
                         shutil.copy(workdir / f"{name}-{mode}.raw", args.raw)
             finally:
