@@ -19,7 +19,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 
-from lectr.http.server import ProxyServerFactory, ServerRequest
+from lectr.http.server import PENDING_MAX, ProxyServerFactory, ServerRequest
 from tests.support.http_wire import connect, parse_responses, sleep
 
 JSON = [(b"Content-Type", b"application/json")]
@@ -766,6 +766,67 @@ async def test_client_connections_send_small_writes_at_once(servers):
     sock = handler.pending[0]._proto.transport.getHandle()
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_turns_writes_go_out_at_its_end_in_order_without_a_write_registration(servers):
+    """An answer's head, its chunks and its last chunk, written in one
+    reactor turn, are not sent one by one: they leave together at the end of
+    the turn, in order, without registering the socket for writability (two
+    epoll_ctl calls and a dispatch per answer on Twisted's own path)."""
+    handler = Handler("hold")
+    s = servers(handler)
+    c = await connect(s.port)
+    c.send(post(b"/v1/x", b"{}"))
+    while not handler.pending:
+        await sleep(0.01)
+    (req,) = handler.pending
+    transport = req._proto.transport
+    registrations = []
+    start_writing = transport.startWriting
+    transport.startWriting = lambda: (registrations.append(1), start_writing())
+    req.start_response(200, None, [(b"Content-Type", b"text/event-stream")], None)
+    req.write(b"data: 1\n\n")
+    req.write_sequence([b"data: ", b"2\n\n"])
+    assert req._proto._pending  # held until the turn ends
+    req.finish()
+    await c.until(lambda c: c.data.endswith(b"0\r\n\r\n"))
+    head, _, body = c.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+    assert registrations == [] and req._proto._pending is None
+    c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_turns_writes_over_the_bound_go_at_once(servers):
+    """Past PENDING_MAX bytes a connection's writes of the turn go into the
+    transport at once, so that its buffer, not an unbounded list, is what
+    pauses a producer."""
+    handler = Handler("hold")
+    s = servers(handler)
+    c = await connect(s.port)
+    c.send(post(b"/v1/x", b"{}"))
+    while not handler.pending:
+        await sleep(0.01)
+    (req,) = handler.pending
+    req.start_response(200, None, [(b"Content-Type", b"application/octet-stream")], None)
+    piece = b"x" * 1024
+    writes = 0
+    while True:
+        req.write(piece)
+        writes += 1
+        if req._proto._pending is None:  # the bound was passed: sent at once
+            break
+        assert req._proto._pending_size <= PENDING_MAX
+    assert writes == PENDING_MAX // (len(piece) + 7) + 1  # (7: the chunk's framing)
+    req.finish()
+    await c.until(lambda c: c.data.endswith(b"0\r\n\r\n"))
+    c.close()
+
+
+class _Proto:
+    _closing = False
 
 
 class _Proto:
