@@ -124,6 +124,19 @@ def post(target: bytes, body: bytes, extra: bytes = b"") -> bytes:
     )
 
 
+async def held_request(servers):
+    """A client connection and the request it sent, held by the handler
+    with its body read (``Handler("hold")``): the test answers it."""
+    handler = Handler("hold")
+    s = servers(handler)
+    c = await connect(s.port)
+    c.send(post(b"/v1/x", b"{}"))
+    while not handler.pending:
+        await sleep(0.01)
+    (req,) = handler.pending
+    return c, req
+
+
 # --- keep-alive and pipelining -----------------------------------------------------------------
 
 
@@ -757,13 +770,8 @@ async def test_client_connections_send_small_writes_at_once(servers):
     """TCP_NODELAY on every accepted connection: each relayed event is sent
     as it is written, not held back until the previous one is acknowledged
     (the client's delayed ACK would stall a stream by up to 40 ms)."""
-    handler = Handler("hold")
-    s = servers(handler)
-    c = await connect(s.port)
-    c.send(post(b"/v1/x", b"{}"))
-    while not handler.pending:
-        await sleep(0.01)
-    sock = handler.pending[0]._proto.transport.getHandle()
+    c, req = await held_request(servers)
+    sock = req._proto.transport.getHandle()
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     c.close()
 
@@ -774,13 +782,7 @@ async def test_a_turns_writes_go_out_at_its_end_in_order_without_a_write_registr
     reactor turn, are not sent one by one: they leave together at the end of
     the turn, in order, without registering the socket for writability (two
     epoll_ctl calls and a dispatch per answer on Twisted's own path)."""
-    handler = Handler("hold")
-    s = servers(handler)
-    c = await connect(s.port)
-    c.send(post(b"/v1/x", b"{}"))
-    while not handler.pending:
-        await sleep(0.01)
-    (req,) = handler.pending
+    c, req = await held_request(servers)
     transport = req._proto.transport
     registrations = []
     start_writing = transport.startWriting
@@ -803,13 +805,7 @@ async def test_a_turns_writes_over_the_bound_go_at_once(servers):
     """Past PENDING_MAX bytes a connection's writes of the turn go into the
     transport at once, so that its buffer, not an unbounded list, is what
     pauses a producer."""
-    handler = Handler("hold")
-    s = servers(handler)
-    c = await connect(s.port)
-    c.send(post(b"/v1/x", b"{}"))
-    while not handler.pending:
-        await sleep(0.01)
-    (req,) = handler.pending
+    c, req = await held_request(servers)
     req.start_response(200, None, [(b"Content-Type", b"application/octet-stream")], None)
     piece = b"x" * 1024
     writes = 0
