@@ -1111,13 +1111,7 @@ class OpenAIStreamMeter(SSEMeter):
             # it would cut them again.)
             out = data.replace(_NULL_USAGE[0], b"")
             if out.find(b'"usage"') < 0:
-                if self._model is None and data.find(b'"model"') >= 0:
-                    self._model = _first_model(data)
-                if self._final is None:
-                    self._uncounted.append(data)
-                    self._uncounted_size += whole
-                    if self._uncounted_size > DELTA_BATCH_BYTES:
-                        self._count_uncounted()
+                self._run_seen(data, whole)
                 return out
         cut: tuple[int, int] | None = None
         reports = []
@@ -1145,12 +1139,24 @@ class OpenAIStreamMeter(SSEMeter):
                     return super()._feed_events(data, whole)
                 cut = (start, end + 2)  # the whole event: one data line and its blank line
             reports.append(doc)
-        if self._model is None and data.find(b'"model"') >= 0:
-            self._model = _first_model(data)
         for doc in reports:
             usage = _openai_report(doc)
             if usage is not None:
                 self._final = usage
+        self._run_seen(data, whole)
+        if not stripping:
+            return data
+        if cut is not None:
+            self._stripped = True
+            self._state = _DONE
+            return _strip_null_usage(data[: cut[0]]) + data[cut[1] :]
+        return _strip_null_usage(data)
+
+    def _run_seen(self, data: bytes, whole: int) -> None:
+        """The model and the text deltas of a run of whole events, once its
+        usage reports (if any) have been read."""
+        if self._model is None and data.find(b'"model"') >= 0:
+            self._model = _first_model(data)
         if self._final is None:
             # Deltas matter only if the stream ends without a usage report
             # (the estimate): they are counted in batches of whole events, a
@@ -1163,13 +1169,6 @@ class OpenAIStreamMeter(SSEMeter):
         elif self._uncounted:  # the report came: what waited is not needed
             self._uncounted.clear()
             self._uncounted_size = 0
-        if not stripping:
-            return data
-        if cut is not None:
-            self._stripped = True
-            self._state = _DONE
-            return _strip_null_usage(data[: cut[0]]) + data[cut[1] :]
-        return _strip_null_usage(data)
 
     def _event_truncated(self, name: bytes | None, tail: bytes) -> None:
         # a huge response.completed (a long answer, images): usage is near its end
