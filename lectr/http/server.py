@@ -534,18 +534,16 @@ class ServerProtocol(Protocol):
         within a turn too."""
         pending = self._pending
         if pending is None:
-            self._pending = list(parts)
-            self._pending_size = sum(map(len, parts))
+            self._pending = pending = []
+            self._pending_size = 0
             self.factory.turn_writes.add(self)
-        else:
-            pending.extend(parts)
-            self._pending_size += sum(map(len, parts))
+        pending.extend(parts)
+        self._pending_size += sum(map(len, parts))
         if self._pending_size > PENDING_MAX:
             self._flush_out()
 
     def _flush_out(self) -> None:
         parts, self._pending = self._pending, None
-        self._pending_size = 0
         if parts and not self._lost and self.transport is not None:
             send(self.transport, parts)
 
@@ -878,8 +876,7 @@ class ServerProtocol(Protocol):
                     b"Connection: close\r\n\r\n%s" % (len(body), body),
                 )
             )
-            self._flush_out()
-            self.transport.loseConnection()
+            self._close()
 
     def _crash(self, exc: BaseException) -> None:
         self._log.failure("proxy server protocol failed", Failure(exc))
