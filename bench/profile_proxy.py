@@ -96,6 +96,15 @@ def by_file(own: collections.Counter) -> collections.Counter:
     return files
 
 
+def _head(case: str, conns: int, seconds: int, result: dict) -> str:
+    """A profile's first line: the case, wrk's result, the machine's load, when."""
+    return (
+        f"# {case}, wrk -c{conns} {seconds} s: {result['rps']:.0f} req/s "
+        f"(p50 {result['p50']:.2f} ms, errors {result['errors']}); {run.load()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
+
+
 def _perf_table(data: Path, sort: str, top: int) -> str:
     """The ``top`` lines of ``perf report --sort SORT`` (shares of all samples)."""
     report = subprocess.run(
@@ -126,15 +135,10 @@ def native_case(target, mode: str, conns: int, seconds: int, pid: int, workdir: 
     result = run.run_wrk(target.url, script, conns, seconds, LOAD_PIN)
     perf.send_signal(signal.SIGINT)
     perf.wait(60)
-    head = (
-        f"# {target.name}, {mode}, native, wrk -c{conns} {seconds} s: {result['rps']:.0f} req/s "
-        f"(p50 {result['p50']:.2f} ms, errors {result['errors']}); {run.load()}; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
-    )
     return (
         "\n\n".join(
             [
-                head,
+                _head(f"{target.name}, {mode}, native", conns, seconds, result),
                 "by library (perf report --sort dso)\n" + _perf_table(data, "dso", 10),
                 "by symbol (perf report --sort sym)\n" + _perf_table(data, "sym", 20),
             ]
@@ -170,15 +174,10 @@ def profile_case(target, mode: str, conns: int, seconds: int, pid: int, workdir:
     result = run.run_wrk(target.url, script, conns, seconds, LOAD_PIN)
     spy.wait(seconds + 30)
     own, total, n = fold(raw)
-    head = (
-        f"# {target.name}, {mode}, wrk -c{conns} {seconds} s: {result['rps']:.0f} req/s "
-        f"(p50 {result['p50']:.2f} ms, errors {result['errors']}); {run.load()}; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
-    )
     return (
         "\n\n".join(
             [
-                head,
+                _head(f"{target.name}, {mode}", conns, seconds, result),
                 table("self: where the CPU is spent", own, n),
                 table("self, by file", by_file(own), n),
                 table(

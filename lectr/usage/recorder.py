@@ -8,7 +8,8 @@ client-IP writer is the model): in statements of at most ``statement_rows``
 rows, one transaction each, ``parallel`` of them in flight at once on as
 many connections when the write is large enough (``SPLIT_MIN`` rows each).
 What accumulates while a write is in flight goes in the next one, so under
-load the statements grow and their fixed cost is shared by more rows. The loop body catches and logs everything, so it never stops.
+load the statements grow and their fixed cost is shared by more rows. The
+loop body catches and logs everything, so it never stops.
 
 When PostgreSQL cannot take a batch (down, refusing, failing), the rows go
 to the spill journal on disk (:mod:`lectr.usage.journal`) and the database is
