@@ -1,16 +1,18 @@
 """This checkout against an earlier revision, side by side in one run:
 
     python bench/compare.py --against f00ea49 [--rounds 5] [--seconds 6] [-c 32]
+    python bench/compare.py --tree /tmp/compiled   # a prepared tree (e.g. a compiled build)
 
 Two Lectr processes - one running the code of ``--against`` (a temporary
-``git worktree``, first on its PYTHONPATH), one running this checkout - and
-the bare passthrough, set up as bench/run.py sets them up (the shared Rust
-mock, wrk on core 0, the proxy under test alone on core 1; the bench route,
-every feature on), are loaded in turn, JSON then streams, each round in the
-other order. Printed: every cell, then per mode the medians, each Lectr's
-ratio to bare (the median of the rounds' own ratios) and this checkout's CPU
-per request over the earlier one's (the median of the rounds' own ratios),
-and each one's p99 (the median of the rounds):
+``git worktree``, first on its PYTHONPATH) or of ``--tree`` (a tree prepared
+by hand, e.g. the same code with compiled modules next to it), one running
+this checkout - and the bare passthrough, set up as bench/run.py sets them up
+(the shared Rust mock, wrk on core 0, the proxy under test alone on core 1;
+the bench route, every feature on), are loaded in turn, JSON then streams,
+each round in the other order. Printed: every cell, then per mode the
+medians, each Lectr's ratio to bare (the median of the rounds' own ratios)
+and this checkout's CPU per request over the earlier one's (the median of
+the rounds' own ratios), and each one's p99 (the median of the rounds):
 on a shared machine whose speed moves by 20-40 % from minute to minute, a
 change of a few per cent shows only in figures measured side by side.
 """
@@ -31,7 +33,9 @@ import run  # bench/run.py: the shared set-up
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", required=True, help="a git revision (commit, tag, branch)")
+    earlier = parser.add_mutually_exclusive_group(required=True)
+    earlier.add_argument("--against", help="a git revision (commit, tag, branch)")
+    earlier.add_argument("--tree", help="a directory holding a lectr/ package to run instead")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("-c", "--conns", type=int, default=32)
@@ -40,9 +44,17 @@ def main() -> None:
     run.raise_fd_limit()
     load_pin, proxy_pin = run.cores()
     workdir = Path(tempfile.mkdtemp(prefix="lectr-compare-"))
-    tree = workdir / "against"
     git = ["git", "-C", str(run.REPO)]
-    subprocess.run([*git, "worktree", "add", "-q", "--detach", str(tree), args.against], check=True)
+    if args.tree:
+        tree = Path(args.tree).resolve()
+        if not (tree / "lectr" / "__init__.py").exists():
+            sys.exit(f"bench: {tree} holds no lectr/ package")
+        args.against = tree.name
+    else:
+        tree = workdir / "against"
+        subprocess.run(
+            [*git, "worktree", "add", "-q", "--detach", str(tree), args.against], check=True
+        )
     upstream = run.Upstream(workdir, load_pin)
     procs: list = []
     try:
@@ -102,7 +114,8 @@ def main() -> None:
         for p in procs:
             p.stop()
         upstream.stop()
-        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
+        if not args.tree:
+            subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
 
 
 if __name__ == "__main__":
