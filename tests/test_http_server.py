@@ -876,3 +876,74 @@ def test_generated_response_heads_keep_one_line_per_header(headers, length, bloc
         framing = [b"Transfer-Encoding: chunked"]
     extra = [b"x-block: " + v for v in block]
     assert lines[1:-2] == [n + b": " + v for n, v in kept] + framing + extra
+
+
+async def _two_held(servers):
+    """Two client connections to one server (one factory: one TurnWrites),
+    each with a request the handler holds."""
+    handler = Handler("hold")
+    s = servers(handler)
+    a = await connect(s.port)
+    b = await connect(s.port)
+    a.send(post(b"/a", b"{}"))
+    await a.until(lambda _: len(handler.pending) == 1)
+    b.send(post(b"/b", b"{}"))
+    await b.until(lambda _: len(handler.pending) == 2)
+    ra, rb = handler.pending
+    assert ra.path == b"/a" and rb.path == b"/b"
+    return s, a, b, ra, rb
+
+
+async def _queue_behind_a_slow_reader(client, req) -> None:
+    """The client stops reading and the answer's first chunk is more than the
+    kernel takes: the rest waits in Twisted's queue, so the connection's
+    next writes go through ``writeSequence`` (which refuses a bytearray,
+    where ``sendmsg`` - taken when nothing is queued - accepts one)."""
+    client.transport.pauseProducing()
+    req.start_response(200, None, [(b"Content-Type", b"application/octet-stream")], None)
+    req.write(b"x" * (32 << 20))
+    transport = req._proto.transport
+    assert transport._tempDataLen or transport.dataBuffer
+    await sleep(0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_send_that_raises_cuts_its_connection_alone_and_the_turns_other_answers_go(
+    servers,
+):
+    """A turn's writes go out together at its end; one connection's send
+    raising there (anything but a socket error) must not keep the other
+    connections' answers from leaving, and its own connection is cut."""
+    s, a, b, ra, rb = await _two_held(servers)
+    await _queue_behind_a_slow_reader(a, ra)
+    # one turn: A writes a part its transport refuses, B answers
+    ra.write(bytearray(b"more"))
+    rb.respond(200, JSON, b'{"ok":true}')
+    got = await b.responses(1, timeout=2.0)
+    assert [r.status for r in got] == [200]
+    assert rb._proto._pending is None
+    a.transport.resumeProducing()
+    await a.closed_by_server()
+    b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_whose_send_raised_does_not_go_on_to_look_complete(servers):
+    """The same failed send seen from its own connection: the part is gone,
+    so the answer must end cut (no last chunk), never complete without it."""
+    handler = Handler("hold")
+    s = servers(handler)
+    a = await connect(s.port)
+    a.send(post(b"/a", b"{}"))
+    await a.until(lambda _: handler.pending)
+    (ra,) = handler.pending
+    await _queue_behind_a_slow_reader(a, ra)
+    ra.write(bytearray(b"MIDDLE"))
+    await sleep(0.05)
+    if not ra.finished:
+        ra.write(b"END")
+        ra.finish()
+    a.transport.resumeProducing()
+    await a.until(lambda c: c.closed or c.data.endswith(b"0\r\n\r\n"), timeout=30)
+    assert a.closed
+    assert not bytes(a.data).endswith(b"0\r\n\r\n")

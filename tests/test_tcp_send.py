@@ -114,6 +114,21 @@ async def test_a_failed_connection_is_left_to_twisted_to_report():
     await port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_nothing_reaches_the_wire_once_the_connection_is_being_aborted():
+    """Between ``abortConnection`` and ``connectionLost`` (the next turn) the
+    transport still says connected; an abort drops what is unsent, so a
+    send in that window must not put bytes on the wire either."""
+    client, server, port = await pair(1)
+    transport = client.transport
+    transport.abortConnection()
+    assert transport.connected  # (connectionLost is a turn away)
+    send(transport, (b"late",))
+    await sleep(0.1)
+    assert bytes(server.data) == b""
+    await port.stopListening()
+
+
 @settings(max_examples=60, deadline=None)
 @given(parts=st.lists(st.binary(max_size=64), max_size=8), queued=st.binary(max_size=8))
 def test_other_transports_get_write_sequence(parts, queued):

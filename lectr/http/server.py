@@ -543,9 +543,19 @@ class ServerProtocol(Protocol):
             self._flush_out()
 
     def _flush_out(self) -> None:
+        """Send this connection's pending writes. A send that raises (not a
+        socket error, which Twisted's queue meets as a lost connection: a
+        part that is not bytes, a producer failing to pause) is this
+        connection's alone: it is cut - its answer must not go on with a
+        part missing and look complete - and the other connections of the
+        turn are still sent."""
         parts, self._pending = self._pending, None
         if parts and not self._lost and self.transport is not None:
-            send(self.transport, parts)
+            try:
+                send(self.transport, parts)
+            except Exception:
+                self._log.failure("sending an answer to the client failed; connection cut")
+                self._abort()
 
     # --- reading -------------------------------------------------------------------------------
 

@@ -85,6 +85,7 @@ def send(transport, parts: Sequence[bytes]) -> None:
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnected
+        and not transport._aborting
     ):
         try:
             sent = transport.socket.sendmsg(parts)
