@@ -692,6 +692,8 @@ _PASS, _PENDING, _DROPPING, _DONE = range(4)
 # With include_usage, OpenAI also adds "usage": null to every other chunk;
 # a client that did not ask for usage would not have seen that field.
 _NULL_USAGE = (b',"usage":null', b', "usage": null')
+#: the longest start of a null member a partial line may end with
+_NULL_USAGE_KEEP = len(_NULL_USAGE[1]) - 1
 
 
 def _strip_null_usage(data):
@@ -792,6 +794,11 @@ class SSEMeter(_Base):
         pos = 0
         while pos < whole:
             nxt = data.find(b"\n\n", pos, whole)
+            if nxt < 0:
+                # blank lines in a row ("\n\n\n": rfind's boundary overlaps
+                # the one before): the rest goes through the line machinery
+                whole = pos
+                break
             block = data[pos:nxt]
             pos = nxt + 2
             if (
@@ -852,9 +859,12 @@ class SSEMeter(_Base):
                 if self._state == _PENDING:
                     self._held += rest
                     if len(self._held) > STRIP_HOLD_MAX:
-                        out += self._held  # too big to be the usage chunk
-                        self._held.clear()
-                        self._state = _PASS
+                        # too big to be the usage chunk: forwarded, its null
+                        # member cut, but for what may begin one (the member
+                        # sits at the line's end, still to come)
+                        held = _strip_null_usage(self._held)
+                        out += held[:-_NULL_USAGE_KEEP]
+                        self._held = bytearray(held[-_NULL_USAGE_KEEP:])
                 elif self._state != _DROPPING:
                     out += rest
                 break
@@ -1043,7 +1053,7 @@ def _count_deltas(data: bytes) -> int:
     needles: with a short one beginning with a quote, the search stops at
     every quote of the JSON)."""
     # the first member's colon (a JSON writer's style shows there)
-    brace = data.find(b"{", 0, 16)
+    brace = data.find(b"{")  # (past a comment or an event line the run may begin with)
     head = data.find(b":", brace + 1, brace + 160) if brace >= 0 else -1
     if head > 0 and (data[head - 1] != 34 or data[head + 1 : head + 2].isspace()):
         # spaced JSON (`"id": "x"` or `"id" : "x"`): the regexes count
