@@ -118,21 +118,11 @@ def main() -> None:
     upstream = run.Upstream(workdir, load_pin)
     try:
         for name in targets:
-            if name == "lectr":
-                (workdir / name).mkdir()
-                extra = str(run.BENCH / "_calls") if args.calls else None
-                os.environ["BENCH_CALLS_OUT"] = str(workdir / "calls.json")
-                proc = run.Lectr(workdir / name, upstream.base, proxy_pin, extra_path=extra)
-                if extra and not (proc.nolog_marker and proc.nolog_marker.exists()):
-                    raise SystemExit("bench: Lectr did not load bench/_calls")
-                pid = proc.serving_pid()
-                target = run.Target(
-                    name, f"http://127.0.0.1:{proc.port}{run.CHAT_PATH}", proc.lectr_key
-                )
-            else:
-                proc = run.Passthrough(name, upstream, proxy_pin)
-                pid = proc.proc.pid
-                target = run.Target(name, proc.url, run.CLIENT_KEY)
+            extra = str(run.BENCH / "_calls") if args.calls else None
+            os.environ["BENCH_CALLS_OUT"] = str(workdir / "calls.json")
+            proc, pid, target = run.serve(name, workdir, upstream, proxy_pin, extra_path=extra)
+            if extra and not (proc.nolog_marker and proc.nolog_marker.exists()):
+                raise SystemExit("bench: Lectr did not load bench/_calls")
             try:
                 for mode in modes:
                     if args.calls:

@@ -231,18 +231,7 @@ def main() -> None:
     print(f"Provider: {upstream.kind}")
     try:
         for name in targets:
-            if name.startswith("lectr"):
-                (workdir / name).mkdir()
-                proc = run.Lectr(workdir / name, upstream.base, proxy_pin)
-                pid = proc.serving_pid()
-                key = proc.lectr_key
-                if name == "lectr-limited":  # the bench route, every limit set on org and key
-                    key = proc.add_org("bench-limited", route=True, limits=True)
-                target = run.Target(name, f"http://127.0.0.1:{proc.port}{run.CHAT_PATH}", key)
-            else:
-                proc = run.Passthrough(name, upstream, proxy_pin)
-                pid = proc.proc.pid
-                target = run.Target(name, proc.url, run.CLIENT_KEY)
+            proc, pid, target = run.serve(name, workdir, upstream, proxy_pin)
             try:
                 for mode in modes:
                     case = native_case if args.native else profile_case

@@ -782,6 +782,26 @@ class Target:
         self.name, self.url, self.key = name, url, key
 
 
+def serve(name: str, workdir: Path, upstream: Upstream, pin: list[str], extra_path=None):
+    """Start one proxy under test: ``lectr`` (the bench route, every feature
+    on), ``lectr-limited`` (the same, every limit set on org and key), or a
+    passthrough (``bare``, ``lean``). Returns (the process object, the pid
+    serving requests, its Target)."""
+    if name.startswith("lectr"):
+        (workdir / name).mkdir()
+        proc = Lectr(workdir / name, upstream.base, pin, extra_path=extra_path)
+        key = proc.lectr_key
+        if name == "lectr-limited":
+            key = proc.add_org("bench-limited", route=True, limits=True)
+        return (
+            proc,
+            proc.serving_pid(),
+            Target(name, f"http://127.0.0.1:{proc.port}{CHAT_PATH}", key),
+        )
+    proc = Passthrough(name, upstream, pin)
+    return proc, proc.proc.pid, Target(name, proc.url, CLIENT_KEY)
+
+
 def throughput(
     targets: list[Target],
     upstream: Upstream,
