@@ -115,6 +115,14 @@ def _add(series: dict[tuple, list], key: tuple, value: float) -> None:
         values.append(value)
 
 
+#: a token count outside a row's int4 column is stored as NULL: not observed either
+_TOKENS_MAX = 2**31 - 1
+
+
+def _tokens(value: object) -> int | None:
+    return value if type(value) is int and 0 <= value <= _TOKENS_MAX else None
+
+
 class GenAIMetrics:
     _log = Logger()
 
@@ -187,7 +195,7 @@ class GenAIMetrics:
                 ttft = r.ttfb_ms / 1000.0 if r.streamed and r.ttfb_ms is not None else None
                 usage = r.usage
                 metered = usage.source != "none"
-                prompt, completion = usage.prompt_tokens, usage.completion_tokens
+                prompt, completion = _tokens(usage.prompt_tokens), _tokens(usage.completion_tokens)
             except Exception:  # a malformed row (a bug upstream): the others still count
                 malformed += 1
                 continue

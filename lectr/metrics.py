@@ -225,9 +225,10 @@ class Histogram(_Metric):
             series = self._series[key] = [0.0] * (len(self.buckets) + 2)
         buckets = self.buckets
         total = series[-2]
+        for value in values:  # (first: a value that cannot be summed changes nothing)
+            total += value
         for value in values:
             series[bisect_left(buckets, value)] += 1
-            total += value
         series[-2] = total
         series[-1] += len(values)
 

@@ -81,6 +81,8 @@ METHOD_MAX = 32
 PATH_MAX = 2048
 ERROR_TYPE_MAX = 200
 ROUTE_MAX = 256
+#: each text in a request's fallback notes (``fallbacks``: provider, model, key name, reason)
+FALLBACK_TEXT_MAX = MODEL_MAX
 _TEXT_LIMITS = (
     ("provider", PROVIDER_MAX),
     ("model", MODEL_MAX),
@@ -95,7 +97,13 @@ _SMALLINT_MAX = 2**15 - 1
 
 
 class _Unavailable(Exception):
-    """A batch could not be written for a reason that is not its data."""
+    """A batch could not be written for a reason that is not its data.
+    ``rows``: those of it neither written nor rejected (what to spill: a
+    bisection may have settled some before the database went away)."""
+
+    def __init__(self, rows: Sequence[UsageRecord] = ()) -> None:
+        super().__init__()
+        self.rows = rows
 
 
 class InvalidRecord(ValueError):
@@ -132,6 +140,39 @@ def _clean_count(value: Any) -> int | None:
 
 def _text_ok(value: object, limit: int) -> bool:
     return type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value
+
+
+def _fallbacks_ok(fallbacks: object) -> bool:
+    """Each earlier attempt's note as jsonb takes it: plain ASCII text (the
+    client's model name is in there), whole numbers, nulls."""
+    return type(fallbacks) is tuple and all(
+        type(f) is dict
+        and all(
+            _text_ok(k, FALLBACK_TEXT_MAX)
+            and (v is None or type(v) is int or _text_ok(v, FALLBACK_TEXT_MAX))
+            for k, v in f.items()
+        )
+        for f in fallbacks
+    )
+
+
+def _clean_fallbacks(fallbacks: object) -> tuple[dict, ...]:
+    if not isinstance(fallbacks, (tuple, list)):
+        return ()
+    return tuple(
+        {
+            _clean_text(k, FALLBACK_TEXT_MAX): (
+                v
+                if v is None or isinstance(v, int)
+                else _clean_text(v, FALLBACK_TEXT_MAX)
+                if isinstance(v, str)
+                else None
+            )
+            for k, v in f.items()
+        }
+        for f in fallbacks
+        if isinstance(f, dict)
+    )
 
 
 def _count_ok(value: object) -> bool:
@@ -184,6 +225,7 @@ def _plainly_clean(r: UsageRecord) -> bool:
         and (u.raw is None or _text_ok(u.raw, RAW_USAGE_MAX))
         and (u.model is None or _text_ok(u.model, MODEL_MAX))
         and (cost is None or (type(cost) is Decimal and cost.is_finite() and abs(cost) < _COST_MAX))
+        and (not r.fallbacks or _fallbacks_ok(r.fallbacks))
     )
 
 
@@ -247,14 +289,11 @@ def _clean_fully(r: UsageRecord) -> UsageRecord:
         u.cache_creation_1h_tokens,
     )
     cleaned_counts = tuple(_clean_count(c) for c in counts)
+    # (by identity: 3.0 and True equal 3 and 1, but an int column refuses them)
+    counts_changed = any(a is not b for a, b in zip(cleaned_counts, counts, strict=True))
     raw = u.raw if u.raw is None else _clean_text(u.raw, RAW_USAGE_MAX)
     served = u.model if u.model is None else _clean_text(u.model, MODEL_MAX)
-    if (
-        cleaned_counts != counts
-        or u.source not in USAGE_SOURCES
-        or raw is not u.raw
-        or served is not u.model
-    ):
+    if counts_changed or u.source not in USAGE_SOURCES or raw is not u.raw or served is not u.model:
         changes["usage"] = Usage(
             *cleaned_counts[:5],
             source=u.source if u.source in USAGE_SOURCES else "none",
@@ -265,6 +304,8 @@ def _clean_fully(r: UsageRecord) -> UsageRecord:
         )
     if type(r.request_bytes) is not int or r.request_bytes < 0:
         changes["request_bytes"] = _clean_count(r.request_bytes) or 0
+    if r.fallbacks and not _fallbacks_ok(r.fallbacks):
+        changes["fallbacks"] = _clean_fallbacks(r.fallbacks)
     cost = r.cost_usd
     if cost is not None and (
         not isinstance(cost, Decimal) or not cost.is_finite() or abs(cost) >= _COST_MAX
@@ -667,10 +708,11 @@ class UsageRecorder:
                 cause = errors[0].value
                 self._database_failed(cause.__cause__ or cause)
                 if spill_on_failure:
-                    # what did not commit: the failed statements and those not sent
-                    await self._spill(
-                        [r for b in (*failed, *batches[i + len(group) :]) for r in b], clean=False
-                    )
+                    # what did not commit: the failed statements' rows not yet
+                    # written or rejected, and the statements not sent
+                    unsettled = [r for f in errors for r in f.value.rows]
+                    unsent = [r for b in batches[i + len(group) :] for r in b]
+                    await self._spill(unsettled + unsent, clean=False)
                 return False
             return True
         finally:
@@ -692,11 +734,14 @@ class UsageRecorder:
                 self._reject(batch[0], e)
                 return
             mid = len(batch) // 2
-            await self._insert(batch[:mid], replay)
+            try:
+                await self._insert(batch[:mid], replay)
+            except _Unavailable as u:  # the second half is unsettled too
+                raise _Unavailable([*u.rows, *batch[mid:]]) from u.__cause__
             await self._insert(batch[mid:], replay)
             return
         except Exception as e:
-            raise _Unavailable() from e
+            raise _Unavailable(batch) from e
         finally:
             if started is not None:
                 self._op_starts.remove(started)
@@ -748,7 +793,9 @@ class UsageRecorder:
                 r = clean_record(r)
                 if r.pricing is None and pricing is not None:
                     r = pricing.price_record(r)
-                cleaned.append(with_estimates(r))
+                estimated = with_estimates(r)
+                # (the estimated prompt count can take the total out of range)
+                cleaned.append(r if estimated is r else _clean_fully(estimated))
             except Exception as e:
                 self._m_dropped.inc(1, "invalid")
                 self._log.warn("malformed usage row dropped: {reason}", reason=_reason(e))
