@@ -10,6 +10,8 @@ import socket
 
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import ensureDeferred
 
@@ -590,3 +592,89 @@ async def test_upstream_connections_send_small_writes_at_once(upstreams, client)
     assert result == "done"
     (conn,) = [c for pool in client._idle.values() for c in pool]
     assert conn.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+# --- a status code below 100 is taken for an interim 1xx answer ---------------------------------
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(status=st.integers(min_value=0, max_value=99))
+@pytest_twisted.ensureDeferred
+async def test_a_status_below_100_is_a_protocol_error(upstreams, client, status):
+    """RFC 9110 §15: a status code is 100-599; llhttp accepts any three
+    digits. Below 100 it is a protocol error, not an interim answer to skip
+    (whatever followed would be taken as the answer, or the exchange hang)."""
+    raw = b"HTTP/1.1 %03d Weird\r\nContent-Length: 0\r\n\r\n" % status + ok(b"smuggled")
+    _, origin = upstreams(reply(raw))
+    sink, result, _ = await fetch(client, origin)
+    assert result != "done", f"status {status:03d} was skipped; the sink got {sink.status}"
+    assert result.kind == "protocol"
+
+
+# --- no bound on a response head -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_huge_response_head_is_refused(upstreams, client):
+    """A response head is bounded (MAX_RESPONSE_HEAD): unbounded, anything
+    answering on a provider's address could make the proxy buffer any
+    amount, and httptools joins a value's pieces with ``bytes +=`` -
+    quadratic: ~5 s of reactor CPU for a 32 MiB value."""
+    value = b"a" * (8 * 1024 * 1024)
+
+    def script(conn, seen):
+        conn.transport.write(
+            b"HTTP/1.1 200 OK\r\nX-Big: " + value + b"\r\nContent-Length: 2\r\n\r\nok"
+        )
+
+    _, origin = upstreams(script)
+    sink, result, _ = await fetch(client, origin)
+    assert result != "done", "an 8 MiB header was accepted and handed to the sink"
+    assert result.kind == "protocol" and client.idle_count() == 0
+
+
+# --- the pool hands out connections idle for longer than idle_timeout -------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_idle_past_idle_timeout_is_never_reused(upstreams):
+    """The sweep runs every idle_timeout/4; ``_take`` itself closes a
+    connection idle past idle_timeout instead of handing it out (the pool's
+    promise, and why the keep-alive race is rare)."""
+    timeout = 1.0
+    c = UpstreamClient(reactor, connect_timeout=2, idle_timeout=timeout)
+    up, origin = upstreams(reply(ok()))
+    try:
+        await fetch(c, origin)  # the sweep is now scheduled, every timeout/4
+        await sleep(timeout / 8)
+        await fetch(c, origin)  # released again, between two sweeps
+        (conn,) = c._idle[origin.key]
+        # wait for the moment it has been idle for longer than idle_timeout
+        while not (c.idle_count() and reactor.seconds() - conn._idle_since > timeout):
+            assert c.idle_count(), "swept before it expired: no window seen"
+            await sleep(0.005)
+        idle_for = reactor.seconds() - conn._idle_since
+        sink, result, _ = await fetch(c, origin)
+        assert result == "done"
+        assert [s.conn for s in up.seen][-1] != 0, (
+            f"a connection idle for {idle_for:.3f} s (> idle_timeout {timeout} s) was reused"
+        )
+    finally:
+        await c.close_idle()
+
+
+# --- pinned (passes; no test had it): bytes past a complete response are never pooled -------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_past_the_content_length_in_the_same_read_are_never_pooled(upstreams, client):
+    for extra in (b"XYZ", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nzz", b" "):
+        up, origin = upstreams(reply(ok(b"ab") + extra))
+        sink, result, _ = await fetch(client, origin)
+        assert result == "done" and bytes(sink.data) == b"ab"
+        await sleep(0.05)
+        assert client.idle_count(origin) == 0 and up.closed == [0], extra

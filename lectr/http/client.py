@@ -55,6 +55,10 @@ from twisted.python.failure import Failure
 from lectr.http.headers import HeaderList
 from lectr.http.tcp import direct_reads, no_delay, send
 
+#: bytes of a response's head (its 1xx heads included) before it is refused:
+#: llhttp sets no bound, and a header value arriving in pieces is joined
+#: piece by piece (time quadratic in its size) - providers send a few KiB
+MAX_RESPONSE_HEAD = 256 * 1024
 _SAFE_TO_RETRY = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 _LENGTH_ALWAYS = frozenset({b"POST", b"PUT", b"PATCH"})
 _TARGET = re.compile(rb"[\x21-\x7e]*")
@@ -239,11 +243,19 @@ class UpstreamClient:
 
     def _take(self, key) -> _UpstreamProtocol | None:
         pool = self._idle.get(key)
+        if not pool:
+            return None
+        # idle past idle_timeout: closed, not reused (the sweep runs every quarter of it)
+        expired = self.reactor.seconds() - self.idle_timeout
         while pool:
             conn = pool.pop()
-            if not conn._lost and not conn._broken:
-                conn._pooled = False
-                return conn
+            if conn._lost or conn._broken:
+                continue
+            conn._pooled = False
+            if conn._idle_since <= expired:
+                conn.transport.loseConnection()
+                continue
+            return conn
         return None
 
     def _release(self, conn: _UpstreamProtocol) -> None:
@@ -467,6 +479,7 @@ class _UpstreamProtocol(Protocol):
         "_pooled",
         "_idle_since",
         "_on_close",
+        "_head_bytes",
     )
 
     def __init__(self, client: UpstreamClient, key: tuple) -> None:
@@ -491,6 +504,7 @@ class _UpstreamProtocol(Protocol):
         self._pooled = False
         self._idle_since = 0.0
         self._on_close: Deferred | None = None
+        self._head_bytes = 0
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -509,6 +523,7 @@ class _UpstreamProtocol(Protocol):
         self._head_done = False
         self._msg_done = False
         self._close_delimited = False
+        self._head_bytes = 0
         send(self.transport, handle._data)
         if handle._paused:
             self.transport.pauseProducing()
@@ -525,6 +540,11 @@ class _UpstreamProtocol(Protocol):
             self.transport.abortConnection()
             return
         self._got_bytes = True
+        if not self._head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                self._protocol_error(h, "response head too large")
+                return
         try:
             self._parser.feed_data(data)
         except HttpParserError as e:
@@ -568,6 +588,8 @@ class _UpstreamProtocol(Protocol):
     def on_headers_complete(self) -> None:
         h = self._handle
         status = self._parser.get_status_code()
+        if status < 100:  # (llhttp takes any three digits)
+            raise _Invalid(f"invalid status code {status:03d}")
         if status < 200:
             if status == 101:
                 raise _Invalid("unexpected 101 Switching Protocols")
