@@ -365,6 +365,11 @@ class UpstreamHandle:
 
     # --- flow control ------------------------------------------------------------------------
 
+    @property
+    def paused(self) -> bool:
+        """Whether the caller has paused reading (backpressure)."""
+        return self._paused
+
     def pause(self) -> None:
         """Stop reading the upstream socket."""
         if self._done or self._paused:

@@ -283,6 +283,11 @@ class ServerRequest:
 
     # --- answering ---------------------------------------------------------------------------
 
+    def close_after(self) -> None:
+        """Close the connection once this request's answer is sent (its head
+        then says ``Connection: close``): e.g. while shutting down."""
+        self._close = True
+
     def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """A complete response with Content-Length, in one write."""
         if self.started or self.finished:

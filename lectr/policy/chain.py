@@ -78,6 +78,12 @@ def _wait(d, steps, call, done, failed, resume_at, waiting) -> None:
     def resumed(value: Any) -> None:
         if waiting is not None:
             waiting(None)
+        if getattr(call, "closed", False):
+            # the call ended while the step ran (a step timeout, the client
+            # gone, shutdown): a step that still answered - one that fails
+            # open on its cancellation - must not run the rest (nothing may
+            # be admitted or reserved for an ended call)
+            return
         if value is None:
             run_chain(steps, call, done, failed, start=resume_at, waiting=waiting)
         elif isinstance(value, Refusal):

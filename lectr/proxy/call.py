@@ -662,6 +662,12 @@ class Call:
     @guarded
     def idle_timed_out(self) -> None:
         self.idle_timer = None
+        handle = self.handle
+        if handle is not None and handle.paused:
+            # Lectr stopped reading the provider: the client reads slowly
+            # (backpressure), the provider is not silent - wait on
+            self.idle_timer = self.h.reactor.callLater(self.h.idle_timeout, self.idle_timed_out)
+            return
         self.error_type = "upstream_idle_timeout"
         self.h.log.info(
             "{provider} went silent mid-response; aborting", provider=self.attempt.provider.name
@@ -696,8 +702,8 @@ class Call:
             return
         req = self.req
         if why == "shutdown" and not req.started:
-            self._stop_upstream()
             self.refuse(503, "unavailable", "The gateway is shutting down; retry.")
+            self._stop_upstream()  # (after: a step cancelled here finds the call ended)
             return
         self.closed = True
         self.error_type = self.error_type or why

@@ -71,6 +71,8 @@ class ProxyHandler:
         self.upstream_metrics = UpstreamMetrics(metrics)
         self.active: set[Call] = set()
         self._draining: Deferred | None = None
+        #: shutting down: requests still arriving on open connections get a 503 and a close
+        self.stopping = False
         self.m_requests = metrics.counter(
             "lectr_proxy_requests_total",
             "Proxied requests by provider and status",
@@ -95,9 +97,29 @@ class ProxyHandler:
         if req.path == b"/healthz":
             req.respond(200, _HEALTH_HEADERS, _HEALTH_BODY)
             return
+        if self.stopping:
+            self._refuse_stopping(req)
+            return
         call = Call(self, req)
         req.context = call
         call.start()
+
+    def _refuse_stopping(self, req) -> None:
+        """A request on a connection still open once draining began: 503 in
+        the route's dialect, ``Connection: close``; nothing is proxied (the
+        usage recorder may already be stopped: nothing would record it)."""
+        req.close_after()
+        provider = error_provider(req.path, self.registry)
+        rid = new_request_id()
+        req.respond(
+            503,
+            [
+                (b"content-type", b"application/json"),
+                (b"x-lectr-request-id", rid.encode()),
+                (b"retry-after", b"1"),
+            ],
+            provider.error_body("unavailable", "The gateway is shutting down; retry.", rid),
+        )
 
     def body_received(self, req) -> None:
         call = req.context
@@ -139,7 +161,9 @@ class ProxyHandler:
 
     async def drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for in-flight requests, then abort
-        what is left (the port has already stopped accepting)."""
+        what is left (the port has already stopped accepting; requests on
+        connections still open are refused from now on)."""
+        self.stopping = True
         if self.active:
             self.log.info(
                 "waiting up to {grace:g}s for {n} requests in flight",
