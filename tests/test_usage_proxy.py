@@ -319,6 +319,52 @@ async def test_disconnect_mid_stream_records_partial_usage(gw):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_cut_json_answer_never_takes_a_nested_usage_for_the_providers_report(gw):
+    """A JSON answer cut right after a tool input the model wrote - ending in
+    a ``"usage"`` object, so the cut body ends in ``}}`` like a whole answer
+    - is estimated, not read as the provider's report (0 tokens: free)."""
+    tool = {
+        "type": "tool_use",
+        "id": "t1",
+        "name": "stats",
+        "input": {"usage": {"input_tokens": 0}},
+    }
+    whole = json.dumps(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "x" * 400}, tool],
+            "usage": {"input_tokens": 5000, "output_tokens": 900},
+        },
+        separators=(",", ":"),
+    ).encode()
+    cut = whole[: whole.index(b'{"input_tokens":0}') + len(b'{"input_tokens":0}}')]
+    gw.provider.next(Script(stall_after=cut, headers={"content-type": "application/json"}))
+
+    def hang_up(collect: Collect) -> None:
+        if sum(map(len, collect.data)) >= len(cut):
+            collect.transport.stopProducing()
+
+    resp, collect = await open_stream(
+        gw, "/v1/messages", MESSAGE, ANTHROPIC_HEADERS, on_data=hang_up
+    )
+    await collect.done
+    assert b"".join(collect.data) == cut
+    rid = request_id(resp)
+
+    async def recorded():
+        return rid in await gw.rows()
+
+    await eventually(recorded)
+    row = (await gw.rows())[rid]
+    assert row.status == 499
+    assert row.usage_source == "estimated"
+    assert row.completion_tokens == 100  # the 400 bytes of text it had delivered
+
+
+@pytest_twisted.ensureDeferred
 async def test_anthropic_disconnect_keeps_the_input_tokens(gw):
     gw.provider.stream_interval = 0.05
     gw.provider.stream_words = ["word "] * 40

@@ -191,6 +191,7 @@ class Call:
         "ended",
         "attempt_t0",
         "attempt_status",
+        "answered",
         "trace",
         "traced_attempts",
         "__weakref__",
@@ -233,6 +234,7 @@ class Call:
         self.ended = False  # recorded and out of the active set
         self.attempt_t0: float | None = None  # the current attempt is under way since
         self.attempt_status: int | None = None  # its answer's status, once relayed
+        self.answered = False  # the provider's answer ended as its framing said, all relayed
         tracing = handler.tracing
         self.trace = tracing.begin(req.headers) if tracing.enabled else None
         self.traced_attempts: list[TracedAttempt] | None = [] if self.trace is not None else None
@@ -601,6 +603,7 @@ class Call:
         if held is not None:
             req.write(self._masked(bytes(held)))
         self.closed = True
+        self.answered = True
         req.finish()
         self._end()
 
@@ -888,7 +891,7 @@ class Call:
         h.m_latency.observe(elapsed, name)
         meter = self.meter
         if meter is not None:
-            usage = meter.finish()
+            usage = meter.finish(self.answered)
         elif self.attempt is not None and self.error_type == "client_disconnected":
             usage = NOTHING_RELAYED  # sent, and cut before any answer: estimated, never nothing
         else:

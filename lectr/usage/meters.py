@@ -479,8 +479,8 @@ def _top_level_usage(body: bytes) -> tuple[dict, str | None, str | None] | None:
         return None
     tail = body[-JSON_TAIL_BYTES:] if len(body) > JSON_TAIL_BYTES else body
     m = _last_usage_key(tail)
-    if m is None:
-        return None
+    if m is None or tail[m.start() - 1 : m.start()] == b"\\":
+        return None  # (none, or the end of a key with an escaped quote: parse it all)
     start = m.end() - 1
     try:
         text = tail[start:].decode("utf-8")
@@ -488,21 +488,30 @@ def _top_level_usage(body: bytes) -> tuple[dict, str | None, str | None] | None:
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     rest = text[end:].encode("utf-8")
-    if not isinstance(usage, dict) or (
-        _COMPACT_SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is None
-        and _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is None
+    if (
+        not isinstance(usage, dict)
+        or rest.find(b'"usage"') >= 0
+        or (
+            _COMPACT_SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is None
+            and _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is None
+        )
     ):
         return None
     raw = text[:end]
     if not (raw.isascii() and _COMPACT_PLAIN_RE.fullmatch(raw)):
         raw = None
     if body.find(b'"model"') < 0:  # (bytes.find: `in` costs twice as much on bytes)
-        return usage, None, raw
+        # no model - unless a key spells it with an escape
+        return None if body.find(b"\\u") >= 0 else (usage, None, raw)
     found = _MODEL_RE.search(body, 0, 4096)
     if found is None:
         return None
     at = found.start()
-    if body.count(b"{", 0, at) != 1 or body.find(b"[", 0, at) >= 0:
+    if (
+        body.count(b"{", 0, at) != 1
+        or body.find(b"[", 0, at) >= 0
+        or body[at - 1 : at] == b"\\"  # the end of a key with an escaped quote
+    ):
         return None
     try:
         return usage, _model_name(found.group(1).decode("utf-8")), raw
@@ -521,7 +530,7 @@ class NoopMeter:
     def feed(self, data: bytes) -> bytes:
         return data
 
-    def finish(self) -> Usage:
+    def finish(self, complete: bool = True) -> Usage:
         return NO_USAGE
 
 
@@ -584,6 +593,9 @@ class JsonMeter(_Base):
         self._tail_size = 0
         self._result: Usage | None = None
         self._head_model: str | None = None  # of a body too large to parse whole
+        self._head_size = 0  # (its head, kept: the text in it, for a cut answer's estimate)
+        self._head_text = 0
+        self._head_open = False  # the head ends inside a text string
 
     def feed(self, data: bytes) -> bytes:
         if self._broken or self._result is not None or not data:
@@ -605,7 +617,10 @@ class JsonMeter(_Base):
                 return
             # too large to parse whole on the reactor: keep only a tail window
             # (the model comes before the bulky content)
-            self._head_model = _first_model(b"".join(self._head)[:4096])
+            head = b"".join(self._head)
+            self._head_model = _first_model(head[:4096])
+            self._head_size = len(head)
+            self._head_text, self._head_open = _text_scan(head)
             for part in self._head:
                 self._tail.append(part)
                 self._tail_size += len(part)
@@ -618,24 +633,29 @@ class JsonMeter(_Base):
         while self._tail and self._tail_size - len(self._tail[0]) >= JSON_TAIL_BYTES:
             self._tail_size -= len(self._tail.popleft())
 
-    def finish(self) -> Usage:
+    def finish(self, complete: bool = True) -> Usage:
+        """The answer's usage. ``complete``: the provider's answer ended as
+        its framing said; False (it was cut: the provider or the client
+        left) reads nothing from a window of it - a cut body's last closing
+        brace may close a nested object (a tool's input may hold a
+        ``"usage"`` the model wrote) - and estimates instead."""
         if self._result is None:
             self._result = NO_USAGE
             if not self._broken:
                 try:
-                    self._result = self._read() or NO_USAGE
+                    self._result = self._read(complete) or NO_USAGE
                 except Exception:
                     self._give_up()
         return self._result
 
-    def _read(self) -> Usage | None:
+    def _read(self, complete: bool) -> Usage | None:
         if self._decoder is not None and self._decoder.failed:
             return None
         if self._head is not None:
             if not self._head:
                 return None
             body = b"".join(self._head)
-            found = _top_level_usage(body)
+            found = _top_level_usage(body) if complete else None
             if found is not None:  # the common case, without parsing the whole answer
                 usage, model, raw = found
                 if self._kind == "anthropic":
@@ -649,19 +669,27 @@ class JsonMeter(_Base):
                 return None
             usage, model = doc.get("usage"), doc.get("model")
         else:
-            usage = usage_object_in_tail(b"".join(self._tail)[-JSON_TAIL_BYTES:])
+            tail = b"".join(self._tail)[-JSON_TAIL_BYTES:]
+            usage = usage_object_in_tail(tail) if complete else None
             model = self._head_model
             if usage is None:  # a large body without its usage: cut short
-                return Usage(source="estimated", model=model)
+                after_head = self._size - self._head_size  # (the tail may overlap the head)
+                if after_head <= len(tail):
+                    after = tail[len(tail) - after_head :]
+                    text = self._head_text + _text_after(after, self._head_open)
+                else:  # what was dropped between them is counted as text, as what follows it
+                    text = self._head_text + after_head - len(tail) + _text_after(tail, True)
+                return Usage(completion_tokens=-(-text // 4), source="estimated", model=model)
         if self._kind == "anthropic":
             return anthropic_usage(usage, model)
         return openai_usage(usage, model)
 
 
 # Text a JSON answer carries (message content, tool arguments, thinking):
-# what a cut answer had delivered, for an estimate.
+# what a cut answer had delivered, for an estimate (a string the cut ended
+# is counted up to the cut).
 _JSON_TEXT_RE = re.compile(
-    rb'"(?:content|text|arguments|refusal|thinking|partial_json)"\s*:\s*"((?:[^"\\]|\\.)*)"'
+    rb'"(?:content|text|arguments|refusal|thinking|partial_json)"\s*:\s*"((?:[^"\\]|\\.)*)(?:"|\\?\Z)'
 )
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 
@@ -682,8 +710,32 @@ def _cut_json(body: bytes) -> Usage | None:
     had delivered (about four bytes a token); prompt tokens stay unknown."""
     if body.lstrip()[:1] != b"{":
         return None  # not a JSON object at all: nothing to estimate from
-    text = sum(m.end(1) - m.start(1) for m in _JSON_TEXT_RE.finditer(body))
+    text = _text_bytes(body)
     return Usage(completion_tokens=-(-text // 4), source="estimated", model=_first_model(body))
+
+
+def _text_bytes(body: bytes) -> int:
+    """Bytes of answer text in raw JSON (see ``_JSON_TEXT_RE``)."""
+    return sum(m.end(1) - m.start(1) for m in _JSON_TEXT_RE.finditer(body))
+
+
+def _text_scan(body: bytes) -> tuple[int, bool]:
+    """:func:`_text_bytes`, and whether ``body`` ends inside a text string."""
+    n, inside = 0, False
+    for m in _JSON_TEXT_RE.finditer(body):
+        n += m.end(1) - m.start(1)
+        inside = m.end() == len(body) and body[m.end(1) : m.end()] != b'"'
+    return n, inside
+
+
+_STRING_REST_RE = re.compile(rb'(?:[^"\\]|\\.)*')
+
+
+def _text_after(data: bytes, inside: bool) -> int:
+    """Text bytes in ``data``, a later part of an answer; ``inside``: it
+    begins inside a text string (text up to that string's closing quote)."""
+    n = _STRING_REST_RE.match(data).end() if inside else 0
+    return n + _text_bytes(data[n:])
 
 
 _PASS, _PENDING, _DROPPING, _DONE = range(4)
@@ -1010,7 +1062,7 @@ class SSEMeter(_Base):
     def _estimate(self) -> Usage:
         return NO_USAGE
 
-    def finish(self) -> Usage:
+    def finish(self, complete: bool = True) -> Usage:
         if self._finished is None:
             self._finished = NO_USAGE
             if not self._broken:

@@ -108,5 +108,7 @@ class Meter(Protocol):
         """Account for ``data`` and return the bytes to send to the client
         (``data`` itself unless something must be removed)."""
 
-    def finish(self) -> Usage:
-        """The usage seen so far (called at the end, or on disconnect)."""
+    def finish(self, complete: bool = True) -> Usage:
+        """The usage seen so far (called at the end, or on disconnect).
+        ``complete``: the provider's answer ended as its framing said (False:
+        it was cut, and what it reports is estimated from what arrived)."""
