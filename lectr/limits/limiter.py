@@ -160,7 +160,8 @@ class Counter:
         self.cap = cap
         self.lease = max(1, math.ceil(cap * fraction))
         self.low = (self.lease + 1) // 2
-        self.room = self.held - self.low
+        # (a cap lowered below what this node holds: only what it allows is spendable)
+        self.room = min(self.held, cap - self.others) - self.low
         self.exhausted = False
         self.retired = False
         self.local_allow: int | None = None
@@ -656,7 +657,7 @@ class Limiter:
         """May ``need`` more be consumed? ``later``: the real amount is only
         known at settlement (tokens, unpriced requests under a budget)."""
         load = c.spent + c.reserved + need
-        if load <= c.held:
+        if load <= c.held and c.others + load <= c.cap:  # (held under a cap since lowered: no)
             return OK
         if self.offline:
             if self.fail_closed:
@@ -692,12 +693,12 @@ class Limiter:
 
     def _check(self, scope: Scope, now: float, reserve: int | None) -> Refusal | None:
         # (each limit first tries the common case inline: covered by what
-        # the node holds)
+        # the node holds - ``room + low``: that, or less under a cap lowered since)
         c = scope.req
         if c is not None:
             if now >= c.end:
                 c = self._counter(scope, "requests", now)
-            if c.spent + c.reserved >= c.held:
+            if c.spent + c.reserved >= c.room + c.low:
                 verdict = self._fits(c, 1)
                 if verdict > CREDIT:
                     return self._refuse(scope, c, verdict, now)
@@ -705,7 +706,7 @@ class Limiter:
         if c is not None:
             if now >= c.end:
                 c = self._counter(scope, "tokens", now)
-            if c.spent >= c.held:
+            if c.spent >= c.room + c.low:
                 verdict = self._fits(c, 1, True)
                 if verdict > CREDIT:
                     return self._refuse(scope, c, verdict, now)
@@ -720,7 +721,7 @@ class Limiter:
             if now >= c.end:
                 c = self._counter(scope, "usd_day", now)
             need = reserve or 1
-            if c.spent + c.reserved + need > c.held:
+            if c.spent + c.reserved + need > c.room + c.low:
                 verdict = self._fits(c, need, reserve is None)
                 if verdict > CREDIT:
                     return self._refuse(scope, c, verdict, now)
@@ -729,7 +730,7 @@ class Limiter:
             if now >= c.end:
                 c = self._counter(scope, "usd_month", now)
             need = reserve or 1
-            if c.spent + c.reserved + need > c.held:
+            if c.spent + c.reserved + need > c.room + c.low:
                 verdict = self._fits(c, need, reserve is None)
                 if verdict > CREDIT:
                     return self._refuse(scope, c, verdict, now)
@@ -1016,9 +1017,9 @@ class Limiter:
                 c.synced = False
                 continue
             c.held += p.debt + r.grant
-            c.room = c.held - c.low
             c.reported += p.spent
             c.others = max(0, r.used - c.held)
+            c.room = min(c.held, c.cap - c.others) - c.low
             c.global_spent = r.spent
             c.synced = True
             c.checked_at = now
