@@ -54,4 +54,3 @@ def test_a_lowered_rpm_is_not_exceeded_from_the_lease_held_under_the_old_one():
         total += isinstance(lim.admit("org", "key", reserve_usd=None), Admission)
         answer(lim, clock.seconds())
     assert total <= 11, f"{total} requests admitted in a minute under rpm 10"
-
