@@ -27,12 +27,13 @@ ones (vLLM, Ollama, a private endpoint) are rows made by a global admin
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from http import HTTPStatus
 from typing import TYPE_CHECKING, ClassVar, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
@@ -54,13 +55,72 @@ _KEYLIKE = re.compile(_KEYLIKE_PATTERN)
 _KEYLIKE_BYTES = re.compile(_KEYLIKE_PATTERN.encode())
 
 
+def secret_core(secret: bytes) -> bytes:
+    """The part of a key that identifies it (past its first third: the
+    ``sk-proj-`` prefix and a little more), lower-cased: an echo of the key
+    without its prefix, or in another case, holds it."""
+    return secret[len(secret) // 3 :].lower()
+
+
+def quotes_secret(data: bytes, core: bytes) -> bool:
+    """Whether ``data`` holds the key whose :func:`secret_core` is ``core``,
+    in any case, percent-escaped or not."""
+    lower = data.lower()
+    if core in lower:
+        return True
+    return b"%" in data and core in unquote_to_bytes(data).lower()
+
+
 def scrub_body(body: bytes, secret: bytes | None = None) -> bytes:
-    """An error body with the org's exact provider key (``secret``) and any
-    key-like token masked, every other byte kept: OpenAI's 401 quotes part of
-    the key it was sent, and a 400 may quote a header; the org's provider key
-    must not reach the org's clients even in part."""
-    cleaned = body.replace(secret, b"***") if secret else body
+    """An error body with the org's provider key (``secret``) and any
+    key-like token masked: OpenAI's 401 quotes part of the key it was sent,
+    and a 400 may quote a header; the org's provider key must not reach the
+    org's clients even in part. The exact key and its core are masked in
+    any case; in JSON every string is read unescaped (``sk\\u002d…`` is the
+    key to a client's parser) and the body written again if one held it; a
+    body still quoting the key some other way (percent-escaped) is withheld
+    whole (``***``)."""
+    cleaned = body
+    if secret:
+        core = secret_core(secret)
+        cleaned = body.replace(secret, b"***")
+        if quotes_secret(cleaned, core) or (b"\\u" in cleaned and cleaned[:1] in b"{["):
+            cleaned = _scrub_json(cleaned, core)
+            if quotes_secret(cleaned, core):
+                return b"***"
     return _KEYLIKE_BYTES.sub(b"***", cleaned)
+
+
+def _scrub_json(body: bytes, core: bytes) -> bytes:
+    """``body`` with every JSON string holding ``core`` (any case) masked;
+    byte for byte when none does or it is not JSON."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return _mask_core(body, core)
+    pattern = re.compile(re.escape(core.decode("ascii", "replace")), re.IGNORECASE)
+    changed = False
+
+    def clean(value):
+        nonlocal changed
+        if isinstance(value, str):
+            masked = pattern.sub("***", value)
+            if "%" in masked and pattern.search(unquote(masked)):
+                masked = "***"
+            changed |= masked != value
+            return masked
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {clean(k): clean(v) for k, v in value.items()}
+        return value
+
+    doc = clean(doc)
+    return json.dumps(doc, separators=(",", ":")).encode() if changed else body
+
+
+def _mask_core(data: bytes, core: bytes) -> bytes:
+    return re.sub(re.escape(core), b"***", data, flags=re.IGNORECASE)
 
 
 def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:

@@ -35,6 +35,7 @@ import re
 import time
 import zlib
 from datetime import UTC, datetime
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
@@ -44,7 +45,7 @@ from lectr.managers.orgs import looks_like_key
 from lectr.policy.chain import Refusal, run_chain
 from lectr.policy.health import parse_retry_after
 from lectr.policy.plan import failure_class
-from lectr.providers.base import scrub_body
+from lectr.providers.base import quotes_secret, scrub_body, secret_core
 from lectr.providers.body import BodyRefused, read_body
 from lectr.providers.dialects import ERROR_STATUS
 from lectr.proxy.headers import downstream
@@ -141,6 +142,23 @@ def _header_text(value: str | None, limit: int = 200) -> str:
         else:
             out.extend(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
     return "".join(out)
+
+
+_LECTR_KEY_IN_QUERY = re.compile(rb"lc_[0-9a-fA-F]{8}-", re.IGNORECASE)
+
+
+def _without_lectr_keys(query: bytes) -> bytes:
+    """The query string (``b""`` or ``b"?…"``) without a parameter whose value
+    is a Lectr key (clients built for query-string keys - ``?key=``,
+    ``?api_key=`` - put it there): the provider must never receive it."""
+    if not query or _LECTR_KEY_IN_QUERY.search(unquote_to_bytes(query)) is None:
+        return query
+    kept = [
+        p
+        for p in query[1:].split(b"&")
+        if _LECTR_KEY_IN_QUERY.search(unquote_to_bytes(p.replace(b"+", b" "))) is None
+    ]
+    return b"?" + b"&".join(kept) if kept else b""
 
 
 class Call:
@@ -405,7 +423,7 @@ class Call:
         upstream = provider.request(
             req.method,
             self.entry.api_path,
-            req.query,
+            _without_lectr_keys(req.query),
             target.model,
             key,
             list(headers),
@@ -523,17 +541,21 @@ class Call:
         req = self.req
         rplan = self.rplan
         self.status = status
-        out = downstream(headers)
+        secret = self.secret
+        core = secret_core(secret.reveal().encode("ascii")) if secret is not None else None
+        out = downstream(headers, core)
+        if reason and core is not None and quotes_secret(reason, core):
+            reason = b""
         out.append((b"x-lectr-request-id", self.rid.encode()))
         out.extend(self._route_headers())
-        if status >= 400:
-            # a provider error may quote the org's key: held, then masked
+        if status >= 300:
+            # a provider error or redirect page may quote the org's key: held, then masked
             self.held = bytearray()
             encoding = headers.first(b"content-encoding")
             if encoding is not None:
                 self.held_encoding = encoding.strip().lower()
                 out = [(n, v) for n, v in out if n.lower() != b"content-encoding"]
-            if self.plan.n > 1:
+            if status >= 400 and self.plan.n > 1:
                 out.append(_SHOULD_NOT_RETRY)
             length = None
         elif length is not None and (

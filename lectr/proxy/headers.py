@@ -27,6 +27,8 @@ client's).
 
 from __future__ import annotations
 
+from lectr.providers.base import quotes_secret
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -122,8 +124,11 @@ class HeaderPolicy:
         return out
 
 
-def downstream(upstream) -> list[tuple[bytes, bytes]]:
-    """The provider's headers to pass on to the client."""
+def downstream(upstream, core: bytes | None = None) -> list[tuple[bytes, bytes]]:
+    """The provider's headers to pass on to the client. ``core``: the org's
+    provider key (:func:`lectr.providers.base.secret_core`): a header that
+    quotes it (a 401's WWW-Authenticate, a redirect's Location carrying a
+    query-string key, a debug header) has its value replaced by ``***``."""
     named = connection_tokens(upstream.get(b"connection")) if b"connection" in upstream else ()
     out = []
     for name, value in upstream:
@@ -133,4 +138,6 @@ def downstream(upstream) -> list[tuple[bytes, bytes]]:
         if named and lower in named:
             continue
         out.append((name, value))
+    if core is not None and quotes_secret(b"\n".join([v for _, v in out]), core):
+        out = [(n, b"***" if quotes_secret(v, core) else v) for n, v in out]
     return out
