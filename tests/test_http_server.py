@@ -947,3 +947,98 @@ async def test_an_answer_whose_send_raised_does_not_go_on_to_look_complete(serve
     await a.until(lambda c: c.closed or c.data.endswith(b"0\r\n\r\n"), timeout=30)
     assert a.closed
     assert not bytes(a.data).endswith(b"0\r\n\r\n")
+
+
+CHUNKED_HEAD = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_trailer_section_is_bounded(servers):
+    """A trailer field of 2 MiB (limits: 4 KiB head, 1000-byte body) is
+    refused: httptools accumulates it (bytes +=, per read), so the bytes read
+    after a head are bounded by the body and head limits together."""
+    s = servers(max_header_bytes=4096, max_body_bytes=1000)
+    c = await connect(s.port)
+    c.send(CHUNKED_HEAD + b"1\r\nx\r\n0\r\nX-Trailer: ")
+    piece = b"a" * 65536
+    for _ in range(32):  # 2 MiB of one trailer value
+        if c.closed:
+            break
+        c.send(piece)
+        await sleep(0.002)
+    if not c.closed:
+        c.send(b"\r\n\r\n")
+    await c.until(lambda c: c.closed or parse_responses(bytes(c.data)), timeout=5)
+    resps = parse_responses(bytes(c.data))
+    assert c.closed or not resps or resps[0].status != 200, resps[0]
+    assert not resps or resps[0].status in (400, 413, 431), resps[0].status
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_small_trailer_fields_are_bounded(servers):
+    """100 000 trailer fields (~1 MiB) behind a 1-byte chunked body, with a
+    4 KiB head limit: refused too."""
+    s = servers(max_header_bytes=4096, max_body_bytes=1000)
+    c = await connect(s.port)
+    c.send(CHUNKED_HEAD + b"1\r\nx\r\n0\r\n")
+    block = b"X-T: a\r\n" * 8192
+    for _ in range(13):
+        if c.closed:
+            break
+        c.send(block)
+        await sleep(0.002)
+    if not c.closed:
+        c.send(b"\r\n")
+    await c.until(lambda c: c.closed or parse_responses(bytes(c.data)), timeout=5)
+    resps = parse_responses(bytes(c.data))
+    assert not resps or resps[0].status in (400, 413, 431), resps[0].status
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_begun_behind_an_async_answer_is_bound_by_header_timeout(servers):
+    """Request A and the first bytes of B's head in one write, A answered
+    asynchronously: B's head is bound by header_timeout from when it began,
+    not by keepalive_timeout (300 s in production against 30 s: a slowloris
+    head would live 10x longer). Here: header_timeout 0.3 s, keep-alive 10 s."""
+    s = servers(Handler("later"), header_timeout=0.3, keepalive_timeout=10.0)
+    c = await connect(s.port)
+    c.send(post(b"/a", b"{}") + b"GET /b HTTP/1.1\r\nX-Slow: ")
+    (resp,) = await c.responses(1)
+    assert resp.status == 200
+    for _ in range(20):  # 2 s of a head trickling in, one byte per 100 ms
+        if c.closed:
+            break
+        c.send(b"a")
+        await sleep(0.1)
+    assert c.closed, "a head still arriving 2 s after it began (header_timeout 0.3 s)"
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_begun_behind_an_async_answer_is_not_cut_by_keepalive(servers):
+    """The other side: with keepalive_timeout shorter than header_timeout, a
+    head that is arriving is not cut by the keep-alive (idle) deadline."""
+    s = servers(Handler("later"), header_timeout=10.0, keepalive_timeout=0.3)
+    c = await connect(s.port)
+    c.send(post(b"/a", b"{}") + b"GET /b HTTP/1.1\r\nX-Slow: ")
+    (resp,) = await c.responses(1)
+    assert resp.status == 200
+    for _ in range(8):
+        if c.closed:
+            break
+        c.send(b"a")
+        await sleep(0.1)
+    if not c.closed:
+        c.send(b"\r\n\r\n")
+    resps = await c.responses(2)
+    assert len(resps) == 2 and json.loads(resps[1].body)["path"] == "/b", bytes(c.data)[-200:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_limit_is_not_bypassed_by_whitespace_in_one_read(servers):
+    """max_header_bytes 4096: a head of ~30 KiB (trailing whitespace in a
+    value) in one read counts its whitespace too."""
+    s = servers(max_header_bytes=4096)
+    c = await connect(s.port)
+    c.send(b"GET /a HTTP/1.1\r\nX-Pad: a" + b" " * 30000 + b"\r\nHost: x\r\n\r\n")
+    resps = await c.responses(1)
+    assert resps and resps[0].status == 431, resps[0].status if resps else bytes(c.data)

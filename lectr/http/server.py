@@ -205,6 +205,7 @@ class ServerRequest:
         "_keep_alive",
         "_expect",
         "_head_done",
+        "_wire",
         "_complete",
         "_continued",
         "_delivered",
@@ -234,6 +235,7 @@ class ServerRequest:
         self._keep_alive = False
         self._expect = False
         self._head_done = False
+        self._wire = 0  # bytes read after the head: body, chunk framing, trailers
         self._complete = False
         self._continued = False
         self._delivered = False
@@ -445,6 +447,8 @@ class ServerProtocol(Protocol):
         "_reading",
         "_admitted",
         "_head_bytes",
+        "_head_ws",
+        "_cur_began",
         "_deadline",
         "_dkind",
         "_timer",
@@ -469,6 +473,8 @@ class ServerProtocol(Protocol):
         self._reading = True
         self._admitted = False
         self._head_bytes = 0
+        self._head_ws = 0  # trailing whitespace stripped from the head's values
+        self._cur_began = 0.0  # when a head began behind an active request
         self._deadline = 0.0
         self._dkind = _NONE
         self._timer = None
@@ -581,6 +587,8 @@ class ServerProtocol(Protocol):
         self._pump()
 
     def _feed(self, data: bytes) -> None:
+        before = self._cur
+        in_body = before is not None and before._head_done
         self._feeding = True
         try:
             self._parser.feed_data(data)
@@ -599,10 +607,20 @@ class ServerProtocol(Protocol):
         finally:
             self._feeding = False
         cur = self._cur
-        if cur is not None and not cur._head_done and not self._stopped:
+        if self._stopped or cur is None:
+            return
+        if not cur._head_done:
             self._head_bytes += len(data)
             if self._head_bytes > self.factory.max_header_bytes:
                 self._bad(431, "Request header section too large.")
+        elif in_body and cur is before:
+            # a read wholly within the body: the body is bounded by on_body,
+            # and chunk framing, extensions and trailers (which llhttp
+            # accumulates) with it - a trailer of any size is refused
+            cur._wire += len(data)
+            factory = self.factory
+            if cur._wire > factory.max_body_bytes + factory.max_header_bytes:
+                self._refuse_overlong(cur)
 
     def _update_reading(self) -> None:
         """Read the socket unless a head awaits the handler's decision, or
@@ -638,8 +656,12 @@ class ServerProtocol(Protocol):
             raise _Stop()
         self._cur = ServerRequest(self)
         self._head_bytes = 0
-        if self._active is None and self._dkind == _KEEPALIVE:
-            self._set_deadline(_HEADER, self.factory.header_timeout)
+        self._head_ws = 0
+        if self._active is None:
+            if self._dkind == _KEEPALIVE:
+                self._set_deadline(_HEADER, self.factory.header_timeout)
+        else:  # (its header deadline starts when the active request is done)
+            self._cur_began = self.factory.reactor.seconds()
 
     def on_url(self, url: bytes) -> None:
         req = self._cur
@@ -650,7 +672,9 @@ class ServerProtocol(Protocol):
         if req is None or req._head_done:
             return  # chunked trailers: dropped
         if value and value[-1] in (32, 9):
-            value = value.rstrip(b" \t")
+            stripped = value.rstrip(b" \t")
+            self._head_ws += len(value) - len(stripped)  # (counted against the limit)
+            value = stripped
         req.headers.raw.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -678,7 +702,7 @@ class ServerProtocol(Protocol):
         req.method = parser.get_method()
         req._keep_alive = parser.should_keep_alive()
         headers = req.headers
-        size = len(target)
+        size = len(target) + self._head_ws
         for name, value in headers.raw:
             size += len(name) + len(value) + 4
         if size > self.factory.max_header_bytes:
@@ -771,6 +795,16 @@ class ServerProtocol(Protocol):
         except Exception:
             self._handler_failed(req, Failure())
 
+    def _refuse_overlong(self, req: ServerRequest) -> None:
+        """A body with more bytes on the wire than the body and head limits
+        together (chunk framing, extensions, trailers): 413, parse no more."""
+        req._too_large = True
+        req._chunks = None
+        if req is self._active:
+            self._refuse_too_large(req)
+        else:
+            self._closing_after_queue()
+
     def _refuse_too_large(self, req: ServerRequest) -> None:
         req._close = True
         self._closing_after_queue()
@@ -814,7 +848,15 @@ class ServerProtocol(Protocol):
         if req._close or self._lost:
             self._close()
             return
-        self._set_deadline(_KEEPALIVE, self.factory.keepalive_timeout)
+        cur = self._cur
+        if cur is not None and not cur._head_done:
+            # a head began while that request was answered: it has what is
+            # left of its header_timeout (not the idle connection's timeout)
+            factory = self.factory
+            left = self._cur_began + factory.header_timeout - factory.reactor.seconds()
+            self._set_deadline(_HEADER, max(left, 0.0))
+        else:
+            self._set_deadline(_KEEPALIVE, self.factory.keepalive_timeout)
         if not self._feeding:
             self._pump()
 
