@@ -28,18 +28,9 @@ from lectr.usage.meters import (
     openai_usage,
 )
 from lectr.usage.model import NO_USAGE, RAW_USAGE_MAX, Usage
+from tests.test_meters import split_at
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for p in points:
-        pieces.append(data[last:p])
-        last = p
-    pieces.append(data[last:])
-    return pieces
 
 
 def run(meter, pieces: list[bytes], complete: bool = True) -> Usage:

@@ -21,17 +21,14 @@ from lectr.storage.request_logs import RequestLogStore
 from lectr.usage.meters import openai_usage
 from lectr.usage.model import RAW_USAGE_MAX, Usage, UsageRecord
 from lectr.usage.recorder import (
-    ERROR_TYPE_MAX,
+    _TEXT_LIMITS,
     FALLBACK_TEXT_MAX,
-    METHOD_MAX,
     MODEL_MAX,
-    PATH_MAX,
-    PROVIDER_MAX,
-    ROUTE_MAX,
     UsageRecorder,
     synchronous,
 )
 from tests.support.pg import admin_execute
+from tests.test_usage_recorder import rec as recorder_rec
 from tests.test_usage_rollups import EXPECTED_SQL, ROLLUP_SQL, SyncDatabase, run_now
 
 ORG = "00000000-0000-4000-8000-0000000000c3"
@@ -41,23 +38,7 @@ INT32_MAX = 2**31 - 1
 
 
 def rec(**kw) -> UsageRecord:
-    fields = dict(
-        request_id=str(uuid.uuid4()),
-        created_at=T0,
-        org_id=ORG,
-        key_id=None,
-        provider="openai",
-        model="gpt-4o-mini",
-        method="POST",
-        path="/v1/chat/completions",
-        status=200,
-        latency_ms=12.5,
-        ttfb_ms=3.0,
-        streamed=True,
-        usage=Usage(7, 3, 10, None, None, "provider"),
-    )
-    fields.update(kw)
-    return UsageRecord(**fields)
+    return recorder_rec(**{"created_at": T0, "org_id": ORG, **kw})
 
 
 @pytest.fixture
@@ -335,14 +316,7 @@ def hostile_records(draw, i: int = 0):
     )
 
 
-_TEXTS = (
-    ("provider", PROVIDER_MAX),
-    ("model", MODEL_MAX),
-    ("method", METHOD_MAX),
-    ("path", PATH_MAX),
-    ("error_type", ERROR_TYPE_MAX),
-    ("route", ROUTE_MAX),
-)
+_TEXTS = _TEXT_LIMITS  # (the repair rules' limits: what each text column keeps)
 _COUNTS = (
     "prompt_tokens",
     "completion_tokens",
