@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 _HEADER = (json.dumps({"lectr_usage_spill": FORMAT_VERSION}) + "\n").encode()
 _SUFFIX = ".jsonl"
 _PREFIX = "spill-"
+_TMP_PREFIX = ".unborn-"  # a segment being made (see SpillJournal._open_segment)
 
 _log = Logger()
 
@@ -273,8 +274,22 @@ class SpillJournal:
             if self._fd < 0:
                 self._open_segment()
             data = b"".join(lines)
-            _write_all(self._fd, data)
-            os.fsync(self._fd)
+            try:
+                _write_all(self._fd, data)
+                os.fsync(self._fd)
+            except BaseException:
+                # (a short write - the disk full - would leave a torn line for
+                # the next append to glue its first row onto, and whole lines
+                # of rows the caller counts as dropped: the segment is cut
+                # back to before this append and finished)
+                try:
+                    os.ftruncate(self._fd, self._written)
+                finally:
+                    try:
+                        self._close_segment()
+                    except OSError:
+                        pass
+                raise
             self._written += len(data)
             self.size = used + size
             if self._written >= self.segment_bytes:
@@ -287,17 +302,53 @@ class SpillJournal:
             self._close_segment()
 
     def _open_segment(self) -> None:
+        # made, locked and given its header under a name replays do not
+        # list, then renamed (the lock goes with it): a segment is never seen
+        # unlocked, so another process's replay cannot claim it as empty and
+        # delete it under its writer
         name = f"{_PREFIX}{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}{_SUFFIX}"
         path = self.directory / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        tmp = self.directory / f"{_TMP_PREFIX}{name}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_all(fd, _HEADER)
+            os.rename(tmp, path)
         except BaseException:
             os.close(fd)
-            path.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         self._fd, self._path, self._written = fd, path, len(_HEADER)
+
+    def _sweep_unborn(self) -> None:
+        """Remove segments a crashed process left before naming them (they
+        hold no row: rows are written only after the rename)."""
+        try:
+            entries = [e for e in os.scandir(self.directory) if e.name.startswith(_TMP_PREFIX)]
+        except FileNotFoundError:
+            return
+        stale = time.time() - 60  # (a live one is named within microseconds)
+        for e in entries:
+            try:
+                if e.stat().st_mtime > stale:
+                    continue
+            except FileNotFoundError:
+                continue
+            try:
+                fd = os.open(e.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # being made right now
+            try:
+                os.unlink(e.path)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
 
     def _close_segment(self) -> None:
         if self._fd >= 0:
@@ -335,6 +386,7 @@ class SpillJournal:
         writing is finished first, so that its rows can be replayed too."""
         with self._lock:
             self._close_segment()
+            self._sweep_unborn()
             for path in self.segments():
                 try:
                     fd = os.open(path, os.O_RDONLY)
