@@ -191,7 +191,20 @@ def parse_datetime(value: str, what: str) -> datetime:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
+    # (a day's margin from datetime's own range: the windows and hours
+    # computed from a date - a default 30-day range, the hour around it -
+    # stay representable)
+    try:
+        in_range = _EARLIEST <= parsed.astimezone(UTC) <= _LATEST
+    except OverflowError:
+        in_range = False
+    if not in_range:
+        raise BadRequest(f"{what} must be between the years 2 and 9998")
     return parsed
+
+
+_EARLIEST = datetime(2, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9998, 12, 31, 23, 59, 59, tzinfo=UTC)
 
 
 def _reject_constant(name: str) -> None:
