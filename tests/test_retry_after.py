@@ -61,3 +61,11 @@ def _is_number(b: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+@given(st.sampled_from([b"1_000", b"1e3", b"+5", b"5.", b".5", b"0x10", b"\xd9\xa1", b"1 000"]))
+def test_only_digits_are_a_delay(value):
+    """delay-seconds is digits (a decimal part tolerated): not whatever else
+    float() reads ("1_000" would be 1,000 s, "1e3" too)."""
+    assert parse_retry_after(h(retry_after_ms=value), NOW) is None
+    assert parse_retry_after(h(retry_after=value), NOW) is None

@@ -9,6 +9,7 @@ first, first), so a wrong guess never becomes an outage made by Lectr.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC
@@ -114,13 +115,15 @@ def parse_retry_after(headers, now: float | None = None) -> float | None:
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 
+#: delay-seconds (RFC 9110: digits; a decimal part is tolerated, as providers send one) -
+#: not the rest of what float() takes ("1_000", "1e3", "+5", "inf")
+_DELAY = re.compile(rb"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+
+
 def _number(value: bytes | None) -> float | None:
     if not value:
         return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
+    value = value.strip()
+    if _DELAY.fullmatch(value) is None:
         return None
-    if seconds != seconds or seconds < 0 or seconds == float("inf"):
-        return None
-    return seconds
+    return float(value)
