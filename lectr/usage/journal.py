@@ -314,6 +314,7 @@ class SpillJournal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_all(fd, _HEADER)
             os.rename(tmp, path)
+            _fsync_dir(self.directory)  # (the name survives a power loss before a row is reported)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -412,6 +413,14 @@ class SpillJournal:
                 pass
         self.size = total
         return total
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
