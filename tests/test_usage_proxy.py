@@ -90,6 +90,18 @@ class Gateway:
         page = await self.c.usage.recent_requests(self.org.id, limit=200)
         return {e.request_id: e for e in page.items}
 
+    async def row(self, rid: str):
+        """Request ``rid``'s row, once recorded (a client's disconnect is
+        recorded when the proxy notices it)."""
+        rows: dict = {}
+
+        async def recorded() -> bool:
+            rows.update(await self.rows())
+            return rid in rows
+
+        await eventually(recorded)
+        return rows[rid]
+
 
 async def make_gateway(db_url, tmp_path, **env) -> Gateway:
     fake = await FakeProviderServer.start()
@@ -302,11 +314,7 @@ async def test_disconnect_mid_stream_records_partial_usage(gw):
     await collect.done
     rid = request_id(resp)
 
-    async def recorded():
-        return rid in await gw.rows()
-
-    await eventually(recorded)
-    row = (await gw.rows())[rid]
+    row = await gw.row(rid)
     assert row.status == 499
     assert row.error_type == "client_disconnected"
     assert row.usage_source == "estimated"
@@ -354,11 +362,7 @@ async def test_a_cut_json_answer_never_takes_a_nested_usage_for_the_providers_re
     assert b"".join(collect.data) == cut
     rid = request_id(resp)
 
-    async def recorded():
-        return rid in await gw.rows()
-
-    await eventually(recorded)
-    row = (await gw.rows())[rid]
+    row = await gw.row(rid)
     assert row.status == 499
     assert row.usage_source == "estimated"
     assert row.completion_tokens == 100  # the 400 bytes of text it had delivered
@@ -379,11 +383,7 @@ async def test_anthropic_disconnect_keeps_the_input_tokens(gw):
     await collect.done
     rid = request_id(resp)
 
-    async def recorded():
-        return rid in await gw.rows()
-
-    await eventually(recorded)
-    row = (await gw.rows())[rid]
+    row = await gw.row(rid)
     assert (row.status, row.usage_source, row.prompt_tokens) == (499, "estimated", 10)
     assert 3 <= row.completion_tokens < 40
 
