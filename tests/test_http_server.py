@@ -952,24 +952,30 @@ async def test_an_answer_whose_send_raised_does_not_go_on_to_look_complete(serve
 CHUNKED_HEAD = b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
+async def _chunked_trailers(s, start: bytes, piece: bytes, times: int, end: bytes):
+    """A 1-byte chunked body whose trailer section begins with ``start``,
+    then ``piece`` sent ``times`` times (while the server listens), then
+    ``end``; the client and the answers it got."""
+    c = await connect(s.port)
+    c.send(CHUNKED_HEAD + b"1\r\nx\r\n0\r\n" + start)
+    for _ in range(times):
+        if c.closed:
+            break
+        c.send(piece)
+        await sleep(0.002)
+    if not c.closed:
+        c.send(end)
+    await c.until(lambda c: c.closed or parse_responses(bytes(c.data)), timeout=5)
+    return c, parse_responses(bytes(c.data))
+
+
 @pytest_twisted.ensureDeferred
 async def test_chunked_trailer_section_is_bounded(servers):
     """A trailer field of 2 MiB (limits: 4 KiB head, 1000-byte body) is
     refused: httptools accumulates it (bytes +=, per read), so the bytes read
     after a head are bounded by the body and head limits together."""
     s = servers(max_header_bytes=4096, max_body_bytes=1000)
-    c = await connect(s.port)
-    c.send(CHUNKED_HEAD + b"1\r\nx\r\n0\r\nX-Trailer: ")
-    piece = b"a" * 65536
-    for _ in range(32):  # 2 MiB of one trailer value
-        if c.closed:
-            break
-        c.send(piece)
-        await sleep(0.002)
-    if not c.closed:
-        c.send(b"\r\n\r\n")
-    await c.until(lambda c: c.closed or parse_responses(bytes(c.data)), timeout=5)
-    resps = parse_responses(bytes(c.data))
+    c, resps = await _chunked_trailers(s, b"X-Trailer: ", b"a" * 65536, 32, b"\r\n\r\n")
     assert c.closed or not resps or resps[0].status != 200, resps[0]
     assert not resps or resps[0].status in (400, 413, 431), resps[0].status
 
@@ -979,18 +985,7 @@ async def test_many_small_trailer_fields_are_bounded(servers):
     """100 000 trailer fields (~1 MiB) behind a 1-byte chunked body, with a
     4 KiB head limit: refused too."""
     s = servers(max_header_bytes=4096, max_body_bytes=1000)
-    c = await connect(s.port)
-    c.send(CHUNKED_HEAD + b"1\r\nx\r\n0\r\n")
-    block = b"X-T: a\r\n" * 8192
-    for _ in range(13):
-        if c.closed:
-            break
-        c.send(block)
-        await sleep(0.002)
-    if not c.closed:
-        c.send(b"\r\n")
-    await c.until(lambda c: c.closed or parse_responses(bytes(c.data)), timeout=5)
-    resps = parse_responses(bytes(c.data))
+    _, resps = await _chunked_trailers(s, b"", b"X-T: a\r\n" * 8192, 13, b"\r\n")
     assert not resps or resps[0].status in (400, 413, 431), resps[0].status
 
 
