@@ -657,7 +657,7 @@ class Limiter:
         """May ``need`` more be consumed? ``later``: the real amount is only
         known at settlement (tokens, unpriced requests under a budget)."""
         load = c.spent + c.reserved + need
-        if load <= c.held and c.others + load <= c.cap:  # (held under a cap since lowered: no)
+        if load <= c.room + c.low:  # what it holds, or less under a cap lowered since
             return OK
         if self.offline:
             if self.fail_closed:
