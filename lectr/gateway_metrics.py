@@ -37,7 +37,7 @@ from twisted.logger import Logger
 
 from lectr.genai import DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, operation_name
 from lectr.metrics import Registry
-from lectr.usage.model import UsageRecord
+from lectr.usage.model import COUNT_MAX, UsageRecord
 
 OTHER = "other"
 _MAX_LABEL_LENGTH = 128
@@ -115,12 +115,9 @@ def _add(series: dict[tuple, list], key: tuple, value: float) -> None:
         values.append(value)
 
 
-#: a token count outside a row's int4 column is stored as NULL: not observed either
-_TOKENS_MAX = 2**31 - 1
-
-
 def _tokens(value: object) -> int | None:
-    return value if type(value) is int and 0 <= value <= _TOKENS_MAX else None
+    """A token count as its row stores it (else NULL): not observed either."""
+    return value if type(value) is int and 0 <= value <= COUNT_MAX else None
 
 
 class GenAIMetrics:

@@ -716,11 +716,12 @@ def _cut_json(body: bytes) -> Usage | None:
 
 def _text_bytes(body: bytes) -> int:
     """Bytes of answer text in raw JSON (see ``_JSON_TEXT_RE``)."""
-    return sum(m.end(1) - m.start(1) for m in _JSON_TEXT_RE.finditer(body))
+    return _text_scan(body)[0]
 
 
 def _text_scan(body: bytes) -> tuple[int, bool]:
-    """:func:`_text_bytes`, and whether ``body`` ends inside a text string."""
+    """Bytes of answer text in raw JSON (see ``_JSON_TEXT_RE``), and whether
+    ``body`` ends inside a text string."""
     n, inside = 0, False
     for m in _JSON_TEXT_RE.finditer(body):
         n += m.end(1) - m.start(1)

@@ -20,6 +20,8 @@ USAGE_SOURCES = ("provider", "estimated", "none")
 
 #: the most characters of a provider's usage object a row keeps
 RAW_USAGE_MAX = 4096
+#: the largest token count a row keeps (int4 columns); a count past it is NULL
+COUNT_MAX = 2**31 - 1
 
 
 # Not frozen, for the reason UsageRecord is not (below): one or two are built

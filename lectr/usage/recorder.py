@@ -66,7 +66,7 @@ from lectr.metrics import Registry
 from lectr.pricing.cost import with_estimates
 from lectr.storage.request_logs import PREPARE_SLICE
 from lectr.usage.journal import AppendResult, SpillJournal
-from lectr.usage.model import RAW_USAGE_MAX, USAGE_SOURCES, Usage, UsageRecord
+from lectr.usage.model import COUNT_MAX, RAW_USAGE_MAX, USAGE_SOURCES, Usage, UsageRecord
 
 #: errors that belong to the rows of a batch rather than to the database:
 #: the batch is split to find the offending rows. ValueError covers what the
@@ -91,7 +91,7 @@ _TEXT_LIMITS = (
     ("error_type", ERROR_TYPE_MAX),
     ("route", ROUTE_MAX),
 )
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = COUNT_MAX
 _COST_MAX = Decimal(10) ** 15
 _SMALLINT_MAX = 2**15 - 1
 
