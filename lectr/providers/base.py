@@ -123,6 +123,52 @@ def _mask_core(data: bytes, core: bytes) -> bytes:
     return re.sub(re.escape(core), b"***", data, flags=re.IGNORECASE)
 
 
+#: the shortest key part a successful answer is checked for: a custom
+#: provider's short token would match ordinary text and change answers
+ECHO_CORE_MIN = 12
+#: a held tail at least this long is masked at the end of an answer (a
+#: shorter one is far likelier to be text than the start of the key)
+ECHO_TAIL_MASKED = 8
+
+
+def echo_core(secret: bytes) -> bytes | None:
+    """What a successful (2xx) answer is checked for: the identifying part of
+    the key sent (past its first third), exactly as it is - an upstream that
+    echoes its request (a debug endpoint, a misconfigured self-hosted
+    server) would write it as it came, and a JSON string or a URL writes a
+    key's characters unchanged. None when the key is too short to look for
+    without matching ordinary text, or holds the mask's ``*``."""
+    core = secret[len(secret) // 3 :]
+    if len(core) < ECHO_CORE_MIN or b"*" in core:
+        return None
+    return core
+
+
+def mask_echoes(data: bytes, core: bytes) -> tuple[bytes, bytes]:
+    """A piece of a successful answer (with the tail held from the piece
+    before it first) with every copy of ``core`` masked, byte for byte
+    (``*``: a ``Content-Length`` already sent stays true), split into what
+    may be sent now and what is held: its longest tail that is the start of
+    ``core``, which the next piece may complete. Whatever pieces an answer
+    arrives in, no copy of ``core`` is sent (``test_echo_guard``)."""
+    if data.find(core) >= 0:
+        data = data.replace(core, b"*" * len(core))
+    n = len(data)
+    first = core[:1]
+    i = data.find(first, max(0, n - len(core) + 1))
+    while i >= 0:
+        if core.startswith(data[i:]):
+            return data[:i], data[i:]
+        i = data.find(first, i + 1)
+    return data, b""
+
+
+def echo_tail_end(tail: bytes) -> bytes:
+    """The tail still held when a successful answer ends: the start of the
+    key (masked) when it is long enough to be more than chance."""
+    return b"*" * len(tail) if len(tail) >= ECHO_TAIL_MASKED else tail
+
+
 def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
     """Provider-supplied text made safe to show: no key-like tokens, one
     line, bounded length."""

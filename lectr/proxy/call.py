@@ -45,7 +45,14 @@ from lectr.managers.orgs import looks_like_key
 from lectr.policy.chain import Refusal, run_chain
 from lectr.policy.health import parse_retry_after
 from lectr.policy.plan import failure_class
-from lectr.providers.base import quotes_secret, scrub_body, secret_core
+from lectr.providers.base import (
+    echo_core,
+    echo_tail_end,
+    mask_echoes,
+    quotes_secret,
+    scrub_body,
+    secret_core,
+)
 from lectr.providers.body import BodyRefused, read_body
 from lectr.providers.dialects import ERROR_STATUS
 from lectr.proxy.headers import downstream
@@ -201,6 +208,8 @@ class Call:
         "meter",
         "held",
         "held_encoding",
+        "echo_core",
+        "echo_tail",
         "headers_timer",
         "idle_timer",
         "step_timer",
@@ -244,6 +253,8 @@ class Call:
         self.meter = None
         self.held: bytearray | None = None
         self.held_encoding: bytes | None = None
+        self.echo_core: bytes | None = None  # a 2xx answer's: what must not be echoed
+        self.echo_tail = b""  # (held: it may be the start of an echo)
         self.headers_timer = None
         self.idle_timer = None
         self.step_timer = None
@@ -542,7 +553,8 @@ class Call:
         rplan = self.rplan
         self.status = status
         secret = self.secret
-        core = secret_core(secret.reveal().encode("ascii")) if secret is not None else None
+        raw = secret.reveal().encode("ascii") if secret is not None else None
+        core = secret_core(raw) if raw is not None else None
         out = downstream(headers, core)
         if reason and core is not None and quotes_secret(reason, core):
             reason = b""
@@ -558,10 +570,14 @@ class Call:
             if status >= 400 and self.plan.n > 1:
                 out.append(_SHOULD_NOT_RETRY)
             length = None
-        elif length is not None and (
-            rplan.strip_usage_chunk or status in _NO_LENGTH_CODES or req.method == b"HEAD"
-        ):
-            length = None
+        else:
+            # a successful answer is relayed as it comes, checked for an echo
+            # of the key on the way (security.md)
+            self.echo_core = echo_core(raw) if raw is not None else None
+            if length is not None and (
+                rplan.strip_usage_chunk or status in _NO_LENGTH_CODES or req.method == b"HEAD"
+            ):
+                length = None
         self.meter = self.dialect.meter(
             rplan,
             self.api_path_text,
@@ -609,6 +625,11 @@ class Call:
                 self.abort("upstream_error_too_large")
             return
         out = self.meter.feed(data)
+        core = self.echo_core
+        if core is not None and out:
+            tail = self.echo_tail
+            if tail or out.find(core) >= 0 or out[-1] in core:
+                out, self.echo_tail = mask_echoes(tail + out, core)
         if out:
             self.req.write(out)
 
@@ -624,6 +645,8 @@ class Call:
         held, self.held = self.held, None
         if held is not None:
             req.write(self._masked(bytes(held)))
+        elif self.echo_tail:
+            req.write(echo_tail_end(self.echo_tail))
         self.closed = True
         self.answered = True
         req.finish()
