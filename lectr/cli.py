@@ -46,6 +46,11 @@ _UUID_RE = re.compile(
 )
 
 
+def _seg(value: str) -> str:
+    """A command-line value as one path segment of an admin API URL."""
+    return urllib.parse.quote(value, safe="")
+
+
 class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_API) -> None:
         super().__init__(message)
@@ -117,7 +122,12 @@ class Client:
             raise CliError(
                 f"cannot reach the admin API at {self.base_url}: {e}", EXIT_UNREACHABLE
             ) from None
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise CliError(
+                f"the answer from {self.base_url} is not JSON: is LECTR_ADMIN_URL the admin API?"
+            ) from None
 
     def get(self, path: str, **query) -> Any:
         return self.request("GET", path, query=query)
@@ -270,6 +280,9 @@ REQUEST_COLUMNS = [
     ("REQUEST ID", lambda r: r["request_id"]),
 ]
 _FOLLOW_WIDTHS = (19, 9, 28, 6, 7, 7, 7, 6, 36)
+#: requests --follow: rows asked for per poll (the API's most), request ids remembered
+_FOLLOW_PAGE = 200
+_FOLLOW_SEEN = 10_000
 
 
 def _follow_line(row: dict, header: bool = False) -> str:
@@ -424,7 +437,7 @@ class Commands:
         self.out.result(doc, lambda: self.out.table(doc["items"], USER_COLUMNS))
 
     def users_set_admin(self, args, value: bool) -> None:
-        user = self.api.put(f"/admin/users/{args.user_id}", {"is_admin": value})
+        user = self.api.put(f"/admin/users/{_seg(args.user_id)}", {"is_admin": value})
         verb = "is now a global admin" if value else "is no longer a global admin"
         self.out.result(user, lambda: self.out.line(f"{user['subject']} {verb}"))
 
@@ -480,7 +493,7 @@ class Commands:
                 raise CliError("deleting an organization needs --yes", EXIT_USAGE)
             answer = input(f"Delete organization {args.org} and all its data? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
-                raise CliError("not deleted", EXIT_API)
+                raise CliError("not deleted", EXIT_USAGE)
         self.api.delete(f"/admin/orgs/{org_id}")
         doc = {"deleted": org_id}
         self.out.result(doc, lambda: self.out.line(f"Deleted organization {org_id}"))
@@ -507,7 +520,7 @@ class Commands:
         self.out.result(key, lambda: self.show_issued(key, f"Lectr key {key['name']}"))
 
     def keys_revoke(self, args) -> None:
-        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/keys/{args.key_id}")
+        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/keys/{_seg(args.key_id)}")
         doc = {"revoked": args.key_id}
         self.out.result(doc, lambda: self.out.line(f"Revoked key {args.key_id}"))
 
@@ -559,12 +572,14 @@ class Commands:
         if not body:
             raise CliError("nothing to change: give --enable/--disable, --weight or --name", 2)
         doc = self.api.request(
-            "PATCH", f"/admin/orgs/{self.org_id(args.org)}/provider-keys/{args.key_id}", body
+            "PATCH",
+            f"/admin/orgs/{self.org_id(args.org)}/provider-keys/{_seg(args.key_id)}",
+            body,
         )
         self.out.result(doc, lambda: self.out.table([doc], PROVIDER_KEY_COLUMNS))
 
     def provider_keys_delete(self, args) -> None:
-        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/provider-keys/{args.key_id}")
+        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/provider-keys/{_seg(args.key_id)}")
         doc = {"deleted": args.key_id}
         self.out.result(doc, lambda: self.out.line(f"Deleted provider key {args.key_id}"))
 
@@ -592,7 +607,9 @@ class Commands:
                 "--unblock-all",
                 EXIT_USAGE,
             )
-        doc = self.api.put(f"/admin/orgs/{self.org_id(args.org)}/providers/{args.provider}", body)
+        doc = self.api.put(
+            f"/admin/orgs/{self.org_id(args.org)}/providers/{_seg(args.provider)}", body
+        )
         self.out.result(doc, lambda: self.out.table([doc], PROVIDER_COLUMNS))
 
     # the provider catalogue
@@ -607,11 +624,11 @@ class Commands:
             body["display_name"] = args.display_name
         if args.models_path:
             body["models_path"] = args.models_path
-        doc = self.api.put(f"/admin/providers/{args.name}", body)
+        doc = self.api.put(f"/admin/providers/{_seg(args.name)}", body)
         self.out.result(doc, lambda: self.out.table([doc], CATALOGUE_COLUMNS))
 
     def catalogue_delete(self, args) -> None:
-        self.api.delete(f"/admin/providers/{args.name}")
+        self.api.delete(f"/admin/providers/{_seg(args.name)}")
         doc = {"deleted": args.name}
         self.out.result(doc, lambda: self.out.line(f"Deleted provider {args.name}"))
 
@@ -641,12 +658,12 @@ class Commands:
             body["max_attempts"] = args.max_attempts
         if args.attempt_timeout is not None:
             body["attempt_timeout"] = args.attempt_timeout
-        name = urllib.parse.quote(args.name, safe="")
+        name = _seg(args.name)
         doc = self.api.put(f"/admin/orgs/{self.org_id(args.org)}/routes/{name}", body)
         self.out.result(doc, lambda: self.out.table([doc], ROUTE_COLUMNS))
 
     def routes_delete(self, args) -> None:
-        name = urllib.parse.quote(args.name, safe="")
+        name = _seg(args.name)
         self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/routes/{name}")
         doc = {"deleted": args.name}
         self.out.result(doc, lambda: self.out.line(f"Deleted route {args.name}"))
@@ -774,28 +791,43 @@ class Commands:
         self.follow(path, filters, args)
 
     def follow(self, path: str, filters: dict, args) -> None:
-        """Print new requests as they are logged (oldest first), polling the
-        newest page every ``--interval`` seconds; JSON Lines with --json."""
-        seen: set[str] = set()
+        """Print new requests as they are logged (oldest first): the newest
+        ``--limit`` first, then, every ``--interval`` seconds, every request
+        stored since (the API's ``after`` cursor, page after page in a
+        burst); JSON Lines with --json. Like the dashboard, each poll starts
+        from the cursor of the poll before the last, so a row committed late
+        by another node is still printed; repeats are dropped by id."""
+        seen: dict[str, None] = {}  # request ids printed, oldest first
         polls = 0
         if not self.out.as_json:
             self.out.line(_follow_line({}, header=True))
+        page = self.api.get(path, limit=args.limit, **filters)
+        rows = list(reversed(page["items"]))
+        cursors = [page["live_cursor"]]
+        more = False  # the last page was full: more are waiting
         while True:
-            page = self.api.get(path, limit=args.limit, **filters)
-            fresh = [r for r in page["items"] if r["request_id"] not in seen]
-            if len(seen) > 10_000:
-                seen.clear()
-            seen.update(r["request_id"] for r in page["items"])
-            for row in reversed(fresh):
+            for row in rows:
+                if row["request_id"] in seen:
+                    continue
+                seen[row["request_id"]] = None
                 if self.out.as_json:
                     self.out.out.write(json.dumps(row) + "\n")
                 else:
                     self.out.line(_follow_line(row))
             self.out.out.flush()
+            while len(seen) > _FOLLOW_SEEN:
+                del seen[next(iter(seen))]
             polls += 1
             if args.max_polls is not None and polls >= args.max_polls:
                 return
-            time.sleep(args.interval)
+            if not more:
+                time.sleep(args.interval)
+            page = self.api.get(path, limit=_FOLLOW_PAGE, after=cursors[0], **filters)
+            rows = page["items"]  # (in the order they were stored)
+            more = len(rows) == _FOLLOW_PAGE
+            rows = sorted(rows, key=lambda r: r["created_at"])
+            # after a full page, go on right after it
+            cursors = [page["live_cursor"]] if more else [cursors[-1], page["live_cursor"]]
 
     def usage(self, args) -> None:
         if args.explain:
@@ -940,7 +972,7 @@ class Commands:
         self.out.result(member, lambda: self.out.line(f"{member['subject']} is {member['role']}"))
 
     def members_remove(self, args) -> None:
-        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/members/{args.user_id}")
+        self.api.delete(f"/admin/orgs/{self.org_id(args.org)}/members/{_seg(args.user_id)}")
         doc = {"removed": args.user_id}
         self.out.result(doc, lambda: self.out.line(f"Removed member {args.user_id}"))
 
@@ -1293,6 +1325,34 @@ def _fail(message: str, code: int, err: TextIO) -> NoReturn:
     raise SystemExit(code)
 
 
+def _check_url(url: str, err: TextIO) -> None:
+    """The admin API URL: http(s)://host[:port][/prefix], with no query,
+    no fragment, no space or control character, and no
+    credentials (the token goes in LECTR_ADMIN_TOKEN; a password in the URL
+    would be repeated by every error message)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is not None and (parts.username is not None or parts.password is not None):
+        _fail(
+            "the admin API URL must not carry credentials: give the token in LECTR_ADMIN_TOKEN",
+            EXIT_USAGE,
+            err,
+        )
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port_ok
+        or parts.query
+        or parts.fragment
+        or any(c <= " " or c == "\x7f" for c in url)
+    ):
+        _fail(f"the admin API URL must be http(s)://host:port, got {url!r}", EXIT_USAGE, err)
+
+
 def run(
     argv: Sequence[str] | None = None,
     environ: dict[str, str] | None = None,
@@ -1303,9 +1363,7 @@ def run(
     environ = dict(os.environ if environ is None else environ)
     args = build_parser().parse_args(argv)
     url = args.url or environ.get("LECTR_ADMIN_URL") or DEFAULT_URL
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        _fail(f"the admin API URL must be http(s)://host:port, got {url!r}", EXIT_USAGE, err)
+    _check_url(url, err)
     client = Client(url, find_token(environ))
     commands = Commands(client, Output(args.json, out), stdin)
     try:
