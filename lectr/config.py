@@ -65,11 +65,14 @@ def parse_bool(raw: str) -> bool:
     raise ValueError(f"expected 1/0, true/false or yes/no, got {raw!r}")
 
 
+MAX_WORKERS = 256
+
+
 def _workers(raw: str) -> int:
     value = raw.strip().lower()
     if value == "auto":
-        return os.cpu_count() or 1
-    return _int_in(1, 256)(value)
+        return min(os.cpu_count() or 1, MAX_WORKERS)
+    return _int_in(1, MAX_WORKERS)(value)
 
 
 def _one_of(*choices: str) -> Callable[[str], str]:
