@@ -23,6 +23,14 @@ const MAX_RANGE = 366 * DAY;
 
 const iso = (d) => d.toISOString().replace(".000Z", "Z");
 
+/** The range the API's totals cover: whole hours, since rounded down and until up. */
+function wholeHours({ since, until }) {
+  return {
+    since: new Date(Math.floor(since.getTime() / HOUR) * HOUR),
+    until: new Date(Math.ceil(until.getTime() / HOUR) * HOUR),
+  };
+}
+
 /** since/until (Dates) from the form's choices; throws Error when invalid. */
 function chosenRange(q, now = new Date()) {
   const range = q.get("range") || "7d";
@@ -187,7 +195,8 @@ export async function render(ctx) {
     return;
   }
   let bucket = q.get("bucket") === "day" ? "day" : "hour";
-  const adjusted = bucket === "hour" && range.until - range.since > MAX_HOURLY;
+  const covered = wholeHours(range);
+  const adjusted = bucket === "hour" && covered.until - covered.since > MAX_HOURLY;
   if (adjusted) bucket = "day";
   const by = ["model", "provider", "key"].includes(q.get("by")) ? q.get("by") : "model";
   const params = { since: iso(range.since), until: iso(range.until) };
@@ -206,21 +215,24 @@ export async function render(ctx) {
     return;
   }
   if (ctx.signal.aborted) return;
-  const buckets = bucketsOf(range.since, range.until, bucket);
+  // the range the totals are for, as the API reports it
+  const since = iso(new Date(series.since || covered.since));
+  const until = iso(new Date(series.until || covered.until));
+  const buckets = bucketsOf(new Date(since), new Date(until), bucket);
   replace(
     body,
     adjusted ? notice("Hourly totals cover at most 31 days: shown by day.", "info") : null,
     h(
       "p",
-      { class: "range", id: "usage-range", "data-since": params.since, "data-until": params.until },
-      `${fmtTime(params.since)} → ${fmtTime(params.until)} UTC`,
+      { class: "range", id: "usage-range", "data-since": since, "data-until": until },
+      `${fmtTime(since)} → ${fmtTime(until)} UTC`,
     ),
     totalsView(series.items),
     h(
       "p",
       { class: "hint" },
       "The same totals from the command line: ",
-      h("code", {}, `lectr usage ${org.id} --since ${params.since} --until ${params.until} --by ${bucket}`),
+      h("code", {}, `lectr usage ${org.id} --since ${since} --until ${until} --by ${bucket}`),
     ),
     charts(buckets, series.items),
     h("h2", {}, `By ${by === "key" ? "Lectr key" : by}`),
