@@ -210,8 +210,11 @@ async def test_unknown_paths_and_methods(env):
         response = await treq.get(base + path, persistent=False)
         assert response.code == 404, path
         assert header(response, "x-content-type-options") == "nosniff"
+        # (every dashboard response carries the policy, errors too: docs/dashboard.md)
+        assert "default-src 'none'" in (header(response, "content-security-policy") or "")
     response = await treq.post(base + "/", data=b"x", persistent=False)
     assert response.code == 405 and header(response, "allow") == "GET, HEAD"
+    assert "default-src 'none'" in (header(response, "content-security-policy") or "")
     # the API is untouched: JSON errors, its own headers
     missing = await treq.get(base + "/nope", persistent=False)
     assert missing.code == 404 and json.loads(await missing.content())["error"]["code"]

@@ -121,9 +121,10 @@ class DashboardResource(Resource):
         request.setHeader(b"content-length", str(len(asset.body)).encode())
         return asset.body
 
-    @staticmethod
-    def _plain(request, status: int, body: bytes) -> bytes:
+    @classmethod
+    def _plain(cls, request, status: int, body: bytes) -> bytes:
         request.setResponseCode(status)
+        cls._csp(request, [])  # (an error is a dashboard response too)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         return body
