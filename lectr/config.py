@@ -66,13 +66,60 @@ def parse_bool(raw: str) -> bool:
 
 
 MAX_WORKERS = 256
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def usable_cores(cgroup: Path = CGROUP) -> int:
+    """The cores this process may run on: its CPU affinity (a cpuset, e.g.
+    ``docker run --cpuset-cpus``), bounded by a CPU quota (``docker run
+    --cpus``, a Kubernetes limit: cgroup v2 ``cpu.max``, or v1's
+    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``) rounded up. ``os.cpu_count()``
+    is the host's, which in a container with a 2-CPU limit on a 64-core host
+    would start 64 processes taking turns on 2 CPUs' worth of time."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup)
+    if quota is not None:
+        cores = min(cores, quota)
+    return max(1, cores)
+
+
+def _cgroup_quota(cgroup: Path) -> int | None:
+    """The CPU quota in whole cores (rounded up), or None for none."""
+    for path, read in (
+        (cgroup / "cpu.max", lambda p: p.read_text().split()),
+        (
+            cgroup / "cpu" / "cpu.cfs_quota_us",
+            lambda p: [
+                p.read_text().strip(),
+                (p.parent / "cpu.cfs_period_us").read_text().strip(),
+            ],
+        ),
+    ):
+        try:
+            fields = read(path)
+        except (OSError, UnicodeDecodeError):
+            continue
+        try:
+            quota, period = int(fields[0]), int(fields[1])
+        except (ValueError, IndexError):
+            return None  # "max" (v2) or an unreadable file: no quota
+        if quota <= 0 or period <= 0:
+            return None  # -1 (v1): no quota
+        return -(-quota // period)
+    return None
 
 
 def _workers(raw: str) -> int:
     value = raw.strip().lower()
     if value == "auto":
-        return min(os.cpu_count() or 1, MAX_WORKERS)
-    return _int_in(1, MAX_WORKERS)(value)
+        return min(usable_cores(), MAX_WORKERS)
+    try:
+        return _int_in(1, MAX_WORKERS)(value)
+    except ValueError as e:
+        raise ValueError(f"{e} (or auto: one per usable core)") from None
 
 
 def _one_of(*choices: str) -> Callable[[str], str]:
@@ -312,7 +359,7 @@ SETTINGS: tuple[Setting, ...] = (
         "workers",
         "LECTR_WORKERS",
         "1",
-        "Processes sharing the proxy socket, or 'auto' for one per core",
+        "Processes sharing the proxy socket, or 'auto' for one per usable core",
         _workers,
         option="workers",
     ),

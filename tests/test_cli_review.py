@@ -238,7 +238,7 @@ def test_workers_auto_stays_within_the_documented_range(monkeypatch):
     core); a machine with more cores gets 256, not more."""
     from lectr.config import load_config
 
-    monkeypatch.setattr("lectr.config.os.cpu_count", lambda: 384)
+    monkeypatch.setattr("lectr.config.usable_cores", lambda: 384)
     assert load_config({"workers": "auto"}, {}).workers == 256
-    monkeypatch.setattr("lectr.config.os.cpu_count", lambda: None)
+    monkeypatch.setattr("lectr.config.usable_cores", lambda: 1)
     assert load_config({}, {"LECTR_WORKERS": "auto"}).workers == 1

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from lectr.config import SETTINGS, ConfigError, load_config, redact_url
+from lectr.config import SETTINGS, ConfigError, load_config, redact_url, usable_cores
 from lectr.devmode import apply_development_defaults
 
 KEY = base64.b64encode(os.urandom(32)).decode()
@@ -40,9 +40,35 @@ def test_no_migrate_flag_and_env():
 
 
 def test_workers_auto():
-    assert load_config({}, {"LECTR_WORKERS": "auto"}).workers == (os.cpu_count() or 1)
+    assert load_config({}, {"LECTR_WORKERS": "auto"}).workers == usable_cores()
     with pytest.raises(ConfigError, match="--workers"):
         load_config({"workers": "0"}, {})
+    with pytest.raises(ConfigError, match="or auto"):
+        load_config({"workers": "many"}, {})
+
+
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # docker run --cpus 2 (cgroup v2)
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: rounded up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),  # no quota
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_workers_auto_follows_a_container_cpu_quota(tmp_path, files, cores):
+    """``auto`` is one process per core the container may use, not per core
+    of the host: a CPU quota (cgroup v2 or v1) bounds the affinity's count."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    expected = affinity if cores is None else min(affinity, cores)
+    assert usable_cores(tmp_path) == expected
 
 
 @pytest.mark.parametrize(
