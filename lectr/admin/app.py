@@ -35,9 +35,10 @@ from lectr.admin.api import (
 from lectr.admin.api import write_error as _write_error
 from lectr.admin.openapi import build_openapi
 from lectr.db.database import Database, DatabaseUnavailable
-from lectr.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
+from lectr.errors import BadRequest, NotFound, ServiceUnavailable
 from lectr.limits.model import usd_text
 from lectr.managers.orgs import IssuedKey
+from lectr.managers.usage import hour_ceil
 from lectr.managers.users import Permission, Principal, UserManager
 from lectr.metrics import Registry
 from lectr.storage.api_keys import ApiKey
@@ -840,9 +841,7 @@ class AdminApp:
     )
     async def create_custom_provider(self, request, call: Call) -> Reply:
         custom = self._need(self._custom, "custom providers")
-        if custom.row(call.body["name"]) is not None:
-            raise Conflict(f"provider '{call.body['name']}' exists; PUT it to replace it")
-        row, _ = await custom.put(call.body)
+        row, _ = await custom.put(call.body, replace=False)
         return created(provider_view(self._registry[row.name], row))
 
     @api.route(
@@ -854,7 +853,7 @@ class AdminApp:
         body=s.CUSTOM_PROVIDER_UPDATE,
         responses={200: "Provider", 201: "Provider"},
         errors=(409,),
-        path_params={"name": s.PROVIDER},
+        path_params={"name": s.PROVIDER_NAME},  # (a new name is not in the catalogue yet)
     )
     async def put_custom_provider(self, request, call: Call) -> Reply:
         custom = self._need(self._custom, "custom providers")
@@ -975,17 +974,20 @@ class AdminApp:
         since, until = self._usage_range(call.query)
         visible = await self._users.visible_orgs(call.principal)
         org_ids = None if visible is None else list(visible)
-        totals = await usage.org_totals(org_ids, since=since, until=until)
+        report = await usage.org_totals(org_ids, since=since, until=until)
         return ok(
             {
-                "since": since,
-                "until": until,
-                "items": [record_view(t, s.USAGE_FIELDS) for t in totals],
+                "since": report.since,
+                "until": report.until,
+                "items": [record_view(t, s.USAGE_FIELDS) for t in report.items],
             }
         )
 
     def _usage_range(self, query: dict) -> tuple[datetime, datetime]:
-        until = query.get("until") or datetime.fromtimestamp(self._reactor.seconds(), UTC)
+        """The range asked for; by default the 30 days up to the end of the
+        current hour (whole hours, as the rollups are read)."""
+        now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
+        until = query.get("until") or hour_ceil(now)
         since = query.get("since") or until - timedelta(days=30)
         return since, until
 
@@ -1004,7 +1006,12 @@ class AdminApp:
     async def explain_request(self, request, call: Call) -> Reply:
         usage = self._need(self._usage, "request logs")
         explanation = await usage.explain(call.params["request_id"])
-        await self._users.authorize(call.principal, P.ORG_READ, explanation.org_id)
+        try:
+            await self._users.authorize(call.principal, P.ORG_READ, explanation.org_id)
+        except NotFound:
+            # the same answer as for an unknown id: whoever holds the id of
+            # another org's request must not learn that it exists
+            raise NotFound("request not found") from None
         doc = explanation.to_json()
         doc["request"] = record_view(explanation.request, s.REQUEST_FIELDS)
         return ok(doc)

@@ -27,6 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, suc
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from lectr.admin.validation import text_problem
 from lectr.errors import ServiceUnavailable, Unauthorized
 from lectr.managers.users import MAX_EMAIL_LEN, MAX_SUBJECT_LEN, Principal, UserManager
 from lectr.util.secret import Secret
@@ -328,6 +329,7 @@ class JWTVerifier:
             not isinstance(subject, str)
             or not 0 < len(subject.strip()) <= MAX_SUBJECT_LEN
             or any(ord(c) < 0x20 or ord(c) == 0x7F for c in subject)
+            or text_problem(subject) is not None  # (an unpaired surrogate: not storable)
         ):
             raise _invalid("the token's subject is malformed")
         email, email_verified = _email_claim(claims)

@@ -116,7 +116,9 @@ PUT_ROUTE = obj(
         "max_attempts": {"type": "integer", "minimum": 1, "maximum": 10},
         "attempt_timeout": {
             "type": ["number", "null"],
-            "description": "seconds to wait for each attempt's response headers",
+            "minimum": 0.1,
+            "maximum": 3600,
+            "description": "seconds to wait for each attempt's response headers (0.1 to 3600)",
         },
     },
     ("targets",),
@@ -651,8 +653,8 @@ COMPONENTS["UsageReport"] = obj(
 )
 COMPONENTS["OrgUsageReport"] = obj(
     {
-        "since": TIMESTAMP,
-        "until": TIMESTAMP,
+        "since": {**TIMESTAMP, "description": "the start of the first hour covered"},
+        "until": {**TIMESTAMP, "description": "the end of the last hour covered"},
         "items": {
             "type": "array",
             "items": ref("UsageTotal"),

@@ -16,6 +16,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -162,7 +163,7 @@ def _validate_string(value: str, schema: dict, path: str) -> None:
         raise BadRequest(f"{_label(path)} must be at least {schema['minLength']} characters long")
     if "maxLength" in schema and len(value) > schema["maxLength"]:
         raise BadRequest(f"{_label(path)} must be at most {schema['maxLength']} characters long")
-    if "pattern" in schema and re.search(schema["pattern"], value) is None:
+    if "pattern" in schema and _pattern(schema["pattern"]).search(value) is None:
         raise BadRequest(f"{_label(path)} is malformed")
     fmt = schema.get("format")
     if fmt == "uuid":
@@ -175,6 +176,33 @@ def _validate_string(value: str, schema: dict, path: str) -> None:
             raise BadRequest(f"{_label(path)} must be an email address")
     elif fmt == "date-time":
         parse_datetime(value, path)
+
+
+@lru_cache(maxsize=256)
+def _pattern(pattern: str) -> re.Pattern:
+    """A JSON Schema ``pattern`` (an ECMA-262 regex) as Python's ``re``
+    compiles it, except for ``$``: in ECMA-262 (without the multiline flag)
+    it matches only at the end of the input, in Python also before a final
+    newline, which would let ``"5\\n"`` through ``^[0-9]+$``. Each ``$``
+    outside a character class becomes ``\\Z``."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "$":
+            c = r"\Z"
+        out.append(c)
+        i += 1
+    return re.compile("".join(out))
 
 
 def _join(path: str, key: str) -> str:

@@ -83,7 +83,9 @@ class CustomProviderManager:
     def row(self, name: str) -> CustomProviderRow | None:
         return self._rows.get(name)
 
-    async def put(self, body: dict) -> tuple[CustomProviderRow, bool]:
+    async def put(self, body: dict, *, replace: bool = True) -> tuple[CustomProviderRow, bool]:
+        """Create or replace a custom provider; returns it and whether it is
+        new. With ``replace`` False, a name already taken is a 409."""
         name = body.get("name")
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise BadRequest(
@@ -106,7 +108,12 @@ class CustomProviderManager:
         if auth not in AUTH_SCHEMES:
             raise BadRequest(f"auth must be one of: {', '.join(AUTH_SCHEMES)}")
         models_path = check_models_path(body.get("models_path", "/v1/models"))
-        row, created = await self._store.upsert(name, display, dialect, base_url, auth, models_path)
+        result = await self._store.upsert(
+            name, display, dialect, base_url, auth, models_path, replace=replace
+        )
+        if result is None:
+            raise Conflict(f"provider '{name}' exists; PUT it to replace it")
+        row, created = result
         self._log.info(
             "custom provider {name} {what}: {dialect} dialect at {base_url}",
             name=name,

@@ -407,17 +407,19 @@ class UsageManager:
 
     async def org_totals(
         self, org_ids: list[str] | None, *, since: object, until: object
-    ) -> list[UsageTotal]:
+    ) -> UsageReport:
         """One total per org over the hours of ``[since, until)`` (``key``:
         the org id), for ``org_ids`` (None: every org); orgs without requests
-        are left out."""
+        are left out. The range is rounded out to whole hours, as for
+        :meth:`usage_totals`, and the report gives the range covered."""
         start, end = self._hours(since, until)
         if org_ids is not None:
             org_ids = [parse_uuid(o, "organization") for o in org_ids]
             if not org_ids:
-                return []
+                return UsageReport(start, end, "org", [])
         rows = await self._store.totals_by_org(org_ids, since=start, until=end)
-        return sorted((_total(r) for r in rows), key=lambda t: (-t.requests, t.key or ""))
+        items = sorted((_total(r) for r in rows), key=lambda t: (-t.requests, t.key or ""))
+        return UsageReport(start, end, "org", items)
 
     @staticmethod
     def _hours(since: object, until: object) -> tuple[datetime, datetime]:

@@ -115,7 +115,9 @@ def clean_subject(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise BadRequest("subject must be a non-empty string")
     subject = value.strip()
-    if len(subject) > MAX_SUBJECT_LEN or any(ord(c) < 0x20 for c in subject):
+    # (the rule JWTVerifier applies to a token's sub: an identity made for a
+    # subject no token can carry could never sign in)
+    if len(subject) > MAX_SUBJECT_LEN or any(ord(c) < 0x20 or ord(c) == 0x7F for c in subject):
         raise BadRequest(f"subject must be at most {MAX_SUBJECT_LEN} printable characters")
     return subject
 
@@ -125,6 +127,10 @@ def clean_email(value: object) -> str:
         raise BadRequest("email must be a string")
     email = value.strip()
     if len(email) > MAX_EMAIL_LEN or not _EMAIL_RE.fullmatch(email):
+        raise BadRequest("email is not a valid address")
+    # (a token's claim is any JSON string: no control character, nor an
+    # unpaired surrogate that PostgreSQL could not store)
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in email):
         raise BadRequest("email is not a valid address")
     return email
 

@@ -36,19 +36,37 @@ class CustomProviderStore:
         return [CustomProviderRow(*r) for r in rows]
 
     async def upsert(
-        self, name: str, display_name: str, dialect: str, base_url: str, auth: str, models_path: str
-    ) -> tuple[CustomProviderRow, bool]:
-        """Create or replace; returns the row and whether it is new."""
+        self,
+        name: str,
+        display_name: str,
+        dialect: str,
+        base_url: str,
+        auth: str,
+        models_path: str,
+        *,
+        replace: bool = True,
+    ) -> tuple[CustomProviderRow, bool] | None:
+        """Create or replace; returns the row and whether it is new. With
+        ``replace`` False, only create: None when the name is taken (decided
+        by the database, so concurrent creations make exactly one)."""
+        on_conflict = (
+            "DO UPDATE SET "
+            "display_name = EXCLUDED.display_name, dialect = EXCLUDED.dialect, "
+            "base_url = EXCLUDED.base_url, auth = EXCLUDED.auth, "
+            "models_path = EXCLUDED.models_path"
+            if replace
+            else "DO NOTHING"
+        )
 
-        async def txn(t: Transaction) -> tuple[CustomProviderRow, bool]:
+        async def txn(t: Transaction) -> tuple[CustomProviderRow, bool] | None:
             row = await t.fetchone(
                 "INSERT INTO custom_providers (name, display_name, dialect, base_url, auth, "
-                "models_path) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
-                "display_name = EXCLUDED.display_name, dialect = EXCLUDED.dialect, "
-                "base_url = EXCLUDED.base_url, auth = EXCLUDED.auth, "
-                f"models_path = EXCLUDED.models_path RETURNING {_COLUMNS}, (xmax = 0)",
+                f"models_path) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) {on_conflict} "
+                f"RETURNING {_COLUMNS}, (xmax = 0)",
                 (name, display_name, dialect, base_url, auth, models_path),
             )
+            if row is None:
+                return None
             t.notify(NOTIFY_KIND, name)
             return CustomProviderRow(*row[:-1]), bool(row[-1])
 
