@@ -219,8 +219,11 @@ class Slots:
         self.cap = cap
         self.lease = max(1, math.ceil(cap * fraction))
         self.low = (self.lease + 1) // 2
-        self.exhausted = False
-        self.room = self.held - self.low
+        # (a cap lowered below what this node holds: no credit, and only the
+        # slots the new cap leaves are reused - see _fits_slot - until the
+        # next round gives the rest back)
+        self.exhausted = self.held > cap - self.others
+        self.room = self.held - self.low if not self.exhausted else -1
         self.retired = False
         self.local_allow: int | None = None
 
@@ -693,7 +696,12 @@ class Limiter:
 
     def _check(self, scope: Scope, now: float, reserve: int | None) -> Refusal | None:
         # (each limit first tries the common case inline: covered by what
-        # the node holds - ``room + low``: that, or less under a cap lowered since)
+        # the node holds - ``room + low``: that, or less under a cap lowered
+        # since; both minute counters move to a new minute before either
+        # refuses: a refusal's x-ratelimit-* headers are read from both)
+        c = scope.tok
+        if c is not None and now >= c.end:
+            self._counter(scope, "tokens", now)
         c = scope.req
         if c is not None:
             if now >= c.end:
@@ -704,8 +712,6 @@ class Limiter:
                     return self._refuse(scope, c, verdict, now)
         c = scope.tok
         if c is not None:
-            if now >= c.end:
-                c = self._counter(scope, "tokens", now)
             if c.spent >= c.room + c.low:
                 verdict = self._fits(c, 1, True)
                 if verdict > CREDIT:
@@ -968,6 +974,10 @@ class Limiter:
                     want = c.lease - free
                 if not want and not debt and free > 0 and not recent:
                     debt = -free  # idle: give the unused lease back
+                elif not debt and free > c.lease and c.held > c.cap - c.others:
+                    # holding more than the cap leaves (a cap lowered): keep one
+                    # lease, give the rest back so that the other nodes can spend it
+                    debt = c.lease - free
                 include = debt or want or spent or due
             else:
                 if current and free > 0 and not debt:

@@ -6,7 +6,8 @@ carries its :class:`~lectr.limits.limiter.Admission` (``call.admission``:
 ``x-ratelimit-*`` headers on the response, settled exactly once when the
 call ends). Dollar budgets reserve the request's worst-case cost, computed
 only when a budget applies: the largest over the plan's targets, from the
-prompt's size and the request's own output limit (or the model's).
+prompt's size and the request's own output limit (or the model's), times
+the completions it asks for (``n``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lectr.pricing.cost import estimate_prompt_tokens
 
 _KINDS = {"rate_limit_exceeded": "rate_limited", "budget_exceeded": "budget_exceeded"}
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_COMPLETIONS = ("n", "best_of")
 
 
 def output_limit(doc: dict | None) -> int | None:
@@ -30,14 +32,28 @@ def output_limit(doc: dict | None) -> int | None:
     return None
 
 
+def completions(doc: dict | None) -> int:
+    """How many completions a request has generated (and billed), each up
+    to the output limit: OpenAI's ``n``, or the legacy completions'
+    ``best_of`` (which generates that many and returns ``n``)."""
+    if doc is None:
+        return 1
+    count = 1
+    for name in _COMPLETIONS:
+        value = doc.get(name)
+        if type(value) is int and value > count:
+            count = value
+    return count
+
+
 class Limits:
     name = "limits"
 
     def __init__(self, limits, dearest=None) -> None:
-        """``dearest(targets, prompt_tokens, max_output_tokens)`` -> int |
-        None: the pricing catalogue's largest worst case over a plan's
-        targets, in whole micro-dollars (None: none is priced; budgets then
-        charge the real cost at settlement)."""
+        """``dearest(targets, prompt_tokens, max_output_tokens, completions)``
+        -> int | None: the pricing catalogue's largest worst case over a
+        plan's targets, in whole micro-dollars (None: none is priced; budgets
+        then charge the real cost at settlement)."""
         self._admit = limits.admit
         self._limited = limits.limiter.limited_orgs
         self._dearest = dearest
@@ -60,8 +76,12 @@ class Limits:
         # (called by the limiter only when a dollar budget applies)
         def worst() -> int | None:
             read = call.read
+            doc = read.doc
             return self._dearest(
-                call.plan.targets, estimate_prompt_tokens(len(read.body)), output_limit(read.doc)
+                call.plan.targets,
+                estimate_prompt_tokens(len(read.body)),
+                output_limit(doc),
+                completions(doc),
             )
 
         return worst

@@ -298,9 +298,13 @@ def worst_case_units(
     return worst_units(entry.worst, prompt_tokens if prompt_tokens > 0 else 0, max_output_tokens)
 
 
-def worst_units(worst: tuple, prompt: int, max_output_tokens: int | None) -> int | None:
+def worst_units(
+    worst: tuple, prompt: int, max_output_tokens: int | None, completions: int = 1
+) -> int | None:
     """:func:`worst_case_units` from an entry's flat ``worst`` tuple and a
-    prompt count >= 0 (what the proxy calls per target of a plan)."""
+    prompt count >= 0 (what the proxy calls per target of a plan);
+    ``completions`` (at least 1): how many completions are generated and
+    billed (OpenAI's ``n``), each up to the output limit."""
     threshold, dearest, output, long_dearest, long_output, limit = worst
     if prompt > threshold:
         dearest, output = long_dearest, long_output
@@ -308,7 +312,7 @@ def worst_units(worst: tuple, prompt: int, max_output_tokens: int | None) -> int
         limit = max_output_tokens
     elif limit is None:
         return None if output else prompt * dearest
-    return prompt * dearest + (limit if limit > 0 else 0) * output
+    return prompt * dearest + (limit if limit > 0 else 0) * output * completions
 
 
 def worst_case(

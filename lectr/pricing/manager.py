@@ -247,13 +247,19 @@ class PricingManager:
         return None if units is None else -(-units // 1_000_000)
 
     def dearest_micro(
-        self, targets: Iterable, prompt_tokens: int, max_output_tokens: int | None
+        self,
+        targets: Iterable,
+        prompt_tokens: int,
+        max_output_tokens: int | None,
+        completions: int = 1,
     ) -> int | None:
         """The largest :meth:`worst_case_micro` over ``targets`` (objects with
         ``provider`` and ``model``: a plan's targets), skipping the unpriced
         ones (None: none is priced). What a budget reservation holds for a
         request that may be served by any of them: the proxy's hot path
-        (one cached lookup per target, integers only)."""
+        (one cached lookup per target, integers only). ``completions``: how
+        many completions the request asks for (OpenAI's ``n``), each up to
+        the output limit."""
         cache = self._cache  # (resolve's: an entry, or None for an unpriced model)
         prompt = prompt_tokens if prompt_tokens > 0 else 0
         dearest = None
@@ -262,7 +268,7 @@ class PricingManager:
             if entry is _MISSING:
                 entry = self._entry(t.provider, t.model)
             if entry is not None:
-                units = worst_units(entry.worst, prompt, max_output_tokens)
+                units = worst_units(entry.worst, prompt, max_output_tokens, completions)
                 if units is not None and (dearest is None or units > dearest):
                     dearest = units
         return None if dearest is None else -(-dearest // 1_000_000)
