@@ -11,8 +11,10 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.web.client import ResponseFailed
+from twisted.web.http import PotentialDataLoss
 
-from tests.support.fake_provider import Script
+from tests.support.fake_provider import Script, openai_chat_stream
 from tests.support.lectr_service import proxy_url
 from tests.test_routing_proxy import CHAT
 from tests.test_routing_proxy import env as routing_env
@@ -182,3 +184,33 @@ async def test_a_refused_request_never_reaches_the_provider_even_when_it_would_f
     assert resp.code == 429
     await resp.content()
     assert len(env.provider.calls()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_tpm_charges_the_estimate_of_a_stream_cut_short(env):
+    """A stream the provider cut before its usage report: the row holds the
+    estimate (the prompt from the request's size, a token per text delta),
+    and tokens per minute are charged the same count, not nothing."""
+    await limits(env, {"tpm": 100_000})
+    path = f"/admin/orgs/{env.org.id}/limits"
+    status, before = await env.admin("GET", path)
+    assert status == 200 and before["usage"]["tokens_this_minute"] == 0
+    events = openai_chat_stream("gpt-4o-mini", ["one", " two", " three", " four"], True)
+    env.provider.next(Script(events=events, interval=0.05, drop_after=3))  # cut before the usage
+    resp = await env.post("/v1/chat/completions", {**CHAT, "stream": True})
+    assert resp.code == 200
+    try:
+        await resp.content()
+    except (ResponseFailed, PotentialDataLoss):
+        pass  # (the client sees the cut)
+    rows: list[dict] = []
+    for _ in range(100):  # (the row is written when the call ends)
+        rows = await env.rows()
+        if rows:
+            break
+        await deferLater(reactor, 0.05)
+    [row] = rows
+    assert row["usage_source"] == "estimated" and row["total_tokens"] > 0
+    await env.c.limits.sync()
+    status, after = await env.admin("GET", path)
+    assert after["usage"]["tokens_this_minute"] == row["total_tokens"]

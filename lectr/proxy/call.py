@@ -875,8 +875,18 @@ class Call:
                     admission.settle(tokens=None, cost_usd=None)
                 else:
                     priced = getattr(record, "pricing", None)
+                    usage = record.usage
+                    tokens = usage.total_tokens
+                    if tokens is None:
+                        # a cut answer: what its row counts (with_estimates:
+                        # a prompt not reported is estimated from its size)
+                        prompt = usage.prompt_tokens
+                        if prompt is None and priced is not None:
+                            prompt = priced.prompt_estimate
+                        if prompt is not None or usage.completion_tokens is not None:
+                            tokens = (prompt or 0) + (usage.completion_tokens or 0)
                     admission.settle(
-                        tokens=record.usage.total_tokens,
+                        tokens=tokens,
                         # (whole micro-dollars when priced here: no Decimal on the way)
                         cost_usd=priced.cost_micro
                         if priced is not None and priced.cost_micro is not None
