@@ -196,6 +196,24 @@ async def test_granting_global_admin_rights(env):
     assert (await env.admin.put(f"/admin/users/{uuid.uuid4()}", {"is_admin": True})).status == 404
 
 
+@pytest_twisted.ensureDeferred
+async def test_every_identity_is_listed_however_many(env, db_url):
+    """The list is not cut at some count (it once stopped at 1,000 without
+    saying so): a global admin looking for an identity must find it."""
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO user_identities (auth0_user_id) "
+                "SELECT 'oidc|user-' || n FROM generate_series(1, 1500) AS n"
+            )
+    finally:
+        conn.close()
+    users = (await env.admin.get("/admin/users")).json["items"]
+    subjects = {u["subject"] for u in users}
+    assert {f"oidc|user-{n}" for n in range(1, 1501)} <= subjects
+
+
 # --- request validation -------------------------------------------------------------------
 
 

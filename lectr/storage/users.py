@@ -112,11 +112,11 @@ class UserStore:
         )
         return [_user(r) for r in rows]
 
-    async def list(self, limit: int = 1000) -> list[User]:
+    async def list(self) -> list[User]:
+        """Every identity, oldest first (as every org is listed: no page
+        silently cut at some count)."""
         rows = await self._db.runQuery(
-            "list_users",
-            f"SELECT {_COLUMNS} FROM user_identities ORDER BY created_at, id LIMIT %s",
-            (limit,),
+            "list_users", f"SELECT {_COLUMNS} FROM user_identities ORDER BY created_at, id"
         )
         return [_user(r) for r in rows]
 
