@@ -38,6 +38,8 @@ class KeyHealth:
         self._clock = clock
         self._wall = wall_clock
         self._cooling: dict[str, Cooldown] = {}
+        #: when the last cool-down to end ends (reactor seconds)
+        self._latest = 0.0
         registry = metrics or Registry()
         self._m_cooldowns = registry.counter(
             "lectr_provider_key_cooldowns_total",
@@ -60,10 +62,23 @@ class KeyHealth:
             reason = "refused"
         seconds = max(0.0, min(seconds, MAX_COOLDOWN))
         now = self._clock.seconds()
+        self._m_cooldowns.inc(1, provider, reason)
+        current = self._cooling.get(key_id)
+        if current is not None and current.until >= now + seconds:
+            # a later, shorter answer (concurrent requests on one key; a 429
+            # with no retry-after after one that asked for an hour, after a
+            # refusal's 5 minutes) never ends what an earlier one asked for
+            return current.until - now
         wall = self._wall() if self._wall is not None else now
         self._cooling[key_id] = Cooldown(now + seconds, f"{reason} ({status})", wall, seconds)
-        self._m_cooldowns.inc(1, provider, reason)
+        if now + seconds > self._latest:
+            self._latest = now + seconds
         return seconds
+
+    def cooling(self) -> bool:
+        """Whether any key may be cooling down now (a cheap test, made before
+        looking at each key)."""
+        return self._latest > self._clock.seconds() if self._cooling else False
 
     def healthy(self, key_id: str) -> bool:
         if not self._cooling:

@@ -18,6 +18,9 @@ Failures are of two kinds:
   next target, when the route retries on that class.
 
 A plain request (no route) retries key failures only, within its pool.
+
+Cool-downs order a route's targets too: a target whose every key is cooling
+down comes after those with a healthy key (still tried, last).
 """
 
 from __future__ import annotations
@@ -46,22 +49,55 @@ class Selector:
     """Picks keys and orders targets: cooling keys last, sticky per
     conversation when there is one, smooth weighted round-robin otherwise."""
 
-    def __init__(self, vault, health, registry) -> None:
+    def __init__(self, vault, health, registry, rr: RoundRobin | None = None) -> None:
         self.vault = vault
         self.health = health
         self.registry = registry
-        self._rr = RoundRobin()
+        self._rr = RoundRobin() if rr is None else rr
+
+    def fork(self) -> Selector:
+        """A selector that makes the choices this one would make next, from
+        its round-robin state, without changing that state (explain)."""
+        return Selector(self.vault, self.health, self.registry, self._rr.fork())
 
     def order_targets(self, plan: RoutingPlan, org_id: str) -> list[Target]:
+        """The route's targets in the order to try them; those whose every
+        key is cooling down go after the others (keeping each group's
+        order): a cool-down sets a key aside while another target has a
+        healthy one, and is only a preference when none has."""
         targets = plan.targets
-        if len(targets) < 2 or plan.route is None or plan.route.strategy != "weighted":
+        if len(targets) < 2 or plan.route is None:
             return list(targets)
-        affinity = plan.affinity()
-        if affinity is not None:
-            return rendezvous_order(affinity, targets, _target_id, _weight)
-        first = self._rr.pick(("route", org_id, plan.route.name), targets, _target_id, _weight)
-        rest = sorted((t for t in targets if t is not first), key=_weight, reverse=True)
-        return [first, *rest]
+        cooling = self._cooling_targets(targets, org_id) if self.health.cooling() else None
+        if plan.route.strategy != "weighted":
+            order = list(targets)
+        else:
+            affinity = plan.affinity()
+            if affinity is not None:
+                order = rendezvous_order(affinity, targets, _target_id, _weight)
+            else:
+                # the split is among the targets that can serve
+                serving = targets if cooling is None else [t for t in targets if t not in cooling]
+                first = self._rr.pick(
+                    ("route", org_id, plan.route.name), serving, _target_id, _weight
+                )
+                rest = sorted((t for t in targets if t is not first), key=_weight, reverse=True)
+                order = [first, *rest]
+        if cooling is not None:
+            order = [t for t in order if t not in cooling] + [t for t in order if t in cooling]
+        return order
+
+    def _cooling_targets(self, targets: list[Target], org_id: str) -> list[Target] | None:
+        """The targets whose every key is cooling down (None when there are
+        none, or when every target's are)."""
+        vault = self.vault
+        healthy = self.health.healthy
+        cooling = [
+            t
+            for t in targets
+            if not any(healthy(k.id) and vault.usable(k) for k in vault.pool(org_id, t.provider))
+        ]
+        return cooling if cooling and len(cooling) < len(targets) else None
 
     def pick_key(
         self, plan: RoutingPlan, org_id: str, target: Target, first: bool, tried=frozenset()

@@ -44,9 +44,16 @@ class RoundRobin:
     provider)). Bounded: pools that no longer exist are forgotten when the
     table grows past ``max_pools``."""
 
-    def __init__(self, max_pools: int = 100_000) -> None:
+    def __init__(self, max_pools: int = 100_000, parent: RoundRobin | None = None) -> None:
         self._state: dict[Hashable, dict[str, int]] = {}
         self._max = max_pools
+        self._parent = parent
+
+    def fork(self) -> RoundRobin:
+        """A round-robin that starts from this one's state and never changes
+        it (each pool's state is copied when the fork first uses it): what
+        the explain API needs to name the picks this one would make next."""
+        return RoundRobin(self._max, parent=self)
 
     def pick(
         self,
@@ -61,7 +68,9 @@ class RoundRobin:
         if state is None:
             if len(self._state) >= self._max:
                 self._state.clear()
-            state = self._state[pool] = {}
+            parent = self._parent
+            base = parent._state.get(pool) if parent is not None else None
+            state = self._state[pool] = {} if base is None else dict(base)
         total = 0
         best = None
         best_value = 0
