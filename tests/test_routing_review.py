@@ -288,7 +288,7 @@ def _explainer_and_proxy(pools, routes=None):
         KeyAvailability(selector),
     ]
     explainer = RouteExplainer(
-        orgs=_Orgs(), registry=REGISTRY, steps=steps, vault=vault, health=health
+        orgs=_Orgs(), registry=REGISTRY, steps=steps, vault=vault, health=health, selector=selector
     )
     return explainer, selector, health, clock
 
@@ -319,14 +319,11 @@ async def test_explain_agrees_with_the_proxy_about_a_cooling_target():
     assert [a["provider"] for a in doc["attempts"]] == ["azure", "openai"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lectr/managers/explain.py builds a fresh Selector: its round-robin is not the "
-    "proxy's, so explain names the pool's first key whatever the proxy picks next (fix: "
-    "explain from the proxy's selector's fork(); see the test after this one)",
-)
 @pytest_twisted.ensureDeferred
 async def test_explain_names_the_key_the_proxy_picks_next_without_a_session():
+    """Explain plans from a fork of the proxy's selector: without a session
+    it names the key the proxy's round-robin gives the next request, and
+    asking changes nothing."""
     explainer, selector, _, _ = _explainer_and_proxy(
         {"openai": (K("a", name="first"), K("b", name="second"))}
     )
@@ -379,11 +376,6 @@ async def test_the_proxy_sends_nothing_to_a_cooling_target_while_another_can_ser
     assert len(env.provider.calls("openai")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lectr/proxy/call.py (relay_head, retry_or_fail) appends x-should-retry: false "
-    "next to the provider's own x-should-retry: the SDK reads 'true, false' and retries",
-)
 @pytest_twisted.ensureDeferred
 async def test_the_last_answer_after_a_fallback_says_do_not_retry_once(env):
     """After a fallback, the client must read x-should-retry: false (docs:
@@ -440,15 +432,10 @@ def test_a_forked_selector_predicts_the_proxys_next_picks_and_changes_nothing(
 
 
 @pytest_twisted.ensureDeferred
-async def test_explain_from_a_fork_of_the_proxys_selector_names_the_key_it_picks_next(monkeypatch):
-    """The fix explain.py needs (it is another engineer's file): build its
-    plan with the proxy's selector's fork() instead of a fresh Selector."""
-    import lectr.managers.explain as explain
-
+async def test_explain_names_the_weighted_keys_the_proxy_picks_next():
     explainer, selector, _, _ = _explainer_and_proxy(
         {"openai": (K("a", name="first"), K("b", 3, name="second"))}
     )
-    monkeypatch.setattr(explain, "Selector", lambda vault, health, registry: selector.fork())
     for _ in range(8):
         doc = await explainer.explain(ORG, {"body": {"model": "gpt-4o"}})
         assert doc["attempts"][0]["key"]["id"] == _proxy_first(selector, None).key.id

@@ -60,7 +60,12 @@ def _explainer(c):
     from lectr.managers.explain import RouteExplainer
 
     return RouteExplainer(
-        orgs=c.orgs, registry=c.providers, steps=c.proxy.steps, vault=c.vault, health=c.health
+        orgs=c.orgs,
+        registry=c.providers,
+        steps=c.proxy.steps,
+        vault=c.vault,
+        health=c.health,
+        selector=c.proxy.selector,
     )
 
 

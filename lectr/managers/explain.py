@@ -61,12 +61,16 @@ class _ExplainedCall:
 
 
 class RouteExplainer:
-    def __init__(self, *, orgs, registry, steps, vault, health) -> None:
+    def __init__(self, *, orgs, registry, steps, vault, health, selector=None) -> None:
+        """``selector``: the proxy's (its round-robin decides which key and
+        target a request without a session gets next; explain names the
+        same, from a fork that leaves it unchanged)."""
         self._orgs = orgs
         self._registry = registry
         self._steps = steps
         self._vault = vault
         self._health = health
+        self._selector = selector
 
     async def explain(self, org_id: object, body: dict) -> dict:
         org = await self._orgs.get_org(parse_uuid(org_id, "organization"))
@@ -120,7 +124,12 @@ class RouteExplainer:
 
     def _plan(self, entry, call) -> dict:
         plan = call.plan
-        selector = Selector(self._vault, self._health, self._registry)  # private round-robin
+        proxy = self._selector
+        selector = (
+            proxy.fork()
+            if proxy is not None
+            else Selector(self._vault, self._health, self._registry)
+        )
         org_id = call.ident.org_id
         attempts = []
         attempt = plan.first(selector, org_id)

@@ -568,6 +568,8 @@ class Call:
                 self.held_encoding = encoding.strip().lower()
                 out = [(n, v) for n, v in out if n.lower() != b"content-encoding"]
             if status >= 400 and self.plan.n > 1:
+                # (in place of the provider's own: "true, false" reads as neither)
+                out = [(n, v) for n, v in out if n.lower() != b"x-should-retry"]
                 out.append(_SHOULD_NOT_RETRY)
             length = None
         else:
