@@ -31,8 +31,9 @@ every file with ``prometheus_client.multiprocess.MultiProcessCollector``:
 
 - counters and histograms are summed over every worker of this run,
   including the workers that exited (their files stay; a restarted worker
-  gets new files, so nothing counts twice). A worker killed hard (SIGKILL,
-  OOM) loses what it counted in its last second;
+  gets new files, so nothing counts twice, even when it is given the pid of
+  an exited one). A worker killed hard (SIGKILL, OOM) loses what it counted
+  in its last second;
 - gauges are combined by their *mode*, one per gauge: ``livesum`` (in-flight
   requests, buffered rows, pool connections: the deployment's total),
   ``livemax`` (per-process copies of one thing: cached keys), ``livemin``
@@ -75,6 +76,9 @@ GAUGE_MODES = ("livesum", "livemax", "livemin", "liveall", "livemostrecent")
 
 #: Environment variable that hands the run directory to the workers.
 METRICS_DIR_ENV = "LECTR_METRICS_DIR"
+
+#: The counter and histogram files this process made (see :meth:`_Files._path`).
+_OWN_FILES: set[str] = set()
 
 # (file prefix, metric name, sample name, label names, label values, value, help)
 _Sample = tuple[str, str, str, tuple[str, ...], tuple[str, ...], float, str]
@@ -279,12 +283,18 @@ class Histogram(_Metric):
 
 
 class _LocalCollector:
-    def __init__(self, metrics: dict[str, _Metric]) -> None:
-        self._metrics = metrics
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
 
     def collect(self) -> Iterable[Metric]:
-        for name in sorted(self._metrics):
-            yield self._metrics[name]._family()
+        metrics = self._registry._metrics
+        for name in sorted(metrics):
+            try:
+                family = metrics[name]._family()
+            except Exception:  # a callback that fails: left out, as from the files
+                self._registry._unreadable(metrics[name])
+                continue
+            yield family
 
 
 class _SharedCollector:
@@ -318,8 +328,24 @@ class _Files:
             )
         f = self._files.get(prefix)
         if f is None:
-            f = self._files[prefix] = MmapedDict(str(self.directory / f"{prefix}_{self._pid}.db"))
+            f = self._files[prefix] = MmapedDict(self._path(prefix))
         f.write_value(key, value, timestamp)
+
+    def _path(self, prefix: str) -> str:
+        """``<prefix>_<pid>.db``. A counter or histogram file of that name
+        that this process did not make is an exited worker's whose pid this
+        process was given again: it keeps counting, and this process takes
+        ``<prefix>_<pid>-<n>.db`` instead of overwriting it. (Gauge files go
+        when their worker exits, and their name must be the bare pid.)"""
+        base = f"{prefix}_{self._pid}"
+        path = str(self.directory / f"{base}.db")
+        if not prefix.startswith("gauge_"):
+            n = 0
+            while path not in _OWN_FILES and os.path.exists(path):
+                n += 1
+                path = str(self.directory / f"{base}-{n}.db")
+            _OWN_FILES.add(path)
+        return path
 
     def close(self) -> None:
         for f in self._files.values():
@@ -396,12 +422,16 @@ class Registry:
             try:
                 samples = list(metric._samples())
             except Exception:
-                if metric.name not in self._failed_reads:
-                    self._failed_reads.add(metric.name)
-                    self._log.failure("metric {name} cannot be read", name=metric.name)
+                self._unreadable(metric)
                 continue
             for sample in samples:
                 files.write(sample, now)
+
+    def _unreadable(self, metric: _Metric) -> None:
+        """``metric`` (a callback gauge) raised: it is skipped, logged once."""
+        if metric.name not in self._failed_reads:
+            self._failed_reads.add(metric.name)
+            self._log.failure("metric {name} cannot be read", name=metric.name)
 
     def unshare(self) -> None:
         if self._files is not None:
@@ -412,10 +442,11 @@ class Registry:
 
     def render(self) -> str:
         """Prometheus text format (0.0.4): this process's values, or, when
-        shared, every worker's (after writing this one's)."""
+        shared, every worker's (after writing this one's). A callback that
+        fails is left out (and logged once), never the whole answer."""
         registry = CollectorRegistry(auto_describe=False)
         if self._files is None:
-            registry.register(_LocalCollector(self._metrics))
+            registry.register(_LocalCollector(self))
         else:
             self.sync()
             registry.register(_SharedCollector(self._files.directory))

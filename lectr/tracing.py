@@ -84,6 +84,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
@@ -457,7 +458,7 @@ class Tracing:
             batch_size=min(
                 sizes["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"], sizes["OTEL_BSP_MAX_QUEUE_SIZE"]
             ),
-            description=getattr(exporter, "_endpoint", endpoint),
+            description=_loggable_url(getattr(exporter, "_endpoint", endpoint)),
         )
 
     # --- the request path ------------------------------------------------------------
@@ -775,6 +776,19 @@ class _SpanBuilder:
 def _env(environ: Mapping[str, str], name: str) -> str | None:
     value = environ.get(name)
     return value.strip() if value and value.strip() else None
+
+
+def _loggable_url(url: str) -> str:
+    """The collector's URL for log lines: credentials in it (HTTP basic
+    auth, which the exporter honours) and its query string masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
 def _ns(seconds: float) -> int:
