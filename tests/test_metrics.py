@@ -200,3 +200,27 @@ def test_merged_workers_equal_one_process(tmp_path_factory, events):
     assert merged.keys() == expected.keys()
     for name, value in expected.items():
         assert merged[name] == pytest.approx(value), name
+
+
+def test_the_gauges_every_worker_holds_a_copy_of_are_not_added_up(tmp_path):
+    """With --workers, a gauge each worker computes about the same thing
+    (offline limits, the price table, cooling keys) reads as one worker's,
+    not N times it: ``lectr_limits_offline == 1`` is the documented alert."""
+    from twisted.internet.task import Clock
+
+    from lectr.limits.manager import LimitsManager
+    from lectr.policy.health import KeyHealth
+    from lectr.pricing.manager import PricingManager
+
+    workers = [worker(tmp_path, 301), worker(tmp_path, 302)]
+    for r in workers:
+        limits = LimitsManager(None, reactor=Clock(), metrics=r)
+        limits.limiter.offline = True
+        health = KeyHealth(Clock(), metrics=r)
+        health.cool("key-1", "openai", 429, 30)
+        PricingManager(reactor=Clock(), metrics=r)
+    workers[1].sync()
+    s = samples(workers[0].render())
+    assert s["lectr_limits_offline"] == 1
+    assert s["lectr_provider_keys_cooling"] == 1
+    assert s["lectr_price_overrides"] == 0

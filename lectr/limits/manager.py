@@ -145,6 +145,7 @@ class LimitsManager:
             "lectr_limits_offline",
             "1 while this node enforces limits without PostgreSQL (held leases, then local-only)",
             lambda: 1 if self.limiter.offline else 0,
+            mode="livemax",  # (1 when any worker is: not the number of workers)
         )
 
     # --- lifecycle -------------------------------------------------------------------

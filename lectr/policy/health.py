@@ -48,8 +48,10 @@ class KeyHealth:
         )
         registry.callback_gauge(
             "lectr_provider_keys_cooling",
-            "Provider keys currently cooling down (this process)",
+            "Provider keys currently cooling down (with --workers: the most any worker has; "
+            "each learns from its own answers)",
             lambda: sum(1 for k in list(self._cooling) if self.cooldown(k) is not None),
+            mode="livemax",
         )
 
     def cool(self, key_id: str, provider: str, status: int, retry_after: float | None) -> float:

@@ -132,6 +132,7 @@ class PricingManager:
             "lectr_price_overrides",
             "Price overrides and custom models in effect",
             lambda: len(self._table.overrides),
+            mode="livemax",  # every worker holds the same table
         )
 
     # --- lifecycle -------------------------------------------------------------------
