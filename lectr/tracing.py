@@ -36,7 +36,8 @@ The proxy API (what the proxy core calls; ``tracing`` is the service's
   it traces) hang under Lectr's; ``client`` returns the client's header
   unchanged (``None`` if it sent none): the provider sees what it would see
   without Lectr; ``none`` returns ``None``: no trace context leaves Lectr.
-  ``tracestate`` is forwarded as the client sent it unless the value is None.
+  ``tracestate`` is forwarded as the client sent it unless the value is None,
+  or (``lectr``) a new trace was started: the client sent no valid parent.
 - ``finish(ctx, summary)``: queues the request for export (an append to a
   bounded list) and returns. Spans are built from the summary and exported in
   a background thread, never on the reactor. Call it exactly once per

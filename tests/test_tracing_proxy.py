@@ -207,3 +207,36 @@ async def test_propagation_none_sends_no_trace_context(db_url, tmp_path, monkeyp
         assert {s.trace_id for s in spans} == {CLIENT_TRACE}  # Lectr's own spans still join it
     finally:
         await _close(env, receiver)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tracestate_goes_upstream_only_with_the_trace_it_belongs_to(traced):
+    """W3C: ``tracestate`` belongs to the client's trace. With a valid
+    ``traceparent`` Lectr continues that trace and forwards it; without one
+    (or with a malformed one) Lectr starts a new trace, and the client's
+    ``tracestate`` must not go upstream with it."""
+    from openai import OpenAI
+
+    env, _ = traced
+    for traceparent, forwarded in (
+        (CLIENT_TP, True),
+        (None, False),
+        ("00-zz-not-a-traceparent-01", False),
+    ):
+        extra = {"tracestate": "vendor=abc"}
+        if traceparent is not None:
+            extra["traceparent"] = traceparent
+        client = OpenAI(
+            base_url=proxy_url(env.service, "/v1"),
+            api_key=env.key,
+            max_retries=0,
+            default_headers=extra,
+        )
+        await deferToThread(
+            client.chat.completions.create,
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "x"}],
+        )
+        call = env.provider.calls("openai")[-1]
+        assert "traceparent" in call.headers, traceparent
+        assert ("tracestate" in call.headers) is forwarded, traceparent

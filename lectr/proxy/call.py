@@ -447,6 +447,12 @@ class Call:
             # or none (LECTR_TRACE_PROPAGATION)
             traceparent = trace.attempt_traceparent(attempt.n)
             if traceparent is not None:
+                if trace.parent_span_id is None and h.tracing.propagation == "lectr":
+                    # a new trace (the client sent no valid traceparent): the
+                    # client's tracestate belongs to no trace it continues (W3C)
+                    upstream.headers[:] = [
+                        (n, v) for n, v in upstream.headers if n.lower() != b"tracestate"
+                    ]
                 upstream.headers.append((b"traceparent", traceparent))
         provider.sign(upstream, secret, key)
         self.secret = secret
