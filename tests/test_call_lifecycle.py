@@ -14,6 +14,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -269,3 +270,37 @@ async def test_a_client_leaving_during_a_fallback_attempt_cancels_it_and_cools_n
     assert row["usage_source"] == "estimated"  # it was sent: never "nothing"
     keys = (await env.admin("GET", f"/admin/orgs/{env.org.id}/provider-keys"))[1]["items"]
     assert all(k.get("cooldown") is None for k in keys)  # a 5xx and a hang-up cool no key
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_fails_once_draining_begins_even_on_an_open_connection(db_url, tmp_path):
+    """A load balancer that checks /healthz over a kept-alive connection
+    must see a draining node fail (503, and the connection closed), or it
+    keeps sending it requests that are refused; before, it answered 200."""
+    e = await make_env(db_url, tmp_path, LECTR_SHUTDOWN_GRACE="2")
+    health = proxy_url(e.service, "/healthz")
+    try:
+        first = await treq.get(health, pool=e.pool)
+        assert first.code == 200 and json.loads(await first.content()) == {"status": "ok"}
+        e.provider.stream_interval = 0.2  # a request in flight keeps the drain going
+        slow = treq.post(
+            proxy_url(e.service, "/v1/chat/completions"),
+            data=json.dumps({**CHAT, "stream": True}).encode(),
+            headers={"authorization": [f"Bearer {e.key}"], "content-type": ["application/json"]},
+            persistent=False,
+        )
+        await deferLater(reactor, 0.3)
+        stopping = e.service.stopService()
+        await deferLater(reactor, 0.2)  # (the ports close first, then the drain begins)
+        assert not stopping.called
+        resp = await treq.get(health, pool=e.pool)  # the same, kept-alive connection
+        assert resp.code == 503
+        assert json.loads(await resp.content()) == {"status": "stopping"}
+        # the connection was closed after it (and the port listens no more)
+        with pytest.raises(ConnectError):
+            await treq.get(health, pool=e.pool)
+        await (await slow).content()
+        await stopping
+    finally:
+        await e.pool.closeCachedConnections()
+        await e.fake.stop()

@@ -24,6 +24,7 @@ from lectr.tracing import Tracing
 
 # the server's names for body problems, as Lectr's error kinds
 _HEALTH_BODY = b'{"status":"ok"}'
+_STOPPING_BODY = b'{"status":"stopping"}'
 _HEALTH_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -95,6 +96,12 @@ class ProxyHandler:
 
     def headers_received(self, req) -> None:
         if req.path == b"/healthz":
+            if (
+                self.stopping
+            ):  # (a load balancer must stop sending: it fails, and the connection goes)
+                req.close_after()
+                req.respond(503, _HEALTH_HEADERS, _STOPPING_BODY)
+                return
             req.respond(200, _HEALTH_HEADERS, _HEALTH_BODY)
             return
         if self.stopping:
