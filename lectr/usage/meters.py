@@ -329,7 +329,9 @@ def anthropic_usage(usage: object, model: object = None) -> Usage | None:
     is for OpenAI. Cache writes are split by TTL when Anthropic says so
     (``cache_creation.ephemeral_5m_input_tokens`` and
     ``ephemeral_1h_input_tokens``); a plain ``cache_creation_input_tokens``
-    is all 5-minute writes. ``model`` is the response's model."""
+    is all 5-minute writes. ``output_tokens_details.thinking_tokens`` (the
+    part of ``output_tokens`` spent reasoning) is ``reasoning_tokens``.
+    ``model`` is the response's model."""
     if not isinstance(usage, dict):
         return None
     fields = _AnthropicCounts()
@@ -339,7 +341,7 @@ def anthropic_usage(usage: object, model: object = None) -> Usage | None:
 
 
 class _AnthropicCounts:
-    __slots__ = ("input", "output", "cache_read", "cache_creation", "cache_1h", "raws")
+    __slots__ = ("input", "output", "cache_read", "cache_creation", "cache_1h", "thinking", "raws")
 
     def __init__(self) -> None:
         self.input: int | None = None
@@ -347,6 +349,7 @@ class _AnthropicCounts:
         self.cache_read: int | None = None
         self.cache_creation: int | None = None
         self.cache_1h: int | None = None
+        self.thinking: int | None = None  # of output: reasoning
         self.raws: list[str] = []  # the usage objects seen, in order
 
     def update(self, usage: dict) -> bool:
@@ -371,6 +374,12 @@ class _AnthropicCounts:
                 if _count(usage.get("cache_creation_input_tokens")) is None:
                     self.cache_creation = (five or 0) + (hour or 0)
                 seen = True
+        details = usage.get("output_tokens_details")
+        thinking = _count(details.get("thinking_tokens")) if isinstance(details, dict) else None
+        if thinking is not None or _count(usage.get("output_tokens")) is not None:
+            # (a breakdown of the output count it came with: a later output
+            # count without one leaves it unknown)
+            self.thinking = thinking
         if seen:
             raw = _raw(usage)
             if raw is not None:
@@ -389,6 +398,11 @@ class _AnthropicCounts:
         cache_1h = self.cache_1h
         if cache_1h is not None and self.cache_creation is not None:
             cache_1h = min(cache_1h, self.cache_creation)
+        thinking = self.thinking
+        if output is not None and output != self.output:
+            thinking = None  # an estimated output count: its breakdown is unknown
+        elif thinking is not None and completion is not None:
+            thinking = min(thinking, completion)
         raws = self.raws
         if not raws:
             raw = None
@@ -403,7 +417,7 @@ class _AnthropicCounts:
             self.cache_read,
             self.cache_creation,
             source,
-            None,
+            thinking,
             cache_1h,
             raw,
             model,
@@ -685,11 +699,12 @@ class JsonMeter(_Base):
         return openai_usage(usage, model)
 
 
-# Text a JSON answer carries (message content, tool arguments, thinking):
-# what a cut answer had delivered, for an estimate (a string the cut ended
-# is counted up to the cut).
+# Text a JSON answer carries (message content, tool arguments, thinking,
+# reasoning): what a cut answer had delivered, for an estimate (a string the
+# cut ended is counted up to the cut).
 _JSON_TEXT_RE = re.compile(
-    rb'"(?:content|text|arguments|refusal|thinking|partial_json)"\s*:\s*"((?:[^"\\]|\\.)*)(?:"|\\?\Z)'
+    rb'"(?:content|text|arguments|refusal|thinking|partial_json|reasoning_content|reasoning)"'
+    rb'\s*:\s*"((?:[^"\\]|\\.)*)(?:"|\\?\Z)'
 )
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 
@@ -1091,14 +1106,25 @@ def _field_value(line: bytes, prefix_len: int) -> bytes:
 
 
 # Text that a chunk adds to the answer (OpenAI chat: one chunk is about one
-# token). Used only to estimate a stream that ended before its usage report.
-_OPENAI_TEXT_DELTA_RE = re.compile(rb'"(?:content|arguments|refusal)"\s*:\s*"[^"]')
+# token), its reasoning included (DeepSeek, xAI, vLLM: "reasoning_content";
+# OpenRouter, Groq: "reasoning"). Used only to estimate a stream that ended
+# before its usage report.
+_OPENAI_TEXT_DELTA_RE = re.compile(
+    rb'"(?:content|arguments|refusal|reasoning_content|reasoning)"\s*:\s*"[^"]'
+)
 _RESPONSES_DELTA_RE = re.compile(rb'"type"\s*:\s*"response\.[a-z_.]*delta"')
+# compact "refusal", "reasoning" or "reasoning_content" string members: rare
+# (OpenAI streams have none), looked for once per run
+_RARE_TEXT_RE = re.compile(rb'"re(?:fusal|asoning(?:_content)?)":"')
+# legacy completions (/v1/completions): a chunk's choice carries its piece of
+# the answer as a non-empty "text"
+_COMPLETION_TEXT_RE = re.compile(rb'"text"\s*:\s*"[^"]')
 
 
 def _count_deltas(data: bytes) -> int:
-    """Text deltas in a run of OpenAI events (``"content"``, ``"arguments"``
-    or ``"refusal"`` with a non-empty string; a ``response.*delta`` type),
+    """Text deltas in a run of OpenAI events (``"content"``, ``"arguments"``,
+    ``"refusal"``, ``"reasoning_content"`` or ``"reasoning"`` with a
+    non-empty string; a ``response.*delta`` type),
     as the regexes count them in the JSON providers write: compact (what
     OpenAI sends) or spaced, one way throughout a stream - the first
     member's colon tells which. Compact JSON is counted with bytes.count and
@@ -1116,8 +1142,15 @@ def _count_deltas(data: bytes) -> int:
         n -= data.count(b'"content":""')  # empty strings are not text
     if data.find(b'"tool_calls"') >= 0:
         n += data.count(b'"arguments":"') - data.count(b'"arguments":""')
-    if data.find(b'"refusal":"') >= 0:
-        n += data.count(b'"refusal":"') - data.count(b'"refusal":""')
+    if _RARE_TEXT_RE.search(data) is not None:  # (one pass for the three: as cheap as one find)
+        n += (
+            data.count(b'"refusal":"')
+            - data.count(b'"refusal":""')
+            + data.count(b'"reasoning_content":"')
+            - data.count(b'"reasoning_content":""')
+            + data.count(b'"reasoning":"')
+            - data.count(b'"reasoning":""')
+        )
     if data.find(b'"type":"response.') >= 0:
         n += len(_RESPONSES_DELTA_RE.findall(data))
     return n
@@ -1129,10 +1162,14 @@ class OpenAIStreamMeter(SSEMeter):
     ``response.usage``), audio transcriptions (``transcript.text.done``).
 
     A stream cut before its usage report is estimated: completion tokens
-    from the number of text deltas seen; prompt tokens stay unknown."""
+    from the number of text deltas seen (``legacy``, /v1/completions: of
+    non-empty ``text`` pieces); prompt tokens stay unknown."""
 
-    def __init__(self, strip: bool = False, decoder: _Decoder | None = None) -> None:
+    def __init__(
+        self, strip: bool = False, decoder: _Decoder | None = None, legacy: bool = False
+    ) -> None:
         super().__init__(strip, decoder)
+        self._legacy = legacy
         self._deltas = 0
         # whole events of the fast path, their deltas not yet counted
         self._uncounted: list[bytes] = []
@@ -1151,7 +1188,9 @@ class OpenAIStreamMeter(SSEMeter):
             if usage is not None:
                 self._final = usage
                 return
-        if data.find(b"delta") >= 0:
+        if self._legacy:
+            self._deltas += len(_COMPLETION_TEXT_RE.findall(data))
+        elif data.find(b"delta") >= 0:
             # (every text delta of the event: one per choice when there are several)
             self._deltas += _count_deltas(data)
 
@@ -1190,6 +1229,13 @@ class OpenAIStreamMeter(SSEMeter):
             line = data[start:end]
             if not line.startswith(b"data:") or data[end : end + 2] != b"\n\n":
                 return super()._feed_events(data, whole)
+            if start and data[start - 2 : start] != b"\n\n":
+                # not the event's first line: if a data line came before it,
+                # the event's data is not this line alone (SSE joins them)
+                begin = data.rfind(b"\n\n", 0, start)
+                begin = 0 if begin < 0 else begin + 2
+                if data.startswith(b"data", begin) or data.find(b"\ndata", begin, start) >= 0:
+                    return super()._feed_events(data, whole)
             try:
                 doc = json.loads(_field_value(line, 5))
             except (ValueError, RecursionError):
@@ -1242,9 +1288,11 @@ class OpenAIStreamMeter(SSEMeter):
     def _count_uncounted(self) -> None:
         uncounted = self._uncounted
         if uncounted:
-            self._deltas += _count_deltas(
-                uncounted[0] if len(uncounted) == 1 else b"".join(uncounted)
-            )
+            data = uncounted[0] if len(uncounted) == 1 else b"".join(uncounted)
+            if self._legacy:
+                self._deltas += len(_COMPLETION_TEXT_RE.findall(data))
+            else:
+                self._deltas += _count_deltas(data)
             uncounted.clear()
             self._uncounted_size = 0
 
@@ -1364,7 +1412,9 @@ def meter_for(
     if media_type == b"text/event-stream" and streams:
         if dialect == "anthropic":
             return AnthropicStreamMeter(decoder)
-        return OpenAIStreamMeter(plan.strip_usage_chunk and decoder is None, decoder)
+        return OpenAIStreamMeter(
+            plan.strip_usage_chunk and decoder is None, decoder, path == "/v1/completions"
+        )
     if json_kind is not None and _is_json(media_type):
         return JsonMeter(json_kind, decoder)
     return NOOP_METER
