@@ -13,6 +13,7 @@ import os
 import secrets
 import stat
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -34,19 +35,57 @@ def ensure_data_dir(path: Path) -> None:
 
 
 def _read_or_create(path: Path, make: callable) -> tuple[str, bool]:
-    """Return (content, created). Creation is atomic and exclusive, so two
-    workers starting together agree on one value."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            path.chmod(0o600)
-        return path.read_text().strip(), False
-    value = make()
+    """Return (content, created). The value is written whole to a private
+    temporary file, flushed to disk, then linked into place: creation is
+    atomic and exclusive, so two processes starting together agree on one
+    value, and no one (after a crash or a power loss either) ever reads a
+    file that exists but is empty or partly written."""
+    if not path.exists():
+        value = make()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:  # (mkstemp: mode 0600)
+                f.write(value + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if another process got there first
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: create in place
+                _write_exclusive(path, value)
+        except FileExistsError:
+            pass
+        else:
+            _fsync_dir(path.parent)
+            return value, True
+        finally:
+            os.unlink(tmp)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        path.chmod(0o600)
+    return path.read_text().strip(), False
+
+
+def _write_exclusive(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
-    return value, True
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # (not every file system syncs directories)
+    finally:
+        os.close(fd)
 
 
 def read_admin_token(data_dir: Path) -> str | None:

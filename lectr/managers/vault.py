@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from fnmatch import fnmatchcase
 from urllib.parse import urlsplit
@@ -111,10 +111,6 @@ def _info(r: ProviderKeyRecord) -> ProviderKeyInfo:
         r.base_url,
         r.api_version,
     )
-
-
-def _binding(row: SealedProviderKey) -> Binding:
-    return Binding(row.org_id, row.provider, row.id)
 
 
 def _sealed(row: SealedProviderKey) -> Sealed:
@@ -261,6 +257,7 @@ class VaultManager:
                 census_interval=census_interval,
                 census_wait=census_wait,
                 census_ttl=census_ttl,
+                binding=self._binding,
             )
             if self._keyring.next is not None
             else None
@@ -341,6 +338,14 @@ class VaultManager:
                     "unfinished; give this node both keys, ENCRYPTION_KEY=<old key> and "
                     "ENCRYPTION_KEY_NEW=<new key>"
                 )
+            if ring.next is not None and ring.current.fingerprint in counts:
+                # ENCRYPTION_KEY opens some rows: it is the other key that is wrong
+                raise VaultKeyError(
+                    f"ENCRYPTION_KEY_NEW does not match the master key that protects {total} "
+                    f"stored provider key(s) ({which}; {names}), while ENCRYPTION_KEY opens the "
+                    "others: set ENCRYPTION_KEY_NEW to the new key the rotation under way "
+                    "started with"
+                )
             raise VaultKeyError(
                 f"ENCRYPTION_KEY does not match the master key that protects {total} stored "
                 f"provider key(s) ({which}; {names}): set ENCRYPTION_KEY to the master key "
@@ -348,7 +353,12 @@ class VaultManager:
             )
         for kek_id in counts:
             rows = await self._store.sample(kek_id, _START_SAMPLE)
-            if rows and not any(ring.can_unwrap(_binding(r), _sealed(r)) for r in rows):
+            # (the question is the master key: a v1 wrapping counts whatever
+            # the row's options, which only decide whether the key is used)
+            opened = any(
+                ring.can_unwrap(replace(self._binding(r), legacy=True), _sealed(r)) for r in rows
+            )
+            if rows and not opened:
                 raise VaultKeyError(
                     f"the master key with fingerprint {kek_id} does not unwrap the stored "
                     f"provider keys ({names}); the provider_keys table may be damaged or "
@@ -372,7 +382,7 @@ class VaultManager:
             return None
         prepared = self._prepared.get(row.id)
         if prepared is None or prepared.wrapped_dek is not row.wrapped_dek:
-            prepared = Prepared(_binding(row), _sealed(row))
+            prepared = Prepared(self._binding(row), _sealed(row))
             if key in self._cache.get(row.org_id, _NO_POOLS).get(row.provider, ()):
                 # kept (with its data key, once it opens) only for a key still in
                 # the cache: one that left it since it was picked is not put back
@@ -417,6 +427,32 @@ class VaultManager:
             reason=str(e),
             hint=hint,
         )
+
+    def _binding(self, row: SealedProviderKey) -> Binding:
+        """What the row's sealed key is bound to: its org, provider, id and
+        options. A wrapping made before options were bound (v1) is accepted
+        only when the row's options are ones an org admin could have given
+        (no base URL, or one on the provider's hosts): a base URL written
+        into the database by anyone else makes the key unusable rather than
+        sending it there. Not on the hot path (once per row and reload)."""
+        return Binding(
+            row.org_id,
+            row.provider,
+            row.id,
+            row.base_url,
+            row.api_version,
+            legacy=row.base_url is None or self._admin_could_set(row),
+        )
+
+    def _admin_could_set(self, row: SealedProviderKey) -> bool:
+        p = self._registry.get(row.provider)
+        if p is None:
+            return False
+        try:
+            self._key_options(p, row.base_url, row.api_version)
+        except BadRequest:
+            return False
+        return True
 
     # --- the cache -----------------------------------------------------------------
 
@@ -577,7 +613,14 @@ class VaultManager:
         self._m_validations.inc(1, provider, "accepted")
 
         record_id = str(uuid.uuid4())
-        sealed = self._keyring.seal(Binding(org_id, provider, record_id), plaintext.encode())
+        binding = Binding(org_id, provider, record_id, base_url, api_version)
+        ring = self._keyring
+        kek = ring.write_kek
+        if self._rewrapper is not None and not self._rewrapper.new_key_readable_everywhere():
+            # a running node lacks ENCRYPTION_KEY_NEW and could not open the key:
+            # seal it with the old one; the rotation rewraps it with the others
+            kek = ring.current
+        sealed = ring.seal(binding, plaintext.encode(), kek)
         record = await self._store.insert(
             NewProviderKey(
                 id=record_id,

@@ -5,7 +5,12 @@ the provider key; the master key (KEK, ``ENCRYPTION_KEY``) encrypts ("wraps")
 the DEK. Both encryptions use a random 96-bit nonce and associated data that
 binds them to the row's org id, provider and record id, under distinct labels,
 so a ciphertext or wrapped DEK copied to another org, provider or row (or
-from one role to the other) fails authentication.
+from one role to the other) fails authentication. The wrapped DEK is also
+bound to the key's own options (``base_url``, ``api_version``): a row pointed
+at another host in the database no longer opens, so the key is never sent
+there. Rows wrapped before that (``wrapped-dek/v1``) open only when the vault
+says their options are ones an admin could have given (``Binding.legacy``);
+a master-key rotation rewraps them bound.
 
 Rows name the KEK that wrapped their DEK by a fingerprint: an HMAC-SHA-256 of
 a fixed label keyed with the KEK, truncated to 64 bits. It identifies a key
@@ -36,7 +41,8 @@ TAG_BYTES = 16  # GCM appends a 128-bit tag to every ciphertext
 
 _FINGERPRINT_LABEL = b"lectr/kek-fingerprint/v1"
 _KEY_AD_LABEL = b"lectr/provider-key/v1"
-_DEK_AD_LABEL = b"lectr/wrapped-dek/v1"
+_DEK_AD_LABEL = b"lectr/wrapped-dek/v2"  # v1 did not bind base_url, api_version
+_LEGACY_DEK_AD_LABEL = b"lectr/wrapped-dek/v1"
 FINGERPRINT_HEX_CHARS = 16
 
 
@@ -48,13 +54,29 @@ def kek_fingerprint(key: bytes) -> str:
     return digest[:FINGERPRINT_HEX_CHARS]
 
 
+def _option(value: str | None) -> bytes:
+    # None and "" must differ: a presence byte, then the length-prefixed text
+    if value is None:
+        return b"\x00"
+    raw = value.encode()
+    return b"\x01" + len(raw).to_bytes(2, "big") + raw
+
+
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """What a sealed key belongs to; bound into both associated data."""
+    """What a sealed key belongs to; bound into both associated data (the
+    key's options into the wrapped DEK's only: the ciphertext never changes).
+
+    ``legacy``: also accept a DEK wrapped before the options were bound
+    (``wrapped-dek/v1``). The vault sets it only when the row's options are
+    ones an org admin could have given anyway."""
 
     org_id: str
     provider: str
     record_id: str
+    base_url: str | None = None
+    api_version: str | None = None
+    legacy: bool = False
 
     def _ad(self, label: bytes) -> bytes:
         # length-prefixed fields: no two different bindings encode the same
@@ -67,7 +89,11 @@ class Binding:
         return self._ad(_KEY_AD_LABEL)
 
     def dek_ad(self) -> bytes:
-        return self._ad(_DEK_AD_LABEL)
+        return self._ad(_DEK_AD_LABEL) + _option(self.base_url) + _option(self.api_version)
+
+    def legacy_dek_ad(self) -> bytes | None:
+        """The associated data of a v1 wrapping, when this binding accepts one."""
+        return self._ad(_LEGACY_DEK_AD_LABEL) if self.legacy else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +128,7 @@ class Prepared:
         "wrapped_dek",
         "dek_nonce",
         "dek_ad",
+        "legacy_dek_ad",
         "nonce",
         "ciphertext",
         "key_ad",
@@ -113,6 +140,7 @@ class Prepared:
         self.wrapped_dek = sealed.wrapped_dek
         self.dek_nonce = sealed.dek_nonce
         self.dek_ad = binding.dek_ad()
+        self.legacy_dek_ad = binding.legacy_dek_ad()
         self.nonce = sealed.nonce
         self.ciphertext = sealed.ciphertext
         self.key_ad = binding.key_ad()
@@ -139,15 +167,22 @@ class Kek:
         return self._aead.encrypt(nonce, dek, binding.dek_ad()), nonce
 
     def unwrap(self, wrapped: bytes, nonce: bytes, binding: Binding) -> bytes:
-        return self.unwrap_with_ad(wrapped, nonce, binding.dek_ad())
+        return self.unwrap_with_ad(wrapped, nonce, binding.dek_ad(), binding.legacy_dek_ad())
 
-    def unwrap_with_ad(self, wrapped: bytes, nonce: bytes, dek_ad: bytes) -> bytes:
+    def unwrap_with_ad(
+        self, wrapped: bytes, nonce: bytes, dek_ad: bytes, legacy_ad: bytes | None = None
+    ) -> bytes:
         """:meth:`unwrap` with the binding's associated data already computed."""
         try:
             dek = self._aead.decrypt(nonce, wrapped, dek_ad)
         except (InvalidTag, ValueError):
             # ValueError: a nonce of the wrong length (a damaged row)
-            raise DecryptionFailed("the data key does not unwrap") from None
+            if legacy_ad is None:
+                raise DecryptionFailed("the data key does not unwrap") from None
+            try:
+                dek = self._aead.decrypt(nonce, wrapped, legacy_ad)
+            except (InvalidTag, ValueError):
+                raise DecryptionFailed("the data key does not unwrap") from None
         if len(dek) != KEY_BYTES:
             raise DecryptionFailed("the data key has the wrong length")
         return dek
@@ -186,12 +221,13 @@ class Keyring:
             raise UnknownKek(f"wrapped by master key {kek_id}, which this process does not hold")
         return kek
 
-    def seal(self, binding: Binding, plaintext: bytes) -> Sealed:
-        """Encrypt ``plaintext`` under a fresh DEK wrapped by the write key."""
+    def seal(self, binding: Binding, plaintext: bytes, kek: Kek | None = None) -> Sealed:
+        """Encrypt ``plaintext`` under a fresh DEK wrapped by ``kek`` (default:
+        the write key)."""
         dek = AESGCM.generate_key(bit_length=KEY_BYTES * 8)
         nonce = os.urandom(NONCE_BYTES)
         ciphertext = AESGCM(dek).encrypt(nonce, plaintext, binding.key_ad())
-        kek = self.write_kek
+        kek = kek or self.write_kek
         wrapped, dek_nonce = kek.wrap(dek, binding)
         return Sealed(ciphertext, nonce, wrapped, dek_nonce, kek.fingerprint)
 
@@ -208,7 +244,8 @@ class Keyring:
         Its data key is unwrapped on the first successful open only."""
         aead = p._data_aead
         if aead is None:
-            aead = AESGCM(self._kek(p.kek_id).unwrap_with_ad(p.wrapped_dek, p.dek_nonce, p.dek_ad))
+            kek = self._kek(p.kek_id)
+            aead = AESGCM(kek.unwrap_with_ad(p.wrapped_dek, p.dek_nonce, p.dek_ad, p.legacy_dek_ad))
         try:
             plaintext = aead.decrypt(p.nonce, p.ciphertext, p.key_ad)
         except (InvalidTag, ValueError):
@@ -226,7 +263,8 @@ class Keyring:
 
     def rewrap(self, binding: Binding, sealed: Sealed, to: Kek | None = None) -> Sealed:
         """The same sealed key with its DEK wrapped by ``to`` (default: the
-        write key) under a fresh nonce. The provider-key ciphertext and its
+        write key) under a fresh nonce, bound to ``binding`` as it is now (a
+        legacy v1 wrapping comes out v2). The provider-key ciphertext and its
         nonce are kept as they are: rotation never re-encrypts keys."""
         target = to or self.write_kek
         dek = self._kek(sealed.kek_id).unwrap(sealed.wrapped_dek, sealed.dek_nonce, binding)

@@ -34,6 +34,10 @@ from lectr.vault.errors import VaultCryptoError
 PROGRESS_LOG_INTERVAL = 10.0
 
 
+def _bound(row: SealedProviderKey) -> Binding:
+    return Binding(row.org_id, row.provider, row.id, row.base_url, row.api_version)
+
+
 class Rewrapper:
     _log = Logger()
 
@@ -52,6 +56,7 @@ class Rewrapper:
         census_interval: float = 10.0,
         census_wait: float = 1.0,
         census_ttl: float | None = None,
+        binding: Callable[[SealedProviderKey], Binding] | None = None,
     ) -> None:
         if keyring.next is None:
             raise ValueError("nothing to rotate to: ENCRYPTION_KEY_NEW is not set")
@@ -63,6 +68,9 @@ class Rewrapper:
         self._interval = interval
         self._idle_interval = idle_interval
         self._target = keyring.next
+        # what a row is bound to (the vault's rule for rows wrapped before
+        # options were bound); the new wrapping binds the row's options
+        self._binding = binding or _bound
         self._sources = sorted(k for k in keyring.fingerprints if k != self._target.fingerprint)
         self._skip: set[str] = set()  # rows whose DEK does not unwrap (logged once each)
         self._census = census
@@ -200,6 +208,19 @@ class Rewrapper:
             self._blocked = frozenset()
         return True
 
+    def new_key_readable_everywhere(self) -> bool:
+        """Whether every running node can open what the new key wraps, so
+        that a key stored now may be sealed with it: no census (one
+        process), or the census has had its first answers and no node
+        heard from lacks the new key. Otherwise a new key is sealed with
+        the old one, and rewrapped with the other rows."""
+        census = self._census
+        if census is None:
+            return True
+        if self._probed_at is None or self._reactor.seconds() < self._census_ready_at:
+            return False
+        return not census.lacking(self._target.fingerprint, self._census_ttl)
+
     async def run_once(self) -> int:
         """Rewrap one batch; the number of rows rewrapped."""
         done = await self._store.rewrap_batch(
@@ -214,7 +235,7 @@ class Rewrapper:
         return len(done)
 
     def _rewrap(self, row: SealedProviderKey) -> Rewrapped | None:
-        binding = Binding(row.org_id, row.provider, row.id)
+        binding = self._binding(row)
         sealed = Sealed(row.ciphertext, row.nonce, row.wrapped_dek, row.dek_nonce, row.kek_id)
         try:
             new = self._keyring.rewrap(binding, sealed, self._target)
