@@ -653,8 +653,14 @@ class Call:
         held, self.held = self.held, None
         if held is not None:
             req.write(self._masked(bytes(held)))
-        elif self.echo_tail:
-            req.write(echo_tail_end(self.echo_tail))
+        else:
+            rest = self.meter.flush()  # (a stream being stripped may hold an event's start)
+            core = self.echo_core
+            if core is not None and (rest or self.echo_tail):
+                rest, tail = mask_echoes(self.echo_tail + rest, core)
+                rest += echo_tail_end(tail)
+            if rest:
+                req.write(rest)
         self.closed = True
         self.answered = True
         req.finish()

@@ -544,6 +544,9 @@ class NoopMeter:
     def feed(self, data: bytes) -> bytes:
         return data
 
+    def flush(self) -> bytes:
+        return b""
+
     def finish(self, complete: bool = True) -> Usage:
         return NO_USAGE
 
@@ -592,6 +595,11 @@ class _Base:
         if not self._broken:
             self._broken = True
             _log.failure("usage meter failed; this response is not metered")
+
+    def flush(self) -> bytes:
+        """What is still held back when the answer has ended: nothing, but
+        for a stream that is being stripped (:meth:`SSEMeter.flush`)."""
+        return b""
 
 
 class JsonMeter(_Base):
@@ -969,6 +977,22 @@ class SSEMeter(_Base):
                 if not line:
                     self._state = _PENDING
         return bytes(out)
+
+    def flush(self) -> bytes:
+        """The answer ended inside an event still held back (its ``data``
+        line not whole yet, so not known not to be the usage chunk; e.g. a
+        last ``data: [DONE]`` without its newline): forwarded now, its null
+        usage member cut, unless its data line is the usage chunk."""
+        held = self._held
+        if self._state != _PENDING or not held:
+            return b""
+        self._held = bytearray()
+        self._state = _DONE
+        line = bytes(held).rpartition(b"\n")[2].rstrip(b"\r")
+        if line.startswith(b"data:") and self._is_usage_only(line):
+            self._stripped = True
+            return b""
+        return _strip_null_usage(bytes(held))
 
     @staticmethod
     def _is_usage_only(line: bytes) -> bool:

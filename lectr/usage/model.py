@@ -110,6 +110,11 @@ class Meter(Protocol):
         """Account for ``data`` and return the bytes to send to the client
         (``data`` itself unless something must be removed)."""
 
+    def flush(self) -> bytes:
+        """The bytes still held back when the answer has ended whole, to send
+        before its end (a stream being stripped may hold the start of an
+        event); b"" for most meters."""
+
     def finish(self, complete: bool = True) -> Usage:
         """The usage seen so far (called at the end, or on disconnect).
         ``complete``: the provider's answer ended as its framing said (False:
