@@ -193,3 +193,37 @@ def test_no_spelling_of_the_key_survives_scrubbing(data):
     body = ('{"error":{"message":"' + text + '"}}').encode() if as_json else text.encode()
     out = scrub_body(body, key.encode())
     assert key[len(key) // 3 :].lower() not in _client_reading(out).lower()
+
+
+# --- a key check's message (the admin API's 422/502 when a key is added) -------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_a_key_checks_message_never_repeats_a_run_of_the_key(data):
+    """``scrub(message, key)`` on a provider's answer to a key check: the
+    provider may quote the key cut short, masked at one end, in another case
+    or percent-escaped, and a key may have no recognisable prefix (Azure's
+    32 hex digits). No run of ``RUN`` characters of the key survives."""
+    from lectr.providers.base import ECHO_RUN, scrub
+
+    alphabet = data.draw(
+        st.sampled_from(["0123456789abcdef", string.ascii_letters + string.digits])
+    )
+    key = data.draw(st.text(alphabet=alphabet, min_size=24, max_size=64))
+    start = data.draw(st.integers(0, len(key) - ECHO_RUN))
+    end = data.draw(st.integers(start + ECHO_RUN, len(key)))
+    echo = key[start:end]
+    form = data.draw(st.sampled_from(["plain", "upper", "masked_end", "pct"]))
+    if form == "upper":
+        echo = echo.upper()
+    elif form == "masked_end":
+        echo = echo[:-4] + "****" if len(echo) >= ECHO_RUN + 4 else echo
+    elif form == "pct":
+        echo = "".join(f"%{ord(c):02X}" for c in echo)
+    message = f"Incorrect API key provided: {echo}. You can find your API key at https://x.example."
+    out = scrub(message, key)
+    readable = unquote(out).lower()
+    low = key.lower()
+    assert not any(low[i : i + ECHO_RUN] in readable for i in range(len(low) - ECHO_RUN + 1)), out
+    assert "You can find your API key" in out or form == "pct"

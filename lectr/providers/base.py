@@ -169,11 +169,49 @@ def echo_tail_end(tail: bytes) -> bytes:
     return b"*" * len(tail) if len(tail) >= ECHO_TAIL_MASKED else tail
 
 
+#: a run of this many characters of a key, in any case, is a quote of it
+ECHO_RUN = 8
+
+
+def _mask_runs(text: str, secret: str) -> str:
+    """``text`` with every run of :data:`ECHO_RUN` or more characters of
+    ``secret`` (any case) masked; withheld whole when it still quotes one
+    once percent-escapes are read."""
+    key = secret.lower()
+    n = ECHO_RUN
+    if len(key) < n:
+        return text
+    runs = {key[i : i + n] for i in range(len(key) - n + 1)}
+    low = text.lower()
+    hits = [i for i in range(len(low) - n + 1) if low[i : i + n] in runs]
+    if hits:
+        masked = bytearray(len(text))
+        for i in hits:
+            masked[i : i + n] = b"\x01" * n
+        out, i = [], 0
+        while i < len(text):
+            if masked[i]:
+                out.append("***")
+                while i < len(text) and masked[i]:
+                    i += 1
+            else:
+                out.append(text[i])
+                i += 1
+        text = "".join(out)
+    if "%" in text:
+        plain = unquote(text).lower()
+        if any(plain[i : i + n] in runs for i in range(len(plain) - n + 1)):
+            return "(the provider's message quoted the key; withheld)"
+    return text
+
+
 def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
-    """Provider-supplied text made safe to show: no key-like tokens, one
-    line, bounded length."""
+    """Provider-supplied text made safe to show: no key-like tokens, no run
+    of the key's characters (cut short, masked at one end, in another case,
+    percent-escaped: a key check's message may quote the key it was sent),
+    one line, bounded length."""
     if secret:
-        text = text.replace(secret, "***")
+        text = _mask_runs(text.replace(secret, "***"), secret)
     text = _KEYLIKE.sub("***", text)
     text = " ".join(text.split())
     return text[:limit]
