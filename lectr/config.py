@@ -256,11 +256,9 @@ def parse_master_key(raw: str) -> Secret[bytes]:
     value = raw.strip()
     try:
         padded = value + "=" * (-len(value) % 4)
-        decoded = (
-            base64.urlsafe_b64decode(padded)
-            if ("-" in value or "_" in value)
-            else base64.b64decode(padded, validate=True)
-        )
+        # (the URL-safe alphabet read as the standard one, so that both are
+        # validated: a stray character is an error, never silently dropped)
+        decoded = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(
             "not valid base64; generate one with: python3 -c "

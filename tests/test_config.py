@@ -6,8 +6,17 @@ import base64
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lectr.config import SETTINGS, ConfigError, load_config, redact_url, usable_cores
+from lectr.config import (
+    SETTINGS,
+    ConfigError,
+    load_config,
+    parse_master_key,
+    redact_url,
+    usable_cores,
+)
 from lectr.devmode import apply_development_defaults
 
 KEY = base64.b64encode(os.urandom(32)).decode()
@@ -214,3 +223,20 @@ def test_no_development_defaults_with_database_url(tmp_path):
     )
     assert apply_development_defaults(c) is c
     assert not (tmp_path / "admin.token").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.binary(min_size=32, max_size=32), junk=st.sampled_from("!@#$^&*()[]{}<>?;:'\",.~`| \t")
+)
+def test_a_master_key_with_a_stray_character_is_refused(key, junk):
+    """Standard and URL-safe base64 of 32 bytes are accepted; the same with
+    a character of neither alphabet anywhere is refused, not decoded with
+    the character silently dropped (a typo would then be a different key)."""
+    for text in (base64.b64encode(key).decode(), base64.urlsafe_b64encode(key).decode()):
+        assert parse_master_key(text).reveal() == key
+        stray = text[:10] + junk + text[10:]
+        if junk.isspace():
+            continue  # (inside: still refused; at the ends it is trimmed)
+        with pytest.raises(ValueError, match="base64"):
+            parse_master_key(stray)
