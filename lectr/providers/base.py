@@ -383,11 +383,23 @@ class Provider:
 
     # --- the request --------------------------------------------------------------
 
-    def plan(self, method: bytes, api_path: str, read: ReadBody, model: str | None) -> RequestPlan:
+    def plan(
+        self,
+        method: bytes,
+        api_path: str,
+        read: ReadBody,
+        model: str | None,
+        options: KeyOptions = NO_OPTIONS,
+    ) -> RequestPlan:
         """What the request asks for and the bytes to send for ``model``
         (the body's own model, or the one a route or ``provider/model``
-        chose)."""
-        return self.dialect.plan(method, api_path, read, model, self.injects_stream_usage)
+        chose) with the key ``options`` (its API version)."""
+        return self.dialect.plan(method, api_path, read, model, self.stream_usage(options))
+
+    def stream_usage(self, options: KeyOptions) -> bool:
+        """Whether a stream sent with a key of these options may be asked
+        for its usage (``stream_options.include_usage``)."""
+        return self.injects_stream_usage
 
     def model_in_path(self, api_path: str) -> str | None:
         """The model a path names (Gemini's native ``/models/{m}:…``), or None

@@ -423,7 +423,7 @@ class Call:
         read = self.read
         model = target.model if target.model != read.model else None
         try:
-            self.rplan = rplan = provider.plan(req.method, self.api_path_text, read, model)
+            self.rplan = rplan = provider.plan(req.method, self.api_path_text, read, model, key)
         except BodyRefused as e:  # (the route step drops the targets it can tell)
             self.refuse(400, "invalid_request", f"Malformed request body: {e}")
             return

@@ -13,6 +13,9 @@ from lectr.providers.base import API_KEY, KeyOptions, Provider
 from lectr.providers.dialects import OPENAI
 
 DEFAULT_API_VERSION = "2024-10-21"
+#: the first API version that accepts ``stream_options`` (earlier ones answer
+#: 400 "Unrecognized request argument supplied: stream_options")
+STREAM_OPTIONS_SINCE = "2024-09-01"
 
 
 class Azure(Provider):
@@ -38,6 +41,15 @@ class Azure(Provider):
                 deployment = deployment.replace(".", "%2E")
             return b"/openai/deployments/" + deployment.encode("ascii") + rest
         return b"/openai" + rest
+
+    def stream_usage(self, options: KeyOptions) -> bool:
+        """Only versions from 2024-09-01 on accept ``stream_options``; a
+        key of an older one has its streams estimated. (A version that is
+        not a date, as the v1 API's ``preview``, is a recent one.)"""
+        version = options.api_version
+        if version is None or not version[:4].isdigit():
+            return True
+        return version[:10] >= STREAM_OPTIONS_SINCE
 
     def query(self, query: bytes, options: KeyOptions) -> bytes:
         version = (options.api_version or DEFAULT_API_VERSION).encode("ascii")
