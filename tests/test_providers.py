@@ -77,6 +77,14 @@ def test_gemini_and_azure_paths():
         b"/openai/files?api-version="
     )
     # a deployment name can never become a dot segment or a separator
+    # the Responses API is not per deployment (the body's model names it)
+    responses = _signed(azure, b"/v1/responses", model="my-dep", options=options).target
+    assert responses.startswith(b"/openai/responses?api-version=")
+    follow = _signed(azure, b"/v1/responses/resp_1/cancel", model=None, options=options).target
+    assert follow.startswith(b"/openai/responses/resp_1/cancel?")
+    assert _signed(azure, b"/v1/responsesx", model="d", options=options).target.startswith(
+        b"/openai/deployments/d/responsesx?"
+    )
     assert b"/deployments/%2E%2E/" in _signed(azure, b"/v1/x", model="..", options=options).target
     assert b"/deployments/a%2Fb/" in _signed(azure, b"/v1/x", model="a/b", options=options).target
     assert azure.check_key_base_url("https://acme.openai.azure.com")

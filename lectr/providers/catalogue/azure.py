@@ -3,8 +3,9 @@ resource (``https://<resource>.openai.azure.com``) and API version.
 
 Clients call ``/azure/v1/<rest>`` with the deployment name as the model;
 Lectr sends ``<key base URL>/openai/deployments/<model>/<rest>?api-version=…``
-(requests without a model, such as files, go to ``/openai/<rest>``), with the
-key in the ``api-key`` header.
+(requests without a model, such as files, and the Responses API, which names
+the deployment in its body, go to ``/openai/<rest>``), with the key in the
+``api-key`` header.
 """
 
 from urllib.parse import quote
@@ -35,6 +36,10 @@ class Azure(Provider):
 
     def upstream_path(self, api_path: bytes, model: str | None, options: KeyOptions) -> bytes:
         rest = api_path[3:] if api_path.startswith(b"/v1/") else api_path
+        if rest == b"/responses" or rest.startswith(b"/responses/"):
+            # the Responses API is not per deployment: /openai/responses, the
+            # deployment named by the body's model (API versions 2025-03-01-preview on)
+            return b"/openai" + rest
         if model:
             deployment = quote(model, safe="")
             if not deployment.strip("."):  # never a dot segment
