@@ -5,7 +5,7 @@ service in-process, tests/support/admin.py), or the validator directly."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 import psycopg2
 import pytest
@@ -21,8 +21,8 @@ from lectr.admin.validation import validate
 from lectr.errors import BadRequest
 from lectr.managers.users import clean_subject
 from lectr.storage.request_logs import RequestLogStore
-from lectr.usage.model import Usage, UsageRecord
 from tests.support.admin import start_admin_env
+from tests.test_admin_matrix import logged_request
 
 
 @pytest_twisted.async_yield_fixture
@@ -153,23 +153,7 @@ async def test_adding_a_member_by_an_impossible_subject_is_a_400(env):
 # --- one request's cost: 404 for anyone else, the same 404 --------------------------------
 
 
-def _record(org_id: str) -> UsageRecord:
-    return UsageRecord(
-        request_id=str(uuid.uuid4()),
-        created_at=datetime(2026, 3, 1, 12, 0, tzinfo=UTC),
-        org_id=org_id,
-        key_id=None,
-        provider="openai",
-        model="gpt-4o-mini",
-        method="POST",
-        path="/v1/chat/completions",
-        status=200,
-        latency_ms=12.5,
-        ttfb_ms=3.0,
-        streamed=False,
-        usage=Usage(10, 5, 15, 0, None, "provider"),
-        error_type=None,
-    )
+_record = logged_request  # one logged request of an org
 
 
 @pytest_twisted.ensureDeferred

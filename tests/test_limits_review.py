@@ -22,16 +22,11 @@ from lectr.policy.limits import Limits as LimitsStep
 from lectr.pricing.cost import cost_of, estimate_prompt_tokens
 from lectr.pricing.manager import PricingManager
 from lectr.usage.model import Usage
-from tests.support.limits import LimitsEnv, admitted, usd
+from tests.support.limits import admitted, usd
 from tests.test_limits_limiter import answer, limiter
+from tests.test_limits_manager import env as limits_env
 
-
-@pytest_twisted.async_yield_fixture
-async def env(database, db_url):
-    e = LimitsEnv(database, db_url)
-    await e.setup()
-    yield e
-    await e.close()
+env = limits_env  # (test_limits_manager's: limits over a real database)
 
 
 # --- a cap lowered while leases drawn under the old one are held ---------------------------

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lectr.providers.body import read_body
 from lectr.usage.meters import anthropic_usage, meter_for, plan_request
-from lectr.usage.model import Usage
+from tests.test_meters import run, split_at
 
 SSE = b"text/event-stream"
 JSON = b"application/json"
@@ -26,19 +26,7 @@ def plan(dialect: str, path: str, body: dict):
     return plan_request(dialect, b"POST", path, read_body([JSON], json.dumps(body).encode()))
 
 
-def split_at(data: bytes, points: list[int]) -> list[bytes]:
-    at = sorted({p % (len(data) + 1) for p in points})
-    pieces, last = [], 0
-    for p in at:
-        pieces.append(data[last:p])
-        last = p
-    pieces.append(data[last:])
-    return pieces
-
-
-def feed(meter, pieces: list[bytes]) -> tuple[bytes, Usage]:
-    out = b"".join(bytes(meter.feed(p)) for p in pieces)
-    return out, meter.finish()
+feed = run  # (test_meters': every piece through the meter, then its usage)
 
 
 def dumps(doc: dict, spaced: bool) -> str:

@@ -21,6 +21,7 @@ from lectr.policy.plan import RoutingPlan, Selector
 from lectr.policy.providers import ProviderPolicy
 from lectr.policy.route import ResolveRoute
 from lectr.providers.registry import ProviderRegistry, discover
+from tests.test_policy_select import FakeRegistry, FakeVault
 
 REGISTRY = ProviderRegistry([c(c.default_base_url or "https://x") for c in discover()])
 PROVIDERS = ("openai", "azure", "groq", "mistral")
@@ -31,22 +32,6 @@ class K:
     id: str
     weight: int = 1
     name: str = "k"
-
-
-class FakeVault:
-    def __init__(self, pools: dict[str, tuple]) -> None:
-        self.pools = pools
-
-    def pool(self, org_id, provider):
-        return self.pools.get(provider, ())
-
-    def usable(self, key):
-        return True
-
-
-class FakeRegistry:
-    def get(self, name):
-        return name
 
 
 def _route(targets, strategy="fallback", retry_on=("429", "5xx", "timeout", "connect"), n=10):

@@ -32,47 +32,28 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lectr.managers.orgs import OrgManager
 from lectr.providers import ProviderRegistry
 from lectr.providers.catalogue.anthropic import Anthropic
 from lectr.providers.catalogue.azure import Azure
 from lectr.providers.catalogue.openai import OpenAI
-from lectr.storage.api_keys import ApiKeyStore
-from lectr.storage.orgs import OrgStore
 from lectr.storage.provider_keys import NewProviderKey, ProviderKeyStore
 from lectr.util.secret import Secret
 from lectr.vault.crypto import Binding, Keyring, Prepared, Sealed
 from lectr.vault.errors import DecryptionFailed
-from tests.support.fake_provider import OPENAI_KEY, FakeProviderServer
-from tests.test_vault import Vaults, new_kek, sql, wait_for
+from tests.support.fake_provider import OPENAI_KEY
+from tests.test_vault import fake as vault_fake
+from tests.test_vault import kek as vault_kek
+from tests.test_vault import new_kek, sql, wait_for
+from tests.test_vault import orgs as vault_orgs
+from tests.test_vault import vaults as vault_vaults
 
 KEY = b"sk-test-review-0123456789abcdefghijklmnop"
 
 # --- fixtures and helpers -----------------------------------------------------------------
 
 
-@pytest_twisted.async_yield_fixture
-async def fake():
-    server = await FakeProviderServer.start()
-    yield server
-    await server.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def vaults(database, db_url, fake):
-    v = Vaults(database, db_url, fake)
-    yield v
-    await v.close()
-
-
-@pytest.fixture
-def orgs(database) -> OrgManager:
-    return OrgManager(OrgStore(database), ApiKeyStore(database))
-
-
-@pytest.fixture
-def kek() -> Secret[bytes]:
-    return new_kek()
+# (test_vault's fixtures: a fake provider, a vault factory, orgs, a master key)
+fake, vaults, orgs, kek = vault_fake, vault_vaults, vault_orgs, vault_kek
 
 
 def _lp(*parts: bytes) -> bytes:
