@@ -22,6 +22,7 @@ from lectr.policy.providers import ProviderPolicy
 from lectr.policy.route import ResolveRoute
 from lectr.providers.registry import ProviderRegistry, discover
 from tests.test_policy_select import FakeRegistry, FakeVault
+from tests.test_routing_proxy import env as routing_env
 
 REGISTRY = ProviderRegistry([c(c.default_base_url or "https://x") for c in discover()])
 PROVIDERS = ("openai", "azure", "groq", "mistral")
@@ -321,15 +322,7 @@ async def test_explain_names_the_key_the_proxy_picks_next_without_a_session():
 # --- end to end (real LectrService, PostgreSQL, a fake provider) --------------------------
 
 
-@pytest_twisted.async_yield_fixture
-async def env(db_url, tmp_path):
-    from tests.test_routing_proxy import close_env, make_env
-
-    e = await make_env(db_url, tmp_path)
-    try:
-        yield e
-    finally:
-        await close_env(e)
+env = routing_env  # (test_routing_proxy's: a Lectr, an org with keys, the fake provider)
 
 
 @pytest_twisted.ensureDeferred
