@@ -14,13 +14,14 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass, field
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import CannotListenError
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
@@ -182,6 +183,7 @@ class LectrService(Service):
         self._stack = ServiceStack()
         self._starting: Deferred | None = None
         self._stopping: Deferred | None = None
+        self._stop_requested = False
         self.ready: Deferred[Components] = Deferred()
         self.components = Components(config=config, metrics=Registry())
 
@@ -198,6 +200,7 @@ class LectrService(Service):
     def stopService(self) -> Deferred:
         Service.stopService(self)
         if self._stopping is None:
+            self._stop_requested = True  # before _stop cancels a start-up in progress
             self._stopping = ensureDeferred(self._stop())
         return self._stopping
 
@@ -601,6 +604,14 @@ class LectrService(Service):
     # --- failure -----------------------------------------------------------------
 
     def _failed(self, failure) -> None:
+        if failure.check(CancelledError) and self._stop_requested:
+            # SIGTERM while starting: _stop cancelled the start-up. A stop
+            # that was asked for, not a start-up failure.
+            _log.info("start-up interrupted: Lectr is stopping")
+            if not self.ready.called:
+                self.ready.errback(failure)
+                self.ready.addErrback(lambda _: None)
+            return
         if failure.check(*_KNOWN_FAILURES):
             message = str(failure.value)
         else:
@@ -623,6 +634,24 @@ class LectrService(Service):
         d.addBoth(lambda _: _exit_after_reactor(self._reactor, 1))
 
 
+def stop_on_hangup(reactor) -> None:
+    """SIGHUP (the terminal closed, or ``kill -HUP``) stops Lectr in order, as
+    SIGTERM does: by default it killed the process at once, cutting the
+    requests in flight and losing the usage rows not yet written. Left alone
+    when SIGHUP is ignored (``nohup``)."""
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        return
+
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            return  # stopping already
+        _log.info("Received SIGHUP, shutting down.")
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(stop))
+
+
 def _exit_after_reactor(reactor, code: int) -> None:
     """Stop the reactor, let twistd clean up (pidfile, logs), then exit with
     ``code``: twistd itself always exits 0 after a normal reactor stop."""
@@ -635,4 +664,7 @@ def _exit_after_reactor(reactor, code: int) -> None:
 
     atexit.register(force_exit)
     if reactor.running:
-        reactor.stop()
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # stopping already (a signal came first)

@@ -3,15 +3,90 @@
 Started by :mod:`lectr.workers` with the listening sockets already bound by
 the supervisor (their descriptors in ``LECTR_WORKER_FDS``); settings arrive
 as environment variables. Writes ``ready`` to ``LECTR_WORKER_READY_FD`` once
-it serves.
+it serves. Its standard input is a pipe from the supervisor, never written
+to: when it reads end-of-file the supervisor is gone (killed with SIGKILL,
+say), and the worker shuts down gracefully rather than serving on, orphaned.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 from pathlib import Path
+
+
+class _SupervisorWatch:
+    """Reads the supervisor's pipe (standard input): end-of-file means the
+    supervisor died; ``on_gone`` is called then."""
+
+    def __init__(self, fd: int, on_gone) -> None:
+        self._fd = fd
+        self._on_gone = on_gone
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self):
+        from twisted.internet import main as twisted_main
+
+        try:
+            data = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        return None if data else twisted_main.CONNECTION_DONE
+
+    def connectionLost(self, reason) -> None:
+        self._on_gone()
+
+    def logPrefix(self) -> str:
+        return "supervisor-watch"
+
+
+def watch_supervisor(reactor, fd: int = 0) -> None:
+    """Stop (gracefully: in-flight requests drain, the last usage rows are
+    written) once the supervisor's pipe on ``fd`` is closed."""
+    import stat
+
+    from twisted.logger import Logger
+
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return  # not started by a supervisor (run by hand)
+    except OSError:
+        return
+
+    def gone() -> None:
+        Logger().warn("the supervisor is gone; shutting down")
+        reactor.stop()
+
+    watch = _SupervisorWatch(fd, gone)
+    reactor.addReader(watch)
+    # not "gone" when the reactor disconnects every reader at shutdown
+    reactor.addSystemEventTrigger("before", "shutdown", reactor.removeReader, watch)
+
+
+def stop_at_most_once(reactor) -> None:
+    """Make a second request to stop harmless. A worker often gets two: a
+    Ctrl-C (SIGINT) or systemd's stop (SIGTERM to every process of the
+    service) reaches it directly, and then the supervisor passes SIGTERM on;
+    Twisted's ``reactor.stop`` raised ReactorNotRunning on the second, and
+    every worker logged a traceback while stopping."""
+    from twisted.internet.error import ReactorNotRunning
+
+    stop = reactor.stop
+
+    def stop_once() -> None:
+        try:
+            stop()
+        except ReactorNotRunning:
+            pass  # stopping already
+
+    reactor.stop = stop_once
 
 
 def main() -> None:
@@ -24,6 +99,11 @@ def main() -> None:
     from lectr.metrics import METRICS_DIR_ENV, MetricsFileSync
     from lectr.service import LectrService
 
+    # SIGHUP is the supervisor's to act on (it stops every worker in order):
+    # a terminal's hangup reaches the whole process group, and by default it
+    # would kill the workers at once, requests in flight and unwritten usage
+    # rows with them.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     index = os.environ.get("LECTR_WORKER_INDEX", "0")
     if os.environ.get("LECTR_LOG_FORMAT") == "json":
         base = json_lines_observer(sys.stdout)
@@ -62,6 +142,8 @@ def main() -> None:
     service.ready.addErrback(lambda _: None)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    stop_at_most_once(reactor)
+    watch_supervisor(reactor)
     reactor.run()
 
 

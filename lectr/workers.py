@@ -24,7 +24,7 @@ import socket
 import sys
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, FirstError, ensureDeferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -36,6 +36,9 @@ from lectr.util.listen import ListenError, ListenSpec, bind_ports, describe
 __all__ = ["ListenSpec", "WorkerSupervisor"]
 
 READY_FD = 5  # workers write "ready\n" here once their ports are adopted
+#: a worker that served this long before it died starts the restart delay
+#: afresh; one that dies sooner (a crash loop) doubles it
+STABLE_AFTER = 30.0
 INHERITED_FIRST_FD = 3  # proxy socket, then admin socket
 
 
@@ -44,18 +47,21 @@ class WorkerStartupError(Exception):
 
 
 class _WorkerProtocol(ProcessProtocol):
-    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+    def __init__(self, supervisor: WorkerSupervisor, index: int, *, initial: bool) -> None:
         self.supervisor = supervisor
         self.index = index
+        self.initial = initial  # one of the first N, which _start awaits
         self.ready: Deferred[None] = Deferred()
         self.ended: Deferred[int | None] = Deferred()
         self.pid: int | None = None
+        self.ready_at: float | None = None
         self._status = b""
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         if fd == READY_FD:
             self._status += data
             if b"ready\n" in self._status and not self.ready.called:
+                self.ready_at = self.supervisor.now()
                 self.ready.callback(None)
 
     def processEnded(self, reason) -> None:
@@ -113,6 +119,16 @@ class WorkerSupervisor(Service):
         d = ensureDeferred(self._start())
 
         def failed(failure) -> None:
+            if failure.check(FirstError):  # the DeferredList of the workers' starts
+                failure = failure.value.subFailure
+            if self._stopping:
+                # SIGTERM while the workers were starting: they stopped (and
+                # "exited during start-up"), as asked; not a start-up failure
+                self._log.info("start-up interrupted: Lectr is stopping")
+                if not self.ready.called:
+                    self.ready.errback(failure)
+                    self.ready.addErrback(lambda _: None)
+                return
             message = (
                 str(failure.value)
                 if failure.check(StartupError, WorkerStartupError)
@@ -158,8 +174,8 @@ class WorkerSupervisor(Service):
         self._log.info("Lectr is ready ({n} workers)", n=self.config.workers)
         self.ready.callback(None)
 
-    def _spawn(self, index: int) -> _WorkerProtocol:
-        protocol = _WorkerProtocol(self, index)
+    def _spawn(self, index: int, *, initial: bool = True) -> _WorkerProtocol:
+        protocol = _WorkerProtocol(self, index, initial=initial)
         env = dict(os.environ)
         env.update(self._worker_environment(index))
         child_fds: dict[int, object] = {0: "w", 1: 1, 2: 2, READY_FD: "r"}
@@ -206,13 +222,20 @@ class WorkerSupervisor(Service):
 
     # --- supervision ---------------------------------------------------------------
 
+    def now(self) -> float:
+        return self._reactor.seconds()
+
     def worker_ended(self, worker: _WorkerProtocol, code: int | None, sig: int | None) -> None:
         if self._workers.get(worker.index) is worker:
             del self._workers[worker.index]
         if self._metrics_dir is not None and worker.pid is not None:
             self._metrics_dir.process_ended(worker.pid)
-        if self._stopping or not self.ready.called:
+        if self._stopping:
             return
+        if worker.initial and worker.ready_at is None:
+            return  # a start-up failure: _start reports it and stops everything
+        if worker.ready_at is not None and self.now() - worker.ready_at >= STABLE_AFTER:
+            self._restart_delay.pop(worker.index, None)  # it had been serving: no loop
         delay = self._restart_delay.get(worker.index, 0.5)
         self._restart_delay[worker.index] = min(delay * 2, 30.0)
         self._log.warn(
@@ -227,10 +250,24 @@ class WorkerSupervisor(Service):
     def _restart(self, index: int) -> None:
         if self._stopping or index in self._workers:
             return
-        protocol = self._spawn(index)
+        try:
+            protocol = self._spawn(index, initial=False)
+        except OSError as e:  # fork or exec refused (memory, process limit)
+            delay = self._restart_delay.get(index, 0.5)
+            self._restart_delay[index] = min(delay * 2, 30.0)
+            self._log.warn(
+                "cannot start worker {index} ({error}); retrying in {delay:.1f}s",
+                index=index,
+                error=e.strerror or str(e),
+                delay=delay,
+            )
+            self._reactor.callLater(delay, self._restart, index)
+            return
 
         def up(_: None) -> None:
-            self._restart_delay[index] = 0.5
+            # The delay is not reset here: a worker that starts and then dies
+            # at once, again and again, must still back off (worker_ended
+            # resets it once a worker has served for STABLE_AFTER seconds).
             self._log.info("worker {index} is back", index=index)
 
         protocol.ready.addCallbacks(up, lambda f: None)

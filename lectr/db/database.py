@@ -369,13 +369,20 @@ class Database:
                     timer.cancel()
             return conn
         except (psycopg2.Error, OSError, error.ConnectionDone, error.ConnectionLost) as e:
-            self._size -= 1
+            self._slot_freed()
             raise DatabaseUnavailable(
                 f"cannot connect to PostgreSQL at {self.safe_dsn}: {describe_error(e)}"
             ) from None
         except BaseException:
-            self._size -= 1
+            self._slot_freed()
             raise
+
+    def _slot_freed(self) -> None:
+        """A connection that was being opened failed: its slot is free, so a
+        waiter queued behind it must go round and try for itself (else it
+        waits until some other operation succeeds, for a whole outage)."""
+        self._size -= 1
+        self._wake(None)
 
     async def _acquire(self) -> _Connection:
         while True:

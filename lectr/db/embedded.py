@@ -21,37 +21,77 @@ class EmbeddedDatabaseError(Exception):
     pass
 
 
+def _forget_dead_handles(pgdata: Path) -> None:
+    """pgserver counts the processes using the server (their PIDs, in
+    ``.handle_pids.json``) and stops it when the last one leaves. A process
+    killed outright (SIGKILL, the OOM killer, a worker that crashed) never
+    leaves: its PID stayed listed for ever, and the server was then never
+    stopped again. Forget the PIDs of processes that are gone."""
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import DiskList
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    handles = DiskList(pgdata / ".handle_pids.json")
+    with PostgresServer._lock:  # pgserver's own inter-process lock
+        try:
+            pids = handles.get()
+        except (OSError, ValueError):
+            return  # pgserver will report it
+        living = [pid for pid in pids if alive(pid)]
+        if living != pids:
+            handles.put(living)
+
+
 def _start_sync(pgdata: Path) -> tuple[object, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
         import pgserver
-    import psycopg2
 
     try:
-        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        # made here, not by pgserver: it checks, then mkdir()s without
+        # exist_ok, and the second of two workers starting together failed
+        pgdata.mkdir(parents=True, exist_ok=True)
+        _forget_dead_handles(pgdata)
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
     except Exception as e:  # pgserver raises bare asserts and CalledProcessError
         raise EmbeddedDatabaseError(
             f"cannot start the embedded PostgreSQL in {pgdata} "
             f"({type(e).__name__}: {str(e).strip() or 'see ' + str(pgdata / 'log')})"
         ) from None
-    admin_uri = server.get_uri("postgres")
+    _ensure_database(server.get_uri("postgres"), DATABASE_NAME)
+    return server, server.get_uri(DATABASE_NAME)
+
+
+def _ensure_database(admin_uri: str, name: str) -> None:
+    """Create database ``name`` unless it exists. Several workers may try at
+    the same moment: the loser gets DuplicateDatabase, or, when both passed
+    the check before either committed, a unique violation on
+    ``pg_database``'s name index (which made a first ``--workers`` run in
+    development mode fail)."""
+    import psycopg2
+
     conn = psycopg2.connect(admin_uri)
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,))
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
                 try:
-                    cur.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
-                except psycopg2.errors.DuplicateDatabase:
+                    cur.execute(f'CREATE DATABASE "{name}"')
+                except (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation):
                     pass  # another worker created it at the same moment
     finally:
         conn.close()
-    return server, server.get_uri(DATABASE_NAME)
 
 
 def _stop_sync(server) -> None:
+    _forget_dead_handles(server.pgdata)  # so that the last one out stops it
     server.cleanup()
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -114,8 +115,8 @@ async def upgrade(reactor, dsn: str) -> None:
     """Bring the schema to head, in a thread, under the advisory lock."""
     try:
         before, after = await deferToThreadPool(reactor, reactor.getThreadPool(), upgrade_sync, dsn)
-    except MigrationError:
-        raise
+    except (MigrationError, CancelledError):
+        raise  # CancelledError: Lectr is stopping during start-up
     except Exception as e:
         raise MigrationError(f"database migration failed: {describe_error(e)}") from e
     if before == after:

@@ -44,6 +44,14 @@ class _ListenConnection(_Connection):
             callback()
 
 
+def _lose(conn: _ListenConnection) -> None:
+    """Close ``conn`` and make sure its loss is reported (once)."""
+    close_quietly(conn)
+    callback, conn.on_lost = conn.on_lost, None
+    if callback is not None:
+        callback()
+
+
 class ChangeListener(Service):
     """Dispatches ``'<kind>:<id>'`` notifications to subscribers; reconnects
     with exponential backoff; pings the connection so a silently dead one is
@@ -184,14 +192,21 @@ class ChangeListener(Service):
 
     async def _ping(self) -> None:
         conn = self._conn
-        if conn is None or conn.is_closed:
+        if conn is None:
+            return
+        if conn.is_closed:  # died without the reactor noticing
+            _lose(conn)
             return
         d = conn.runQuery("SELECT 1")
         timer = self._reactor.callLater(self._ping_timeout, close_quietly, conn)
         try:
             await d
         except (psycopg2.Error, error.ConnectionDone, error.ConnectionLost, CancelledError):
-            close_quietly(conn)
+            # A connection that died under the ping (the backend was terminated,
+            # the server restarted) is already closed, and then nothing else
+            # reports it lost: report it here, or the listener would never
+            # reconnect and the caches would stay stale for ever.
+            _lose(conn)
         finally:
             if timer.active():
                 timer.cancel()
