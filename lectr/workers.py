@@ -35,6 +35,13 @@ from lectr.util.listen import ListenError, ListenSpec, bind_ports, describe
 
 __all__ = ["ListenSpec", "WorkerSupervisor"]
 
+#: how long after LECTR_SHUTDOWN_GRACE a worker still stopping is killed: a
+#: worker's own stop takes up to the grace, then up to 10 s for the limits to
+#: hand their leases back (LimitsManager.stop) and up to 10 s for the final
+#: usage rows (UsageRecorder's stop_timeout) before they are spilled to disk;
+#: killed earlier, rows still in memory would be lost
+KILL_MARGIN = 30.0
+
 READY_FD = 5  # workers write "ready\n" here once their ports are adopted
 #: a worker that served this long before it died starts the restart delay
 #: afresh; one that dies sooner (a crash loop) doubles it
@@ -293,7 +300,7 @@ class WorkerSupervisor(Service):
         workers = list(self._workers.values())
         for w in workers:
             _signal(w, signal.SIGTERM)
-        deadline = self.config.shutdown_grace + 15.0
+        deadline = self.config.shutdown_grace + KILL_MARGIN
         killer = self._reactor.callLater(
             deadline, lambda: [_signal(w, signal.SIGKILL) for w in workers]
         )

@@ -356,3 +356,25 @@ def test_metrics_add_up_over_every_worker(tmp_path, db_url):
     finally:
         proc.stop_cleanly()
     assert not run_dir.exists()
+
+
+def test_a_stopping_worker_is_killed_only_after_its_own_stop_could_end():
+    """The supervisor kills a worker still stopping LECTR_SHUTDOWN_GRACE +
+    KILL_MARGIN after SIGTERM: later than the worker's own bounded steps
+    after the grace (the limits' hand-back, the last usage rows written or
+    spilled), or a hung database would lose rows still in memory; and the
+    compose file gives the supervisor that long."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from lectr.limits.manager import STOP_STEP_TIMEOUT
+    from lectr.usage.recorder import UsageRecorder
+    from lectr.workers import KILL_MARGIN
+
+    handback = 2 * STOP_STEP_TIMEOUT
+    flush = inspect.signature(UsageRecorder.__init__).parameters["stop_timeout"].default
+    assert KILL_MARGIN >= handback + flush + 5.0
+    compose = (Path(__file__).parent.parent / "docker" / "docker-compose.yml").read_text()
+    grace = float(re.search(r"stop_grace_period: (\d+)s", compose).group(1))
+    assert grace >= 30.0 + KILL_MARGIN + 5.0  # (LECTR_SHUTDOWN_GRACE's default: 30 s)

@@ -67,6 +67,11 @@ def _limits(row: LimitsRow) -> Limits:
     return Limits(row.rpm, row.tpm, row.max_concurrent, row.usd_per_day, row.usd_per_month)
 
 
+#: each of the two steps of a stop (the last report, leaving the cluster)
+#: waits at most this long for PostgreSQL
+STOP_STEP_TIMEOUT = 5.0
+
+
 class LimitsManager:
     _log = Logger()
 
@@ -185,9 +190,9 @@ class LimitsManager:
             self._cleanup_call.cancel()
         self.limiter.retire_all()
         try:
-            await timeout_without_cancel(self.sync(), 5.0, self._reactor)
+            await timeout_without_cancel(self.sync(), STOP_STEP_TIMEOUT, self._reactor)
             await timeout_without_cancel(
-                ensureDeferred(self._store.leave(self.node_id)), 5.0, self._reactor
+                ensureDeferred(self._store.leave(self.node_id)), STOP_STEP_TIMEOUT, self._reactor
             )
         except CancelledError:
             raise
