@@ -13,7 +13,9 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
 
 from lectr.admin import schemas as s
 from lectr.admin.app import AdminApp
@@ -254,3 +256,125 @@ async def test_a_live_view_sees_a_row_committed_after_a_newer_one(env, db_url):
         conn.close()
     second = (await env.admin.get(path, params={"after": first["live_cursor"]})).json
     assert early.request_id in [r["request_id"] for r in second["items"]]
+
+
+# --- a custom provider deleted while a key or route for it is being added ------------------
+
+
+def _sealed_key_row(cur, org_id: str, provider: str) -> None:
+    cur.execute(
+        "INSERT INTO provider_keys (id, org_id, provider, name, last4, ciphertext, nonce, "
+        "wrapped_dek, dek_nonce, kek_id) VALUES (%s, %s, %s, 'k', 'abcd', %s, %s, %s, %s, 'f')",
+        (str(uuid.uuid4()), org_id, provider, b"c", b"n" * 12, b"w", b"d" * 12),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_custom_provider_is_not_deleted_under_a_key_being_added(env, db_url):
+    """The delete checked "no key uses it", then deleted: a key stored in
+    between (its check with the provider takes up to 10 s) was left for a
+    provider that no longer existed. A key being added holds the provider's
+    row (FOR KEY SHARE): the delete waits for it, then sees the key: 409."""
+    org = await new_org(env)
+    made = await env.admin.post(
+        "/admin/providers",
+        {"name": "vllm", "dialect": "openai", "base_url": "http://10.0.0.1:8000"},
+    )
+    assert made.status == 201
+    adding = psycopg2.connect(db_url)
+    try:
+        cur = adding.cursor()
+        cur.execute("SELECT 1 FROM custom_providers WHERE name = 'vllm' FOR KEY SHARE")
+        deleting = ensureDeferred(env.admin.delete("/admin/providers/vllm"))
+        await deferLater(reactor, 0.3)
+        _sealed_key_row(cur, org, "vllm")
+        adding.commit()
+    finally:
+        adding.close()
+    answer = await deleting
+    assert answer.status == 409, answer.json
+    listed = (await env.admin.get("/admin/providers")).json["items"]
+    assert "vllm" in [p["name"] for p in listed]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_for_a_custom_provider_deleted_meanwhile_is_not_stored(env, db_url):
+    """The other order: the provider is deleted while its key is being
+    added: the key's insert waits for the delete, then finds no provider."""
+    from lectr.storage.custom_providers import ProviderGone
+    from lectr.storage.provider_keys import NewProviderKey, ProviderKeyStore
+
+    org = await new_org(env)
+    made = await env.admin.post(
+        "/admin/providers",
+        {"name": "vllm", "dialect": "openai", "base_url": "http://10.0.0.1:8000"},
+    )
+    assert made.status == 201
+    store = ProviderKeyStore(env.components.database)
+    new = NewProviderKey(
+        id=str(uuid.uuid4()),
+        org_id=org,
+        provider="vllm",
+        name="k",
+        last4="abcd",
+        ciphertext=b"c",
+        nonce=b"n" * 12,
+        wrapped_dek=b"w",
+        dek_nonce=b"d" * 12,
+        kek_id="f",
+    )
+    deleting = psycopg2.connect(db_url)
+    try:
+        cur = deleting.cursor()
+        cur.execute("DELETE FROM custom_providers WHERE name = 'vllm'")
+        inserting = ensureDeferred(store.insert(new, custom=True))
+        await deferLater(reactor, 0.3)
+        deleting.commit()
+    finally:
+        deleting.close()
+    with pytest.raises(ProviderGone):
+        await inserting
+    check = psycopg2.connect(db_url)
+    try:
+        cur = check.cursor()
+        cur.execute("SELECT count(*) FROM provider_keys WHERE provider = 'vllm'")
+        assert cur.fetchone()[0] == 0
+    finally:
+        check.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_route_to_a_custom_provider_deleted_meanwhile_is_not_stored(env, db_url):
+    from lectr.storage.custom_providers import ProviderGone
+    from lectr.storage.routes import RouteStore
+
+    org = await new_org(env)
+    made = await env.admin.post(
+        "/admin/providers",
+        {"name": "vllm", "dialect": "openai", "base_url": "http://10.0.0.1:8000"},
+    )
+    assert made.status == 201
+    store = RouteStore(env.components.database)
+    deleting = psycopg2.connect(db_url)
+    try:
+        cur = deleting.cursor()
+        cur.execute("DELETE FROM custom_providers WHERE name = 'vllm'")
+        upserting = ensureDeferred(
+            store.upsert(
+                org,
+                "smart",
+                targets=[{"provider": "vllm", "model": "m", "weight": 1}],
+                strategy="fallback",
+                retry_on=["5xx"],
+                max_attempts=3,
+                attempt_timeout=None,
+                custom=["vllm"],
+            )
+        )
+        await deferLater(reactor, 0.3)
+        deleting.commit()
+    finally:
+        deleting.close()
+    with pytest.raises(ProviderGone):
+        await upserting
+    assert (await env.admin.get(f"/admin/orgs/{org}/routes")).json["items"] == []

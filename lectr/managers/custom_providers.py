@@ -129,13 +129,14 @@ class CustomProviderManager:
             if isinstance(name, str) and self._registry.is_builtin(name):
                 raise Conflict("built-in providers cannot be deleted")
             raise NotFound("provider not found")
-        keys, routes = await self._store.usage(name)
+        used = await self._store.delete(name)  # (checks what uses it, in its transaction)
+        if used is None:
+            raise NotFound("provider not found")
+        keys, routes = used
         if keys or routes:
             raise Conflict(
                 f"provider '{name}' is still used by {keys} provider key(s) and {routes} "
                 "route(s); delete those first"
             )
-        if not await self._store.delete(name):
-            raise NotFound("provider not found")
         self._log.info("custom provider {name} deleted", name=name)
         await self._refresh()

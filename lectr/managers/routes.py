@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from lectr.errors import BadRequest, NotFound
 from lectr.providers.body import BodyRefused, check_model
 from lectr.providers.registry import ProviderRegistry
+from lectr.storage.custom_providers import ProviderGone
 from lectr.storage.routes import RouteRow, RouteStore
 from lectr.util.deferred import timeout_without_cancel
 from lectr.util.validate import parse_uuid
@@ -195,7 +196,7 @@ class RouteManager:
         existing = self._cache.get(org_id, {})
         if name not in existing and len(existing) >= MAX_ROUTES_PER_ORG:
             raise BadRequest(f"an org may have at most {MAX_ROUTES_PER_ORG} routes")
-        result = await self._store.upsert(
+        upsert = self._store.upsert(
             org_id,
             name,
             targets=[
@@ -205,7 +206,12 @@ class RouteManager:
             retry_on=[r for r in RETRY_ON if r in retry_on],
             max_attempts=max_attempts,
             attempt_timeout=None if timeout is None else float(timeout),
+            custom=[t.provider for t in targets if not self._registry.is_builtin(t.provider)],
         )
+        try:
+            result = await upsert
+        except ProviderGone as e:
+            raise NotFound(f"provider not found (deleted meanwhile): {e}") from None
         if result is None:
             raise NotFound("organization not found")
         row, created = result

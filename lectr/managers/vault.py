@@ -30,6 +30,7 @@ from lectr.errors import BadRequest, NotFound, Unprocessable, UpstreamUnavailabl
 from lectr.metrics import Registry
 from lectr.providers import ProviderRegistry
 from lectr.providers.base import NoOptions
+from lectr.storage.custom_providers import ProviderGone
 from lectr.storage.provider_keys import (
     NewProviderKey,
     ProviderKeyRecord,
@@ -621,7 +622,7 @@ class VaultManager:
             # seal it with the old one; the rotation rewraps it with the others
             kek = ring.current
         sealed = ring.seal(binding, plaintext.encode(), kek)
-        record = await self._store.insert(
+        insert = self._store.insert(
             NewProviderKey(
                 id=record_id,
                 org_id=org_id,
@@ -636,8 +637,13 @@ class VaultManager:
                 weight=weight,
                 base_url=base_url,
                 api_version=api_version,
-            )
+            ),
+            custom=not self._registry.is_builtin(provider),
         )
+        try:
+            record = await insert
+        except ProviderGone:
+            raise NotFound(f"provider '{provider}' not found (it was deleted meanwhile)") from None
         if record is None:
             raise NotFound("organization not found")
         self._log.info(

@@ -25,6 +25,17 @@ class CustomProviderRow:
     updated_at: datetime
 
 
+class ProviderGone(Exception):
+    """The custom provider a key or route names was deleted meanwhile."""
+
+
+_USAGE_SQL = (
+    "SELECT (SELECT count(*) FROM provider_keys WHERE provider = %(n)s), "
+    "(SELECT count(*) FROM org_routes WHERE targets @> "
+    "jsonb_build_array(jsonb_build_object('provider', %(n)s::text)))"
+)
+
+
 class CustomProviderStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -72,23 +83,30 @@ class CustomProviderStore:
 
         return await self._db.runInteraction("upsert_custom_provider", txn)
 
-    async def delete(self, name: str) -> bool:
-        async def txn(t: Transaction) -> bool:
-            deleted = await t.execute("DELETE FROM custom_providers WHERE name = %s", (name,))
-            if deleted:
-                t.notify(NOTIFY_KIND, name)
-            return bool(deleted)
+    async def delete(self, name: str) -> tuple[int, int] | None:
+        """Delete the provider unless a provider key or a route names it:
+        None when there is no such provider, ``(0, 0)`` when deleted, else
+        the (keys, routes) that still name it. The row is locked first, so a
+        key or route being stored for it (they hold it, FOR KEY SHARE) is
+        waited for and then counted."""
+
+        async def txn(t: Transaction) -> tuple[int, int] | None:
+            row = await t.fetchone(
+                "SELECT 1 FROM custom_providers WHERE name = %s FOR UPDATE", (name,)
+            )
+            if row is None:
+                return None
+            keys, routes = await t.fetchone(_USAGE_SQL, {"n": name})
+            if keys or routes:
+                return int(keys), int(routes)
+            await t.execute("DELETE FROM custom_providers WHERE name = %s", (name,))
+            t.notify(NOTIFY_KIND, name)
+            return 0, 0
 
         return await self._db.runInteraction("delete_custom_provider", txn)
 
     async def usage(self, name: str) -> tuple[int, int]:
         """(provider keys, routes) that still name the provider."""
-        rows = await self._db.runQuery(
-            "custom_provider_usage",
-            "SELECT (SELECT count(*) FROM provider_keys WHERE provider = %(n)s), "
-            "(SELECT count(*) FROM org_routes WHERE targets @> "
-            "jsonb_build_array(jsonb_build_object('provider', %(n)s::text)))",
-            {"n": name},
-        )
+        rows = await self._db.runQuery("custom_provider_usage", _USAGE_SQL, {"n": name})
         keys, routes = rows[0]
         return int(keys), int(routes)

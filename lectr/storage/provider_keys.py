@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from lectr.db.database import Database, Transaction
+from lectr.storage.custom_providers import ProviderGone
 
 NOTIFY_KIND = "provider_key"
 
@@ -112,8 +113,13 @@ class ProviderKeyStore:
         )
         return bool(rows)
 
-    async def insert(self, new: NewProviderKey) -> ProviderKeyRecord | None:
-        """None when the org does not exist (any more)."""
+    async def insert(
+        self, new: NewProviderKey, *, custom: bool = False
+    ) -> ProviderKeyRecord | None:
+        """None when the org does not exist (any more). ``custom``: the key
+        is for a custom provider, whose row is held while the key is stored
+        (a delete of the provider waits, then sees the key); ProviderGone
+        when it was deleted meanwhile."""
 
         async def txn(t: Transaction) -> ProviderKeyRecord | None:
             exists = await t.fetchone(
@@ -121,6 +127,14 @@ class ProviderKeyStore:
             )
             if exists is None:
                 return None
+            if custom and (
+                await t.fetchone(
+                    "SELECT 1 FROM custom_providers WHERE name = %s FOR KEY SHARE",
+                    (new.provider,),
+                )
+                is None
+            ):
+                raise ProviderGone(new.provider)
             row = await t.fetchone(
                 "INSERT INTO provider_keys (id, org_id, provider, name, last4, ciphertext, nonce, "
                 "wrapped_dek, dek_nonce, kek_id, weight, base_url, api_version) "

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from psycopg2.extras import Json
 
 from lectr.db.database import Database, Transaction
+from lectr.storage.custom_providers import ProviderGone
 
 NOTIFY_KIND = "routes"
 
@@ -72,8 +74,12 @@ class RouteStore:
         retry_on: list[str],
         max_attempts: int,
         attempt_timeout: float | None,
+        custom: Sequence[str] = (),
     ) -> tuple[RouteRow, bool] | None:
-        """Create or replace a route; None when the org does not exist."""
+        """Create or replace a route; None when the org does not exist.
+        ``custom``: the custom providers its targets name, whose rows are
+        held while the route is stored (a delete of one waits, then sees
+        the route); ProviderGone when one was deleted meanwhile."""
 
         async def txn(t: Transaction) -> tuple[RouteRow, bool] | None:
             exists = await t.fetchone(
@@ -81,6 +87,15 @@ class RouteStore:
             )
             if exists is None:
                 return None
+            if custom:
+                wanted = sorted(set(custom))
+                held = await t.fetchall(
+                    "SELECT name FROM custom_providers WHERE name = ANY(%s) FOR KEY SHARE",
+                    (wanted,),
+                )
+                if len(held) < len(wanted):
+                    gone = set(wanted) - {r[0] for r in held}
+                    raise ProviderGone(", ".join(sorted(gone)))
             row = await t.fetchone(
                 "INSERT INTO org_routes (org_id, name, targets, strategy, retry_on, max_attempts, "
                 "attempt_timeout) VALUES (%s, %s, %s, %s, %s, %s, %s) "
