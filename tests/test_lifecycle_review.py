@@ -201,24 +201,30 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path, db_url):
         proc.kill()
 
 
+def fake_supervisor(tmp_path, script: str, workers: int = 1, name: str = "fake-worker"):
+    """A WorkerSupervisor over a shell script standing in for a worker
+    (``ready`` written to fd 5 as a worker does), on free loopback ports."""
+    from lectr.workers import WorkerSupervisor
+
+    fake = tmp_path / name
+    fake.write_text("#!/bin/sh\n" + script)
+    fake.chmod(0o755)
+    config = Config(
+        proxy_listen="tcp:0:interface=127.0.0.1",
+        admin_listen="tcp:0:interface=127.0.0.1",
+        data_dir=tmp_path / "data",
+        workers=workers,
+        shutdown_grace=1.0,
+    )
+    return WorkerSupervisor(config, None, reactor=reactor, executable=str(fake))
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_worker_that_dies_soon_after_start_backs_off(tmp_path):
     """A worker that comes up, then dies within moments, again and again (a
     crash loop): its restart delay was reset to 0.5 s each time it reported
     ready, so it was restarted every half second for ever, reloading every
     cache from PostgreSQL each time, instead of backing off to 30 s."""
-    from lectr.workers import WorkerSupervisor
-
-    fake = tmp_path / "crashing-worker"
-    fake.write_text("#!/bin/sh\nprintf 'ready\\n' >&5\nsleep 0.1\nexit 3\n")
-    fake.chmod(0o755)
-    config = Config(
-        proxy_listen="tcp:0:interface=127.0.0.1",
-        admin_listen="tcp:0:interface=127.0.0.1",
-        data_dir=tmp_path / "data",
-        workers=1,
-        shutdown_grace=1.0,
-    )
     delays: list[float] = []
 
     def observe(event: dict) -> None:
@@ -226,7 +232,9 @@ async def test_a_worker_that_dies_soon_after_start_backs_off(tmp_path):
             delays.append(event["delay"])
 
     globalLogPublisher.addObserver(observe)
-    supervisor = WorkerSupervisor(config, None, reactor=reactor, executable=str(fake))
+    supervisor = fake_supervisor(
+        tmp_path, "printf 'ready\\n' >&5\nsleep 0.1\nexit 3\n", name="crashing-worker"
+    )
     try:
         supervisor.startService()
         await supervisor.ready
@@ -243,26 +251,14 @@ async def test_a_worker_that_dies_while_the_others_start_is_restarted(tmp_path):
     the migration lock, say): the supervisor ignored the death because it was
     not "ready" yet, then announced "ready (2 workers)" with one worker, and
     never restarted the other."""
-    from lectr.workers import WorkerSupervisor
-
-    fake = tmp_path / "fake-worker"
     mark = tmp_path / "started-once"
-    fake.write_text(
-        "#!/bin/sh\n"
+    script = (
         f'if [ "$LECTR_WORKER_INDEX" = 0 ] && [ ! -e {mark} ]; then\n'
         f"  touch {mark}; printf 'ready\\n' >&5; sleep 0.2; exit 3\n"
         "fi\n"
         '[ "$LECTR_WORKER_INDEX" = 1 ] && sleep 1.5\n'
         "printf 'ready\\n' >&5\n"
         "exec sleep 60\n"
-    )
-    fake.chmod(0o755)
-    config = Config(
-        proxy_listen="tcp:0:interface=127.0.0.1",
-        admin_listen="tcp:0:interface=127.0.0.1",
-        data_dir=tmp_path / "data",
-        workers=2,
-        shutdown_grace=1.0,
     )
     back: list[int] = []
 
@@ -271,7 +267,7 @@ async def test_a_worker_that_dies_while_the_others_start_is_restarted(tmp_path):
             back.append(event["index"])
 
     globalLogPublisher.addObserver(observe)
-    supervisor = WorkerSupervisor(config, None, reactor=reactor, executable=str(fake))
+    supervisor = fake_supervisor(tmp_path, script, workers=2)
     try:
         supervisor.startService()
         await supervisor.ready
@@ -289,18 +285,6 @@ async def test_a_worker_that_cannot_be_spawned_is_retried(tmp_path):
     refused: out of memory, the process limit). The exception escaped the
     timed call, was logged once, and the worker was never restarted: one
     worker fewer until the next restart of Lectr."""
-    from lectr.workers import WorkerSupervisor
-
-    fake = tmp_path / "worker"
-    fake.write_text("#!/bin/sh\nprintf 'ready\\n' >&5\nexec sleep 60\n")
-    fake.chmod(0o755)
-    config = Config(
-        proxy_listen="tcp:0:interface=127.0.0.1",
-        admin_listen="tcp:0:interface=127.0.0.1",
-        data_dir=tmp_path / "data",
-        workers=1,
-        shutdown_grace=1.0,
-    )
     events: list[str] = []
 
     def observe(event: dict) -> None:
@@ -309,14 +293,15 @@ async def test_a_worker_that_cannot_be_spawned_is_retried(tmp_path):
             events.append(fmt)
 
     globalLogPublisher.addObserver(observe)
-    supervisor = WorkerSupervisor(config, None, reactor=reactor, executable=str(fake))
+    supervisor = fake_supervisor(tmp_path, "printf 'ready\\n' >&5\nexec sleep 60\n", name="worker")
+    executable = supervisor._executable
     try:
         supervisor.startService()
         await supervisor.ready
         supervisor._executable = str(tmp_path / "missing")  # spawning fails now
         os.kill(supervisor._workers[0].pid, signal.SIGKILL)
         assert await wait_for(lambda: any("cannot start" in e for e in events), timeout=5.0), events
-        supervisor._executable = str(fake)  # and works again
+        supervisor._executable = executable  # and works again
         assert await wait_for(lambda: "worker {index} is back" in events, timeout=10.0), events
         assert sorted(supervisor._workers) == [0]
     finally:
