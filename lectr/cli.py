@@ -77,10 +77,19 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class Client:
-    def __init__(self, base_url: str, token: str | None, timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        timeout: float = TIMEOUT,
+        token_file: Path | None = None,
+    ) -> None:
+        """``token_file``: where the token was read from when it was not
+        given (development mode's ``admin.token``), named when it is refused."""
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._timeout = timeout
+        self._token_file = token_file
         self._opener = urllib.request.build_opener(_NoRedirects)
 
     def request(self, method: str, path: str, body: Any = None, query: dict | None = None) -> Any:
@@ -108,9 +117,15 @@ class Client:
             raw = e.read()
             try:
                 error = json.loads(raw)["error"]
-                raise ApiError(e.code, error["code"], error["message"]) from None
+                code, message = error["code"], error["message"]
             except (ValueError, KeyError, TypeError):
-                raise ApiError(e.code, "http_error", e.reason or "request failed") from None
+                code, message = "http_error", e.reason or "request failed"
+            if e.code == 401 and self._token_file is not None:
+                message = (
+                    f"{message}; the token was read from {self._token_file} (development "
+                    "mode's): set LECTR_ADMIN_TOKEN to this server's token"
+                )
+            raise ApiError(e.code, code, message) from None
         except urllib.error.URLError as e:
             reason = getattr(e.reason, "strerror", None) or str(e.reason)
             raise CliError(
@@ -143,13 +158,20 @@ class Client:
 
 
 def find_token(environ: dict[str, str]) -> str | None:
+    return token_and_file(environ)[0]
+
+
+def token_and_file(environ: dict[str, str]) -> tuple[str | None, Path | None]:
+    """The admin token: LECTR_ADMIN_TOKEN, else the one development mode
+    wrote to ``<data-dir>/admin.token`` (and that file's path)."""
     token = environ.get("LECTR_ADMIN_TOKEN", "").strip()
     if token:
-        return token
-    from lectr.devmode import read_admin_token
+        return token, None
+    from lectr.devmode import ADMIN_TOKEN_FILE, read_admin_token
 
     data_dir = Path(environ.get("LECTR_DATA_DIR") or ".lectr").expanduser()
-    return read_admin_token(data_dir)
+    found = read_admin_token(data_dir)
+    return found, (data_dir / ADMIN_TOKEN_FILE if found is not None else None)
 
 
 # --- output -------------------------------------------------------------------------
@@ -1364,7 +1386,8 @@ def run(
     args = build_parser().parse_args(argv)
     url = args.url or environ.get("LECTR_ADMIN_URL") or DEFAULT_URL
     _check_url(url, err)
-    client = Client(url, find_token(environ))
+    token, token_file = token_and_file(environ)
+    client = Client(url, token, token_file=token_file)
     commands = Commands(client, Output(args.json, out), stdin)
     try:
         getattr(commands, args.handler)(args, *args.handler_extra)

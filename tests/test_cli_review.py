@@ -242,3 +242,44 @@ def test_workers_auto_stays_within_the_documented_range(monkeypatch):
     assert load_config({"workers": "auto"}, {}).workers == 256
     monkeypatch.setattr("lectr.config.usable_cores", lambda: 1)
     assert load_config({}, {"LECTR_WORKERS": "auto"}).workers == 1
+
+
+class _Refuser(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b'{"error": {"code": "invalid_token", "message": "the token is not valid here"}}'
+        self.send_response(401)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_refused_development_token_names_the_file_it_came_from(tmp_path):
+    """Without LECTR_ADMIN_TOKEN the CLI uses development mode's token file;
+    a server that is not in development mode refuses it, and the message
+    said nothing of where the token came from (a leftover .lectr/)."""
+    from lectr.cli import EXIT_AUTH
+
+    (tmp_path / "admin.token").write_text("dev-token-0123456789abcdef\n")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refuser)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        for environ, named in (
+            ({"LECTR_DATA_DIR": str(tmp_path)}, True),
+            ({"LECTR_DATA_DIR": str(tmp_path), "LECTR_ADMIN_TOKEN": TOKEN}, False),
+        ):
+            out, err = io.StringIO(), io.StringIO()
+            with pytest.raises(SystemExit) as exited:
+                run(["--url", url, "me"], environ=environ, out=out, err=err)
+            assert exited.value.code == EXIT_AUTH, err.getvalue()
+            message = err.getvalue()
+            assert (str(tmp_path / "admin.token") in message) is named, message
+            assert "dev-token-0123456789abcdef" not in message and TOKEN not in message
+    finally:
+        server.shutdown()
+        server.server_close()
