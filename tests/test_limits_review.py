@@ -190,3 +190,22 @@ def test_a_refusal_at_the_start_of_a_minute_gives_that_minutes_token_headers():
         b"1000",
         b"1m0s",
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removed_limit_reads_no_usage(env):
+    """docs/limits.md: "the usage of a limit that is not set reads 0". After
+    `lectr limits clear`, the view still showed the requests the node had
+    counted this minute under the cap just removed."""
+    m = await env.manager()
+    await m.update(env.org_id, env.key_id, {"rpm": 10, "tpm": 1000})
+    await m.sync()
+    for _ in range(2):
+        admitted(m.admit(env.org_id, env.key_id, reserve_usd=None)).settle(tokens=7, cost_usd=None)
+        await m.sync()
+    view = await m.get(env.org_id, env.key_id)
+    assert (view.usage["requests_this_minute"], view.usage["tokens_this_minute"]) == (2, 14)
+    view = await m.update(env.org_id, env.key_id, {"rpm": None})
+    assert (view.usage["requests_this_minute"], view.usage["tokens_this_minute"]) == (0, 14)
+    view = await m.get(env.org_id, env.key_id)
+    assert view.usage["requests_this_minute"] == 0

@@ -446,7 +446,9 @@ class LimitsManager:
         row = await self._store.get(key_id or org_id)
         limits = _limits(row) if row is not None else Limits()
         updated = row.updated_at if row is not None else None
-        return LimitsView(org_id, key_id, limits, updated, await self._usage(key_id or org_id))
+        return LimitsView(
+            org_id, key_id, limits, updated, await self._usage(key_id or org_id, limits)
+        )
 
     async def update(self, org_id: object, key_id: object, changes: object) -> LimitsView:
         """Set some limits (None removes one; fields not given keep their
@@ -472,8 +474,9 @@ class LimitsManager:
                 org_id=org_id,
                 error=type(e).__name__,
             )
+        limits = _limits(row)
         return LimitsView(
-            org_id, key_id, _limits(row), row.updated_at, await self._usage(key_id or org_id)
+            org_id, key_id, limits, row.updated_at, await self._usage(key_id or org_id, limits)
         )
 
     @staticmethod
@@ -481,7 +484,10 @@ class LimitsManager:
         org = parse_uuid(org_id, "organization")
         return org, (parse_uuid(key_id, "key") if key_id is not None else None)
 
-    async def _usage(self, scope_id: str) -> dict:
+    async def _usage(self, scope_id: str, limits: Limits) -> dict:
+        """What the nodes reported for the current windows, for the limits
+        that are set (a limit not set reads 0: nodes count only what a cap
+        needs, and a count left from a cap removed is no usage of any)."""
         now = self._reactor.seconds()
         minute = as_datetime(minute_window(now)[0])
         windows = [
@@ -491,12 +497,18 @@ class LimitsManager:
             ("usd_month", as_datetime(month_window(now)[0])),
         ]
         spent = await self._store.spent(scope_id, windows)
+
+        def used(kind: str, cap: object) -> int:
+            return spent.get(kind, 0) if cap is not None else 0
+
         return {
-            "requests_this_minute": spent.get("requests", 0),
-            "tokens_this_minute": spent.get("tokens", 0),
-            "usd_today": usd_text(spent.get("usd_day", 0)),
-            "usd_this_month": usd_text(spent.get("usd_month", 0)),
-            "concurrent": await self._store.slots_in_use(scope_id),
+            "requests_this_minute": used("requests", limits.rpm),
+            "tokens_this_minute": used("tokens", limits.tpm),
+            "usd_today": usd_text(used("usd_day", limits.usd_per_day)),
+            "usd_this_month": usd_text(used("usd_month", limits.usd_per_month)),
+            "concurrent": await self._store.slots_in_use(scope_id)
+            if limits.max_concurrent is not None
+            else 0,
         }
 
     # --- introspection (tests, /metrics) ----------------------------------------------------
