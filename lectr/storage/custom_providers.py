@@ -29,13 +29,6 @@ class ProviderGone(Exception):
     """The custom provider a key or route names was deleted meanwhile."""
 
 
-_USAGE_SQL = (
-    "SELECT (SELECT count(*) FROM provider_keys WHERE provider = %(n)s), "
-    "(SELECT count(*) FROM org_routes WHERE targets @> "
-    "jsonb_build_array(jsonb_build_object('provider', %(n)s::text)))"
-)
-
-
 class CustomProviderStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -96,7 +89,12 @@ class CustomProviderStore:
             )
             if row is None:
                 return None
-            keys, routes = await t.fetchone(_USAGE_SQL, {"n": name})
+            keys, routes = await t.fetchone(
+                "SELECT (SELECT count(*) FROM provider_keys WHERE provider = %(n)s), "
+                "(SELECT count(*) FROM org_routes WHERE targets @> "
+                "jsonb_build_array(jsonb_build_object('provider', %(n)s::text)))",
+                {"n": name},
+            )
             if keys or routes:
                 return int(keys), int(routes)
             await t.execute("DELETE FROM custom_providers WHERE name = %s", (name,))
@@ -104,9 +102,3 @@ class CustomProviderStore:
             return 0, 0
 
         return await self._db.runInteraction("delete_custom_provider", txn)
-
-    async def usage(self, name: str) -> tuple[int, int]:
-        """(provider keys, routes) that still name the provider."""
-        rows = await self._db.runQuery("custom_provider_usage", _USAGE_SQL, {"n": name})
-        keys, routes = rows[0]
-        return int(keys), int(routes)
