@@ -157,10 +157,6 @@ class Client:
         return self.request("DELETE", path)
 
 
-def find_token(environ: dict[str, str]) -> str | None:
-    return token_and_file(environ)[0]
-
-
 def token_and_file(environ: dict[str, str]) -> tuple[str | None, Path | None]:
     """The admin token: LECTR_ADMIN_TOKEN, else the one development mode
     wrote to ``<data-dir>/admin.token`` (and that file's path)."""
