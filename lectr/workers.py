@@ -243,8 +243,7 @@ class WorkerSupervisor(Service):
             return  # a start-up failure: _start reports it and stops everything
         if worker.ready_at is not None and self.now() - worker.ready_at >= STABLE_AFTER:
             self._restart_delay.pop(worker.index, None)  # it had been serving: no loop
-        delay = self._restart_delay.get(worker.index, 0.5)
-        self._restart_delay[worker.index] = min(delay * 2, 30.0)
+        delay = self._next_delay(worker.index)
         self._log.warn(
             "worker {index} exited (status {code}, signal {sig}); restarting in {delay:.1f}s",
             index=worker.index,
@@ -254,14 +253,21 @@ class WorkerSupervisor(Service):
         )
         self._reactor.callLater(delay, self._restart, worker.index)
 
+    def _next_delay(self, index: int) -> float:
+        """How long to wait before starting worker ``index`` again: 0.5 s,
+        doubled at each restart that follows (up to 30 s) until the worker
+        has served for STABLE_AFTER seconds."""
+        delay = self._restart_delay.get(index, 0.5)
+        self._restart_delay[index] = min(delay * 2, 30.0)
+        return delay
+
     def _restart(self, index: int) -> None:
         if self._stopping or index in self._workers:
             return
         try:
             protocol = self._spawn(index, initial=False)
         except OSError as e:  # fork or exec refused (memory, process limit)
-            delay = self._restart_delay.get(index, 0.5)
-            self._restart_delay[index] = min(delay * 2, 30.0)
+            delay = self._next_delay(index)
             self._log.warn(
                 "cannot start worker {index} ({error}); retrying in {delay:.1f}s",
                 index=index,
