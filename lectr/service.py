@@ -183,7 +183,6 @@ class LectrService(Service):
         self._stack = ServiceStack()
         self._starting: Deferred | None = None
         self._stopping: Deferred | None = None
-        self._stop_requested = False
         self.ready: Deferred[Components] = Deferred()
         self.components = Components(config=config, metrics=Registry())
 
@@ -200,7 +199,6 @@ class LectrService(Service):
     def stopService(self) -> Deferred:
         Service.stopService(self)
         if self._stopping is None:
-            self._stop_requested = True  # before _stop cancels a start-up in progress
             self._stopping = ensureDeferred(self._stop())
         return self._stopping
 
@@ -604,9 +602,9 @@ class LectrService(Service):
     # --- failure -----------------------------------------------------------------
 
     def _failed(self, failure) -> None:
-        if failure.check(CancelledError) and self._stop_requested:
-            # SIGTERM while starting: _stop cancelled the start-up. A stop
-            # that was asked for, not a start-up failure.
+        if failure.check(CancelledError) and not self.running:
+            # SIGTERM while starting: stopService cancelled the start-up. A
+            # stop that was asked for, not a start-up failure.
             _log.info("start-up interrupted: Lectr is stopping")
             if not self.ready.called:
                 self.ready.errback(failure)
@@ -634,6 +632,16 @@ class LectrService(Service):
         d.addBoth(lambda _: _exit_after_reactor(self._reactor, 1))
 
 
+def stop_reactor(reactor) -> bool:
+    """``reactor.stop()``, unless it is stopping already (a signal came
+    first, or a second one): whether this call stopped it."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        return False
+    return True
+
+
 def stop_on_hangup(reactor) -> None:
     """SIGHUP (the terminal closed, or ``kill -HUP``) stops Lectr in order, as
     SIGTERM does: by default it killed the process at once, cutting the
@@ -643,11 +651,8 @@ def stop_on_hangup(reactor) -> None:
         return
 
     def stop() -> None:
-        try:
-            reactor.stop()
-        except ReactorNotRunning:
-            return  # stopping already
-        _log.info("Received SIGHUP, shutting down.")
+        if stop_reactor(reactor):
+            _log.info("Received SIGHUP, shutting down.")
 
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(stop))
 
@@ -664,7 +669,4 @@ def _exit_after_reactor(reactor, code: int) -> None:
 
     atexit.register(force_exit)
     if reactor.running:
-        try:
-            reactor.stop()
-        except ReactorNotRunning:
-            pass  # stopping already (a signal came first)
+        stop_reactor(reactor)
