@@ -9,6 +9,7 @@ Without ``DATABASE_URL`` Lectr runs an embedded PostgreSQL; if no
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import stat
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lectr.config import Config, ConfigError, parse_master_key
+from lectr.util.files import fsync_dir
 from lectr.util.secret import Secret
 
 ENCRYPTION_KEY_FILE = "encryption.key"
@@ -57,7 +59,8 @@ def _read_or_create(path: Path, make: callable) -> tuple[str, bool]:
         except FileExistsError:
             pass
         else:
-            _fsync_dir(path.parent)
+            with contextlib.suppress(OSError):  # (not every file system syncs directories)
+                fsync_dir(path.parent)
             return value, True
         finally:
             os.unlink(tmp)
@@ -73,19 +76,6 @@ def _write_exclusive(path: Path, value: str) -> None:
         f.write(value + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # (not every file system syncs directories)
-    finally:
-        os.close(fd)
 
 
 def read_admin_token(data_dir: Path) -> str | None:

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from lectr.pricing.cost import Basis, Priced, basis_id, format_usd
 from lectr.usage.model import Usage, UsageRecord
+from lectr.util.files import fsync_dir
 
 FORMAT_VERSION = 1
 _HEADER = (json.dumps({"lectr_usage_spill": FORMAT_VERSION}) + "\n").encode()
@@ -314,7 +315,7 @@ class SpillJournal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_all(fd, _HEADER)
             os.rename(tmp, path)
-            _fsync_dir(self.directory)  # (the name survives a power loss before a row is reported)
+            fsync_dir(self.directory)  # (the name survives a power loss before a row is reported)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -413,14 +414,6 @@ class SpillJournal:
                 pass
         self.size = total
         return total
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
