@@ -1145,6 +1145,12 @@ _RARE_TEXT_RE = re.compile(rb'"re(?:fusal|asoning(?:_content)?)":"')
 _COMPLETION_TEXT_RE = re.compile(rb'"text"\s*:\s*"[^"]')
 
 
+def _count_texts(data: bytes) -> int:
+    """Text pieces in a run of legacy completions events (a non-empty
+    ``"text"``)."""
+    return len(_COMPLETION_TEXT_RE.findall(data))
+
+
 def _count_deltas(data: bytes) -> int:
     """Text deltas in a run of OpenAI events (``"content"``, ``"arguments"``,
     ``"refusal"``, ``"reasoning_content"`` or ``"reasoning"`` with a
@@ -1193,7 +1199,10 @@ class OpenAIStreamMeter(SSEMeter):
         self, strip: bool = False, decoder: _Decoder | None = None, legacy: bool = False
     ) -> None:
         super().__init__(strip, decoder)
-        self._legacy = legacy
+        # how a run of events is counted, and what a run without any lacks
+        self._count, self._marker = (
+            (_count_texts, b'"text"') if legacy else (_count_deltas, b"delta")
+        )
         self._deltas = 0
         # whole events of the fast path, their deltas not yet counted
         self._uncounted: list[bytes] = []
@@ -1212,11 +1221,9 @@ class OpenAIStreamMeter(SSEMeter):
             if usage is not None:
                 self._final = usage
                 return
-        if self._legacy:
-            self._deltas += len(_COMPLETION_TEXT_RE.findall(data))
-        elif data.find(b"delta") >= 0:
+        if data.find(self._marker) >= 0:
             # (every text delta of the event: one per choice when there are several)
-            self._deltas += _count_deltas(data)
+            self._deltas += self._count(data)
 
     def _feed_events(self, data: bytes, whole: int) -> bytes:
         """Faster than the per-event loop for OpenAI streams: a run of
@@ -1312,11 +1319,9 @@ class OpenAIStreamMeter(SSEMeter):
     def _count_uncounted(self) -> None:
         uncounted = self._uncounted
         if uncounted:
-            data = uncounted[0] if len(uncounted) == 1 else b"".join(uncounted)
-            if self._legacy:
-                self._deltas += len(_COMPLETION_TEXT_RE.findall(data))
-            else:
-                self._deltas += _count_deltas(data)
+            self._deltas += self._count(
+                uncounted[0] if len(uncounted) == 1 else b"".join(uncounted)
+            )
             uncounted.clear()
             self._uncounted_size = 0
 
