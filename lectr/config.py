@@ -87,29 +87,31 @@ def usable_cores(cgroup: Path = CGROUP) -> int:
 
 
 def _cgroup_quota(cgroup: Path) -> int | None:
-    """The CPU quota in whole cores (rounded up), or None for none."""
-    for path, read in (
-        (cgroup / "cpu.max", lambda p: p.read_text().split()),
-        (
-            cgroup / "cpu" / "cpu.cfs_quota_us",
-            lambda p: [
-                p.read_text().strip(),
-                (p.parent / "cpu.cfs_period_us").read_text().strip(),
-            ],
-        ),
-    ):
-        try:
-            fields = read(path)
-        except (OSError, UnicodeDecodeError):
-            continue
-        try:
-            quota, period = int(fields[0]), int(fields[1])
-        except (ValueError, IndexError):
-            return None  # "max" (v2) or an unreadable file: no quota
-        if quota <= 0 or period <= 0:
-            return None  # -1 (v1): no quota
-        return -(-quota // period)
-    return None
+    """The CPU quota in whole cores (rounded up), or None for none: cgroup
+    v2's ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD"), else v1's
+    ``cpu.cfs_quota_us`` (-1: none) and ``cpu.cfs_period_us``."""
+    fields = _read_fields(cgroup / "cpu.max")
+    if fields is None:
+        v1 = cgroup / "cpu"
+        quota = _read_fields(v1 / "cpu.cfs_quota_us")
+        period = _read_fields(v1 / "cpu.cfs_period_us")
+        if quota is None or period is None:
+            return None
+        fields = quota + period
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except (ValueError, IndexError):
+        return None  # "max" (v2) or an unreadable file: no quota
+    if quota <= 0 or period <= 0:
+        return None  # -1 (v1): no quota
+    return -(-quota // period)
+
+
+def _read_fields(path: Path) -> list[str] | None:
+    try:
+        return path.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _workers(raw: str) -> int:
