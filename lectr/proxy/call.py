@@ -892,8 +892,9 @@ class Call:
                     usage = record.usage
                     tokens = usage.total_tokens
                     if tokens is None:
-                        # a cut answer: what its row counts (with_estimates:
-                        # a prompt not reported is estimated from its size)
+                        # a cut answer: its estimate, input and output (a
+                        # prompt not reported is estimated from the request's
+                        # size, as with_estimates writes it into the row)
                         prompt = usage.prompt_tokens
                         if prompt is None and priced is not None:
                             prompt = priced.prompt_estimate

@@ -96,9 +96,8 @@ class ProxyHandler:
 
     def headers_received(self, req) -> None:
         if req.path == b"/healthz":
-            if (
-                self.stopping
-            ):  # (a load balancer must stop sending: it fails, and the connection goes)
+            if self.stopping:
+                # a load balancer must stop sending: it fails, and the connection goes
                 req.close_after()
                 req.respond(503, _HEALTH_HEADERS, _STOPPING_BODY)
                 return
