@@ -261,6 +261,17 @@ async def test_a_live_view_sees_a_row_committed_after_a_newer_one(env, db_url):
 # --- a custom provider deleted while a key or route for it is being added ------------------
 
 
+async def org_and_vllm(env) -> str:
+    """A new org's id, once the custom provider "vllm" exists."""
+    org = await new_org(env)
+    made = await env.admin.post(
+        "/admin/providers",
+        {"name": "vllm", "dialect": "openai", "base_url": "http://10.0.0.1:8000"},
+    )
+    assert made.status == 201
+    return org
+
+
 def _sealed_key_row(cur, org_id: str, provider: str) -> None:
     cur.execute(
         "INSERT INTO provider_keys (id, org_id, provider, name, last4, ciphertext, nonce, "
@@ -275,12 +286,7 @@ async def test_a_custom_provider_is_not_deleted_under_a_key_being_added(env, db_
     between (its check with the provider takes up to 10 s) was left for a
     provider that no longer existed. A key being added holds the provider's
     row (FOR KEY SHARE): the delete waits for it, then sees the key: 409."""
-    org = await new_org(env)
-    made = await env.admin.post(
-        "/admin/providers",
-        {"name": "vllm", "dialect": "openai", "base_url": "http://10.0.0.1:8000"},
-    )
-    assert made.status == 201
+    org = await org_and_vllm(env)
     adding = psycopg2.connect(db_url)
     try:
         cur = adding.cursor()
@@ -304,12 +310,7 @@ async def test_a_key_for_a_custom_provider_deleted_meanwhile_is_not_stored(env, 
     from lectr.storage.custom_providers import ProviderGone
     from lectr.storage.provider_keys import NewProviderKey, ProviderKeyStore
 
-    org = await new_org(env)
-    made = await env.admin.post(
-        "/admin/providers",
-        {"name": "vllm", "dialect": "openai", "base_url": "http://10.0.0.1:8000"},
-    )
-    assert made.status == 201
+    org = await org_and_vllm(env)
     store = ProviderKeyStore(env.components.database)
     new = NewProviderKey(
         id=str(uuid.uuid4()),
@@ -348,12 +349,7 @@ async def test_a_route_to_a_custom_provider_deleted_meanwhile_is_not_stored(env,
     from lectr.storage.custom_providers import ProviderGone
     from lectr.storage.routes import RouteStore
 
-    org = await new_org(env)
-    made = await env.admin.post(
-        "/admin/providers",
-        {"name": "vllm", "dialect": "openai", "base_url": "http://10.0.0.1:8000"},
-    )
-    assert made.status == 201
+    org = await org_and_vllm(env)
     store = RouteStore(env.components.database)
     deleting = psycopg2.connect(db_url)
     try:
