@@ -76,3 +76,19 @@ async def test_a_last_event_without_its_newline_reaches_the_client(env):
     out = await resp.content()
     assert resp.code == 200
     assert out == events[0] + events[1]
+
+
+def test_a_failing_flush_forwards_what_it_held(monkeypatch):
+    """A meter never breaks the relay: a flush that fails gives up metering
+    and forwards the held bytes as they came, as ``feed`` does."""
+    import lectr.usage.meters as meters
+
+    meter = stripping_meter()
+    assert meter.feed(b"data: [DO") == b""  # held: not known not to be the usage chunk
+
+    def broken(data):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(meters, "_strip_null_usage", broken)
+    assert meter.flush() == b"data: [DO"
+    assert meter.flush() == b""  # (once)

@@ -988,11 +988,16 @@ class SSEMeter(_Base):
             return b""
         self._held = bytearray()
         self._state = _DONE
-        line = bytes(held).rpartition(b"\n")[2].rstrip(b"\r")
-        if line.startswith(b"data:") and self._is_usage_only(line):
-            self._stripped = True
-            return b""
-        return _strip_null_usage(bytes(held))
+        held = bytes(held)
+        try:
+            line = held.rpartition(b"\n")[2].rstrip(b"\r")
+            if line.startswith(b"data:") and self._is_usage_only(line):
+                self._stripped = True
+                return b""
+            return _strip_null_usage(held)
+        except Exception:
+            self._give_up()  # (as in feed: the bytes still flow, as they came)
+            return held
 
     @staticmethod
     def _is_usage_only(line: bytes) -> bool:
