@@ -191,6 +191,30 @@ def test_the_tightest_scope_gives_the_headers_and_the_longest_wait_wins():
     assert isinstance(r, Admission)  # January: a new month
 
 
+@pytest.mark.parametrize("minute", ["rpm", "tpm", "max_concurrent"])
+@pytest.mark.parametrize("budget", ["usd_per_day", "usd_per_month"])
+def test_a_spent_budget_names_itself_over_a_minute_limit_of_the_same_scope(minute, budget):
+    """A scope over a minute limit and over a budget at once: the refusal is
+    the budget's, with its wait (a retry after the minute would be refused
+    again), in either order of the checks."""
+    lim, clock, _ = limiter()
+    clock.advance(ts(2027, 1, 15, 12, 0, 20) - clock.seconds())
+    lim.set_org("org", [("org", None, Limits(**{minute: 1, budget: Decimal("1")}))])
+    first = lim.admit("org", "key", reserve_usd=Decimal("0.5"))
+    assert isinstance(first, Admission)
+    if minute == "max_concurrent":  # in flight (its slot taken); the budget spent elsewhere
+        answer(lim, clock.seconds(), used_by_others=1_000_000)
+    else:
+        first.settle(tokens=5, cost_usd=Decimal("1"))
+        answer(lim, clock.seconds())
+    r = lim.admit("org", "key", reserve_usd=Decimal("0.1"))
+    assert isinstance(r, Refusal)
+    end = ts(2027, 1, 16) if budget == "usd_per_day" else ts(2027, 2, 1)
+    assert (r.kind, r.limit) == (BUDGET_EXCEEDED, budget)
+    assert r.retry_after == int(end - clock.seconds())
+    assert dict(r.headers)[b"retry-after"] == b"%d" % r.retry_after
+
+
 def test_settle_twice_counts_once_and_releases_slots():
     lim, clock, _ = limiter()
     lim.set_org("org", [("org", None, Limits(max_concurrent=2, tpm=100))])

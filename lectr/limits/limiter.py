@@ -695,6 +695,17 @@ class Limiter:
         return CREDIT if s.in_use + 1 - s.held <= s.lease else BUSY
 
     def _check(self, scope: Scope, now: float, reserve: int | None) -> Refusal | None:
+        """The scope's refusal of a request, or None: of the limits that
+        refuse, the one with the longest wait (a spent budget over a full
+        minute: a retry after the minute would only be refused again)."""
+        refusal = self._check_minute(scope, now)
+        if scope.budgeted:
+            budget = self._check_budgets(scope, now, reserve)
+            if budget is not None and (refusal is None or budget.retry_after > refusal.retry_after):
+                return budget
+        return refusal
+
+    def _check_minute(self, scope: Scope, now: float) -> Refusal | None:
         # (each limit first tries the common case inline: covered by what
         # the node holds - ``room + low``: that, or less under a cap lowered
         # since; both minute counters move to a new minute before either
@@ -722,20 +733,16 @@ class Limiter:
             if verdict > CREDIT:
                 s.refused_at = now
                 return self._refuse_slot(scope, verdict)
-        c = scope.day
-        if c is not None:
+        return None
+
+    def _check_budgets(self, scope: Scope, now: float, reserve: int | None) -> Refusal | None:
+        need = reserve or 1
+        for metric in ("usd_day", "usd_month"):
+            c = scope.day if metric == "usd_day" else scope.month
+            if c is None:
+                continue
             if now >= c.end:
-                c = self._counter(scope, "usd_day", now)
-            need = reserve or 1
-            if c.spent + c.reserved + need > c.room + c.low:
-                verdict = self._fits(c, need, reserve is None)
-                if verdict > CREDIT:
-                    return self._refuse(scope, c, verdict, now)
-        c = scope.month
-        if c is not None:
-            if now >= c.end:
-                c = self._counter(scope, "usd_month", now)
-            need = reserve or 1
+                c = self._counter(scope, metric, now)
             if c.spent + c.reserved + need > c.room + c.low:
                 verdict = self._fits(c, need, reserve is None)
                 if verdict > CREDIT:
