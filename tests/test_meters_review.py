@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lectr.providers.base import NO_OPTIONS
 from lectr.providers.body import read_body
+from lectr.providers.catalogue.azure import Azure
+from lectr.providers.catalogue.openai import OpenAI
+from lectr.providers.catalogue.together import Together
+from lectr.providers.custom import CustomProvider
 from lectr.usage.meters import anthropic_usage, meter_for, plan_request
+from lectr.usage.model import Usage
+from tests.support.fake_provider import openai_completions_stream
 from tests.test_meters import run, split_at
 
 SSE = b"text/event-stream"
@@ -36,21 +44,13 @@ def dumps(doc: dict, spaced: bool) -> str:
 # --- legacy completions: a stream without a usage report ---------------------------
 
 
-def _completions_stream(words: list[str], spaced: bool, nl: str) -> bytes:
-    out = []
-    for w in [*words, ""]:
-        doc = {
-            "id": "cmpl-1",
-            "object": "text_completion",
-            "created": 1,
-            "choices": [
-                {"text": w, "index": 0, "logprobs": None, "finish_reason": None if w else "stop"}
-            ],
-            "model": "gpt-3.5-turbo-instruct",
-        }
-        out.append(f"data: {dumps(doc, spaced)}{nl}{nl}")
-    out.append(f"data: [DONE]{nl}{nl}")
-    return "".join(out).encode()
+def _completions_stream(
+    words: list[str], spaced: bool, nl: str, include_usage: bool = False
+) -> bytes:
+    events = openai_completions_stream(
+        "gpt-3.5-turbo-instruct", words, include_usage, spaced=spaced, nl=nl
+    )
+    return b"".join(events)
 
 
 @settings(max_examples=150, deadline=None)
@@ -77,6 +77,60 @@ def test_a_legacy_completions_stream_without_usage_is_estimated_from_its_text(
     assert usage.source == "estimated"
     assert usage.completion_tokens == len(words)
     assert usage.model == "gpt-3.5-turbo-instruct"
+
+
+LEGACY = read_body(
+    [JSON],
+    json.dumps({"model": "gpt-3.5-turbo-instruct", "prompt": "x", "stream": True}).encode(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    words=st.lists(
+        st.sampled_from(["Hel", "lo", " wor", "ld", "!", '"q"', "usage"]), min_size=1, max_size=8
+    ),
+    spaced=st.booleans(),
+    crlf=st.booleans(),
+    points=cuts,
+)
+def test_openai_asks_a_legacy_completions_stream_for_its_usage_and_strips_it(
+    words, spaced, crlf, points
+):
+    # OpenAI's completions API takes stream_options as chat does: Lectr asks,
+    # records the provider's exact report, and the client gets the stream it
+    # would have had without the request, whatever the reads
+    p = OpenAI().plan(b"POST", COMPLETIONS, LEGACY, None, NO_OPTIONS)
+    assert json.loads(p.body)["stream_options"] == {"include_usage": True}
+    assert p.strip_usage_chunk
+    nl = "\r\n" if crlf else "\n"
+    data = _completions_stream(words, spaced, nl, include_usage=True)
+    out, usage = feed(meter_for(p, "openai", COMPLETIONS, 200, SSE), split_at(data, points))
+    assert out == _completions_stream(words, spaced, nl)
+    n = len(words)
+    assert usage == Usage(7, n, 7 + n, None, None, "provider", model="gpt-3.5-turbo-instruct")
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        Together(),
+        Azure(),
+        CustomProvider(
+            "vllm",
+            display_name="vLLM",
+            dialect="openai",
+            base_url="http://10.0.0.1:8000",
+            auth="bearer",
+        ),
+    ],
+    ids=["together", "azure", "custom"],
+)
+def test_only_openai_itself_is_asked_for_a_legacy_completions_streams_usage(provider):
+    # (the other OpenAI-dialect APIs are asked on chat at most: whether they
+    # accept stream_options on /v1/completions is not documented)
+    p = provider.plan(b"POST", COMPLETIONS, LEGACY, None, NO_OPTIONS)
+    assert (p.body or LEGACY.body) == LEGACY.body and not p.strip_usage_chunk
 
 
 def test_a_chat_stream_estimate_does_not_count_text_members():

@@ -29,6 +29,7 @@ from tests.support.fake_provider import (
     FakeProviderServer,
     Script,
     openai_chat_stream,
+    openai_completions_stream,
 )
 from tests.support.lectr_service import admin_url, proxy_url, start_lectr
 from tests.support.process import new_master_key
@@ -294,6 +295,37 @@ async def test_openai_sdk_streams_see_no_usage_chunk_unless_they_ask(gw):
     rows = await gw.rows()
     assert sorted(r.usage_source for r in rows.values()) == ["provider", "provider"]
     assert {r.completion_tokens for r in rows.values()} == {5}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_legacy_completions_stream_is_metered_exactly_and_unchanged_for_the_client(gw):
+    import openai
+
+    def run():
+        client = openai.OpenAI(api_key=gw.key, base_url=gw.url("/v1"), max_retries=0)
+        chunks = list(
+            client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi", stream=True)
+        )
+        client.close()
+        return chunks
+
+    chunks = await deferToThread(run)
+    assert "".join(c.choices[0].text for c in chunks) == "Hello from the fake"
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    [seen] = gw.provider.calls("openai")
+    assert seen.json()["stream_options"] == {"include_usage": True}
+    # byte for byte what the provider would have sent without Lectr's request
+    words = gw.provider.stream_words
+    resp, collect = await open_stream(
+        gw, "/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": True}
+    )
+    await collect.done
+    assert b"".join(collect.data) == b"".join(
+        openai_completions_stream("gpt-3.5-turbo-instruct", words, False)
+    )
+    rows = await gw.rows()
+    assert [usage_of(r) for r in rows.values()] == [Usage(7, 5, 12, None, None, "provider")] * 2
+    assert {r.path for r in rows.values()} == {"/v1/completions"}
 
 
 # --- disconnects ---------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from lectr.providers.http import ExchangeTimedOut
+from lectr.usage.meters import CHAT_STREAM_USAGE
 from lectr.util.secret import Secret
 
 if TYPE_CHECKING:
@@ -365,9 +366,9 @@ class Provider:
     validation_headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
     #: model-name prefixes this provider serves (hints in help texts)
     model_prefixes: ClassVar[tuple[str, ...]] = ()
-    #: ask OpenAI-style chat streams for their usage (``stream_options``);
-    #: off for upstreams that may refuse the member
-    injects_stream_usage: ClassVar[bool] = True
+    #: the OpenAI-dialect streams to ask for their usage (``stream_options``):
+    #: chat by default; none for upstreams that may refuse the member
+    stream_usage_paths: ClassVar[frozenset[str]] = CHAT_STREAM_USAGE
     auth: ClassVar[HeaderAuth] = BEARER
     order: ClassVar[int] = DEFAULT_ORDER
     custom: ClassVar[bool] = False
@@ -396,10 +397,10 @@ class Provider:
         chose) with the key ``options`` (its API version)."""
         return self.dialect.plan(method, api_path, read, model, self.stream_usage(options))
 
-    def stream_usage(self, options: KeyOptions) -> bool:
-        """Whether a stream sent with a key of these options may be asked
-        for its usage (``stream_options.include_usage``)."""
-        return self.injects_stream_usage
+    def stream_usage(self, options: KeyOptions) -> frozenset[str]:
+        """The paths whose streams, sent with a key of these options, may be
+        asked for their usage (``stream_options.include_usage``)."""
+        return self.stream_usage_paths
 
     def model_in_path(self, api_path: str) -> str | None:
         """The model a path names (Gemini's native ``/models/{m}:…``), or None

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from lectr.providers.base import API_KEY, BEARER, X_API_KEY, Provider
 from lectr.providers.dialects import DIALECTS
+from lectr.usage.meters import NO_STREAM_USAGE
 
 AUTH_SCHEMES = {"bearer": BEARER, "x-api-key": X_API_KEY, "api-key": API_KEY}
 
 
 class CustomProvider(Provider):
     custom = True
-    injects_stream_usage = False  # never alter bodies for an unknown server
+    stream_usage_paths = NO_STREAM_USAGE  # never alter bodies for an unknown server
 
     def __init__(
         self,

@@ -83,7 +83,7 @@ class Dialect:
         api_path: str,
         read: ReadBody,
         model: str | None,
-        inject_usage: bool,
+        inject_usage: frozenset[str],
     ) -> RequestPlan:
         return plan_request(self.name, method, api_path, read, model, inject_usage)
 

@@ -108,21 +108,30 @@ def _norm_path(path: str) -> str:
     return path.rstrip("/") if len(path) > 1 else path
 
 
+#: OpenAI-dialect streams a provider may be asked for their usage report
+#: (``stream_options.include_usage``): chat, everywhere it is accepted
+CHAT_STREAM_USAGE = frozenset({"/v1/chat/completions"})
+#: chat and legacy completions (OpenAI's own API accepts it on both)
+CHAT_AND_COMPLETIONS_STREAM_USAGE = CHAT_STREAM_USAGE | {"/v1/completions"}
+#: none: bodies go up as the client wrote them
+NO_STREAM_USAGE: frozenset[str] = frozenset()
+
+
 def plan_request(
     dialect: str,
     method: bytes,
     path: str,
     read: ReadBody,
     model: str | None = None,
-    inject_usage: bool = True,
+    inject_usage: frozenset[str] = CHAT_STREAM_USAGE,
 ) -> RequestPlan:
     """Decide the bytes to send upstream for a body already judged by
     :func:`lectr.providers.body.read_body`.
 
     ``model``: the model to send when a route or a ``provider/model`` name
     chose another one than the body's (the body is then re-serialised, or its
-    multipart field replaced in place). ``inject_usage``: whether an
-    OpenAI-dialect chat stream may be asked for its usage. Raises
+    multipart field replaced in place). ``inject_usage``: the paths of the
+    OpenAI-dialect streams that may be asked for their usage. Raises
     :class:`~lectr.providers.body.BodyRefused` when the model of a body that
     cannot be rewritten (a URL-encoded form) would have to change.
     """
@@ -139,11 +148,7 @@ def plan_request(
             body = body[:start] + send_model.encode("utf-8") + body[end:]
         return RequestPlan(send_model, False, body, False)
     inject = (
-        inject_usage
-        and stream
-        and dialect == "openai"
-        and method == b"POST"
-        and _norm_path(path) == "/v1/chat/completions"
+        stream and dialect == "openai" and method == b"POST" and _norm_path(path) in inject_usage
     )
     if rewrite:
         inject = inject and _asks_usage(doc) is False

@@ -143,6 +143,39 @@ def openai_chat_stream(
     return events
 
 
+def openai_completions_stream(
+    model: str,
+    words: list[str],
+    include_usage: bool,
+    prompt: int = 7,
+    spaced: bool = False,
+    nl: str = "\n",
+) -> list[bytes]:
+    """What OpenAI's legacy completions API streams (one ``text`` piece per
+    chunk, an empty one with the finish reason); with include_usage, as for
+    chat, every chunk carries ``"usage": null`` and a usage-only chunk
+    (``"choices": []``) comes before ``[DONE]``."""
+
+    def event(doc: dict) -> bytes:
+        text = json.dumps(doc) if spaced else json.dumps(doc, separators=(",", ":"))
+        return f"data: {text}{nl}{nl}".encode()
+
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 1}
+    events = []
+    for w in [*words, ""]:
+        choice = {"text": w, "index": 0, "logprobs": None, "finish_reason": None if w else "stop"}
+        doc = {**head, "choices": [choice], "model": model}
+        if include_usage:
+            doc["usage"] = None
+        events.append(event(doc))
+    if include_usage:
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(words)}
+        usage["total_tokens"] = prompt + len(words)
+        events.append(event({**head, "choices": [], "model": model, "usage": usage}))
+    events.append(f"data: [DONE]{nl}{nl}".encode())
+    return events
+
+
 def anthropic_message(model: str, text: str = "Hello!", input_tokens=10, output_tokens=5) -> dict:
     return {
         "id": "msg_" + uuid.uuid4().hex[:20],
@@ -403,6 +436,12 @@ class FakeProvider(Resource):
                     interval=self.stream_interval,
                 )
             return Script(body=json.dumps(openai_chat_completion(model)).encode())
+        if provider == "openai" and seen.path == "/v1/completions" and stream:
+            include = bool((doc.get("stream_options") or {}).get("include_usage"))
+            return Script(
+                events=openai_completions_stream(model, self.stream_words, include),
+                interval=self.stream_interval,
+            )
         if provider == "openai" and seen.path == "/v1/embeddings":
             inputs = doc.get("input", "")
             n = len(inputs) if isinstance(inputs, list) else 1

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from lectr.providers.base import API_KEY, KeyOptions, Provider
 from lectr.providers.dialects import OPENAI
+from lectr.usage.meters import NO_STREAM_USAGE
 
 DEFAULT_API_VERSION = "2024-10-21"
 #: the first API version that accepts ``stream_options`` (earlier ones answer
@@ -47,14 +48,14 @@ class Azure(Provider):
             return b"/openai/deployments/" + deployment.encode("ascii") + rest
         return b"/openai" + rest
 
-    def stream_usage(self, options: KeyOptions) -> bool:
-        """Only versions from 2024-09-01 on accept ``stream_options``; a
-        key of an older one has its streams estimated. (A version that is
-        not a date, as the v1 API's ``preview``, is a recent one.)"""
+    def stream_usage(self, options: KeyOptions) -> frozenset[str]:
+        """Only versions from 2024-09-01 on accept ``stream_options`` (on
+        chat); a key of an older one has its streams estimated. (A version
+        that is not a date, as the v1 API's ``preview``, is a recent one.)"""
         version = options.api_version
-        if version is None or not version[:4].isdigit():
-            return True
-        return version[:10] >= STREAM_OPTIONS_SINCE
+        if version is None or not version[:4].isdigit() or version[:10] >= STREAM_OPTIONS_SINCE:
+            return self.stream_usage_paths
+        return NO_STREAM_USAGE
 
     def query(self, query: bytes, options: KeyOptions) -> bytes:
         version = (options.api_version or DEFAULT_API_VERSION).encode("ascii")

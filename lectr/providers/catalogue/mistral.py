@@ -3,6 +3,7 @@
 
 from lectr.providers.base import Provider
 from lectr.providers.dialects import OPENAI
+from lectr.usage.meters import NO_STREAM_USAGE
 
 
 class Mistral(Provider):
@@ -11,7 +12,7 @@ class Mistral(Provider):
     dialect = OPENAI
     default_base_url = "https://api.mistral.ai"
     model_prefixes = ("mistral-", "codestral-", "pixtral-", "ministral-", "magistral-")
-    injects_stream_usage = False
+    stream_usage_paths = NO_STREAM_USAGE
 
 
 PROVIDERS = [Mistral]

@@ -2,6 +2,7 @@
 
 from lectr.providers.base import Provider
 from lectr.providers.dialects import OPENAI
+from lectr.usage.meters import CHAT_AND_COMPLETIONS_STREAM_USAGE
 
 
 class OpenAI(Provider):
@@ -10,6 +11,9 @@ class OpenAI(Provider):
     dialect = OPENAI
     default_base_url = "https://api.openai.com"
     order = 0
+    # (the legacy completions API takes stream_options too: its streams are
+    # metered exactly, not estimated)
+    stream_usage_paths = CHAT_AND_COMPLETIONS_STREAM_USAGE
     model_prefixes = (
         "gpt-",
         "chatgpt-",
