@@ -710,9 +710,13 @@ class Limiter:
         # the node holds - ``room + low``: that, or less under a cap lowered
         # since; both minute counters move to a new minute before either
         # refuses: a refusal's x-ratelimit-* headers are read from both)
+        # (of rpm and tpm, the longer wait: a token minute spent outlasts
+        # a request counter waiting a moment for its lease; max_concurrent's
+        # second is never longer than either)
         c = scope.tok
         if c is not None and now >= c.end:
             self._counter(scope, "tokens", now)
+        refusal = None
         c = scope.req
         if c is not None:
             if now >= c.end:
@@ -720,13 +724,17 @@ class Limiter:
             if c.spent + c.reserved >= c.room + c.low:
                 verdict = self._fits(c, 1)
                 if verdict > CREDIT:
-                    return self._refuse(scope, c, verdict, now)
+                    refusal = self._refuse(scope, c, verdict, now)
         c = scope.tok
         if c is not None:
             if c.spent >= c.room + c.low:
                 verdict = self._fits(c, 1, True)
                 if verdict > CREDIT:
-                    return self._refuse(scope, c, verdict, now)
+                    other = self._refuse(scope, c, verdict, now)
+                    if refusal is None or other.retry_after > refusal.retry_after:
+                        refusal = other
+        if refusal is not None:
+            return refusal
         s = scope.slots
         if s is not None and (s.in_use >= s.held or s.exhausted):
             verdict = self._fits_slot(s)
@@ -736,7 +744,9 @@ class Limiter:
         return None
 
     def _check_budgets(self, scope: Scope, now: float, reserve: int | None) -> Refusal | None:
+        # (of the two, the longer wait: a month spent outlasts its day)
         need = reserve or 1
+        refusal = None
         for metric in ("usd_day", "usd_month"):
             c = scope.day if metric == "usd_day" else scope.month
             if c is None:
@@ -746,8 +756,10 @@ class Limiter:
             if c.spent + c.reserved + need > c.room + c.low:
                 verdict = self._fits(c, need, reserve is None)
                 if verdict > CREDIT:
-                    return self._refuse(scope, c, verdict, now)
-        return None
+                    other = self._refuse(scope, c, verdict, now)
+                    if refusal is None or other.retry_after > refusal.retry_after:
+                        refusal = other
+        return refusal
 
     def _slots(self, scope: Scope) -> Slots:
         s = self.slots.get(scope.id)
@@ -1076,7 +1088,10 @@ class Limiter:
             s.others = r.others
             s.reported = p.in_use
             s.checked_at = now
-            s.exhausted = r.held < p.want
+            # (an answer computed under a cap lowered since it was asked
+            # for holds more than the cap now leaves: no credit, and only
+            # what the cap allows is reused - as set_cap decided)
+            s.exhausted = r.held < p.want or r.held > s.cap - r.others
             s.room = s.held - s.low if not s.exhausted else -1
             s.local_allow = None
 

@@ -7,7 +7,7 @@ carries its :class:`~lectr.limits.limiter.Admission` (``call.admission``:
 call ends). Dollar budgets reserve the request's worst-case cost, computed
 only when a budget applies: the largest over the plan's targets, from the
 prompt's size and the request's own output limit (or the model's), times
-the completions it asks for (``n``).
+the completions it asks for (``n``, ``best_of``, each prompt of a batch).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def output_limit(doc: dict | None) -> int | None:
 def completions(doc: dict | None) -> int:
     """How many completions a request has generated (and billed), each up
     to the output limit: OpenAI's ``n``, or the legacy completions'
-    ``best_of`` (which generates that many and returns ``n``)."""
+    ``best_of`` (which generates that many and returns ``n``), for each
+    prompt of a legacy completions batch (``prompt``: a list of strings or
+    of token-id lists; a list of token ids is one prompt)."""
     if doc is None:
         return 1
     count = 1
@@ -43,6 +45,9 @@ def completions(doc: dict | None) -> int:
         value = doc.get(name)
         if type(value) is int and value > count:
             count = value
+    prompt = doc.get("prompt")
+    if type(prompt) is list and len(prompt) > 1 and type(prompt[0]) is not int:
+        count *= len(prompt)
     return count
 
 
