@@ -781,12 +781,17 @@ def _env(environ: Mapping[str, str], name: str) -> str | None:
 
 def _loggable_url(url: str) -> str:
     """The collector's URL for log lines: credentials in it (HTTP basic
-    auth, which the exporter honours) and its query string masked."""
+    auth, which the exporter honours) and its query string masked. An ``@``
+    past the authority (credentials typed with a ``/``, ``?`` or ``#``
+    unescaped: the authority ends inside them), or a URL that is not
+    ``http(s)://``, is not shown at all."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
     netloc = parts.netloc
+    if parts.scheme not in ("http", "https") or url.count("@") != netloc.count("@"):
+        return "<URL not shown>"
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))

@@ -85,7 +85,9 @@ def scrub_body(body: bytes, secret: bytes | None = None) -> bytes:
     if secret:
         core = secret_core(secret)
         cleaned = body.replace(secret, b"***")
-        if quotes_secret(cleaned, core) or (b"\\u" in cleaned and cleaned[:1] in b"{["):
+        # (any body with a \u escape is read as JSON if it is: it may begin
+        # with whitespace, a BOM, or be a bare string)
+        if quotes_secret(cleaned, core) or b"\\u" in cleaned:
             cleaned = _scrub_json(cleaned, core)
             if quotes_secret(cleaned, core):
                 return b"***"
@@ -184,6 +186,10 @@ def _mask_runs(text: str, secret: str) -> str:
         return text
     runs = {key[i : i + n] for i in range(len(key) - n + 1)}
     low = text.lower()
+    if len(low) != len(text):
+        # one character per character, so that a run found in ``low`` is
+        # masked where it is in ``text`` ("İ" lowers to two)
+        low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
     hits = [i for i in range(len(low) - n + 1) if low[i : i + n] in runs]
     if hits:
         masked = bytearray(len(text))
@@ -210,11 +216,13 @@ def scrub(text: str, secret: str | None = None, limit: int = 300) -> str:
     """Provider-supplied text made safe to show: no key-like tokens, no run
     of the key's characters (cut short, masked at one end, in another case,
     percent-escaped: a key check's message may quote the key it was sent),
-    one line, bounded length."""
+    one line, bounded length. Only the first ``3 * limit`` characters of
+    the one-line text are read (a message may be a MiB): a run of the key
+    cut there is masked as anywhere else when 8 of its characters remain."""
+    text = " ".join(text.split())[: 3 * limit]
     if secret:
         text = _mask_runs(text.replace(secret, "***"), secret)
     text = _KEYLIKE.sub("***", text)
-    text = " ".join(text.split())
     return text[:limit]
 
 

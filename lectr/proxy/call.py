@@ -73,6 +73,24 @@ _CONNECT_KINDS = frozenset({"connect", "dns", "tls"})
 _SERVER_KINDS = {"body_timeout": "timeout", "bad_request": "invalid_request"}
 
 
+def _inflate(body: bytes, wbits: int) -> bytes:
+    """A compressed error body decoded (``wbits``, else raw deflate, as some
+    servers send), at most SCRUB_MAX bytes of it: b"" when it does not decode
+    or is larger (a 1 MiB gzip body may inflate to a GiB: never on the
+    reactor)."""
+    for bits in (wbits, -15):
+        d = zlib.decompressobj(bits)
+        try:
+            out = d.decompress(body, SCRUB_MAX + 1)
+        except zlib.error:
+            continue
+        if d.eof:
+            return out
+        if len(out) > SCRUB_MAX:
+            return b""
+    return b""
+
+
 def protocol_error_kind(kind: str, status: int) -> str:
     """The Lectr error kind (a key of ERROR_STATUS, which every dialect
     renders) of a protocol error the server reported."""
@@ -669,14 +687,7 @@ class Call:
     def _masked(self, body: bytes) -> bytes:
         encoding = self.held_encoding
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
-            try:
-                wbits = 47 if encoding != b"deflate" else 15
-                body = zlib.decompress(body, wbits)
-            except zlib.error:
-                try:  # raw deflate, as some servers send
-                    body = zlib.decompress(body, -15)
-                except zlib.error:
-                    body = b""
+            body = _inflate(body, 47 if encoding != b"deflate" else 15)
         elif encoding not in (None, b"identity"):
             body = b""
         if not body and self.held_encoding not in (None, b"identity"):

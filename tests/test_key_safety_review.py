@@ -1,0 +1,197 @@
+"""Third review of key safety on the relay: what still let a provider key
+(or a credential) through, or let a provider's answer stall the reactor.
+
+- a compressed error body is inflated within the masking cap (a gzip bomb
+  of 1 MiB held 1 GiB and the reactor for seconds);
+- a key check's message with characters whose lower case is longer (``İ``)
+  no longer shifts the masked runs off the key;
+- a JSON error body that begins with whitespace is read for ``\\u``-escaped
+  keys like any other;
+- the OTLP endpoint's credentials do not reach a log line when they hold a
+  character the URL syntax reads as the end of the authority.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import zlib
+from urllib.parse import unquote
+
+import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lectr.providers.base import ECHO_RUN, scrub, scrub_body
+from lectr.proxy.call import SCRUB_MAX
+from lectr.tracing import _loggable_url
+from tests.support.fake_provider import OPENAI_KEY, Script
+from tests.test_routing_proxy import CHAT
+from tests.test_routing_proxy import env as routing_env
+
+env = routing_env  # a Lectr, an org with keys, the fake provider
+
+
+# --- a compressed error body larger than the cap once inflated ------------------------------
+
+
+def _bomb(size: int, wbits: int) -> bytes:
+    """``size`` bytes of JSON-ish padding quoting the key, compressed."""
+    c = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    head = f'{{"error":{{"message":"bad key {OPENAI_KEY}","pad":"'.encode()
+    out = [c.compress(head)]
+    block = b" " * (1 << 20)
+    left = size
+    while left > 0:
+        out.append(c.compress(block[: min(left, len(block))]))
+        left -= len(block)
+    out.append(c.compress(b'"}}'))
+    out.append(c.flush())
+    return b"".join(out)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_body_inflating_past_the_cap_is_withheld(env):
+    """A gzip (or deflate) error body under the 1 MiB the proxy holds, which
+    inflates to many times that: withheld as a body that could not be
+    checked, not inflated whole on the reactor and relayed."""
+    for encoding, wbits in (("gzip", 31), ("deflate", 15)):
+        body = _bomb(16 * SCRUB_MAX, wbits)
+        assert len(body) < SCRUB_MAX
+        env.provider.next(Script(status=400, body=body, headers={"content-encoding": encoding}))
+        resp = await env.post("/v1/chat/completions", CHAT)
+        out = await resp.content()
+        assert resp.code == 400
+        assert len(out) < 4096, (encoding, len(out))
+        assert OPENAI_KEY.encode() not in out
+        assert "could not be checked" in json.loads(out)["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compressed_error_within_the_cap_is_still_decoded_and_masked(env):
+    """The bound leaves ordinary compressed errors as they were."""
+    body = _bomb(1000, 31)
+    env.provider.next(Script(status=400, body=body, headers={"content-encoding": "gzip"}))
+    resp = await env.post("/v1/chat/completions", CHAT)
+    out = await resp.content()
+    assert resp.code == 400
+    doc = json.loads(out)
+    assert doc["error"]["message"] == "bad key ***"
+
+
+# --- a key check's message: runs masked where they are --------------------------------------
+
+KEY_CHARS = string.ascii_letters + string.digits
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_no_run_of_the_key_survives_whatever_text_surrounds_it(data):
+    """The provider's message around the quoted run is any text: characters
+    whose lower case is longer (``İ``: two) moved the masked positions off
+    the run, and the start of the key was shown."""
+    key = data.draw(st.text(alphabet=KEY_CHARS, min_size=24, max_size=48))
+    start = data.draw(st.integers(0, len(key) - ECHO_RUN))
+    end = data.draw(st.integers(start + ECHO_RUN, len(key)))
+    echo = key[start:end]
+    if data.draw(st.booleans()):
+        echo = echo.swapcase()
+    # any text, or text rich in characters whose case mapping changes length
+    odd = st.sampled_from(["İ" * 4, "İ", "ı", "\u212a", "ß", " ", "%"])
+    around = st.one_of(st.text(max_size=30), st.lists(odd, max_size=12).map("".join))
+    before = data.draw(around)
+    after = data.draw(around)
+    out = scrub(before + echo + after, key)
+    readable = unquote(out).lower()
+    low = key.lower()
+    assert not any(low[i : i + ECHO_RUN] in readable for i in range(len(low) - ECHO_RUN + 1)), out
+
+
+def test_a_dotted_capital_i_before_the_key_does_not_unmask_its_start():
+    key = "sk-proj-ABCDEFGHijklmnopQRSTUVWXyz0123456789"
+    out = scrub("İ" * 12 + "key " + key[5:30] + " end", key)
+    assert "ABCDEFGH" not in out and out.endswith("key *** end"), out
+
+
+# --- a JSON error body that begins with whitespace ------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lead=st.text(alphabet=" \t\r\n", max_size=4),
+    trail=st.text(alphabet=" \t\r\n", max_size=4),
+    escaped=st.sets(st.integers(0, 40), min_size=1),
+)
+def test_a_json_escaped_key_is_masked_after_leading_whitespace(lead, trail, escaped):
+    """JSON may begin with whitespace: a client's parser reads the body the
+    same way, ``\\u`` escapes restored, so Lectr must read it too."""
+    key = "sk-proj-" + "aB3dE5gH7jK9mN1pQ2rS4tU6vW8xY0zA"
+    core = key[len(key) // 3 :]
+    echo = "".join(
+        f"\\u{ord(c):04x}" if i in escaped else c for i, c in enumerate(key) if i >= len(key) // 3
+    )
+    body = (lead + '{"error":{"message":"Incorrect key: ' + echo + '."}}' + trail).encode()
+    out = scrub_body(body, key.encode())
+    if out == b"***":
+        return  # withheld whole
+    assert core.lower() not in json.loads(out)["error"]["message"].lower()
+
+
+# --- the OTLP endpoint in log lines ---------------------------------------------------------
+
+SECRET_CHARS = string.ascii_uppercase + "/?#:%!$&'()*+,;=[]@"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    user=st.text(alphabet=SECRET_CHARS, max_size=12),
+    password=st.text(alphabet=SECRET_CHARS, min_size=1, max_size=16),
+    query=st.sampled_from(["", "?token=ZZZ", "?a=b@c&T=ZZZ"]),
+)
+def test_the_collector_url_in_a_log_line_holds_no_credential(user, password, query):
+    """HTTP basic credentials in OTEL_EXPORTER_OTLP_ENDPOINT, typed as they
+    are (a ``/``, ``?`` or ``#`` in a password, unescaped): no character of
+    them (upper case here; the rest of the URL is lower case) is logged."""
+    url = f"https://{user}:{password}@collector.example:4318/v1/traces{query}"
+    out = _loggable_url(url)
+    shown = out.replace("<unparseable URL>", "").replace("<URL not shown>", "")
+    assert not any(c.isupper() for c in shown), (url, out)
+
+
+def test_the_collector_url_without_credentials_is_logged_as_it_is():
+    assert (
+        _loggable_url("http://collector.example:4318/v1/traces")
+        == "http://collector.example:4318/v1/traces"
+    )
+    assert (
+        _loggable_url("https://u:p@collector.example/v1/traces?x=1")
+        == "https://***@collector.example/v1/traces?***"
+    )
+    assert _loggable_url("https://u:p/w@collector.example/v1/traces") == "<URL not shown>"
+    assert _loggable_url("u:p@collector.example:4318") == "<URL not shown>"
+
+
+# --- a key check's message of a MiB ----------------------------------------------------------
+
+
+def test_a_long_message_is_masked_only_as_far_as_it_can_be_shown(monkeypatch):
+    """A provider may answer a key check with a message of up to 1 MiB (the
+    body's cap): masking it whole held the reactor for about a second; only
+    its first 900 characters (three times what is shown) are read, and a
+    run at the start is still masked."""
+    import lectr.providers.base as base
+
+    seen: list[int] = []
+    real = base._mask_runs
+
+    def spy(text: str, secret: str) -> str:
+        seen.append(len(text))
+        return real(text, secret)
+
+    monkeypatch.setattr(base, "_mask_runs", spy)
+    key = "sk-proj-ABCDEFGHijklmnopQRSTUVWXyz0123456789"
+    message = "bad key " + key[4:] + " " + "lorem ipsum  \n " * 70_000
+    out = scrub(message, key)
+    assert seen and max(seen) <= 3 * 300, seen
+    assert out.startswith("bad key *** lorem ipsum lorem ipsum") and len(out) == 300
+    assert "ABCDEFGH" not in out
