@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TextIO
 
 from lectr.config import Config, ConfigError, parse_master_key
+from lectr.config import _token as parse_admin_token
 from lectr.util.files import fsync_dir
-from lectr.util.secret import Secret
 
 ENCRYPTION_KEY_FILE = "encryption.key"
 ADMIN_TOKEN_FILE = "admin.token"
@@ -109,7 +109,12 @@ def apply_development_defaults(config: Config, out: TextIO = sys.stderr) -> Conf
     if config.admin_token is None:
         token_path = config.data_dir / ADMIN_TOKEN_FILE
         token, created = _read_or_create(token_path, lambda: "lat_" + secrets.token_urlsafe(32))
-        changes["admin_token"] = Secret(token)
+        try:  # (as LECTR_ADMIN_TOKEN: an empty file left by an older version is no token)
+            changes["admin_token"] = parse_admin_token(token)
+        except ValueError as e:
+            raise ConfigError(
+                f"{token_path} is malformed: {e}; delete it to have a new token generated"
+            ) from None
         if created:
             token_line = f"admin token (shown once): {token}"
             notes.append(f"admin token saved in {token_path}")

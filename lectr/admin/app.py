@@ -41,6 +41,7 @@ from lectr.managers.orgs import IssuedKey
 from lectr.managers.usage import hour_ceil
 from lectr.managers.users import Permission, Principal, UserManager
 from lectr.metrics import Registry
+from lectr.providers.custom import CustomProvider
 from lectr.storage.api_keys import ApiKey
 from lectr.storage.members import Member
 from lectr.storage.orgs import Org
@@ -842,7 +843,9 @@ class AdminApp:
     async def create_custom_provider(self, request, call: Call) -> Reply:
         custom = self._need(self._custom, "custom providers")
         row, _ = await custom.put(call.body, replace=False)
-        return created(provider_view(self._registry[row.name], row))
+        # (the row written, not the registry: a reload that is late, or a delete
+        # committed just after, would leave the name out of it)
+        return created(provider_view(CustomProvider.from_row(row), row))
 
     @api.route(
         "PUT",
@@ -858,7 +861,7 @@ class AdminApp:
     async def put_custom_provider(self, request, call: Call) -> Reply:
         custom = self._need(self._custom, "custom providers")
         row, is_new = await custom.put({**call.body, "name": call.params["name"]})
-        return Reply(201 if is_new else 200, provider_view(self._registry[row.name], row))
+        return Reply(201 if is_new else 200, provider_view(CustomProvider.from_row(row), row))
 
     @api.route(
         "DELETE",

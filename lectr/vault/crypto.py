@@ -54,12 +54,23 @@ def kek_fingerprint(key: bytes) -> str:
     return digest[:FINGERPRINT_HEX_CHARS]
 
 
+def _field(raw: bytes) -> bytes:
+    """``raw`` with its length in front: 2 bytes, or for 65,535 bytes and
+    more (never sealed: Lectr's own values are far shorter) 0xFFFF and 8
+    bytes. Such a value written into the database then fails
+    authentication like any other change, instead of raising OverflowError
+    at start-up, on the proxy's path and in every rewrap batch."""
+    n = len(raw)
+    if n < 0xFFFF:
+        return n.to_bytes(2, "big") + raw
+    return b"\xff\xff" + n.to_bytes(8, "big") + raw
+
+
 def _option(value: str | None) -> bytes:
     # None and "" must differ: a presence byte, then the length-prefixed text
     if value is None:
         return b"\x00"
-    raw = value.encode()
-    return b"\x01" + len(raw).to_bytes(2, "big") + raw
+    return b"\x01" + _field(value.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +93,7 @@ class Binding:
         # length-prefixed fields: no two different bindings encode the same
         out = bytearray()
         for part in (label, self.org_id.encode(), self.provider.encode(), self.record_id.encode()):
-            out += len(part).to_bytes(2, "big") + part
+            out += _field(part)
         return bytes(out)
 
     def key_ad(self) -> bytes:

@@ -13,7 +13,8 @@ While any running node lacks the new key (the census, lectr.vault.census),
 the job waits and says so. When no row names the old key any more, the log
 says so and what to do next.
 The loop then only re-checks now and then (a node that was not yet given
-``ENCRYPTION_KEY_NEW`` may still write rows with the old key).
+``ENCRYPTION_KEY_NEW`` may still write rows with the old key), and keeps
+probing the census, which decides the key new rows are sealed with.
 """
 
 from __future__ import annotations
@@ -157,6 +158,13 @@ class Rewrapper:
     async def _tick(self) -> None:
         now = self._reactor.seconds()
         if now < self._idle_until:
+            # nothing to rewrap for now, but keys are still being stored: keep
+            # hearing from every node (else they are forgotten after the ttl,
+            # and a node started since without the new key would not count)
+            census = self._census
+            if census is not None and now - (self._probed_at or 0.0) >= self._census_interval:
+                self._probed_at = now  # (a failed probe waits for the next interval)
+                await census.probe()
             return
         if not await self._census_allows(now):
             return
