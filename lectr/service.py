@@ -636,10 +636,31 @@ def stop_reactor(reactor) -> bool:
     """``reactor.stop()``, unless it is stopping already (a signal came
     first, or a second one): whether this call stopped it."""
     try:
-        reactor.stop()
+        stopped = reactor.stop()
     except ReactorNotRunning:
         return False
-    return True
+    return stopped is not False  # (False from stop_at_most_once's stop)
+
+
+def stop_at_most_once(reactor) -> None:
+    """Make a second request to stop harmless. A process often gets two: an
+    operator's SIGTERM after a SIGHUP or another SIGTERM while requests
+    drain; a Ctrl-C (SIGINT) or systemd's stop (SIGTERM to every process of
+    the service) reaching a worker directly before its supervisor passes
+    SIGTERM on. Twisted's signal handlers call ``reactor.stop``, which raised
+    ReactorNotRunning on the second, logged as a critical error with a
+    traceback. (Lectr's own process, twistd's or a worker's: a test's
+    reactor is left alone.)"""
+    stop = reactor.stop
+
+    def stop_once() -> bool:
+        try:
+            stop()
+        except ReactorNotRunning:
+            return False  # stopping already
+        return True
+
+    reactor.stop = stop_once
 
 
 def stop_on_hangup(reactor) -> None:

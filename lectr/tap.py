@@ -104,7 +104,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     from lectr.devmode import apply_development_defaults
-    from lectr.service import LectrService, stop_on_hangup
+    from lectr.service import LectrService, stop_at_most_once, stop_on_hangup
     from lectr.util.listen import ListenError, bind_ports
 
     try:
@@ -122,6 +122,7 @@ def makeService(options: Options):
         for sock in sockets.values():
             sock.close()
         sys.exit(f"lectr: configuration error: {e}")
+    stop_at_most_once(reactor)
     stop_on_hangup(reactor)
     if config.workers > 1:
         from lectr.workers import WorkerSupervisor

@@ -70,25 +70,6 @@ def watch_supervisor(reactor, fd: int = 0) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", reactor.removeReader, watch)
 
 
-def stop_at_most_once(reactor) -> None:
-    """Make a second request to stop harmless. A worker often gets two: a
-    Ctrl-C (SIGINT) or systemd's stop (SIGTERM to every process of the
-    service) reaches it directly, and then the supervisor passes SIGTERM on;
-    Twisted's ``reactor.stop`` raised ReactorNotRunning on the second, and
-    every worker logged a traceback while stopping."""
-    from twisted.internet.error import ReactorNotRunning
-
-    stop = reactor.stop
-
-    def stop_once() -> None:
-        try:
-            stop()
-        except ReactorNotRunning:
-            pass  # stopping already
-
-    reactor.stop = stop_once
-
-
 def main() -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -97,7 +78,7 @@ def main() -> None:
     from lectr.devmode import apply_development_defaults
     from lectr.logging import json_lines_observer
     from lectr.metrics import METRICS_DIR_ENV, MetricsFileSync
-    from lectr.service import LectrService
+    from lectr.service import LectrService, stop_at_most_once
 
     # SIGHUP is the supervisor's to act on (it stops every worker in order):
     # a terminal's hangup reaches the whole process group, and by default it

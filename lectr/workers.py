@@ -110,6 +110,7 @@ class WorkerSupervisor(Service):
         self._sockets: list[socket.socket] = []
         self._workers: dict[int, _WorkerProtocol] = {}
         self._stopping = False
+        self._stopped: Deferred[None] | None = None  # the one stop (see stopService)
         self._restart_delay: dict[int, float] = {}
         self.ready: Deferred[None] = Deferred()
         self._metrics_dir: MetricsRunDirectory | None = None
@@ -150,7 +151,7 @@ class WorkerSupervisor(Service):
             if not self.ready.called:
                 self.ready.errback(failure)
                 self.ready.addErrback(lambda _: None)
-            ensureDeferred(self._stop()).addBoth(lambda _: _exit_after_reactor(self._reactor, 1))
+            self._stop_once().addBoth(lambda _: _exit_after_reactor(self._reactor, 1))
 
         d.addErrback(failed)
 
@@ -289,11 +290,17 @@ class WorkerSupervisor(Service):
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
-        return ensureDeferred(self._stop())
+        return self._stop_once()
+
+    def _stop_once(self) -> Deferred[None]:
+        """The stop, begun once: a second request (twistd's shutdown while a
+        failed start-up unwinds) waits for the same workers to end, rather
+        than letting the reactor stop under them."""
+        if self._stopped is None:
+            self._stopped = ensureDeferred(self._stop())
+        return self._stopped
 
     async def _stop(self) -> None:
-        if self._stopping:
-            return
         self._stopping = True
         # Close our copies of the listening sockets first: each worker closes
         # its own as it begins to drain, and once the last copy is closed the

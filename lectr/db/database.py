@@ -79,6 +79,19 @@ class _Connection(txpostgres.Connection):
         raw = self._connection
         return raw is None or bool(raw.closed)
 
+    def _cancel(self, d: Deferred) -> None:
+        """Cancelling the connection attempt (a stop during start-up, or while
+        the change listener reconnects) closes the connection, and the attempt
+        fails with CancelledError. txpostgres's canceller asks libpq to cancel
+        instead, which raises "asynchronous connection attempt underway" on a
+        connection being opened: the stop became that error (an "unexpected
+        error during start-up") and the attempt ran on, its socket open.
+        (Only a connect's Deferred is cancelled here: queries run on cursors,
+        and the pool never cancels one, see delay_cancellation.)"""
+        if self._pollingD is d:
+            self._pollingD = None  # closing must not fail it: cancel() does
+        close_quietly(self)
+
 
 class Transaction:
     """What an interaction receives: run statements, queue notifications."""

@@ -315,10 +315,14 @@ class SpillJournal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_all(fd, _HEADER)
             os.rename(tmp, path)
-            fsync_dir(self.directory)  # (the name survives a power loss before a row is reported)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
+            raise
+        try:
+            fsync_dir(self.directory)  # (the name survives a power loss before a row is reported)
+        except BaseException:
+            os.close(fd)
             raise
         self._fd, self._path, self._written = fd, path, len(_HEADER)
 

@@ -501,6 +501,8 @@ class UsageRecorder:
             return
         try:
             self._replay_pending = await self._in_thread(self.journal.has_segments)
+        except CancelledError:
+            raise  # Lectr is stopping during start-up
         except Exception:
             self._log.failure("usage recorder: cannot read the spill journal")
         if self._replay_pending:
