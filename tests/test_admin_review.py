@@ -227,12 +227,6 @@ def test_the_documented_attempt_timeout_is_the_one_accepted(timeout):
 # --- found, not fixed: the live cursor passes rows committed out of id order ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the live cursor is max(id) of the visible rows; a batch whose ids were allocated "
-    "first but that commits last (e.g. waiting on a rollup row another batch locked) is "
-    "skipped by every later poll. Needs a commit-ordered cursor: see the review report.",
-)
 @pytest_twisted.ensureDeferred
 async def test_a_live_view_sees_a_row_committed_after_a_newer_one(env, db_url):
     org = await new_org(env)

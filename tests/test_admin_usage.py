@@ -14,7 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lectr.errors import BadRequest
-from lectr.managers.usage import decode_live_cursor, encode_live_cursor
+from lectr.managers.usage import (
+    MAX_SNAPSHOT_XIPS,
+    LiveCursor,
+    decode_live_cursor,
+    encode_live_cursor,
+)
 from lectr.storage.request_logs import RequestLogStore
 from lectr.usage.model import Usage, UsageRecord
 from tests.support.admin import start_admin_env
@@ -250,6 +255,21 @@ async def test_live_cursor_returns_only_what_was_stored_since(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_longest_live_cursor_is_taken(env):
+    """A cursor in the middle of a run of full pages, with as many
+    transactions in progress as a cursor keeps, in both its snapshots."""
+    org, _ = await seed(env)
+    path = f"/admin/orgs/{org}/requests"
+    top = 2**63 - 1
+    xips = ",".join(str(top - 1 - i) for i in reversed(range(MAX_SNAPSHOT_XIPS)))
+    snapshot = f"{top - 10**6}:{top}:{xips}"
+    longest = encode_live_cursor(LiveCursor(snapshot, snapshot, (top, top)))
+    answer = await env.admin.get(path, params={"after": longest})
+    assert answer.status == 200, answer.json
+    assert answer.json["items"] == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_live_cursor_refusals(env):
     org, _ = await seed(env)
     path = f"/admin/orgs/{org}/requests"
@@ -271,14 +291,104 @@ def test_any_after_cursor_is_decoded_or_refused(text):
         position = decode_live_cursor(text)
     except BadRequest:
         return
-    assert 0 <= position < 2**63
+    assert position.row_id is not None or position.snapshot
     assert decode_live_cursor(encode_live_cursor(position)) == position
 
 
-@settings(max_examples=100, deadline=None)
-@given(position=st.integers(min_value=0, max_value=2**63 - 1))
+XID = st.integers(min_value=1, max_value=2**63 - 2)
+
+
+@st.composite
+def snapshots(draw) -> str:
+    """Valid pg_snapshot texts: 1 <= xmin <= xip < xmax, xips increasing."""
+    xmin = draw(XID)
+    xmax = draw(st.integers(min_value=xmin, max_value=2**63 - 1))
+    xips = []
+    if xmax > xmin:
+        xips = sorted(
+            draw(
+                st.sets(
+                    st.integers(min_value=xmin, max_value=xmax - 1),
+                    max_size=min(MAX_SNAPSHOT_XIPS, xmax - xmin),
+                )
+            )
+        )
+    return f"{xmin}:{xmax}:{','.join(map(str, xips))}"
+
+
+live_cursors = (
+    st.builds(LiveCursor, row_id=st.integers(min_value=0, max_value=2**63 - 1))
+    | st.builds(LiveCursor, snapshots())
+    | st.builds(
+        LiveCursor,
+        snapshots(),
+        snapshots(),
+        st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1)),
+    )
+)
+
+
+def test_a_snapshot_with_too_many_transactions_in_progress_is_kept_as_its_xmin():
+    """(rows of every transaction from xmin on then count as unseen: they
+    may come twice, never not at all)"""
+    xips = ",".join(str(x) for x in range(100, 101 + MAX_SNAPSHOT_XIPS))
+    many = LiveCursor(f"100:500:{xips}", f"100:500:{xips}", (7, 8))
+    assert decode_live_cursor(encode_live_cursor(many)) == LiveCursor(
+        "100:100:", "100:100:", (7, 8)
+    )
+    few = LiveCursor("100:500:" + ",".join(str(x) for x in range(100, 100 + MAX_SNAPSHOT_XIPS)))
+    assert decode_live_cursor(encode_live_cursor(few)) == few
+
+
+@settings(max_examples=200, deadline=None)
+@given(position=live_cursors)
 def test_live_cursors_round_trip(position):
     assert decode_live_cursor(encode_live_cursor(position)) == position
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    words=st.lists(
+        st.sampled_from(
+            [
+                "v2",
+                "live:1",
+                "1:1:",
+                "3:10:5",
+                "1:2",
+                "0:0:",
+                "5:3:",
+                "3:10:11",
+                "3:10:5,4",
+                "3:10:5,5",
+                "1:1:1",
+                "9" * 20 + ":" + "9" * 20 + ":",
+                "2:3",
+                "1:2:1,",
+                ":",
+                "",
+                " ",
+                "\x00",
+                "-1:2:",
+            ]
+        ),
+        max_size=5,
+    )
+)
+def test_a_snapshot_cursor_is_refused_unless_postgresql_would_read_it(words):
+    """Any text made of snapshot-like parts: decoded into snapshots
+    PostgreSQL accepts (1 <= xmin <= xip < xmax, increasing, 63-bit), or
+    refused with a 400 - never a query that fails."""
+    raw = " ".join(words)
+    try:
+        cursor = decode_live_cursor(base64.urlsafe_b64encode(raw.encode()).decode())
+    except BadRequest:
+        return
+    for snap in filter(None, (cursor.snapshot, cursor.chain)):
+        xmin, xmax, xips = snap.split(":")
+        ids = [int(x) for x in xips.split(",")] if xips else []
+        assert 1 <= int(xmin) <= int(xmax) < 2**63
+        assert all(int(xmin) <= a < b for a, b in zip(ids, ids[1:] + [int(xmax)], strict=True))
 
 
 @pytest_twisted.ensureDeferred
@@ -291,6 +401,15 @@ async def test_hostile_after_values_answer_400_never_500(env):
         base64.urlsafe_b64encode(b"live:99999999999999999999").decode(),
         base64.urlsafe_b64encode(b"live:1 OR 1=1").decode(),
         base64.urlsafe_b64encode(b"live:\x00").decode(),
+        base64.urlsafe_b64encode(b"v2 0:0:").decode(),
+        base64.urlsafe_b64encode(b"v2 5:3:").decode(),
+        base64.urlsafe_b64encode(b"v2 3:10:5,4").decode(),
+        base64.urlsafe_b64encode(b"v2 3:10:11").decode(),
+        base64.urlsafe_b64encode(b"v2 3:10: 3:10: 1").decode(),
+        base64.urlsafe_b64encode(b"v2 3:10: 3:10: 99999999999999999999:1").decode(),
+        base64.urlsafe_b64encode(
+            ("v2 1:100:" + ",".join(str(i) for i in range(1, 2 + MAX_SNAPSHOT_XIPS))).encode()
+        ).decode(),
         "%00",
         "' OR '1'='1",
     ]

@@ -21,7 +21,12 @@ from lectr.managers.usage import (
     decode_live_cursor,
     encode_cursor,
 )
-from lectr.storage.request_logs import ROLLUPS_FROM_ROWS_SQL, RequestFilter, RequestLogStore
+from lectr.storage.request_logs import (
+    ROLLUPS_FROM_ROWS_SQL,
+    RequestFilter,
+    RequestLogStore,
+    newer_sql,
+)
 from lectr.usage.model import Usage, UsageRecord
 
 ORG = "00000000-0000-4000-8000-0000000000a1"
@@ -229,7 +234,95 @@ async def test_last_page_exactly_full_has_no_cursor(manager, store):
     empty = await manager.recent_requests(OTHER_ORG)
     assert (empty.items, empty.next_cursor) == ([], None)
     # the live cursor is there all the same: where a live view starts
-    assert decode_live_cursor(empty.live_cursor) == 10
+    start = decode_live_cursor(empty.live_cursor)
+    assert start.snapshot and start.row_id is None
+    assert (await manager.recent_requests(OTHER_ORG, after=empty.live_cursor)).items == []
+    [late] = await seed(store, 1, org=OTHER_ORG)
+    newer = await manager.recent_requests(OTHER_ORG, after=empty.live_cursor)
+    assert [e.request_id for e in newer.items] == [late.request_id]
+
+
+class Writer:
+    """A connection of its own whose transaction stays open until told."""
+
+    def __init__(self, db_url: str) -> None:
+        self.conn = psycopg2.connect(db_url)
+        self.pending: list[str] = []
+
+    def insert(self, n: int) -> None:
+        with self.conn.cursor() as cur:
+            for _ in range(n):
+                rid = str(uuid.uuid4())
+                cur.execute(
+                    "INSERT INTO request_logs (request_id, created_at, org_id, provider, "
+                    "method, path, status, latency_ms) VALUES (%s, %s, %s, 'openai', 'POST', "
+                    "'/v1/chat/completions', 200, 1.0)",
+                    (rid, T0, ORG),
+                )
+                self.pending.append(rid)
+
+    def end(self, commit: bool) -> list[str]:
+        (self.conn.commit if commit else self.conn.rollback)()
+        done, self.pending = self.pending, []
+        return done if commit else []
+
+
+async def poll(manager, cursor: str, page: int, seen: list[str]) -> tuple[str, int]:
+    """One poll of a live view: its next cursor and how many rows came."""
+    got = await manager.recent_requests(ORG, after=cursor, limit=page)
+    seen.extend(e.request_id for e in got.items)
+    return got.live_cursor, len(got.items)
+
+
+@pytest.mark.parametrize("page", [200, 2], ids=["pages", "chains of full pages"])
+@pytest_twisted.ensureDeferred
+async def test_a_live_view_gets_every_committed_row_whatever_the_commit_order(
+    manager, db_url, page
+):
+    """Three writers insert, commit and roll back in a random order while a
+    live view polls: every committed row reaches the view (exactly once
+    when no page is full), a rolled-back one never does - however late a
+    transaction commits after newer ones."""
+    import random
+
+    for seed_ in range(6):
+        rng = random.Random(seed_)
+        writers = [Writer(db_url) for _ in range(3)]
+        try:
+            cursor = (await manager.recent_requests(ORG, limit=1)).live_cursor
+            committed: set[str] = set()
+            rolled_back: set[str] = set()
+            seen: list[str] = []
+
+            for _ in range(40):
+                w = rng.choice(writers)
+                op = rng.random()
+                if op < 0.4:
+                    w.insert(rng.randint(1, 3))
+                elif op < 0.6:
+                    committed.update(w.end(commit=True))
+                elif op < 0.65:
+                    pending = list(w.pending)
+                    w.end(commit=False)
+                    rolled_back.update(pending)
+                else:
+                    cursor, _ = await poll(manager, cursor, page, seen)
+            for w in writers:
+                committed.update(w.end(commit=True))
+            for _ in range(100):  # until a page that is not full
+                cursor, n = await poll(manager, cursor, page, seen)
+                if n < page:
+                    break
+            cursor, n = await poll(manager, cursor, page, seen)
+            while n == page:  # (the end of a chain goes on from its first page)
+                cursor, n = await poll(manager, cursor, page, seen)
+            assert set(seen) == committed, f"seed {seed_}"
+            assert not rolled_back & set(seen)
+            if page == 200:
+                assert len(seen) == len(set(seen)), f"seed {seed_}"
+        finally:
+            for w in writers:
+                w.conn.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -593,7 +686,15 @@ def test_query_plans_at_scale(big_table):
                 limit=1000,
             )
         )
+    # a live view's poll: from the snapshot's xmin, after a position, with a filter
+    [(snapshot,)] = raw_rows(big_table, "SELECT pg_current_snapshot()::text")
+    captured.append(newer_sql(ORG, snapshot, None, 200, RequestFilter()))
+    captured.append(newer_sql(ORG, snapshot, (10**6, 10**9), 200, RequestFilter(provider="openai")))
     plans = [as_parent_indexes(big_table, explain(big_table, sql, args)) for sql, args in captured]
+    for plan in plans[-2:]:
+        # the org's rows from the snapshot's xmin on, and no others (the
+        # planner may sort those few across the partitions)
+        assert "request_logs_live_idx" in plan, plan
     empty = empty_partitions(big_table)
     for plan in plans:
         for line in plan.splitlines():
@@ -607,7 +708,7 @@ def test_query_plans_at_scale(big_table):
     assert "request_logs_org_model_idx" in plans[2]
     assert "request_logs_org_errors_idx" in plans[3]
     assert "request_logs_org_errors_idx" in plans[4]
-    for plan in plans[5:]:
+    for plan in plans[5:-2]:
         # totals come from the hourly rollups, never from the rows
         assert "usage_hourly_pkey" in plan, plan
         assert "request_logs" not in plan, plan

@@ -727,8 +727,9 @@ class AdminApp:
         summary="Recent requests, newest first (keyset pagination)",
         description=(
             "Pass next_cursor back as cursor (with the same filters) for the next, older "
-            "page. Pass live_cursor back as after for the requests stored since, oldest "
-            "first (a live view polls this way; a full page means more are waiting). "
+            "page. Pass live_cursor back as after for the requests stored since, in the "
+            "order they were committed, however late (a live view polls this way; a full "
+            "page means more are waiting). "
             "limit is clamped to 1..200."
         ),
         tags=("usage",),

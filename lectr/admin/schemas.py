@@ -244,8 +244,8 @@ KEY_FILTER = QueryParam("key_id", {**UUID}, "a Lectr key's id")
 CURSOR = QueryParam("cursor", string(64), "next_cursor of the previous page (same filters)")
 AFTER = QueryParam(
     "after",
-    string(64),
-    "live_cursor of a previous answer (same filters): the requests stored since, oldest first",
+    string(2048),  # (a PostgreSQL snapshot or two: lectr.managers.usage.LiveCursor)
+    "live_cursor of a previous answer (same filters): the requests stored since, in commit order",
 )
 GROUP_BY_VALUES = ["model", "provider", "key", "day", "hour"]
 GROUP_BY = QueryParam(

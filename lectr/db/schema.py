@@ -240,6 +240,13 @@ request_logs = Table(
     Column("usage_raw", Text, nullable=True),  # the provider's usage object (<= 4 KiB)
     Column("cost_usd", Numeric, nullable=True),  # NULL: unpriced
     Column("price_basis_id", BigInteger, nullable=True),  # price_bases.id (no FK: append-only)
+    # migration 0009: the storing transaction's id, for live views in commit order
+    Column(
+        "txid",
+        BigInteger,
+        nullable=True,
+        server_default=text("((pg_current_xact_id())::text)::bigint"),
+    ),
     CheckConstraint(
         "usage_source IN ('provider', 'estimated', 'none')", name="request_logs_usage_source"
     ),
@@ -255,6 +262,14 @@ request_logs = Table(
         text("created_at DESC"),
         text("id DESC"),
         postgresql_where=text("status >= 400"),
+    ),
+    # an org's rows in commit order: live views (migration 0009)
+    Index(
+        "request_logs_live_idx",
+        "org_id",
+        "txid",
+        "id",
+        postgresql_where=text("txid IS NOT NULL"),
     ),
     # time-range scans across orgs (migration 0003)
     Index("request_logs_created_brin", "created_at", postgresql_using="brin"),

@@ -39,6 +39,13 @@ _STATUS_CLASS_RE = re.compile(r"([1-5])xx")
 _CURSOR_RE = re.compile(r"(-?\d{1,18}):(\d{1,19})")
 _LIVE_CURSOR_RE = re.compile(r"live:(\d{1,19})")
 _MAX_ID = 2**63 - 1
+#: a pg_snapshot's text: xmin:xmax:xip,... (the transactions in progress)
+_SNAPSHOT_RE = re.compile(r"(\d{1,19}):(\d{1,19}):((?:\d{1,19}(?:,\d{1,19})*)?)")
+_POSITION_RE = re.compile(r"(\d{1,19}):(\d{1,19})")
+#: a snapshot with more transactions in progress is kept as its xmin alone
+#: (every transaction from xmin on counted as unseen: rows may then come
+#: twice, which clients drop by request id, never not at all)
+MAX_SNAPSHOT_XIPS = 32
 
 
 def _iso(dt: datetime) -> str:
@@ -294,22 +301,88 @@ def parse_key_id(value: object) -> str | None:
         raise BadRequest("key_id must be a Lectr key id (a UUID)") from None
 
 
-def encode_live_cursor(row_id: int) -> str:
-    """A live view's position: the id of the newest row it has accounted for."""
-    return base64.urlsafe_b64encode(f"live:{row_id}".encode()).rstrip(b"=").decode()
+@dataclass(frozen=True, slots=True)
+class LiveCursor:
+    """A live view's position. ``snapshot``: the PostgreSQL snapshot of the
+    last answer; every row it could not see is new (rows are read in commit
+    order, ``(txid, id)``). After a full page, ``after`` is the last row
+    given and ``chain`` the snapshot of the chain's first full page: the
+    pages go on past ``after``, and the answer that ends the chain goes on
+    from ``chain`` (rows committed meanwhile behind ``after`` are then
+    given; some twice). ``row_id``: a cursor of before migration 0009."""
+
+    snapshot: str = ""
+    chain: str | None = None
+    after: tuple[int, int] | None = None
+    row_id: int | None = None
 
 
-def decode_live_cursor(cursor: object) -> int:
-    if not isinstance(cursor, str) or not 1 <= len(cursor) <= 64:
+def _kept_snapshot(snapshot: str) -> str:
+    """A snapshot for a cursor: as it is, or its xmin alone when too many
+    transactions were in progress (see MAX_SNAPSHOT_XIPS)."""
+    xmin, _, rest = snapshot.partition(":")
+    xips = rest.partition(":")[2]
+    if xips.count(",") + 1 > MAX_SNAPSHOT_XIPS and xips:
+        return f"{xmin}:{xmin}:"
+    return snapshot
+
+
+def encode_live_cursor(cursor: LiveCursor) -> str:
+    if cursor.row_id is not None:
+        raw = f"live:{cursor.row_id}"
+    else:
+        parts = ["v2", _kept_snapshot(cursor.snapshot)]
+        if cursor.after is not None:
+            parts += [
+                _kept_snapshot(cursor.chain or cursor.snapshot),
+                f"{cursor.after[0]}:{cursor.after[1]}",
+            ]
+        raw = " ".join(parts)
+    return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode()
+
+
+def _parse_snapshot(text: str) -> str:
+    """A snapshot from a cursor, checked as PostgreSQL will read it (1 <=
+    xmin <= xip < xmax, xips increasing, 63-bit), so that no cursor a
+    client sends makes the query fail."""
+    m = _SNAPSHOT_RE.fullmatch(text)
+    if m is None:
+        raise BadRequest("invalid after cursor")
+    xmin, xmax = int(m.group(1)), int(m.group(2))
+    xips = [int(x) for x in m.group(3).split(",")] if m.group(3) else []
+    if not 1 <= xmin <= xmax <= _MAX_ID or len(xips) > MAX_SNAPSHOT_XIPS:
+        raise BadRequest("invalid after cursor")
+    previous = xmin - 1
+    for x in xips:
+        if not previous < x < xmax:
+            raise BadRequest("invalid after cursor")
+        previous = x
+    return f"{xmin}:{xmax}:{','.join(map(str, xips))}"
+
+
+def decode_live_cursor(cursor: object) -> LiveCursor:
+    if not isinstance(cursor, str) or not 1 <= len(cursor) <= 2048:
         raise BadRequest("invalid after cursor")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (binascii.Error, ValueError):
         raise BadRequest("invalid after cursor") from None
     m = _LIVE_CURSOR_RE.fullmatch(raw)
-    if m is None or int(m.group(1)) > _MAX_ID:
+    if m is not None:
+        if int(m.group(1)) > _MAX_ID:
+            raise BadRequest("invalid after cursor")
+        return LiveCursor(row_id=int(m.group(1)))
+    parts = raw.split(" ")
+    if parts[0] != "v2" or len(parts) not in (2, 4):
         raise BadRequest("invalid after cursor")
-    return int(m.group(1))
+    snapshot = _parse_snapshot(parts[1])
+    if len(parts) == 2:
+        return LiveCursor(snapshot)
+    position = _POSITION_RE.fullmatch(parts[3])
+    if position is None or max(int(position.group(1)), int(position.group(2))) > _MAX_ID:
+        raise BadRequest("invalid after cursor")
+    after = (int(position.group(1)), int(position.group(2)))
+    return LiveCursor(snapshot, _parse_snapshot(parts[2]), after)
 
 
 def parse_model(value: object) -> str | None:
@@ -372,28 +445,37 @@ class UsageManager:
         if has_after:
             return await self._newer(org, decode_live_cursor(after), n, where)
         before = decode_cursor(cursor) if has_cursor else None
-        # Read the newest id first: a row stored between the two queries
-        # shows up twice (the client drops repeats by request_id) rather
-        # than never.
-        last_id = await self._store.last_id()
+        # The snapshot first: a row committed between the two queries shows
+        # up twice (the client drops repeats by request_id) rather than never.
+        snapshot = await self._store.snapshot()
         rows = await self._store.recent(org, limit=n + 1, before=before, where=where)
         more = len(rows) > n
         rows = rows[:n]
         next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
-        last_id = max([last_id, *(r.id for r in rows)])
         return RequestPage(
-            [RequestEntry.from_row(r) for r in rows], next_cursor, encode_live_cursor(last_id)
+            [RequestEntry.from_row(r) for r in rows],
+            next_cursor,
+            encode_live_cursor(LiveCursor(snapshot)),
         )
 
-    async def _newer(self, org: str, after_id: int, n: int, where: RequestFilter) -> RequestPage:
-        last_id = await self._store.last_id()
-        rows = await self._store.newer(org, after_id=after_id, limit=n, where=where)
-        if len(rows) == n:  # a full page: continue right after it
-            position = rows[-1].id
+    async def _newer(
+        self, org: str, cursor: LiveCursor, n: int, where: RequestFilter
+    ) -> RequestPage:
+        if cursor.row_id is not None:  # a cursor of before migration 0009
+            rows, _, snapshot = await self._store.newer_than_id(
+                org, after_id=cursor.row_id, limit=n, where=where
+            )
+            following = LiveCursor(row_id=rows[-1].id) if len(rows) == n else LiveCursor(snapshot)
         else:
-            position = max([after_id, last_id, *(r.id for r in rows)])
+            rows, positions, snapshot = await self._store.newer(
+                org, unseen_by=cursor.snapshot, after=cursor.after, limit=n, where=where
+            )
+            if len(rows) == n:  # a full page: the chain goes on past it
+                following = LiveCursor(cursor.snapshot, cursor.chain or snapshot, positions[-1])
+            else:  # the chain ends: on from its first page's snapshot
+                following = LiveCursor(cursor.chain or snapshot)
         return RequestPage(
-            [RequestEntry.from_row(r) for r in rows], None, encode_live_cursor(position)
+            [RequestEntry.from_row(r) for r in rows], None, encode_live_cursor(following)
         )
 
     async def get_request(self, org_id: object, request_id: object) -> RequestEntry:

@@ -241,6 +241,30 @@ _GROUP_KEYS = {
 _TOTALS = ", ".join(f"sum({c})::bigint AS {c}" for c in ROLLUP_COUNTS) + ", sum(cost_usd)"
 
 
+def newer_sql(
+    org_id: str,
+    unseen_by: str,
+    after: tuple[int, int] | None,
+    limit: int,
+    where: RequestFilter,
+) -> tuple[str, list]:
+    """The query of :meth:`RequestLogStore.newer`: an org's rows in commit
+    order along ``request_logs_live_idx``, from the snapshot's xmin (no
+    transaction below it was in progress)."""
+    sql = [
+        f"SELECT {_SELECT_COLUMNS}, txid FROM request_logs WHERE org_id = %s "
+        "AND txid >= %s AND NOT pg_visible_in_snapshot(txid::text::xid8, %s::pg_snapshot)"
+    ]
+    args: list = [org_id, int(unseen_by.split(":", 1)[0]), unseen_by]
+    if after is not None:
+        sql.append("AND (txid, id) > (%s, %s)")
+        args += after
+    _conditions(where, sql, args)
+    sql.append("ORDER BY txid, id LIMIT %s")
+    args.append(limit)
+    return " ".join(sql), args
+
+
 def _conditions(where: RequestFilter, sql: list[str], args: list) -> None:
     """Append the filter's conditions (bound parameters only)."""
     for column, value in (
@@ -584,26 +608,54 @@ class RequestLogStore:
         rows = await self._db.runQuery("usage_totals_by_org", " ".join(sql), args)
         return [UsageAggregate(*r) for r in rows]
 
+    async def snapshot(self) -> str:
+        """PostgreSQL's current snapshot (``xmin:xmax:xip,...``): a live
+        view's starting point. Every row it cannot see is new to the view,
+        whenever it commits."""
+        rows = await self._db.runQuery("live_snapshot", "SELECT pg_current_snapshot()::text")
+        return rows[0][0]
+
     async def newer(
+        self,
+        org_id: str,
+        *,
+        unseen_by: str,
+        after: tuple[int, int] | None = None,
+        limit: int,
+        where: RequestFilter = RequestFilter(),
+    ) -> tuple[list[RequestLog], list[tuple[int, int]], str]:
+        """An org's rows the snapshot ``unseen_by`` could not see (stored
+        since, or stored before and committed since), in commit order
+        (``(txid, id)``), past ``after`` (a ``(txid, id)`` position) when
+        given; their positions; and the snapshot they were read in (one
+        REPEATABLE READ transaction: every row it cannot see is newer).
+        ``unseen_by`` must be a valid ``pg_snapshot`` text."""
+        sql, args = newer_sql(org_id, unseen_by, after, limit, where)
+        return await self._in_one_snapshot("newer_request_logs", sql, args)
+
+    async def newer_than_id(
         self, org_id: str, *, after_id: int, limit: int, where: RequestFilter = RequestFilter()
-    ) -> list[RequestLog]:
-        """An org's rows stored after row ``after_id`` (ids grow as rows are
-        inserted), in insertion order: what a live view has not seen yet.
-        The scan walks the primary key from ``after_id``, so it reads only
-        the rows (of every org) inserted since."""
-        sql = [f"SELECT {_SELECT_COLUMNS} FROM request_logs WHERE id > %s AND org_id = %s"]
+    ) -> tuple[list[RequestLog], list[tuple[int, int]], str]:
+        """:meth:`newer` for a live cursor of before migration 0009 (a row
+        id): the rows stored after row ``after_id``, in id order."""
+        sql = [f"SELECT {_SELECT_COLUMNS}, txid FROM request_logs WHERE id > %s AND org_id = %s"]
         args: list = [after_id, org_id]
         _conditions(where, sql, args)
         sql.append("ORDER BY id LIMIT %s")
         args.append(limit)
-        rows = await self._db.runQuery("newer_request_logs", " ".join(sql), args)
-        return [RequestLog(*r) for r in rows]
+        return await self._in_one_snapshot("newer_request_logs_by_id", " ".join(sql), args)
 
-    async def last_id(self) -> int:
-        """The id of the newest stored row (0 when there is none): a live
-        view's starting point (one step down the primary key)."""
-        rows = await self._db.runQuery("last_request_log_id", "SELECT max(id) FROM request_logs")
-        return rows[0][0] or 0
+    async def _in_one_snapshot(
+        self, desc: str, sql: str, args: list
+    ) -> tuple[list[RequestLog], list[tuple[int, int]], str]:
+        async def txn(t: Transaction):
+            await t.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            (snapshot,) = await t.fetchone("SELECT pg_current_snapshot()::text")
+            return await t.fetchall(sql, args), snapshot
+
+        rows, snapshot = await self._db.runInteraction(desc, txn)
+        logs = [RequestLog(*r[:-1]) for r in rows]
+        return logs, [(r[-1] or 0, r[0]) for r in rows], snapshot
 
     async def get(self, request_id: str) -> RequestDetail | None:
         """One request by its id, with its price basis."""
