@@ -27,7 +27,9 @@ kind ``internal`` (so the request in hand can still end).
 Connections are pooled per origin (LIFO: the most recently used first, so
 the least used age out), at most ``max_idle_per_origin`` idle ones, each
 closed after ``idle_timeout`` seconds unused; one the server closes while
-idle is dropped at once, one that receives bytes while idle is closed.
+idle is dropped at once, one that receives bytes while idle is closed; one
+whose response came while part of its request was still queued (the body not
+read) is aborted, never pooled.
 
 The keep-alive race: a request sent on a reused connection that the server
 closes before sending any response byte (it had just decided to close it) is
@@ -53,7 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lectr.http.headers import HeaderList
-from lectr.http.tcp import direct_reads, no_delay, send
+from lectr.http.tcp import direct_reads, no_delay, send, unsent
 
 #: bytes of a response's head (its 1xx heads included) before it is refused:
 #: llhttp sets no bound, and a header value arriving in pieces is joined
@@ -649,7 +651,11 @@ class _UpstreamProtocol(Protocol):
         h._done = True
         if h._paused:
             self.transport.resumeProducing()
-        if keep and not self._lost:
+        if unsent(self.transport):
+            # answered before the request was all sent (its body not read):
+            # never reused, nor kept open to send the rest
+            self.transport.abortConnection()
+        elif keep and not self._lost:
             self._client._release(self)
         else:
             self.transport.loseConnection()

@@ -51,6 +51,17 @@ def direct_reads(protocol) -> None:
 _EAGER = (tcp.Server, tcp.Client)
 
 
+def unsent(transport) -> bool:
+    """Whether bytes written to ``transport`` still wait in this process
+    (Twisted's send buffer; a TLS layer's cleartext held for the handshake
+    and the ciphertext under it) rather than in the kernel."""
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        if transport._appSendBuffer:
+            return True
+        transport = transport.transport
+    return bool(getattr(transport, "dataBuffer", None) or getattr(transport, "_tempDataLen", 0))
+
+
 def send(transport, parts: Sequence[bytes]) -> None:
     """Write ``parts`` in order, as ``transport.writeSequence`` would, but
     hand them to the kernel at once when nothing is queued ahead of them.
