@@ -39,13 +39,13 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from lectr.providers.http import ExchangeTimedOut
-from lectr.usage.meters import CHAT_STREAM_USAGE
+from lectr.usage.stream_usage import CHAT_STREAM_USAGE
 from lectr.util.secret import Secret
 
 if TYPE_CHECKING:
     from lectr.providers.body import ReadBody
     from lectr.providers.dialects import Dialect
-    from lectr.usage.meters import RequestPlan
+    from lectr.usage.stream_usage import RequestPlan
 
 # What a provider's error text may contain that must never be echoed:
 # key-like tokens (OpenAI's "Incorrect API key provided: sk-abc*****xyz").

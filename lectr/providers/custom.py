@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lectr.providers.base import API_KEY, BEARER, X_API_KEY, Provider
 from lectr.providers.dialects import DIALECTS
-from lectr.usage.meters import NO_STREAM_USAGE
+from lectr.usage.stream_usage import NO_STREAM_USAGE
 
 AUTH_SCHEMES = {"bearer": BEARER, "x-api-key": X_API_KEY, "api-key": API_KEY}
 

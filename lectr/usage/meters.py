@@ -37,6 +37,7 @@ from twisted.logger import Logger
 
 from lectr.providers.body import BodyRefused, ReadBody
 from lectr.usage.model import NO_USAGE, RAW_USAGE_MAX, Meter, Usage
+from lectr.usage.stream_usage import CHAT_STREAM_USAGE
 
 _log = Logger()
 
@@ -106,15 +107,6 @@ def _is_json(media_type: bytes) -> bool:
 
 def _norm_path(path: str) -> str:
     return path.rstrip("/") if len(path) > 1 else path
-
-
-#: OpenAI-dialect streams a provider may be asked for their usage report
-#: (``stream_options.include_usage``): chat, everywhere it is accepted
-CHAT_STREAM_USAGE = frozenset({"/v1/chat/completions"})
-#: chat and legacy completions (OpenAI's own API accepts it on both)
-CHAT_AND_COMPLETIONS_STREAM_USAGE = CHAT_STREAM_USAGE | {"/v1/completions"}
-#: none: bodies go up as the client wrote them
-NO_STREAM_USAGE: frozenset[str] = frozenset()
 
 
 def plan_request(
@@ -828,7 +820,7 @@ class SSEMeter(_Base):
         self._data: list[bytes] = []
         self._data_size = 0
         self._data_over = False
-        self._data_tail = b""
+        self._data_tail: bytes | bytearray = b""  # (a bytearray once past SSE_LINE_MAX)
         # stripping
         self._state = _PENDING if strip else _DONE
         self._held = bytearray()
@@ -1029,15 +1021,17 @@ class SSEMeter(_Base):
             pos = nl + 1
 
     def _partial(self, piece: bytes) -> None:
+        # (the tail keeps one byte more than it hands on: a CR the line may
+        # end with, before its LF, is not data)
         if self._line_over:
             self._line_tail += piece
             if len(self._line_tail) > 2 * SSE_TAIL_BYTES:
-                del self._line_tail[:-SSE_TAIL_BYTES]
+                del self._line_tail[: -SSE_TAIL_BYTES - 1]
             return
         self._line += piece
         if len(self._line) > SSE_LINE_MAX:
             self._line_over = True
-            self._line_tail = self._line[-SSE_TAIL_BYTES:]
+            self._line_tail = self._line[-SSE_TAIL_BYTES - 1 :]
             del self._line[256:]  # the head says which field it is
 
     def _complete(self, end: bytes) -> bytes:
@@ -1047,6 +1041,8 @@ class SSEMeter(_Base):
         if self._line_over:
             self._line_tail += end
             line = bytes(self._line)
+            if self._line_tail.endswith(b"\r"):  # (CRLF: the CR ends the line)
+                del self._line_tail[-1:]
             tail = bytes(self._line_tail[-SSE_TAIL_BYTES:])
             over = True
             self._line.clear()
@@ -1074,14 +1070,21 @@ class SSEMeter(_Base):
     def _add_data(self, value: bytes, truncated_tail: bytes | None = None) -> None:
         if truncated_tail is not None:
             self._data_over = True
-            self._data_tail = truncated_tail
+            self._data_tail = bytearray(truncated_tail)
             return
         self._data_size += len(value) + 1
         if self._data_over:
-            self._data_tail = (self._data_tail + b"\n" + value)[-SSE_TAIL_BYTES:]
+            # (appended in place and cut back now and then, as a partial
+            # line's tail is: a copy of the window per line cost 64 KiB for
+            # each short line of such an event)
+            tail = self._data_tail
+            tail += b"\n"
+            tail += value
+            if len(tail) > 2 * SSE_TAIL_BYTES:
+                del tail[:-SSE_TAIL_BYTES]
         elif self._data_size > SSE_LINE_MAX:
             self._data_over = True
-            self._data_tail = (b"\n".join(self._data) + b"\n" + value)[-SSE_TAIL_BYTES:]
+            self._data_tail = bytearray((b"\n".join(self._data) + b"\n" + value)[-SSE_TAIL_BYTES:])
             self._data.clear()
         else:
             self._data.append(value)
@@ -1089,7 +1092,8 @@ class SSEMeter(_Base):
     def _dispatch(self) -> None:
         name, self._event_name = self._event_name, None
         if self._data_over:
-            tail, self._data_tail, self._data_over = self._data_tail, b"", False
+            tail = bytes(self._data_tail[-SSE_TAIL_BYTES:])
+            self._data_tail, self._data_over = b"", False
             self._data.clear()
             self._data_size = 0
             self._event_truncated(name, tail)

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from lectr.providers.base import API_KEY, KeyOptions, Provider
 from lectr.providers.dialects import OPENAI
-from lectr.usage.meters import NO_STREAM_USAGE
+from lectr.usage.stream_usage import NO_STREAM_USAGE
 
 DEFAULT_API_VERSION = "2024-10-21"
 #: the first API version that accepts ``stream_options`` (earlier ones answer

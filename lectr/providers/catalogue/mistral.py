@@ -3,7 +3,7 @@
 
 from lectr.providers.base import Provider
 from lectr.providers.dialects import OPENAI
-from lectr.usage.meters import NO_STREAM_USAGE
+from lectr.usage.stream_usage import NO_STREAM_USAGE
 
 
 class Mistral(Provider):

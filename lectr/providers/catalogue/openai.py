@@ -2,7 +2,7 @@
 
 from lectr.providers.base import Provider
 from lectr.providers.dialects import OPENAI
-from lectr.usage.meters import CHAT_AND_COMPLETIONS_STREAM_USAGE
+from lectr.usage.stream_usage import CHAT_AND_COMPLETIONS_STREAM_USAGE
 
 
 class OpenAI(Provider):
