@@ -250,10 +250,15 @@ def newer_sql(
 ) -> tuple[str, list]:
     """The query of :meth:`RequestLogStore.newer`: an org's rows in commit
     order along ``request_logs_live_idx``, from the snapshot's xmin (no
-    transaction below it was in progress)."""
+    transaction below it was in progress), up to the reading snapshot's
+    xmax: a row this database stored has a lower txid, so a higher one is
+    another cluster's (a pg_dump restored here keeps the txids of the
+    rows it copied), which is not new and would else be unseen by every
+    later snapshot, given again at every poll."""
     sql = [
         f"SELECT {_SELECT_COLUMNS}, txid FROM request_logs WHERE org_id = %s "
-        "AND txid >= %s AND NOT pg_visible_in_snapshot(txid::text::xid8, %s::pg_snapshot)"
+        "AND txid >= %s AND txid < pg_snapshot_xmax(pg_current_snapshot())::text::bigint "
+        "AND NOT pg_visible_in_snapshot(txid::text::xid8, %s::pg_snapshot)"
     ]
     args: list = [org_id, int(unseen_by.split(":", 1)[0]), unseen_by]
     if after is not None:
@@ -489,12 +494,18 @@ class RequestLogStore:
             )
             try:
                 if stray is None:
-                    await t.execute(
-                        f"CREATE TABLE {_ident(name)} PARTITION OF request_logs "
-                        f"FOR VALUES FROM (%s) TO (%s) WITH ({_PARTITION_OPTIONS})",
-                        (start, end),
-                    )
-                    return True
+                    await t.execute("SAVEPOINT plain_create")
+                    try:
+                        await t.execute(
+                            f"CREATE TABLE {_ident(name)} PARTITION OF request_logs "
+                            f"FOR VALUES FROM (%s) TO (%s) WITH ({_PARTITION_OPTIONS})",
+                            (start, end),
+                        )
+                        return True
+                    except psycopg2.errors.CheckViolation:
+                        # a row of the range committed since the look: move
+                        # it as below (the rollback frees the parent's lock)
+                        await t.execute("ROLLBACK TO SAVEPOINT plain_create")
                 # rows of this range went to the default partition meanwhile:
                 # move them into the new table, then attach it
                 columns = await _parent_columns(t)
@@ -502,12 +513,20 @@ class RequestLogStore:
                     f"CREATE TABLE {_ident(name)} (LIKE request_logs INCLUDING DEFAULTS "
                     f"INCLUDING CONSTRAINTS) WITH ({_PARTITION_OPTIONS})"
                 )
-                await t.execute(
+                move = (
                     f"WITH moved AS (DELETE FROM {DEFAULT_PARTITION} "
                     f"WHERE created_at >= %s AND created_at < %s RETURNING {columns}) "
-                    f"INSERT INTO {_ident(name)} ({columns}) SELECT {columns} FROM moved",
-                    (start, end),
+                    f"INSERT INTO {_ident(name)} ({columns}) SELECT {columns} FROM moved"
                 )
+                await t.execute(move, (start, end))  # (inserts go on meanwhile)
+                # a row of the range committed since would fail the ATTACH
+                # (a check violation, at every round while traffic goes on):
+                # hold inserts into the default partition off (reads go on),
+                # then move those few too. (SHARE, not a lock on the parent:
+                # the ATTACH takes only SHARE UPDATE EXCLUSIVE there, which
+                # waits for no insert, so no deadlock with one waiting here)
+                await t.execute(f"LOCK TABLE {DEFAULT_PARTITION} IN SHARE MODE")
+                await t.execute(move, (start, end))
                 await t.execute(
                     f"ALTER TABLE request_logs ATTACH PARTITION {_ident(name)} "
                     "FOR VALUES FROM (%s) TO (%s)",

@@ -17,9 +17,11 @@ ones that snapshot could not see, whenever they commit
   default set afterwards, so rows stored before keep NULL: no live view
   needs them);
 - ``request_logs_live_idx (org_id, txid, id) WHERE txid IS NOT NULL``: an
-  org's rows in commit order. Building it reads every partition under a
-  SHARE lock: inserts wait meanwhile (the usage recorder spills and replays;
-  the proxy is not affected). It is empty for the rows stored before.
+  org's rows in commit order. Building it reads every partition while the
+  ``ALTER TABLE``'s ACCESS EXCLUSIVE lock is held (until the migration
+  commits): inserts and reads of the request log wait meanwhile (the usage
+  recorder spills and replays; the proxy is not affected). It is empty for
+  the rows stored before.
 """
 
 from alembic import op
