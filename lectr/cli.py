@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import http.client
 import json
+import math
 import os
 import re
 import sys
@@ -44,6 +46,24 @@ EXIT_INTERRUPTED = 130
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
+
+
+#: what a terminal acts on: C0 and C1 controls, DEL, the line and paragraph
+#: separators and the bidirectional overrides and isolates
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _inert(text: str) -> str:
+    """Text from the API as it may go to a terminal: every character a
+    terminal would act on (an escape sequence, a carriage return, a line
+    break that forges a line) written as its escape, ``\\x1b``."""
+    return _TERMINAL_CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _usable_token(token: str) -> bool:
+    """Can ``token`` go in an Authorization header as it is? (Printable
+    ASCII without spaces: every admin token and OIDC access token is.)"""
+    return token.isascii() and token.isprintable() and " " not in token
 
 
 def _seg(value: str) -> str:
@@ -99,6 +119,14 @@ class Client:
                 ".lectr/admin.token (or set LECTR_DATA_DIR)",
                 EXIT_AUTH,
             )
+        if not _usable_token(self._token):
+            # (http.client would refuse it with the header, token included)
+            source = self._token_file or "LECTR_ADMIN_TOKEN"
+            raise CliError(
+                f"the admin token in {source} is unusable: it holds a line break, a space, "
+                "a control character or a character outside ASCII",
+                EXIT_AUTH,
+            )
         url = self.base_url + path
         if query:
             pairs = {k: v for k, v in query.items() if v is not None}
@@ -114,7 +142,10 @@ class Client:
             with self._opener.open(req, timeout=self._timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
-            raw = e.read()
+            try:
+                raw = e.read()
+            except (OSError, http.client.HTTPException):  # the error body was cut short
+                raw = b""
             try:
                 error = json.loads(raw)["error"]
                 code, message = error["code"], error["message"]
@@ -136,6 +167,12 @@ class Client:
         except (TimeoutError, OSError) as e:
             raise CliError(
                 f"cannot reach the admin API at {self.base_url}: {e}", EXIT_UNREACHABLE
+            ) from None
+        except http.client.HTTPException as e:  # not HTTP (another service), or cut short
+            raise CliError(
+                f"cannot reach the admin API at {self.base_url}: the answer is not HTTP or was "
+                f"cut short ({type(e).__name__}; is LECTR_ADMIN_URL the admin API?)",
+                EXIT_UNREACHABLE,
             ) from None
         try:
             return json.loads(raw) if raw else None
@@ -184,6 +221,10 @@ def when(value: str | None) -> str:
 
 
 def cell(value: Any) -> str:
+    return _inert(_cell(value))
+
+
+def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -201,7 +242,7 @@ class Output:
         self.out = out
 
     def line(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        self.out.write(_inert(text) + "\n")
 
     def json(self, doc: Any) -> None:
         self.out.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
@@ -1049,8 +1090,8 @@ def _usd_or_none(raw: str) -> str | None:
 
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
+    if not (value > 0 and math.isfinite(value)):  # (NaN is neither above nor below 0)
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
     return value
 
 
@@ -1338,7 +1379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int, err: TextIO) -> NoReturn:
-    err.write(f"lectr: {message}\n")
+    err.write(f"lectr: {_inert(message)}\n")
     err.flush()
     raise SystemExit(code)
 

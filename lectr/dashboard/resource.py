@@ -11,6 +11,8 @@ and Trusted Types (the code never turns a string into HTML).
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -21,8 +23,16 @@ from lectr.dashboard.assets import Asset, Assets
 IMMUTABLE = b"public, max-age=31536000, immutable"
 
 
+#: an origin as a CSP source: scheme, host (or [IPv6]) and port, nothing else
+_ORIGIN_SOURCE = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
 def content_security_policy(connect: list[str]) -> str:
-    sources = " ".join(["'self'", *connect])
+    """The policy, with ``connect`` (origins from the issuer's discovery
+    document) among the sources of connect-src: one that is not a plain
+    origin (a ``;``, a space, a quote) is left out, so that it cannot add
+    or end a directive."""
+    sources = " ".join(["'self'", *(c for c in connect if _ORIGIN_SOURCE.fullmatch(c))])
     return "; ".join(
         (
             "default-src 'none'",

@@ -18,14 +18,28 @@ export function current() {
   return { path, query: new URLSearchParams(search) };
 }
 
-/** The first route whose pattern matches path: {route, params} or null. */
+/** A path segment decoded, or null when it does not decode (a stray "%"). */
+function decoded(segment) {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The first route whose pattern matches path: {route, params} or null
+ * (also when a segment does not decode: such an address names nothing).
+ */
 export function match(routes, path) {
   for (const route of routes) {
     const m = route.compiled.regex.exec(path);
     if (m) {
+      const values = m.slice(1).map(decoded);
+      if (values.includes(null)) return null;
       const params = {};
       route.compiled.names.forEach((name, i) => {
-        params[name] = decodeURIComponent(m[i + 1]);
+        params[name] = values[i];
       });
       return { route, params };
     }
