@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest_twisted
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lectr.errors import BadRequest
@@ -328,16 +328,38 @@ live_cursors = (
 )
 
 
-def test_a_snapshot_with_too_many_transactions_in_progress_is_kept_as_its_xmin():
-    """(rows of every transaction from xmin on then count as unseen: they
-    may come twice, never not at all)"""
-    xips = ",".join(str(x) for x in range(100, 101 + MAX_SNAPSHOT_XIPS))
-    many = LiveCursor(f"100:500:{xips}", f"100:500:{xips}", (7, 8))
-    assert decode_live_cursor(encode_live_cursor(many)) == LiveCursor(
-        "100:100:", "100:100:", (7, 8)
-    )
+def test_a_snapshot_with_too_many_transactions_in_progress_keeps_the_oldest():
+    """(it then sees less, never more: the transactions from the next one
+    on count as unseen, their rows may come twice, never not at all)"""
+    ids = list(range(100, 101 + MAX_SNAPSHOT_XIPS))
+    xips = ",".join(map(str, ids))
+    many = LiveCursor(f"90:500:{xips}", f"90:500:{xips}", (7, 8))
+    kept = f"90:{ids[-1]}:{','.join(map(str, ids[:-1]))}"
+    assert decode_live_cursor(encode_live_cursor(many)) == LiveCursor(kept, kept, (7, 8))
     few = LiveCursor("100:500:" + ",".join(str(x) for x in range(100, 100 + MAX_SNAPSHOT_XIPS)))
     assert decode_live_cursor(encode_live_cursor(few)) == few
+
+
+@settings(max_examples=100, deadline=None)
+@given(snapshot=snapshots(), more=st.lists(st.integers(1, 10**6), max_size=3 * MAX_SNAPSHOT_XIPS))
+def test_a_kept_snapshot_sees_nothing_its_snapshot_did_not(snapshot, more):
+    """Whatever the snapshot, the cursor's sees a subset of what it saw."""
+    xmin, xmax, xips = snapshot.split(":")
+    top = int(xmax) + sum(more) + len(more) + 1
+    assume(top < 2**63)
+    ids = sorted({*(int(x) for x in xips.split(",") if x), *(int(xmax) + m for m in more)})
+    ids = [x for x in ids if x < top]
+    full = f"{xmin}:{top}:{','.join(map(str, ids))}"
+    kept = decode_live_cursor(encode_live_cursor(LiveCursor(full))).snapshot
+
+    def visible(snap: str, x: int) -> bool:
+        lo, hi, xs = snap.split(":")
+        return x < int(lo) or (x < int(hi) and str(x) not in xs.split(","))
+
+    probes = {int(xmin) - 1, int(xmin), top - 1, top, *ids, *(i + 1 for i in ids)}
+    for x in probes:
+        if x > 0 and visible(kept, x):
+            assert visible(full, x), (full, kept, x)
 
 
 @settings(max_examples=200, deadline=None)

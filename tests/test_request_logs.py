@@ -242,6 +242,34 @@ async def test_last_page_exactly_full_has_no_cursor(manager, store):
     assert [e.request_id for e in newer.items] == [late.request_id]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_cursor_of_before_0009_is_answered_once_then_a_snapshot_goes_on(
+    manager, store, monkeypatch
+):
+    import base64
+
+    from lectr.managers.usage import LiveCursor
+    from lectr.storage import request_logs
+
+    first = await seed(store, 3)
+    [(top,)] = await store._db.runQuery("max_id", "SELECT max(id) FROM request_logs")
+    old = base64.urlsafe_b64encode(f"live:{top - 2}".encode()).decode()
+    page = await manager.recent_requests(ORG, after=old)
+    assert [e.request_id for e in page.items] == [r.request_id for r in first[1:]]
+    assert decode_live_cursor(page.live_cursor).row_id is None  # a snapshot from here on
+    later = await seed(store, 1)
+    page = await manager.recent_requests(ORG, after=page.live_cursor)
+    assert [e.request_id for e in page.items] == [later[0].request_id]
+    # a full page goes on by id; a cursor far behind (or forged) reads a window, not the table
+    page = await manager.recent_requests(ORG, after=old, limit=1)
+    assert decode_live_cursor(page.live_cursor) == LiveCursor(row_id=top - 1)
+    monkeypatch.setattr(request_logs, "LEGACY_CURSOR_WINDOW", 1)
+    page = await manager.recent_requests(ORG, after=old)
+    assert [e.request_id for e in page.items] == [first[1].request_id]
+    top_cursor = base64.urlsafe_b64encode(f"live:{2**63 - 1}".encode()).decode()
+    assert (await manager.recent_requests(ORG, after=top_cursor)).items == []
+
+
 class Writer:
     """A connection of its own whose transaction stays open until told."""
 

@@ -42,9 +42,10 @@ _MAX_ID = 2**63 - 1
 #: a pg_snapshot's text: xmin:xmax:xip,... (the transactions in progress)
 _SNAPSHOT_RE = re.compile(r"(\d{1,19}):(\d{1,19}):((?:\d{1,19}(?:,\d{1,19})*)?)")
 _POSITION_RE = re.compile(r"(\d{1,19}):(\d{1,19})")
-#: a snapshot with more transactions in progress is kept as its xmin alone
-#: (every transaction from xmin on counted as unseen: rows may then come
-#: twice, which clients drop by request id, never not at all)
+#: a snapshot with more transactions in progress keeps the oldest of them,
+#: its xmax lowered to the next one (every transaction from there on counted
+#: as unseen: their rows may come twice, which clients drop by request id,
+#: never not at all)
 MAX_SNAPSHOT_XIPS = 32
 
 
@@ -318,13 +319,14 @@ class LiveCursor:
 
 
 def _kept_snapshot(snapshot: str) -> str:
-    """A snapshot for a cursor: as it is, or its xmin alone when too many
-    transactions were in progress (see MAX_SNAPSHOT_XIPS)."""
+    """A snapshot for a cursor: as it is, or with the oldest
+    MAX_SNAPSHOT_XIPS transactions in progress and the next one as its xmax
+    when more were: it then sees less, never more (see MAX_SNAPSHOT_XIPS)."""
     xmin, _, rest = snapshot.partition(":")
-    xips = rest.partition(":")[2]
-    if xips.count(",") + 1 > MAX_SNAPSHOT_XIPS and xips:
-        return f"{xmin}:{xmin}:"
-    return snapshot
+    xips = rest.partition(":")[2].split(",")
+    if len(xips) <= MAX_SNAPSHOT_XIPS:
+        return snapshot
+    return f"{xmin}:{xips[MAX_SNAPSHOT_XIPS]}:{','.join(xips[:MAX_SNAPSHOT_XIPS])}"
 
 
 def encode_live_cursor(cursor: LiveCursor) -> str:

@@ -241,6 +241,10 @@ _GROUP_KEYS = {
 _TOTALS = ", ".join(f"sum({c})::bigint AS {c}" for c in ROLLUP_COUNTS) + ", sum(cost_usd)"
 
 
+#: how far past an old cursor's row id its answer looks (see newer_than_id)
+LEGACY_CURSOR_WINDOW = 100_000
+
+
 def newer_sql(
     org_id: str,
     unseen_by: str,
@@ -656,9 +660,14 @@ class RequestLogStore:
         self, org_id: str, *, after_id: int, limit: int, where: RequestFilter = RequestFilter()
     ) -> tuple[list[RequestLog], list[tuple[int, int]], str]:
         """:meth:`newer` for a live cursor of before migration 0009 (a row
-        id): the rows stored after row ``after_id``, in id order."""
-        sql = [f"SELECT {_SELECT_COLUMNS}, txid FROM request_logs WHERE id > %s AND org_id = %s"]
-        args: list = [after_id, org_id]
+        id): the rows stored after row ``after_id``, in id order, among the
+        next LEGACY_CURSOR_WINDOW rows of every org (a cursor far behind, or
+        forged as ``live:0``, never walks the whole table)."""
+        sql = [
+            f"SELECT {_SELECT_COLUMNS}, txid FROM request_logs "
+            "WHERE id > %s AND id <= %s AND org_id = %s"
+        ]
+        args: list = [after_id, min(after_id + LEGACY_CURSOR_WINDOW, 2**63 - 1), org_id]
         _conditions(where, sql, args)
         sql.append("ORDER BY id LIMIT %s")
         args.append(limit)
