@@ -21,17 +21,7 @@ from lectr.db.database import Database
 from lectr.db.notify import ChangeListener
 from tests.support.fake_provider import OPENAI_KEY  # noqa: F401 (used by _start_stream)
 from tests.support.process import FakeProviderProcess, LectrProcess, base_env, new_master_key
-from tests.test_lifecycle_review import TOKEN, _start_stream, _wait_for_output
-
-
-async def wait_for(predicate, timeout: float = 5.0, step: float = 0.02) -> bool:
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            return False
-        await deferLater(reactor, step)
-        waited += step
-    return True
+from tests.test_lifecycle_review import TOKEN, _start_stream, _wait_for_output, wait_for
 
 
 @pytest.fixture

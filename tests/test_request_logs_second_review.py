@@ -12,25 +12,16 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from lectr.managers.usage import UsageManager
-from lectr.storage.request_logs import RequestLogStore
+from tests import test_request_logs
 from tests.test_request_logs import ORG, T0, rec
+
+store, manager = test_request_logs.store, test_request_logs.manager  # (the fixtures)
 
 INSERT = (
     "INSERT INTO request_logs (request_id, created_at, org_id, provider, method, path, "
     "status, latency_ms{extra}) VALUES (%s, %s, %s, 'openai', 'POST', '/v1/chat/completions', "
     "200, 1.0{values})"
 )
-
-
-@pytest.fixture
-def store(database) -> RequestLogStore:
-    return RequestLogStore(database)
-
-
-@pytest.fixture
-def manager(store) -> UsageManager:
-    return UsageManager(store)
 
 
 def sql(db_url: str, statement: str, args=None) -> list[tuple]:
@@ -42,6 +33,22 @@ def sql(db_url: str, statement: str, args=None) -> list[tuple]:
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+async def create_while_a_row_commits(store, db_url: str, name: str, start, end) -> bool:
+    """The partition job's ``create_partition`` while another node's flush
+    of a row of its range is in flight; the flush commits while the job is
+    at work (within its lock_timeout)."""
+    writer = psycopg2.connect(db_url)
+    try:
+        with writer.cursor() as cur:
+            cur.execute(INSERT.format(extra="", values=""), (str(uuid.uuid4()), T0, ORG))
+        creating = defer.ensureDeferred(store.create_partition(name, start, end))
+        await deferLater(reactor, 0.5, lambda: None)
+        writer.commit()
+        return await creating
+    finally:
+        writer.close()
 
 
 # --- the live cursor ----------------------------------------------------------------------
@@ -96,17 +103,7 @@ async def test_a_partition_is_made_while_rows_of_its_range_keep_arriving(store, 
     end = start + timedelta(days=1)
     name = f"request_logs_p{start:%Y%m%d}"
     sql(db_url, INSERT.format(extra="", values=""), (str(uuid.uuid4()), T0, ORG))
-    writer = psycopg2.connect(db_url)  # another node's flush, in flight
-    try:
-        with writer.cursor() as cur:
-            cur.execute(INSERT.format(extra="", values=""), (str(uuid.uuid4()), T0, ORG))
-        creating = defer.ensureDeferred(store.create_partition(name, start, end))
-        # the flush commits while the job is at work (within its lock_timeout)
-        await deferLater(reactor, 0.5, lambda: None)
-        writer.commit()
-        assert await creating
-    finally:
-        writer.close()
+    assert await create_while_a_row_commits(store, db_url, name, start, end)
     placed = dict(
         sql(db_url, "SELECT tableoid::regclass::text, count(*) FROM request_logs GROUP BY 1")
     )
@@ -132,16 +129,7 @@ async def test_a_partition_is_made_while_the_first_row_of_its_range_commits(stor
     start = T0.replace(hour=0, minute=0)
     end = start + timedelta(days=1)
     name = f"request_logs_p{start:%Y%m%d}"
-    writer = psycopg2.connect(db_url)
-    try:
-        with writer.cursor() as cur:
-            cur.execute(INSERT.format(extra="", values=""), (str(uuid.uuid4()), T0, ORG))
-        creating = defer.ensureDeferred(store.create_partition(name, start, end))
-        await deferLater(reactor, 0.5, lambda: None)
-        writer.commit()
-        assert await creating
-    finally:
-        writer.close()
+    assert await create_while_a_row_commits(store, db_url, name, start, end)
     placed = dict(
         sql(db_url, "SELECT tableoid::regclass::text, count(*) FROM request_logs GROUP BY 1")
     )
