@@ -104,9 +104,6 @@ class KeyHealth:
         c = self.cooldown(key_id)
         return 0.0 if c is None else c.until - self._clock.seconds()
 
-    def clear(self, key_id: str) -> None:
-        self._cooling.pop(key_id, None)
-
 
 def parse_retry_after(headers, now: float | None = None) -> float | None:
     """Seconds the provider asks to wait, from its answer's headers:
