@@ -138,7 +138,9 @@ class JWKSCache:
         if self._attempted_at is None:
             return True
         interval = self._refetch_interval if self._keys else self._retry_without_keys
-        return now - self._attempted_at >= interval
+        elapsed = now - self._attempted_at
+        # (a wall clock stepped back: the last attempt's time tells nothing)
+        return elapsed >= interval or elapsed < 0
 
     # --- fetching --------------------------------------------------------------
 
@@ -327,7 +329,9 @@ class JWTVerifier:
         subject = claims.get("sub")
         if (
             not isinstance(subject, str)
-            or not 0 < len(subject.strip()) <= MAX_SUBJECT_LEN
+            or not 0 < len(subject) <= MAX_SUBJECT_LEN
+            # (identities are found by their subject stripped: " x" would sign in as "x")
+            or subject != subject.strip()
             or any(ord(c) < 0x20 or ord(c) == 0x7F for c in subject)
             or text_problem(subject) is not None  # (an unpaired surrogate: not storable)
         ):

@@ -45,7 +45,10 @@ class _TokenBucket:
 
     def take(self) -> bool:
         now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        # (the reactor's clock is the wall clock: a step back is no time at all,
+        # not a debt of tokens that would refuse every miss until it is paid)
+        elapsed = max(0.0, now - self._last)
+        self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
         self._last = now
         if self._tokens >= 1:
             self._tokens -= 1
@@ -76,7 +79,8 @@ class Authenticator:
         self._negative: OrderedDict[str, float] = OrderedDict()  # hash -> expiry
         self._negative_ttl = negative_ttl
         self._negative_max = negative_max
-        self._inflight: dict[str, list[Deferred]] = {}
+        # hash -> (generation it began in, its waiters)
+        self._inflight: dict[str, tuple[int, list[Deferred]]] = {}
         self._generation = 0  # bumped by every eviction: stale lookups do not repopulate
         self._bucket = _TokenBucket(miss_rate, miss_burst, reactor.seconds)
         self._refresher = LoopingCall(self._refresh_safely)
@@ -125,13 +129,16 @@ class Authenticator:
 
     def lookup(self, key_hash: str) -> Deferred[KeyIdentity | None]:
         """Ask the database (after a ``cached`` miss). Concurrent lookups of
-        one hash share a query. Fails with DatabaseUnavailable when the
-        database cannot answer; answers ``RATE_LIMITED`` when misses are
-        being rate limited (a flood of unknown keys)."""
-        waiters = self._inflight.get(key_hash)
-        if waiters is not None:
+        one hash share a query, unless a key or org change was heard since
+        that query began: its answer may predate the change (a revoked key,
+        a disabled org), so a lookup begun after the notification asks
+        again. Fails with DatabaseUnavailable when the database cannot
+        answer; answers ``RATE_LIMITED`` when misses are being rate limited
+        (a flood of unknown keys)."""
+        current = self._inflight.get(key_hash)
+        if current is not None and current[0] == self._generation:
             follower: Deferred = Deferred()
-            waiters.append(follower)
+            current[1].append(follower)
             return follower
         first: Deferred = Deferred()
         if not self._bucket.take():
@@ -140,10 +147,12 @@ class Authenticator:
             return first
         self._m_lookups.inc(1, "miss")
         generation = self._generation
-        waiters = self._inflight[key_hash] = [first]
+        waiters = [first]
+        entry = self._inflight[key_hash] = (generation, waiters)
 
         def done(result: Any) -> None:
-            self._inflight.pop(key_hash, None)
+            if self._inflight.get(key_hash) is entry:  # (not a newer lookup's)
+                del self._inflight[key_hash]
             failed = isinstance(result, Failure)
             if not failed and generation == self._generation:
                 if result is None:
