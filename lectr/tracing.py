@@ -439,13 +439,21 @@ class Tracing:
             if sizes[name] < 1:
                 raise ValueError(f"{name} must be at least 1, got {sizes[name]}")
 
+        # (the exporter reads the traces variable, else the general one)
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
+            if environ.get(name):
+                _check_headers(name, environ[name])
+                break
+
         import logging
 
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         # the exporter logs every failed attempt; Lectr counts them and logs
-        # when export starts and stops failing
+        # when export starts and stops failing. The headers' parser prints a
+        # malformed entry whole, the collector's API key in it (refused above)
         logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)
+        logging.getLogger("opentelemetry.util.re").setLevel(logging.CRITICAL)
         exporter = OTLPSpanExporter()  # endpoint, headers, timeout, TLS: OTEL_EXPORTER_OTLP_*
         return cls(
             exporter,
@@ -501,6 +509,7 @@ class Tracing:
         if ctx is None or not ctx.sampled or ctx._finished:
             return
         ctx._finished = True
+        ctx._client_traceparent = None  # up to the header limit: not held while queued
         self._enqueue(("proxy", ctx, summary), 1 + len(summary.attempts))
 
     def finish_server(
@@ -515,6 +524,7 @@ class Tracing:
         if ctx is None or not ctx.sampled or ctx._finished:
             return
         ctx._finished = True
+        ctx._client_traceparent = None  # up to the header limit: not held while queued
         ended = self.clock.seconds()
         self._enqueue(
             ("server", ctx, name, ended, status, dict(attributes)), 1 + len(ctx._children or ())
@@ -777,6 +787,30 @@ class _SpanBuilder:
 def _env(environ: Mapping[str, str], name: str) -> str | None:
     value = environ.get(name)
     return value.strip() if value and value.strip() else None
+
+
+# an entry of OTEL_EXPORTER_OTLP_HEADERS as the exporter takes it: a name,
+# "=", a value URL-encoded or written as is in printable ASCII but '"', ','
+# ';' and a backslash (opentelemetry.util.re's "liberal" format); entries split on ","
+_HEADER_ENTRY_RE = re.compile(
+    r"[ \t]*[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+[ \t]*=[ \t]*"
+    r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*[ \t]*"
+)
+_HEADER_SPLIT_RE = re.compile(r"[ \t]*,[ \t]*")
+
+
+def _check_headers(name: str, value: str) -> None:
+    """ValueError naming ``name`` and the entry's place when an entry of
+    ``value`` is not one the exporter takes: it would drop that header (the
+    collector then refuses every export) and print the entry, an API key
+    with it. The message never shows the value."""
+    for n, entry in enumerate(_HEADER_SPLIT_RE.split(value), 1):
+        entry = entry.strip()
+        if entry and not _HEADER_ENTRY_RE.fullmatch(entry):  # (blank ones: skipped)
+            raise ValueError(
+                f"{name}: entry {n} is not name=value with a printable ASCII value "
+                "(URL-encode '\"', ',', ';', '\\' and other characters; the value is not shown)"
+            )
 
 
 def _loggable_url(url: str) -> str:

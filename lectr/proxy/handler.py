@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from lectr.gateway_metrics import UpstreamMetrics
 from lectr.proxy.call import Call, protocol_error_kind
 from lectr.proxy.ids import new_request_id
-from lectr.proxy.target import error_provider
+from lectr.proxy.target import error_provider, route
 from lectr.tracing import Tracing
 
 # the server's names for body problems, as Lectr's error kinds
@@ -117,6 +117,7 @@ class ProxyHandler:
         req.close_after()
         provider = error_provider(req.path, self.registry)
         rid = new_request_id()
+        self._count(req, 503)
         req.respond(
             503,
             [
@@ -141,6 +142,7 @@ class ProxyHandler:
             return
         if status == 413:
             self.m_too_large.inc()
+        self._count(req, status)
         provider = error_provider(req.path, self.registry)
         rid = new_request_id()
         req.respond(
@@ -148,6 +150,13 @@ class ProxyHandler:
             [(b"content-type", b"application/json"), (b"x-lectr-request-id", rid.encode())],
             provider.error_body(protocol_error_kind(kind, status), message, rid),
         )
+
+    def _count(self, req, status: int) -> None:
+        """A request answered here, without a call (a call counts its own
+        when it ends): by the provider its path names, as a call would."""
+        entry = route(req.path, b"anthropic-version" in req.headers, self.registry)
+        provider = entry.provider if entry is not None else None
+        self.m_requests.inc(1, provider.name if provider is not None else "unknown", str(status))
 
     # --- what calls share ------------------------------------------------------------
 
