@@ -231,6 +231,43 @@ async def test_no_request_is_proxied_after_the_proxy_has_drained(db_url, tmp_pat
         await e.fake.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_attempt_cut_by_shutdown_is_counted_cancelled_not_an_upstream_error(
+    db_url, tmp_path
+):
+    """A request waiting for its provider when the drain's grace runs out
+    gets a 503; its attempt was cancelled by Lectr, not failed by the
+    provider: counted as such (each deploy added to the upstream error rate
+    that LectrUpstreamErrors alerts on)."""
+    e = await make_env(db_url, tmp_path, LECTR_SHUTDOWN_GRACE="0.3")
+    try:
+        e.provider.next(Script(hang=True))
+        request = ensureDeferred(
+            treq.post(
+                proxy_url(e.service, "/v1/chat/completions"),
+                data=json.dumps(CHAT).encode(),
+                headers={
+                    "authorization": [f"Bearer {e.key}"],
+                    "content-type": ["application/json"],
+                },
+                persistent=False,
+            )
+        )
+        for _ in range(100):
+            if e.provider.calls():
+                break
+            await sleep(0.02)
+        await e.service.stopService()
+        resp = await request
+        await resp.content()
+        assert resp.code == 503
+        attempts = e.c.metrics.get("lectr_upstream_attempts_total")
+        assert attempts.value("openai", "cancelled") == 1
+        assert attempts.value("openai", "error") == 0
+    finally:
+        await e.fake.stop()
+
+
 # --- a disconnect between attempts (pins behaviour no other test covers) ----------------
 
 

@@ -775,6 +775,9 @@ class Call:
             return
         req = self.req
         if why == "shutdown" and not req.started:
+            # (an attempt in flight was cancelled by Lectr, not failed by the
+            # provider: the 503 below is no upstream error)
+            self._attempt_over("cancelled", None)
             self.refuse(503, "unavailable", "The gateway is shutting down; retry.")
             self._stop_upstream()  # (after: a step cancelled here finds the call ended)
             return
