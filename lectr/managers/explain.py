@@ -22,6 +22,8 @@ from lectr.storage.api_keys import KeyIdentity
 from lectr.util.validate import parse_uuid
 
 MAX_BODY = 1 << 20
+#: failures that move a route to its next target without setting the key aside
+_TARGET_FAILURES = ("5xx", "timeout", "connect")
 
 
 class _Headers:
@@ -142,14 +144,16 @@ class RouteExplainer:
                     "key": {"id": attempt.key.id, "name": attempt.key.name},
                 }
             )
-            # the next attempt if this one failed with a key failure (another
-            # key of the pool); when there is none, if it failed with a
-            # target failure (the next target, which may use the same key)
-            saved = plan.save()
-            attempt = plan.next(selector, org_id, 429, "429")
-            if attempt is None:
-                plan.restore(saved)
-                attempt = plan.next(selector, org_id, 503, "5xx")
+            # the next attempt if this one failed with a key failure, when its
+            # pool has another key; else the next target, after a failure the
+            # route moves on from: a target failure it retries on (the key
+            # stays usable for the targets after), or else a key failure (a
+            # refused key always moves a route on)
+            nxt = plan.another_key(selector, org_id)
+            if nxt is None:
+                failure = next((f for f in _TARGET_FAILURES if f in plan.retry_on), "refused")
+                nxt = plan.next(selector, org_id, None, failure)
+            attempt = nxt
         keys = []
         for provider in dict.fromkeys(t.provider for t in plan.targets):  # each pool once
             for key in self._vault.pool(org_id, provider):

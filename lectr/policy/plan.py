@@ -247,14 +247,18 @@ class RoutingPlan:
             return None
         return self._from(selector, org_id, self._index + 1, first=True)
 
-    def save(self) -> tuple:
-        """What :meth:`next` changes (for a caller that explores a branch:
-        the explain API), to :meth:`restore` afterwards."""
-        return (set(self.tried), set(self.key_failures), self._last_key, self._index, self.n)
-
-    def restore(self, saved: tuple) -> None:
-        tried, key_failures, self._last_key, self._index, self.n = saved
-        self.tried, self.key_failures = set(tried), set(key_failures)
+    def another_key(self, selector: Selector, org_id: str) -> Attempt | None:
+        """The attempt after a key failure when the same target's pool has
+        another key to try; None, with nothing changed, when it has none
+        (the explain API: it walks a pool's keys before the next target)."""
+        if self.n >= self.max_attempts or self._order is None:
+            return None
+        failures = self.key_failures
+        self.key_failures = failures | {self._last_key}
+        attempt = self._attempt(selector, org_id, self._index, first=False)
+        if attempt is None:
+            self.key_failures = failures
+        return attempt
 
     def _from(self, selector: Selector, org_id: str, start: int, first: bool) -> Attempt | None:
         for i in range(start, len(self._order)):

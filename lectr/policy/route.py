@@ -36,7 +36,14 @@ class ResolveRoute:
         if model is not None and self._routes.has_routes(org_id):
             route = self._routes.get(org_id, model)
         if route is not None:
-            target_provider = self._registry.get(route.targets[0].provider)
+            # (every target speaks one dialect: the first this node knows
+            # tells it, a provider not known here is dropped by the next step)
+            get = self._registry.get
+            target_provider = None
+            for t in route.targets:
+                target_provider = get(t.provider)
+                if target_provider is not None:
+                    break
             if target_provider is not None and target_provider.dialect is not call.dialect:
                 return Refusal(
                     400,
