@@ -14,6 +14,7 @@ from lectr.managers.auth import UNKNOWN, Authenticator
 from lectr.managers.orgs import OrgManager, hash_key
 from lectr.storage.api_keys import ApiKeyStore
 from lectr.storage.orgs import OrgStore
+from tests import test_jwt
 
 
 class SlowAnswers(ApiKeyStore):
@@ -120,13 +121,7 @@ class _Request:
         return self._value if name == b"authorization" else None
 
 
-@pytest_twisted.async_yield_fixture
-async def issuer():
-    from tests.support.oidc import LocalIssuer
-
-    iss = await LocalIssuer.start()
-    yield iss
-    await iss.stop()
+issuer = test_jwt.issuer  # (the fixture: a local OIDC issuer)
 
 
 @pytest.fixture

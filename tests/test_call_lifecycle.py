@@ -55,6 +55,18 @@ def count_rows(db_url: str, request_id: str) -> int:
         conn.close()
 
 
+def post_chat(e) -> Deferred:
+    """A chat request to the proxy, on a connection of its own."""
+    return ensureDeferred(
+        treq.post(
+            proxy_url(e.service, "/v1/chat/completions"),
+            data=json.dumps(CHAT).encode(),
+            headers={"authorization": [f"Bearer {e.key}"], "content-type": ["application/json"]},
+            persistent=False,
+        )
+    )
+
+
 async def set_limits(env, body: dict) -> None:
     status, doc = await env.admin("PUT", f"/admin/orgs/{env.org.id}/limits", body)
     assert status == 200, doc
@@ -119,17 +131,7 @@ async def test_shutdown_during_an_asynchronous_step_answers_503_and_sends_nothin
         step = (lambda call: Deferred()) if kind == "hanging" else fail_open_step(30.0)
         with_step(e, step)
         opened = e.c.proxy.client.connections_opened
-        request = ensureDeferred(
-            treq.post(
-                proxy_url(e.service, "/v1/chat/completions"),
-                data=json.dumps(CHAT).encode(),
-                headers={
-                    "authorization": [f"Bearer {e.key}"],
-                    "content-type": ["application/json"],
-                },
-                persistent=False,
-            )
-        )
+        request = post_chat(e)
         await sleep(0.2)
         stopped = ensureDeferred(e.service.stopService())
         resp = await request
@@ -242,17 +244,7 @@ async def test_an_attempt_cut_by_shutdown_is_counted_cancelled_not_an_upstream_e
     e = await make_env(db_url, tmp_path, LECTR_SHUTDOWN_GRACE="0.3")
     try:
         e.provider.next(Script(hang=True))
-        request = ensureDeferred(
-            treq.post(
-                proxy_url(e.service, "/v1/chat/completions"),
-                data=json.dumps(CHAT).encode(),
-                headers={
-                    "authorization": [f"Bearer {e.key}"],
-                    "content-type": ["application/json"],
-                },
-                persistent=False,
-            )
-        )
+        request = post_chat(e)
         for _ in range(100):
             if e.provider.calls():
                 break
