@@ -399,6 +399,15 @@ class PendingAlert:
     end: float
 
 
+def _longer(refusal: Refusal | None, other: Refusal | None) -> Refusal | None:
+    """Of two refusals (either may be None), the one with the longer wait
+    (the first on a tie): a retry before it ends would only be refused
+    again."""
+    if other is None or (refusal is not None and other.retry_after <= refusal.retry_after):
+        return refusal
+    return other
+
+
 class Limiter:
     def __init__(
         self,
@@ -619,9 +628,7 @@ class Limiter:
             return admission
         refusal = None
         for scope in scopes:
-            other = self._check(scope, now, reserve)
-            if other is not None and (refusal is None or other.retry_after > refusal.retry_after):
-                refusal = other
+            refusal = _longer(refusal, self._check(scope, now, reserve))
         if refusal is not None:
             self._m_refused.inc(1, refusal.limit, refusal.scope)
             refusal.headers = self._headers(scopes, now, refusal.retry_after)
@@ -700,9 +707,7 @@ class Limiter:
         minute: a retry after the minute would only be refused again)."""
         refusal = self._check_minute(scope, now)
         if scope.budgeted:
-            budget = self._check_budgets(scope, now, reserve)
-            if budget is not None and (refusal is None or budget.retry_after > refusal.retry_after):
-                return budget
+            refusal = _longer(refusal, self._check_budgets(scope, now, reserve))
         return refusal
 
     def _check_minute(self, scope: Scope, now: float) -> Refusal | None:
@@ -730,9 +735,7 @@ class Limiter:
             if c.spent >= c.room + c.low:
                 verdict = self._fits(c, 1, True)
                 if verdict > CREDIT:
-                    other = self._refuse(scope, c, verdict, now)
-                    if refusal is None or other.retry_after > refusal.retry_after:
-                        refusal = other
+                    refusal = _longer(refusal, self._refuse(scope, c, verdict, now))
         if refusal is not None:
             return refusal
         s = scope.slots
@@ -747,8 +750,7 @@ class Limiter:
         # (of the two, the longer wait: a month spent outlasts its day)
         need = reserve or 1
         refusal = None
-        for metric in ("usd_day", "usd_month"):
-            c = scope.day if metric == "usd_day" else scope.month
+        for c, metric in ((scope.day, "usd_day"), (scope.month, "usd_month")):
             if c is None:
                 continue
             if now >= c.end:
@@ -756,9 +758,7 @@ class Limiter:
             if c.spent + c.reserved + need > c.room + c.low:
                 verdict = self._fits(c, need, reserve is None)
                 if verdict > CREDIT:
-                    other = self._refuse(scope, c, verdict, now)
-                    if refusal is None or other.retry_after > refusal.retry_after:
-                        refusal = other
+                    refusal = _longer(refusal, self._refuse(scope, c, verdict, now))
         return refusal
 
     def _slots(self, scope: Scope) -> Slots:
