@@ -45,7 +45,7 @@ from lectr.util.secret import Secret
 if TYPE_CHECKING:
     from lectr.providers.body import ReadBody
     from lectr.providers.dialects import Dialect
-    from lectr.usage.stream_usage import RequestPlan
+    from lectr.usage.meters import RequestPlan
 
 # What a provider's error text may contain that must never be echoed:
 # key-like tokens (OpenAI's "Incorrect API key provided: sk-abc*****xyz").
