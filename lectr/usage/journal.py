@@ -315,14 +315,10 @@ class SpillJournal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_all(fd, _HEADER)
             os.rename(tmp, path)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        try:
             fsync_dir(self.directory)  # (the name survives a power loss before a row is reported)
         except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)  # (gone once renamed)
             raise
         self._fd, self._path, self._written = fd, path, len(_HEADER)
 
