@@ -271,7 +271,9 @@ def parse_master_key(raw: str) -> Secret[bytes]:
     return Secret(decoded)
 
 
-def _token(raw: str) -> Secret[str]:
+def parse_token(raw: str) -> Secret[str]:
+    """A static admin token (LECTR_ADMIN_TOKEN, or development mode's file):
+    16 characters or more, no whitespace or control character inside."""
     value = raw.strip()
     if len(value) < 16:
         raise ValueError("must be at least 16 characters long")
@@ -416,7 +418,7 @@ SETTINGS: tuple[Setting, ...] = (
         "LECTR_ADMIN_TOKEN",
         None,
         "Static bearer token with global-admin rights on the admin API (automation, CLI)",
-        _token,
+        parse_token,
         secret=True,
     ),
     Setting(
@@ -557,7 +559,7 @@ SETTINGS: tuple[Setting, ...] = (
         "LECTR_ALERT_WEBHOOK_SECRET",
         None,
         "Key of the HMAC-SHA256 signature (x-lectr-signature) of budget alerts",
-        _token,
+        parse_token,
         secret=True,
     ),
     Setting(

@@ -19,8 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from lectr.config import Config, ConfigError, parse_master_key
-from lectr.config import _token as parse_admin_token
+from lectr.config import Config, ConfigError, parse_master_key, parse_token
 from lectr.util.files import fsync_dir
 
 ENCRYPTION_KEY_FILE = "encryption.key"
@@ -110,7 +109,7 @@ def apply_development_defaults(config: Config, out: TextIO = sys.stderr) -> Conf
         token_path = config.data_dir / ADMIN_TOKEN_FILE
         token, created = _read_or_create(token_path, lambda: "lat_" + secrets.token_urlsafe(32))
         try:  # (as LECTR_ADMIN_TOKEN: an empty file left by an older version is no token)
-            changes["admin_token"] = parse_admin_token(token)
+            changes["admin_token"] = parse_token(token)
         except ValueError as e:
             raise ConfigError(
                 f"{token_path} is malformed: {e}; delete it to have a new token generated"
