@@ -606,9 +606,7 @@ class LectrService(Service):
             # SIGTERM while starting: stopService cancelled the start-up. A
             # stop that was asked for, not a start-up failure.
             _log.info("start-up interrupted: Lectr is stopping")
-            if not self.ready.called:
-                self.ready.errback(failure)
-                self.ready.addErrback(lambda _: None)
+            fail_ready(self.ready, failure)
             return
         if failure.check(*_KNOWN_FAILURES):
             message = str(failure.value)
@@ -619,17 +617,28 @@ class LectrService(Service):
                 f"{failure.value} (traceback in the log)"
             )
         _log.critical("start-up failed: {message}", message=message)
-        if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)
+        fail_ready(self.ready, failure)
         if not self._exit_on_failure:
             return
-        # twistd points sys.stderr at the log; the operator's terminal is the original
-        stderr = sys.__stderr__ or sys.stderr
-        stderr.write(f"lectr: start-up failed: {message}\n")
-        stderr.flush()
+        tell_operator(message)
         d = self.stopService()
         d.addBoth(lambda _: _exit_after_reactor(self._reactor, 1))
+
+
+def fail_ready(ready: Deferred, failure) -> None:
+    """Fire a service's ``ready`` with its start-up's failure, once, marked
+    handled: the service reports the failure itself (log, terminal)."""
+    if not ready.called:
+        ready.errback(failure)
+        ready.addErrback(lambda _: None)
+
+
+def tell_operator(message: str) -> None:
+    """A start-up failure on the operator's terminal (twistd points
+    sys.stderr at the log; the terminal is the original)."""
+    stderr = sys.__stderr__ or sys.stderr
+    stderr.write(f"lectr: start-up failed: {message}\n")
+    stderr.flush()
 
 
 def stop_reactor(reactor) -> bool:

@@ -122,7 +122,7 @@ class WorkerSupervisor(Service):
         self._reactor.callWhenRunning(self._begin)
 
     def _begin(self) -> None:
-        from lectr.service import StartupError, _exit_after_reactor
+        from lectr.service import StartupError, _exit_after_reactor, fail_ready, tell_operator
 
         d = ensureDeferred(self._start())
 
@@ -133,9 +133,7 @@ class WorkerSupervisor(Service):
                 # SIGTERM while the workers were starting: they stopped (and
                 # "exited during start-up"), as asked; not a start-up failure
                 self._log.info("start-up interrupted: Lectr is stopping")
-                if not self.ready.called:
-                    self.ready.errback(failure)
-                    self.ready.addErrback(lambda _: None)
+                fail_ready(self.ready, failure)
                 return
             message = (
                 str(failure.value)
@@ -145,12 +143,8 @@ class WorkerSupervisor(Service):
             if not failure.check(StartupError, WorkerStartupError):
                 self._log.failure("supervisor start-up failed", failure)
             self._log.critical("start-up failed: {message}", message=message)
-            stderr = sys.__stderr__ or sys.stderr
-            stderr.write(f"lectr: start-up failed: {message}\n")
-            stderr.flush()
-            if not self.ready.called:
-                self.ready.errback(failure)
-                self.ready.addErrback(lambda _: None)
+            tell_operator(message)
+            fail_ready(self.ready, failure)
             self._stop_once().addBoth(lambda _: _exit_after_reactor(self._reactor, 1))
 
         d.addErrback(failed)
