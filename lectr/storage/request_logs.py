@@ -241,6 +241,8 @@ _GROUP_KEYS = {
 _TOTALS = ", ".join(f"sum({c})::bigint AS {c}" for c in ROLLUP_COUNTS) + ", sum(cost_usd)"
 
 
+#: a live view's position: PostgreSQL's snapshot, as xmin:xmax:xip,...
+_SNAPSHOT_SQL = "SELECT pg_current_snapshot()::text"
 #: how far past an old cursor's row id its answer looks (see newer_than_id)
 LEGACY_CURSOR_WINDOW = 100_000
 
@@ -635,7 +637,7 @@ class RequestLogStore:
         """PostgreSQL's current snapshot (``xmin:xmax:xip,...``): a live
         view's starting point. Every row it cannot see is new to the view,
         whenever it commits."""
-        rows = await self._db.runQuery("live_snapshot", "SELECT pg_current_snapshot()::text")
+        rows = await self._db.runQuery("live_snapshot", _SNAPSHOT_SQL)
         return rows[0][0]
 
     async def newer(
@@ -678,7 +680,7 @@ class RequestLogStore:
     ) -> tuple[list[RequestLog], list[tuple[int, int]], str]:
         async def txn(t: Transaction):
             await t.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            (snapshot,) = await t.fetchone("SELECT pg_current_snapshot()::text")
+            (snapshot,) = await t.fetchone(_SNAPSHOT_SQL)
             return await t.fetchall(sql, args), snapshot
 
         rows, snapshot = await self._db.runInteraction(desc, txn)
