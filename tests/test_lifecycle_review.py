@@ -4,8 +4,6 @@ shown by a test that failed before its fix."""
 from __future__ import annotations
 
 import functools
-import http.client
-import json
 import os
 import re
 import shutil
@@ -15,7 +13,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from unittest import mock
 
@@ -156,14 +153,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_for_output(proc: LectrProcess, needle: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in proc.output:
-        assert time.monotonic() < deadline, proc.output
-        assert proc.proc.poll() is None, proc.output
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path, db_url):
     """SIGKILL to the supervisor (an OOM kill, a process manager's last
@@ -181,7 +170,7 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path, db_url):
     )
     workers: list[int] = []
     try:
-        _wait_for_output(proc, "Lectr is ready (2 workers)")
+        proc.wait_for_output("Lectr is ready (2 workers)")
         workers = _workers_of(proc.proc.pid)
         assert len(workers) == 2, proc.output
         os.kill(proc.proc.pid, signal.SIGKILL)
@@ -312,53 +301,9 @@ async def test_a_worker_that_cannot_be_spawned_is_retried(tmp_path):
 # --- SIGHUP --------------------------------------------------------------------------
 
 
-def _admin(proc: LectrProcess, method: str, path: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        proc.url("admin", path),
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        method=method,
-    )
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
-
-
 def _start_stream(proc: LectrProcess) -> tuple[threading.Thread, threading.Event, dict]:
     """A streamed chat completion through the proxy, in a thread."""
-    org = _admin(proc, "POST", "/admin/orgs", {"name": "Hangups"})
-    key = org["key"]["key"]
-    _admin(
-        proc,
-        "POST",
-        f"/admin/orgs/{org['org']['id']}/provider-keys",
-        {"provider": "openai", "key": OPENAI_KEY},
-    )
-    first_bytes = threading.Event()
-    outcome: dict = {}
-
-    def stream() -> None:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", proc.ports["proxy"], timeout=30)
-            body = {"model": "gpt-4o-mini", "stream": True, "messages": []}
-            conn.request(
-                "POST",
-                "/openai/v1/chat/completions",
-                json.dumps(body),
-                {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-            )
-            response = conn.getresponse()
-            chunks = [response.read1(65536)]
-            first_bytes.set()
-            while chunk := response.read1(65536):
-                chunks.append(chunk)
-            outcome["status"], outcome["body"] = response.status, b"".join(chunks)
-        except (OSError, http.client.HTTPException) as e:
-            outcome["error"] = repr(e)
-            first_bytes.set()
-
-    reader = threading.Thread(target=stream, daemon=True)
-    reader.start()
-    return reader, first_bytes, outcome
+    return proc.start_stream(TOKEN, OPENAI_KEY, "Hangups")
 
 
 @pytest.mark.slow
@@ -416,7 +361,7 @@ def test_a_hangup_of_the_whole_process_group_stops_the_workers_in_order(tmp_path
         )
     workers: list[int] = []
     try:
-        _wait_for_output(proc, "Lectr is ready (2 workers)")
+        proc.wait_for_output("Lectr is ready (2 workers)")
         workers = _workers_of(proc.proc.pid)
         reader, first_bytes, outcome = _start_stream(proc)
         assert first_bytes.wait(20), proc.output
@@ -455,7 +400,7 @@ def test_ctrl_c_with_workers_stops_without_tracebacks(tmp_path, db_url):
             cwd=tmp_path,
         )
     try:
-        _wait_for_output(proc, "Lectr is ready (2 workers)")
+        proc.wait_for_output("Lectr is ready (2 workers)")
         os.killpg(proc.proc.pid, signal.SIGINT)
         assert proc.wait_exit(60) in (0, -signal.SIGINT), proc.output
         # (the double stop request really happened)
@@ -487,7 +432,7 @@ def test_sigterm_while_waiting_for_the_database_is_a_stop_not_a_failure(tmp_path
         base_env(DATABASE_URL=UNREACHABLE, ENCRYPTION_KEY=new_master_key()), cwd=tmp_path
     )
     try:
-        _wait_for_output(proc, "PostgreSQL is not reachable yet")
+        proc.wait_for_output("PostgreSQL is not reachable yet")
         proc.proc.send_signal(signal.SIGTERM)
         _assert_a_plain_stop(proc)
     finally:
@@ -512,7 +457,7 @@ def test_sigterm_during_the_migration_is_not_a_migration_failure(tmp_path, db_ur
         proc = LectrProcess(
             base_env(DATABASE_URL=db_url, ENCRYPTION_KEY=new_master_key()), cwd=tmp_path
         )
-        _wait_for_output(proc, "database pool open")
+        proc.wait_for_output("database pool open")
         deadline = time.monotonic() + 30
         while not admin_execute(
             db_url,
@@ -543,7 +488,7 @@ def test_sigterm_while_the_workers_start_is_a_stop_not_a_failure(tmp_path):
         cwd=tmp_path,
     )
     try:
-        _wait_for_output(proc, "PostgreSQL is not reachable yet")
+        proc.wait_for_output("PostgreSQL is not reachable yet")
         proc.proc.send_signal(signal.SIGTERM)
         _assert_a_plain_stop(proc)
     finally:
@@ -673,12 +618,12 @@ def test_development_mode_with_workers_starts_and_stops_its_postgres(tmp_path):
     proc = LectrProcess(env, cwd=tmp_path)
     server = None
     try:
-        _wait_for_output(proc, "Lectr is ready (2 workers)", timeout=120)
+        proc.wait_for_output("Lectr is ready (2 workers)", timeout=120)
         server = _postmaster_pid(pgdata)
         assert server is not None and _alive(server)
         workers = _workers_of(proc.proc.pid)
         os.kill(workers[0], signal.SIGKILL)
-        _wait_for_output(proc, "is back")
+        proc.wait_for_output("is back")
         proc.stop_cleanly()
         deadline = time.monotonic() + 15
         while _alive(server) and time.monotonic() < deadline:

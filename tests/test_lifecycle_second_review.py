@@ -21,7 +21,7 @@ from lectr.db.database import Database
 from lectr.db.notify import ChangeListener
 from tests.support.fake_provider import OPENAI_KEY  # noqa: F401 (used by _start_stream)
 from tests.support.process import FakeProviderProcess, LectrProcess, base_env, new_master_key
-from tests.test_lifecycle_review import TOKEN, _start_stream, _wait_for_output, wait_for
+from tests.test_lifecycle_review import TOKEN, _start_stream, wait_for
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_a_second_signal_while_stopping_logs_no_traceback(tmp_path, db_url, work
         if workers == "1":
             proc.wait_ready()
         else:
-            _wait_for_output(proc, "Lectr is ready (2 workers)")
+            proc.wait_for_output("Lectr is ready (2 workers)")
         reader, first_bytes, outcome = _start_stream(proc)
         assert first_bytes.wait(20), proc.output
         proc.proc.send_signal(signal.SIGHUP)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -66,11 +64,7 @@ def test_two_workers_serve_supervise_and_stop(tmp_path, db_url):
         cwd=tmp_path,
     )
     try:
-        deadline = time.monotonic() + 60
-        while "Lectr is ready (2 workers)" not in proc.output:
-            assert time.monotonic() < deadline, proc.output
-            assert proc.proc.poll() is None, proc.output
-            time.sleep(0.1)
+        proc.wait_for_output("Lectr is ready (2 workers)")
         workers = workers_of(proc)
         assert len(workers) == 2, proc.output
         for _ in range(20):
@@ -120,17 +114,6 @@ def test_port_in_use_with_workers(tmp_path, db_url):
     ], proc.output
 
 
-def _admin(proc: LectrProcess, method: str, path: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        proc.url("admin", path),
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-        method=method,
-    )
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
-
-
 def _answers_quickly(port: int) -> str:
     """'refused', 'answered' or 'hung': what a new client meets."""
     try:
@@ -165,42 +148,10 @@ def test_new_connections_are_refused_during_the_shutdown_grace(tmp_path, db_url)
         cwd=tmp_path,
     )
     try:
-        deadline = time.monotonic() + 60
-        while "Lectr is ready (2 workers)" not in proc.output:
-            assert time.monotonic() < deadline and proc.proc.poll() is None, proc.output
-            time.sleep(0.1)
-        org = _admin(proc, "POST", "/admin/orgs", {"name": "Streams"})
-        key = org["key"]["key"]
-        _admin(
-            proc,
-            "POST",
-            f"/admin/orgs/{org['org']['id']}/provider-keys",
-            {"provider": "openai", "key": OPENAI_KEY},
-        )
+        proc.wait_for_output("Lectr is ready (2 workers)")
         port = proc.ports["proxy"]
         assert _answers_quickly(port) == "answered"
-
-        first_bytes = threading.Event()
-        outcome: dict = {}
-
-        def stream() -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            body = {"model": "gpt-4o-mini", "stream": True, "messages": []}
-            conn.request(
-                "POST",
-                "/openai/v1/chat/completions",
-                json.dumps(body),
-                {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-            )
-            response = conn.getresponse()
-            chunks = [response.read1(65536)]
-            first_bytes.set()
-            while chunk := response.read1(65536):
-                chunks.append(chunk)
-            outcome["status"], outcome["body"] = response.status, b"".join(chunks)
-
-        reader = threading.Thread(target=stream)
-        reader.start()
+        reader, first_bytes, outcome = proc.start_stream(TOKEN, OPENAI_KEY)
         assert first_bytes.wait(20), proc.output
         proc.proc.send_signal(signal.SIGTERM)
         stopped = time.monotonic()

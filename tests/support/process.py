@@ -5,6 +5,8 @@ process's log ("proxy listening on 0.0.0.0:PORT")."""
 from __future__ import annotations
 
 import base64
+import http.client
+import json
 import os
 import re
 import signal
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,6 +136,68 @@ class LectrProcess:
 
     def url(self, which: str, path: str) -> str:
         return f"http://127.0.0.1:{self.ports[which]}{path}"
+
+    def wait_for_output(self, needle: str, timeout: float = 60.0) -> None:
+        """Until ``needle`` is in the output (the process must stay up)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.output:
+            assert time.monotonic() < deadline, self.output
+            assert self.proc.poll() is None, self.output
+            time.sleep(0.1)
+
+    def admin(self, token: str, method: str, path: str, body: dict) -> dict:
+        """One admin API call with ``token``; its JSON answer."""
+        request = urllib.request.Request(
+            self.url("admin", path),
+            data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            method=method,
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
+    def start_stream(
+        self, token: str, provider_key: str, org_name: str = "Streams"
+    ) -> tuple[threading.Thread, threading.Event, dict]:
+        """A new org with ``provider_key`` for OpenAI, and a streamed chat
+        completion through the proxy with its key, read in a thread: the
+        thread, an event set at the first bytes (or a failure), and the
+        outcome (``status`` and ``body``, or ``error``)."""
+        org = self.admin(token, "POST", "/admin/orgs", {"name": org_name})
+        key = org["key"]["key"]
+        self.admin(
+            token,
+            "POST",
+            f"/admin/orgs/{org['org']['id']}/provider-keys",
+            {"provider": "openai", "key": provider_key},
+        )
+        first_bytes = threading.Event()
+        outcome: dict = {}
+        port = self.ports["proxy"]
+
+        def stream() -> None:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                body = {"model": "gpt-4o-mini", "stream": True, "messages": []}
+                conn.request(
+                    "POST",
+                    "/openai/v1/chat/completions",
+                    json.dumps(body),
+                    {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                )
+                response = conn.getresponse()
+                chunks = [response.read1(65536)]
+                first_bytes.set()
+                while chunk := response.read1(65536):
+                    chunks.append(chunk)
+                outcome["status"], outcome["body"] = response.status, b"".join(chunks)
+            except (OSError, http.client.HTTPException) as e:
+                outcome["error"] = repr(e)
+                first_bytes.set()
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        return reader, first_bytes, outcome
 
 
 def free_port() -> int:
