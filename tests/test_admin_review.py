@@ -255,6 +255,21 @@ async def test_a_live_view_sees_a_row_committed_after_a_newer_one(env, db_url):
 # --- a custom provider deleted while a key or route for it is being added ------------------
 
 
+async def while_vllm_is_deleted(db_url: str, write):
+    """``write()`` (a store's coroutine) begun while another transaction
+    has deleted the custom provider "vllm" and commits 0.3 s later: the
+    write's Deferred, to await once the delete is committed."""
+    deleting = psycopg2.connect(db_url)
+    try:
+        deleting.cursor().execute("DELETE FROM custom_providers WHERE name = 'vllm'")
+        writing = ensureDeferred(write())
+        await deferLater(reactor, 0.3)
+        deleting.commit()
+    finally:
+        deleting.close()
+    return writing
+
+
 async def org_and_vllm(env) -> str:
     """A new org's id, once the custom provider "vllm" exists."""
     org = await new_org(env)
@@ -318,15 +333,7 @@ async def test_a_key_for_a_custom_provider_deleted_meanwhile_is_not_stored(env, 
         dek_nonce=b"d" * 12,
         kek_id="f",
     )
-    deleting = psycopg2.connect(db_url)
-    try:
-        cur = deleting.cursor()
-        cur.execute("DELETE FROM custom_providers WHERE name = 'vllm'")
-        inserting = ensureDeferred(store.insert(new, custom=True))
-        await deferLater(reactor, 0.3)
-        deleting.commit()
-    finally:
-        deleting.close()
+    inserting = await while_vllm_is_deleted(db_url, lambda: store.insert(new, custom=True))
     with pytest.raises(ProviderGone):
         await inserting
     check = psycopg2.connect(db_url)
@@ -345,26 +352,19 @@ async def test_a_route_to_a_custom_provider_deleted_meanwhile_is_not_stored(env,
 
     org = await org_and_vllm(env)
     store = RouteStore(env.components.database)
-    deleting = psycopg2.connect(db_url)
-    try:
-        cur = deleting.cursor()
-        cur.execute("DELETE FROM custom_providers WHERE name = 'vllm'")
-        upserting = ensureDeferred(
-            store.upsert(
-                org,
-                "smart",
-                targets=[{"provider": "vllm", "model": "m", "weight": 1}],
-                strategy="fallback",
-                retry_on=["5xx"],
-                max_attempts=3,
-                attempt_timeout=None,
-                custom=["vllm"],
-            )
-        )
-        await deferLater(reactor, 0.3)
-        deleting.commit()
-    finally:
-        deleting.close()
+    upserting = await while_vllm_is_deleted(
+        db_url,
+        lambda: store.upsert(
+            org,
+            "smart",
+            targets=[{"provider": "vllm", "model": "m", "weight": 1}],
+            strategy="fallback",
+            retry_on=["5xx"],
+            max_attempts=3,
+            attempt_timeout=None,
+            custom=["vllm"],
+        ),
+    )
     with pytest.raises(ProviderGone):
         await upserting
     assert (await env.admin.get(f"/admin/orgs/{org}/routes")).json["items"] == []
