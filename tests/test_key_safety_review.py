@@ -13,19 +13,26 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import string
 import zlib
 from urllib.parse import unquote
 
 import pytest_twisted
+import treq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.web.client import Agent, FileBodyProducer
+from twisted.web.http_headers import Headers
 
 from lectr.providers.base import ECHO_RUN, scrub, scrub_body
 from lectr.proxy.call import SCRUB_MAX
 from lectr.tracing import _loggable_url
 from tests.support.fake_provider import OPENAI_KEY, Script
+from tests.support.lectr_service import proxy_url
 from tests.test_routing_proxy import CHAT
 from tests.test_routing_proxy import env as routing_env
 
@@ -77,6 +84,72 @@ async def test_a_compressed_error_within_the_cap_is_still_decoded_and_masked(env
     assert resp.code == 400
     doc = json.loads(out)
     assert doc["error"]["message"] == "bad key ***"
+
+
+def _encode(body: bytes, coding: str) -> bytes:
+    if coding in ("gzip", "x-gzip"):
+        return gzip.compress(body)
+    if coding == "deflate":
+        return zlib.compress(body)
+    return body  # identity, or a coding the fake cannot make (sent as it is)
+
+
+# Content-Encoding as one field or several, codings stacked, repeated, mixed
+# with identity, in any case: (the fields, the codings applied in order)
+_STACKED = [
+    (["gzip", "gzip"], ["gzip", "gzip"]),
+    (["gzip, gzip"], ["gzip", "gzip"]),
+    (["deflate", "GZIP"], ["deflate", "gzip"]),
+    (["gzip", "identity", "deflate"], ["gzip", "deflate"]),
+    (["x-gzip,deflate"], ["x-gzip", "deflate"]),
+    (["br", "gzip"], ["gzip"]),
+    (["gzip", "br"], ["gzip"]),
+    ([" , gzip,", "gzip"], ["gzip", "gzip"]),
+]
+
+
+async def _post_undecoded(env, body: dict):
+    """A POST whose answer is read as sent: treq's own client would gunzip a
+    coded body and hide the header."""
+    resp = await Agent(reactor, pool=env.pool).request(
+        b"POST",
+        proxy_url(env.service, "/v1/chat/completions").encode(),
+        Headers({"content-type": ["application/json"], "authorization": [f"Bearer {env.key}"]}),
+        FileBodyProducer(io.BytesIO(json.dumps(body).encode())),
+    )
+    return resp, await treq.content(resp)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_error_body_in_several_codings_never_reaches_the_client_half_decoded(env):
+    """Only the first Content-Encoding field was read: an error body gzipped
+    twice (two fields) was inflated once and relayed, still gzip, without
+    its Content-Encoding, so the key it quoted was never masked and any
+    client could gunzip it. Now every field counts, and a body in more than
+    one coding is withheld like one that does not decode."""
+    plain = f'{{"error":{{"message":"bad key {OPENAI_KEY}"}}}}'.encode()
+    for fields, applied in _STACKED:
+        body = plain
+        for coding in applied:
+            body = _encode(body, coding)
+        env.provider.next(Script(status=401, body=body, headers={"content-encoding": fields}))
+        resp, out = await _post_undecoded(env, CHAT)
+        assert resp.code == 401, fields
+        assert resp.headers.getRawHeaders("content-encoding") is None, fields
+        doc = json.loads(out)  # plain JSON, nothing left to decode
+        assert "could not be checked" in doc["error"]["message"], (fields, doc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_identity_beside_one_coding_is_still_decoded_and_masked(env):
+    plain = f'{{"error":{{"message":"bad key {OPENAI_KEY}"}}}}'.encode()
+    for fields in (["identity", "gzip"], ["gzip, identity"], ["Identity"], [" GZip "]):
+        coded = "gzip" in ",".join(fields).lower()
+        body = gzip.compress(plain) if coded else plain
+        env.provider.next(Script(status=401, body=body, headers={"content-encoding": fields}))
+        resp, out = await _post_undecoded(env, CHAT)
+        assert resp.headers.getRawHeaders("content-encoding") is None, fields
+        assert json.loads(out)["error"]["message"] == "bad key ***", (fields, out)
 
 
 # --- a key check's message: runs masked where they are --------------------------------------

@@ -91,6 +91,19 @@ def _inflate(body: bytes, wbits: int) -> bytes:
     return b""
 
 
+def _content_coding(values: list[bytes]) -> bytes | None:
+    """The one coding an error body was sent in, from every Content-Encoding
+    field (a list, possibly over several fields): None for none or
+    ``identity``; several codings, stacked or repeated, come back as they
+    are, which no decoder takes, so the body is withheld rather than
+    relayed half decoded (security.md)."""
+    codings = [c for c in (part.strip().lower() for v in values for part in v.split(b",")) if c]
+    codings = [c for c in codings if c != b"identity"]
+    if not codings:
+        return None
+    return b", ".join(codings)
+
+
 def protocol_error_kind(kind: str, status: int) -> str:
     """The Lectr error kind (a key of ERROR_STATUS, which every dialect
     renders) of a protocol error the server reported."""
@@ -584,12 +597,13 @@ class Call:
             reason = b""
         out.append((b"x-lectr-request-id", self.rid.encode()))
         out.extend(self._route_headers())
+        encodings = headers.get(b"content-encoding")
+        coding = _content_coding(encodings) if encodings else None
         if status >= 300:
             # a provider error or redirect page may quote the org's key: held, then masked
             self.held = bytearray()
-            encoding = headers.first(b"content-encoding")
-            if encoding is not None:
-                self.held_encoding = encoding.strip().lower()
+            if encodings:
+                self.held_encoding = coding
                 out = [(n, v) for n, v in out if n.lower() != b"content-encoding"]
             if status >= 400 and self.plan.n > 1:
                 # (in place of the provider's own: "true, false" reads as neither)
@@ -609,7 +623,7 @@ class Call:
             self.api_path_text,
             status,
             headers.first(b"content-type"),
-            headers.first(b"content-encoding"),
+            coding,
         )
         self.ttfb = time.perf_counter()
         admission = self.admission  # (its x-ratelimit-* headers, rendered already)
@@ -688,9 +702,9 @@ class Call:
         encoding = self.held_encoding
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
             body = _inflate(body, 47 if encoding != b"deflate" else 15)
-        elif encoding not in (None, b"identity"):
+        elif encoding is not None:
             body = b""
-        if not body and self.held_encoding not in (None, b"identity"):
+        if not body and encoding is not None:
             return self.error_provider.error_body(
                 "upstream_unavailable",
                 f"{self.attempt.provider.display_name} answered {self.status} "

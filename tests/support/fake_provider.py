@@ -54,7 +54,7 @@ class Script:
 
     status: int = 200
     body: bytes | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str | list[str]] = field(default_factory=dict)  # a list: several fields
     events: list[bytes] | None = None  # raw SSE chunks, sent one by one
     interval: float = 0.0  # seconds between chunks
     hang: bool = False  # never answer
@@ -530,7 +530,8 @@ class FakeProvider(Resource):
             return b""
         request.setResponseCode(script.status)
         for name, value in script.headers.items():
-            request.setHeader(name.encode(), value.encode())
+            values = [value] if isinstance(value, str) else value
+            request.responseHeaders.setRawHeaders(name.encode(), [v.encode() for v in values])
         self.open_requests.add(request)
         done = request.notifyFinish()
 
