@@ -5,7 +5,8 @@ service in-process, tests/support/admin.py), or the validator directly."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import psycopg2
 import pytest
@@ -13,7 +14,7 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 
@@ -127,6 +128,23 @@ async def test_usage_per_org_answers_the_range_it_covered(env):
     default = (await env.admin.get("/admin/usage")).json
     since, until = (datetime.fromisoformat(default[k]) for k in ("since", "until"))
     assert since.minute == since.second == until.minute == until.second == 0
+
+
+def test_the_default_usage_range_ends_after_now_even_on_the_hour():
+    """The default until was now rounded up to the hour: exactly on an hour
+    that is now itself, so the range ended at the instant it was asked (and
+    a since of that hour, a month's start, was refused as not earlier)."""
+    for offset in (0.0, 0.000001, 1.0, 3599.999):
+        clock = task.Clock()
+        clock.advance(1796083200.0 + offset)  # 2026-12-01T00:00:00Z and after
+        since, until = AdminApp._usage_range(SimpleNamespace(_reactor=clock), {})
+        now = datetime.fromtimestamp(clock.seconds(), UTC)
+        assert until == datetime(2026, 12, 1, 1, tzinfo=UTC) > now, offset
+        assert until - since == timedelta(days=30)
+        since, until = AdminApp._usage_range(
+            SimpleNamespace(_reactor=clock), {"since": datetime(2026, 12, 1, tzinfo=UTC)}
+        )
+        assert since < until
 
 
 # --- members -----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from lectr.db.database import Database, DatabaseUnavailable
 from lectr.errors import BadRequest, NotFound, ServiceUnavailable
 from lectr.limits.model import usd_text
 from lectr.managers.orgs import IssuedKey
-from lectr.managers.usage import hour_ceil
+from lectr.managers.usage import hour_floor
 from lectr.managers.users import Permission, Principal, UserManager
 from lectr.metrics import Registry
 from lectr.providers.custom import CustomProvider
@@ -991,7 +991,7 @@ class AdminApp:
         """The range asked for; by default the 30 days up to the end of the
         current hour (whole hours, as the rollups are read)."""
         now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
-        until = query.get("until") or hour_ceil(now)
+        until = query.get("until") or hour_floor(now) + timedelta(hours=1)
         since = query.get("since") or until - timedelta(days=30)
         return since, until
 

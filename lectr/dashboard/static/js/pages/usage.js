@@ -44,7 +44,9 @@ function chosenRange(q, now = new Date()) {
     if (until - since > MAX_RANGE) throw new Error("The range may span at most 366 days.");
     return { since, until };
   }
-  const until = new Date(Math.floor(now.getTime() / 1000) * 1000);
+  // the end of the current second: a range always reaches now, and "this
+  // month" is not empty (since = until, refused) in a month's first second
+  const until = new Date(Math.floor(now.getTime() / 1000) * 1000 + 1000);
   if (range === "month") {
     return { since: new Date(Date.UTC(until.getUTCFullYear(), until.getUTCMonth(), 1)), until };
   }
