@@ -22,7 +22,7 @@ from lectr.errors import BadRequest, NotFound
 from lectr.providers.body import BodyRefused, check_model
 from lectr.providers.registry import ProviderRegistry
 from lectr.storage.custom_providers import ProviderGone
-from lectr.storage.routes import RouteRow, RouteStore
+from lectr.storage.routes import RouteRow, RouteStore, TooManyRoutes
 from lectr.util.deferred import timeout_without_cancel
 from lectr.util.validate import parse_uuid
 from lectr.vault.reloader import OrgCacheReloader
@@ -193,9 +193,9 @@ class RouteManager:
             type(timeout) not in (int, float) or not 0.1 <= timeout <= 3600
         ):
             raise BadRequest("attempt_timeout must be a number of seconds from 0.1 to 3600")
-        existing = self._cache.get(org_id, {})
-        if name not in existing and len(existing) >= MAX_ROUTES_PER_ORG:
-            raise BadRequest(f"an org may have at most {MAX_ROUTES_PER_ORG} routes")
+        # the cap is checked in the transaction that stores the route (the
+        # cache may lag behind other admin calls and nodes)
+        cap = MAX_ROUTES_PER_ORG
         upsert = self._store.upsert(
             org_id,
             name,
@@ -206,12 +206,15 @@ class RouteManager:
             retry_on=[r for r in RETRY_ON if r in retry_on],
             max_attempts=max_attempts,
             attempt_timeout=None if timeout is None else float(timeout),
+            max_routes=cap,
             custom=[t.provider for t in targets if not self._registry.is_builtin(t.provider)],
         )
         try:
             result = await upsert
         except ProviderGone as e:
             raise NotFound(f"provider not found (deleted meanwhile): {e}") from None
+        except TooManyRoutes:
+            raise BadRequest(f"an org may have at most {cap} routes") from None
         if result is None:
             raise NotFound("organization not found")
         row, created = result

@@ -247,6 +247,14 @@ class RoutingPlan:
             return None
         return self._from(selector, org_id, self._index + 1, first=True)
 
+    def not_sent(self) -> None:
+        """The last attempt never reached its provider (its key does not
+        decrypt on this node): it does not count against ``max_attempts``,
+        and the next attempt takes its number. Bounded: :meth:`next` then
+        sets the key aside as a key failure (as after a refusal), so each key
+        of the plan's pools is skipped at most once."""
+        self.n -= 1
+
     def another_key(self, selector: Selector, org_id: str) -> Attempt | None:
         """The attempt after a key failure when the same target's pool has
         another key to try; None, with nothing changed, when it has none

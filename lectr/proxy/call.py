@@ -440,7 +440,12 @@ class Call:
         provider = attempt.provider
         key = attempt.key
         secret = h.vault.reveal(key)
-        if secret is None:  # the key does not decrypt: logged by the vault; next key
+        if secret is None:
+            # the key does not decrypt (logged and counted by the vault, which
+            # skips it from now on): a fault of this node, not an upstream
+            # call, so it does not use up one of max_attempts; still a
+            # fallback ("refused"), to the next key or target
+            self.plan.not_sent()
             self.retry_or_fail(
                 None,
                 "refused",

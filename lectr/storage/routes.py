@@ -40,6 +40,10 @@ def _row(r: tuple) -> RouteRow:
     )
 
 
+class TooManyRoutes(Exception):
+    """The org already has ``max_routes`` routes (a new name is refused)."""
+
+
 class RouteStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -74,19 +78,37 @@ class RouteStore:
         retry_on: list[str],
         max_attempts: int,
         attempt_timeout: float | None,
+        max_routes: int | None = None,
         custom: Sequence[str] = (),
     ) -> tuple[RouteRow, bool] | None:
-        """Create or replace a route; None when the org does not exist.
-        ``custom``: the custom providers its targets name, whose rows are
-        held while the route is stored (a delete of one waits, then sees
-        the route); ProviderGone when one was deleted meanwhile."""
+        """Create or replace a route; None when the org does not exist,
+        TooManyRoutes when ``name`` is new and the org already has
+        ``max_routes`` (None: no cap). ``custom``: the custom providers its targets name,
+        whose rows are held while the route is stored (a delete of one
+        waits, then sees the route); ProviderGone when one was deleted
+        meanwhile."""
 
         async def txn(t: Transaction) -> tuple[RouteRow, bool] | None:
+            # FOR NO KEY UPDATE: route writes of one org (any node) take
+            # turns from here to commit, so the count below sees every route
+            # committed before and none can be added after it - the cap
+            # holds however many run at once. Foreign-key checks (FOR KEY
+            # SHARE: request logs, keys) are not held up by this lock.
             exists = await t.fetchone(
-                "SELECT 1 FROM organizations WHERE id = %s FOR KEY SHARE", (org_id,)
+                "SELECT 1 FROM organizations WHERE id = %s FOR NO KEY UPDATE", (org_id,)
             )
             if exists is None:
                 return None
+            if max_routes is not None:
+                # (a new statement: under READ COMMITTED it sees what the
+                # writers the lock waited for committed)
+                count, present = await t.fetchone(
+                    "SELECT count(*), coalesce(bool_or(name = %s), false) FROM org_routes "
+                    "WHERE org_id = %s",
+                    (name, org_id),
+                )
+                if not present and count >= max_routes:
+                    raise TooManyRoutes()
             if custom:
                 wanted = sorted(set(custom))
                 held = await t.fetchall(
