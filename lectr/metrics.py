@@ -24,16 +24,19 @@ process's values.
 (:class:`MetricsRunDirectory`, under ``<data-dir>/metrics/``) and hands it to
 every worker (``LECTR_METRICS_DIR``). Each worker's :class:`MetricsFileSync`
 writes every series into prometheus_client's multiprocess files
-(``counter_<pid>.db``, ``histogram_<pid>.db``, ``gauge_<mode>_<pid>.db``)
+(``counter_<slot>.db``, ``histogram_<slot>.db``, ``gauge_<mode>_<pid>.db``)
 every second and once more when it stops. A scrape, answered by whichever
 worker accepts the connection, first writes that worker's values, then merges
 every file with ``prometheus_client.multiprocess.MultiProcessCollector``:
 
 - counters and histograms are summed over every worker of this run,
-  including the workers that exited (their files stay; a restarted worker
-  gets new files, so nothing counts twice, even when it is given the pid of
-  an exited one). A worker killed hard (SIGKILL, OOM) loses what it counted
-  in its last second;
+  including the workers that exited. Their files are named by the worker's
+  *slot* (``counter_worker<index>.db``), not its pid: a restarted worker
+  takes over its predecessor's files and adds what they hold to its own
+  values, so a counter never goes back, nothing counts twice, and a worker
+  that crash-loops does not leave a file per pid behind (the directory holds
+  two such files per worker, however often they restart). A worker killed
+  hard (SIGKILL, OOM) loses what it counted in its last second;
 - gauges are combined by their *mode*, one per gauge: ``livesum`` (in-flight
   requests, buffered rows, pool connections: the deployment's total),
   ``livemax`` (per-process copies of one thing: cached keys), ``livemin``
@@ -77,8 +80,11 @@ GAUGE_MODES = ("livesum", "livemax", "livemin", "liveall", "livemostrecent")
 #: Environment variable that hands the run directory to the workers.
 METRICS_DIR_ENV = "LECTR_METRICS_DIR"
 
-#: The counter and histogram files this process made (see :meth:`_Files._path`).
+#: The counter and histogram files this process writes (see :meth:`_Files._open`).
 _OWN_FILES: set[str] = set()
+#: For each of them, what the exited workers that wrote it before had counted
+#: (key -> value), added to this process's own values.
+_CARRIED: dict[str, dict[str, float]] = {}
 
 # (file prefix, metric name, sample name, label names, label values, value, help)
 _Sample = tuple[str, str, str, tuple[str, ...], tuple[str, ...], float, str]
@@ -310,12 +316,20 @@ class _SharedCollector:
 
 class _Files:
     """This process's multiprocess files (not thread-safe: the reactor
-    thread is the only writer)."""
+    thread is the only writer).
 
-    def __init__(self, directory: Path, process_id: int | str) -> None:
+    Gauge files are named by pid (``gauge_<mode>_<pid>.db``): the supervisor
+    removes them when that pid exits (``mark_process_dead``), so only live
+    workers' gauges are reported. Counter and histogram files are named by
+    ``slot`` (the worker's index, given by the supervisor; the pid when there
+    is none) and outlive their writer: see :meth:`_open`."""
+
+    def __init__(self, directory: Path, process_id: int | str, slot: int | str) -> None:
         self.directory = directory
         self._pid = process_id
+        self._slot = slot
         self._files: dict[str, MmapedDict] = {}
+        self._carried: dict[str, dict[str, float]] = {}  # prefix -> key -> value
         self._keys: dict[tuple, str] = {}
 
     def write(self, sample: _Sample, timestamp: float) -> None:
@@ -328,24 +342,32 @@ class _Files:
             )
         f = self._files.get(prefix)
         if f is None:
-            f = self._files[prefix] = MmapedDict(self._path(prefix))
+            f = self._files[prefix] = self._open(prefix)
+        carried = self._carried.get(prefix)
+        if carried:
+            value += carried.get(key, 0.0)
         f.write_value(key, value, timestamp)
 
-    def _path(self, prefix: str) -> str:
-        """``<prefix>_<pid>.db``. A counter or histogram file of that name
-        that this process did not make is an exited worker's whose pid this
-        process was given again: it keeps counting, and this process takes
-        ``<prefix>_<pid>-<n>.db`` instead of overwriting it. (Gauge files go
-        when their worker exits, and their name must be the bare pid.)"""
-        base = f"{prefix}_{self._pid}"
-        path = str(self.directory / f"{base}.db")
-        if not prefix.startswith("gauge_"):
-            n = 0
-            while path not in _OWN_FILES and os.path.exists(path):
-                n += 1
-                path = str(self.directory / f"{base}-{n}.db")
+    def _open(self, prefix: str) -> MmapedDict:
+        """``gauge_<mode>_<pid>.db``, or ``<prefix>_<slot>.db``.
+
+        A counter or histogram file of that name that this process did not
+        make is an exited worker's: the one that had this slot before (a
+        restart), or that had this pid, when the pid is the slot. Its values
+        keep counting: this process takes the file over and writes, for each
+        series, what the file held plus its own value. So a restart never
+        makes a counter go back, and the files of a worker restarted again
+        and again do not pile up (one file per slot, not one per pid)."""
+        if prefix.startswith("gauge_"):
+            return MmapedDict(str(self.directory / f"{prefix}_{self._pid}.db"))
+        path = str(self.directory / f"{prefix}_{self._slot}.db")
+        f = MmapedDict(path)
+        if path not in _OWN_FILES:
+            # (a file this process made itself holds its own values already)
+            _CARRIED[path] = {key: value for key, value, _ in f.read_all_values()}
             _OWN_FILES.add(path)
-        return path
+        self._carried[prefix] = _CARRIED.get(path, {})
+        return f
 
     def close(self) -> None:
         for f in self._files.values():
@@ -399,12 +421,22 @@ class Registry:
 
     # --- several workers -------------------------------------------------------------
 
-    def share(self, directory: Path, process_id: int | str | None = None) -> None:
+    def share(
+        self,
+        directory: Path,
+        process_id: int | str | None = None,
+        *,
+        slot: int | str | None = None,
+    ) -> None:
         """From now on, :meth:`sync` writes this process's values to
-        ``directory`` and :meth:`render` reports every process's files."""
+        ``directory`` and :meth:`render` reports every process's files.
+        ``slot`` names the counter and histogram files (see
+        :meth:`_Files._open`): the worker's, which its restarts take over;
+        the pid when not given."""
         if self._files is not None:
             self._files.close()
-        self._files = _Files(Path(directory), os.getpid() if process_id is None else process_id)
+        pid = os.getpid() if process_id is None else process_id
+        self._files = _Files(Path(directory), pid, pid if slot is None else slot)
 
     @property
     def shared_directory(self) -> Path | None:
@@ -461,16 +493,23 @@ class MetricsFileSync:
     _log = Logger()
 
     def __init__(
-        self, registry: Registry, directory: Path, *, reactor, interval: float = 1.0
+        self,
+        registry: Registry,
+        directory: Path,
+        *,
+        reactor,
+        interval: float = 1.0,
+        slot: int | str | None = None,
     ) -> None:
         self._registry = registry
         self._directory = Path(directory)
+        self._slot = slot  # the worker's (Registry.share)
         self._interval = interval
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
 
     def start(self) -> None:
-        self._registry.share(self._directory)
+        self._registry.share(self._directory, slot=self._slot)
         self._registry.sync()  # every metric is visible from the first scrape
         d = self._loop.start(self._interval, now=False)
         d.addErrback(lambda f: self._log.failure("metrics file sync stopped", f))
@@ -543,7 +582,8 @@ class MetricsRunDirectory:
 
     def process_ended(self, pid: int) -> None:
         """A worker exited: its gauges stop counting (its counters and
-        histograms keep counting)."""
+        histograms keep counting, in its slot's files, which the worker
+        restarted in its place takes over)."""
         mark_process_dead(pid, str(self.path))
 
     def remove(self) -> None:

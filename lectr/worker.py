@@ -110,7 +110,14 @@ def main() -> None:
     service = LectrService(config, reactor=reactor, adopt=adopt)
     metrics_dir = os.environ.get(METRICS_DIR_ENV)
     if metrics_dir:  # the supervisor's: one /metrics for every worker
-        sync = MetricsFileSync(service.components.metrics, Path(metrics_dir), reactor=reactor)
+        # the counter files are the worker index's: a restart takes them
+        # over instead of leaving one more (lectr.metrics._Files)
+        sync = MetricsFileSync(
+            service.components.metrics,
+            Path(metrics_dir),
+            reactor=reactor,
+            slot=f"worker{index}",
+        )
         sync.start()
         reactor.addSystemEventTrigger("after", "shutdown", sync.stop)
 

@@ -24,7 +24,13 @@ import socket
 import sys
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, FirstError, ensureDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    FirstError,
+    ensureDeferred,
+)
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -231,7 +237,17 @@ class WorkerSupervisor(Service):
         if self._workers.get(worker.index) is worker:
             del self._workers[worker.index]
         if self._metrics_dir is not None and worker.pid is not None:
-            self._metrics_dir.process_ended(worker.pid)
+            try:
+                self._metrics_dir.process_ended(worker.pid)
+            except OSError as e:
+                # (a read-only or vanished data directory): the worker is
+                # restarted all the same; only its last gauges linger
+                self._log.warn(
+                    "cannot remove the gauge files of worker {index} ({error}):"
+                    " /metrics may still count its gauges",
+                    index=worker.index,
+                    error=e.strerror or type(e).__name__,
+                )
         if self._stopping:
             return
         if worker.initial and worker.ready_at is None:
@@ -240,8 +256,11 @@ class WorkerSupervisor(Service):
             self._restart_delay.pop(worker.index, None)  # it had been serving: no loop
         delay = self._next_delay(worker.index)
         self._log.warn(
-            "worker {index} exited (status {code}, signal {sig}); restarting in {delay:.1f}s",
+            "worker {index} exited{when} (status {code}, signal {sig}); restarting in {delay:.1f}s",
             index=worker.index,
+            # a restarted worker that never became ready: a start-up problem
+            # (its own lines above say which), not a crash while serving
+            when=" during start-up" if worker.ready_at is None else "",
             code=code,
             sig=sig,
             delay=delay,
@@ -261,12 +280,20 @@ class WorkerSupervisor(Service):
             return
         try:
             protocol = self._spawn(index, initial=False)
-        except OSError as e:  # fork or exec refused (memory, process limit)
+        except CancelledError:
+            raise
+        except Exception as e:
+            # Fork or exec refused (memory, process limit: OSError), or
+            # anything else the reactor raises: retried with backoff. Were it
+            # to escape this callLater, nothing would ever start this worker
+            # again and the supervisor would serve on with one worker fewer.
+            # (Logged by class, not message: the spawn is handed the
+            # environment, which holds secrets.)
             delay = self._next_delay(index)
             self._log.warn(
                 "cannot start worker {index} ({error}); retrying in {delay:.1f}s",
                 index=index,
-                error=e.strerror or str(e),
+                error=(e.strerror or str(e)) if isinstance(e, OSError) else type(e).__name__,
                 delay=delay,
             )
             self._reactor.callLater(delay, self._restart, index)
@@ -278,6 +305,8 @@ class WorkerSupervisor(Service):
             # resets it once a worker has served for STABLE_AFTER seconds).
             self._log.info("worker {index} is back", index=index)
 
+        # a worker that exits before it is ready is logged by worker_ended
+        # ("exited during start-up"), which restarts it
         protocol.ready.addCallbacks(up, lambda f: None)
 
     # --- stop --------------------------------------------------------------------------
