@@ -501,6 +501,13 @@ def test_the_shipped_catalogue(catalogue):
         ("xai", "grok-4-0709", ("xai", "grok-4")),
         ("azure", "gpt-4.1-mini-2025-04-14", ("openai", "gpt-4.1-mini")),
         ("azure", "gpt-35-turbo", ("azure", "gpt-35-turbo")),
+        # legacy gpt-3.5 snapshots have prices of their own, not gpt-3.5-turbo's
+        ("openai", "gpt-3.5-turbo-1106", ("openai", "gpt-3.5-turbo-1106")),
+        ("openai", "gpt-3.5-turbo-0613", ("openai", "gpt-3.5-turbo-0613")),
+        ("openai", "gpt-3.5-turbo-0125", ("openai", "gpt-3.5-turbo")),
+        ("openai", "gpt-3.5-turbo-16k-0613", ("openai", "gpt-3.5-turbo-16k")),
+        ("openai", "gpt-3.5-turbo-instruct-0914", ("openai", "gpt-3.5-turbo-instruct")),
+        ("openai", "gpt-4-32k-0613", ("openai", "gpt-4-32k")),
         ("openrouter", "openai/gpt-4o", ("openai", "gpt-4o")),
         ("openrouter", "google/gemini-2.5-flash", ("gemini", "gemini-2.5-flash")),
         ("openrouter", "meta-llama/llama-3-70b", None),
