@@ -12,12 +12,21 @@ and would block the reactor; see :mod:`lectr.providers.http`), cached, refetched
 (at most once a minute), refreshed in the background once it is an hour old,
 and the last good keys are kept when the endpoint fails.
 
+How old the keys are (and how long ago the last fetch was tried) is measured
+on two clocks, never on the wall clock alone: the reactor's clock is the wall
+clock (``time.time``), which NTP or a resumed VM can step. See :class:`Moment`.
+A token's ``exp``, ``nbf`` and ``iat`` are wall-clock claims and stay checked
+against the wall clock (by PyJWT).
+
 Tokens never reach a log line or an error message.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +65,57 @@ def treq_http_get(reactor) -> HttpGet:
     return get
 
 
+def _steady_clock() -> Callable[[], float]:
+    """Seconds that never go back: ``CLOCK_BOOTTIME`` where there is one
+    (Linux: it counts time suspended too), else ``time.monotonic``."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:
+        return time.monotonic
+    return functools.partial(time.clock_gettime, boottime)
+
+
+#: the default steady clock of the JWKS cache and OIDC discovery
+STEADY_CLOCK = _steady_clock()
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """When something happened (a fetch, an attempt), read on the wall clock
+    (the reactor's, injectable: ``task.Clock`` in tests) and on a steady
+    clock (:data:`STEADY_CLOCK`, injectable too). Neither alone will do:
+
+    - the wall clock stepped back (NTP, a VM resumed from a snapshot) makes
+      every earlier moment look recent, or lie in the future: signing keys
+      fetched a day ago would pass for fresh for as long as the step, and a
+      rotated-out key would keep being accepted;
+    - a monotonic clock may stand still while the machine is suspended
+      (``time.monotonic`` does on Linux): after a day asleep, keys fetched a
+      day ago would pass for minutes old; and a test's ``task.Clock`` moves
+      only the wall clock.
+
+    So an age is the longer of the two, and taken as infinite when the wall
+    clock reads before the moment (stepped back since: the reading tells
+    nothing). A step of the wall clock, either way, can then only make
+    something look older than it is, never younger (with ``CLOCK_BOOTTIME``,
+    suspended or not); the price, one refetch too early per step, is
+    bounded by the refetch hold-offs, which are measured the same way. The
+    wall clock is still read so that a ``task.Clock`` drives the tests."""
+
+    wall: float
+    steady: float
+
+    @classmethod
+    def now(cls, clock, steady_clock: Callable[[], float]) -> Moment:
+        return cls(clock.seconds(), steady_clock())
+
+    def age(self, now: Moment) -> float:
+        """Seconds from this moment to ``now``, as defined above."""
+        wall = now.wall - self.wall
+        if wall < 0:
+            return math.inf
+        return max(wall, now.steady - self.steady)
+
+
 class JWKSUnavailable(Exception):
     """No signing keys could ever be fetched."""
 
@@ -75,17 +135,19 @@ class JWKSCache:
         retry_interval_without_keys: float = 5.0,
         max_age: float = 3600.0,
         timeout: float = 10.0,
+        steady_clock: Callable[[], float] = STEADY_CLOCK,
     ) -> None:
         self.url = url
         self._http_get = http_get
-        self._clock = clock
+        self._clock = clock  # the wall clock (the reactor)
+        self._steady_clock = steady_clock
         self._refetch_interval = refetch_interval
         self._retry_without_keys = retry_interval_without_keys
         self._max_age = max_age
         self._timeout = timeout
         self._keys: dict[str | None, jwt.PyJWK] = {}
-        self._fetched_at: float | None = None  # last successful fetch
-        self._attempted_at: float | None = None  # last attempt, successful or not
+        self._fetched_at: Moment | None = None  # last successful fetch
+        self._attempted_at: Moment | None = None  # last attempt, successful or not
         self._fetching: Deferred[None] | None = None
         self._waiters: list[Deferred[None]] = []
         self.fetches = 0  # attempts, for metrics and tests
@@ -113,9 +175,9 @@ class JWKSCache:
         Unauthorized when the kid stays unknown, JWKSUnavailable when no
         keys were ever fetched."""
         key = self._lookup(kid)
-        now = self._clock.seconds()
+        now = self._now()
         if key is not None:
-            if self._fetched_at is not None and now - self._fetched_at > self._max_age:
+            if self._fetched_at is not None and self._fetched_at.age(now) > self._max_age:
                 if self._may_fetch(now):
                     self._begin_fetch()  # in the background; the cached key serves
             return key
@@ -134,20 +196,21 @@ class JWKSCache:
             return next(iter(self._keys.values())) if len(self._keys) == 1 else None
         return self._keys.get(kid)
 
-    def _may_fetch(self, now: float) -> bool:
+    def _may_fetch(self, now: Moment) -> bool:
         if self._attempted_at is None:
             return True
         interval = self._refetch_interval if self._keys else self._retry_without_keys
-        elapsed = now - self._attempted_at
-        # (a wall clock stepped back: the last attempt's time tells nothing)
-        return elapsed >= interval or elapsed < 0
+        return self._attempted_at.age(now) >= interval
+
+    def _now(self) -> Moment:
+        return Moment.now(self._clock, self._steady_clock)
 
     # --- fetching --------------------------------------------------------------
 
     def _begin_fetch(self) -> None:
         if self._fetching is not None:
             return
-        self._attempted_at = self._clock.seconds()
+        self._attempted_at = self._now()
         self.fetches += 1
         d = ensureDeferred(self._fetch())
         self._fetching = d
@@ -189,7 +252,7 @@ class JWKSCache:
             return
         added = set(keys) - set(self._keys)
         self._keys = keys
-        self._fetched_at = self._clock.seconds()
+        self._fetched_at = self._now()
         self._log.info(
             "fetched {n} signing keys from {url} ({added} new)",
             n=len(keys),

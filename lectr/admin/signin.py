@@ -8,13 +8,16 @@ the background at start-up, cached for ``max_age`` and refetched on demand
 at most every ``retry_interval`` while it is missing; the last good answer
 is kept when the issuer fails. A document is used only when it names the
 configured issuer and endpoints the browser may reach (https, or http on a
-loopback host for development).
+loopback host for development). Ages are measured as the JWKS cache measures
+them (:class:`lectr.admin.auth.Moment`): a wall clock stepped back neither
+keeps an old document fresh nor holds off a retry.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lectr import __version__
-from lectr.admin.auth import HttpGet
+from lectr.admin.auth import STEADY_CLOCK, HttpGet, Moment
 from lectr.config import OIDCConfig
 from lectr.util.deferred import OperationTimedOut, timeout_without_cancel
 
@@ -100,18 +103,20 @@ class OIDCDiscovery:
         retry_interval: float = 30.0,
         max_age: float = 3600.0,
         timeout: float = 10.0,
+        steady_clock: Callable[[], float] = STEADY_CLOCK,
     ) -> None:
         self.issuer = issuer
         self.url = discovery_url(issuer)
         self._http_get = http_get
-        self._clock = clock
+        self._clock = clock  # the wall clock (the reactor)
+        self._steady_clock = steady_clock
         self._retry_interval = retry_interval
         self._max_age = max_age
         self._timeout = timeout
         self._endpoints: Endpoints | None = None
         self._problem = "the issuer's discovery document has not been fetched yet"
-        self._fetched_at: float | None = None
-        self._attempted_at: float | None = None
+        self._fetched_at: Moment | None = None
+        self._attempted_at: Moment | None = None
         self._fetching: Deferred[None] | None = None
         self._waiters: list[Deferred[None]] = []
         self.fetches = 0
@@ -130,9 +135,9 @@ class OIDCDiscovery:
     async def endpoints(self) -> Endpoints:
         """The endpoints (fetching them first when there are none and the
         last attempt is old enough); DiscoveryUnavailable otherwise."""
-        now = self._clock.seconds()
+        now = self._now()
         if self._endpoints is not None:
-            stale = self._fetched_at is not None and now - self._fetched_at > self._max_age
+            stale = self._fetched_at is not None and self._fetched_at.age(now) > self._max_age
             if stale and self._may_fetch(now):
                 self._begin_fetch()  # in the background: the cached answer serves
             return self._endpoints
@@ -142,13 +147,16 @@ class OIDCDiscovery:
             raise DiscoveryUnavailable(self._problem)
         return self._endpoints
 
-    def _may_fetch(self, now: float) -> bool:
-        return self._attempted_at is None or now - self._attempted_at >= self._retry_interval
+    def _may_fetch(self, now: Moment) -> bool:
+        return self._attempted_at is None or self._attempted_at.age(now) >= self._retry_interval
+
+    def _now(self) -> Moment:
+        return Moment.now(self._clock, self._steady_clock)
 
     def _begin_fetch(self) -> None:
         if self._fetching is not None:
             return
-        self._attempted_at = self._clock.seconds()
+        self._attempted_at = self._now()
         self.fetches += 1
         d = ensureDeferred(self._fetch())
         self._fetching = d
@@ -187,7 +195,7 @@ class OIDCDiscovery:
             self._failed(str(e))
             return
         self._endpoints = endpoints
-        self._fetched_at = self._clock.seconds()
+        self._fetched_at = self._now()
         self._log.info("read the OIDC endpoints of {issuer}", issuer=self.issuer)
 
     def _failed(self, reason: str) -> None:

@@ -76,7 +76,8 @@ class Authenticator:
         self._positive: dict[str, KeyIdentity] = {}
         self._by_key: dict[str, str] = {}  # key id -> hash
         self._by_org: dict[str, set[str]] = {}  # org id -> hashes
-        self._negative: OrderedDict[str, float] = OrderedDict()  # hash -> expiry
+        # hash -> expiry, on the reactor's clock, i.e. the wall clock (see cached)
+        self._negative: OrderedDict[str, float] = OrderedDict()
         self._negative_ttl = negative_ttl
         self._negative_max = negative_max
         # hash -> (generation it began in, its waiters)
@@ -121,7 +122,14 @@ class Authenticator:
             return ident
         expiry = self._negative.get(key_hash)
         if expiry is not None:
-            if expiry > self._reactor.seconds():
+            # An expiry further away than the TTL: the (wall) clock has been
+            # stepped back since; without the upper bound the hash would stay
+            # "unknown" for as long as the step (a key created meanwhile
+            # refused for hours). Taken as expired: one more query at most.
+            # (No second, steady clock as for the admin API's JWKS: a step
+            # back unseen here costs at most one more TTL, a few seconds,
+            # and this path keeps one clock read per request.)
+            if 0 < expiry - self._reactor.seconds() <= self._negative_ttl:
                 self._m_lookups.inc(1, "negative_hit")
                 return UNKNOWN
             del self._negative[key_hash]
