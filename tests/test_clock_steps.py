@@ -15,7 +15,9 @@ matters it is a second one (``steady``), which moves with real time only:
 
 from __future__ import annotations
 
+import io
 import json
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -396,3 +398,61 @@ def test_an_unknown_hash_is_served_for_at_most_its_ttl_per_step_back(events):
         if auth.cached(h) is UNKNOWN and kind == "elapse":
             served += value
     assert served <= 5.0 * (1 + back_steps)
+
+
+# --- the admin API's request durations ----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_admin_call_across_a_step_back_records_no_negative_duration():
+    """The duration histogram took the reactor's (wall) clock: a call during
+    which NTP stepped the clock back an hour observed -3600 s, and the
+    histogram's _sum went down, which Prometheus reads as a counter reset."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from lectr.admin.api import Dispatcher, Operation, Permission, ok
+    from lectr.metrics import Registry
+
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    metrics = Registry()
+
+    async def authorize(principal, permission, org_id):
+        return SimpleNamespace(principal=None, org_id=None)
+
+    dispatcher = Dispatcher(
+        authenticator=None,
+        users=SimpleNamespace(authorize=authorize),
+        metrics=metrics,
+        clock=clock,
+    )
+    op = Operation(
+        "GET",
+        "/healthz",
+        "health",
+        Permission.PUBLIC,
+        "",
+        "",
+        ("health",),
+        None,
+        False,
+        (),
+        {200: None},
+        (),
+    )
+
+    async def handler(owner, request, call):
+        clock.advance(-3600)  # stepped back while the call ran
+        return ok({"status": "ok"})
+
+    request = DummyRequest([b"healthz"])
+    request.content = io.BytesIO(b"")
+    await dispatcher.run(op, handler, None, request, {})
+    text = metrics.render()
+    assert 'lectr_admin_requests_total{operation="health",status="200"} 1.0' in text, text
+    (total,) = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('lectr_admin_request_seconds_sum{operation="health"}')
+    ]
+    assert 0 <= total < 60, text
