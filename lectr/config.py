@@ -683,6 +683,14 @@ def load_config(cli: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
             values[s.attr] = value
     config = Config(**values)
     _check(config, environ)
+    # the standard OTEL_* variables are settings too: refused here, before
+    # anything is bound or made (lectr.service builds the tracer from them)
+    from lectr.tracing import trace_settings
+
+    try:
+        trace_settings(environ)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return config
 
 

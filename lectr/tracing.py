@@ -327,6 +327,78 @@ class _ExportThread:
             self._jobs.put(None)
 
 
+@dataclass(frozen=True)
+class TraceSettings:
+    """What the OTEL_* variables ask for (:func:`trace_settings`)."""
+
+    endpoint: str
+    sampler: Sampler
+    max_queue: int
+    interval: float  # seconds
+    batch_size: int
+    service_name: str
+
+
+def trace_settings(environ: Mapping[str, str]) -> TraceSettings | None:
+    """The standard OpenTelemetry variables read and checked, without
+    starting anything: None when tracing is off (no OTLP endpoint, or turned
+    off). Raises ValueError, naming the variable and never a header's value,
+    for a malformed one; :func:`lectr.config.load_config` calls it, so they
+    are refused with Lectr's own settings, before anything is bound or made."""
+    endpoint = _env(environ, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or _env(
+        environ, "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if (
+        not endpoint
+        or (_env(environ, "OTEL_SDK_DISABLED") or "").lower() == "true"
+        or (_env(environ, "OTEL_TRACES_EXPORTER") or "otlp").lower() == "none"
+    ):
+        return None
+    protocol = (
+        _env(environ, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or _env(environ, "OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
+    if protocol != "http/protobuf":
+        raise ValueError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: Lectr exports "
+            "OTLP over HTTP (http/protobuf, port 4318)"
+        )
+    try:
+        sampler = Sampler(
+            (_env(environ, "OTEL_TRACES_SAMPLER") or "parentbased_always_on").lower(),
+            float(_env(environ, "OTEL_TRACES_SAMPLER_ARG") or "1.0"),
+        )
+    except ValueError as e:
+        raise ValueError(f"OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG: {e}") from None
+    sizes = {}
+    for name, default in (
+        ("OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+        ("OTEL_BSP_SCHEDULE_DELAY", 5000),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+    ):
+        raw = _env(environ, name)
+        try:
+            sizes[name] = int(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+        if sizes[name] < 1:
+            raise ValueError(f"{name} must be at least 1, got {sizes[name]}")
+    # (the exporter reads the traces variable, else the general one)
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
+        if environ.get(name):
+            _check_headers(name, environ[name])
+            break
+    return TraceSettings(
+        endpoint=endpoint,
+        sampler=sampler,
+        max_queue=sizes["OTEL_BSP_MAX_QUEUE_SIZE"],
+        interval=sizes["OTEL_BSP_SCHEDULE_DELAY"] / 1000.0,
+        batch_size=min(sizes["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"], sizes["OTEL_BSP_MAX_QUEUE_SIZE"]),
+        service_name=_env(environ, "OTEL_SERVICE_NAME") or "lectr",
+    )
+
+
 class Tracing:
     """The service's tracer (see the module docstring). Build it with
     :meth:`from_environ`, or :meth:`disabled`."""
@@ -398,60 +470,18 @@ class Tracing:
     ) -> Tracing:
         """A Tracing configured by the standard OpenTelemetry variables;
         disabled when no OTLP endpoint is set. Raises ValueError (with the
-        variable's name) for a malformed value."""
-        endpoint = _env(environ, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or _env(
-            environ, "OTEL_EXPORTER_OTLP_ENDPOINT"
-        )
-        if (
-            not endpoint
-            or (_env(environ, "OTEL_SDK_DISABLED") or "").lower() == "true"
-            or (_env(environ, "OTEL_TRACES_EXPORTER") or "otlp").lower() == "none"
-        ):
+        variable's name) for a malformed value (:func:`trace_settings`)."""
+        settings = trace_settings(environ)
+        if settings is None:
             return cls.disabled(reactor=reactor)
-        protocol = (
-            _env(environ, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            or _env(environ, "OTEL_EXPORTER_OTLP_PROTOCOL")
-            or "http/protobuf"
-        )
-        if protocol != "http/protobuf":
-            raise ValueError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: Lectr exports "
-                "OTLP over HTTP (http/protobuf, port 4318)"
-            )
-        try:
-            sampler = Sampler(
-                (_env(environ, "OTEL_TRACES_SAMPLER") or "parentbased_always_on").lower(),
-                float(_env(environ, "OTEL_TRACES_SAMPLER_ARG") or "1.0"),
-            )
-        except ValueError as e:
-            raise ValueError(f"OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG: {e}") from None
-        sizes = {}
-        for name, default in (
-            ("OTEL_BSP_MAX_QUEUE_SIZE", 2048),
-            ("OTEL_BSP_SCHEDULE_DELAY", 5000),
-            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
-        ):
-            raw = _env(environ, name)
-            try:
-                sizes[name] = int(raw) if raw else default
-            except ValueError:
-                raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
-            if sizes[name] < 1:
-                raise ValueError(f"{name} must be at least 1, got {sizes[name]}")
-
-        # (the exporter reads the traces variable, else the general one)
-        for name in ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"):
-            if environ.get(name):
-                _check_headers(name, environ[name])
-                break
-
         import logging
 
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         # the exporter logs every failed attempt; Lectr counts them and logs
         # when export starts and stops failing. The headers' parser prints a
-        # malformed entry whole, the collector's API key in it (refused above)
+        # malformed entry whole, the collector's API key in it (refused by
+        # trace_settings)
         logging.getLogger("opentelemetry.exporter").setLevel(logging.CRITICAL)
         logging.getLogger("opentelemetry.util.re").setLevel(logging.CRITICAL)
         exporter = OTLPSpanExporter()  # endpoint, headers, timeout, TLS: OTEL_EXPORTER_OTLP_*
@@ -459,15 +489,13 @@ class Tracing:
             exporter,
             reactor=reactor,
             metrics=metrics,
-            service_name=_env(environ, "OTEL_SERVICE_NAME") or "lectr",
+            service_name=settings.service_name,
             propagation=propagation,
-            sampler=sampler,
-            max_queue=sizes["OTEL_BSP_MAX_QUEUE_SIZE"],
-            interval=sizes["OTEL_BSP_SCHEDULE_DELAY"] / 1000.0,
-            batch_size=min(
-                sizes["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"], sizes["OTEL_BSP_MAX_QUEUE_SIZE"]
-            ),
-            description=_loggable_url(getattr(exporter, "_endpoint", endpoint)),
+            sampler=settings.sampler,
+            max_queue=settings.max_queue,
+            interval=settings.interval,
+            batch_size=settings.batch_size,
+            description=_loggable_url(getattr(exporter, "_endpoint", settings.endpoint)),
         )
 
     # --- the request path ------------------------------------------------------------

@@ -119,6 +119,30 @@ def test_a_port_in_use_is_found_before_the_database_and_the_token(tmp_path, busy
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("OTEL_TRACES_SAMPLER", "sometimes"), ("OTEL_BSP_MAX_QUEUE_SIZE", "lots")],
+)
+def test_a_malformed_otel_variable_is_found_before_anything_is_made(tmp_path, name, value):
+    """The OTEL_* variables were read after the ports were bound and, on a
+    first run in development mode, after the embedded PostgreSQL and the
+    one-time admin token were made and printed: a typo in a tracing setting
+    still left secrets behind. They are settings like Lectr's own."""
+    data = tmp_path / "data"
+    proc = run_failing(
+        tmp_path,
+        timeout=60,
+        LECTR_DATA_DIR=str(data),
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318",
+        **{name: value},
+    )
+    assert proc.proc.returncode == 1
+    line = assert_one_clear_line(proc, name)
+    assert line.startswith("lectr: configuration error:")
+    assert "admin token" not in proc.output and "DEVELOPMENT MODE" not in proc.output
+    assert not data.exists()  # no secrets made, no embedded database started
+
+
 def test_a_second_instance_in_the_same_directory_says_so_in_one_line(tmp_path, db_url):
     env = base_env(DATABASE_URL=db_url, ENCRYPTION_KEY=new_master_key())
     first = LectrProcess(env, cwd=tmp_path, pidfile=None)  # twistd's default pidfile
