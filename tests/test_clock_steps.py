@@ -456,3 +456,23 @@ async def test_an_admin_call_across_a_step_back_records_no_negative_duration():
         if line.startswith('lectr_admin_request_seconds_sum{operation="health"}')
     ]
     assert 0 <= total < 60, text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_keys_notification_forgets_that_its_hash_was_unknown(database, clocks):
+    """A key's creation is announced as ``key:<id>``. Only ``org:`` cleared
+    the negative cache, so a client that tried its new key at once, on a
+    node whose lookup read just before the creation committed, got 401
+    for the negative TTL after the node had heard of the key."""
+    orgs = OrgManager(OrgStore(database), ApiKeyStore(database))
+    org, _ = await orgs.create_org("Acme")
+    store = ReadBeforeCommit(database)
+    auth = Authenticator(store, reactor=clocks.wall, negative_ttl=5.0)
+    created = await orgs.create_key(org.id, "ci")
+    h = hash_key(created.plaintext.reveal())
+    assert await auth.lookup(h) is None  # read just before the commit
+    assert auth.cached(h) is UNKNOWN
+    auth.key_changed(created.key.id)  # the creation's notification arrives
+    assert auth.cached(h) is None
+    ident = await auth.lookup(h)
+    assert ident is not None and ident.key_id == created.key.id

@@ -206,6 +206,12 @@ class Authenticator:
         key_hash = self._by_key.get(key_id)
         if key_hash is not None:
             self._forget(key_hash)
+        else:
+            # A key this process does not know: most likely a new one, whose
+            # hash may have been looked up (and found unknown) moments before
+            # its creation committed (a client that tries it at once on
+            # another node): forget the short-lived negatives, as for an org.
+            self._negative.clear()
 
     def org_changed(self, org_id: str) -> None:
         self._generation += 1
