@@ -476,3 +476,54 @@ async def test_a_new_keys_notification_forgets_that_its_hash_was_unknown(databas
     assert auth.cached(h) is None
     ident = await auth.lookup(h)
     assert ident is not None and ident.key_id == created.key.id
+
+
+# --- provider key cool-downs ----------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    status=st.sampled_from([401, 403, 429]),
+    retry_after=st.one_of(st.none(), st.floats(0, 7200)),
+    step=st.floats(-DAY, -2.0),
+    wait=st.floats(0, DAY),
+    start=st.floats(1_700_000_000, 1_900_000_000),
+)
+@example(status=401, retry_after=None, step=-HOUR, wait=0.0, start=1_800_000_000.0)
+def test_a_cooldown_never_outlasts_its_length_when_the_clock_steps_back(
+    status, retry_after, step, wait, start
+):
+    """A cool-down ends at a reactor (wall-clock) time: stepped back an hour,
+    a key refused for 5 minutes stayed set aside for an hour and 5 minutes -
+    a pool of one key answered 503 all that time. Now, whenever a request
+    looks after the step, what is left is never more than the cool-down's
+    own length (and a second: a step shorter than that cannot be told from
+    a rounding)."""
+    from lectr.policy.health import KeyHealth
+
+    clock = Clock()
+    clock.rightNow = start
+    health = KeyHealth(clock)
+    seconds = health.cool("k", "openai", status, retry_after)
+    clock.rightNow += step  # NTP steps the clock back
+    clock.advance(wait)
+    assert health.remaining("k") <= seconds + 1.0
+    clock.advance(seconds + 1.0)
+    assert health.healthy("k") and health.cooldown("k") is None
+    # a new answer sets it aside again, for its own length
+    assert health.cool("k", "openai", 429, 30.0) == 30.0
+    assert not health.healthy("k")
+
+
+def test_a_cooldown_holds_for_its_length_without_a_step():
+    from lectr.policy.health import KeyHealth
+
+    clock = Clock()
+    clock.rightNow = 1_800_000_000.123
+    health = KeyHealth(clock)
+    for seconds in (0.1, 0.3, 7.7, 300.0):
+        health.cool("k", "openai", 429, seconds)
+        clock.advance(seconds * 0.99)
+        assert not health.healthy("k"), seconds
+        clock.advance(seconds * 0.02)
+        assert health.healthy("k"), seconds

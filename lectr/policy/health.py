@@ -66,6 +66,8 @@ class KeyHealth:
         now = self._clock.seconds()
         self._m_cooldowns.inc(1, provider, reason)
         current = self._cooling.get(key_id)
+        if current is not None and _ended(current, now):
+            current = None
         if current is not None and current.until >= now + seconds:
             # a later, shorter answer (concurrent requests on one key; a 429
             # with no retry-after after one that asked for an hour, after a
@@ -88,14 +90,14 @@ class KeyHealth:
         c = self._cooling.get(key_id)
         if c is None:
             return True
-        if c.until <= self._clock.seconds():
+        if _ended(c, self._clock.seconds()):
             del self._cooling[key_id]
             return True
         return False
 
     def cooldown(self, key_id: str) -> Cooldown | None:
         c = self._cooling.get(key_id)
-        if c is not None and c.until <= self._clock.seconds():
+        if c is not None and _ended(c, self._clock.seconds()):
             del self._cooling[key_id]
             return None
         return c
@@ -103,6 +105,19 @@ class KeyHealth:
     def remaining(self, key_id: str) -> float:
         c = self.cooldown(key_id)
         return 0.0 if c is None else c.until - self._clock.seconds()
+
+
+def _ended(c: Cooldown, now: float) -> bool:
+    """Whether a cool-down is over at ``now`` (reactor seconds, i.e. the wall
+    clock): past its end, or with more of it left than it was set for - the
+    clock has been stepped back since (NTP, a resumed VM), and without this
+    a key would stay set aside for as long as the step (a pool of one key
+    answering 503 for an hour). It then ends early rather than late: a
+    cool-down is a preference, and the provider says again if it must."""
+    left = c.until - now
+    # (a second of slack: until - now may exceed seconds by a rounding, and
+    # a step back shorter than that does no harm)
+    return left <= 0 or left > c.seconds + 1.0
 
 
 def parse_retry_after(headers, now: float | None = None) -> float | None:
