@@ -13,13 +13,14 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, ensureDeferred
 from twisted.internet.task import deferLater
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from lectr.config import load_config
 from lectr.db.database import Database
 from lectr.db.notify import ChangeListener
 from tests.support.fake_provider import OPENAI_KEY  # noqa: F401 (used by _start_stream)
+from tests.support.logs import captured_events
 from tests.support.process import FakeProviderProcess, LectrProcess, base_env, new_master_key
 from tests.test_lifecycle_review import TOKEN, _start_stream, wait_for
 
@@ -60,12 +61,8 @@ async def peer_closed(server: socket.socket, timeout: float = 2.0) -> bool:
 
 @pytest.fixture
 def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
+    with captured_events() as events:
         yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
 
 
 # --- cancelling a connection attempt -----------------------------------------------

@@ -18,14 +18,15 @@ from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 import lectr.metrics as metrics_module
 from lectr.config import load_config
 from lectr.metrics import MetricsRunDirectory, Registry
 from lectr.workers import READY_FD, WorkerSupervisor
+from tests.support.logs import captured_events
 from tests.support.process import LectrProcess, base_env, new_master_key
+from tests.test_metrics import samples
 
 SECRET = "sk-proj-supervisor-third-review-secret-0123456789"
 
@@ -62,14 +63,7 @@ class ProcessReactor(MemoryReactorClock):
         return transport
 
 
-@contextlib.contextmanager
-def logged():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+logged = captured_events
 
 
 def text(events: list[dict]) -> str:
@@ -226,13 +220,7 @@ class _Worker:
         self.seconds.observe_each([])
 
 
-def scraped(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+scraped = samples
 
 
 @settings(max_examples=25, deadline=None)
