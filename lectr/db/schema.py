@@ -263,6 +263,16 @@ request_logs = Table(
         text("id DESC"),
         postgresql_where=text("status >= 400"),
     ),
+    # an org's rows of one key, or one provider, in page order: filtered
+    # listings read about what they return (migration 0010)
+    Index("request_logs_org_key_idx", "org_id", "key_id", text("created_at DESC"), text("id DESC")),
+    Index(
+        "request_logs_org_provider_idx",
+        "org_id",
+        "provider",
+        text("created_at DESC"),
+        text("id DESC"),
+    ),
     # an org's rows in commit order: live views (migration 0009)
     Index(
         "request_logs_live_idx",
@@ -424,6 +434,8 @@ usage_hourly = Table(
     ],
     Column("cost_usd", Numeric, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("org_id", "hour", "provider", "model", "key_id", name="usage_hourly_pkey"),
+    # every org's totals over a range (migration 0010)
+    Index("usage_hourly_hour_idx", "hour"),
 )
 
 TABLES_WITH_UPDATED_AT = (

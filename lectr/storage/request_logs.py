@@ -276,6 +276,64 @@ def newer_sql(
     return " ".join(sql), args
 
 
+def newer_than_id_sql(
+    org_id: str, after_id: int, limit: int, where: RequestFilter
+) -> tuple[str, list]:
+    """The query of :meth:`RequestLogStore.newer_than_id`."""
+    sql = [
+        f"SELECT {_SELECT_COLUMNS}, txid FROM request_logs "
+        "WHERE id > %s AND id <= %s AND org_id = %s"
+    ]
+    args: list = [after_id, min(after_id + LEGACY_CURSOR_WINDOW, 2**63 - 1), org_id]
+    _conditions(where, sql, args)
+    sql.append("ORDER BY id LIMIT %s")
+    args.append(limit)
+    return " ".join(sql), args
+
+
+def recent_sql(
+    org_id: str, limit: int, before: tuple[datetime, int] | None, where: RequestFilter
+) -> tuple[str, list]:
+    """The query of :meth:`RequestLogStore.recent`."""
+    sql = [f"SELECT {_SELECT_COLUMNS} FROM request_logs WHERE org_id = %s"]
+    args: list = [org_id]
+    _conditions(where, sql, args)
+    if before is not None:
+        # the plain bound lets the planner skip newer partitions (it
+        # cannot prune on the row comparison)
+        sql.append("AND created_at <= %s AND (created_at, id) < (%s, %s)")
+        args.extend((before[0], *before))
+    sql.append("ORDER BY created_at DESC, id DESC LIMIT %s")
+    args.append(limit)
+    return " ".join(sql), args
+
+
+def totals_sql(
+    org_id: str, since: datetime, until: datetime, group_by: str, limit: int
+) -> tuple[str, list]:
+    """The query of :meth:`RequestLogStore.totals`."""
+    key, order = _GROUP_KEYS[group_by]
+    sql = (
+        f"SELECT {key} AS key, {_TOTALS} FROM usage_hourly "
+        "WHERE org_id = %s AND hour >= %s AND hour < %s "
+        f"GROUP BY 1 ORDER BY {order} LIMIT %s"
+    )
+    return sql, [org_id, since, until, limit]
+
+
+def totals_by_org_sql(
+    org_ids: list[str] | None, since: datetime, until: datetime
+) -> tuple[str, list]:
+    """The query of :meth:`RequestLogStore.totals_by_org`."""
+    sql = [f"SELECT org_id AS key, {_TOTALS} FROM usage_hourly WHERE hour >= %s AND hour < %s"]
+    args: list = [since, until]
+    if org_ids is not None:
+        sql.append("AND org_id = ANY(%s::uuid[])")
+        args.append(list(org_ids))
+    sql.append("GROUP BY 1")
+    return " ".join(sql), args
+
+
 def _conditions(where: RequestFilter, sql: list[str], args: list) -> None:
     """Append the filter's conditions (bound parameters only)."""
     for column, value in (
@@ -587,17 +645,8 @@ class RequestLogStore:
     ) -> list[RequestLog]:
         """An org's requests, newest first: at most ``limit`` rows strictly
         older than ``before`` (a ``(created_at, id)`` keyset position)."""
-        sql = [f"SELECT {_SELECT_COLUMNS} FROM request_logs WHERE org_id = %s"]
-        args: list = [org_id]
-        _conditions(where, sql, args)
-        if before is not None:
-            # the plain bound lets the planner skip newer partitions (it
-            # cannot prune on the row comparison)
-            sql.append("AND created_at <= %s AND (created_at, id) < (%s, %s)")
-            args.extend((before[0], *before))
-        sql.append("ORDER BY created_at DESC, id DESC LIMIT %s")
-        args.append(limit)
-        rows = await self._db.runQuery("list_request_logs", " ".join(sql), args)
+        sql, args = recent_sql(org_id, limit, before, where)
+        rows = await self._db.runQuery("list_request_logs", sql, args)
         return [RequestLog(*r) for r in rows]
 
     async def totals(
@@ -608,15 +657,8 @@ class RequestLogStore:
         ``until`` should be whole hours), grouped by model, provider, key,
         UTC day or hour; at most ``limit`` groups (the busiest first; days
         and hours in order)."""
-        key, order = _GROUP_KEYS[group_by]
-        sql = (
-            f"SELECT {key} AS key, {_TOTALS} FROM usage_hourly "
-            "WHERE org_id = %s AND hour >= %s AND hour < %s "
-            f"GROUP BY 1 ORDER BY {order} LIMIT %s"
-        )
-        rows = await self._db.runQuery(
-            f"usage_totals_by_{group_by}", sql, (org_id, since, until, limit)
-        )
+        sql, args = totals_sql(org_id, since, until, group_by, limit)
+        rows = await self._db.runQuery(f"usage_totals_by_{group_by}", sql, args)
         return [UsageAggregate(*r) for r in rows]
 
     async def totals_by_org(
@@ -624,13 +666,8 @@ class RequestLogStore:
     ) -> list[UsageAggregate]:
         """One total per org over the hours in ``[since, until)`` (``key`` is
         the org id), for the given orgs (None: every org), from the rollups."""
-        sql = [f"SELECT org_id AS key, {_TOTALS} FROM usage_hourly WHERE hour >= %s AND hour < %s"]
-        args: list = [since, until]
-        if org_ids is not None:
-            sql.append("AND org_id = ANY(%s::uuid[])")
-            args.append(list(org_ids))
-        sql.append("GROUP BY 1")
-        rows = await self._db.runQuery("usage_totals_by_org", " ".join(sql), args)
+        sql, args = totals_by_org_sql(org_ids, since, until)
+        rows = await self._db.runQuery("usage_totals_by_org", sql, args)
         return [UsageAggregate(*r) for r in rows]
 
     async def snapshot(self) -> str:
@@ -665,15 +702,8 @@ class RequestLogStore:
         id): the rows stored after row ``after_id``, in id order, among the
         next LEGACY_CURSOR_WINDOW rows of every org (a cursor far behind, or
         forged as ``live:0``, never walks the whole table)."""
-        sql = [
-            f"SELECT {_SELECT_COLUMNS}, txid FROM request_logs "
-            "WHERE id > %s AND id <= %s AND org_id = %s"
-        ]
-        args: list = [after_id, min(after_id + LEGACY_CURSOR_WINDOW, 2**63 - 1), org_id]
-        _conditions(where, sql, args)
-        sql.append("ORDER BY id LIMIT %s")
-        args.append(limit)
-        return await self._in_one_snapshot("newer_request_logs_by_id", " ".join(sql), args)
+        sql, args = newer_than_id_sql(org_id, after_id, limit, where)
+        return await self._in_one_snapshot("newer_request_logs_by_id", sql, args)
 
     async def _in_one_snapshot(
         self, desc: str, sql: str, args: list

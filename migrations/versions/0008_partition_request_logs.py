@@ -1,7 +1,7 @@
 """request_logs becomes a table partitioned by range of created_at
 
 Revision ID: 0008
-Revises: 0003
+Revises: 0007
 Create Date: 2027-01-10
 
 At a few thousand requests per second (a billion rows a week), deleting
