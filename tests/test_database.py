@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import psycopg2
 import pytest
 import pytest_twisted
@@ -260,3 +262,33 @@ async def test_close_waits_for_in_flight_work(db_url):
     assert (await d)[0][1] == 1
     with pytest.raises(DatabaseUnavailable):
         await db.runQuery("late", "SELECT 1")
+
+
+@pytest.mark.parametrize(
+    ("options", "jit", "timeout"),
+    [
+        (None, "off", None),
+        ("-c statement_timeout=4321", "off", "4321ms"),
+        ("-c jit=on", "on", None),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_connections_run_without_jit_and_keep_the_dsns_own_options(
+    db_url, options, jit, timeout
+):
+    """PostgreSQL's JIT compiled the per-org totals over a large request log
+    (40-55 ms of compile time for a query that then runs in less): Lectr's
+    connections turn it off, after the DSN's own options, which are kept
+    (and may turn it on again)."""
+    dsn = db_url if options is None else f"{db_url}?options={quote(options)}"
+    db = Database(dsn, reactor=reactor, min_size=1, max_size=1)
+    await db.start()
+    try:
+        [(shown_jit, shown_timeout)] = await db.runQuery(
+            "show", "SELECT current_setting('jit'), current_setting('statement_timeout')"
+        )
+    finally:
+        await db.close()
+    assert shown_jit == jit
+    if timeout is not None:
+        assert shown_timeout == timeout

@@ -48,6 +48,21 @@ NOTIFY_CHANNEL = "lectr_changes"
 _CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
+def _without_jit(dsn: str) -> str:
+    """The DSN's own ``options`` (kept: a keyword given to connect replaces
+    the DSN's) with ``-c jit=off`` after them. Lectr's statements are short
+    look-ups and sums over rollups, where PostgreSQL's JIT (on by default,
+    for any plan over ``jit_above_cost``) only adds its compile time: 40-55 ms
+    to a month's per-org totals on a large request log (docs/performance.md,
+    "Admin queries at scale"). A DSN that sets jit itself wins, as it comes
+    last (``options=-c jit=on``)."""
+    try:
+        own = psycopg2.extensions.parse_dsn(dsn).get("options", "")
+    except psycopg2.ProgrammingError:
+        own = ""  # (connect reports the DSN's problem)
+    return f"-c jit=off {own}".strip()
+
+
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (connection refused, lost, timed out)."""
 
@@ -169,6 +184,7 @@ class Database:
         self._slow = slow_threshold
         self._connect_kwargs = {
             "application_name": application_name,
+            "options": _without_jit(dsn),
             "keepalives": 1,
             "keepalives_idle": 30,
             "keepalives_interval": 10,
