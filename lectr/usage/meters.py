@@ -1416,7 +1416,14 @@ _OPENAI_STREAMS = {
     "/v1/responses",
     "/v1/audio/transcriptions",
 }
-_OPENAI_JSON = _OPENAI_STREAMS | {"/v1/embeddings", "/v1/audio/translations"}
+# (gpt-image-* answers report token usage after the image data; dall-e-*'s
+# report none, and are logged without counts)
+_OPENAI_JSON = _OPENAI_STREAMS | {
+    "/v1/embeddings",
+    "/v1/audio/translations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+}
 _ANTHROPIC = {"/v1/messages"}
 
 

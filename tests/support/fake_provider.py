@@ -14,7 +14,9 @@ Run it standalone with ``python -m tests.support.fake_provider --port 9000``.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import re
 import time
 import uuid
 from collections import deque
@@ -39,6 +41,7 @@ class Seen:
     headers: dict[str, list[str]]  # lower-case names
     body: bytes
     at: float = field(default_factory=time.monotonic)
+    request_id: str | None = None  # the x-request-id / request-id answered (request_ids on)
 
     def header(self, name: str) -> str | None:
         values = self.headers.get(name.lower())
@@ -254,6 +257,160 @@ def anthropic_stream(model: str, words: list[str], input_tokens=10, cache_read=0
     return events
 
 
+#: the arguments the fake's tool calls carry
+TOOL_INPUT = {"city": "Paris"}
+
+
+def openai_tool_call(model: str, name: str) -> dict:
+    doc = openai_chat_completion(model, prompt=30, completion=9)
+    doc["choices"][0]["message"] = {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+        "tool_calls": [
+            {
+                "id": "call_01",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(TOOL_INPUT)},
+            }
+        ],
+    }
+    doc["choices"][0]["finish_reason"] = "tool_calls"
+    return doc
+
+
+def openai_tool_stream(model: str, name: str, include_usage: bool) -> list[bytes]:
+    """A streamed tool call, the arguments in pieces (with include_usage, as
+    OpenAI does: ``"usage": null`` on every chunk, a usage-only chunk last)."""
+    cid = "chatcmpl-" + uuid.uuid4().hex[:12]
+
+    def chunk(delta: dict, finish=None) -> bytes:
+        doc = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if include_usage:
+            doc["usage"] = None
+        return sse(doc)
+
+    arguments = json.dumps(TOOL_INPUT)
+    call = {"index": 0, "id": "call_01", "type": "function"}
+    events = [
+        chunk(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{**call, "function": {"name": name, "arguments": ""}}],
+            }
+        )
+    ]
+    for piece in (arguments[:5], arguments[5:]):
+        events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+    events.append(chunk({}, "tool_calls"))
+    if include_usage:
+        usage = {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39}
+        events.append(
+            sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
+        )
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def anthropic_tool_stream(model: str, name: str) -> list[bytes]:
+    """A streamed tool_use block, its input as input_json_delta pieces."""
+    events = anthropic_stream(model, [])
+    arguments = json.dumps(TOOL_INPUT)
+    block = [
+        sse(
+            {
+                "type": "content_block_start",
+                "index": 1,
+                "content_block": {"type": "tool_use", "id": "toolu_01", "name": name, "input": {}},
+            },
+            "content_block_start",
+        ),
+        *(
+            sse(
+                {
+                    "type": "content_block_delta",
+                    "index": 1,
+                    "delta": {"type": "input_json_delta", "partial_json": piece},
+                },
+                "content_block_delta",
+            )
+            for piece in (arguments[:5], arguments[5:])
+        ),
+        sse({"type": "content_block_stop", "index": 1}, "content_block_stop"),
+    ]
+    # after the (empty) text block's stop, before message_delta
+    at = next(i for i, e in enumerate(events) if e.startswith(b"event: message_delta"))
+    events[at:at] = block
+    events[at + len(block)] = sse(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": 7},
+        },
+        "message_delta",
+    )
+    return events
+
+
+def multipart_fields(content_type: str, body: bytes) -> dict[str, list[dict]]:
+    """The fields of a multipart/form-data body, by name: ``{"value",
+    "filename", "content_type"}`` each (a repeated name, ``image[]``, gives
+    several). A plain reading, enough for the SDKs' well-formed bodies."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if m is None:
+        return {}
+    delimiter = b"\r\n--" + m.group(1).encode()
+    fields: dict[str, list[dict]] = {}
+    for part in (b"\r\n" + body).split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, value = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        info: dict = {"value": value, "filename": None, "content_type": None}
+        name = None
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            key, _, rest = line.partition(":")
+            if key.lower() == "content-disposition":
+                n = re.search(r'(?:^|;)\s*name="([^"]*)"', rest)
+                f = re.search(r'filename="([^"]*)"', rest)
+                name = n.group(1) if n else None
+                info["filename"] = f.group(1) if f else None
+            elif key.lower() == "content-type":
+                info["content_type"] = rest.strip()
+        if name is not None:
+            fields.setdefault(name, []).append(info)
+    return fields
+
+
+def _field(fields: dict[str, list[dict]], name: str) -> str | None:
+    values = fields.get(name)
+    return values[0]["value"].decode("utf-8", "replace") if values else None
+
+
+def _json_script(doc: Any, status: int = 200) -> Script:
+    return Script(status=status, body=json.dumps(doc).encode())
+
+
+#: what the fake's audio endpoints answer
+SPEECH_BYTES = b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x00" + bytes(range(256)) * 4
+TRANSCRIPT = "hello from the fake"
+
+
 class FakeProvider(Resource):
     """The root resource. ``keys`` maps provider → accepted keys."""
 
@@ -269,6 +426,13 @@ class FakeProvider(Resource):
         self.stream_interval = 0.0
         self.open_requests: set = set()
         self.cancelled = 0  # requests whose client went away before the end
+        # Answer every request with a request id header, as the providers do
+        # (x-request-id for OpenAI-shaped prefixes, request-id for Anthropic).
+        # Off by default; POST /_control/options {"request_ids": true}.
+        self.request_ids = False
+        self.files: dict[str, dict] = {}  # uploaded files (/v1/files), by id
+        self.batches: dict[str, dict] = {}  # created batches (/v1/batches), by id
+        self.message_batches: dict[str, dict] = {}  # Anthropic's (/v1/messages/batches)
 
     # --- control --------------------------------------------------------------
 
@@ -303,6 +467,10 @@ class FakeProvider(Resource):
         seen = Seen(provider, request.method.decode(), path, query, headers, body)
         self.seen.append(seen)
         request.setHeader(b"x-fake-provider", provider.encode())
+        if self.request_ids:
+            seen.request_id = "req_" + uuid.uuid4().hex
+            name = b"request-id" if provider.startswith("anthropic") else b"x-request-id"
+            request.setHeader(name, seen.request_id.encode())
 
         if not self._authorized(provider, seen):
             return self._error(
@@ -321,10 +489,13 @@ class FakeProvider(Resource):
 
     def _control(self, request, action: str) -> bytes:
         """For tests driving a fake provider in another process:
-        GET /_control/calls, POST /_control/reset, POST /_control/next (a
-        JSON Script), POST /_control/keys ({"openai": [...], ...})."""
+        GET /_control/calls (?request_id=…), POST /_control/reset, POST /_control/next (a
+        JSON Script), POST /_control/keys ({"openai": [...], ...}), POST
+        /_control/options ({"request_ids": bool, "stream_words": [...]})."""
         request.setHeader(b"content-type", b"application/json")
         if action == "calls":
+            # (?request_id=: only the call answered with that request id)
+            wanted = request.args.get(b"request_id", [None])[0]
             return json.dumps(
                 [
                     {
@@ -334,8 +505,11 @@ class FakeProvider(Resource):
                         "query": c.query,
                         "headers": c.headers,
                         "body": c.body.decode("utf-8", "replace"),
+                        "body_b64": base64.b64encode(c.body).decode(),
+                        "request_id": c.request_id,
                     }
                     for c in self.seen
+                    if wanted is None or (c.request_id or "").encode() == wanted
                 ]
             ).encode()
         if action == "reset":
@@ -355,6 +529,12 @@ class FakeProvider(Resource):
             return b"{}"
         if action == "keys":
             self.keys = {k: set(v) for k, v in doc.items()}
+            return b"{}"
+        if action == "options":
+            if "request_ids" in doc:
+                self.request_ids = bool(doc["request_ids"])
+            if "stream_words" in doc:
+                self.stream_words = list(doc["stream_words"])
             return b"{}"
         request.setResponseCode(404)
         return b'{"error":"unknown control"}'
@@ -411,6 +591,17 @@ class FakeProvider(Resource):
                 doc = {}
         model = doc.get("model", "unknown-model") if isinstance(doc, dict) else "unknown-model"
         stream = isinstance(doc, dict) and doc.get("stream") is True
+        fields: dict[str, list[dict]] = {}
+        content_type = seen.header("content-type") or ""
+        if content_type.startswith("multipart/form-data"):
+            fields = multipart_fields(content_type, seen.body)
+            model = _field(fields, "model") or model
+            stream = _field(fields, "stream") == "true"
+        surface = self._surface(
+            provider, prefix, seen, doc if isinstance(doc, dict) else {}, fields, model, stream
+        )
+        if surface is not None:
+            return surface
         if seen.path == "/v1/models" and seen.method == "GET":
             data = [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "fake"}]
             if provider == "anthropic":
@@ -522,6 +713,366 @@ class FakeProvider(Resource):
         return Script(
             status=200, body=json.dumps({"echo": seen.path, "query": seen.query}).encode()
         )
+
+    def _surface(
+        self,
+        provider: str,
+        prefix: str,
+        seen: Seen,
+        doc: dict,
+        fields: dict[str, list[dict]],
+        model: str,
+        stream: bool,
+    ) -> Script | None:
+        """The rest of the SDKs' surface (tools, structured output, files,
+        batches, audio, images, moderations, token counting…), shaped close
+        enough to the real APIs for the official SDKs to parse; None for
+        what the routes above answer."""
+        method, path = seen.method, seen.path
+        parts = path.strip("/").split("/")  # ["v1", "files", "file-1", "content"]
+        if provider == "anthropic":
+            return self._anthropic_surface(prefix, seen, doc, fields, model, stream, parts)
+        if path == "/v1/chat/completions" and method == "POST":
+            tools = doc.get("tools")
+            if isinstance(tools, list) and tools:
+                name = tools[0].get("function", {}).get("name", "tool")
+                return (
+                    Script(
+                        events=openai_tool_stream(
+                            model,
+                            name,
+                            bool((doc.get("stream_options") or {}).get("include_usage")),
+                        ),
+                        interval=self.stream_interval,
+                    )
+                    if stream
+                    else _json_script(openai_tool_call(model, name))
+                )
+            fmt = doc.get("response_format")
+            if not stream and isinstance(fmt, dict) and fmt.get("type") != "text":
+                content = json.dumps({"answer": "Hello!", "n": 1})
+                return _json_script(openai_chat_completion(model, content=content))
+            return None
+        if path == "/v1/completions" and method == "POST" and not stream:
+            return _json_script(
+                {
+                    "id": "cmpl-" + uuid.uuid4().hex[:12],
+                    "object": "text_completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [
+                        {"text": "Hello!", "index": 0, "logprobs": None, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
+                }
+            )
+        if path == "/v1/moderations" and method == "POST":
+            categories = {"harassment": False, "hate": False, "violence": False}
+            return _json_script(
+                {
+                    "id": "modr-" + uuid.uuid4().hex[:12],
+                    "model": model,
+                    "results": [
+                        {
+                            "flagged": False,
+                            "categories": categories,
+                            "category_scores": {k: 0.001 for k in categories},
+                            "category_applied_input_types": {k: ["text"] for k in categories},
+                        }
+                    ],
+                }
+            )
+        if parts[:2] == ["v1", "models"] and len(parts) == 3:
+            if method == "GET":
+                return _json_script(
+                    {"id": parts[2], "object": "model", "created": 0, "owned_by": "fake"}
+                )
+            if method == "DELETE":
+                return _json_script({"id": parts[2], "object": "model", "deleted": True})
+            return None
+        if parts[:2] == ["v1", "files"]:
+            return self._openai_files(seen, fields, parts)
+        if parts[:2] == ["v1", "batches"]:
+            return self._openai_batches(seen, doc, parts)
+        if path == "/v1/audio/transcriptions" and method == "POST":
+            usage = {
+                "type": "tokens",
+                "input_tokens": 14,
+                "output_tokens": 4,
+                "total_tokens": 18,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": 14},
+            }
+            if stream:
+                words = TRANSCRIPT.split(" ")
+                events = [
+                    sse({"type": "transcript.text.delta", "delta": w + " ", "logprobs": None})
+                    for w in words
+                ]
+                events.append(
+                    sse({"type": "transcript.text.done", "text": TRANSCRIPT, "usage": usage})
+                )
+                return Script(events=events, interval=self.stream_interval)
+            return _json_script({"text": TRANSCRIPT, "usage": usage})
+        if path == "/v1/audio/translations" and method == "POST":
+            return _json_script({"text": TRANSCRIPT})
+        if path == "/v1/audio/speech" and method == "POST":
+            return Script(body=SPEECH_BYTES, headers={"content-type": "audio/mpeg"})
+        if path in ("/v1/images/generations", "/v1/images/edits") and method == "POST":
+            return _json_script(
+                {
+                    "created": int(time.time()),
+                    "data": [{"b64_json": base64.b64encode(b"\x89PNG fake").decode()}],
+                    "usage": {
+                        "input_tokens": 50,
+                        "output_tokens": 272,
+                        "total_tokens": 322,
+                        "input_tokens_details": {"text_tokens": 10, "image_tokens": 40},
+                    },
+                }
+            )
+        if parts[:2] == ["v1", "responses"] and len(parts) == 3:
+            if method == "DELETE":
+                return _json_script({"id": parts[2], "object": "response", "deleted": True})
+            if method == "GET":
+                return _json_script(
+                    {
+                        "id": parts[2],
+                        "object": "response",
+                        "created_at": 0,
+                        "status": "completed",
+                        "model": "gpt-4o-mini",
+                        "output": [],
+                    }
+                )
+        return None
+
+    def _openai_files(self, seen: Seen, fields: dict, parts: list[str]) -> Script | None:
+        method = seen.method
+        if len(parts) == 2 and method == "POST":
+            upload = (fields.get("file") or [{}])[0]
+            content = upload.get("value", b"")
+            file = {
+                "id": "file-" + uuid.uuid4().hex[:24],
+                "object": "file",
+                "bytes": len(content),
+                "created_at": int(time.time()),
+                "filename": upload.get("filename") or "upload",
+                "purpose": _field(fields, "purpose") or "user_data",
+                "status": "processed",
+                "expires_at": None,
+                "status_details": None,
+            }
+            self.files[file["id"]] = {**file, "_content": content}
+            return _json_script(file)
+        public = [
+            {k: v for k, v in f.items() if k != "_content"}
+            for f in self.files.values()
+            if f.get("object") == "file"
+        ]
+        if len(parts) == 2 and method == "GET":
+            return _json_script(
+                {
+                    "object": "list",
+                    "data": public,
+                    "has_more": False,
+                    "first_id": public[0]["id"] if public else None,
+                    "last_id": public[-1]["id"] if public else None,
+                }
+            )
+        if len(parts) == 3 and method == "DELETE":
+            self.files.pop(parts[2], None)
+            return _json_script({"id": parts[2], "object": "file", "deleted": True})
+        file = self.files.get(parts[2]) if len(parts) >= 3 else None
+        if file is None:
+            return None
+        if len(parts) == 3 and method == "GET":
+            return _json_script({k: v for k, v in file.items() if k != "_content"})
+        if parts[3:] == ["content"] and method == "GET":
+            return Script(
+                body=file["_content"], headers={"content-type": "application/octet-stream"}
+            )
+        return None
+
+    def _openai_batches(self, seen: Seen, doc: dict, parts: list[str]) -> Script | None:
+        method = seen.method
+        if len(parts) == 2 and method == "POST":
+            batch = {
+                "id": "batch_" + uuid.uuid4().hex[:24],
+                "object": "batch",
+                "endpoint": doc.get("endpoint"),
+                "errors": None,
+                "input_file_id": doc.get("input_file_id"),
+                "completion_window": doc.get("completion_window"),
+                "status": "validating",
+                "output_file_id": None,
+                "error_file_id": None,
+                "created_at": int(time.time()),
+                "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                "metadata": doc.get("metadata"),
+            }
+            self.batches[batch["id"]] = batch
+            return _json_script(batch)
+        if len(parts) == 2 and method == "GET":
+            data = list(self.batches.values())
+            return _json_script({"object": "list", "data": data, "has_more": False})
+        batch = self.batches.get(parts[2]) if len(parts) >= 3 else None
+        if batch is None:
+            return None
+        if len(parts) == 3 and method == "GET":
+            return _json_script(batch)
+        if parts[3:] == ["cancel"] and method == "POST":
+            batch["status"] = "cancelling"
+            return _json_script(batch)
+        return None
+
+    def _anthropic_surface(
+        self,
+        prefix: str,
+        seen: Seen,
+        doc: dict,
+        fields: dict[str, list[dict]],
+        model: str,
+        stream: bool,
+        parts: list[str],
+    ) -> Script | None:
+        method, path = seen.method, seen.path
+        if path == "/v1/messages" and method == "POST":
+            tools = doc.get("tools")
+            if isinstance(tools, list) and tools and isinstance(tools[0], dict):
+                name = tools[0].get("name", "tool")
+                if stream:
+                    return Script(
+                        events=anthropic_tool_stream(model, name), interval=self.stream_interval
+                    )
+                message = anthropic_message(model)
+                message["content"] = [
+                    {"type": "text", "text": "Let me look."},
+                    {"type": "tool_use", "id": "toolu_01", "name": name, "input": TOOL_INPUT},
+                ]
+                message["stop_reason"] = "tool_use"
+                return _json_script(message)
+            return None
+        if path == "/v1/messages/count_tokens" and method == "POST":
+            return _json_script({"input_tokens": 21})
+        if parts[:2] == ["v1", "models"] and len(parts) == 3 and method == "GET":
+            return _json_script(
+                {
+                    "type": "model",
+                    "id": parts[2],
+                    "display_name": "Claude",
+                    "created_at": "2024-01-01T00:00:00Z",
+                }
+            )
+        if parts[:3] == ["v1", "messages", "batches"]:
+            return self._anthropic_batches(prefix, seen, doc, parts)
+        if parts[:2] == ["v1", "files"]:
+            return self._anthropic_files(seen, fields, parts)
+        return None
+
+    def _anthropic_batches(
+        self, prefix: str, seen: Seen, doc: dict, parts: list[str]
+    ) -> Script | None:
+        method = seen.method
+        if len(parts) == 3 and method == "POST":
+            requests = doc.get("requests") or []
+            batch = {
+                "id": "msgbatch_" + uuid.uuid4().hex[:24],
+                "type": "message_batch",
+                "processing_status": "in_progress",
+                "request_counts": {
+                    "processing": len(requests),
+                    "succeeded": 0,
+                    "errored": 0,
+                    "canceled": 0,
+                    "expired": 0,
+                },
+                "ended_at": None,
+                "created_at": "2025-01-01T00:00:00Z",
+                "expires_at": "2025-01-02T00:00:00Z",
+                "archived_at": None,
+                "cancel_initiated_at": None,
+                "results_url": None,
+                "_requests": requests,
+            }
+            self.message_batches[batch["id"]] = batch
+            return _json_script({k: v for k, v in batch.items() if k != "_requests"})
+        batch = self.message_batches.get(parts[3]) if len(parts) >= 4 else None
+        if batch is None:
+            return None
+        requests = batch["_requests"]
+        if len(parts) == 4 and method == "GET":
+            # done by the time anyone asks; its results_url is absolute, on the
+            # provider's own origin, as Anthropic's is (https://api.anthropic.com/...)
+            host = seen.header("host") or "127.0.0.1"
+            ended = {
+                **batch,
+                "processing_status": "ended",
+                "ended_at": "2025-01-01T00:01:00Z",
+                "request_counts": {**batch["request_counts"], "processing": 0},
+                "results_url": f"http://{host}/{prefix}/v1/messages/batches/{batch['id']}/results",
+            }
+            ended["request_counts"]["succeeded"] = len(requests)
+            return _json_script({k: v for k, v in ended.items() if k != "_requests"})
+        if parts[4:] == ["results"] and method == "GET":
+            lines = [
+                json.dumps(
+                    {
+                        "custom_id": r.get("custom_id"),
+                        "result": {
+                            "type": "succeeded",
+                            "message": anthropic_message(r.get("params", {}).get("model", "")),
+                        },
+                    }
+                )
+                for r in requests
+            ]
+            return Script(
+                body=("\n".join(lines) + "\n").encode(),
+                headers={"content-type": "application/binary"},
+            )
+        return None
+
+    def _anthropic_files(self, seen: Seen, fields: dict, parts: list[str]) -> Script | None:
+        method = seen.method
+        if len(parts) == 2 and method == "POST":
+            upload = (fields.get("file") or [{}])[0]
+            content = upload.get("value", b"")
+            file = {
+                "id": "file_" + uuid.uuid4().hex[:24],
+                "type": "file",
+                "filename": upload.get("filename") or "upload",
+                "mime_type": upload.get("content_type") or "application/octet-stream",
+                "size_bytes": len(content),
+                "created_at": "2025-01-01T00:00:00Z",
+                "downloadable": True,
+            }
+            self.files[file["id"]] = {**file, "_content": content}
+            return _json_script(file)
+        public = [
+            {k: v for k, v in f.items() if k != "_content"}
+            for f in self.files.values()
+            if f.get("type") == "file"
+        ]
+        if len(parts) == 2 and method == "GET":
+            return _json_script(
+                {
+                    "data": public,
+                    "has_more": False,
+                    "first_id": public[0]["id"] if public else None,
+                    "last_id": public[-1]["id"] if public else None,
+                }
+            )
+        file = self.files.get(parts[2]) if len(parts) >= 3 else None
+        if file is None:
+            return None
+        if len(parts) == 3 and method == "GET":
+            return _json_script({k: v for k, v in file.items() if k != "_content"})
+        if len(parts) == 3 and method == "DELETE":
+            self.files.pop(parts[2], None)
+            return _json_script({"id": parts[2], "type": "file_deleted"})
+        if parts[3:] == ["content"] and method == "GET":
+            return Script(body=file["_content"], headers={"content-type": file["mime_type"]})
+        return None
 
     def _play(self, request, script: Script):
         if script.redirect_to is not None:
