@@ -29,6 +29,7 @@ from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from lectr.providers.base import ECHO_RUN, scrub, scrub_body
+from lectr.providers.dialects import relative_results_urls
 from lectr.proxy.call import SCRUB_MAX
 from lectr.tracing import _loggable_url
 from tests.support.fake_provider import OPENAI_KEY, Script
@@ -268,3 +269,74 @@ def test_a_long_message_is_masked_only_as_far_as_it_can_be_shown(monkeypatch):
     assert seen and max(seen) <= 3 * 300, seen
     assert out.startswith("bad key *** lorem ipsum lorem ipsum") and len(out) == 300
     assert "ABCDEFGH" not in out
+
+
+# --- a message batch's results_url ----------------------------------------------------------
+
+_ids = st.text(alphabet=string.ascii_letters + string.digits + "_", min_size=1, max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scheme=st.sampled_from(["https", "http", "HTTPS"]),
+    host=st.sampled_from(["api.anthropic.com", "127.0.0.1:9000", "evil.example", "h"]),
+    prefix=st.sampled_from(["", "/anthropic", "/a/b"]),
+    batch=_ids,
+    query=st.one_of(st.just(""), st.text(alphabet="abc=&%20", max_size=12)),
+    paged=st.booleans(),
+    spaced=st.booleans(),
+)
+def test_no_absolute_results_url_reaches_the_client(
+    scheme, host, prefix, batch, query, paged, spaced
+):
+    """Anthropic names a batch's results by an absolute URL on its origin;
+    the SDK follows it with the client's key, around Lectr. Whatever the
+    URL, the client gets a relative one, to the batch's results path, and
+    every other field as it was."""
+    url = f"{scheme}://{host}{prefix}/v1/messages/batches/{batch}/results"
+    if query:
+        url += "?" + query
+    one = {"id": batch, "type": "message_batch", "results_url": url, "n": 1.5, "t": "é"}
+    doc = {"data": [one, {**one, "results_url": None}], "has_more": False} if paged else one
+    body = json.dumps(doc, indent=2 if spaced else None).encode()
+    out = json.loads(relative_results_urls(body))
+    got = out["data"][0] if paged else out
+    expected = f"/v1/messages/batches/{batch}/results" + (f"?{query}" if query else "")
+    assert got["results_url"] == expected
+    assert {k: v for k, v in got.items() if k != "results_url"} == {
+        k: v for k, v in one.items() if k != "results_url"
+    }
+    if paged:
+        assert out["data"][1]["results_url"] is None and out["has_more"] is False
+
+
+def test_answers_without_an_absolute_results_url_are_untouched():
+    for body in (
+        b"",
+        b"not json",
+        b'{"results_url": "/v1/messages/batches/b/results"}',
+        b'{"results_url": null}',
+        b'["results_url"]',
+        b'{"data": "results_url"}',
+    ):
+        assert relative_results_urls(body) is body
+
+
+def test_only_batch_answers_are_held_for_the_rewrite():
+    from lectr.providers.dialects import AnthropicDialect, OpenAIDialect
+
+    anthropic, openai = AnthropicDialect(), OpenAIDialect()
+    for path in (
+        "/v1/messages/batches",
+        "/v1/messages/batches/msgbatch_1",
+        "/v1/messages/batches/msgbatch_1/cancel",
+    ):
+        assert anthropic.answer_rewrite(path) is relative_results_urls, path
+    for path in (
+        "/v1/messages",
+        "/v1/messages/batches/msgbatch_1/results",  # (the results: relayed as they come)
+        "/v1/messages/count_tokens",
+        "/v1/models",
+    ):
+        assert anthropic.answer_rewrite(path) is None, path
+    assert openai.answer_rewrite("/v1/batches") is None

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Callable
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from lectr.providers.body import ReadBody
 from lectr.usage.meters import RequestPlan, meter_for, plan_request
@@ -49,6 +52,59 @@ _PREFIX_BYTES = OPENAI_CACHE_MIN_TOKENS * BYTES_PER_TOKEN
 # compact, as the provider reads it; a prompt's lone surrogates (valid JSON
 # escapes) are kept as they are ("surrogatepass") when hashed
 _PREFIX_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+#: Anthropic answers that carry a batch's ``results_url``
+_BATCH_ANSWERS = re.compile(r"/v1/messages/batches(?:/[^/]+(?:/cancel)?)?")
+_BATCHES_PATH = "/v1/messages/batches/"
+
+
+def relative_results_urls(body: bytes) -> bytes:
+    """An Anthropic batch answer (one batch, or a page in ``data``) with each
+    absolute ``results_url`` made relative: its path from
+    ``/v1/messages/batches/`` on, and its query.
+
+    Anthropic names a batch's results by a URL on its own origin
+    (``https://api.anthropic.com/v1/messages/batches/<id>/results``), and
+    its SDKs fetch that URL as given, with the client's credentials: through
+    Lectr, the Lectr key, sent to the provider around Lectr (and the call
+    refused). A relative URL is joined to the client's base URL (Lectr's,
+    with any ``/anthropic`` prefix), so the results are fetched through
+    Lectr, with the org's key. Anything that is not such JSON is returned
+    unchanged."""
+    if b"results_url" not in body:
+        return body
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return body
+    if not isinstance(doc, dict):
+        return body
+    data = doc.get("data")
+    items = data if isinstance(data, list) else [doc]
+    changed = False
+    for item in items:
+        url = item.get("results_url") if isinstance(item, dict) else None
+        if isinstance(url, str):
+            relative = _relative(url)
+            if relative != url:
+                item["results_url"] = relative
+                changed = True
+    if not changed:
+        return body
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _relative(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""  # (not a URL a client could follow either)
+    if not parts.scheme and not parts.netloc and not url.startswith("//"):
+        return url  # relative already
+    at = parts.path.find(_BATCHES_PATH)
+    path = parts.path[at:] if at >= 0 else parts.path or "/"
+    return f"{path}?{parts.query}" if parts.query else path
 
 
 def _text(value: object, limit: int = 512) -> str | None:
@@ -96,6 +152,13 @@ class Dialect:
         content_encoding: bytes | None,
     ) -> Meter:
         return meter_for(plan, self.name, api_path, status, content_type, content_encoding)
+
+    def answer_rewrite(self, api_path: str) -> Callable[[bytes], bytes] | None:
+        """How a successful answer on ``api_path`` must be rewritten before
+        the client sees it; the proxy then holds that answer whole (at most
+        ``SCRUB_MAX``) instead of relaying it as it comes. None, for nearly
+        every path: relayed unchanged."""
+        return None
 
     def session_key(self, doc: dict | None) -> str | None:
         """An explicit conversation id in the body, if any."""
@@ -164,6 +227,14 @@ class OpenAIDialect(Dialect):
 class AnthropicDialect(Dialect):
     name = "anthropic"
     title = "Anthropic"
+
+    def answer_rewrite(self, api_path: str) -> Callable[[bytes], bytes] | None:
+        # a message batch, a page of them, a cancelled one: each names its
+        # results by an absolute URL on the provider (not the results, a
+        # JSONL stream of any size, relayed as it comes)
+        if _BATCH_ANSWERS.fullmatch(api_path) is None:
+            return None
+        return relative_results_urls
 
     _TYPES: ClassVar[dict[str, str]] = {
         "invalid_request": "invalid_request_error",

@@ -239,6 +239,7 @@ class Call:
         "meter",
         "held",
         "held_encoding",
+        "rewrite",
         "echo_core",
         "echo_tail",
         "headers_timer",
@@ -284,6 +285,7 @@ class Call:
         self.meter = None
         self.held: bytearray | None = None
         self.held_encoding: bytes | None = None
+        self.rewrite = None  # a held 2xx answer's rewrite (Dialect.answer_rewrite)
         self.echo_core: bytes | None = None  # a 2xx answer's: what must not be echoed
         self.echo_tail = b""  # (held: it may be the start of an echo)
         self.headers_timer = None
@@ -619,7 +621,13 @@ class Call:
             # a successful answer is relayed as it comes, checked for an echo
             # of the key on the way (security.md)
             self.echo_core = echo_core(raw) if raw is not None else None
-            if length is not None and (
+            rewrite = self.dialect.answer_rewrite(self.api_path_text) if not encodings else None
+            if rewrite is not None:
+                # one of the few answers that must be rewritten: held whole
+                self.held = bytearray()
+                self.rewrite = rewrite
+                length = None
+            elif length is not None and (
                 rplan.strip_usage_chunk or status in _NO_LENGTH_CODES or req.method == b"HEAD"
             ):
                 length = None
@@ -663,7 +671,7 @@ class Call:
             held += data
             if len(held) > SCRUB_MAX:
                 self.h.log.warn(
-                    "{provider} error body over {n} bytes; cut",
+                    "{provider} answer to hold over {n} bytes; cut",
                     provider=self.attempt.provider.name,
                     n=SCRUB_MAX,
                 )
@@ -689,7 +697,7 @@ class Call:
         req.clear_producer()
         held, self.held = self.held, None
         if held is not None:
-            req.write(self._masked(bytes(held)))
+            req.write(self._masked(bytes(held)) if self.rewrite is None else self._rewritten(held))
         else:
             rest = self.meter.flush()  # (a stream being stripped may hold an event's start)
             core = self.echo_core
@@ -702,6 +710,16 @@ class Call:
         self.answered = True
         req.finish()
         self._end()
+
+    def _rewritten(self, held: bytearray) -> bytes:
+        """A held successful answer, rewritten, then checked for an echo of
+        the key as every successful answer is."""
+        out = self.rewrite(bytes(held))
+        core = self.echo_core
+        if core is not None and out:
+            out, tail = mask_echoes(out, core)
+            out += echo_tail_end(tail)
+        return out
 
     def _masked(self, body: bytes) -> bytes:
         encoding = self.held_encoding

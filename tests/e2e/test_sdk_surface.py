@@ -1464,15 +1464,11 @@ def test_anthropic_message_batches_create_retrieve(stack, org, claude, rec):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the SDK fetches a batch's results from the absolute results_url Anthropic returns "
-        "(https://api.anthropic.com/...): Lectr passes it on unchanged, so the SDK goes to the "
-        "provider directly, around Lectr, carrying the Lectr key (docs/integration.md)"
-    ),
-)
 def test_anthropic_message_batch_results(stack, org, claude, rec):
+    """The SDK fetches a batch's results from its results_url, which
+    Anthropic makes absolute on its own origin: passed on unchanged, the SDK
+    went to the provider around Lectr, carrying the Lectr key. Lectr makes
+    it relative, so the results come through Lectr."""
     batch = claude.messages.batches.create(requests=BATCH_REQUESTS)
     mark = rec.mark()
     try:
