@@ -16,10 +16,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import string
 import zlib
 from urllib.parse import unquote
 
+import pytest
 import pytest_twisted
 import treq
 from hypothesis import given, settings
@@ -30,7 +32,7 @@ from twisted.web.http_headers import Headers
 
 from lectr.providers.base import ECHO_RUN, scrub, scrub_body
 from lectr.providers.dialects import relative_results_urls
-from lectr.proxy.call import SCRUB_MAX
+from lectr.proxy.call import SCRUB_MAX, redirect_origin
 from lectr.tracing import _loggable_url
 from tests.support.fake_provider import OPENAI_KEY, Script
 from tests.support.lectr_service import proxy_url
@@ -340,3 +342,48 @@ def test_only_batch_answers_are_held_for_the_rewrite():
     ):
         assert anthropic.answer_rewrite(path) is None, path
     assert openai.answer_rewrite("/v1/batches") is None
+
+
+# --- a redirect out of Lectr ----------------------------------------------------------------
+
+_LECTR = "http://lectr.internal:8080/anthropic/v1/messages"
+_piece = st.sampled_from(
+    ["/", "//", "\\", "\\\\", "/\\", "\t", "\n", " ", "\x00", "\x1f", "http:", "https:", "HTTP:"]
+    + ["evil.example", "api.anthropic.com", "lectr.internal:8080", "[::1]", "u:p@", ":99"]
+    + ["/v1/x", "v1", "..", "?key=sk-1", "#f", "%2f", "%5c", "@", ".", "x"]
+)
+
+
+def _follows_to(location: str):
+    """Where the SDKs' HTTP client (httpx) goes when it follows this
+    Location from a request to Lectr; None when it refuses to."""
+    httpx = pytest.importorskip("httpx2")
+    request = httpx.Request("POST", _LECTR)
+    try:
+        response = httpx.Response(307, headers={"Location": location}, request=request)
+        return httpx.Client()._redirect_url(request, response)
+    except (httpx.InvalidURL, httpx.RemoteProtocolError, UnicodeEncodeError, ValueError):
+        return None
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_piece, max_size=7).map("".join))
+def test_a_location_passed_back_never_leads_the_client_out_of_lectr(location):
+    """The class, against the client that follows: whatever Location a
+    provider sends, when Lectr passes it back (redirect_origin says None),
+    the SDKs' HTTP client following it stays on Lectr's origin; and what
+    an error names is an origin, never a path, query or user information."""
+    elsewhere = redirect_origin(location.encode("latin-1"))
+    if elsewhere is None:
+        target = _follows_to(location)
+        if target is not None:
+            assert (target.scheme, target.host, target.port) == ("http", "lectr.internal", 8080), (
+                location,
+                str(target),
+            )
+    else:
+        # an origin: no path, query, fragment or user information
+        assert re.fullmatch(r"another address|([a-z]+:)?//[A-Za-z0-9.\-\[\]:]+", elsewhere), (
+            location,
+            elsewhere,
+        )

@@ -338,14 +338,34 @@ async def test_response_headers_pass_through_minus_hop_by_hop(gw):
 
 
 @pytest_twisted.ensureDeferred
-async def test_redirects_are_passed_back_not_followed(gw):
-    gw.provider.next(Script(status=307, redirect_to=gw.fake.origin + "/openai/v1/elsewhere"))
+async def test_relative_redirects_are_passed_back_not_followed(gw):
+    """A relative Location resolves against Lectr's address: the client
+    that follows it comes back through Lectr."""
+    gw.provider.next(Script(status=307, redirect_to="/openai/v1/elsewhere"))
     resp = await gw.post("/v1/chat/completions", CHAT)
     assert resp.code == 307
-    assert resp.headers.getRawHeaders(b"location") == [
-        (gw.fake.origin + "/openai/v1/elsewhere").encode()
-    ]
+    assert resp.headers.getRawHeaders(b"location") == [b"/openai/v1/elsewhere"]
     assert len(gw.provider.calls()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_redirects_out_of_lectr_are_answered_502_not_passed_back(gw):
+    """An absolute Location, the provider's own origin included, would send
+    the client's SDK around Lectr with its Lectr key (the Anthropic SDK
+    keeps x-api-key across origins): a 502 in the dialect names the origin
+    (never the path or query), and nothing is followed."""
+    for status in (301, 302, 307, 308):
+        gw.provider.next(
+            Script(status=status, redirect_to=gw.fake.origin + "/openai/v1/elsewhere?key=abc")
+        )
+        resp = await gw.post("/v1/chat/completions", CHAT)
+        body = await resp.json()
+        assert resp.code == 502, status
+        assert resp.headers.getRawHeaders(b"location") is None
+        message = body["error"]["message"]
+        assert f"redirected the request ({status}) to {gw.fake.origin};" in message
+        assert "elsewhere" not in message and "abc" not in message
+    assert len(gw.provider.calls()) == 4
 
 
 # --- streaming, disconnects, timeouts -------------------------------------------------------

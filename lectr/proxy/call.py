@@ -35,7 +35,7 @@ import re
 import time
 import zlib
 from datetime import UTC, datetime
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
@@ -104,6 +104,46 @@ def _content_coding(values: list[bytes]) -> bytes | None:
     return b", ".join(codings)
 
 
+_ORIGIN_HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,300}")
+#: what URL parsers drop from a URL before reading it (WHATWG: tab, LF, CR)
+_URL_IGNORED = re.compile(r"[\t\n\r]")
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))
+#: a scheme (RFC 3986: a letter, then letters, digits, +, -, .) and its colon
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def redirect_origin(location: bytes | None) -> str | None:
+    """Where a redirect's ``Location`` sends the client when it leaves
+    Lectr: an absolute URL (``https://host/...``, ``http:host``) or a
+    network-path reference (``//host/...``, and what URL parsers read as one:
+    backslashes for slashes, tabs and line breaks dropped), on any origin,
+    the provider's own included (from the client's side, every such address
+    is around Lectr). Returned as ``scheme://host[:port]`` to name in an
+    error (never the path, the query or user information, which may carry a
+    key), or ``"another address"`` when it does not parse as one; None for
+    a relative reference (``/v1/...``, ``x``: resolved against Lectr's
+    address, it comes back through Lectr) or no Location."""
+    if not location:
+        return None
+    text = _URL_IGNORED.sub("", location.decode("latin-1")).strip(_C0_AND_SPACE)
+    if not text:
+        return None
+    slashed = text.replace("\\", "/")
+    if _SCHEME.match(slashed) is None and not slashed.startswith("//"):
+        return None
+    try:
+        parts = urlsplit(slashed)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "another address"
+    if (parts.scheme and not parts.scheme.isalpha()) or _ORIGIN_HOST.fullmatch(host) is None:
+        return "another address"
+    scheme = f"{parts.scheme.lower()}:" if parts.scheme else ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}//{host}" + (f":{port}" if port is not None else "")
+
+
 def protocol_error_kind(kind: str, status: int) -> str:
     """The Lectr error kind (a key of ERROR_STATUS, which every dialect
     renders) of a protocol error the server reported."""
@@ -117,7 +157,7 @@ def protocol_error_kind(kind: str, status: int) -> str:
 _MIN_ATTEMPT_WINDOW = 0.05
 #: an answer's retry class (lectr.policy.plan.failure_class) → the outcome
 #: and fallback reason in metrics and traces
-_OUTCOME = {None: "ok", "429": "429", "5xx": "5xx", "refused": "auth"}
+_OUTCOME = {None: "ok", "429": "429", "5xx": "5xx", "refused": "auth", "redirect": "error"}
 #: what stopped a call whose attempt had no answer yet
 _CANCELLED = frozenset({"client_disconnected", "shutdown"})
 #: the provider's answer started and then broke
@@ -578,6 +618,24 @@ class Call:
             return
         failure = failure_class(status)
         self.attempt_status = status
+        if 300 <= status < 400:
+            elsewhere = redirect_origin(headers.first(b"location"))
+            if elsewhere is not None:
+                # the client's SDK would follow it with its Lectr key (the
+                # Anthropic SDK's x-api-key crosses origins), around Lectr
+                handle, self.handle = self.handle, None
+                if handle is not None:
+                    handle.cancel()
+                self.retry_or_fail(
+                    status,
+                    "redirect",
+                    502,
+                    "upstream_unavailable",
+                    f"{provider.display_name} redirected the request ({status}) to "
+                    f"{elsewhere}; Lectr does not follow redirects, nor lets clients "
+                    "follow them around it: check the provider's base URL.",
+                )
+                return
         if failure is not None:
             if failure != "5xx":
                 retry_after = parse_retry_after(headers)
