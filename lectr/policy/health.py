@@ -23,6 +23,10 @@ REFUSED_COOLDOWN = 300.0
 RATE_LIMITED_COOLDOWN = 30.0
 #: the longest cool-down a retry-after can ask for
 MAX_COOLDOWN = 3600.0
+#: how much more than its length a cool-down may have left before the clock
+#: is taken for stepped back (see _ended): until - now may exceed the length
+#: by a rounding, and a step back shorter than this does no harm
+_SLACK = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +42,10 @@ class KeyHealth:
         self._clock = clock
         self._wall = wall_clock
         self._cooling: dict[str, Cooldown] = {}
-        #: when the last cool-down to end ends (reactor seconds)
+        #: when the cool-down that ends last ends (reactor seconds), and the
+        #: most it may have left (its length and _SLACK): see cooling()
         self._latest = 0.0
+        self._latest_left = 0.0
         registry = metrics or Registry()
         self._m_cooldowns = registry.counter(
             "lectr_provider_key_cooldowns_total",
@@ -77,12 +83,37 @@ class KeyHealth:
         self._cooling[key_id] = Cooldown(now + seconds, f"{reason} ({status})", wall, seconds)
         if now + seconds > self._latest:
             self._latest = now + seconds
+            self._latest_left = seconds + _SLACK
         return seconds
 
     def cooling(self) -> bool:
-        """Whether any key may be cooling down now (a cheap test, made before
-        looking at each key)."""
-        return self._latest > self._clock.seconds() if self._cooling else False
+        """Whether any key is cooling down now (a cheap test, made before
+        looking at each key: every cool-down ends by the latest's end)."""
+        if not self._cooling:
+            return False
+        left = self._latest - self._clock.seconds()
+        if left <= 0:
+            return False
+        if left <= self._latest_left:
+            return True
+        return self._stepped_back(self._clock.seconds())
+
+    def _stepped_back(self, now: float) -> bool:
+        """The latest cool-down has more left than its length: the wall
+        clock was stepped back since, and :func:`_ended` has ended it (and
+        every other one begun before the step). Taken as the latest still,
+        it kept :meth:`cooling` True for as long as the step (every
+        multi-target request then scanning the pools for keys that are not
+        cooling). The ended cool-downs are forgotten and the latest is taken
+        again from the others (once per step: none of them has ended).
+        Whether any key is still cooling down."""
+        cooling = self._cooling
+        for key_id in [k for k, c in cooling.items() if _ended(c, now)]:
+            del cooling[key_id]
+        latest = max(cooling.values(), key=lambda c: c.until, default=None)
+        self._latest = latest.until if latest is not None else 0.0
+        self._latest_left = latest.seconds + _SLACK if latest is not None else 0.0
+        return latest is not None
 
     def healthy(self, key_id: str) -> bool:
         if not self._cooling:
@@ -115,9 +146,7 @@ def _ended(c: Cooldown, now: float) -> bool:
     answering 503 for an hour). It then ends early rather than late: a
     cool-down is a preference, and the provider says again if it must."""
     left = c.until - now
-    # (a second of slack: until - now may exceed seconds by a rounding, and
-    # a step back shorter than that does no harm)
-    return left <= 0 or left > c.seconds + 1.0
+    return left <= 0 or left > c.seconds + _SLACK
 
 
 def parse_retry_after(headers, now: float | None = None) -> float | None:
