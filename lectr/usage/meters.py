@@ -1203,11 +1203,14 @@ def _count_deltas(data: bytes) -> int:
 class OpenAIStreamMeter(SSEMeter):
     """OpenAI streams: chat and completions (the final usage chunk),
     Responses (``response.completed``/``incomplete``/``failed`` carry
-    ``response.usage``), audio transcriptions (``transcript.text.done``).
+    ``response.usage``), audio transcriptions (``transcript.text.done``),
+    images (``image_generation.completed``/``image_edit.completed``: a
+    top-level ``usage``, after the final image).
 
     A stream cut before its usage report is estimated: completion tokens
     from the number of text deltas seen (``legacy``, /v1/completions: of
-    non-empty ``text`` pieces); prompt tokens stay unknown."""
+    non-empty ``text`` pieces; an image stream has none); prompt tokens stay
+    unknown."""
 
     def __init__(
         self, strip: bool = False, decoder: _Decoder | None = None, legacy: bool = False
@@ -1325,7 +1328,8 @@ class OpenAIStreamMeter(SSEMeter):
             self._uncounted_size = 0
 
     def _event_truncated(self, name: bytes | None, tail: bytes) -> None:
-        # a huge response.completed (a long answer, images): usage is near its end
+        # a huge response.completed (a long answer, images), an image stream's
+        # completed event (after the final image): usage is near its end
         usage = openai_usage(usage_object_in_tail(tail))
         if usage is not None:
             self._final = usage
@@ -1410,20 +1414,25 @@ class AnthropicStreamMeter(SSEMeter):
 
 # --- choosing a meter --------------------------------------------------------------
 
+# Image answers (gpt-image-*) report token usage after the image data: a JSON
+# answer as its last member, a stream (``stream: true``) in its last event,
+# ``image_generation.completed`` / ``image_edit.completed``, after the final
+# image's ``b64_json``. Their partial-image events carry a megabyte or more
+# of base64 each: an event over SSE_LINE_MAX is not kept, its usage is read
+# from the tail window (OpenAIStreamMeter._event_truncated), the same
+# ``openai_usage`` mapping as the JSON answer's (input_tokens -> prompt,
+# output_tokens -> completion). Image streams report usage unasked: they are
+# never in a provider's ``stream_usage_paths`` (no include_usage). dall-e-*
+# answers report none and are logged without counts.
+_OPENAI_IMAGES = {"/v1/images/generations", "/v1/images/edits"}
 _OPENAI_STREAMS = {
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
     "/v1/audio/transcriptions",
+    *_OPENAI_IMAGES,
 }
-# (gpt-image-* answers report token usage after the image data; dall-e-*'s
-# report none, and are logged without counts)
-_OPENAI_JSON = _OPENAI_STREAMS | {
-    "/v1/embeddings",
-    "/v1/audio/translations",
-    "/v1/images/generations",
-    "/v1/images/edits",
-}
+_OPENAI_JSON = _OPENAI_STREAMS | {"/v1/embeddings", "/v1/audio/translations"}
 _ANTHROPIC = {"/v1/messages"}
 
 

@@ -938,8 +938,8 @@ def test_openai_images(stack, org, oai, rec):
 
 def test_openai_image_stream_with_large_events(stack, org, oai, rec):
     """Streamed image generation: events of a megabyte and more (partial
-    images in base64) reach the SDK whole. (Not metered: see
-    docs/limitations.md.)"""
+    images in base64) reach the SDK whole, and the completed event's usage
+    is metered."""
     big = base64.b64encode(bytes(range(256)) * 6000).decode()  # ~2 MB of base64
     usage = {"input_tokens": 50, "output_tokens": 272, "total_tokens": 322}
     events = [
@@ -985,6 +985,8 @@ def test_openai_image_stream_with_large_events(stack, org, oai, rec):
     assert got[-1].b64_json == big and got[1].b64_json == big[:1_400_000]
     row = logged_row(stack, org, rec.last.lectr_id)
     assert (row["status"], row["model"], row["streamed"]) == (200, "gpt-image-1", True)
+    tokens = (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"])
+    assert (tokens, row["usage_source"]) == ((50, 272, 322), "provider")
 
 
 # --- OpenAI: the other families (the fake answers them with an echo) ----------------
