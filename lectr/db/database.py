@@ -24,6 +24,7 @@ so this module runs interactions itself on a checked-out connection.
 from __future__ import annotations
 
 import inspect
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -48,19 +49,17 @@ NOTIFY_CHANNEL = "lectr_changes"
 _CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
-def _without_jit(dsn: str) -> str:
-    """The DSN's own ``options`` (kept: a keyword given to connect replaces
-    the DSN's) with ``-c jit=off`` after them. Lectr's statements are short
-    look-ups and sums over rollups, where PostgreSQL's JIT (on by default,
-    for any plan over ``jit_above_cost``) only adds its compile time: 40-55 ms
-    to a month's per-org totals on a large request log (docs/performance.md,
-    "Admin queries at scale"). A DSN that sets jit itself wins, as it comes
-    last (``options=-c jit=on``)."""
-    try:
-        own = psycopg2.extensions.parse_dsn(dsn).get("options", "")
-    except psycopg2.ProgrammingError:
-        own = ""  # (connect reports the DSN's problem)
-    return f"-c jit=off {own}".strip()
+#: Lectr's statements are short look-ups and sums over rollups, where
+#: PostgreSQL's JIT (on by default, for any plan over ``jit_above_cost``) only
+#: adds its compile time: 40-55 ms to a month's per-org totals on a large
+#: request log (docs/performance.md, "Admin queries at scale"). Set once per
+#: connection, after it opens - not as the ``options`` startup parameter,
+#: which PgBouncer refuses unless configured to ("unsupported startup
+#: parameter: options") and which would make libpq ignore ``PGOPTIONS``.
+_JIT_OFF = "SET jit = off"
+#: options that set jit themselves (``-c jit=on``, ``-cjit=on``, ``--jit=on``),
+#: from the DSN, ``PGOPTIONS`` or a service file: theirs wins
+_SETS_JIT = re.compile(r"(?:-c\s*|--)jit=", re.IGNORECASE)
 
 
 class DatabaseUnavailable(Exception):
@@ -184,7 +183,6 @@ class Database:
         self._slow = slow_threshold
         self._connect_kwargs = {
             "application_name": application_name,
-            "options": _without_jit(dsn),
             "keepalives": 1,
             "keepalives_idle": 30,
             "keepalives_interval": 10,
@@ -393,6 +391,12 @@ class Database:
             timer = self._reactor.callLater(self._connect_timeout, close_quietly, conn)
             try:
                 await d
+                # (the options libpq sent, wherever they came from)
+                if _SETS_JIT.search(conn._connection.info.options or "") is None:
+                    await conn.runOperation(_JIT_OFF)
+            except BaseException:
+                close_quietly(conn)
+                raise
             finally:
                 if timer.active():
                     timer.cancel()

@@ -61,7 +61,7 @@ _BATCHES_PATH = "/v1/messages/batches/"
 
 def relative_results_urls(body: bytes) -> bytes:
     """An Anthropic batch answer (one batch, or a page in ``data``) with each
-    absolute ``results_url`` made relative: its path from
+    ``results_url`` made an absolute path (:func:`_relative`): its path from
     ``/v1/messages/batches/`` on, and its query.
 
     Anthropic names a batch's results by a URL on its own origin
@@ -92,18 +92,34 @@ def relative_results_urls(body: bytes) -> bytes:
                 changed = True
     if not changed:
         return body
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    out = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return out.encode()
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON, "\ud800"): escaped again
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+#: a relative results_url passed on as it is: an absolute path, which every
+#: client keeps on Lectr's origin, whether it resolves it against its base URL
+#: or appends it to its base URL as text (the TypeScript SDK's buildURL:
+#: ``http://lectr:8080`` + ``@evil.example/x`` is a URL on evil.example);
+#: not ``//`` nor ``/\\`` (WHATWG reads a backslash as a slash), tabs and line
+#: breaks aside (URL parsers drop them)
+_PATH_ABSOLUTE = re.compile(r"/(?![/\\\t\n\r])[^\t\n\r]*\Z")
 
 
 def _relative(url: str) -> str:
+    """``url`` as an absolute path on Lectr: from the batches path on when it
+    has one (with its query), else its own path, never starting with two
+    slashes."""
+    if _PATH_ABSOLUTE.match(url) is not None:
+        return url  # relative already
     try:
         parts = urlsplit(url)
     except ValueError:
         return ""  # (not a URL a client could follow either)
-    if not parts.scheme and not parts.netloc and not url.startswith("//"):
-        return url  # relative already
     at = parts.path.find(_BATCHES_PATH)
-    path = parts.path[at:] if at >= 0 else parts.path or "/"
+    path = parts.path[at:] if at >= 0 else "/" + parts.path.lstrip("/\\")
     return f"{path}?{parts.query}" if parts.query else path
 
 

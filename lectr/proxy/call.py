@@ -73,6 +73,10 @@ _CONNECT_KINDS = frozenset({"connect", "dns", "tls"})
 _SERVER_KINDS = {"body_timeout": "timeout", "bad_request": "invalid_request"}
 
 
+#: the codings a held answer is decoded from
+_INFLATABLE = frozenset({b"gzip", b"x-gzip", b"deflate"})
+
+
 def _inflate(body: bytes, wbits: int) -> bytes:
     """A compressed error body decoded (``wbits``, else raw deflate, as some
     servers send), at most SCRUB_MAX bytes of it: b"" when it does not decode
@@ -162,7 +166,12 @@ _OUTCOME = {None: "ok", "429": "429", "5xx": "5xx", "refused": "auth", "redirect
 _CANCELLED = frozenset({"client_disconnected", "shutdown"})
 #: the provider's answer started and then broke
 _UPSTREAM_BROKE = frozenset(
-    {"upstream_dropped", "upstream_idle_timeout", "upstream_error_too_large"}
+    {
+        "upstream_dropped",
+        "upstream_idle_timeout",
+        "upstream_error_too_large",
+        "upstream_undecodable",
+    }
 )
 #: seconds an asynchronous policy step may take before the request gets 503
 STEP_TIMEOUT = 10.0
@@ -679,11 +688,17 @@ class Call:
             # a successful answer is relayed as it comes, checked for an echo
             # of the key on the way (security.md)
             self.echo_core = echo_core(raw) if raw is not None else None
-            rewrite = self.dialect.answer_rewrite(self.api_path_text) if not encodings else None
+            rewrite = self.dialect.answer_rewrite(self.api_path_text)
             if rewrite is not None:
-                # one of the few answers that must be rewritten: held whole
+                # one of the few answers that must be rewritten: held whole,
+                # and read whatever its coding (identity, or compressed
+                # although Lectr asked for identity: the client would still
+                # read what it must not), relayed decoded
                 self.held = bytearray()
                 self.rewrite = rewrite
+                if encodings:
+                    self.held_encoding = coding
+                    out = [(n, v) for n, v in out if n.lower() != b"content-encoding"]
                 length = None
             elif length is not None and (
                 rplan.strip_usage_chunk or status in _NO_LENGTH_CODES or req.method == b"HEAD"
@@ -755,7 +770,18 @@ class Call:
         req.clear_producer()
         held, self.held = self.held, None
         if held is not None:
-            req.write(self._masked(bytes(held)) if self.rewrite is None else self._rewritten(held))
+            if self.rewrite is None:
+                req.write(self._masked(bytes(held)))
+            else:
+                body = self._rewritten(held)
+                if body is None:
+                    self.h.log.warn(
+                        "{provider} answer to rewrite could not be decoded; cut",
+                        provider=self.attempt.provider.name,
+                    )
+                    self.abort("upstream_undecodable")
+                    return
+                req.write(body)
         else:
             rest = self.meter.flush()  # (a stream being stripped may hold an event's start)
             core = self.echo_core
@@ -769,10 +795,20 @@ class Call:
         req.finish()
         self._end()
 
-    def _rewritten(self, held: bytearray) -> bytes:
-        """A held successful answer, rewritten, then checked for an echo of
-        the key as every successful answer is."""
-        out = self.rewrite(bytes(held))
+    def _rewritten(self, held: bytearray) -> bytes | None:
+        """A held successful answer, decoded, rewritten, then checked for an
+        echo of the key as every successful answer is; None when it is in a
+        coding Lectr does not decode (or several), or does not decode: not
+        to be relayed, as what it says cannot be rewritten."""
+        body = bytes(held)
+        encoding = self.held_encoding
+        if encoding is not None and body:
+            if encoding not in _INFLATABLE:
+                return None
+            body = _inflate(body, 47 if encoding != b"deflate" else 15)
+            if not body:
+                return None
+        out = self.rewrite(body)
         core = self.echo_core
         if core is not None and out:
             out, tail = mask_echoes(out, core)
@@ -781,7 +817,7 @@ class Call:
 
     def _masked(self, body: bytes) -> bytes:
         encoding = self.held_encoding
-        if encoding in (b"gzip", b"x-gzip", b"deflate"):
+        if encoding in _INFLATABLE:
             body = _inflate(body, 47 if encoding != b"deflate" else 15)
         elif encoding is not None:
             body = b""
