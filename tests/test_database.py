@@ -292,3 +292,31 @@ async def test_connections_run_without_jit_and_keep_the_dsns_own_options(
     assert shown_jit == jit
     if timeout is not None:
         assert shown_timeout == timeout
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_a_revoked_key_again_announces_nothing(database):
+    """Every key announcement makes every node's key cache forget the hashes
+    it found unknown: a revoke that changes nothing (repeated, idempotent)
+    must not announce, or an admin script revoking in a loop would keep the
+    negative caches empty."""
+    from lectr.managers.orgs import OrgManager
+    from lectr.storage.api_keys import ApiKeyStore
+    from lectr.storage.orgs import OrgStore
+
+    orgs = OrgManager(OrgStore(database), ApiKeyStore(database))
+    org, issued = await orgs.create_org("Revoker")
+    listener = psycopg2.connect(database.dsn)
+    listener.autocommit = True
+    try:
+        with listener.cursor() as cur:
+            cur.execute("LISTEN lectr_changes")
+        first = await orgs.revoke_key(org.id, issued.key.id)
+        again = await orgs.revoke_key(org.id, issued.key.id)
+        assert first.revoked_at is not None and again.revoked_at == first.revoked_at
+        await sleep(0.05)
+        listener.poll()
+        payloads = [n.payload for n in listener.notifies]
+        assert payloads == [f"key:{issued.key.id}"]
+    finally:
+        listener.close()

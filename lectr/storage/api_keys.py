@@ -98,13 +98,20 @@ class ApiKeyStore:
 
         async def txn(t: Transaction) -> ApiKey | None:
             row = await t.fetchone(
-                f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) "
-                f"WHERE org_id = %s AND id = %s RETURNING {_COLUMNS}",
+                f"UPDATE api_keys SET revoked_at = now() "
+                f"WHERE org_id = %s AND id = %s AND revoked_at IS NULL RETURNING {_COLUMNS}",
                 (org_id, key_id),
             )
             if row is not None:
+                # announced only when it changed something: every node's key
+                # cache drops the key, and forgets the hashes it found unknown
                 t.notify("key", key_id)
-            return _key(row) if row else None
+                return _key(row)
+            row = await t.fetchone(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE org_id = %s AND id = %s",
+                (org_id, key_id),
+            )
+            return _key(row) if row else None  # (revoked already, or no such key)
 
         return await self._db.runInteraction("revoke_key", txn)
 
