@@ -96,16 +96,27 @@ def _inflate(body: bytes, wbits: int) -> bytes:
 
 
 def _content_coding(values: list[bytes]) -> bytes | None:
-    """The one coding an error body was sent in, from every Content-Encoding
+    """The one coding an answer was sent in, from every Content-Encoding
     field (a list, possibly over several fields): None for none or
     ``identity``; several codings, stacked or repeated, come back as they
-    are, which no decoder takes, so the body is withheld rather than
+    are, which no decoder takes, so a held body is withheld rather than
     relayed half decoded (security.md)."""
     codings = [c for c in (part.strip().lower() for v in values for part in v.split(b",")) if c]
     codings = [c for c in codings if c != b"identity"]
     if not codings:
         return None
     return b", ".join(codings)
+
+
+def _decoded(body: bytes, encoding: bytes | None) -> bytes | None:
+    """A held body decoded from its coding (:func:`_content_coding`; at
+    most SCRUB_MAX bytes): as it is when it has none; None when the coding
+    is not one Lectr decodes, or several, or the body does not decode."""
+    if encoding is None:
+        return body
+    if encoding not in _INFLATABLE:
+        return None
+    return _inflate(body, 47 if encoding != b"deflate" else 15) or None
 
 
 _ORIGIN_HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,300}")
@@ -675,10 +686,7 @@ class Call:
         coding = _content_coding(encodings) if encodings else None
         if status >= 300:
             # a provider error or redirect page may quote the org's key: held, then masked
-            self.held = bytearray()
-            if encodings:
-                self.held_encoding = coding
-                out = [(n, v) for n, v in out if n.lower() != b"content-encoding"]
+            out = self._hold(out, coding)
             if status >= 400 and self.plan.n > 1:
                 # (in place of the provider's own: "true, false" reads as neither)
                 out = [(n, v) for n, v in out if n.lower() != b"x-should-retry"]
@@ -694,11 +702,8 @@ class Call:
                 # and read whatever its coding (identity, or compressed
                 # although Lectr asked for identity: the client would still
                 # read what it must not), relayed decoded
-                self.held = bytearray()
+                out = self._hold(out, coding)
                 self.rewrite = rewrite
-                if encodings:
-                    self.held_encoding = coding
-                    out = [(n, v) for n, v in out if n.lower() != b"content-encoding"]
                 length = None
             elif length is not None and (
                 rplan.strip_usage_chunk or status in _NO_LENGTH_CODES or req.method == b"HEAD"
@@ -719,6 +724,13 @@ class Call:
         if handle is not None:
             req.set_producer(handle)
         self.idle_timer = h.reactor.callLater(h.idle_timeout, self.idle_timed_out)
+
+    def _hold(self, out: list[tuple[bytes, bytes]], coding: bytes | None) -> list:
+        """Hold the answer whole, to be decoded (:func:`_decoded`) and sent
+        at its end: the client's headers, without Content-Encoding."""
+        self.held = bytearray()
+        self.held_encoding = coding
+        return [(n, v) for n, v in out if n.lower() != b"content-encoding"]
 
     def _route_headers(self) -> list[tuple[bytes, bytes]]:
         attempt = self.attempt
@@ -801,12 +813,9 @@ class Call:
         coding Lectr does not decode (or several), or does not decode: not
         to be relayed, as what it says cannot be rewritten."""
         body = bytes(held)
-        encoding = self.held_encoding
-        if encoding is not None and body:
-            if encoding not in _INFLATABLE:
-                return None
-            body = _inflate(body, 47 if encoding != b"deflate" else 15)
-            if not body:
+        if body:
+            body = _decoded(body, self.held_encoding)
+            if body is None:
                 return None
         out = self.rewrite(body)
         core = self.echo_core
@@ -816,12 +825,8 @@ class Call:
         return out
 
     def _masked(self, body: bytes) -> bytes:
-        encoding = self.held_encoding
-        if encoding in _INFLATABLE:
-            body = _inflate(body, 47 if encoding != b"deflate" else 15)
-        elif encoding is not None:
-            body = b""
-        if not body and encoding is not None:
+        body = _decoded(body, self.held_encoding)
+        if body is None:
             return self.error_provider.error_body(
                 "upstream_unavailable",
                 f"{self.attempt.provider.display_name} answered {self.status} "
