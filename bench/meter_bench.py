@@ -101,6 +101,26 @@ def main() -> None:
     per_response(
         "OpenAI chat JSON (10 KB)", lambda: meter_for(plan, "openai", CHAT, 200, JSON), chunks
     )
+    # as OpenAI answers: compact, its service tier and fingerprint after the usage
+    served = openai_chat_completion("gpt-4o", content="word " * 2000)
+    served.update(service_tier="default", system_fingerprint="fp_07871e2ad8")
+    doc = json.dumps(served, separators=(",", ":")).encode()
+    chunks = [doc[i : i + 4096] for i in range(0, len(doc), 4096)]
+    per_response(
+        "OpenAI chat JSON (10 KB, service_tier)",
+        lambda: meter_for(plan, "openai", CHAT, 200, JSON),
+        chunks,
+    )
+    # as OpenAI streams: every chunk names its service tier
+    tiered = [
+        e.replace(b'"model":"gpt-4o-mini",', b'"model":"gpt-4o-mini","service_tier":"default",')
+        for e in events
+    ]
+    per_response(
+        "OpenAI chat stream (service_tier), removing",
+        lambda: meter_for(plan, "openai", CHAT, 200, SSE),
+        tiered,
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,12 @@ def reference(body: bytes, kind: str) -> Usage:
     """What the meter's slow path reads from a whole, valid JSON answer."""
     doc = json.loads(body)
     assert isinstance(doc, dict)
-    read = anthropic_usage if kind == "anthropic" else openai_usage
-    return read(doc.get("usage"), doc.get("model")) or NO_USAGE
+    if kind == "anthropic":
+        return anthropic_usage(doc.get("usage"), doc.get("model")) or NO_USAGE
+    # (the tier is a top-level member of an OpenAI answer)
+    return (
+        openai_usage(doc.get("usage"), doc.get("model"), None, doc.get("service_tier")) or NO_USAGE
+    )
 
 
 def same_raw(got: str | None, expected: str | None) -> bool:

@@ -36,7 +36,7 @@ from json.encoder import c_make_encoder, encode_basestring, encode_basestring_as
 from twisted.logger import Logger
 
 from lectr.providers.body import BodyRefused, ReadBody
-from lectr.usage.model import NO_USAGE, RAW_USAGE_MAX, Meter, Usage
+from lectr.usage.model import NO_USAGE, RAW_USAGE_MAX, Meter, Usage, service_tier_of
 from lectr.usage.stream_usage import CHAT_STREAM_USAGE
 
 _log = Logger()
@@ -248,6 +248,27 @@ def _raw(usage: dict) -> str | None:
     return text[:RAW_USAGE_MAX]
 
 
+#: the tiers seen, by the text that named them (str, or its UTF-8 bytes):
+#: service_tier_of's verdict on the few tiers providers name, remembered
+_TIERS: dict[str | bytes, str] = {}
+_TIERS_MAX = 64
+
+
+def _tier_of(value: object) -> str | None:
+    """:func:`~lectr.usage.model.service_tier_of` of a tier as read (a str,
+    or the bytes of a JSON string's text with no escape), its verdict on a
+    valid tier remembered (0.05 us instead of 0.2)."""
+    kind = type(value)
+    if kind is not str and kind is not bytes:
+        return service_tier_of(value)
+    tier = _TIERS.get(value)
+    if tier is None:
+        tier = service_tier_of(value if kind is str else value.decode("utf-8", "replace"))
+        if tier is not None and len(_TIERS) < _TIERS_MAX:
+            _TIERS[value] = tier
+    return tier
+
+
 def _model_name(value: object) -> str | None:
     if isinstance(value, str) and 0 < len(value) <= MODEL_MAX:
         return value
@@ -264,7 +285,9 @@ def _detail(usage: dict, names: tuple[str, ...], key: str) -> int | None:
     return None
 
 
-def openai_usage(usage: object, model: object = None, raw: str | None = None) -> Usage | None:
+def openai_usage(
+    usage: object, model: object = None, raw: str | None = None, service_tier: object = None
+) -> Usage | None:
     """Usage from an OpenAI ``usage`` object: chat and completions
     (``prompt_tokens``/``completion_tokens``), Responses and audio
     (``input_tokens``/``output_tokens``), embeddings (prompt and total).
@@ -277,7 +300,11 @@ def openai_usage(usage: object, model: object = None, raw: str | None = None) ->
     report them beside it, which shows as ``total = prompt + completion +
     reasoning``: then they are added to ``completion_tokens``, so that it is
     every output token billed. ``model`` is the response's model; ``raw``,
-    the usage object's compact JSON as received, when the caller has it."""
+    the usage object's compact JSON as received, when the caller has it;
+    ``service_tier``, the tier the answer names (its top-level
+    ``service_tier``; Responses: the response's; or the UTF-8 text of that
+    JSON string, with no escape), kept if
+    :func:`~lectr.usage.model.service_tier_of` accepts it."""
     if not isinstance(usage, dict):
         return None
     prompt = _count(usage.get("prompt_tokens"))
@@ -313,6 +340,8 @@ def openai_usage(usage: object, model: object = None, raw: str | None = None) ->
         "provider",
         reasoning,
         None,
+        _tier_of(service_tier) if service_tier is not None else None,
+        None,
         raw[:RAW_USAGE_MAX] if raw is not None else _raw(usage),
         _model_name(model),
     )
@@ -327,8 +356,10 @@ def anthropic_usage(usage: object, model: object = None) -> Usage | None:
     (``cache_creation.ephemeral_5m_input_tokens`` and
     ``ephemeral_1h_input_tokens``); a plain ``cache_creation_input_tokens``
     is all 5-minute writes. ``output_tokens_details.thinking_tokens`` (the
-    part of ``output_tokens`` spent reasoning) is ``reasoning_tokens``.
-    ``model`` is the response's model."""
+    part of ``output_tokens`` spent reasoning) is ``reasoning_tokens``;
+    ``service_tier`` (through :func:`~lectr.usage.model.service_tier_of`)
+    and ``server_tool_use.web_search_requests`` are the tier and the web
+    searches. ``model`` is the response's model."""
     if not isinstance(usage, dict):
         return None
     fields = _AnthropicCounts()
@@ -338,7 +369,17 @@ def anthropic_usage(usage: object, model: object = None) -> Usage | None:
 
 
 class _AnthropicCounts:
-    __slots__ = ("input", "output", "cache_read", "cache_creation", "cache_1h", "thinking", "raws")
+    __slots__ = (
+        "input",
+        "output",
+        "cache_read",
+        "cache_creation",
+        "cache_1h",
+        "thinking",
+        "tier",
+        "searches",
+        "raws",
+    )
 
     def __init__(self) -> None:
         self.input: int | None = None
@@ -347,11 +388,24 @@ class _AnthropicCounts:
         self.cache_creation: int | None = None
         self.cache_1h: int | None = None
         self.thinking: int | None = None  # of output: reasoning
+        self.tier: str | None = None  # usage.service_tier
+        self.searches: int | None = None  # usage.server_tool_use.web_search_requests
         self.raws: list[str] = []  # the usage objects seen, in order
 
     def update(self, usage: dict) -> bool:
-        """Take the counts present in ``usage`` (a later report wins)."""
+        """Take the counts present in ``usage`` (a later report wins; so do
+        its service tier and web searches, which alone are no report)."""
         seen = False
+        tier = usage.get("service_tier")
+        if tier is not None:
+            tier = _tier_of(tier)
+            if tier is not None:
+                self.tier = tier
+        tools = usage.get("server_tool_use")
+        if tools is not None and isinstance(tools, dict):
+            searches = _count(tools.get("web_search_requests"))
+            if searches is not None:
+                self.searches = searches
         for attr, key in (
             ("input", "input_tokens"),
             ("output", "output_tokens"),
@@ -416,6 +470,8 @@ class _AnthropicCounts:
             source,
             thinking,
             cache_1h,
+            self.tier,
+            self.searches,
             raw,
             model,
         )
@@ -447,25 +503,45 @@ def usage_object_in_tail(tail: bytes) -> dict | None:
     bulky content (choices, data, output, content), and JSON strings cannot
     contain an unescaped quote, so the last such key in the tail of a body is
     the top-level one."""
+    return _report_in_tail(tail)[0]
+
+
+def _report_in_tail(tail: bytes) -> tuple[dict | None, object]:
+    """:func:`usage_object_in_tail`, and the service tier the answer names
+    (unchecked): the last top-level ``service_tier`` member after that usage
+    object when only scalar members follow it to the end (a tier before it
+    is not in sight: None)."""
     matches = list(_USAGE_KEY_RE.finditer(tail))
     for m in reversed(matches):
         start = m.end() - 1
         try:
             text = tail[start:].decode("utf-8", "replace")
-            value, _ = _DECODER.raw_decode(text)
+            value, end = _DECODER.raw_decode(text)
         except ValueError:
             continue
         if isinstance(value, dict):
-            return value
-    return None
+            tier = None
+            if text.find("service_tier", end) >= 0:
+                rest = text[end:].encode("utf-8")
+                if (
+                    _COMPACT_SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is not None
+                    or _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is not None
+                ):
+                    found = _rest_tier(rest)
+                    tier = None if found is _MISSING else found
+            return value, tier
+    return None, None
 
 
 # JSON text with no whitespace and no escapes: as the compact encoder writes it
 _COMPACT_PLAIN_RE = re.compile(r"[^\s\\]*")
 # the same, written compactly with no escapes (what providers send): a few
-# times faster, and what it matches the general pattern matches too
+# times faster, and what it matches the general pattern matches too. Group 1
+# is the value of the last "service_tier" member (every one sets it: a key
+# with no escape is spelled so), as written
 _COMPACT_SCALAR_MEMBERS_TO_END_RE = re.compile(
-    rb'(?:,"[^"\\]*":(?:"[^"\\]*"|-?[0-9][0-9.eE+-]*|true|false|null))*\}'
+    rb'(?:,"service_tier":("[^"\\]*"|-?[0-9][0-9.eE+-]*|true|false|null)'
+    rb'|,"[^"\\]*":(?:"[^"\\]*"|-?[0-9][0-9.eE+-]*|true|false|null))*\}'
 )
 # after a top-level member: only scalar members, then the object's end
 _SCALAR_MEMBERS_TO_END_RE = re.compile(
@@ -474,18 +550,118 @@ _SCALAR_MEMBERS_TO_END_RE = re.compile(
 )
 
 
+#: the key of OpenAI's top-level service tier, as every provider spells it
+_TIER_KEY = b'"service_tier"'
+# a "service_tier" member whose key begins at the match (it is a key only if
+# a colon follows) and its value: a string (group 1, escapes and all) or
+# another scalar
+_TIER_MEMBER_RE = re.compile(
+    rb'"service_tier"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|-?[0-9][0-9.eE+-]*|true|false|null)'
+)
+
+
+def _string_value(text: bytes | None) -> str | None:
+    """The string a JSON string literal's text (between its quotes) spells;
+    None for None (another scalar) or what is no string."""
+    if text is None:
+        return None  # a number, true, false, null: no tier
+    try:
+        return json.loads(b'"' + text + b'"') if b"\\" in text else text.decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _rest_tier(rest: bytes) -> object:
+    """The value (unchecked) of the last ``service_tier`` member among the
+    scalar members that follow a top-level usage object (``rest``, checked
+    by ``_SCALAR_MEMBERS_TO_END_RE``), or _MISSING when none of them is
+    one."""
+    if rest.find(b"\\") >= 0:
+        # a string with an escape (a key may be spelled with one): the
+        # members parsed, as a full parse reads them (rare)
+        comma = rest.find(b",")
+        if comma < 0:
+            return _MISSING
+        try:
+            members = json.loads(b"{" + rest[comma + 1 :])
+        except (ValueError, RecursionError):
+            return _MISSING
+        return members.get("service_tier", _MISSING)
+    # No escape: every quote is a string's delimiter, so "service_tier"
+    # followed by a colon is a member's key (followed by anything else, a value).
+    at = rest.rfind(_TIER_KEY)
+    while at >= 0:
+        m = _TIER_MEMBER_RE.match(rest, at)
+        if m is not None:
+            return _string_value(m.group(1))
+        at = rest.rfind(_TIER_KEY, 0, at)
+    return _MISSING
+
+
+#: underscores looked at one by one (memchr) before searching for the key
+#: itself (a slower search, in an answer full of code)
+_TIER_SCAN_HITS = 16
+
+
+def _tier_key_before(body: bytes, end: int) -> bool:
+    """Whether ``body[:end]`` has a ``"service_tier"`` key, at any depth.
+
+    Found by its underscore: memchr passes over most answers at once (0.2 us
+    for 10 KB, where a search for the whole key costs 4 us). A key's opening
+    quote is never preceded by a backslash, and a string holding the key's
+    text has its quotes escaped: only a key is found. (A key spelled with a
+    ``\\u`` escape is not.)"""
+    under = body.find(b"_", 8, end)
+    hits = 0
+    while under >= 0:
+        key = under - 8
+        if (
+            body.startswith(_TIER_KEY, key)
+            and body[key - 1] != 92  # (a backslash: the quote is a string's)
+            and _TIER_MEMBER_RE.match(body, key) is not None
+        ):
+            return True
+        hits += 1
+        if hits == _TIER_SCAN_HITS:  # (code, full of underscores: search for the key)
+            key = body.find(_TIER_KEY, key + 1, end)
+            while key >= 0:
+                if body[key - 1] != 92 and _TIER_MEMBER_RE.match(body, key) is not None:
+                    return True
+                key = body.find(_TIER_KEY, key + 1, end)
+            return False
+        under = body.find(b"_", under + 1, end)
+    return False
+
+
 def _top_level_usage(body: bytes) -> tuple[dict, str | None, str | None] | None:
     """``(usage, model, raw)`` of a whole JSON answer without parsing all of
-    it, or None when that cannot be told exactly (the caller then parses it).
-    ``raw`` is the usage object's text as received when it is compact ASCII
-    JSON with no escapes (what providers send), so that it needs no
-    re-serialising; None otherwise.
+    it, or None when that cannot be told exactly (the caller then parses it):
+    :func:`_top_level_report` without the service tier."""
+    found = _top_level_report(body, False)
+    return None if found is None else found[:3]
+
+
+def _top_level_report(
+    body: bytes, tier: bool
+) -> tuple[dict, str | None, str | None, object] | None:
+    """``(usage, model, raw, service_tier)`` of a whole JSON answer without
+    parsing all of it, or None when that cannot be told exactly (the caller
+    then parses it). ``raw`` is the usage object's text as received when it
+    is compact ASCII JSON with no escapes (what providers send), so that it
+    needs no re-serialising; None otherwise.
 
     The usage object is the last ``"usage": {`` found from the end, and it is
     the top-level member only if what follows it is scalar members and the
     closing brace of the outermost object. The model is the first
     ``"model": "…"`` if nothing but scalar members precede it (no ``{`` past
-    the opening one, no ``[``); a body that names no model has none."""
+    the opening one, no ``[``); a body that names no model has none.
+
+    ``tier`` (OpenAI answers): the top-level ``service_tier`` is read too
+    (its value unchecked: :func:`openai_usage` checks it). OpenAI writes it
+    after the usage object, among those scalar members: the last one there
+    is the answer's. When there is none there, the answer has none unless a
+    ``"service_tier"`` key comes before the usage object: at any depth, that
+    only a full parse can tell (None)."""
     if body[-1:] != b"}" and body.rstrip()[-1:] != b"}":
         return None
     tail = body[-JSON_TAIL_BYTES:] if len(body) > JSON_TAIL_BYTES else body
@@ -499,21 +675,33 @@ def _top_level_usage(body: bytes) -> tuple[dict, str | None, str | None] | None:
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     rest = text[end:].encode("utf-8")
-    if (
-        not isinstance(usage, dict)
-        or rest.find(b'"usage"') >= 0
-        or (
-            _COMPACT_SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is None
-            and _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is None
-        )
-    ):
+    if not isinstance(usage, dict) or rest.find(b'"usage"') >= 0:
         return None
+    members = _COMPACT_SCALAR_MEMBERS_TO_END_RE.fullmatch(rest)
+    if members is not None:
+        found = members.group(1)
+        if found is None:
+            found = _MISSING
+        elif found[:1] == b'"':
+            found = found[1:-1]  # (its text, with no escape: _tier_of reads it)
+        else:
+            found = None  # a number, true, false, null
+    elif _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is not None:
+        found = _rest_tier(rest) if tier else _MISSING
+    else:
+        return None
+    service_tier = None
+    if tier:
+        if found is not _MISSING:
+            service_tier = found
+        elif _tier_key_before(body, len(body) - len(tail) + m.start()):
+            return None  # (a key before the usage, maybe nested: parse it all)
     raw = text[:end]
     if not (raw.isascii() and _COMPACT_PLAIN_RE.fullmatch(raw)):
         raw = None
     if body.find(b'"model"') < 0:  # (bytes.find: `in` costs twice as much on bytes)
         # no model - unless a key spells it with an escape
-        return None if body.find(b"\\u") >= 0 else (usage, None, raw)
+        return None if body.find(b"\\u") >= 0 else (usage, None, raw, service_tier)
     found = _MODEL_RE.search(body, 0, 4096)
     if found is None:
         return None
@@ -525,7 +713,7 @@ def _top_level_usage(body: bytes) -> tuple[dict, str | None, str | None] | None:
     ):
         return None
     try:
-        return usage, _model_name(found.group(1).decode("utf-8")), raw
+        return usage, _model_name(found.group(1).decode("utf-8")), raw, service_tier
     except UnicodeDecodeError:
         return None
 
@@ -674,22 +862,23 @@ class JsonMeter(_Base):
             if not self._head:
                 return None
             body = b"".join(self._head)
-            found = _top_level_usage(body) if complete else None
+            openai = self._kind == "openai"
+            found = _top_level_report(body, openai) if complete else None
             if found is not None:  # the common case, without parsing the whole answer
-                usage, model, raw = found
-                if self._kind == "anthropic":
-                    return anthropic_usage(usage, model)
-                return openai_usage(usage, model, raw)
+                usage, model, raw, tier = found
+                if openai:
+                    return openai_usage(usage, model, raw, tier)
+                return anthropic_usage(usage, model)
             try:
                 doc = json.loads(body)
             except (ValueError, RecursionError):
                 return _cut_json(body)  # cut short, or not JSON after all
             if not isinstance(doc, dict):
                 return None
-            usage, model = doc.get("usage"), doc.get("model")
+            usage, model, tier = doc.get("usage"), doc.get("model"), doc.get("service_tier")
         else:
             tail = b"".join(self._tail)[-JSON_TAIL_BYTES:]
-            usage = usage_object_in_tail(tail) if complete else None
+            usage, tier = _report_in_tail(tail) if complete else (None, None)
             model = self._head_model
             if usage is None:  # a large body without its usage: cut short
                 after_head = self._size - self._head_size  # (the tail may overlap the head)
@@ -701,7 +890,7 @@ class JsonMeter(_Base):
                 return Usage(completion_tokens=-(-text // 4), source="estimated", model=model)
         if self._kind == "anthropic":
             return anthropic_usage(usage, model)
-        return openai_usage(usage, model)
+        return openai_usage(usage, model, None, tier)
 
 
 # Text a JSON answer carries (message content, tool arguments, thinking,
@@ -786,12 +975,73 @@ def _usage_only(doc: dict) -> bool:
 
 def _openai_report(doc: dict) -> Usage | None:
     """The usage an OpenAI event reports: chat/completions (``usage``) or
-    Responses (``response.usage``), with the event's model."""
-    usage = openai_usage(doc.get("usage"), doc.get("model"))
+    Responses (``response.usage``), with the event's model and service tier
+    (``service_tier``; ``response.service_tier``)."""
+    usage = openai_usage(doc.get("usage"), doc.get("model"), None, doc.get("service_tier"))
     if usage is None and isinstance(doc.get("response"), dict):
         response = doc["response"]
-        usage = openai_usage(response.get("usage"), response.get("model"))
+        usage = openai_usage(
+            response.get("usage"), response.get("model"), None, response.get("service_tier")
+        )
     return usage
+
+
+def _event_tier(data: bytes) -> str | None:
+    """The service tier an OpenAI stream event (its data) names among its
+    first members, before any nested value and on its first line: where
+    OpenAI writes it in every chat chunk. Only a top-level key is found
+    there: a nested one comes after a ``{`` or ``[``, and a string's quotes
+    are escaped. None when there is none, or it is no tier."""
+    if data[:1] != b"{":
+        return None
+    return _head_tier(data, 0)
+
+
+def _run_tier(run: bytes) -> tuple[bool, str | None]:
+    """``(found, tier)``: whether a run of whole events (their SSE lines)
+    holds an event whose data is a JSON object, and the tier the first such
+    event names as :func:`_event_tier` reads it."""
+    pos, n = 0, len(run)
+    while pos < n:
+        end = run.find(b"\n\n", pos)
+        if end < 0:
+            end = n
+        line = pos
+        while line < end:  # the event's first data line (past event, id, comment lines)
+            nl = run.find(b"\n", line, end)
+            line_end = end if nl < 0 else nl
+            if run.startswith(b"data:", line) or (
+                line_end - line == 4 and run.startswith(b"data", line)
+            ):
+                break
+            line = line_end + 1
+        if line < end:
+            brace = line + 6 if run.startswith(b"data: ", line) else line + 5
+            if run[brace : brace + 1] == b"{":
+                return True, _head_tier(run, brace)
+        pos = end + 2  # (no data, or not an object: [DONE], text)
+    return False, None
+
+
+def _head_tier(data: bytes, brace: int) -> str | None:
+    """The tier named by the last ``"service_tier"`` key of the object that
+    opens at ``brace``, among its members before any nested value and on
+    that line (a key's quote is never preceded by a backslash; a value is
+    not followed by a colon); None if there is none, or no tier."""
+    end = len(data)
+    for stop in (b"{", b"[", b"\n"):
+        at = data.find(stop, brace + 1, end)
+        if at >= 0:
+            end = at
+    tier = None
+    at = data.find(_TIER_KEY, brace, end)
+    while at >= 0:
+        if data[at - 1] != 92:  # (a backslash: the quote is a string's)
+            m = _TIER_MEMBER_RE.match(data, at)
+            if m is not None and m.end() <= end:
+                tier = _tier_of(_string_value(m.group(1)))
+        at = data.find(_TIER_KEY, at + 14, end)
+    return tier
 
 
 class SSEMeter(_Base):
@@ -1210,7 +1460,14 @@ class OpenAIStreamMeter(SSEMeter):
     A stream cut before its usage report is estimated: completion tokens
     from the number of text deltas seen (``legacy``, /v1/completions: of
     non-empty ``text`` pieces; an image stream has none); prompt tokens stay
-    unknown."""
+    unknown.
+
+    The service tier is the report's (the chunk's top-level
+    ``service_tier``; Responses: the response's); a report that names none,
+    and an estimate, take the tier the stream's first JSON chunk names
+    (:func:`_event_tier`: OpenAI names it in every chat chunk, among its
+    first members). Only that chunk is looked at: the chunks after it cost
+    nothing more."""
 
     def __init__(
         self, strip: bool = False, decoder: _Decoder | None = None, legacy: bool = False
@@ -1224,8 +1481,13 @@ class OpenAIStreamMeter(SSEMeter):
         # whole events of the fast path, their deltas not yet counted
         self._uncounted: list[bytes] = []
         self._uncounted_size = 0
+        self._tier: str | None = None  # the first JSON chunk's
+        self._tier_open = True  # that chunk is still to come
 
     def _event(self, name: bytes | None, data: bytes) -> None:
+        if self._tier_open and data[:1] == b"{":
+            self._tier_open = False
+            self._tier = _event_tier(data)
         if self._model is None and b'"model"' in data:
             self._model = _first_model(data)
         # (substring checks first: they are much cheaper than the regexes)
@@ -1236,11 +1498,18 @@ class OpenAIStreamMeter(SSEMeter):
                 doc = None
             usage = _openai_report(doc) if isinstance(doc, dict) else None
             if usage is not None:
-                self._final = usage
+                self._report(usage)
                 return
         if data.find(self._marker) >= 0:
             # (every text delta of the event: one per choice when there are several)
             self._deltas += self._count(data)
+
+    def _report(self, usage: Usage) -> None:
+        """Keep the provider's report; one that names no service tier takes
+        the first JSON chunk's."""
+        if usage.service_tier is None and self._tier is not None:
+            usage = replace(usage, service_tier=self._tier)
+        self._final = usage
 
     def _feed_events(self, data: bytes, whole: int) -> bytes:
         """Faster than the per-event loop for OpenAI streams: a run of
@@ -1251,6 +1520,10 @@ class OpenAIStreamMeter(SSEMeter):
         outside a ``data:`` line, huge lines) takes the per-event path."""
         if whole < len(data) or whole > SSE_LINE_MAX:
             return super()._feed_events(data, whole)
+        if self._tier_open:  # (the stream's first JSON chunk may be in this run)
+            found, tier = _run_tier(data)
+            if found:
+                self._tier_open, self._tier = False, tier
         stripping = self._state == _PENDING
         if stripping and data.find(b'"usage":{') < 0:
             # The usual run while stripping: content chunks, each with the
@@ -1299,7 +1572,7 @@ class OpenAIStreamMeter(SSEMeter):
         for doc in reports:
             usage = _openai_report(doc)
             if usage is not None:
-                self._final = usage
+                self._report(usage)
         self._run_seen(data, whole)
         if not stripping:
             return data
@@ -1332,7 +1605,7 @@ class OpenAIStreamMeter(SSEMeter):
         # completed event (after the final image): usage is near its end
         usage = openai_usage(usage_object_in_tail(tail))
         if usage is not None:
-            self._final = usage
+            self._report(usage)
 
     def _count_uncounted(self) -> None:
         uncounted = self._uncounted
@@ -1350,7 +1623,7 @@ class OpenAIStreamMeter(SSEMeter):
         if not self._fed:
             return NO_USAGE
         self._count_uncounted()
-        return Usage(completion_tokens=self._deltas, source="estimated")
+        return Usage(completion_tokens=self._deltas, source="estimated", service_tier=self._tier)
 
 
 _ANTHROPIC_TEXT_RE = re.compile(rb'"(?:text|partial_json|thinking)"\s*:\s*"((?:[^"\\]|\\.)*)"')

@@ -8,6 +8,7 @@ sees the response bytes as they pass.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -22,6 +23,19 @@ USAGE_SOURCES = ("provider", "estimated", "none")
 RAW_USAGE_MAX = 4096
 #: the largest token count a row keeps (int4 columns); a count past it is NULL
 COUNT_MAX = 2**31 - 1
+
+_SERVICE_TIER_RE = re.compile(r"[a-z0-9_-]{1,32}")
+
+
+def service_tier_of(value: object) -> str | None:
+    """A provider's reported service tier as a row keeps it: a string of 1 to
+    32 characters of ``[a-z0-9_-]`` as it came (no case folding: a tier the
+    price table does not name is priced at the base rates); anything else
+    (another type, longer, other characters) is None. The one guard for the
+    value, wherever it is read (the meters, the recorder's row check)."""
+    if type(value) is str and _SERVICE_TIER_RE.fullmatch(value):
+        return value
+    return None
 
 
 # Not frozen, for the reason UsageRecord is not (below): one or two are built
@@ -53,6 +67,15 @@ class Usage:
     reasoning_tokens: int | None = None  # of completion_tokens: the model's reasoning
     #: of cache_creation_tokens: those written with the 1-hour TTL (the rest: 5 minutes)
     cache_creation_1h_tokens: int | None = None
+    #: the service tier the provider says served the request, as it reports it
+    #: (OpenAI's top-level ``service_tier``: default, flex, priority, scale;
+    #: Anthropic's ``usage.service_tier``: standard, priority, batch); only a
+    #: value of 1-32 characters of ``[a-z0-9_-]``, else None. It picks the
+    #: price entry's rates of that tier (lectr.pricing.cost)
+    service_tier: str | None = None
+    #: server-side web searches the provider ran and bills per search
+    #: (Anthropic's ``usage.server_tool_use.web_search_requests``)
+    web_search_requests: int | None = None
     #: the provider's usage object as received (compact JSON, at most RAW_USAGE_MAX characters)
     raw: str | None = field(default=None, compare=False)
     #: the model the provider says it served (the response's ``model``)
