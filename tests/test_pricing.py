@@ -384,10 +384,15 @@ def test_worst_case(pricing, catalogue):
     assert pricing.worst_case_usd(
         "anthropic", "claude-sonnet-4-5", prompt_tokens=300_000, max_output_tokens=10
     ) == D("3.600225")
-    # OpenAI: no cache writes, the input rate is the dearest: 1000 x 2.5 + 16384 x 10
+    # OpenAI: no cache writes, the input rate is the dearest; gpt-4o may be served at
+    # its priority tier (4.25 / 17), so that is the worst case: 1000 x 4.25 + 16384 x 17
     assert pricing.worst_case_usd(
         "openai", "gpt-4o-2024-11-20", prompt_tokens=1000, max_output_tokens=None
-    ) == D("0.16634")
+    ) == D("0.282778")
+    # a model without tiers: its base rates (1000 x 5 + 4096 x 15)
+    assert pricing.worst_case_usd(
+        "openai", "gpt-4o-2024-05-13", prompt_tokens=1000, max_output_tokens=None
+    ) == D("0.066440")
     # embeddings: free output, no limit needed
     assert pricing.worst_case_usd(
         "openai", "text-embedding-3-large", prompt_tokens=1000, max_output_tokens=None

@@ -161,7 +161,7 @@ async def test_a_request_explained(env):
         latency_ms=12.5,
         ttfb_ms=3.0,
         streamed=False,
-        usage=Usage(100, 500, 600, 64, None, "provider", 448, None, '{"input_tokens":100}', None),
+        usage=Usage(100, 500, 600, 64, None, "provider", 448, None, raw='{"input_tokens":100}'),
     )
     priced = env.components.pricing.price_record(record)
     await RequestLogStore(env.components.database).insert([priced])

@@ -337,7 +337,7 @@ async def test_price_bases_are_stored_once_and_explain_the_cost(database, db_url
                 i,
                 provider="anthropic",
                 model="claude-sonnet-4-5-20250929",
-                usage=Usage(410, 5, 415, 100, 300, "provider", None, 200, '{"raw":1}', None),
+                usage=Usage(410, 5, 415, 100, 300, "provider", None, 200, raw='{"raw":1}'),
             )
         )
         for i in range(5)

@@ -18,6 +18,12 @@ Resolution, for a provider and a model name (case-insensitive):
 
 A name that only shares a prefix is not priced by family (``gpt-4o-audio-preview``
 is not ``gpt-4o``: its audio tokens cost more): it stays unpriced until listed.
+
+An entry (a catalogue table, or an admin's JSON document: the same shape) is
+its rates (USD per million tokens), and optionally ``long_context``
+(``threshold`` and rates), ``tiers`` (service tier name -> rates, each with
+its own optional ``long_context``), ``web_search`` (USD per 1,000 web
+searches), ``max_output_tokens``, ``checked`` (required) and ``note``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from lectr.pricing.cost import (
     LongContext,
     PriceEntry,
     Rates,
+    ServiceTier,
 )
+from lectr.usage.model import service_tier_of
 
 CATALOGUE_FILE = "prices.toml"
 PROVIDER_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -45,6 +53,8 @@ MODEL_MAX = 256
 MAX_OUTPUT_TOKENS_MAX = 100_000_000
 THRESHOLD_MAX = 100_000_000
 NOTE_MAX = 500
+#: the most service tiers an entry may list
+TIERS_MAX = 16
 
 _SNAPSHOT_RE = re.compile(
     r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-\d{3,4}|-latest|-preview(?:-\d{2}-\d{2})?"
@@ -80,16 +90,16 @@ def check_model(value: object) -> str:
     return name.lower()
 
 
-def check_rate(value: object, what: str) -> Decimal:
+def check_rate(value: object, what: str, unit: str = "USD per million tokens") -> Decimal:
     """A rate: a non-negative number with at most six decimals (a JSON
     number or a decimal string; floats are read through their shortest
     text, so 0.1 is 0.1)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
-        raise PriceError(f"{what} must be a number (USD per million tokens)")
+        raise PriceError(f"{what} must be a number ({unit})")
     try:
         rate = Decimal(str(value).strip()) if not isinstance(value, Decimal) else value
     except InvalidOperation:
-        raise PriceError(f"{what} must be a number (USD per million tokens)") from None
+        raise PriceError(f"{what} must be a number ({unit})") from None
     if not rate.is_finite() or rate < 0 or rate >= RATE_MAX:
         raise PriceError(f"{what} must be from 0 to less than {RATE_MAX}")
     exponent = rate.normalize().as_tuple().exponent
@@ -128,7 +138,61 @@ def _rates(doc: dict, what: str, required: bool) -> Rates:
     return Rates(**values)
 
 
-ENTRY_FIELDS = frozenset((*RATE_KINDS, "long_context", "max_output_tokens", "checked", "note"))
+ENTRY_FIELDS = frozenset(
+    (*RATE_KINDS, "long_context", "tiers", "web_search", "max_output_tokens", "checked", "note")
+)
+TIER_FIELDS = frozenset((*RATE_KINDS, "long_context"))
+
+
+def _long_context(lc: object, what: str) -> LongContext | None:
+    if lc is None:
+        return None
+    if not isinstance(lc, dict):
+        raise PriceError(f"{what} must be an object")
+    extra = set(lc) - {*RATE_KINDS, "threshold"}
+    if extra:
+        raise PriceError(f"unknown {what} field(s): {', '.join(sorted(extra))}")
+    threshold = _check_count(lc.get("threshold"), f"{what}.threshold", THRESHOLD_MAX)
+    return LongContext(threshold, _rates(lc, f"{what}.", required=True))
+
+
+def _shown(name: object) -> str:
+    text = name if isinstance(name, str) else repr(name)
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
+def _tiers(doc: object) -> tuple[ServiceTier, ...]:
+    """``tiers``: service tier name -> its rates (input and output required,
+    a cache rate not given: the tier's input rate) and its own optional
+    ``long_context``."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, dict):
+        raise PriceError("tiers must be an object: service tier name -> rates")
+    if len(doc) > TIERS_MAX:
+        raise PriceError(f"tiers may list at most {TIERS_MAX} service tiers")
+    tiers = []
+    for name, rates in doc.items():
+        if service_tier_of(name) is None:
+            raise PriceError(
+                f"tiers.{_shown(name)}: a service tier is named by 1 to 32 lower-case "
+                "letters, digits, '_' or '-' (as the provider reports it)"
+            )
+        what = f"tiers.{name}"
+        if not isinstance(rates, dict):
+            raise PriceError(f"{what} must be an object (its rates)")
+        unknown = set(rates) - TIER_FIELDS
+        if unknown:
+            listed = ", ".join(sorted(_shown(k) for k in unknown))
+            raise PriceError(f"unknown {what} field(s): {listed}")
+        tiers.append(
+            ServiceTier(
+                name,
+                _rates(rates, f"{what}.", required=True),
+                _long_context(rates.get("long_context"), f"{what}.long_context"),
+            )
+        )
+    return tuple(tiers)
 
 
 def parse_entry(provider: object, model: object, doc: object, *, source: str) -> PriceEntry:
@@ -142,16 +206,11 @@ def parse_entry(provider: object, model: object, doc: object, *, source: str) ->
     if unknown:
         raise PriceError(f"unknown price field(s): {', '.join(sorted(unknown))}")
     rates = _rates(doc, "", required=True)
-    long = None
-    lc = doc.get("long_context")
-    if lc is not None:
-        if not isinstance(lc, dict):
-            raise PriceError("long_context must be an object")
-        extra = set(lc) - {*RATE_KINDS, "threshold"}
-        if extra:
-            raise PriceError(f"unknown long_context field(s): {', '.join(sorted(extra))}")
-        threshold = _check_count(lc.get("threshold"), "long_context.threshold", THRESHOLD_MAX)
-        long = LongContext(threshold, _rates(lc, "long_context.", required=True))
+    long = _long_context(doc.get("long_context"), "long_context")
+    tiers = _tiers(doc.get("tiers"))
+    web_search = doc.get("web_search")
+    if web_search is not None:
+        web_search = check_rate(web_search, "web_search", "USD per 1,000 web searches")
     max_out = doc.get("max_output_tokens")
     if max_out is not None:
         max_out = _check_count(max_out, "max_output_tokens", MAX_OUTPUT_TOKENS_MAX)
@@ -169,6 +228,8 @@ def parse_entry(provider: object, model: object, doc: object, *, source: str) ->
         long_context=long,
         max_output_tokens=max_out,
         note=note,
+        tiers=tiers,
+        web_search=web_search,
     )
 
 

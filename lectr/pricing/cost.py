@@ -19,6 +19,14 @@ What each token costs (``Usage`` is normalized by the meters, see
 - ``completion_tokens`` (reasoning included) at ``output``.
 - A prompt past the entry's long-context threshold prices the whole request
   at the long-context rates.
+- A request the provider says it served at a service tier the entry lists
+  (``Usage.service_tier``: OpenAI's ``flex``, ``priority``...) is priced
+  whole at that tier's rates, and by that tier's own long context if it has
+  one (the entry's base long context never applies to it); any other tier,
+  or none, at the base rates.
+- Server-side web searches (``Usage.web_search_requests``) at the entry's
+  ``web_search`` rate, USD per 1,000 searches, whatever the tier (without a
+  rate they are not priced).
 - An estimated usage (a cut response) with no prompt count gets one from the
   request's size: one token per four bytes, rounded up.
 """
@@ -45,6 +53,11 @@ RATE_MAX = Decimal(1_000_000)
 BYTES_PER_TOKEN = 4
 
 RATE_KINDS = ("input", "output", "cached_input", "cache_write_5m", "cache_write_1h")
+#: a basis's (and a breakdown's) rate of web searches: USD per 1,000 searches
+WEB_SEARCH = "web_search"
+#: pico-dollars (the unit of a cost) per search for a rate of one micro-dollar
+#: per 1,000 searches: 10^-6 / 10^3 USD = 10^-9 USD = 1,000 pico-dollars
+_PICO_PER_SEARCH_UNIT = 1_000
 
 
 def format_usd(value: Decimal | None) -> str | None:
@@ -97,7 +110,7 @@ class Tier:
     """The effective rates of one tier of an entry (fallbacks applied), as
     decimals and as integers, and the basis they make."""
 
-    name: str  # "base" | "long_context"
+    name: str  # "base" | "long_context" (of the entry, or of one of its service tiers)
     input: Decimal
     output: Decimal
     cached_input: Decimal
@@ -109,6 +122,10 @@ class Tier:
     i_write_5m: int
     i_write_1h: int
     basis: Basis
+    #: the basis of a request that also ran web searches (the rate named in
+    #: its ``rates``); None: the entry has no web-search rate
+    basis_ws: Basis | None = None
+    i_search: int = 0  # pico-dollars per web search
     i_dearest: int = 0  # the dearest prompt rate (what a worst case charges each prompt token)
 
     def __post_init__(self) -> None:
@@ -133,6 +150,26 @@ class LongContext:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceTier:
+    """The rates of one service tier of an entry (OpenAI's ``flex`` or
+    ``priority``...): a request the provider says it served at ``name``
+    is priced whole at these, past ``long_context``'s threshold (if any) at
+    its rates. A cache rate not given: this tier's input rate."""
+
+    name: str  # as the provider reports it (lectr.usage.model.service_tier_of)
+    rates: Rates
+    long_context: LongContext | None = None
+
+
+class TierTable(NamedTuple):
+    """A service tier's effective rates, as :func:`cost_of` picks them."""
+
+    base: Tier
+    long: Tier | None
+    threshold: int  # a prompt above it is priced at ``long`` (no long: never crossed)
+
+
+@dataclass(frozen=True, slots=True)
 class PriceEntry:
     """One model's prices (from the catalogue, or a global admin's override)."""
 
@@ -144,34 +181,69 @@ class PriceEntry:
     long_context: LongContext | None = None
     max_output_tokens: int | None = None
     note: str | None = None
+    #: rates by service tier (none: every request at the base rates)
+    tiers: tuple[ServiceTier, ...] = ()
+    #: USD per 1,000 server-side web searches (None: searches are not priced)
+    web_search: Decimal | None = None
     base: Tier = field(init=False, compare=False, repr=False)
     long: Tier | None = field(init=False, compare=False, repr=False)
-    # what a budget reservation reads, flat (see worst_units): the long-context
-    # threshold (no long context: never crossed), the dearest prompt rate and
-    # the output rate of each tier, the model's output limit
+    #: the service tiers' effective rates by name (None: the entry lists none)
+    by_tier: dict[str, TierTable] | None = field(init=False, compare=False, repr=False)
+    # what a budget reservation reads, flat (see worst_units): the lowest
+    # long-context threshold (none: never crossed); the dearest prompt rate and
+    # output rate a request can be charged at or below it, and above it (over
+    # the base rates and every service tier's); the model's output limit
     worst: tuple = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        base = self._tier("base", self.rates, None)
+        base = self._tier("base", self.rates, None, None, None)
         object.__setattr__(self, "base", base)
         long = None
         threshold = sys.maxsize
         if self.long_context is not None:
-            long = self._tier("long_context", self.long_context.rates, base)
             threshold = self.long_context.threshold
+            long = self._tier("long_context", self.long_context.rates, base, threshold, None)
         object.__setattr__(self, "long", long)
-        top = long if long is not None else base
+        tables = [TierTable(base, long, threshold)]
+        by_tier = None
+        if self.tiers:
+            by_tier = {}
+            for t in self.tiers:
+                t_base = self._tier("base", t.rates, None, None, t.name)
+                t_long, t_threshold = None, sys.maxsize
+                if t.long_context is not None:
+                    t_threshold = t.long_context.threshold
+                    t_long = self._tier(
+                        "long_context", t.long_context.rates, t_base, t_threshold, t.name
+                    )
+                by_tier[t.name] = TierTable(t_base, t_long, t_threshold)
+            tables.extend(by_tier.values())
+        object.__setattr__(self, "by_tier", by_tier)
+        # at or below the lowest threshold, no table's long context applies; above
+        # it, any table's rates may (a table whose threshold is higher still
+        # charges its base rates there): an over-reservation, never an under-one
+        low = min(t.threshold for t in tables)
+        everything = [x for t in tables for x in (t.base, t.long) if x is not None]
         worst = (
-            threshold,
-            base.i_dearest,
-            base.i_output,
-            top.i_dearest,
-            top.i_output,
+            low,
+            max(t.base.i_dearest for t in tables),
+            max(t.base.i_output for t in tables),
+            max(x.i_dearest for x in everything),
+            max(x.i_output for x in everything),
             self.max_output_tokens,
         )
+        if not self.tiers and long is not None:  # (as before tiers: the long-context rates)
+            worst = (low, base.i_dearest, base.i_output, long.i_dearest, long.i_output, worst[5])
         object.__setattr__(self, "worst", worst)
 
-    def _tier(self, name: str, rates: Rates, fallback: Tier | None) -> Tier:
+    def _tier(
+        self,
+        name: str,
+        rates: Rates,
+        fallback: Tier | None,
+        threshold: int | None,
+        service_tier: str | None,
+    ) -> Tier:
         def pick(kind: str) -> Decimal:
             value = getattr(rates, kind)
             if value is not None:
@@ -181,15 +253,26 @@ class PriceEntry:
             return rates.input  # no cache rate: the input rate
 
         values = {kind: pick(kind) for kind in RATE_KINDS}
-        doc = {
+        doc: dict = {
             "provider": self.provider,
             "model": self.model,
             "source": self.source,
             "checked": self.checked.isoformat(),
             "tier": name,
-            "threshold": self.long_context.threshold if fallback is not None else None,
+            "threshold": threshold,
             "rates": {k: format_usd(v) for k, v in values.items()},
         }
+        if service_tier is not None:  # (absent at the base rates: their ids never change)
+            doc["service_tier"] = service_tier
+        basis_ws = None
+        i_search = 0
+        if self.web_search is not None:
+            with_searches = {
+                **doc,
+                "rates": {**doc["rates"], WEB_SEARCH: format_usd(self.web_search)},
+            }
+            basis_ws = Basis.of(with_searches)
+            i_search = _micro(self.web_search) * _PICO_PER_SEARCH_UNIT
         return Tier(
             name,
             values["input"],
@@ -203,9 +286,18 @@ class PriceEntry:
             _micro(values["cache_write_5m"]),
             _micro(values["cache_write_1h"]),
             Basis.of(doc),
+            basis_ws,
+            i_search,
         )
 
-    def tier_for(self, prompt_tokens: int) -> Tier:
+    def tier_for(self, prompt_tokens: int, service_tier: str | None = None) -> Tier:
+        """The rates a request of ``prompt_tokens`` served at
+        ``service_tier`` is priced at (as :func:`cost_of` picks them)."""
+        table = self.by_tier.get(service_tier) if self.by_tier is not None else None
+        if table is not None:
+            if table.long is not None and prompt_tokens > table.threshold:
+                return table.long
+            return table.base
         lc = self.long_context
         if lc is not None and prompt_tokens > lc.threshold:
             return self.long  # type: ignore[return-value]
@@ -232,9 +324,17 @@ class Priced(NamedTuple):
         return self.provenance["tier"] if self.basis is not None else None
 
     @property
+    def service_tier(self) -> str | None:
+        """The service tier whose rates priced the request (None: the base
+        rates, or unpriced)."""
+        return self.provenance.get("service_tier") if self.basis is not None else None
+
+    @property
     def provenance(self) -> dict | None:
         """The prices used, as stored: provider, model (the entry), source,
-        checked (the date), tier, threshold, rates (decimal strings)."""
+        checked (the date), tier, threshold, rates (decimal strings; with
+        ``web_search``, USD per 1,000 searches, when searches were priced),
+        and ``service_tier`` when a service tier's rates were used."""
         return json.loads(self.basis.json) if self.basis is not None else None
 
 
@@ -270,8 +370,16 @@ def cost_of(entry: PriceEntry, usage: Usage, request_bytes: int = 0) -> Priced:
     completion = usage.completion_tokens or 0
     if estimated and not (prompt or completion or cached or writes):
         return Priced(None, True, None, entry, prompt_estimate, "no_usage")
-    lc = entry.long_context
-    t = entry.long if lc is not None and prompt > lc.threshold else entry.base
+    by_tier = entry.by_tier
+    if (
+        by_tier is None
+        or (served := usage.service_tier) is None
+        or (table := by_tier.get(served)) is None
+    ):
+        lc = entry.long_context
+        t = entry.long if lc is not None and prompt > lc.threshold else entry.base
+    else:
+        t = table.long if table.long is not None and prompt > table.threshold else table.base
     pico = (
         fresh * t.i_input
         + cached * t.i_cached
@@ -279,10 +387,15 @@ def cost_of(entry: PriceEntry, usage: Usage, request_bytes: int = 0) -> Priced:
         + writes_1h * t.i_write_1h
         + completion * t.i_output
     )
+    basis = t.basis
+    searches = usage.web_search_requests
+    if searches and searches > 0 and t.basis_ws is not None:
+        pico += searches * t.i_search
+        basis = t.basis_ws
     return Priced(
         Decimal(pico).scaleb(-12),
         estimated,
-        t.basis,
+        basis,
         entry,
         prompt_estimate,
         None,
@@ -320,9 +433,12 @@ def worst_case(
 ) -> Decimal | None:
     """The most a request can cost: every prompt token at the dearest prompt
     rate (a cache write can cost more than plain input), and the output
-    limit (the request's, else the model's) at the output rate, at the tier
-    the prompt falls in. None when the output is unbounded (no limit known
-    and the output is not free)."""
+    limit (the request's, else the model's) at the output rate, at the
+    dearest rates the prompt can be charged at: the base rates' and every
+    service tier's (a request does not say which tier will serve it), past
+    the lowest long-context threshold their long-context rates too. None when
+    the output is unbounded (no limit known and the output is not free).
+    Web searches are not in it (nothing bounds their count)."""
     units = worst_case_units(entry, prompt_tokens, max_output_tokens)
     return None if units is None else Decimal(units).scaleb(-12)
 
@@ -332,12 +448,19 @@ def worst_case(
 
 @dataclass(frozen=True, slots=True)
 class Line:
-    kind: str  # input | cached_input | cache_write_5m | cache_write_1h | output
-    tokens: int
-    rate: Decimal  # USD per million tokens
-    cost: Decimal  # tokens × rate / 1,000,000
+    kind: str  # input | cached_input | cache_write_5m | cache_write_1h | output | web_search
+    tokens: int  # (web_search: the searches)
+    rate: Decimal  # USD per million tokens (web_search: per 1,000 searches)
+    cost: Decimal  # tokens × rate / 1,000,000 (web_search: searches × rate / 1,000)
 
     def to_json(self) -> dict:
+        if self.kind == WEB_SEARCH:
+            return {
+                "kind": self.kind,
+                "searches": self.tokens,
+                "usd_per_thousand": format_usd(self.rate),
+                "cost_usd": format_usd(self.cost),
+            }
         return {
             "kind": self.kind,
             "tokens": self.tokens,
@@ -354,9 +477,13 @@ def breakdown(
     cache_creation_tokens: int,
     cache_creation_1h_tokens: int,
     completion_tokens: int,
+    web_search_requests: int = 0,
 ) -> tuple[list[Line], Decimal]:
     """The arithmetic of a cost, line by line, the same way
-    :func:`cost_of` does it (in decimals, for people)."""
+    :func:`cost_of` does it (in decimals, for people). ``rates``: a basis's
+    rates; web searches make a line only when it names their rate
+    (``web_search``: :func:`cost_of` priced them), else they were not
+    priced and make none."""
     writes_1h = min(cache_creation_1h_tokens, cache_creation_tokens)
     fresh = max(prompt_tokens - cached_tokens - cache_creation_tokens, 0)
     counts = (
@@ -375,6 +502,11 @@ def breakdown(
                 continue
             cost = Decimal(tokens) * rates[kind] / 1_000_000
             lines.append(Line(kind, tokens, rates[kind], cost))
+            total += cost
+        search_rate = rates.get(WEB_SEARCH)
+        if web_search_requests > 0 and search_rate is not None:
+            cost = Decimal(web_search_requests) * search_rate / 1_000
+            lines.append(Line(WEB_SEARCH, web_search_requests, search_rate, cost))
             total += cost
     return lines, total
 

@@ -58,29 +58,50 @@ RESOLVE_CACHE_MAX = 10_000
 _MISSING = object()
 
 
+def _long_json(lc) -> dict | None:
+    return {"threshold": lc.threshold, **lc.rates.to_json()} if lc is not None else None
+
+
 def entry_json(entry: PriceEntry) -> dict:
     """An entry as the admin API shows it (rates as given: null means the
-    input rate applies)."""
-    lc = entry.long_context
+    input rate applies). ``tiers``: service tier name -> its rates and
+    long_context (null: the entry lists none); ``web_search``: USD per
+    1,000 web searches (null: not priced)."""
     return {
         "provider": entry.provider,
         "model": entry.model,
         "source": entry.source,
         **entry.rates.to_json(),
-        "long_context": (
-            {"threshold": lc.threshold, **lc.rates.to_json()} if lc is not None else None
+        "long_context": _long_json(entry.long_context),
+        "tiers": (
+            {
+                t.name: {**t.rates.to_json(), "long_context": _long_json(t.long_context)}
+                for t in entry.tiers
+            }
+            if entry.tiers
+            else None
         ),
+        "web_search": format_usd(entry.web_search),
         "max_output_tokens": entry.max_output_tokens,
         "checked": entry.checked.isoformat(),
         "note": entry.note,
     }
 
 
+def _without_nulls(doc: dict | None) -> dict | None:
+    return {k: v for k, v in doc.items() if v is not None} if doc is not None else None
+
+
 def _stored(entry: PriceEntry) -> dict:
-    """An override as stored (exact decimals as strings)."""
+    """An override as stored (exact decimals as strings; what parse_entry
+    reads back)."""
     doc = {k: v for k, v in entry_json(entry).items() if k not in ("provider", "model", "source")}
-    if doc["long_context"] is not None:
-        doc["long_context"] = {k: v for k, v in doc["long_context"].items() if v is not None}
+    doc["long_context"] = _without_nulls(doc["long_context"])
+    if doc["tiers"] is not None:
+        doc["tiers"] = {
+            name: _without_nulls({**rates, "long_context": _without_nulls(rates["long_context"])})
+            for name, rates in doc["tiers"].items()
+        }
     return {k: v for k, v in doc.items() if v is not None}
 
 
@@ -222,12 +243,14 @@ class PricingManager:
         max_output_tokens: int | None,
     ) -> Decimal | None:
         """The most a request can cost, for a budget reservation: every
-        prompt token at the dearest prompt rate of its tier (input, or a
-        cache write, which costs up to 2x input), plus ``max_output_tokens``
-        (the request's ``max_tokens``/``max_completion_tokens``/
-        ``max_output_tokens``; None: the model's limit from the price table)
-        at the output rate. None when the model has no price, or when its
-        output is unbounded (no limit in the request nor in the table)."""
+        prompt token at the dearest prompt rate it can be charged (input, or
+        a cache write, which costs up to 2x input; over the base rates and
+        every service tier the entry lists, since any may serve it), plus
+        ``max_output_tokens`` (the request's ``max_tokens``/
+        ``max_completion_tokens``/``max_output_tokens``; None: the model's
+        limit from the price table) at the dearest output rate. None when the
+        model has no price, or when its output is unbounded (no limit in the
+        request nor in the table). Web searches are not counted."""
         entry = self._entry(provider, model)
         return None if entry is None else worst_case(entry, prompt_tokens, max_output_tokens)
 
@@ -319,7 +342,13 @@ class PricingManager:
             "price of {provider}/{model} set: {rates}",
             provider=entry.provider,
             model=entry.model,
-            rates=", ".join(f"{k} {format_usd(v)}" for k, v in entry.base.rates().items()),
+            rates=", ".join(f"{k} {format_usd(v)}" for k, v in entry.base.rates().items())
+            + "".join(f"; tier {t.name}" for t in entry.tiers)
+            + (
+                f"; web_search {format_usd(entry.web_search)}/1k"
+                if entry.web_search is not None
+                else ""
+            ),
         )
         await self._refresh(entry.provider)
         return self._view(entry)
