@@ -382,6 +382,23 @@ def _long_context(p: dict) -> str | None:
     return f">{lc['threshold']:,}: ${lc['input']} / ${lc['output']}"
 
 
+def _tiers(p: dict) -> str | None:
+    """Each service tier's input / output rates (its long context marked)."""
+    tiers = p.get("tiers")
+    if not tiers:
+        return None
+    return ", ".join(
+        f"{name} ${t['input']} / ${t['output']}"
+        + (" (+long context)" if t.get("long_context") else "")
+        for name, t in tiers.items()
+    )
+
+
+def _web_search(p: dict) -> str | None:
+    rate = p.get("web_search")
+    return None if rate is None else f"${rate}/1k"
+
+
 PRICE_COLUMNS = [
     ("PROVIDER", lambda p: p["provider"]),
     ("MODEL", lambda p: p["model"]),
@@ -392,6 +409,8 @@ PRICE_COLUMNS = [
     ("WRITE 1H", lambda p: _rate(p["cache_write_1h"])),
     ("OUTPUT", lambda p: _rate(p["output"])),
     ("LONG CONTEXT", _long_context),
+    ("TIERS", _tiers),
+    ("WEB SEARCH", _web_search),
     ("MAX OUT", lambda p: p["max_output_tokens"]),
     ("CHECKED", lambda p: p["checked"]),
 ]
@@ -929,22 +948,36 @@ class Commands:
             counts.append(f"completion {r['completion_tokens']}")
             if r["reasoning_tokens"]:
                 counts.append(f"of which reasoning {r['reasoning_tokens']}")
-            self.out.fields(
-                [
-                    ("request", r["request_id"]),
-                    ("time", when(r["created_at"])),
-                    ("route", f"{r['provider']} {r['method']} {r['path']} -> {r['status']}"),
-                    ("model", model),
-                    ("usage", f"{r['usage_source']}: " + ", ".join(counts)),
-                    ("cost", f"${r['cost_usd']}" if r["cost_usd"] is not None else "unpriced"),
-                ]
-            )
+            if r.get("web_search_requests"):
+                counts.append(f"web searches {r['web_search_requests']}")
+            fields = [
+                ("request", r["request_id"]),
+                ("time", when(r["created_at"])),
+                ("route", f"{r['provider']} {r['method']} {r['path']} -> {r['status']}"),
+                ("model", model),
+            ]
+            if r.get("service_tier") is not None:
+                fields.append(("service tier", r["service_tier"]))
+            fields += [
+                ("usage", f"{r['usage_source']}: " + ", ".join(counts)),
+                ("cost", f"${r['cost_usd']}" if r["cost_usd"] is not None else "unpriced"),
+            ]
+            self.out.fields(fields)
             self.out.line()
             self.out.line(doc["note"])
             if doc["lines"]:
                 self.out.line()
-                width = max(len(f"{line['tokens']:,}") for line in doc["lines"])
+                width = max(
+                    len(f"{line['tokens'] if 'tokens' in line else line['searches']:,}")
+                    for line in doc["lines"]
+                )
                 for line in doc["lines"]:
+                    if "searches" in line:  # (kind web_search)
+                        self.out.line(
+                            f"  {line['kind']:<15} {line['searches']:>{width},} searches x "
+                            f"${line['usd_per_thousand']}/1k = ${line['cost_usd']}"
+                        )
+                        continue
                     self.out.line(
                         f"  {line['kind']:<15} {line['tokens']:>{width},} tokens x "
                         f"${line['usd_per_million']}/M = ${line['cost_usd']}"
@@ -997,6 +1030,10 @@ class Commands:
                 "input": args.long_context_input,
                 "output": args.long_context_output,
             }
+        if args.tier:
+            body["tiers"] = dict(_tier_spec(spec) for spec in args.tier)
+        if args.web_search is not None:
+            body["web_search"] = args.web_search
         doc = self.api.put("/admin/pricing", body)
         self.out.result(doc, lambda: self.out.table([doc], PRICE_COLUMNS))
 
@@ -1077,6 +1114,28 @@ def _count_or_none(raw: str) -> int | None:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1 (or 'none')")
     return value
+
+
+_TIER_RATE_KINDS = ("input", "output", "cached_input", "cache_write_5m", "cache_write_1h")
+
+
+def _tier_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``--tier NAME:KIND=USD[,KIND=USD...]`` as (name, rates); the server
+    checks the name and the rates."""
+    name, sep, rest = spec.partition(":")
+    usage = f"--tier {spec!r}: expected NAME:input=USD,output=USD[,cached_input=USD...]"
+    if not sep or not name or not rest:
+        raise CliError(usage, EXIT_USAGE)
+    rates: dict[str, str] = {}
+    for part in rest.split(","):
+        kind, eq, value = part.partition("=")
+        kind, value = kind.strip(), value.strip()
+        if not eq or not value or kind not in _TIER_RATE_KINDS or kind in rates:
+            raise CliError(
+                usage + f" (rates: {', '.join(_TIER_RATE_KINDS)}, each once)", EXIT_USAGE
+            )
+        rates[kind] = value
+    return name, rates
 
 
 def _usd_or_none(raw: str) -> str | None:
@@ -1345,6 +1404,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-context-threshold", type=int, metavar="TOKENS")
     p.add_argument("--long-context-input")
     p.add_argument("--long-context-output")
+    p.add_argument(
+        "--tier",
+        action="append",
+        metavar="NAME:input=USD,output=USD[,cached_input=USD...]",
+        help="a service tier's rates, by the name the provider reports (e.g. flex, priority); "
+        "a request served at it is priced at them (repeat for each tier)",
+    )
+    p.add_argument("--web-search", metavar="USD", help="USD per 1,000 server-side web searches")
     p.add_argument("--max-output-tokens", type=int)
     p.add_argument("--checked", help="the date the price was checked (default: today)")
     p.add_argument("--note")

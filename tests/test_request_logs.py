@@ -426,7 +426,20 @@ async def test_entries_are_json_ready(manager, store):
         "cache_creation_1h_tokens",
         "response_model",
         "cost_usd",
+        "service_tier",
+        "web_search_requests",
     }
+    assert item["service_tier"] is None and item["web_search_requests"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rows_service_tier_and_web_searches_are_stored_and_listed(manager, store):
+    usage = Usage(3, 4, 7, source="provider", service_tier="flex", web_search_requests=2)
+    await store.insert([rec(usage=usage)])
+    [item] = (await manager.recent_requests(ORG)).to_json()["items"]
+    assert item["service_tier"] == "flex" and item["web_search_requests"] == 2
+    detail = await store.get(item["request_id"])
+    assert detail.row.service_tier == "flex" and detail.row.web_search_requests == 2
 
 
 @pytest_twisted.ensureDeferred

@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from lectr.db.database import DatabaseUnavailable
 from lectr.metrics import Registry
 from lectr.storage.request_logs import PREPARE_SLICE, RequestLogStore
-from lectr.usage.journal import SpillJournal, encode_record
+from lectr.usage.journal import SpillJournal, decode_record, encode_record
 from lectr.usage.model import Usage, UsageRecord
 from lectr.usage.recorder import (
     SPILL_DIRNAME,
@@ -443,6 +443,17 @@ async def test_poison_rows_are_isolated_and_repairable_rows_kept(
 def test_clean_record_leaves_good_rows_alone_and_refuses_non_rows():
     r = rec()
     assert _plainly_clean(r) and clean_record(r) is r
+    tiered = rec(
+        usage=Usage(7, 3, 10, source="provider", service_tier="flex", web_search_requests=2)
+    )
+    assert _plainly_clean(tiered) and clean_record(tiered) is tiered
+    for tier in ("Flex", "x" * 33, "", 3, "fl\nex"):
+        cleaned = clean_record(rec(usage=Usage(7, source="provider", service_tier=tier))).usage
+        assert cleaned.service_tier is None and cleaned.prompt_tokens == 7
+    for searches, kept in ((-1, None), (2**31, None), (True, 1), (3.0, 3), (4, 4), ("2", None)):
+        cleaned = clean_record(rec(usage=Usage(7, source="provider", web_search_requests=searches)))
+        assert cleaned.usage.web_search_requests == kept
+        assert type(cleaned.usage.web_search_requests) in (int, type(None))
     naive = rec(created_at=datetime(2025, 1, 1))
     assert clean_record(naive).created_at.tzinfo is UTC
     assert clean_record(rec(usage=Usage(source="bogus"))).usage.source == "none"
@@ -467,6 +478,8 @@ _USAGES = st.builds(
     source=_either("provider", "estimated", "none", "bogus", None),
     reasoning_tokens=_either(None, *_COUNTS),
     cache_creation_1h_tokens=_either(None, *_COUNTS),
+    service_tier=_either(None, "flex", "priority", "Flex", "x" * 33, "a b", "\ud800", *_TEXTS),
+    web_search_requests=_either(None, *_COUNTS),
     raw=_either(None, '{"a":1}', *_TEXTS),
     model=_either(None, "gpt-4o", *_TEXTS),
 )
@@ -728,3 +741,14 @@ def test_metrics_are_exposed(make_recorder, metrics):
         "lectr_usage_database_writable",
     ):
         assert f"# TYPE {name} " in text
+
+
+def test_a_spilled_row_keeps_its_service_tier_and_web_searches():
+    """A row written to the spill journal while PostgreSQL is away comes back
+    with what its cost depends on; a journal line from before these fields
+    (no such keys) reads as none."""
+    usage = Usage(7, 3, 10, source="provider", service_tier="priority", web_search_requests=4)
+    back = decode_record(encode_record(rec(usage=usage))).usage
+    assert (back.service_tier, back.web_search_requests) == ("priority", 4)
+    plain = decode_record(encode_record(rec(usage=Usage(7, 3, 10, source="provider")))).usage
+    assert (plain.service_tier, plain.web_search_requests) == (None, None)

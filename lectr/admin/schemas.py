@@ -210,12 +210,38 @@ LONG_CONTEXT = obj(
     },
     ("threshold", "input", "output"),
 )
+#: the rates of one service tier (a cache rate not given: this tier's input rate)
+TIER_PRICE = obj(
+    {
+        **_RATES,
+        "long_context": {
+            **LONG_CONTEXT,
+            "description": "this tier's own long context (the base one does not apply)",
+        },
+    },
+    ("input", "output"),
+)
+WEB_SEARCH_RATE = {
+    "type": ["number", "string"],
+    "maxLength": 32,
+    "description": "USD per 1,000 server-side web searches, at most 6 decimals",
+}
 SET_PRICE = obj(
     {
         "provider": string(64, description="a provider name (built-in or custom)"),
         "model": string(256, description="the model name (snapshots resolve to it)"),
         **_RATES,
         "long_context": LONG_CONTEXT,
+        "tiers": {
+            "type": "object",
+            "description": (
+                "service tier name (as the provider reports it: 1 to 32 of a-z, 0-9, '_', "
+                "'-'; at most 16) -> its rates: a request served at that tier is priced whole "
+                "at them; any other tier at the base rates"
+            ),
+            "additionalProperties": TIER_PRICE,
+        },
+        "web_search": WEB_SEARCH_RATE,
         "max_output_tokens": {"type": "integer", "minimum": 1},
         "checked": {"type": "string", "maxLength": 10, "description": "YYYY-MM-DD"},
         "note": string(500, 0),
@@ -550,6 +576,14 @@ COMPONENTS["RequestLog"] = obj(
             "type": ["string", "null"],
             "description": "exact decimal USD; null: unpriced (no usage, or no price)",
         },
+        "service_tier": {
+            "type": ["string", "null"],
+            "description": "the service tier the provider says served it (flex, priority...)",
+        },
+        "web_search_requests": {
+            **_TOKENS,
+            "description": "server-side web searches the provider ran and bills",
+        },
     },
     REQUEST_FIELDS := (
         "request_id",
@@ -578,6 +612,8 @@ COMPONENTS["RequestLog"] = obj(
         "cache_creation_1h_tokens",
         "response_model",
         "cost_usd",
+        "service_tier",
+        "web_search_requests",
     ),
 )
 COMPONENTS["RequestPage"] = obj(
@@ -752,6 +788,8 @@ _PRICE_FIELDS = (
     "source",
     *_RATES,
     "long_context",
+    "tiers",
+    "web_search",
     "max_output_tokens",
     "checked",
     "note",
@@ -764,6 +802,24 @@ _PRICE = {
     "long_context": {
         "type": ["object", "null"],
         "description": "threshold (prompt tokens) and the rates past it",
+    },
+    "tiers": {
+        "type": ["object", "null"],
+        "description": "service tier name -> its rates and long_context (null: none listed)",
+        "additionalProperties": obj(
+            {
+                **_PRICE_RATES,
+                "long_context": {
+                    "type": ["object", "null"],
+                    "description": "this tier's own threshold and rates past it",
+                },
+            },
+            (*_RATES, "long_context"),
+        ),
+    },
+    "web_search": {
+        "type": ["string", "null"],
+        "description": "USD per 1,000 web searches (null: web searches are not priced)",
     },
     "max_output_tokens": {"type": ["integer", "null"]},
     "checked": {"type": "string", "format": "date"},
@@ -793,6 +849,15 @@ COMPONENTS["CostLine"] = obj(
     },
     ("kind", "tokens", "usd_per_million", "cost_usd"),
 )
+COMPONENTS["WebSearchCostLine"] = obj(
+    {
+        "kind": {"type": "string", "enum": ["web_search"]},
+        "searches": _COUNT,
+        "usd_per_thousand": {"type": "string"},
+        "cost_usd": {"type": "string", "description": "searches x rate / 1,000"},
+    },
+    ("kind", "searches", "usd_per_thousand", "cost_usd"),
+)
 COMPONENTS["CostExplanation"] = obj(
     {
         "request": ref("RequestLog"),
@@ -802,9 +867,16 @@ COMPONENTS["CostExplanation"] = obj(
         },
         "pricing": {
             "type": ["object", "null"],
-            "description": "the prices used: provider, model, source, checked, tier, rates",
+            "description": (
+                "the prices used: provider, model, source, checked, tier, threshold, rates "
+                "(with web_search when searches were priced), service_tier (when not base)"
+            ),
         },
-        "lines": {"type": "array", "items": ref("CostLine")},
+        "lines": {
+            "type": "array",
+            "items": {"oneOf": [ref("CostLine"), ref("WebSearchCostLine")]},
+            "description": "one line per kind of token, and one for web searches when priced",
+        },
         "total_usd": {"type": ["string", "null"]},
         "matches": {
             "type": ["boolean", "null"],

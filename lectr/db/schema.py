@@ -247,6 +247,9 @@ request_logs = Table(
         nullable=True,
         server_default=text("((pg_current_xact_id())::text)::bigint"),
     ),
+    # migration 0011: what a cost depends on beyond tokens
+    Column("service_tier", Text, nullable=True),  # the tier the provider says served it
+    Column("web_search_requests", Integer, nullable=True),  # server-side searches billed
     CheckConstraint(
         "usage_source IN ('provider', 'estimated', 'none')", name="request_logs_usage_source"
     ),

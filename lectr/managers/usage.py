@@ -83,6 +83,8 @@ class RequestEntry:
     provider_key_id: str | None = None  # the provider key of the last attempt
     attempts: int = 1  # upstream calls (0: refused before any)
     fallbacks: list | None = None  # why each earlier attempt was abandoned
+    service_tier: str | None = None  # the service tier the provider says served it
+    web_search_requests: int | None = None  # server-side web searches it billed
 
     @classmethod
     def from_row(cls, row: RequestLog) -> RequestEntry:
@@ -113,6 +115,8 @@ class RequestEntry:
             provider_key_id=row.provider_key_id,
             attempts=row.attempts,
             fallbacks=row.fallbacks,
+            service_tier=row.service_tier,
+            web_search_requests=row.web_search_requests,
         )
 
     def to_json(self) -> dict:
@@ -569,13 +573,18 @@ class UsageManager:
             cache_creation_tokens=row.cache_creation_tokens or 0,
             cache_creation_1h_tokens=row.cache_creation_1h_tokens or 0,
             completion_tokens=row.completion_tokens or 0,
+            web_search_requests=row.web_search_requests or 0,
         )
         matches = row.cost_usd is not None and total == row.cost_usd
-        tier = (
-            f"the long-context rates (prompt over {basis['threshold']:,} tokens)"
-            if basis.get("tier") == "long_context"
-            else "the base rates"
-        )
+        service = basis.get("service_tier")
+        if basis.get("tier") == "long_context":
+            tier = f"the long-context rates (prompt over {basis['threshold']:,} tokens)"
+            if service:
+                tier = f"the {service} tier's long-context rates " + tier.split(" rates ", 1)[1]
+        else:
+            tier = f"the {service} tier's rates" if service else "the base rates"
+        if "web_search" in basis["rates"] and row.web_search_requests:
+            tier += ", web searches per 1,000"
         note = (
             f"priced as {basis['provider']}/{basis['model']} ({basis['source']} price, "
             f"checked {basis['checked']}), {tier}"

@@ -45,7 +45,7 @@ _INSERT_COLUMNS = (
     "latency_ms, ttfb_ms, streamed, prompt_tokens, completion_tokens, total_tokens, "
     "cached_tokens, cache_creation_tokens, usage_source, error_type, reasoning_tokens, "
     "cache_creation_1h_tokens, response_model, usage_raw, cost_usd, price_basis_id, "
-    "route, provider_key_id, attempts, fallbacks"
+    "route, provider_key_id, attempts, fallbacks, service_tier, web_search_requests"
 )
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -112,7 +112,7 @@ _INSERT_SQL = (
     "%s::text[], %s::text[], %s::smallint[], %s::float8[], %s::float8[], %s::bool[], "
     "%s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::text[], %s::text[], "
     "%s::int[], %s::int[], %s::text[], %s::text[], %s::numeric[], %s::bigint[], "
-    "%s::text[], %s::uuid[], %s::smallint[], %s::jsonb[]) "
+    "%s::text[], %s::uuid[], %s::smallint[], %s::jsonb[], %s::text[], %s::int[]) "
     # in request id order: concurrent batches holding the same rows (a replay
     # racing a late commit) wait for each other instead of deadlocking
     " ORDER BY 1"
@@ -178,6 +178,8 @@ class RequestLog:
     provider_key_id: str | None = None
     attempts: int = 1
     fallbacks: list | None = None
+    service_tier: str | None = None
+    web_search_requests: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,7 +452,7 @@ PREPARE_SLICE = 50
 
 
 def _columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
-    """The two price-basis arrays and the 25 column arrays of a batch, in
+    """The two price-basis arrays and the column arrays of a batch, in
     ``_INSERT_SQL`` order."""
     return (*_bases(rows), *_row_columns(rows))
 
@@ -505,6 +507,8 @@ def _row_columns(rows: Sequence[UsageRecord]) -> tuple[str, ...]:
         _array([r.provider_key_id for r in rows]),
         _numbers([r.attempts for r in rows]),
         _array([_json(r.fallbacks) for r in rows]),
+        _array([r.usage.service_tier for r in rows]),
+        _numbers([r.usage.web_search_requests for r in rows]),
     )
 
 

@@ -49,6 +49,8 @@ def _extras(r: UsageRecord) -> dict:
     for key, value in (
         ("reasoning_tokens", u.reasoning_tokens),
         ("cache_creation_1h_tokens", u.cache_creation_1h_tokens),
+        ("service_tier", u.service_tier),
+        ("web_search_requests", u.web_search_requests),
         ("raw", u.raw),
         ("response_model", u.model),
         ("request_bytes", r.request_bytes or None),
@@ -145,6 +147,8 @@ def decode_record(line: bytes) -> UsageRecord:
         row[17],
         reasoning_tokens=extras.get("reasoning_tokens"),
         cache_creation_1h_tokens=extras.get("cache_creation_1h_tokens"),
+        service_tier=extras.get("service_tier"),
+        web_search_requests=extras.get("web_search_requests"),
         raw=extras.get("raw"),
         model=extras.get("response_model"),
     )

@@ -66,7 +66,14 @@ from lectr.metrics import Registry
 from lectr.pricing.cost import with_estimates
 from lectr.storage.request_logs import PREPARE_SLICE
 from lectr.usage.journal import AppendResult, SpillJournal
-from lectr.usage.model import COUNT_MAX, RAW_USAGE_MAX, USAGE_SOURCES, Usage, UsageRecord
+from lectr.usage.model import (
+    COUNT_MAX,
+    RAW_USAGE_MAX,
+    USAGE_SOURCES,
+    Usage,
+    UsageRecord,
+    service_tier_of,
+)
 
 #: errors that belong to the rows of a batch rather than to the database:
 #: the batch is split to find the offending rows. ValueError covers what the
@@ -222,6 +229,8 @@ def _plainly_clean(r: UsageRecord) -> bool:
         and _count_ok(u.cache_creation_tokens)
         and _count_ok(u.reasoning_tokens)
         and _count_ok(u.cache_creation_1h_tokens)
+        and _count_ok(u.web_search_requests)
+        and (u.service_tier is None or service_tier_of(u.service_tier) is not None)
         and (u.raw is None or _text_ok(u.raw, RAW_USAGE_MAX))
         and (u.model is None or _text_ok(u.model, MODEL_MAX))
         and (cost is None or (type(cost) is Decimal and cost.is_finite() and abs(cost) < _COST_MAX))
@@ -287,18 +296,28 @@ def _clean_fully(r: UsageRecord) -> UsageRecord:
         u.cache_creation_tokens,
         u.reasoning_tokens,
         u.cache_creation_1h_tokens,
+        u.web_search_requests,
     )
     cleaned_counts = tuple(_clean_count(c) for c in counts)
     # (by identity: 3.0 and True equal 3 and 1, but an int column refuses them)
     counts_changed = any(a is not b for a, b in zip(cleaned_counts, counts, strict=True))
     raw = u.raw if u.raw is None else _clean_text(u.raw, RAW_USAGE_MAX)
     served = u.model if u.model is None else _clean_text(u.model, MODEL_MAX)
-    if counts_changed or u.source not in USAGE_SOURCES or raw is not u.raw or served is not u.model:
+    tier = service_tier_of(u.service_tier)  # (not a tier Lectr read: none)
+    if (
+        counts_changed
+        or u.source not in USAGE_SOURCES
+        or raw is not u.raw
+        or served is not u.model
+        or tier is not u.service_tier
+    ):
         changes["usage"] = Usage(
             *cleaned_counts[:5],
             source=u.source if u.source in USAGE_SOURCES else "none",
             reasoning_tokens=cleaned_counts[5],
             cache_creation_1h_tokens=cleaned_counts[6],
+            service_tier=tier,
+            web_search_requests=cleaned_counts[7],
             raw=raw,
             model=served,
         )

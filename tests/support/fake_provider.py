@@ -72,8 +72,10 @@ def sse(data: Any, event: str | None = None) -> bytes:
     return f"{prefix}data: {payload}\n\n".encode()
 
 
-def openai_chat_completion(model: str, content: str = "Hello!", prompt=12, completion=5) -> dict:
-    return {
+def openai_chat_completion(
+    model: str, content: str = "Hello!", prompt=12, completion=5, service_tier: str | None = None
+) -> dict:
+    doc = {
         "id": "chatcmpl-" + uuid.uuid4().hex[:12],
         "object": "chat.completion",
         "created": int(time.time()),
@@ -93,6 +95,18 @@ def openai_chat_completion(model: str, content: str = "Hello!", prompt=12, compl
             "prompt_tokens_details": {"cached_tokens": 0},
         },
     }
+    if service_tier is not None:  # (OpenAI: a top-level member after usage)
+        doc["service_tier"] = service_tier
+    return doc
+
+
+def served_tier(doc: dict) -> str | None:
+    """The ``service_tier`` OpenAI answers with for a request that asked for
+    one: the tier it asked for, ``default`` for ``auto``; None when it did not ask."""
+    asked = doc.get("service_tier")
+    if not isinstance(asked, str):
+        return None
+    return "default" if asked == "auto" else asked
 
 
 def openai_chat_stream(
@@ -103,9 +117,11 @@ def openai_chat_stream(
     cached=0,
     cid: str | None = None,
     created: int | None = None,
+    service_tier: str | None = None,
 ) -> list[bytes]:
     """What OpenAI streams; with include_usage every chunk carries
-    ``"usage": null`` and a usage-only chunk comes before ``[DONE]``."""
+    ``"usage": null`` and a usage-only chunk comes before ``[DONE]``; with a
+    ``service_tier``, every chunk names it."""
     cid = cid or "chatcmpl-" + uuid.uuid4().hex[:12]
     created = created or int(time.time())
 
@@ -117,6 +133,8 @@ def openai_chat_stream(
             "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
+        if service_tier is not None:
+            doc["service_tier"] = service_tier
         if include_usage:
             doc["usage"] = None
         return doc
@@ -125,23 +143,22 @@ def openai_chat_stream(
     events += [sse(chunk({"content": w})) for w in words]
     events.append(sse(chunk({}, "stop")))
     if include_usage:
-        events.append(
-            sse(
-                {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prompt,
-                        "completion_tokens": len(words),
-                        "total_tokens": prompt + len(words),
-                        "prompt_tokens_details": {"cached_tokens": cached},
-                    },
-                }
-            )
-        )
+        last = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": len(words),
+                "total_tokens": prompt + len(words),
+                "prompt_tokens_details": {"cached_tokens": cached},
+            },
+        }
+        if service_tier is not None:
+            last["service_tier"] = service_tier
+        events.append(sse(last))
     events.append(b"data: [DONE]\n\n")
     return events
 
@@ -179,8 +196,10 @@ def openai_completions_stream(
     return events
 
 
-def anthropic_message(model: str, text: str = "Hello!", input_tokens=10, output_tokens=5) -> dict:
-    return {
+def anthropic_message(
+    model: str, text: str = "Hello!", input_tokens=10, output_tokens=5, web_searches: int = 0
+) -> dict:
+    doc = {
         "id": "msg_" + uuid.uuid4().hex[:20],
         "type": "message",
         "role": "assistant",
@@ -195,6 +214,20 @@ def anthropic_message(model: str, text: str = "Hello!", input_tokens=10, output_
             "cache_read_input_tokens": 0,
         },
     }
+    if web_searches:  # (as Anthropic reports server tools, with the tier that served it)
+        doc["usage"]["server_tool_use"] = {"web_search_requests": web_searches}
+        doc["usage"]["service_tier"] = "standard"
+    return doc
+
+
+def web_searches(doc: dict) -> int:
+    """One search per web-search server tool a Messages request offers."""
+    tools = doc.get("tools")
+    if not isinstance(tools, list):
+        return 0
+    return sum(
+        1 for t in tools if isinstance(t, dict) and str(t.get("type", "")).startswith("web_search_")
+    )
 
 
 def anthropic_stream(model: str, words: list[str], input_tokens=10, cache_read=0) -> list[bytes]:
@@ -623,10 +656,13 @@ class FakeProvider(Resource):
             if stream:
                 include = bool((doc.get("stream_options") or {}).get("include_usage"))
                 return Script(
-                    events=openai_chat_stream(model, self.stream_words, include),
+                    events=openai_chat_stream(
+                        model, self.stream_words, include, service_tier=served_tier(doc)
+                    ),
                     interval=self.stream_interval,
                 )
-            return Script(body=json.dumps(openai_chat_completion(model)).encode())
+            answer = openai_chat_completion(model, service_tier=served_tier(doc))
+            return Script(body=json.dumps(answer).encode())
         if provider == "openai" and seen.path == "/v1/completions" and stream:
             include = bool((doc.get("stream_options") or {}).get("include_usage"))
             return Script(
@@ -709,7 +745,8 @@ class FakeProvider(Resource):
                 return Script(
                     events=anthropic_stream(model, self.stream_words), interval=self.stream_interval
                 )
-            return Script(body=json.dumps(anthropic_message(model)).encode())
+            answer = anthropic_message(model, web_searches=web_searches(doc))
+            return Script(body=json.dumps(answer).encode())
         return Script(
             status=200, body=json.dumps({"echo": seen.path, "query": seen.query}).encode()
         )
@@ -938,6 +975,8 @@ class FakeProvider(Resource):
         method, path = seen.method, seen.path
         if path == "/v1/messages" and method == "POST":
             tools = doc.get("tools")
+            if web_searches(doc):
+                return None  # (a server tool: the provider searches and answers)
             if isinstance(tools, list) and tools and isinstance(tools[0], dict):
                 name = tools[0].get("name", "tool")
                 if stream:

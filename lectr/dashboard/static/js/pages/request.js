@@ -112,6 +112,8 @@ function groups(r, keyName, providerKey) {
         ["total_tokens", "Total tokens", fmtInt],
         ["cached_tokens", "Cached input tokens", fmtInt],
         ["cache_creation_tokens", "Cache-write tokens", fmtInt],
+        ["web_search_requests", "Web searches", fmtInt],
+        ["service_tier", "Service tier", orDash],
         ["usage_source", "Usage source", orDash],
         ["cost_usd", "Cost", fmtUsd],
       ],
