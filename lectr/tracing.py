@@ -52,7 +52,9 @@ its outcome. Attributes: ``gen_ai.operation.name``, ``gen_ai.system`` (and
 ``gen_ai.usage.input_tokens``/``output_tokens``, ``lectr.streamed``,
 ``lectr.time_to_first_token`` (seconds), ``http.request.method``,
 ``url.path``, ``http.response.status_code``, ``error.type``,
-``lectr.request_id``, ``lectr.org_id``, ``lectr.route``, ``lectr.attempts``;
+``lectr.request_id``, ``lectr.org_id``, ``lectr.route``, ``lectr.attempts``,
+``lectr.service_tier`` (the tier the provider says served it), ``lectr.cost_usd``
+(the request's cost, exact decimal text, when priced on the request);
 on attempts ``lectr.attempt``, ``lectr.outcome``. Never message content,
 never a key, never a query string: only what :class:`RequestSummary` holds.
 
@@ -144,6 +146,8 @@ class RequestSummary:
     route: str | None = None
     error_type: str | None = None  # Lectr's error code when Lectr refused or failed it
     attempts: Sequence[Attempt] = ()
+    service_tier: str | None = None  # the service tier the provider says served it
+    cost_usd: str | None = None  # the request's cost (exact decimal text; None: unpriced)
 
 
 # --- W3C trace context ------------------------------------------------------------------
@@ -743,6 +747,8 @@ class _SpanBuilder:
             "lectr.org_id": s.org_id,
             "lectr.route": _cut(s.route),
             "lectr.attempts": len(s.attempts),
+            "lectr.service_tier": s.service_tier,
+            "lectr.cost_usd": s.cost_usd,
         }
         name = f"{op} {model}" if op and model else f"{s.method} {s.provider or 'lectr'}"
         kind = self._api.SpanKind

@@ -289,6 +289,8 @@ async def test_proxy_spans_reach_a_real_collector(receiver):
                 org_id="00000000-0000-4000-8000-000000000001",
                 request_id="req-1",
                 attempts=(Attempt(1, "openai", "gpt-4o-mini", now + 0.01, now + 2.0, "ok", 200),),
+                service_tier="flex",
+                cost_usd="0.0000111",
             ),
         )
         # 2. a fallback: OpenAI rate-limits, Anthropic answers
@@ -357,6 +359,8 @@ async def test_proxy_spans_reach_a_real_collector(receiver):
         "lectr.request_id": "req-1",
         "lectr.org_id": "00000000-0000-4000-8000-000000000001",
         "lectr.attempts": 1,
+        "lectr.service_tier": "flex",
+        "lectr.cost_usd": "0.0000111",
     }
     assert server.status_code == UNSET
     assert server.end_ns - server.start_ns == pytest.approx(2e9, rel=1e-3)

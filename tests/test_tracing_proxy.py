@@ -6,6 +6,8 @@ the collector gets for that attempt."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -110,6 +112,13 @@ async def test_a_streamed_chat_joins_the_clients_trace(traced):
     assert a["gen_ai.usage.input_tokens"] == usage.prompt_tokens
     assert a["gen_ai.usage.output_tokens"] == usage.completion_tokens
     assert a["gen_ai.request.model"] == "gpt-4o-mini" and a["lectr.streamed"] is True
+    # the fake provider names no tier unless asked; the row's cost, exactly (the price table's
+    # gpt-4o-mini: 0.15 and 0.60 USD per million input and output tokens)
+    assert "lectr.service_tier" not in a
+    expected = (
+        Decimal("0.15") * usage.prompt_tokens + Decimal("0.60") * usage.completion_tokens
+    ) / (10**6)
+    assert Decimal(a["lectr.cost_usd"]) == expected
     assert a["http.response.status_code"] == 200 and a["lectr.org_id"] == env.org.id
     assert 0 < a["lectr.time_to_first_token"] < (server.end_ns - server.start_ns) / 1e9
     assert (attempt.kind, attempt.trace_id, attempt.attributes["lectr.outcome"]) == (

@@ -45,6 +45,7 @@ from lectr.managers.orgs import looks_like_key
 from lectr.policy.chain import Refusal, run_chain
 from lectr.policy.health import parse_retry_after
 from lectr.policy.plan import failure_class
+from lectr.pricing.cost import format_usd
 from lectr.providers.base import (
     echo_core,
     echo_tail_end,
@@ -1094,6 +1095,8 @@ class Call:
                 route=self.plan.route_name if self.plan is not None else None,
                 error_type=self.error_type,
                 attempts=tuple(self.traced_attempts),
+                service_tier=usage.service_tier if usage is not None else None,
+                cost_usd=format_usd(record.cost_usd) if record is not None else None,
             ),
         )
 
