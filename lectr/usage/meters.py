@@ -506,11 +506,14 @@ def usage_object_in_tail(tail: bytes) -> dict | None:
     return _report_in_tail(tail)[0]
 
 
-def _report_in_tail(tail: bytes) -> tuple[dict | None, object]:
+def _report_in_tail(tail: bytes, nested: bool = False) -> tuple[dict | None, object]:
     """:func:`usage_object_in_tail`, and the service tier the answer names
-    (unchecked): the last top-level ``service_tier`` member after that usage
-    object when only scalar members follow it to the end (a tier before it
-    is not in sight: None)."""
+    (unchecked; None when there is none or it cannot be told): the last
+    ``service_tier`` member of the object that holds that usage object,
+    after it (chat: where OpenAI writes it) or before it (Responses: where
+    OpenAI writes it, with ``user`` and ``metadata`` after the usage). That
+    object must end the tail (``nested``: be the last member of the object
+    that ends it, a stream event's ``response``)."""
     matches = list(_USAGE_KEY_RE.finditer(tail))
     for m in reversed(matches):
         start = m.end() - 1
@@ -520,17 +523,105 @@ def _report_in_tail(tail: bytes) -> tuple[dict | None, object]:
         except ValueError:
             continue
         if isinstance(value, dict):
-            tier = None
-            if text.find("service_tier", end) >= 0:
-                rest = text[end:].encode("utf-8")
-                if (
-                    _COMPACT_SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is not None
-                    or _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is not None
-                ):
-                    found = _rest_tier(rest)
-                    tier = None if found is _MISSING else found
-            return value, tier
+            return value, _tail_tier(tail, m.start(), text, end, nested)
     return None, None
+
+
+_JSON_WS_RE = re.compile(r"[ \t\n\r]*")
+#: the ``"service_tier"`` keys before a usage object tried, from the last
+_SIBLING_TRIES = 4
+
+
+def _tail_tier(tail: bytes, key_at: int, text: str, end: int, nested: bool) -> object:
+    """The tier of :func:`_report_in_tail`: ``text`` is the tail from the
+    usage object's brace, ``end`` the end of that object in it, ``key_at``
+    where its key begins in ``tail``."""
+    after = _members_to_close(text, end)
+    if after is None:
+        return None
+    members, close = after
+    outside = text[close:]
+    if nested:
+        if _SCALAR_MEMBERS_TO_END_RE.fullmatch(outside.encode("utf-8")) is None:
+            return None
+    elif outside.strip(" \t\n\r"):
+        return None  # not a member of the outermost object: cannot tell
+    tier = members.get("service_tier", _MISSING)
+    if (
+        tier is _MISSING
+        # (memchr for the key's underscore first: 3 us over 256 KiB, the key's search 16)
+        and tail.find(b"_", 0, key_at) >= 0
+        and tail.rfind(_TIER_KEY, 0, key_at) >= 0
+    ):
+        tier = _sibling_tier(tail[:key_at].decode("utf-8", "replace"))
+    return None if tier is _MISSING else tier
+
+
+def _members_to_close(text: str, pos: int) -> tuple[dict, int] | None:
+    """The members that follow a member's value (at ``pos``) to the end of
+    their object, and where its closing brace ends; None when the text
+    there is not ``(, "key": value)* }``."""
+    ws = _JSON_WS_RE.match
+    decode = _DECODER.raw_decode
+    members: dict = {}
+    try:
+        while True:
+            pos = ws(text, pos).end()
+            c = text[pos : pos + 1]
+            if c == "}":
+                return members, pos + 1
+            if c != ",":
+                return None
+            pos = ws(text, pos + 1).end()
+            if text[pos : pos + 1] != '"':
+                return None
+            key, pos = decode(text, pos)
+            pos = ws(text, pos).end()
+            if text[pos : pos + 1] != ":":
+                return None
+            members[key], pos = decode(text, ws(text, pos + 1).end())
+    except (ValueError, RecursionError):
+        return None
+
+
+def _sibling_tier(before: str) -> object:
+    """The value of the last ``service_tier`` member among those that come
+    before a member whose key begins where ``before`` ends, in the same
+    object; _MISSING when none is found. A candidate key (never preceded by
+    a backslash: see :func:`_tier_key_before`) is that object's only if the
+    members from it parse, whole, up to that key: from inside a nested
+    value they would have to cross its closing bracket."""
+    ws = _JSON_WS_RE.match
+    decode = _DECODER.raw_decode
+    goal = len(before)
+    key = '"service_tier"'
+    at = before.rfind(key)
+    for _ in range(_SIBLING_TRIES):
+        if at <= 0:
+            break
+        if before[at - 1] != "\\":
+            members: dict = {}
+            pos = at
+            try:
+                while pos < goal:
+                    name, pos = decode(before, pos)
+                    pos = ws(before, pos).end()
+                    if type(name) is not str or before[pos : pos + 1] != ":":
+                        pos = -1  # (not a member)
+                        break
+                    members[name], pos = decode(before, ws(before, pos + 1).end())
+                    pos = ws(before, pos).end()
+                    if before[pos : pos + 1] != ",":
+                        pos = -1  # (the object's last member, or no member)
+                        break
+                    pos = ws(before, pos + 1).end()
+            except (ValueError, RecursionError):
+                pass
+            else:
+                if pos == goal:
+                    return members.get("service_tier", _MISSING)
+        at = before.rfind(key, 0, at)
+    return _MISSING
 
 
 # JSON text with no whitespace and no escapes: as the compact encoder writes it
@@ -1016,8 +1107,9 @@ def _run_tier(run: bytes) -> tuple[bool, str | None]:
                 break
             line = line_end + 1
         if line < end:
+            # (a bare "data" line is empty data: the line after it is no data)
             brace = line + 6 if run.startswith(b"data: ", line) else line + 5
-            if run[brace : brace + 1] == b"{":
+            if run[brace - 1 : brace] != b"\n" and run[brace : brace + 1] == b"{":
                 return True, _head_tier(run, brace)
         pos = end + 2  # (no data, or not an object: [DONE], text)
     return False, None
@@ -1603,7 +1695,8 @@ class OpenAIStreamMeter(SSEMeter):
     def _event_truncated(self, name: bytes | None, tail: bytes) -> None:
         # a huge response.completed (a long answer, images), an image stream's
         # completed event (after the final image): usage is near its end
-        usage = openai_usage(usage_object_in_tail(tail))
+        usage, tier = _report_in_tail(tail, True)  # (Responses: the response's tier)
+        usage = openai_usage(usage, None, None, tier)
         if usage is not None:
             self._report(usage)
 
