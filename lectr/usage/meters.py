@@ -1613,9 +1613,13 @@ class OpenAIStreamMeter(SSEMeter):
         if whole < len(data) or whole > SSE_LINE_MAX:
             return super()._feed_events(data, whole)
         if self._tier_open:  # (the stream's first JSON chunk may be in this run)
-            found, tier = _run_tier(data)
-            if found:
-                self._tier_open, self._tier = False, tier
+            if data.startswith(b"data: {"):
+                # (the usual first run: it opens with the first JSON chunk)
+                self._tier_open, self._tier = False, _head_tier(data, 6)
+            else:
+                found, tier = _run_tier(data)
+                if found:
+                    self._tier_open, self._tier = False, tier
         stripping = self._state == _PENDING
         if stripping and data.find(b'"usage":{') < 0:
             # The usual run while stripping: content chunks, each with the
