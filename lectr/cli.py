@@ -1031,7 +1031,11 @@ class Commands:
                 "output": args.long_context_output,
             }
         if args.tier:
-            body["tiers"] = dict(_tier_spec(spec) for spec in args.tier)
+            body["tiers"] = tiers = {}
+            for name, rates in map(_tier_spec, args.tier):
+                if name in tiers:
+                    raise CliError(f"--tier {name!r} is given twice", EXIT_USAGE)
+                tiers[name] = rates
         if args.web_search is not None:
             body["web_search"] = args.web_search
         doc = self.api.put("/admin/pricing", body)

@@ -658,6 +658,13 @@ def test_a_malformed_tier_flag_is_a_usage_error(spec):
     assert caught.value.exit_code == EXIT_USAGE and "--tier" in str(caught.value)
 
 
+def test_a_tier_given_twice_is_a_usage_error_not_the_last_one_kept():
+    with pytest.raises(CliError) as caught:
+        cli(_listed(), "pricing", "set", "openai", "o3", "--input", "2", "--output", "8",
+            "--tier", "flex:input=1,output=4", "--tier", "flex:input=9,output=9")  # fmt: skip
+    assert caught.value.exit_code == EXIT_USAGE and "'flex' is given twice" in str(caught.value)
+
+
 def test_pricing_list_shows_tiers_and_search_rates(catalogue):
     by_name = {(e.provider, e.model): e for e in catalogue.entries}
     items = [
