@@ -1,5 +1,5 @@
-"""The JSON meter's fast path (``_top_level_usage``), the
-answers it cannot read whole (``_cut_json``, ``usage_object_in_tail``), the
+"""The JSON meter's fast path (``_top_level_report``), the
+answers it cannot read whole (``_cut_json``, ``_report_in_tail``), the
 Anthropic stream meter under any split, and the strict request reader
 (``parse_json``).
 
@@ -23,7 +23,7 @@ from lectr.usage.meters import (
     JSON_TAIL_BYTES,
     AnthropicStreamMeter,
     JsonMeter,
-    _top_level_usage,
+    _top_level_report,
     anthropic_usage,
     openai_usage,
 )
@@ -258,9 +258,9 @@ def test_the_fast_path_reads_what_a_full_parse_reads(body, kind, cuts):
     full parse reads; when the fast path answers at all, its usage object
     and model are exactly the top-level ones."""
     doc = json.loads(body)
-    fast = _top_level_usage(body)
+    fast = _top_level_report(body, False)
     if fast is not None:
-        usage, model, raw = fast
+        usage, model, raw, _ = fast
         assert usage == doc.get("usage")  # never a nested one
         assert model == (openai_usage({"total_tokens": 0}, doc.get("model")).model)
         if raw is not None:

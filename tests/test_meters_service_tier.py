@@ -24,7 +24,6 @@ from lectr.usage.meters import (
     JsonMeter,
     OpenAIStreamMeter,
     _top_level_report,
-    _top_level_usage,
     anthropic_usage,
     meter_for,
     openai_usage,
@@ -95,7 +94,7 @@ def test_a_tier_before_the_usage_is_read_by_the_full_parse():
     body = compact(doc)
     assert body.index(b'"service_tier"') < body.index(b'"usage"')
     assert _top_level_report(body, True) is None  # (it cannot tell: a full parse)
-    assert _top_level_usage(body) is not None  # (without the tier, as before)
+    assert _top_level_report(body, False) is not None  # (without the tier, as before)
     assert read_json(body).service_tier == "priority"
 
 

@@ -496,19 +496,16 @@ def _last_usage_key(data: bytes) -> re.Match | None:
     return matches[-1] if matches else None
 
 
-def usage_object_in_tail(tail: bytes) -> dict | None:
-    """The last ``"usage": {...}`` object in a window of raw JSON.
+def _report_in_tail(tail: bytes, nested: bool = False) -> tuple[dict | None, object]:
+    """The last ``"usage": {...}`` object in a window of raw JSON, and the
+    service tier the answer names.
 
     Every response shape Lectr meters puts its top-level ``usage`` after the
     bulky content (choices, data, output, content), and JSON strings cannot
     contain an unescaped quote, so the last such key in the tail of a body is
-    the top-level one."""
-    return _report_in_tail(tail)[0]
+    the top-level one.
 
-
-def _report_in_tail(tail: bytes, nested: bool = False) -> tuple[dict | None, object]:
-    """:func:`usage_object_in_tail`, and the service tier the answer names
-    (unchecked; None when there is none or it cannot be told): the last
+    The tier (unchecked; None when there is none or it cannot be told) is the last
     ``service_tier`` member of the object that holds that usage object,
     after it (chat: where OpenAI writes it) or before it (Responses: where
     OpenAI writes it, with ``user`` and ``metadata`` after the usage). That
@@ -662,33 +659,6 @@ def _string_value(text: bytes | None) -> str | None:
         return None
 
 
-def _rest_tier(rest: bytes) -> object:
-    """The value (unchecked) of the last ``service_tier`` member among the
-    scalar members that follow a top-level usage object (``rest``, checked
-    by ``_SCALAR_MEMBERS_TO_END_RE``), or _MISSING when none of them is
-    one."""
-    if rest.find(b"\\") >= 0:
-        # a string with an escape (a key may be spelled with one): the
-        # members parsed, as a full parse reads them (rare)
-        comma = rest.find(b",")
-        if comma < 0:
-            return _MISSING
-        try:
-            members = json.loads(b"{" + rest[comma + 1 :])
-        except (ValueError, RecursionError):
-            return _MISSING
-        return members.get("service_tier", _MISSING)
-    # No escape: every quote is a string's delimiter, so "service_tier"
-    # followed by a colon is a member's key (followed by anything else, a value).
-    at = rest.rfind(_TIER_KEY)
-    while at >= 0:
-        m = _TIER_MEMBER_RE.match(rest, at)
-        if m is not None:
-            return _string_value(m.group(1))
-        at = rest.rfind(_TIER_KEY, 0, at)
-    return _MISSING
-
-
 #: underscores looked at one by one (memchr) before searching for the key
 #: itself (a slower search, in an answer full of code)
 _TIER_SCAN_HITS = 16
@@ -722,14 +692,6 @@ def _tier_key_before(body: bytes, end: int) -> bool:
             return False
         under = body.find(b"_", under + 1, end)
     return False
-
-
-def _top_level_usage(body: bytes) -> tuple[dict, str | None, str | None] | None:
-    """``(usage, model, raw)`` of a whole JSON answer without parsing all of
-    it, or None when that cannot be told exactly (the caller then parses it):
-    :func:`_top_level_report` without the service tier."""
-    found = _top_level_report(body, False)
-    return None if found is None else found[:3]
 
 
 def _top_level_report(
@@ -778,7 +740,12 @@ def _top_level_report(
         else:
             found = None  # a number, true, false, null
     elif _SCALAR_MEMBERS_TO_END_RE.fullmatch(rest) is not None:
-        found = _rest_tier(rest) if tier else _MISSING
+        found = _MISSING
+        if tier:  # (spaced, or with escapes: the members read as a full parse reads them)
+            after = _members_to_close(text, end)
+            if after is None:
+                return None
+            found = after[0].get("service_tier", _MISSING)
     else:
         return None
     service_tier = None
