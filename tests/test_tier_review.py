@@ -332,6 +332,20 @@ def large_answers(draw) -> bytes:
     ),
     step=65536,
 )
+@example(  # (found by CI's seed 11: four nested keys after the top-level one, one in a string)
+    body=(
+        b'{"model":"gpt-5","output":[{"text":"'
+        + BIG.encode()
+        + b' \\"service_tier\\":\\"flex\\""}],'
+        b'"service_tier":"flex","note":"\\"service_tier\\":\\"flex\\"",'
+        b'"tools":[{"parameters":{"service_tier":"flex"}}],'
+        b'"tools":[{"parameters":{"service_tier":"flex"}}],'
+        b'"tools":[{"parameters":{"service_tier":{"service_tier":"flex"}}}],'
+        b'"usage":{"input_tokens":9,"output_tokens":3,"total_tokens":12},'
+        b'"user":null,"system_fingerprint":"fp"}'
+    ),
+    step=65536,
+)
 def test_a_large_answer_reads_the_tier_a_full_parse_reads(body, step):
     assert len(body) > JSON_FULL_PARSE_MAX
     expected = service_tier_of(json.loads(body).get("service_tier"))

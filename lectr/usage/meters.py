@@ -526,7 +526,8 @@ def _report_in_tail(tail: bytes, nested: bool = False) -> tuple[dict | None, obj
 
 _JSON_WS_RE = re.compile(r"[ \t\n\r]*")
 #: the ``"service_tier"`` keys before a usage object tried, from the last
-_SIBLING_TRIES = 4
+#: (a key inside a string, its quote escaped, is skipped without a try)
+_SIBLING_TRIES = 8
 
 
 def _tail_tier(tail: bytes, key_at: int, text: str, end: int, nested: bool) -> object:
@@ -593,10 +594,10 @@ def _sibling_tier(before: str) -> object:
     goal = len(before)
     key = '"service_tier"'
     at = before.rfind(key)
-    for _ in range(_SIBLING_TRIES):
-        if at <= 0:
-            break
+    tries = _SIBLING_TRIES
+    while at > 0 and tries:
         if before[at - 1] != "\\":
+            tries -= 1
             members: dict = {}
             pos = at
             try:
