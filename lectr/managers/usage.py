@@ -577,12 +577,11 @@ class UsageManager:
         )
         matches = row.cost_usd is not None and total == row.cost_usd
         service = basis.get("service_tier")
+        whose = f"the {service} tier's" if service else "the"
         if basis.get("tier") == "long_context":
-            tier = f"the long-context rates (prompt over {basis['threshold']:,} tokens)"
-            if service:
-                tier = f"the {service} tier's long-context rates " + tier.split(" rates ", 1)[1]
+            tier = f"{whose} long-context rates (prompt over {basis['threshold']:,} tokens)"
         else:
-            tier = f"the {service} tier's rates" if service else "the base rates"
+            tier = f"{whose} rates" if service else "the base rates"
         if "web_search" in basis["rates"] and row.web_search_requests:
             tier += ", web searches per 1,000"
         note = (
