@@ -78,17 +78,15 @@ def make_rows(n: int) -> list[UsageRecord]:
             ttfb_ms=95.5,
             streamed=bool(i % 2),
             usage=Usage(
-                1200,
-                350,
-                1550,
-                1024,
-                None,
-                "provider",
-                0,
-                None,
-                '{"prompt_tokens":1200,"completion_tokens":350,"total_tokens":1550}',
-                MODELS[i % len(MODELS)],
-            ),  # fmt: skip
+                prompt_tokens=1200,
+                completion_tokens=350,
+                total_tokens=1550,
+                cached_tokens=1024,
+                source="provider",
+                reasoning_tokens=0,
+                raw='{"prompt_tokens":1200,"completion_tokens":350,"total_tokens":1550}',
+                model=MODELS[i % len(MODELS)],
+            ),
         )
         for i in range(n)
     ]
