@@ -627,10 +627,14 @@ _COMPACT_PLAIN_RE = re.compile(r"[^\s\\]*")
 # the same, written compactly with no escapes (what providers send): a few
 # times faster, and what it matches the general pattern matches too. Group 1
 # is the value of the last "service_tier" member (every one sets it: a key
-# with no escape is spelled so), as written
+# with no escape is spelled so), as written. The two kinds of member exclude
+# each other (the lookahead): a member that either could match would let a
+# failing match try both for each, 2^n ways for n such members - a provider's
+# answer with 30 of them would hold the reactor for minutes
+# (tests/test_meter_backtracking.py)
 _COMPACT_SCALAR_MEMBERS_TO_END_RE = re.compile(
     rb'(?:,"service_tier":("[^"\\]*"|-?[0-9][0-9.eE+-]*|true|false|null)'
-    rb'|,"[^"\\]*":(?:"[^"\\]*"|-?[0-9][0-9.eE+-]*|true|false|null))*\}'
+    rb'|,"(?!service_tier")[^"\\]*":(?:"[^"\\]*"|-?[0-9][0-9.eE+-]*|true|false|null))*\}'
 )
 # after a top-level member: only scalar members, then the object's end
 _SCALAR_MEMBERS_TO_END_RE = re.compile(

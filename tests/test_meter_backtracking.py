@@ -1,0 +1,172 @@
+"""No provider answer, and no request, can make a regular expression hold
+the reactor: every pattern Lectr applies to bytes it did not write runs in
+time that grows with the input, not exponentially.
+
+A pattern whose repeated group can match the same text in two ways (say a
+member that both ``,"service_tier":…`` and ``,"<any key>":…`` match) makes
+a failing match try both ways for each repetition: 2^n for n repetitions.
+An answer with 40 such members, then one byte that fails the pattern, would
+hold the proxy's only thread for days. The JSON meter had one such pattern
+(the members after a usage object); these tests pump every pattern of the
+modules that read untrusted bytes with repeated JSON members and fragments,
+then end the input in a way the pattern may refuse.
+
+Each match runs under a deadline of several seconds: CPython's regular
+expression engine checks for signals while it matches, so SIGALRM
+interrupts it. A linear match of these inputs takes microseconds; the
+deadline only turns a hang into a failure, it measures nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from contextlib import contextmanager
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import lectr.http.client
+import lectr.http.server
+import lectr.policy.health
+import lectr.providers.body
+import lectr.providers.dialects
+import lectr.tracing
+import lectr.usage.meters
+import lectr.usage.model
+from lectr.usage.meters import (
+    AnthropicStreamMeter,
+    JsonMeter,
+    OpenAIStreamMeter,
+    _top_level_report,
+)
+
+DEADLINE_S = 5.0
+REPEAT = 40
+
+# the modules whose patterns read what clients and providers send
+MODULES = (
+    lectr.usage.meters,
+    lectr.usage.model,
+    lectr.providers.body,
+    lectr.providers.dialects,
+    lectr.http.server,
+    lectr.http.client,
+    lectr.policy.health,
+    lectr.tracing,
+)
+PATTERNS = sorted(
+    (
+        (f"{module.__name__}.{name}", value)
+        for module in MODULES
+        for name, value in vars(module).items()
+        if isinstance(value, re.Pattern)
+    ),
+    key=lambda item: item[0],
+)
+
+
+class TooSlow(Exception):
+    pass
+
+
+@contextmanager
+def deadline(seconds: float = DEADLINE_S):
+    def expired(signum, frame):
+        raise TooSlow(f"still matching after {seconds} s: exponential backtracking")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+KEYS = [b'"service_tier"', b'"usage"', b'"model"', b'"text"', b'"a"', b'"a\\"b"', b'"x_y"']
+VALUES = [b"1", b"-1.5e3", b'"x"', b'"\\u005f"', b"true", b"null", b"{", b"[", b'"', b"{}"]
+members = st.builds(
+    lambda sep, key, colon, value: sep + key + colon + value,
+    st.sampled_from([b",", b", ", b"", b" ,"]),
+    st.sampled_from(KEYS),
+    st.sampled_from([b":", b" : ", b": "]),
+    st.sampled_from(VALUES),
+)
+FRAGMENTS = [
+    b",", b":", b"{", b"}", b"[", b"]", b'"', b"\\", b'\\"', b" ", b"\t", b"\n", b"1", b"-",
+    b"e", b".", b"a", b"_", b"%", b"%4", b";", b"=", b"/", b"x", b"data: ", b"\\u",
+]  # fmt: skip
+units = st.one_of(
+    st.lists(members, min_size=1, max_size=3).map(b"".join),
+    st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=4).map(b"".join),
+)
+ends = st.lists(st.sampled_from([*FRAGMENTS, b"}", b"}}", b'"}']), max_size=3).map(b"".join)
+pumped = st.builds(
+    lambda head, unit, end: head + unit * REPEAT + end,
+    st.sampled_from([b"", b'{"usage":{"a":1}', b'"usage":{"a":1}', b'{"model":"m",', b"x"]),
+    units,
+    ends,
+)
+
+# valid JSON: 40 service_tier members after the usage, then an object member
+HOSTILE_MEMBERS = (
+    b'{"model":"m","usage":{"prompt_tokens":1}' + b',"service_tier":1' * REPEAT + b',"a":{}}'
+)
+
+
+def _as(pattern: re.Pattern, data: bytes):
+    return data if isinstance(pattern.pattern, bytes) else data.decode("latin-1")
+
+
+def test_the_modules_have_patterns_to_check():
+    names = {name for name, _ in PATTERNS}
+    assert "lectr.usage.meters._COMPACT_SCALAR_MEMBERS_TO_END_RE" in names
+    assert len(PATTERNS) > 25
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=pumped)
+@example(data=b',"service_tier":1' * REPEAT + b",x")
+@example(data=b'"usage":{"a":1}' + b',"service_tier":"x"' * REPEAT + b"}}")
+@example(data=b" , " * REPEAT + b"x")
+def test_no_pattern_backtracks_exponentially(data):
+    for name, pattern in PATTERNS:
+        text = _as(pattern, data)
+        with deadline():
+            try:
+                pattern.fullmatch(text)
+                pattern.match(text)
+                pattern.search(text)
+            except TooSlow as slow:
+                raise AssertionError(f"{name}: {slow}") from None
+
+
+def test_the_answer_that_held_the_reactor_is_read_at_once():
+    """40 ``service_tier`` members after the usage, then an object member:
+    the members pattern refused it after 2^40 tries (2 s for 22)."""
+    with deadline():
+        assert _top_level_report(HOSTILE_MEMBERS, True) is None  # (a full parse reads it)
+        meter = JsonMeter("openai")
+        meter.feed(HOSTILE_MEMBERS)
+        usage = meter.finish()
+    assert (usage.prompt_tokens, usage.service_tier, usage.model) == (1, None, "m")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=pumped, kind=st.sampled_from(["openai", "anthropic"]))
+@example(data=HOSTILE_MEMBERS, kind="openai")
+def test_no_answer_holds_the_meters(data, kind):
+    """The meters end to end (the fast path, its fallbacks, the stream
+    meters' event scans) on the same pumped answers, whole and as an SSE
+    event."""
+    event = b"data: " + data + b"\n\n"
+    with deadline():
+        for tier in (True, False):
+            _top_level_report(data, tier)
+        meter = JsonMeter(kind)
+        meter.feed(data)
+        meter.finish()
+        stream = OpenAIStreamMeter() if kind == "openai" else AnthropicStreamMeter()
+        stream.feed(event)
+        stream.finish()
