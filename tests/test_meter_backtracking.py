@@ -1,15 +1,15 @@
 """No provider answer, and no request, can make a regular expression hold
-the reactor: every pattern Lectr applies to bytes it did not write runs in
-time that grows with the input, not exponentially.
+the reactor: every pattern in Lectr's modules runs in time that grows with
+its input, not exponentially.
 
 A pattern whose repeated group can match the same text in two ways (say a
 member that both ``,"service_tier":…`` and ``,"<any key>":…`` match) makes
 a failing match try both ways for each repetition: 2^n for n repetitions.
 An answer with 40 such members, then one byte that fails the pattern, would
 hold the proxy's only thread for days. The JSON meter had one such pattern
-(the members after a usage object); these tests pump every pattern of the
-modules that read untrusted bytes with repeated JSON members and fragments,
-then end the input in a way the pattern may refuse.
+(the members after a usage object); these tests pump every pattern of every
+module with repeated JSON members and fragments, then end the input in a way
+the pattern may refuse.
 
 Each match runs under a deadline of several seconds: CPython's regular
 expression engine checks for signals while it matches, so SIGALRM
@@ -19,6 +19,8 @@ deadline only turns a hang into a failure, it measures nothing.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 import signal
 from contextlib import contextmanager
@@ -26,14 +28,7 @@ from contextlib import contextmanager
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import lectr.http.client
-import lectr.http.server
-import lectr.policy.health
-import lectr.providers.body
-import lectr.providers.dialects
-import lectr.tracing
-import lectr.usage.meters
-import lectr.usage.model
+import lectr
 from lectr.usage.meters import (
     AnthropicStreamMeter,
     JsonMeter,
@@ -44,17 +39,12 @@ from lectr.usage.meters import (
 DEADLINE_S = 5.0
 REPEAT = 40
 
-# the modules whose patterns read what clients and providers send
-MODULES = (
-    lectr.usage.meters,
-    lectr.usage.model,
-    lectr.providers.body,
-    lectr.providers.dialects,
-    lectr.http.server,
-    lectr.http.client,
-    lectr.policy.health,
-    lectr.tracing,
-)
+# every module's patterns: most read what clients and providers send (the
+# meters, request bodies and targets, headers, cursors, error bodies scrubbed
+# of keys), and a pattern that only reads configuration costs nothing here
+MODULES = [
+    importlib.import_module(found.name) for found in pkgutil.walk_packages(lectr.__path__, "lectr.")
+]
 PATTERNS = sorted(
     (
         (f"{module.__name__}.{name}", value)
@@ -96,6 +86,7 @@ members = st.builds(
 FRAGMENTS = [
     b",", b":", b"{", b"}", b"[", b"]", b'"', b"\\", b'\\"', b" ", b"\t", b"\n", b"1", b"-",
     b"e", b".", b"a", b"_", b"%", b"%4", b";", b"=", b"/", b"x", b"data: ", b"\\u",
+    b"sk-", b"AIza", b"*", b"00-", b"@", b"lc_", b"/v1/",
 ]  # fmt: skip
 units = st.one_of(
     st.lists(members, min_size=1, max_size=3).map(b"".join),
@@ -122,7 +113,9 @@ def _as(pattern: re.Pattern, data: bytes):
 def test_the_modules_have_patterns_to_check():
     names = {name for name, _ in PATTERNS}
     assert "lectr.usage.meters._COMPACT_SCALAR_MEMBERS_TO_END_RE" in names
-    assert len(PATTERNS) > 25
+    assert "lectr.providers.base._KEYLIKE_BYTES" in names  # (error bodies scrubbed of keys)
+    assert "lectr.managers.usage._CURSOR_RE" in names
+    assert len(PATTERNS) > 60
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
