@@ -59,12 +59,13 @@ _WS_CHARS = frozenset(" \t\n\r")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _MEDIA_TYPE = re.compile(
     rb"\s*(" + _TOKEN + rb")/(" + _TOKEN + rb")\s*"
-    rb"((?:;\s*" + _TOKEN + rb"=(?:" + _TOKEN + rb'|"(?:[^"\\\r\n]|\\.)*")\s*)*);?\s*',
+    rb"((?:;\s*" + _TOKEN + rb"=(?:" + _TOKEN + rb'|"[^"\\\r\n]*(?:\\.[^"\\\r\n]*)*")\s*)*);?\s*',
 )
-_PARAM = re.compile(rb";\s*(" + _TOKEN + rb")=(" + _TOKEN + rb'|"(?:[^"\\\r\n]|\\.)*")')
+_PARAM = re.compile(rb";\s*(" + _TOKEN + rb")=(" + _TOKEN + rb'|"[^"\\\r\n]*(?:\\.[^"\\\r\n]*)*")')
 _BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _DISPOSITION_PARAM = re.compile(
-    rb"\s*;\s*(" + _TOKEN + rb")\s*=\s*(" + _TOKEN + rb'|"(?:[^"\\\r\n]|\\.)*")', re.IGNORECASE
+    rb"\s*;\s*(" + _TOKEN + rb")\s*=\s*(" + _TOKEN + rb'|"[^"\\\r\n]*(?:\\.[^"\\\r\n]*)*")',
+    re.IGNORECASE,
 )
 
 _DECODER = json.JSONDecoder()

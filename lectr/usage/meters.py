@@ -638,8 +638,8 @@ _COMPACT_SCALAR_MEMBERS_TO_END_RE = re.compile(
 )
 # after a top-level member: only scalar members, then the object's end
 _SCALAR_MEMBERS_TO_END_RE = re.compile(
-    rb'(?:\s*,\s*"(?:[^"\\]|\\.)*"\s*:\s*'
-    rb'(?:"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|true|false|null))*\s*\}\s*'
+    rb'(?:\s*,\s*"[^"\\]*(?:\\.[^"\\]*)*"\s*:\s*'
+    rb'(?:"[^"\\]*(?:\\.[^"\\]*)*"|-?[0-9][0-9.eE+-]*|true|false|null))*\s*\}\s*'
 )
 
 
@@ -649,7 +649,7 @@ _TIER_KEY = b'"service_tier"'
 # a colon follows) and its value: a string (group 1, escapes and all) or
 # another scalar
 _TIER_MEMBER_RE = re.compile(
-    rb'"service_tier"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|-?[0-9][0-9.eE+-]*|true|false|null)'
+    rb'"service_tier"\s*:\s*(?:"([^"\\]*(?:\\.[^"\\]*)*)"|-?[0-9][0-9.eE+-]*|true|false|null)'
 )
 
 
@@ -961,7 +961,7 @@ class JsonMeter(_Base):
 # cut ended is counted up to the cut).
 _JSON_TEXT_RE = re.compile(
     rb'"(?:content|text|arguments|refusal|thinking|partial_json|reasoning_content|reasoning)"'
-    rb'\s*:\s*"((?:[^"\\]|\\.)*)(?:"|\\?\Z)'
+    rb'\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)(?:"|\\?\Z)'
 )
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 
@@ -1001,7 +1001,7 @@ def _text_scan(body: bytes) -> tuple[int, bool]:
     return n, inside
 
 
-_STRING_REST_RE = re.compile(rb'(?:[^"\\]|\\.)*')
+_STRING_REST_RE = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')
 
 
 def _text_after(data: bytes, inside: bool) -> int:
@@ -1695,7 +1695,9 @@ class OpenAIStreamMeter(SSEMeter):
         return Usage(completion_tokens=self._deltas, source="estimated", service_tier=self._tier)
 
 
-_ANTHROPIC_TEXT_RE = re.compile(rb'"(?:text|partial_json|thinking)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ANTHROPIC_TEXT_RE = re.compile(
+    rb'"(?:text|partial_json|thinking)"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
+)
 
 
 class AnthropicStreamMeter(SSEMeter):
