@@ -131,6 +131,56 @@ def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+def _prefix_text(value: object, room: int, out: list[str]) -> int:
+    """Append to ``out`` the start of ``value``'s compact serialisation
+    (``_PREFIX_ENCODER``'s, character for character): all of it, or at least
+    ``room`` characters when it is longer, so that a prompt's prefix costs
+    what the prefix holds, not what the whole prompt does (one 15 MiB
+    string, or a list of millions of values, is not serialised whole).
+    Returns the characters appended; a value cut short is not closed."""
+    if isinstance(value, str):
+        text = _PREFIX_ENCODER.encode(value if len(value) <= room else value[:room])
+        if len(value) > room:
+            text = text[:-1]  # (cut: its closing quote is not the serialisation's)
+        out.append(text)
+        return len(text)
+    if isinstance(value, list):
+        out.append("[")
+        n = 1
+        for i, item in enumerate(value):
+            if n >= room:
+                return n
+            if i:
+                out.append(",")
+                n += 1
+            n += _prefix_text(item, room - n, out)
+        if n >= room:
+            return n  # (its last item may be cut: no closing bracket)
+        out.append("]")
+        return n + 1
+    if isinstance(value, dict):
+        out.append("{")
+        n = 1
+        for i, (key, item) in enumerate(value.items()):
+            if n >= room:
+                return n
+            if i:
+                out.append(",")
+                n += 1
+            n += _prefix_text(key, room - n, out)
+            if n >= room:
+                return n
+            out.append(":")
+            n += 1 + _prefix_text(item, room - n - 1, out)
+        if n >= room:
+            return n
+        out.append("}")
+        return n + 1
+    text = _PREFIX_ENCODER.encode(value)  # (a number, true, false, null)
+    out.append(text)
+    return len(text)
+
+
 class Dialect:
     name: ClassVar[str]
     title: ClassVar[str]  # for messages: "OpenAI"
@@ -232,12 +282,14 @@ class OpenAIDialect(Dialect):
         # serialise piece by piece, only as far as the cacheable prefix goes
         pieces = [doc.get("instructions"), doc.get("tools")]
         pieces.extend(prompt if isinstance(prompt, list) else [prompt])
-        out = bytearray()
+        out: list[str] = []
+        written = 0
         for piece in pieces:
-            out += _PREFIX_ENCODER.encode(piece).encode("utf-8", "surrogatepass")
-            if len(out) >= _PREFIX_BYTES:
-                return _digest(bytes(out[:_PREFIX_BYTES]))
-        return None
+            written += _prefix_text(piece, _PREFIX_BYTES - written, out)
+            if written >= _PREFIX_BYTES:
+                break
+        data = "".join(out).encode("utf-8", "surrogatepass")
+        return _digest(data[:_PREFIX_BYTES]) if len(data) >= _PREFIX_BYTES else None
 
 
 class AnthropicDialect(Dialect):
@@ -289,6 +341,7 @@ class AnthropicDialect(Dialect):
         if doc is None:
             return None
         parts: list = []
+        budget = [_BREAKPOINT_BLOCKS_MAX]
         for section in ("tools", "system", "messages"):
             value = doc.get(section)
             if value is None:
@@ -296,13 +349,28 @@ class AnthropicDialect(Dialect):
             blocks = value if isinstance(value, list) else [value]
             for block in blocks:
                 parts.append(block)
-                if _has_breakpoint(block):
+                found = _has_breakpoint(block, budget)
+                if found:
                     text = _PREFIX_ENCODER.encode(parts)
                     return _digest(text.encode("utf-8", "surrogatepass"))
+                if found is None:
+                    return None  # (none in the first blocks: no affinity, see below)
         return None
 
 
-def _has_breakpoint(block: object, depth: int = 0) -> bool:
+#: blocks looked at for a first cache_control breakpoint: a request that
+#: marks none in its first thousands of blocks gets no prompt affinity (a
+#: routing hint only), rather than a walk over millions of them on the
+#: reactor
+_BREAKPOINT_BLOCKS_MAX = 4096
+
+
+def _has_breakpoint(block: object, budget: list[int], depth: int = 0) -> bool | None:
+    """Whether ``block`` carries a ``cache_control`` breakpoint, in itself or
+    in its content blocks; None once ``budget[0]`` blocks were looked at."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return None
     if depth > 4:
         return False
     if isinstance(block, dict):
@@ -310,7 +378,10 @@ def _has_breakpoint(block: object, depth: int = 0) -> bool:
             return True
         content = block.get("content")
         if isinstance(content, list):
-            return any(_has_breakpoint(b, depth + 1) for b in content)
+            for b in content:
+                found = _has_breakpoint(b, budget, depth + 1)
+                if found is not False:
+                    return found
     return False
 
 
