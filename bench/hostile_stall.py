@@ -1,0 +1,168 @@
+"""How long one client's large or token-dense request body holds the proxy's
+reactor, seen by another client:
+
+    python bench/hostile_stall.py [--mib 15] [--rounds 3]
+
+One Lectr (set up as bench/run.py sets it up: the shared Rust mock, the
+proxy alone on core 1, every feature on). A probe client sends small chat
+requests one after another on a kept-alive connection and notes each one's
+latency; meanwhile another client posts one body of each kind below, one at
+a time, each on its own connection, as an authenticated tenant could. For
+each kind: the body's own time to its answer, and the probe's longest
+latency while the body was being judged (the probe's median when idle is
+printed first: the difference is the stall every other request on the
+process saw).
+
+The bodies are at most 16 MiB, the shared mock's limit; the proxy's own is
+``max_body_bytes`` (32 MiB by default). The figures scale with the size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # bench/run.py: the shared set-up
+
+MiB = 1024 * 1024
+
+
+def bodies(size: int) -> dict[str, bytes]:
+    head = b'{"model":"bench","messages":'
+
+    def filled(unit: bytes, open_: bytes = b"[", close: bytes = b"]}") -> bytes:
+        n = (size - len(head) - 8) // (len(unit) + 1)
+        return head + open_ + b",".join([unit] * n) + close
+
+    image = b'[{"role":"user","content":"' + b"A" * (size - 80) + b'"}]}'
+    return {
+        "one large string (an inline image)": head + image,
+        "integers": filled(b"0"),
+        "empty arrays": filled(b"[]"),
+        "small objects": filled(b'{"a":1}'),
+        "short strings": filled(b'"ab"'),
+        "one message of integers": filled(b"0", b'[{"role":"user","content":[', b"]}]}"),
+        "top-level members (refused)": b"{"
+        + b",".join(b'"k%d":0' % i for i in range(size // 12))
+        + b',"model":"bench"}',
+        "an array, no object (refused)": b"[" + b",".join([b"[]"] * (size // 3)) + b"]",
+    }
+
+
+class Probe(threading.Thread):
+    def __init__(self, port: int, key: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.key = port, key
+        self.samples: list[tuple[float, float]] = []  # (sent at, latency s)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        body = json.dumps(
+            {"model": "bench", "messages": [{"role": "user", "content": "hi"}]}
+        ).encode()
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            conn.request("POST", run.CHAT_PATH, body, headers)
+            r = conn.getresponse()
+            r.read()
+            self.samples.append((t, time.perf_counter() - t))
+            time.sleep(0.002)
+        conn.close()
+
+    def worst_between(self, start: float, end: float) -> float:
+        return max((lat for t, lat in self.samples if t + lat >= start and t <= end), default=0.0)
+
+
+def post(port: int, key: str, body: bytes) -> tuple[int, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    t = time.perf_counter()
+    conn.request(
+        "POST",
+        run.CHAT_PATH,
+        body,
+        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    return r.status, time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=float, default=15.0, help="body size (the mock takes 16)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", help="one kind of body (a substring of its name)")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="py-spy record the proxy meanwhile (raw stacks)"
+    )
+    args = parser.parse_args()
+    size = int(args.mib * MiB)
+    load_pin, proxy_pin = run.cores()
+    workdir = Path(tempfile.mkdtemp(prefix="lectr-stall-"))
+    upstream = run.Upstream(workdir, load_pin)
+    proc = None
+    try:
+        proc, pid, target = run.serve("lectr", workdir, upstream, proxy_pin)
+        port = proc.port
+        probe = Probe(port, target.key)
+        probe.start()
+        time.sleep(2)
+        idle = statistics.median(lat for _, lat in probe.samples)
+        print(
+            f"Provider: {upstream.kind}; {run.load()}\n"
+            f"probe (a small chat request, one after another): median {idle * 1e3:.2f} ms idle\n"
+        )
+        print(
+            f"| body ({args.mib:g} MiB) | status | its time, s | probe's worst while it ran, ms |"
+        )
+        print("|---|---|---|---|")
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(
+                ["py-spy", "record", "-r", "500", "-f", "raw", "-o", args.profile, "-p", str(pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1)
+        for name, body in bodies(size).items():
+            if args.only and args.only not in name:
+                continue
+            times, worst, status = [], [], None
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                status, took = post(port, target.key, body)
+                end = time.perf_counter()
+                time.sleep(0.3)  # (the probe's request in flight at the end comes back)
+                times.append(took)
+                worst.append(probe.worst_between(start, end))
+            print(
+                f"| {name} | {status} | {statistics.median(times):.2f} | "
+                f"{statistics.median(worst) * 1e3:.0f} |",
+                flush=True,
+            )
+        probe.stop.set()
+        probe.join(timeout=10)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
+    finally:
+        if proc is not None:
+            proc.stop()
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    main()
