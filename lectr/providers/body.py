@@ -19,8 +19,9 @@ bytes it could not judge:
   with at most ``JSON_MEMBERS_MAX`` members, and a ``model`` that is a
   string of printable text;
 - ``multipart/form-data`` must parse strictly (CRLF lines, one boundary,
-  ``form-data`` parts with a plain ``name``), with at most one ``model``
-  field;
+  ``form-data`` parts with a plain ``name``; at most ``MULTIPART_PARTS_MAX``
+  parts and ``MULTIPART_HEADS_MAX`` bytes of part headers), with at most
+  one ``model`` field;
 - ``application/x-www-form-urlencoded`` must be ASCII, ``&``-separated
   (no ``;``), well-encoded, of a bounded number of fields, with at most one
   ``model`` field;
@@ -49,6 +50,10 @@ MODEL_MAX = 256
 FORM_FIELDS_MAX = 1000
 #: multipart parts read at most
 MULTIPART_PARTS_MAX = 1000
+#: bytes of part headers a multipart body may carry, all parts together
+#: (an SDK's are ~100 a part): each header line costs a turn of a Python
+#: loop, and 15 MiB of them held the reactor 3.5 s
+MULTIPART_HEADS_MAX = 64 * 1024
 #: top-level members of a JSON body read at most: no provider's API takes
 #: more than a few dozen, and each costs a turn of the Python loop below (a
 #: 31 MiB body of 2.6 million of them held the reactor 4.6 s)
@@ -366,15 +371,21 @@ def multipart_model(
     pos = len(delimiter)
     model: str | None = None
     span: tuple[int, int] | None = None
+    heads = MULTIPART_HEADS_MAX  # (part header bytes still allowed)
     for _ in range(MULTIPART_PARTS_MAX + 1):
         tail = body[pos : pos + 2]
         if tail == b"--":
             return model, span  # the closing delimiter (an epilogue may follow)
         if tail != b"\r\n":
             raise BodyRefused("the multipart body is malformed after a boundary")
-        head_end = body.find(b"\r\n\r\n", pos + 2)
+        head_end = body.find(b"\r\n\r\n", pos + 2, pos + 2 + heads + 4)
         if head_end < 0:
+            if len(body) - pos - 2 > heads + 4:
+                raise BodyRefused(
+                    f"the multipart body's part headers exceed {MULTIPART_HEADS_MAX} bytes"
+                )
             raise BodyRefused("a multipart part has no end of headers")
+        heads -= head_end - pos - 2
         name = _part_name(body[pos + 2 : head_end])
         value_start = head_end + 4
         next_pos = body.find(separator, value_start)
