@@ -183,8 +183,13 @@ def rotation_view(r) -> dict:
 
 
 def record_view(record: Any, fields: tuple[str, ...]) -> dict:
-    """A dataclass as JSON, limited to the documented fields."""
-    values = dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record)
+    """A dataclass (of JSON types only, as the managers answer) as JSON,
+    limited to the documented fields. (Read field by field: ``asdict``
+    deep-copied every row, 25 µs each: a page of 200 requests or 1,000
+    usage groups held the reactor 25 ms.)"""
+    if dataclasses.is_dataclass(record):
+        return {f: getattr(record, f, None) for f in fields}
+    values = dict(record)
     return {f: values.get(f) for f in fields}
 
 

@@ -106,6 +106,7 @@ CUSTOM_PROVIDER_UPDATE = obj(_CUSTOM_PROVIDER_FIELDS, ("dialect", "base_url"))
 ROUTE_TARGET = obj({"provider": PROVIDER, "model": MODEL, "weight": WEIGHT}, ("provider", "model"))
 RETRY_ON = {
     "type": "array",
+    "maxItems": 16,
     "items": {"type": "string", "enum": ["429", "5xx", "timeout", "connect"]},
 }
 PUT_ROUTE = obj(
@@ -126,7 +127,11 @@ PUT_ROUTE = obj(
 EXPLAIN = obj(
     {
         "path": string(2048, description="proxy path (default /v1/chat/completions)"),
-        "headers": {"type": "object", "description": "request headers (e.g. x-lectr-session)"},
+        "headers": {
+            "type": "object",
+            "maxProperties": 1000,
+            "description": "request headers (e.g. x-lectr-session); at most 1,000",
+        },
         "body": {"type": "object", "description": "the JSON request body"},
     },
 )
