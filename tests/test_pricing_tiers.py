@@ -870,3 +870,39 @@ async def test_a_request_with_a_tier_and_searches_explained(env):
         "cost_usd": "0.03",
     }
     assert doc["request"]["cost_usd"] == doc["total_usd"] == "0.0345" and doc["matches"] is True
+
+
+RATE_TEXTS = st.one_of(
+    st.builds(lambda d, p: str(Decimal(d).scaleb(-p)), st.integers(0, 10**9), st.integers(0, 40)),
+    st.builds(lambda d, e: f"{d}E-{e}", st.integers(0, 10**6), st.integers(0, 20_000)),
+    st.builds(lambda d, z: f"{d}." + "0" * z + "1", st.integers(0, 999), st.integers(0, 20_000)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=RATE_TEXTS)
+def test_a_rate_is_taken_exactly_or_refused(text):
+    """A rate is kept exactly, or refused when it has more than six
+    decimals, however far down its last digit sits (checked against exact
+    fractions)."""
+    from fractions import Fraction
+
+    from lectr.pricing.catalogue import check_rate
+
+    exact = Fraction(Decimal(text))  # (exact: Decimal reads any length of digits)
+    if exact >= 1_000_000:
+        return
+    if (exact * 10**6).denominator == 1:
+        assert Fraction(check_rate(text, "input")) == exact
+    else:
+        with pytest.raises(PriceError, match="at most 6 decimals"):
+            check_rate(text, "input")
+
+
+def test_a_rate_a_billion_places_down_is_refused_not_taken_as_zero():
+    from lectr.pricing.catalogue import check_rate
+
+    for text in ("1E-999999999", "0." + "0" * 1_000_000 + "1"):  # (normalize() made both 0)
+        with pytest.raises(PriceError, match="at most 6 decimals"):
+            check_rate(text, "input")
+    assert check_rate("0E-1000000", "input") == 0

@@ -102,11 +102,13 @@ def check_rate(value: object, what: str, unit: str = "USD per million tokens") -
         raise PriceError(f"{what} must be a number ({unit})") from None
     if not rate.is_finite() or rate < 0 or rate >= RATE_MAX:
         raise PriceError(f"{what} must be from 0 to less than {RATE_MAX}")
-    exponent = rate.normalize().as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -RATE_DECIMALS:
+    # one exponent for every rate (0E-1000000 is 0.000000); a rate it would
+    # round is refused (compared exactly: normalize() rounded a 1 a million
+    # places down to 0, and took it)
+    quantized = rate.quantize(_RATE_QUANTUM)
+    if quantized != rate:
         raise PriceError(f"{what} may have at most {RATE_DECIMALS} decimals")
-    # one exponent for every rate (0E-1000000 is 0.000000)
-    return rate.quantize(_RATE_QUANTUM)
+    return quantized
 
 
 def _check_count(value: object, what: str, maximum: int) -> int:
