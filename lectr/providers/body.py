@@ -315,41 +315,62 @@ def model_of(doc: dict) -> str | None:
 
 
 def form_model(body: bytes) -> str | None:
-    """The ``model`` field of a URL-encoded form, read strictly."""
+    """The ``model`` field of a URL-encoded form, read strictly. Linear and
+    in C over the body (read by index: no field copied, a long name never
+    decoded, a long model value refused undecoded): decoding 32 MiB of
+    ``%XX`` in one name held the reactor 20 s."""
     if b";" in body:
         raise BodyRefused("form bodies must separate fields with '&' only")
-    try:
-        body.decode("ascii")
-    except UnicodeDecodeError:
-        raise BodyRefused("form bodies must be ASCII (percent-encode the rest)") from None
-    fields = body.split(b"&")
-    if len(fields) > FORM_FIELDS_MAX:
+    if not body.isascii():
+        raise BodyRefused("form bodies must be ASCII (percent-encode the rest)")
+    if body.count(b"&") >= FORM_FIELDS_MAX:
         raise BodyRefused(f"form bodies may carry at most {FORM_FIELDS_MAX} fields")
+    # every escape checked at once; when one is malformed, each field is
+    # checked in turn below, so the first fault in the body is the one named
+    # ('&' and '=' are no hex digits: a field's escapes are the body's)
+    escapes_ok = not _bad_percent(body)
     model: str | None = None
     seen = False
-    for field in fields:
-        if not field:
-            continue
-        name, eq, value = field.partition(b"=")
-        if _bad_percent(name) or _bad_percent(value):
-            raise BodyRefused("the form body has a malformed percent-encoding")
-        if _form_decode(name) != b"model":
-            continue
-        if seen:
-            raise BodyRefused("the form body repeats the 'model' field")
-        seen = True
-        try:
-            model = check_model(_form_decode(value).decode("utf-8"))
-        except UnicodeDecodeError:
-            raise BodyRefused("'model' must be UTF-8 text") from None
+    pos, size = 0, len(body)
+    while pos < size:
+        end = body.find(b"&", pos)
+        if end < 0:
+            end = size
+        if end > pos:  # (an empty field is skipped)
+            eq = body.find(b"=", pos, end)
+            name_end, value_at = (end, end) if eq < 0 else (eq, eq + 1)
+            if not escapes_ok and (
+                _bad_percent(body[pos:name_end]) or _bad_percent(body[value_at:end])
+            ):
+                raise BodyRefused("the form body has a malformed percent-encoding")
+            # (only a name of 5 to 15 bytes - each byte, or each %XX, one byte -
+            # can decode to "model")
+            if 5 <= name_end - pos <= 15 and _form_decode(body[pos:name_end]) == b"model":
+                if seen:
+                    raise BodyRefused("the form body repeats the 'model' field")
+                seen = True
+                if end - value_at > MODEL_MAX * 12:  # (a character: 4 UTF-8 bytes, as %XX)
+                    raise BodyRefused(f"'model' must be 1 to {MODEL_MAX} characters long")
+                try:
+                    model = check_model(_form_decode(body[value_at:end]).decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise BodyRefused("'model' must be UTF-8 text") from None
+        pos = end + 1
     return model
 
 
-_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+#: every byte as '%', 'h' (a hex digit) or '.': a well-formed escape is "%hh"
+_ESCAPE_MARKS = bytes(
+    37 if c == 37 else 104 if c in b"0123456789ABCDEFabcdef" else 46 for c in range(256)
+)
 
 
 def _bad_percent(data: bytes) -> bool:
-    return b"%" in data and _PERCENT.search(data) is not None
+    """Whether a '%' in ``data`` is not followed by two hex digits: every
+    '%' counted, then the well-formed escapes (no regex match per '%': 11
+    million of them took 0.8 s)."""
+    n = data.count(b"%")
+    return n != 0 and data.translate(_ESCAPE_MARKS).count(b"%hh") != n
 
 
 def _form_decode(data: bytes) -> bytes:
