@@ -321,3 +321,66 @@ async def test_an_answers_small_trailers_still_end_it(upstream, client):
     client.request(origin, b"GET", b"/x", [], None, sink)
     assert await sink.ended == "done"
     assert bytes(sink.data) == b"".join(b"c" * n for n in range(1, 100))
+
+
+# --- error bodies and headers checked for the provider key ----------------------------
+
+SECRET = b"sk-proj-Abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def test_a_value_with_too_many_escapes_is_taken_to_quote_the_key_undecoded(monkeypatch):
+    """A provider that echoes its request in an error (a FastAPI 422) can
+    hand back a client's 1 MiB of escapes: urllib decodes them in a Python
+    loop (0.5 s). Past ESCAPES_CHECKED_MAX the value is not decoded."""
+    import lectr.providers.base as base
+
+    core = base.secret_core(SECRET)
+
+    def no_decoding(*args):
+        raise AssertionError("decoded")
+
+    echoed = b'{"detail":[{"input":"' + b"%41" * (MiB // 3) + b'"}]}'
+    monkeypatch.setattr(base, "unquote_to_bytes", no_decoding)
+    monkeypatch.setattr(base, "unquote", no_decoding)
+    with deadline():
+        assert base.quotes_secret(echoed, core)  # (may: it is not looked into)
+        assert base.scrub_body(echoed, SECRET) == b"***"  # withheld whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.sampled_from([b"%", b"%4", b"%41", b"%2D", b"%2d", b"a", b"-", b"sk", b"%25"]),
+        max_size=40,
+    ),
+    quoted=st.booleans(),
+)
+def test_a_value_with_few_escapes_is_decoded_exactly(pieces, quoted):
+    from lectr.providers.base import ESCAPES_CHECKED_MAX, quotes_secret, secret_core
+
+    core = secret_core(SECRET)
+    data = b"".join(pieces)
+    if quoted:  # the key's core, one character percent-escaped
+        data += b"%" + b"%02X" % core[0] + core[1:]
+    assert data.count(b"%") <= ESCAPES_CHECKED_MAX
+    expected = core in data.lower() or core in unquote_to_bytes(data).lower()
+    assert quotes_secret(data, core) == expected
+    if quoted:
+        assert expected
+
+
+def test_a_token_dense_or_deep_error_body_is_withheld_not_walked():
+    """Read as JSON when it has a \\u escape: 1 MiB of empty arrays is
+    500,000 values (0.5 s of the walk), a deep one raised RecursionError out
+    of the walk."""
+    from lectr.providers.base import SCRUB_VALUES_MAX, scrub_body
+
+    dense = b'{"detail":"\\u0041","input":[' + b",".join([b"[]"] * (MiB // 3)) + b"]}"
+    with deadline():
+        assert scrub_body(dense, SECRET) == b"***"
+    deep = b'{"a":"\\u0041","b":' + b"[" * 900 + b"]" * 900 + b"}"
+    assert scrub_body(deep, SECRET) in (b"***", deep)  # (never an exception)
+    small = b'{"detail":"\\u0041","input":[' + b",".join([b"[]"] * (SCRUB_VALUES_MAX // 2)) + b"]}"
+    assert scrub_body(small, SECRET) == small  # (under the bound: looked through, kept)
+    quoting = b'{"detail":"\\u0041 key ' + SECRET[:-4] + b'\\u0041"}'
+    assert SECRET[:-4].lower() not in scrub_body(quoting, SECRET).lower()

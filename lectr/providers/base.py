@@ -63,13 +63,28 @@ def secret_core(secret: bytes) -> bytes:
     return secret[len(secret) // 3 :].lower()
 
 
+#: percent escapes a value (an error body, a header, a reason) is decoded
+#: with to look for the key: urllib decodes them in a Python loop (1 MiB of
+#: them, echoed by a provider from a client's request, took 0.5 s), so a
+#: value with more is taken to quote the key (masked, or withheld)
+ESCAPES_CHECKED_MAX = 4096
+#: JSON values of an error body looked through for the key: a body with
+#: more is withheld whole (each costs a Python call; 1 MiB of empty arrays
+#: took 0.5 s)
+SCRUB_VALUES_MAX = 50_000
+
+
 def quotes_secret(data: bytes, core: bytes) -> bool:
     """Whether ``data`` holds the key whose :func:`secret_core` is ``core``,
-    in any case, percent-escaped or not."""
+    in any case, percent-escaped or not (or may: past
+    ``ESCAPES_CHECKED_MAX`` escapes it is not decoded, and taken to)."""
     lower = data.lower()
     if core in lower:
         return True
-    return b"%" in data and core in unquote_to_bytes(data).lower()
+    escapes = data.count(b"%")
+    if not escapes:
+        return False
+    return escapes > ESCAPES_CHECKED_MAX or core in unquote_to_bytes(data).lower()
 
 
 def scrub_body(body: bytes, secret: bytes | None = None) -> bytes:
@@ -85,13 +100,23 @@ def scrub_body(body: bytes, secret: bytes | None = None) -> bytes:
     if secret:
         core = secret_core(secret)
         cleaned = body.replace(secret, b"***")
+        if cleaned.count(b"%") > ESCAPES_CHECKED_MAX:
+            return b"***"  # (too many escapes to decode: it may quote the key)
         # (any body with a \u escape is read as JSON if it is: it may begin
         # with whitespace, a BOM, or be a bare string)
         if quotes_secret(cleaned, core) or b"\\u" in cleaned:
-            cleaned = _scrub_json(cleaned, core)
+            try:
+                cleaned = _scrub_json(cleaned, core)
+            except _TooLarge:
+                return b"***"
             if quotes_secret(cleaned, core):
                 return b"***"
     return _KEYLIKE_BYTES.sub(b"***", cleaned)
+
+
+class _TooLarge(Exception):
+    """An error body with more JSON values than are looked through, or
+    nested deeper than a walk goes: withheld whole."""
 
 
 def _scrub_json(body: bytes, core: bytes) -> bytes:
@@ -103,9 +128,13 @@ def _scrub_json(body: bytes, core: bytes) -> bytes:
         return _mask_core(body, core)
     pattern = re.compile(re.escape(core.decode("ascii", "replace")), re.IGNORECASE)
     changed = False
+    budget = SCRUB_VALUES_MAX
 
     def clean(value):
-        nonlocal changed
+        nonlocal changed, budget
+        budget -= 1
+        if budget < 0:
+            raise _TooLarge
         if isinstance(value, str):
             masked = pattern.sub("***", value)
             if "%" in masked and pattern.search(unquote(masked)):
@@ -118,7 +147,10 @@ def _scrub_json(body: bytes, core: bytes) -> bytes:
             return {clean(k): clean(v) for k, v in value.items()}
         return value
 
-    doc = clean(doc)
+    try:
+        doc = clean(doc)
+    except RecursionError:  # (nested about as deep as json.loads allows)
+        raise _TooLarge from None
     return json.dumps(doc, separators=(",", ":")).encode() if changed else body
 
 
