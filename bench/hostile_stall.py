@@ -11,7 +11,9 @@ a time, each on its own connection, as an authenticated tenant could. For
 each kind: the body's own time to its answer, and the probe's longest
 latency while the body was being judged (the probe's median when idle is
 printed first: the difference is the stall every other request on the
-process saw).
+process saw). The mock is one thread too, so part of that stall is the
+mock's own reading of the body: ``--direct`` sends both straight to it,
+with no proxy, for that share.
 
 The bodies are at most 16 MiB, the shared mock's limit; the proxy's own is
 ``max_body_bytes`` (32 MiB by default). The figures scale with the size.
@@ -106,6 +108,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="one kind of body (a substring of its name)")
     parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="probe and bodies straight to the mock, no proxy: the provider's own share",
+    )
+    parser.add_argument(
         "--profile", metavar="FILE", help="py-spy record the proxy meanwhile (raw stacks)"
     )
     args = parser.parse_args()
@@ -115,9 +122,12 @@ def main() -> None:
     upstream = run.Upstream(workdir, load_pin)
     proc = None
     try:
-        proc, pid, target = run.serve("lectr", workdir, upstream, proxy_pin)
-        port = proc.port
-        probe = Probe(port, target.key)
+        if args.direct:
+            pid, port, key = None, upstream.port, run.UPSTREAM_KEY
+        else:
+            proc, pid, target = run.serve("lectr", workdir, upstream, proxy_pin)
+            port, key = proc.port, target.key
+        probe = Probe(port, key)
         probe.start()
         time.sleep(2)
         idle = statistics.median(lat for _, lat in probe.samples)
@@ -130,7 +140,7 @@ def main() -> None:
         )
         print("|---|---|---|---|")
         spy = None
-        if args.profile:
+        if args.profile and pid is not None:
             spy = subprocess.Popen(
                 ["py-spy", "record", "-r", "500", "-f", "raw", "-o", args.profile, "-p", str(pid)],
                 stdout=subprocess.DEVNULL,
@@ -143,7 +153,7 @@ def main() -> None:
             times, worst, status = [], [], None
             for _ in range(args.rounds):
                 start = time.perf_counter()
-                status, took = post(port, target.key, body)
+                status, took = post(port, key, body)
                 end = time.perf_counter()
                 time.sleep(0.3)  # (the probe's request in flight at the end comes back)
                 times.append(took)
