@@ -22,8 +22,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
-import signal
-from contextlib import contextmanager
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -35,6 +33,8 @@ from lectr.usage.meters import (
     OpenAIStreamMeter,
     _top_level_report,
 )
+from tests.support.deadline import TooSlow
+from tests.support.deadline import deadline as _deadline
 
 DEADLINE_S = 5.0
 REPEAT = 40
@@ -56,22 +56,8 @@ PATTERNS = sorted(
 )
 
 
-class TooSlow(Exception):
-    pass
-
-
-@contextmanager
 def deadline(seconds: float = DEADLINE_S):
-    def expired(signum, frame):
-        raise TooSlow(f"still matching after {seconds} s: exponential backtracking")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    return _deadline(seconds, "still matching (exponential backtracking)")
 
 
 KEYS = [b'"service_tier"', b'"usage"', b'"model"', b'"text"', b'"a"', b'"a\\"b"', b'"x_y"']

@@ -14,7 +14,7 @@ cost time that grows with its size, and little of it.
 - A page of request logs or usage groups was copied by ``dataclasses.asdict``
   before it was serialised (25 µs a row).
 
-The deadline (tests/test_meter_backtracking.py) only turns a hang into a
+The deadline (tests/support/deadline.py) only turns a hang into a
 failure; nothing here is timed.
 """
 
@@ -40,7 +40,7 @@ from lectr.admin.validation import (
 )
 from lectr.errors import BadRequest
 from lectr.managers.usage import RequestEntry, UsageTotal
-from tests.test_meter_backtracking import deadline
+from tests.support.deadline import deadline
 
 MiB = 1 << 20
 

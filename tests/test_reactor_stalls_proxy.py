@@ -8,8 +8,6 @@ a form body's reading is also checked against the strict reading it had
 from __future__ import annotations
 
 import re
-import signal
-from contextlib import contextmanager
 from urllib.parse import unquote_to_bytes
 
 import pytest
@@ -31,29 +29,10 @@ from lectr.providers.body import (
     check_model,
     form_model,
 )
+from tests.support.deadline import deadline
 from tests.support.http_wire import RecordingSink, ScriptedUpstream
 
 MiB = 1 << 20
-
-
-class TooSlow(Exception):
-    pass
-
-
-@contextmanager
-def deadline(seconds: float = 10.0):
-    """A hang guard: well above the fixed code's time, far below the old."""
-
-    def expired(signum, frame):
-        raise TooSlow(f"still working after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def outcome(fn, *args):

@@ -360,24 +360,18 @@ def _name_non_text(doc: Any) -> bool:
         n = min(len(value), budget)
         complete = complete and n == len(value)
         budget -= n
-        if type(value) is dict:
-            for key, item in islice(value.items(), n):
-                if text_problem(key) is not None:
-                    require_text(key, f"a field name in {_label(_path(trail))}")
-                kind = type(item)
-                if kind is str:
-                    if text_problem(item) is not None:
-                        require_text(item, _label(_path((trail, key))))
-                elif kind is dict or kind is list:
-                    stack.append((item, (trail, key)))
-        elif type(value) is list:
-            for i, item in enumerate(islice(value, n)):
-                kind = type(item)
-                if kind is str:
-                    if text_problem(item) is not None:
-                        require_text(item, _label(_path((trail, i))))
-                elif kind is dict or kind is list:
-                    stack.append((item, (trail, i)))
+        is_dict = type(value) is dict
+        # (a step: a key, or an index)
+        steps = islice(value.items(), n) if is_dict else enumerate(islice(value, n))
+        for step, item in steps:
+            if is_dict and text_problem(step) is not None:
+                require_text(step, f"a field name in {_label(_path(trail))}")
+            kind = type(item)
+            if kind is str:
+                if text_problem(item) is not None:
+                    require_text(item, _label(_path((trail, step))))
+            elif kind is dict or kind is list:
+                stack.append((item, (trail, step)))
     return complete and not stack
 
 
