@@ -13,7 +13,10 @@ latency while the body was being judged (the probe's median when idle is
 printed first: the difference is the stall every other request on the
 process saw). The mock is one thread too, so part of that stall is the
 mock's own reading of the body: ``--direct`` sends both straight to it,
-with no proxy, for that share.
+with no proxy, for that share. The last column is the proxy's own figure,
+without the mock: its longest reactor turn while the body was in flight,
+timed inside the process by the hook of bench/reactor_turns.py
+(bench/_turns).
 
 The bodies are at most 16 MiB, the shared mock's limit; the proxy's own is
 ``max_body_bytes`` (32 MiB by default). The figures scale with the size.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -117,16 +121,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     size = int(args.mib * MiB)
-    load_pin, proxy_pin = run.cores()
-    workdir = Path(tempfile.mkdtemp(prefix="lectr-stall-"))
-    upstream = run.Upstream(workdir, load_pin)
-    proc = None
+    bench = upstream = None
     try:
         if args.direct:
+            load_pin, _ = run.cores()
+            upstream = run.Upstream(Path(tempfile.mkdtemp(prefix="lectr-stall-")), load_pin)
             pid, port, key = None, upstream.port, run.UPSTREAM_KEY
-        else:
-            proc, pid, target = run.serve("lectr", workdir, upstream, proxy_pin)
-            port, key = proc.port, target.key
+        else:  # (Lectr with the bench hook that times every reactor turn)
+            bench = run.Counted("lectr-stall-", "_turns", "BENCH_TURNS_STATS", limits=False)
+            upstream = bench.upstream
+            pid, port, key = bench.pid, bench.lectr.port, bench.key
         probe = Probe(port, key)
         probe.start()
         time.sleep(2)
@@ -136,9 +140,10 @@ def main() -> None:
             f"probe (a small chat request, one after another): median {idle * 1e3:.2f} ms idle\n"
         )
         print(
-            f"| body ({args.mib:g} MiB) | status | its time, s | probe's worst while it ran, ms |"
+            f"| body ({args.mib:g} MiB) | status | its time, s | probe's worst while it ran, ms "
+            "| the proxy's longest reactor turn, ms |"
         )
-        print("|---|---|---|---|")
+        print("|---|---|---|---|---|")
         spy = None
         if args.profile and pid is not None:
             spy = subprocess.Popen(
@@ -150,17 +155,25 @@ def main() -> None:
         for name, body in bodies(size).items():
             if args.only and args.only not in name:
                 continue
-            times, worst, status = [], [], None
+            times, worst, turns, status = [], [], [], None
             for _ in range(args.rounds):
+                if bench is not None:
+                    os.kill(pid, signal.SIGUSR1)  # (the hook starts timing afresh)
+                    time.sleep(0.3)
                 start = time.perf_counter()
                 status, took = post(port, key, body)
                 end = time.perf_counter()
                 time.sleep(0.3)  # (the probe's request in flight at the end comes back)
                 times.append(took)
                 worst.append(probe.worst_between(start, end))
+                if bench is not None:
+                    os.kill(pid, signal.SIGUSR1)  # (it writes what it timed)
+                    time.sleep(0.3)
+                    turns.append(max(json.loads(bench.stats.read_text())["long"], default=0.0))
+            longest = f"{statistics.median(turns) * 1e3:.0f}" if turns else "-"
             print(
                 f"| {name} | {status} | {statistics.median(times):.2f} | "
-                f"{statistics.median(worst) * 1e3:.0f} |",
+                f"{statistics.median(worst) * 1e3:.0f} | {longest} |",
                 flush=True,
             )
         probe.stop.set()
@@ -169,9 +182,10 @@ def main() -> None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=30)
     finally:
-        if proc is not None:
-            proc.stop()
-        upstream.stop()
+        if bench is not None:
+            bench.__exit__()
+        elif upstream is not None:
+            upstream.stop()
 
 
 if __name__ == "__main__":
