@@ -568,7 +568,6 @@ def _members_to_close(text: str, pos: int) -> tuple[dict, int] | None:
     their object, and where its closing brace ends; None when the text
     there is not ``(, "key": value)* }``."""
     ws = _JSON_WS_RE.match
-    decode = _DECODER.raw_decode
     members: dict = {}
     try:
         while True:
@@ -578,16 +577,25 @@ def _members_to_close(text: str, pos: int) -> tuple[dict, int] | None:
                 return members, pos + 1
             if c != ",":
                 return None
-            pos = ws(text, pos + 1).end()
-            if text[pos : pos + 1] != '"':
+            pos = _member(text, ws(text, pos + 1).end(), members)
+            if pos < 0:
                 return None
-            key, pos = decode(text, pos)
-            pos = ws(text, pos).end()
-            if text[pos : pos + 1] != ":":
-                return None
-            members[key], pos = decode(text, ws(text, pos + 1).end())
     except (ValueError, RecursionError):
         return None
+
+
+def _member(text: str, pos: int, members: dict) -> int:
+    """Read the member whose key's opening quote is at ``pos`` into
+    ``members``: where its value ends, or -1 when no member is there.
+    Raises ValueError or RecursionError for what is no JSON."""
+    if text[pos : pos + 1] != '"':
+        return -1
+    key, pos = _DECODER.raw_decode(text, pos)
+    pos = _JSON_WS_RE.match(text, pos).end()
+    if text[pos : pos + 1] != ":":
+        return -1
+    members[key], pos = _DECODER.raw_decode(text, _JSON_WS_RE.match(text, pos + 1).end())
+    return pos
 
 
 def _sibling_tier(before: str) -> object:
@@ -598,7 +606,6 @@ def _sibling_tier(before: str) -> object:
     members from it parse, whole, up to that key: from inside a nested
     value they would have to cross its closing bracket."""
     ws = _JSON_WS_RE.match
-    decode = _DECODER.raw_decode
     goal = len(before)
     key = '"service_tier"'
     at = before.rfind(key)
@@ -610,12 +617,9 @@ def _sibling_tier(before: str) -> object:
             pos = at
             try:
                 while pos < goal:
-                    name, pos = decode(before, pos)
-                    pos = ws(before, pos).end()
-                    if type(name) is not str or before[pos : pos + 1] != ":":
-                        pos = -1  # (not a member)
-                        break
-                    members[name], pos = decode(before, ws(before, pos + 1).end())
+                    pos = _member(before, pos, members)
+                    if pos < 0:
+                        break  # (not a member)
                     pos = ws(before, pos).end()
                     if before[pos : pos + 1] != ",":
                         pos = -1  # (the object's last member, or no member)
