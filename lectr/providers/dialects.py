@@ -144,37 +144,27 @@ def _prefix_text(value: object, room: int, out: list[str]) -> int:
             text = text[:-1]  # (cut: its closing quote is not the serialisation's)
         out.append(text)
         return len(text)
-    if isinstance(value, list):
-        out.append("[")
+    if isinstance(value, list | dict):
+        is_dict = isinstance(value, dict)
+        out.append("{" if is_dict else "[")
         n = 1
-        for i, item in enumerate(value):
+        for i, item in enumerate(value.items() if is_dict else value):
             if n >= room:
                 return n
             if i:
                 out.append(",")
+                n += 1
+            if is_dict:
+                key, item = item
+                n += _prefix_text(key, room - n, out)
+                if n >= room:
+                    return n
+                out.append(":")
                 n += 1
             n += _prefix_text(item, room - n, out)
         if n >= room:
             return n  # (its last item may be cut: no closing bracket)
-        out.append("]")
-        return n + 1
-    if isinstance(value, dict):
-        out.append("{")
-        n = 1
-        for i, (key, item) in enumerate(value.items()):
-            if n >= room:
-                return n
-            if i:
-                out.append(",")
-                n += 1
-            n += _prefix_text(key, room - n, out)
-            if n >= room:
-                return n
-            out.append(":")
-            n += 1 + _prefix_text(item, room - n - 1, out)
-        if n >= room:
-            return n
-        out.append("}")
+        out.append("}" if is_dict else "]")
         return n + 1
     text = _PREFIX_ENCODER.encode(value)  # (a number, true, false, null)
     out.append(text)
