@@ -518,6 +518,7 @@ class LectrService(Service):
         from lectr.policy.route import ResolveRoute
         from lectr.proxy.handler import ProxyHandler
         from lectr.proxy.headers import HeaderPolicy
+        from lectr.proxy.judge import BodyJudge
 
         config = self.config
         auth = Authenticator(ApiKeyStore(c.database), reactor=self._reactor, metrics=c.metrics)
@@ -529,6 +530,10 @@ class LectrService(Service):
             self._reactor, connect_timeout=config.upstream_connect_timeout, metrics=c.metrics
         )
         await self._stack.start(CallbackService("upstream connections", stop=client.close_idle))
+        # Large request bodies are read in a process of their own (stopped
+        # after the proxy port has drained: registered before it)
+        judge = BodyJudge(reactor=self._reactor, metrics=c.metrics)
+        await self._stack.start(CallbackService("body judge", start=judge.start, stop=judge.stop))
         selector = Selector(c.vault, c.health, c.providers)
         # The policy chain, in order (docs/architecture.md, "The policy chain").
         steps = [
@@ -559,6 +564,7 @@ class LectrService(Service):
             origin_factory=Origin.from_url,
             price=c.pricing.price,
             tracing=c.tracing,
+            judge=judge,
         )
 
     def _proxy_site(self, c: Components):

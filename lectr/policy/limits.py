@@ -81,12 +81,13 @@ class Limits:
         # (called by the limiter only when a dollar budget applies)
         def worst() -> int | None:
             read = call.read
-            doc = read.doc
+            facts = read.facts  # (a large body, judged in another process)
+            if facts is None:
+                limit, n = output_limit(read.doc), completions(read.doc)
+            else:
+                limit, n = facts.output_limit, facts.completions
             return self._dearest(
-                call.plan.targets,
-                estimate_prompt_tokens(len(read.body)),
-                output_limit(doc),
-                completions(doc),
+                call.plan.targets, estimate_prompt_tokens(len(read.body)), limit, n
             )
 
         return worst

@@ -154,11 +154,18 @@ def request_affinity(headers, dialect, read) -> bytes | None:
     session = headers.first(b"x-lectr-session")
     if session:
         return b"s:" + session[:SESSION_MAX]
-    doc = read.doc if read is not None else None
-    key = dialect.session_key(doc)
+    facts = read.facts if read is not None else None
+    if facts is not None:  # a large body, judged in another process
+        key = facts.session_key
+    else:
+        doc = read.doc if read is not None else None
+        key = dialect.session_key(doc)
     if key is not None:
         return b"s:" + key.encode("utf-8", "surrogatepass")
-    prefix = dialect.cache_prefix(doc, len(read.body) if read is not None else None)
+    if facts is not None:
+        prefix = facts.cache_prefix
+    else:
+        prefix = dialect.cache_prefix(doc, len(read.body) if read is not None else None)
     return b"p:" + prefix if prefix is not None else None
 
 

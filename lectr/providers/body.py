@@ -91,6 +91,41 @@ _DECODER = json.JSONDecoder()
 _scan_value = make_scanner(_DECODER)
 
 
+@dataclass(slots=True)
+class BodyFacts:
+    """What the policy reads deep inside a JSON body, computed where the
+    body was parsed (see :attr:`ReadBody.facts`)."""
+
+    output_limit: int | None
+    """:func:`lectr.policy.limits.output_limit`"""
+    completions: int
+    """:func:`lectr.policy.limits.completions`"""
+    session_key: str | None
+    """the dialect's :meth:`~lectr.providers.dialects.Dialect.session_key`"""
+    cache_prefix: bytes | None
+    """the dialect's :meth:`~lectr.providers.dialects.Dialect.cache_prefix`"""
+
+
+#: the longest JSON value (characters) a member of JUDGED_MEMBERS may have:
+#: none is ever more than a few dozen, and a body judged in another process
+#: sends these members back as values (lectr.proxy.judge)
+JUDGED_MEMBER_MAX = 64 * 1024
+#: the top-level members of a JSON body Lectr reads itself (the rest is read
+#: through :class:`BodyFacts` when the body was judged in another process)
+JUDGED_MEMBERS = frozenset(
+    (
+        "model",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "best_of",
+    )
+)
+
+
 class BodyRefused(ValueError):
     """The body cannot be judged with certainty (or is malformed for what it
     claims to be). The message is shown to the client."""
@@ -112,6 +147,14 @@ class ReadBody:
     """Where the model's value is in ``body`` (the JSON value with its quotes,
     or a multipart field's bytes), so that a route replaces it without
     re-encoding the rest of the body."""
+    options_span: tuple[int, int] | None = None
+    """Where the top-level ``stream_options`` value is in ``body``, so that
+    the usage request is spliced into it without re-encoding the rest."""
+    facts: BodyFacts | None = None
+    """What the policy reads from a body judged in another process
+    (:mod:`lectr.proxy.judge`), whose ``doc`` then holds only the members
+    Lectr acts on (:data:`JUDGED_MEMBERS`); None when ``doc`` is the whole
+    document and the policy reads the facts from it."""
 
     @property
     def stream(self) -> bool:
@@ -192,8 +235,8 @@ def read_body(content_types: list[bytes] | None, body: bytes) -> ReadBody:
         if body.isspace():
             return ReadBody("empty", None, None, body)
         forwarded = body[3:] if body.startswith(_UTF8_BOM) else body
-        doc, span = parse_json(forwarded)
-        return ReadBody("json", doc, model_of(doc), forwarded, span)
+        doc, span, options = parse_json_spans(forwarded)
+        return ReadBody("json", doc, model_of(doc), forwarded, span, options)
     if mtype == b"application/x-www-form-urlencoded":
         return ReadBody("form", None, form_model(body), body)
     return ReadBody("opaque", None, None, body)
@@ -207,6 +250,16 @@ def parse_json_object(body: bytes) -> dict:
 def parse_json(body: bytes) -> tuple[dict, tuple[int, int] | None]:
     """:func:`parse_json_object`, and where the top-level ``model`` value is
     in ``body`` (byte offsets), so that a route can replace it in place."""
+    doc, span, _ = parse_json_spans(body)
+    return doc, span
+
+
+_Span = tuple[int, int] | None
+
+
+def parse_json_spans(body: bytes) -> tuple[dict, _Span, _Span]:
+    """:func:`parse_json`, and where the top-level ``stream_options`` value
+    is (byte offsets)."""
     if body.startswith(_OTHER_BOMS) or body.startswith(_UTF8_BOM):
         raise BodyRefused("the JSON body must be UTF-8 without a byte-order mark")
     try:
@@ -231,11 +284,13 @@ def parse_json(body: bytes) -> tuple[dict, tuple[int, int] | None]:
         gc.enable()
 
 
-def _parse_object(text: str, idx: int, body: bytes) -> tuple[dict, tuple[int, int] | None]:
-    """:func:`parse_json` of ``text``, the body decoded, whose object opens at ``idx``."""
+def _parse_object(text: str, idx: int, body: bytes) -> tuple[dict, _Span, _Span]:
+    """:func:`parse_json_spans` of ``text``, the body decoded, whose object
+    opens at ``idx``."""
     ws = _JSON_WS.match
     doc: dict = {}
-    span: tuple[int, int] | None = None
+    span: _Span = None
+    options: _Span = None
     # (whitespace is skipped with the regex only where there is some: compact
     # JSON, what SDKs send, has none between tokens)
     try:
@@ -258,6 +313,11 @@ def _parse_object(text: str, idx: int, body: bytes) -> tuple[dict, tuple[int, in
                 value, idx = _scan_value(text, idx)
                 if key in doc:
                     raise BodyRefused(f"the JSON body repeats the key {_shown(key)!r}")
+                if idx - start > JUDGED_MEMBER_MAX and key in JUDGED_MEMBERS:
+                    raise BodyRefused(
+                        f"the JSON body's {key!r} value is longer than "
+                        f"{JUDGED_MEMBER_MAX} characters"
+                    )
                 doc[key] = value
                 if len(doc) > JSON_MEMBERS_MAX:
                     raise BodyRefused(
@@ -265,6 +325,8 @@ def _parse_object(text: str, idx: int, body: bytes) -> tuple[dict, tuple[int, in
                     )
                 if key == "model":
                     span = (start, idx)
+                elif key == "stream_options":
+                    options = (start, idx)
                 c = text[idx : idx + 1]
                 if c in _WS_CHARS:
                     idx = ws(text, idx).end()
@@ -284,11 +346,19 @@ def _parse_object(text: str, idx: int, body: bytes) -> tuple[dict, tuple[int, in
         raise
     except (ValueError, StopIteration, RecursionError, IndexError):
         raise BodyRefused("the request body is not valid JSON") from None
-    if span is not None and len(text) != len(body):  # not ASCII: offsets in bytes
-        start, end = span
-        offset = len(text[:start].encode("utf-8"))
-        span = (offset, offset + len(text[start:end].encode("utf-8")))
-    return doc, span
+    if len(text) != len(body):  # not ASCII: offsets in bytes
+        span = _in_bytes(text, span)
+        options = _in_bytes(text, options)
+    return doc, span, options
+
+
+def _in_bytes(text: str, span: _Span) -> _Span:
+    """A span of ``text`` as offsets in its UTF-8 encoding."""
+    if span is None:
+        return None
+    start, end = span
+    offset = len(text[:start].encode("utf-8"))
+    return offset, offset + len(text[start:end].encode("utf-8"))
 
 
 def _shown(text: str, limit: int = 60) -> str:

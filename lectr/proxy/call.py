@@ -58,6 +58,7 @@ from lectr.providers.body import BodyRefused, read_body
 from lectr.providers.dialects import ERROR_STATUS
 from lectr.proxy.headers import downstream
 from lectr.proxy.ids import new_request_id
+from lectr.proxy.judge import JUDGE_MIN, JudgeUnavailable
 from lectr.proxy.target import error_provider, route, target_problem
 from lectr.tracing import Attempt as TracedAttempt
 from lectr.tracing import RequestSummary
@@ -446,12 +447,40 @@ class Call:
         if self.closed:
             return
         req = self.req
+        judge = self.h.judge
+        if judge is not None and len(req.body) >= JUDGE_MIN:
+            # read in the judge process, off the reactor (lectr.proxy.judge)
+            self.pending = d = judge.judge(
+                req.headers.get(b"content-type"), req.body, self.dialect.name
+            )
+            d.addCallbacks(self.body_read, self.body_unread)
+            return
         try:
-            self.read = read_body(req.headers.get(b"content-type"), req.body)
+            read = read_body(req.headers.get(b"content-type"), req.body)
         except BodyRefused as e:
             self.refuse(400, "invalid_request", f"Malformed request body: {e}")
             return
+        self.body_read(read)
+
+    @guarded
+    def body_read(self, read) -> None:
+        self.pending = None
+        if self.closed:
+            return
+        self.read = read
         run_chain(self.h.steps, self, self.chain_done, self.chain_failed, waiting=self._waiting)
+
+    @guarded
+    def body_unread(self, failure) -> None:
+        self.pending = None
+        if self.closed:
+            return  # (the call ended first, and cancelled the judgment)
+        if failure.check(BodyRefused):
+            self.refuse(400, "invalid_request", f"Malformed request body: {failure.value}")
+        elif failure.check(JudgeUnavailable):
+            self.refuse(503, "unavailable", str(failure.value), ((b"retry-after", b"1"),))
+        else:
+            self.crash(failure)
 
     def _waiting(self, d) -> None:
         """An asynchronous step is running (``d``), or has answered (None);

@@ -50,6 +50,7 @@ class ProxyHandler:
         origin_factory,
         price=None,
         tracing=None,
+        judge=None,
     ) -> None:
         self.reactor = reactor
         self.registry = registry
@@ -69,6 +70,9 @@ class ProxyHandler:
         self.price = price
         #: lectr.tracing.Tracing (a disabled one when traces are off)
         self.tracing = tracing if tracing is not None else Tracing.disabled(reactor=reactor)
+        #: lectr.proxy.judge.BodyJudge: large bodies are read in its process
+        #: (None: every body is read here, on the reactor)
+        self.judge = judge
         self.upstream_metrics = UpstreamMetrics(metrics)
         self.active: set[Call] = set()
         self._draining: Deferred | None = None

@@ -129,8 +129,8 @@ def plan_request(
     :func:`lectr.providers.body.read_body`.
 
     ``model``: the model to send when a route or a ``provider/model`` name
-    chose another one than the body's (the body is then re-serialised, or its
-    multipart field replaced in place). ``inject_usage``: the paths of the
+    chose another one than the body's (its value, or the multipart field,
+    replaced in place). ``inject_usage``: the paths of the
     OpenAI-dialect streams that may be asked for their usage. Raises
     :class:`~lectr.providers.body.BodyRefused` when the model of a body that
     cannot be rewritten (a URL-encoded form) would have to change.
@@ -148,32 +148,55 @@ def plan_request(
             body = body[:start] + send_model.encode("utf-8") + body[end:]
         return RequestPlan(send_model, False, body, False)
     inject = (
-        stream and dialect == "openai" and method == b"POST" and _norm_path(path) in inject_usage
+        stream
+        and dialect == "openai"
+        and method == b"POST"
+        and _norm_path(path) in inject_usage
+        and _asks_usage(doc) is False
     )
-    if rewrite:
-        inject = inject and _asks_usage(doc) is False
-        if read.model_span is None or (inject and "stream_options" in doc):
-            # rare: re-serialise with the model (and the usage request)
-            rewritten = dict(doc)
-            rewritten["model"] = send_model
-            if inject:
-                rewritten["stream_options"] = {
-                    **(doc.get("stream_options") or {}),
-                    "include_usage": True,
-                }
-            return RequestPlan(send_model, stream, _dumps(rewritten), inject)
-        # the one top-level model value replaced in place, every other byte kept
-        start, end = read.model_span
-        body = body[:start] + _json_string(send_model) + body[end:]
-        if inject:  # the member spliced in after the opening brace (before the model)
-            brace = body.index(b"{")
-            body = body[: brace + 1] + INCLUDE_USAGE_MEMBER + body[brace + 1 :]
-        return RequestPlan(send_model, stream, body, inject)
+    if rewrite or inject:
+        body = _spliced(read, send_model if rewrite else None, inject)
+    return RequestPlan(send_model, stream, body, inject)
+
+
+def _spliced(read: ReadBody, model: str | None, inject: bool) -> bytes:
+    """A JSON body with its model replaced (``model``, when not None) and a
+    final usage chunk asked for (``inject``), every other byte as the client
+    sent it: the top-level ``model`` and ``stream_options`` values are
+    replaced where they are (:attr:`ReadBody.model_span`,
+    :attr:`ReadBody.options_span`), or spliced in as members right after the
+    object's opening brace. (Never the whole body re-serialised: a large
+    body's document may not even be here, see :mod:`lectr.proxy.judge`.)"""
+    body = read.body
+    edits: list[tuple[int, int, bytes]] = []
+    members: list[bytes] = []
+    if model is not None:
+        if read.model_span is not None:
+            edits.append((*read.model_span, _json_string(model)))
+        else:
+            members.append(b'"model":' + _json_string(model))
     if inject:
-        new_body = _with_include_usage(body, doc)
-        if new_body is not None:
-            return RequestPlan(send_model, True, new_body, True)
-    return RequestPlan(send_model, stream, body, False)
+        if read.options_span is not None:
+            options = read.doc.get("stream_options") if read.doc is not None else None
+            asked = {**options, "include_usage": True} if isinstance(options, dict) else _ASKED
+            edits.append((*read.options_span, _dumps(asked)))
+        else:
+            members.append(INCLUDE_USAGE_MEMBER[:-1])
+    for start, end, data in sorted(edits, reverse=True):
+        body = body[:start] + data + body[end:]
+    if members:
+        # (read_body forwards no byte-order mark and only JSON whitespace
+        # before the brace)
+        brace = body.index(b"{")
+        after = _JSON_WS_BYTES.match(body, brace + 1).end()
+        if body[after : after + 1] != b"}":  # not an empty object: a comma before the next member
+            members.append(b"")
+        body = body[: brace + 1] + b",".join(members) + body[brace + 1 :]
+    return body
+
+
+_ASKED = {"include_usage": True}
+_JSON_WS_BYTES = re.compile(rb"[ \t\n\r]*")
 
 
 def _dumps(doc) -> bytes:
@@ -197,25 +220,6 @@ def _asks_usage(doc: dict) -> bool | None:
     if isinstance(options, dict):
         return options.get("include_usage") is True
     return None
-
-
-def _with_include_usage(body: bytes, doc: dict) -> bytes | None:
-    """The body asking for a final usage chunk, or None when it already does
-    (or when ``stream_options`` is something the provider will refuse
-    anyway: then the body goes up untouched)."""
-    if _asks_usage(doc) is not False:
-        return None
-    if "stream_options" not in doc:
-        # The cheap, exact path: splice the member in right after the
-        # object's opening brace. The object is not empty (it has "stream"),
-        # so the trailing comma is right, and nothing the client sent changes.
-        # (read_body forwards no byte-order mark and only JSON whitespace
-        # before the brace.)
-        start = body.index(b"{")
-        return body[: start + 1] + INCLUDE_USAGE_MEMBER + body[start + 1 :]
-    rewritten = dict(doc)
-    rewritten["stream_options"] = {**(doc.get("stream_options") or {}), "include_usage": True}
-    return _dumps(rewritten)
 
 
 # --- usage objects ----------------------------------------------------------------

@@ -1,0 +1,488 @@
+"""Large request bodies judged in another process.
+
+The proxy and the admin API share one reactor thread, so whatever one
+request costs in one turn, every other request waits for. Judging a body
+(:func:`lectr.providers.body.read_body`: one strict JSON reading, the model,
+duplicate keys; then what the policy reads deep inside it, the prompt-cache
+prefix and the output limits) is CPython's C scanner over the whole body in
+one call, and a thread would not help: the scanner holds the GIL for a whole
+value. A body of millions of small tokens costs it 35-90 ms per MiB, with
+the collections and the freeing of its objects: about 1.5 s of one turn for
+a 32 MiB body (``LECTR_MAX_BODY_BYTES``' default).
+
+So a body of at least :data:`JUDGE_MIN` bytes is judged by a judge process
+(``python -m lectr.proxy.judge``, one per Lectr process, started with it and
+restarted when it dies), and only what the policy reads comes back: the
+kind, the model, where the ``model`` and ``stream_options`` values are in
+the body (so that a route or the usage request splices them without
+re-encoding the rest), the few top-level members Lectr acts on
+(:data:`~lectr.providers.body.JUDGED_MEMBERS`) and
+:class:`~lectr.providers.body.BodyFacts`. The body itself never comes back:
+the proxy forwards the bytes it holds. The judge runs the very code the
+proxy runs on smaller bodies, so a body is refused, or read, the same way
+whatever its size (tested against each other on generated bodies).
+
+Bodies wait in one queue, at most :data:`QUEUE_MAX` of them; beyond it, or
+when no judge process can be had (it died and is restarting, it took more
+than :data:`JUDGE_TIMEOUT` and was killed), the request gets a 503 in the
+provider's format, never a body Lectr could not judge. The judge's
+environment holds no secret (no ``LECTR_*`` variable), and what it reports
+of a failure is an exception's class and where it was raised, never a
+message (one could quote the body).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import signal
+import struct
+import sys
+import traceback
+from collections import deque
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from lectr.providers.body import (
+    JUDGED_MEMBERS,
+    BodyFacts,
+    BodyRefused,
+    ReadBody,
+    read_body,
+)
+
+#: bodies at least this large are judged by the judge process: below it, a
+#: body costs the reactor at most a few milliseconds, less than the trip
+JUDGE_MIN = 256 * 1024
+#: seconds a body may wait for its judgment, queue included; a judge process
+#: still working on it then is killed (and restarted)
+JUDGE_TIMEOUT = 30.0
+#: bodies waiting for a judge process at most; beyond, 503
+QUEUE_MAX = 64
+#: the judge's pipe buffers, asked of the kernel (default 64 KiB): fewer
+#: writes and reactor turns to hand over a large body
+PIPE_BYTES = 1024 * 1024
+# restart delays of a judge process that keeps dying (reset by an answer)
+_RESTART_FIRST = 0.1
+_RESTART_MAX = 10.0
+
+_HEAD = struct.Struct(">II")  # to the judge: header length, body length
+_LENGTH = struct.Struct(">I")  # from the judge: answer length
+_F_SETPIPE_SZ = 1031  # Linux
+
+
+class JudgeUnavailable(Exception):
+    """No judge process could read the body (too many bodies wait, the
+    process died or took too long, Lectr is stopping). The message is shown
+    to the client."""
+
+
+# --- the judge process ------------------------------------------------------------
+
+
+def judge(content_types: list[bytes] | None, body: bytes, dialect: str) -> tuple:
+    """:func:`~lectr.providers.body.read_body` of ``body``, and what the
+    policy reads of it: the answer the judge process sends back, without the
+    body (see :func:`read_from`). Raises
+    :class:`~lectr.providers.body.BodyRefused` as ``read_body`` does."""
+    from lectr.policy.limits import completions, output_limit
+    from lectr.providers.dialects import DIALECTS
+
+    read = read_body(content_types, body)
+    doc = read.doc
+    kept = None
+    facts = None
+    if doc is not None:
+        # (each at most JUDGED_MEMBER_MAX long: read_body refuses longer ones)
+        kept = {key: value for key, value in doc.items() if key in JUDGED_MEMBERS}
+        d = DIALECTS[dialect]
+        facts = (
+            output_limit(doc),
+            completions(doc),
+            d.session_key(doc),
+            d.cache_prefix(doc, len(read.body)),
+        )
+    return (
+        read.kind,
+        kept,
+        read.model,
+        len(body) - len(read.body),  # a UTF-8 byte-order mark removed
+        read.model_span,
+        read.options_span,
+        facts,
+    )
+
+
+def read_from(answer: tuple, body: bytes) -> ReadBody:
+    """The :class:`~lectr.providers.body.ReadBody` of ``body`` from a
+    :func:`judge` answer."""
+    kind, kept, model, skipped, model_span, options_span, facts = answer
+    return ReadBody(
+        kind,
+        kept,
+        model,
+        body[skipped:] if skipped else body,
+        model_span,
+        options_span,
+        BodyFacts(*facts) if facts is not None else None,
+    )
+
+
+def _where(exc: BaseException) -> str:
+    """An exception's class and where it was raised, never its message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = frames[-1] if frames else None
+    place = f" at {os.path.basename(at.filename)}:{at.lineno} in {at.name}" if at else ""
+    return f"{type(exc).__name__}{place}"
+
+
+def main() -> None:
+    """The judge process: bodies in on stdin, answers out on stdout, until
+    stdin closes."""
+    gc.disable()  # JSON makes no cycles, and nothing else runs here
+    # Lectr ends this process (it closes the pipe, or kills it), not a
+    # terminal's ^C or a SIGTERM sent to the whole process group: bodies in
+    # flight while Lectr drains are still judged
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stdin = sys.stdin.buffer
+    stdout = sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the answers
+    while True:
+        head = stdin.read(_HEAD.size)
+        if len(head) < _HEAD.size:
+            return  # Lectr closed the pipe: stopping
+        header_length, body_length = _HEAD.unpack(head)
+        header = stdin.read(header_length)
+        body = stdin.read(body_length)
+        if len(header) < header_length or len(body) < body_length:
+            return
+        dialect, content_types = pickle.loads(header)
+        try:
+            answer: tuple = ("ok", judge(content_types, body, dialect))
+        except BodyRefused as e:
+            answer = ("refused", str(e))
+        except MemoryError:
+            answer = ("refused", "the body is too large to be judged")
+        except Exception as e:
+            answer = ("error", _where(e))
+        del body
+        data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.write(_LENGTH.pack(len(data)) + data)
+        stdout.flush()
+
+
+# --- Lectr's side -----------------------------------------------------------------
+
+
+class _Job:
+    __slots__ = ("body", "frame", "d", "timer", "judge")
+
+    def __init__(self, body: bytes, frame: bytes, d: Deferred) -> None:
+        self.body = body
+        self.frame = frame
+        self.d = d
+        self.timer = None
+        self.judge: _JudgeProcess | None = None
+
+
+class _JudgeProcess(ProcessProtocol):
+    def __init__(self, pool: BodyJudge) -> None:
+        self.pool = pool
+        self.job: _Job | None = None
+        self.ready = False
+        self.killed = False  # by the pool (a timeout): restarted at once
+        self.ended = Deferred()
+        self._answers = bytearray()
+        self._errors = b""
+
+    def connectionMade(self) -> None:
+        for fd in (0, 1):
+            pipe = getattr(self.transport, "pipes", {}).get(fd)
+            if pipe is not None:
+                try:
+                    import fcntl
+
+                    fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
+                except (OSError, ImportError):
+                    pass  # (another system, or the limit of /proc/sys/fs/pipe-max-size)
+        self.ready = True
+        self.pool._dispatch()
+
+    def outReceived(self, data: bytes) -> None:
+        buf = self._answers
+        buf += data
+        while len(buf) >= _LENGTH.size:
+            (n,) = _LENGTH.unpack_from(buf)
+            if len(buf) < _LENGTH.size + n:
+                return
+            answer = pickle.loads(bytes(buf[_LENGTH.size : _LENGTH.size + n]))
+            del buf[: _LENGTH.size + n]
+            self.pool._answered(self, answer)
+
+    def errReceived(self, data: bytes) -> None:
+        # (what the interpreter itself says, e.g. an import failing at start)
+        self._errors = (self._errors + data)[-4096:]
+        *lines, self._errors = self._errors.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.pool.log.warn(
+                    "body judge: {line}", line=line[:1000].decode("utf-8", "replace")
+                )
+
+    def processEnded(self, reason) -> None:
+        self.ready = False
+        self.pool._ended(self, reason)
+        self.ended.callback(None)
+
+
+class BodyJudge:
+    """The judge processes of one Lectr process, and the bodies waiting for
+    them. :meth:`judge` a body; :meth:`start` and :meth:`stop` with the
+    service."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        reactor,
+        processes: int = 1,
+        timeout: float = JUDGE_TIMEOUT,
+        queue_max: int = QUEUE_MAX,
+        executable: str | None = None,
+        metrics=None,
+    ) -> None:
+        self._reactor = reactor
+        self._processes = processes
+        self._timeout = timeout
+        self._queue_max = queue_max
+        self._executable = executable or sys.executable
+        self._judges: list[_JudgeProcess] = []
+        self._queue: deque[_Job] = deque()
+        self._stopping = False
+        self._delay = _RESTART_FIRST
+        self._restarts: list = []
+        self.m_bodies = None
+        if metrics is not None:
+            self.m_bodies = metrics.counter(
+                "lectr_proxy_bodies_judged_total",
+                "Request bodies judged in the judge process, by outcome",
+                ["outcome"],
+            )
+            metrics.callback_gauge(
+                "lectr_proxy_bodies_waiting",
+                "Request bodies waiting for the judge process",
+                lambda: len(self._queue),
+            )
+
+    # --- the service --------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self._processes):
+            self._spawn()
+
+    def stop(self) -> Deferred:
+        """Fail the bodies still waiting, close the judges' input (they exit)
+        and wait for them; a judge still alive after 5 s is killed."""
+        self._stopping = True
+        for call in self._restarts:
+            if call.active():
+                call.cancel()
+        while self._queue:
+            self._fail(self._queue.popleft(), "The gateway is shutting down; retry.")
+        ended = []
+        for j in list(self._judges):
+            ended.append(j.ended)
+            if j.job is not None:
+                self._fail(j.job, "The gateway is shutting down; retry.")
+            j.transport.closeStdin()
+            kill = self._reactor.callLater(5.0, self._kill, j)
+            j.ended.addBoth(lambda _, kill=kill: kill.cancel() if kill.active() else None)
+        return gatherResults(ended).addCallback(lambda _: None)
+
+    # --- judging ------------------------------------------------------------------
+
+    def judge(self, content_types: list[bytes] | None, body: bytes, dialect: str) -> Deferred:
+        """A Deferred of the body's :class:`~lectr.providers.body.ReadBody`;
+        it fails with :class:`~lectr.providers.body.BodyRefused` (400),
+        :class:`JudgeUnavailable` (503) or, for a fault in the judge, a
+        RuntimeError. Cancelling it forgets the body."""
+        job: _Job
+
+        def cancel(_: Deferred) -> None:
+            self._forget(job)
+
+        d: Deferred = Deferred(cancel)
+        if self._stopping:
+            d.errback(JudgeUnavailable("The gateway is shutting down; retry."))
+            return d
+        if len(self._queue) >= self._queue_max:
+            self._count("busy")
+            d.errback(
+                JudgeUnavailable(
+                    "Too many large request bodies are waiting to be read; retry shortly."
+                )
+            )
+            return d
+        header = pickle.dumps((dialect, content_types), protocol=pickle.HIGHEST_PROTOCOL)
+        job = _Job(body, _HEAD.pack(len(header), len(body)) + header, d)
+        job.timer = self._reactor.callLater(self._timeout, self._timed_out, job)
+        self._queue.append(job)
+        self._dispatch()
+        return d
+
+    def _dispatch(self) -> None:
+        for j in self._judges:
+            if not self._queue:
+                return
+            if j.ready and j.job is None:
+                job = self._queue.popleft()
+                job.judge = j
+                j.job = job
+                j.transport.writeSequence((job.frame, job.body))
+
+    def _answered(self, j: _JudgeProcess, answer: tuple) -> None:
+        job, j.job = j.job, None
+        self._delay = _RESTART_FIRST  # it works
+        if job is not None:
+            body = job.body
+            self._settle(job)
+        if job is not None and not job.d.called:
+            outcome, value = answer
+            if outcome == "ok":
+                self._count("read")
+                job.d.callback(read_from(value, body))
+            elif outcome == "refused":
+                self._count("refused")
+                job.d.errback(BodyRefused(value))
+            else:
+                self._count("error")
+                job.d.errback(RuntimeError(f"the body judge failed: {value}"))
+        self._dispatch()
+
+    def _forget(self, job: _Job) -> None:
+        """The request ended first: its body is not judged, or its answer is
+        dropped (its judge is still killed if it has none in time: nothing
+        else would end a judge stuck on it)."""
+        if job.judge is None:
+            self._settle(job)
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                pass
+        else:
+            job.body = b""  # (not held by a judge that is still reading it)
+
+    def _settle(self, job: _Job) -> None:
+        if job.timer is not None and job.timer.active():
+            job.timer.cancel()
+        job.timer = None
+        job.body = b""  # (not held by a judge that is still reading it)
+
+    def _timed_out(self, job: _Job) -> None:
+        job.timer = None
+        j = job.judge
+        if j is None:
+            self._queue.remove(job)
+        else:
+            self.log.warn(
+                "body judge: no answer in {timeout:.0f}s; the process is restarted",
+                timeout=self._timeout,
+            )
+            self._kill(j)
+        self._count("timeout")
+        self._fail(job, "A large request body could not be read in time; retry shortly.")
+
+    def _fail(self, job: _Job, message: str) -> None:
+        self._settle(job)
+        if not job.d.called:
+            job.d.errback(JudgeUnavailable(message))
+
+    def _count(self, outcome: str) -> None:
+        if self.m_bodies is not None:
+            self.m_bodies.inc(1, outcome)
+
+    # --- the processes --------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        j = _JudgeProcess(self)
+        self._judges.append(j)  # (before: connectionMade dispatches to it)
+        try:
+            self._reactor.spawnProcess(
+                j,
+                self._executable,
+                [self._executable, "-m", "lectr.proxy.judge"],
+                env=_environment(),
+                childFDs={0: "w", 1: "r", 2: "r"},
+            )
+        except OSError as e:
+            # (fork or exec refused: memory, the process limit) retried
+            self.log.warn(
+                "cannot start the body judge ({error}); retrying in {delay:.1f}s",
+                error=e.strerror or type(e).__name__,
+                delay=self._delay,
+            )
+            self._judges.remove(j)
+            self._restart_later()
+
+    def _ended(self, j: _JudgeProcess, reason) -> None:
+        if j in self._judges:
+            self._judges.remove(j)
+        job, j.job = j.job, None
+        if job is not None:
+            self._settle(job)
+        if job is not None and not job.d.called:
+            self._count("died")
+            self._fail(job, "A large request body could not be read; retry shortly.")
+        if self._stopping:
+            return
+        if j.killed:
+            # a body it was stuck on, not a process that cannot start: no backoff
+            self._delay = _RESTART_FIRST
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        self.log.warn(
+            "body judge exited (status {code}, signal {sig}); restarting in {delay:.1f}s",
+            code=code,
+            sig=sig,
+            delay=self._delay,
+        )
+        self._restart_later()
+
+    def _restart_later(self) -> None:
+        delay, self._delay = self._delay, min(self._delay * 2, _RESTART_MAX)
+        self._restarts = [c for c in self._restarts if c.active()]
+        self._restarts.append(self._reactor.callLater(delay, self._restart))
+
+    def _restart(self) -> None:
+        if not self._stopping and len(self._judges) < self._processes:
+            self._spawn()
+
+    def _kill(self, j: _JudgeProcess) -> None:
+        j.ready = False  # (an answer read before its end must not bring it a body)
+        j.killed = True
+        try:
+            j.transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+
+
+def _environment() -> dict[str, str]:
+    """The judge's environment: where Python finds Lectr, and the locale;
+    no ``LECTR_*`` variable (the master key may be one)."""
+    import lectr
+
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "LC_CTYPE")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lectr.__file__)))
+    path = os.environ.get("PYTHONPATH")
+    env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
+    return env
+
+
+if __name__ == "__main__":
+    main()
