@@ -145,7 +145,7 @@ def plan_request(
             if read.model_span is None:
                 raise BodyRefused("the model of this request cannot be rewritten")
             start, end = read.model_span
-            body = body[:start] + send_model.encode("utf-8") + body[end:]
+            body = _splice(body, [(start, end, send_model.encode("utf-8"))])
         return RequestPlan(send_model, False, body, False)
     inject = (
         stream
@@ -182,17 +182,34 @@ def _spliced(read: ReadBody, model: str | None, inject: bool) -> bytes:
             edits.append((*read.options_span, _dumps(asked)))
         else:
             members.append(INCLUDE_USAGE_MEMBER[:-1])
-    for start, end, data in sorted(edits, reverse=True):
-        body = body[:start] + data + body[end:]
     if members:
-        # (read_body forwards no byte-order mark and only JSON whitespace
-        # before the brace)
-        brace = body.index(b"{")
-        after = _JSON_WS_BYTES.match(body, brace + 1).end()
-        if body[after : after + 1] != b"}":  # not an empty object: a comma before the next member
-            members.append(b"")
-        body = body[: brace + 1] + b",".join(members) + body[brace + 1 :]
-    return body
+        # right after the brace, before any value replaced (read_body
+        # forwards no byte-order mark and only JSON whitespace before it)
+        brace = body.index(b"{") + 1
+        after = _JSON_WS_BYTES.match(body, brace).end()
+        if body[after : after + 1] != b"}":
+            members.append(b"")  # not an empty object: a comma before the next member
+        edits.append((brace, brace, b",".join(members)))
+    if len(edits) > 1:
+        edits.sort()
+    return _splice(body, edits)
+
+
+def _splice(body: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """``body`` with each ``(start, end, data)`` of ``edits`` (in order, not
+    overlapping) in place of its bytes ``start:end``, copied once (slices of
+    a memoryview: a 15 MiB body spliced by concatenating slices was three
+    copies, ~14 ms of the reactor)."""
+    # (below 64 KiB slicing the bytes is cheaper than making the view)
+    view = memoryview(body) if len(body) > 65536 else body
+    pieces: list = []
+    at = 0
+    for start, end, data in edits:
+        pieces.append(view[at:start])
+        pieces.append(data)
+        at = end
+    pieces.append(view[at:])
+    return b"".join(pieces)
 
 
 _ASKED = {"include_usage": True}
