@@ -16,8 +16,9 @@ bytes it could not judge:
   byte-order mark, is ``{`` or ``[``), must be strict JSON: UTF-8 without a
   byte-order mark (a UTF-8 BOM is removed: the bytes forwarded are the bytes
   judged), RFC 8259 syntax, a top-level object without duplicate keys and
-  with at most ``JSON_MEMBERS_MAX`` members, and a ``model`` that is a
-  string of printable text;
+  with at most ``JSON_MEMBERS_MAX`` members, a ``model`` that is a string
+  of printable text, and the members Lectr acts on (``JUDGED_MEMBERS``) at
+  most ``JUDGED_MEMBER_MAX`` characters of JSON each;
 - ``multipart/form-data`` must parse strictly (CRLF lines, one boundary,
   ``form-data`` parts with a plain ``name``; at most ``MULTIPART_PARTS_MAX``
   parts and ``MULTIPART_HEADS_MAX`` bytes of part headers), with at most
