@@ -21,6 +21,7 @@ from lectr.metrics import Registry
 from lectr.policy.limits import Limits as LimitsStep
 from lectr.pricing.cost import cost_of, estimate_prompt_tokens
 from lectr.pricing.manager import PricingManager
+from lectr.providers.body import read_body
 from lectr.usage.model import Usage
 from tests.support.limits import admitted, usd
 from tests.test_limits_limiter import answer, limiter
@@ -127,7 +128,7 @@ def _reserved_by_the_step(doc: dict) -> int:
     call = SimpleNamespace(
         ident=SimpleNamespace(org_id="org", key_id="key"),
         dry_run=False,
-        read=SimpleNamespace(body=body, doc=doc),
+        read=read_body([b"application/json"], body),
         plan=SimpleNamespace(targets=[_Target("openai", "gpt-4o")]),
         admission=None,
     )
