@@ -11,7 +11,6 @@ No timing assertion: timeouts here are hang guards only."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import pickle
@@ -21,7 +20,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 import pytest_twisted
@@ -30,7 +28,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from lectr.metrics import Registry
@@ -56,6 +53,7 @@ from lectr.proxy.judge import (
 from lectr.usage.meters import plan_request
 from tests.support.fake_provider import ANTHROPIC_KEY, OPENAI_KEY, FakeProviderServer
 from tests.support.lectr_service import admin_url, proxy_url, start_lectr
+from tests.support.waiting import eventually, sleep
 
 JSON = [b"application/json"]
 HANG = 30.0  # seconds: a hang guard, never a measure
@@ -63,23 +61,6 @@ ADMIN = {"authorization": ["Bearer test-admin-token-0123456789"]}
 
 
 # --- helpers ----------------------------------------------------------------------
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds)
-
-
-async def eventually(predicate, timeout: float = HANG, step: float = 0.005) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await sleep(step)
 
 
 async def outcome_of(d: Deferred, timeout: float = HANG):

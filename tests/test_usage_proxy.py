@@ -5,7 +5,6 @@ a PostgreSQL outage during a burst loses and duplicates nothing."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from io import BytesIO
@@ -17,7 +16,6 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
@@ -34,6 +32,7 @@ from tests.support.fake_provider import (
 from tests.support.lectr_service import admin_url, proxy_url, start_lectr
 from tests.support.process import new_master_key
 from tests.support.tcp_forward import TcpForwarder
+from tests.support.waiting import eventually, sleep
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGE = {
@@ -42,23 +41,6 @@ MESSAGE = {
     "messages": [{"role": "user", "content": "hi"}],
 }
 ANTHROPIC_HEADERS = {"anthropic-version": ["2023-06-01"]}
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds)
-
-
-async def eventually(predicate, timeout: float = 10.0, step: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await sleep(step)
 
 
 class Gateway:
