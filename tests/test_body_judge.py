@@ -12,8 +12,8 @@ No timing assertion: timeouts here are hang guards only."""
 from __future__ import annotations
 
 import json
+import marshal
 import os
-import pickle
 import re
 import resource
 import signal
@@ -204,15 +204,18 @@ def duplicate_model_body(size: int = JUDGE_MIN + 8192) -> bytes:
 
 def frame(dialect: str, content_types, body: bytes) -> bytes:
     """One body as Lectr hands it to a judge process."""
-    header = pickle.dumps((dialect, content_types))
+    header = marshal.dumps((dialect, content_types))
     return struct.pack(">II", len(header), len(body)) + header + body
 
 
 def answers(data: bytes) -> list:
+    """A judge process's answers, after the empty one that says it is up."""
+    assert data[:4] == b"\0\0\0\0"
+    data = data[4:]
     out = []
     while data:
         (n,) = struct.unpack_from(">I", data)
-        out.append(pickle.loads(data[4 : 4 + n]))
+        out.append(marshal.loads(data[4 : 4 + n]))
         data = data[4 + n :]
     return out
 
@@ -234,12 +237,14 @@ async def make_pool():
     metrics registry: ``pool.metrics``), stopped after the test."""
     pools: list[BodyJudge] = []
 
-    def make(**options) -> BodyJudge:
+    async def make(**options) -> BodyJudge:
         metrics = Registry()
         pool = BodyJudge(reactor=reactor, metrics=metrics, **options)
         pool.metrics = metrics
         pool.start()
         pools.append(pool)
+        # (each process says when it is up: bodies wait for that)
+        await eventually(lambda: pool._judges and all(j.ready for j in pool._judges))
         return pool
 
     yield make
@@ -303,7 +308,7 @@ LARGE_BODIES = {
 
 @pytest_twisted.ensureDeferred
 async def test_a_large_body_judged_by_the_pool_equals_the_inline_reading(make_pool):
-    pool = make_pool()
+    pool = await make_pool()
     for name, (dialect, content_types, body) in LARGE_BODIES.items():
         assert len(body) >= JUDGE_MIN, name
         got = await judged(pool.judge(content_types, body, dialect))
@@ -346,7 +351,7 @@ async def test_a_large_body_judged_by_the_pool_equals_the_inline_reading(make_po
 
 @pytest_twisted.ensureDeferred
 async def test_a_body_with_a_byte_order_mark_is_read_without_it(make_pool):
-    pool = make_pool()
+    pool = await make_pool()
     plain = openai_body()
     body = b"\xef\xbb\xbf" + plain
     got = await judged(pool.judge(JSON, body, "openai"))
@@ -371,7 +376,7 @@ def inline_refusal(body: bytes) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_refused_bodies_are_refused_with_the_inline_message(make_pool):
-    pool = make_pool()
+    pool = await make_pool()
     duplicate = duplicate_model_body()
     await assert_refused(pool, duplicate, inline_refusal(duplicate))
     assert "repeats the key 'model'" in inline_refusal(duplicate)
@@ -452,7 +457,7 @@ def test_generated_bodies_judged_equal_the_inline_reading(
             judge(JSON, body, dialect)
         assert str(refused.value) == str(e)
         return
-    answer = pickle.loads(pickle.dumps(judge(JSON, body, dialect)))  # (as it travels)
+    answer = marshal.loads(marshal.dumps(judge(JSON, body, dialect)))  # (as it travels)
     assert read_from(answer, body) == expected
 
 
@@ -461,7 +466,7 @@ def test_generated_bodies_judged_equal_the_inline_reading(
 
 @pytest_twisted.ensureDeferred
 async def test_a_judge_killed_with_a_body_fails_it_and_is_restarted(make_pool):
-    pool = make_pool()
+    pool = await make_pool()
     j = the_judge(pool)
     first = j.transport.pid
     pause(j)  # it cannot answer: the body is its, unanswered
@@ -481,7 +486,7 @@ async def test_a_judge_killed_with_a_body_fails_it_and_is_restarted(make_pool):
 
 @pytest_twisted.ensureDeferred
 async def test_a_judge_killed_while_judging_fails_the_body_and_is_restarted(make_pool):
-    pool = make_pool()
+    pool = await make_pool()
     j = the_judge(pool)
     pid = j.transport.pid
     # warm up (the judge imports the policy's modules on its first body),
@@ -504,7 +509,7 @@ async def test_a_judge_killed_while_judging_fails_the_body_and_is_restarted(make
 
 @pytest_twisted.ensureDeferred
 async def test_a_judge_too_slow_is_killed_and_restarted(make_pool):
-    pool = make_pool(timeout=1.0)
+    pool = await make_pool(timeout=1.0)
     j = the_judge(pool)
     pid = j.transport.pid
     pause(j)
@@ -528,7 +533,7 @@ async def test_a_judge_too_slow_is_killed_and_restarted(make_pool):
 
 @pytest_twisted.ensureDeferred
 async def test_a_body_waiting_too_long_in_the_queue_fails_and_leaves_the_queue(make_pool):
-    pool = make_pool(timeout=1.0)
+    pool = await make_pool(timeout=1.0)
     j = the_judge(pool)
     pause(j)
     running = pool.judge(JSON, openai_body(model="a"), "openai")
@@ -550,7 +555,7 @@ async def test_a_stuck_judge_whose_body_was_cancelled_is_still_killed_in_time(ma
     """The request of the body a judge is stuck on went away (its client
     timed out): the judge is killed at that body's deadline all the same,
     or every later large body would wait behind it, and fail, forever."""
-    pool = make_pool(timeout=1.0)
+    pool = await make_pool(timeout=1.0)
     j = the_judge(pool)
     pid = j.transport.pid
     pause(j)  # stuck
@@ -567,7 +572,7 @@ async def test_a_stuck_judge_whose_body_was_cancelled_is_still_killed_in_time(ma
 
 @pytest_twisted.ensureDeferred
 async def test_a_cancelled_body_answered_in_time_leaves_no_timer_behind(make_pool):
-    pool = make_pool(timeout=1.0)
+    pool = await make_pool(timeout=1.0)
     j = the_judge(pool)
     pid = j.transport.pid
     pause(j)
@@ -584,7 +589,7 @@ async def test_a_cancelled_body_answered_in_time_leaves_no_timer_behind(make_poo
 
 @pytest_twisted.ensureDeferred
 async def test_beyond_the_queue_bound_a_body_fails_at_once(make_pool):
-    pool = make_pool(queue_max=1)
+    pool = await make_pool(queue_max=1)
     j = the_judge(pool)
     pause(j)
     a = openai_body(model="model-a")
@@ -605,7 +610,7 @@ async def test_beyond_the_queue_bound_a_body_fails_at_once(make_pool):
 
 @pytest_twisted.ensureDeferred
 async def test_cancelled_bodies_are_forgotten_and_answers_never_shift(make_pool):
-    pool = make_pool()
+    pool = await make_pool()
     j = the_judge(pool)
     pause(j)
     bodies = {
@@ -639,7 +644,7 @@ async def test_cancelled_bodies_are_forgotten_and_answers_never_shift(make_pool)
 
 @pytest_twisted.ensureDeferred
 async def test_stop_fails_the_waiting_bodies_and_the_judges_exit(make_pool):
-    pool = make_pool(processes=2)
+    pool = await make_pool(processes=2)
     judges = list(pool._judges)
     assert len(judges) == 2
     for j in judges:
@@ -669,7 +674,7 @@ async def test_stop_fails_the_waiting_bodies_and_the_judges_exit(make_pool):
 
 @pytest_twisted.ensureDeferred
 async def test_stop_kills_a_judge_that_does_not_exit(make_pool):
-    pool = make_pool()
+    pool = await make_pool()
     j = the_judge(pool)
     pause(j)  # it never reads the end of its input
     d = pool.judge(JSON, openai_body(), "openai")
@@ -690,7 +695,7 @@ async def test_the_judge_environment_holds_no_secret(make_pool, monkeypatch):
     }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
-    pool = make_pool()
+    pool = await make_pool()
     j = the_judge(pool)
     with open(f"/proc/{j.transport.pid}/environ", "rb") as f:
         raw = f.read()
@@ -699,14 +704,14 @@ async def test_the_judge_environment_holds_no_secret(make_pool, monkeypatch):
     assert "ENCRYPTION_KEY" not in names and "DATABASE_URL" not in names
     for value in secrets.values():
         assert value.encode() not in raw
-    assert names <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH"}
+    assert names <= judge_module._PASSED | {"PYTHONPATH"}
     body = openai_body()  # and it still finds Lectr
     assert await judged(pool.judge(JSON, body, "openai")) == expected_read(JSON, body, "openai")
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_fault_in_the_judge_names_its_class_and_place_never_its_message(make_pool):
-    pool = make_pool()
+    pool = await make_pool()
     secret = "dialect-named-like-a-secret-0123"
     with pytest.raises(RuntimeError) as fault:
         await judged(pool.judge(JSON, openai_body(), secret))
@@ -825,6 +830,8 @@ async def gw(db_url, tmp_path):
         await c.vault.add_key(org.id, "openai", OPENAI_KEY, name="main")
         await c.vault.add_key(org.id, "anthropic", ANTHROPIC_KEY, name="main")
         fake.resource.reset()
+        judges = c.proxy.judge._judges
+        await eventually(lambda: judges and all(j.ready for j in judges))
         yield Gateway(service, fake, org, issued.plaintext.reveal())
     finally:
         judge_pool = c.proxy.judge if c.proxy is not None else None
@@ -974,3 +981,79 @@ async def test_a_client_gone_while_its_body_is_judged_does_not_shift_the_next_an
     assert seen.json()["messages"] == json.loads(body)["messages"]
     assert seen.json()["model"] == "gpt-4o-mini"
     assert the_judge(judge_pool) is j  # (answered in time: nothing was killed)
+
+
+# --- after the second review --------------------------------------------------------------------
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_nested_hundreds_deep_is_judged_as_here_and_the_judge_lives_on(make_pool):
+    """A kept member nested 600 deep (``n``: ignored, not an int) crashed the
+    judge when its answer was pickled (two recursion levels a level): every
+    large body of every tenant then waited for the restart, for one small
+    request. The answer is marshalled now, and one body never ends it."""
+    pool = await make_pool()
+    pid = the_judge(pool).transport.pid
+    for key in ("n", "stream", "max_tokens", "stream_options"):
+        body = json.dumps(openai_doc(**{key: nested(600)})).encode()
+        got = await judged(pool.judge(JSON, body, "openai"))
+        assert got == expected_read(JSON, body, "openai")
+        assert got.doc[key] == nested(600)
+    assert the_judge(pool).transport.pid == pid
+    assert counted(pool, "died") == 0 and counted(pool, "error") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_out_of_time_does_not_kill_a_judge_still_within_its_own(make_pool):
+    """The request's deadline counts its wait in the queue; the judge's, its
+    time on the body alone. A body handed over late (after a long queue)
+    whose request gives up is not a stuck judge: killing it threw away its
+    work and the next body's, one after another, under load."""
+    pool = await make_pool(timeout=1.0)
+    j = the_judge(pool)
+    pid = j.transport.pid
+    pause(j)
+    d = pool.judge(JSON, openai_body(model="late"), "openai")
+    j.stuck.reset(30)  # (as if it had been handed over just now, after a long wait)
+    with pytest.raises(JudgeUnavailable):
+        await judged(d)
+    assert alive(pid) and the_judge(pool) is j and j.job is not None
+    resume(j)
+    await eventually(lambda: j.job is None)  # its answer, dropped
+    assert j.stuck is None
+    body = openai_body(model="next")
+    assert await judged(pool.judge(JSON, body, "openai")) == expected_read(JSON, body, "openai")
+    assert the_judge(pool).transport.pid == pid
+    assert counted(pool, "timeout") == 1 and counted(pool, "died") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_judge_that_had_started_is_restarted_without_backoff(make_pool):
+    pool = await make_pool()
+    for _ in range(3):
+        j = the_judge(pool)
+        j.transport.signalProcess("KILL")
+        await outcome_of(j.ended)
+        await eventually(lambda: pool._judges and the_judge(pool).ready)
+        assert pool._delay == judge_module._RESTART_FIRST
+    body = openai_body()
+    assert await judged(pool.judge(JSON, body, "openai")) == expected_read(JSON, body, "openai")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_judge_that_cannot_start_is_retried_with_backoff_and_bodies_get_503():
+    pool = BodyJudge(reactor=reactor, executable="/bin/false", timeout=1.0)
+    pool.start()
+    try:
+        await eventually(lambda: pool._delay >= 4 * judge_module._RESTART_FIRST, timeout=HANG)
+        with pytest.raises(JudgeUnavailable):
+            await judged(pool.judge(JSON, openai_body(), "openai"))
+    finally:
+        await outcome_of(pool.stop())

@@ -12,15 +12,18 @@ document did."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lectr.http.headers import HeaderList
 from lectr.policy.limits import Limits
 from lectr.policy.plan import request_affinity
-from lectr.providers.body import JUDGED_MEMBER_MAX, JUDGED_MEMBERS, BodyRefused, read_body
+from lectr.providers.body import JUDGED_MEMBER_MAX, JUDGED_MEMBERS, BodyRefused, parses, read_body
 from lectr.providers.dialects import DIALECTS
 from lectr.proxy.judge import judge, read_from
 from lectr.usage.meters import plan_request
@@ -258,3 +261,58 @@ def test_options_are_replaced_where_they_are():
     assert plan.body == (
         b'{"stream":true, "stream_options" : {"x":1,"include_usage":true} , "model":"b"}'
     )
+
+
+# --- which bodies go to the judge -------------------------------------------------------------
+
+CONTENT_TYPES = st.one_of(
+    st.none(),
+    st.lists(
+        st.sampled_from(
+            [
+                b"application/json",
+                b"application/json; charset=utf-8",
+                b"application/vnd.api+json",
+                b"multipart/form-data; boundary=B",
+                b"application/x-www-form-urlencoded",
+                b"audio/wav",
+                b"text/plain",
+                b"image/png",
+                b"",
+                b"not a type",
+            ]
+        ),
+        max_size=2,
+    ),
+)
+RAW = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"", b"   ", b"{}", b' \n {"model":"m"}', b"[1]", b"\xef\xbb\xbf{}", b"RIFF"]),
+)
+
+
+@settings(max_examples=500)
+@given(content_types=CONTENT_TYPES, body=RAW)
+def test_a_body_not_worth_judging_elsewhere_is_decided_on_its_type_alone(content_types, body):
+    """parses() is False only where read_body decides without parsing: an
+    opaque or empty body, or a refusal of the Content-Type itself."""
+    if parses(content_types, body):
+        return
+    try:
+        read = read_body(content_types, body)
+    except BodyRefused as e:
+        assert "Content-Type" in str(e)
+        return
+    assert read.kind in ("opaque", "empty") and read.doc is None and read.model is None
+
+
+def test_stream_options_too_deep_to_serialise_again_is_a_400_not_a_crash():
+    body = b'{"model":"m","stream":true,"stream_options":{"x":' + b"[" * 300 + b"]" * 300 + b"}}"
+    read = read_body(JSON, body)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 100)  # (as on a deeper stack)
+    try:
+        with pytest.raises(BodyRefused, match="nested too deeply"):
+            plan_request("openai", b"POST", "/v1/chat/completions", read, None)
+    finally:
+        sys.setrecursionlimit(limit)

@@ -243,6 +243,23 @@ def read_body(content_types: list[bytes] | None, body: bytes) -> ReadBody:
     return ReadBody("opaque", None, None, body)
 
 
+def parses(content_types: list[bytes] | None, body: bytes) -> bool:
+    """Whether :func:`read_body` would parse ``body`` (JSON, a multipart or
+    URL-encoded form) rather than judge it on its type and first bytes
+    alone (audio, images, a malformed type): the bodies worth reading away
+    from the reactor when they are large (:mod:`lectr.proxy.judge`)."""
+    if content_types and len(content_types) > 1:
+        return False
+    try:
+        mtype, _ = media_type(content_types[0] if content_types else None)
+    except BodyRefused:
+        return False
+    return mtype in _FORMS or is_json_type(mtype) or looks_like_json(body)
+
+
+_FORMS = frozenset((b"multipart/form-data", b"application/x-www-form-urlencoded"))
+
+
 def parse_json_object(body: bytes) -> dict:
     """A strict JSON object: UTF-8, RFC 8259, no duplicate top-level keys."""
     return parse_json(body)[0]

@@ -54,7 +54,7 @@ from lectr.providers.base import (
     scrub_body,
     secret_core,
 )
-from lectr.providers.body import BodyRefused, read_body
+from lectr.providers.body import BodyRefused, parses, read_body
 from lectr.providers.dialects import ERROR_STATUS
 from lectr.proxy.headers import downstream
 from lectr.proxy.ids import new_request_id
@@ -448,15 +448,14 @@ class Call:
             return
         req = self.req
         judge = self.h.judge
-        if judge is not None and len(req.body) >= JUDGE_MIN:
+        content_types = req.headers.get(b"content-type")
+        if judge is not None and len(req.body) >= JUDGE_MIN and parses(content_types, req.body):
             # read in the judge process, off the reactor (lectr.proxy.judge)
-            self.pending = d = judge.judge(
-                req.headers.get(b"content-type"), req.body, self.dialect.name
-            )
+            self.pending = d = judge.judge(content_types, req.body, self.dialect.name)
             d.addCallbacks(self.body_read, self.body_unread)
             return
         try:
-            read = read_body(req.headers.get(b"content-type"), req.body)
+            read = read_body(content_types, req.body)
         except BodyRefused as e:
             self.refuse(400, "invalid_request", f"Malformed request body: {e}")
             return

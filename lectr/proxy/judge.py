@@ -22,20 +22,24 @@ the proxy forwards the bytes it holds. The judge runs the very code the
 proxy runs on smaller bodies, so a body is refused, or read, the same way
 whatever its size (tested against each other on generated bodies).
 
-Bodies wait in one queue, at most :data:`QUEUE_MAX` of them; beyond it, or
-when no judge process can be had (it died and is restarting, it took more
-than :data:`JUDGE_TIMEOUT` and was killed), the request gets a 503 in the
-provider's format, never a body Lectr could not judge. The judge's
-environment holds no secret (no ``LECTR_*`` variable), and what it reports
-of a failure is an exception's class and where it was raised, never a
-message (one could quote the body).
+Bodies wait in one queue, at most :data:`QUEUE_MAX` of them; when it is
+full, when the judge died under a body, or when a body is not judged
+:data:`JUDGE_TIMEOUT` after it arrived, the request gets a 503 in the
+provider's format, never a body Lectr could not judge. A judge that works
+on one body for JUDGE_TIMEOUT is killed, and restarted at once (only a
+process that dies before it is up is retried with a growing delay).
+Answers are marshalled: their values are JSON's, and one body must never
+end the judge. The judge's environment holds only what it needs (no
+``LECTR_*`` variable: the master key may be one), and what it reports of a
+failure is an exception's class and where it was raised, never a message
+(one could quote the body).
 """
 
 from __future__ import annotations
 
 import gc
+import marshal
 import os
-import pickle
 import signal
 import struct
 import sys
@@ -60,8 +64,9 @@ from lectr.providers.body import (
 #: bodies at least this large are judged by the judge process: below it, a
 #: body costs the reactor at most a few milliseconds, less than the trip
 JUDGE_MIN = 256 * 1024
-#: seconds a body may wait for its judgment, queue included; a judge process
-#: still working on it then is killed (and restarted)
+#: seconds a body may wait for its judgment, queue included (then 503); and
+#: seconds a judge process may work on one body before it is killed (and
+#: restarted)
 JUDGE_TIMEOUT = 30.0
 #: bodies waiting for a judge process at most; beyond, 503
 QUEUE_MAX = 64
@@ -154,6 +159,8 @@ def main() -> None:
     stdin = sys.stdin.buffer
     stdout = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the answers
+    stdout.write(_LENGTH.pack(0))  # ready: an empty answer, once imports are done
+    stdout.flush()
     while True:
         head = stdin.read(_HEAD.size)
         if len(head) < _HEAD.size:
@@ -163,7 +170,7 @@ def main() -> None:
         body = stdin.read(body_length)
         if len(header) < header_length or len(body) < body_length:
             return
-        dialect, content_types = pickle.loads(header)
+        dialect, content_types = marshal.loads(header)
         try:
             answer: tuple = ("ok", judge(content_types, body, dialect))
         except BodyRefused as e:
@@ -173,7 +180,10 @@ def main() -> None:
         except Exception as e:
             answer = ("error", _where(e))
         del body
-        data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = marshal.dumps(answer)
+        except Exception as e:  # (one body must never end the judge)
+            data = marshal.dumps(("error", _where(e)))
         stdout.write(_LENGTH.pack(len(data)) + data)
         stdout.flush()
 
@@ -225,8 +235,9 @@ class _JudgeProcess(ProcessProtocol):
     def __init__(self, pool: BodyJudge) -> None:
         self.pool = pool
         self.job: _Job | None = None
-        self.ready = False
-        self.killed = False  # by the pool (a timeout): restarted at once
+        self.ready = False  # it has said so (an empty answer), and was not killed
+        self.killed = False  # by the pool (stuck on a body): restarted at once
+        self.stuck = None  # the timer that kills it if its body takes too long
         self.ended = Deferred()
         self._answers = bytearray()
         self._errors = b""
@@ -241,8 +252,6 @@ class _JudgeProcess(ProcessProtocol):
                     fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
                 except (OSError, ImportError):
                     pass  # (another system, or the limit of /proc/sys/fs/pipe-max-size)
-        self.ready = True
-        self.pool._dispatch()
 
     def outReceived(self, data: bytes) -> None:
         buf = self._answers
@@ -251,9 +260,12 @@ class _JudgeProcess(ProcessProtocol):
             (n,) = _LENGTH.unpack_from(buf)
             if len(buf) < _LENGTH.size + n:
                 return
-            answer = pickle.loads(bytes(buf[_LENGTH.size : _LENGTH.size + n]))
+            data = bytes(buf[_LENGTH.size : _LENGTH.size + n])
             del buf[: _LENGTH.size + n]
-            self.pool._answered(self, answer)
+            if not data:  # the process is up
+                self.pool._up(self)
+                continue
+            self.pool._answered(self, marshal.loads(data))
 
     def errReceived(self, data: bytes) -> None:
         # (what the interpreter itself says, e.g. an import failing at start)
@@ -360,7 +372,7 @@ class BodyJudge:
                 )
             )
             return d
-        header = pickle.dumps((dialect, content_types), protocol=pickle.HIGHEST_PROTOCOL)
+        header = marshal.dumps((dialect, content_types))
         job = _Job(body, _HEAD.pack(len(header), len(body)) + header, d)
         job.timer = self._reactor.callLater(self._timeout, self._timed_out, job)
         self._queue.append(job)
@@ -375,11 +387,23 @@ class BodyJudge:
                 job = self._queue.popleft()
                 job.judge = j
                 j.job = job
+                # (the request's own deadline counts its wait in the queue;
+                # this one, the judge's time on the body alone)
+                j.stuck = self._reactor.callLater(self._timeout, self._stuck, j)
                 _Feed(j.transport, job.frame, job.body)
+
+    def _up(self, j: _JudgeProcess) -> None:
+        j.ready = not j.killed
+        # (the restart delay doubles only while processes die before they
+        # are up: one that was up and then died, killed stuck on a body or
+        # ended by one, is restarted at once)
+        self._delay = _RESTART_FIRST
+        self._dispatch()
 
     def _answered(self, j: _JudgeProcess, answer: tuple) -> None:
         job, j.job = j.job, None
-        self._delay = _RESTART_FIRST  # it works
+        _cancel(j.stuck)
+        j.stuck = None
         if job is not None:
             body = job.body
             self._settle(job)
@@ -398,36 +422,36 @@ class BodyJudge:
 
     def _forget(self, job: _Job) -> None:
         """The request ended first: its body is not judged, or its answer is
-        dropped (its judge is still killed if it has none in time: nothing
-        else would end a judge stuck on it)."""
+        dropped (a judge stuck on it is still killed in time: ``_stuck``)."""
+        self._settle(job)
         if job.judge is None:
-            self._settle(job)
             try:
                 self._queue.remove(job)
             except ValueError:
                 pass
-        else:
-            job.body = b""  # (not held by a judge that is still reading it)
 
     def _settle(self, job: _Job) -> None:
-        if job.timer is not None and job.timer.active():
-            job.timer.cancel()
+        _cancel(job.timer)
         job.timer = None
         job.body = b""  # (not held by a judge that is still reading it)
 
     def _timed_out(self, job: _Job) -> None:
+        """The request waited JUDGE_TIMEOUT: it gets its 503. A judge that is
+        on its body carries on (its answer is dropped): it is killed only
+        when the body alone took that long (``_stuck``)."""
         job.timer = None
-        j = job.judge
-        if j is None:
+        if job.judge is None:
             self._queue.remove(job)
-        else:
-            self.log.warn(
-                "body judge: no answer in {timeout:.0f}s; the process is restarted",
-                timeout=self._timeout,
-            )
-            self._kill(j)
         self._count("timeout")
         self._fail(job, "A large request body could not be read in time; retry shortly.")
+
+    def _stuck(self, j: _JudgeProcess) -> None:
+        j.stuck = None
+        self.log.warn(
+            "body judge: no answer in {timeout:.0f}s; the process is restarted",
+            timeout=self._timeout,
+        )
+        self._kill(j)
 
     def _fail(self, job: _Job, message: str) -> None:
         self._settle(job)
@@ -465,6 +489,8 @@ class BodyJudge:
         if j in self._judges:
             self._judges.remove(j)
         job, j.job = j.job, None
+        _cancel(j.stuck)
+        j.stuck = None
         if job is not None:
             self._settle(job)
         if job is not None and not job.d.called:
@@ -472,9 +498,6 @@ class BodyJudge:
             self._fail(job, "A large request body could not be read; retry shortly.")
         if self._stopping:
             return
-        if j.killed:
-            # a body it was stuck on, not a process that cannot start: no backoff
-            self._delay = _RESTART_FIRST
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         self.log.warn(
@@ -503,12 +526,24 @@ class BodyJudge:
             pass
 
 
+#: the variables the judge gets (a list of what it needs, not of what it must
+#: not get: a secret may sit in any variable); PYTHONPATH is set
+_PASSED = frozenset(
+    ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONHOME")
+)
+
+
+def _cancel(call) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
 def _environment() -> dict[str, str]:
     """The judge's environment: where Python finds Lectr, and the locale;
     no ``LECTR_*`` variable (the master key may be one)."""
     import lectr
 
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "LC_CTYPE")}
+    env = {k: v for k, v in os.environ.items() if k in _PASSED}
     root = os.path.dirname(os.path.dirname(os.path.abspath(lectr.__file__)))
     path = os.environ.get("PYTHONPATH")
     env["PYTHONPATH"] = root + (os.pathsep + path if path else "")

@@ -193,7 +193,10 @@ def _spliced(read: ReadBody, model: str | None, inject: bool) -> bytes:
         if read.options_span is not None:
             options = read.doc.get("stream_options") if read.doc is not None else None
             asked = {**options, "include_usage": True} if isinstance(options, dict) else _ASKED
-            edits.append((*read.options_span, _dumps(asked)))
+            try:
+                edits.append((*read.options_span, _dumps(asked)))
+            except RecursionError:  # (the parser took it on a shallower stack)
+                raise BodyRefused("'stream_options' is nested too deeply") from None
         else:
             members.append(INCLUDE_USAGE_MEMBER[:-1])
     if members:
