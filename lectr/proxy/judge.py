@@ -11,7 +11,7 @@ the collections and the freeing of its objects: about 1.5 s of one turn for
 a 32 MiB body (``LECTR_MAX_BODY_BYTES``' default).
 
 So a body of at least :data:`JUDGE_MIN` bytes is judged by a judge process
-(``python -m lectr.proxy.judge``, one per Lectr process, started with it and
+(a Python process running :func:`main`, one per Lectr process, started with it and
 restarted when it dies), and only what the policy reads comes back: the
 kind, the model, where the ``model`` and ``stream_options`` values are in
 the body (so that a route or the usage request splices them without
@@ -471,7 +471,7 @@ class BodyJudge:
             self._reactor.spawnProcess(
                 j,
                 self._executable,
-                [self._executable, "-m", "lectr.proxy.judge"],
+                [self._executable, "-c", _BOOT, "lectr-body-judge"],  # (a name for ps)
                 env=_environment(),
                 childFDs={0: "w", 1: "r", 2: "r"},
             )
@@ -530,6 +530,16 @@ class BodyJudge:
 #: not get: a secret may sit in any variable); PYTHONPATH is set
 _PASSED = frozenset(
     ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONHOME")
+)
+
+
+#: how a judge process starts: deaf to SIGINT and SIGTERM before anything
+#: else (a terminal's ^C, or a SIGTERM to the whole process group, reaches
+#: it too, and would end it in the middle of its imports with a traceback;
+#: Lectr ends it by closing its pipe), then main()
+_BOOT = (
+    "import signal as s; s.signal(s.SIGINT, s.SIG_IGN); s.signal(s.SIGTERM, s.SIG_IGN); "
+    "from lectr.proxy.judge import main; main()"
 )
 
 
