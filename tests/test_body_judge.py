@@ -1057,3 +1057,15 @@ async def test_a_judge_that_cannot_start_is_retried_with_backoff_and_bodies_get_
             await judged(pool.judge(JSON, openai_body(), "openai"))
     finally:
         await outcome_of(pool.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_when_memory_runs_out_the_kernel_ends_the_judge_not_lectr(make_pool):
+    """A token-dense body peaks at ~30 times its size in the judge: under a
+    memory limit the kernel's choice must be the judge (restarted), never
+    the process that holds every tenant's connections."""
+    pool = await make_pool()
+    with open(f"/proc/{the_judge(pool).transport.pid}/oom_score_adj") as f:
+        assert f.read().strip() == "1000"
+    with open("/proc/self/oom_score_adj") as f:
+        assert f.read().strip() != "1000"

@@ -151,6 +151,14 @@ def main() -> None:
     """The judge process: bodies in on stdin, answers out on stdout, until
     stdin closes."""
     gc.disable()  # JSON makes no cycles, and nothing else runs here
+    # Judging a token-dense body peaks at ~30 times its size (15 MiB of
+    # small objects: 461 MiB, given back after): when memory runs out, the
+    # kernel is to end this process, which Lectr restarts, not Lectr
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass  # (not Linux)
     # Lectr ends this process (it closes the pipe, or kills it), not a
     # terminal's ^C or a SIGTERM sent to the whole process group: bodies in
     # flight while Lectr drains are still judged
