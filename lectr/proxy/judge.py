@@ -37,6 +37,7 @@ failure is an exception's class and where it was raised, never a message
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import marshal
 import os
@@ -53,6 +54,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from lectr.policy.limits import completions, output_limit
 from lectr.providers.body import (
     JUDGED_MEMBERS,
     BodyFacts,
@@ -60,6 +62,7 @@ from lectr.providers.body import (
     ReadBody,
     read_body,
 )
+from lectr.providers.dialects import DIALECTS
 
 #: bodies at least this large are judged by the judge process: below it, a
 #: body costs the reactor at most a few milliseconds, less than the trip
@@ -73,7 +76,7 @@ QUEUE_MAX = 64
 #: the judge's pipe buffers, asked of the kernel (default 64 KiB): fewer
 #: writes and reactor turns to hand over a large body
 PIPE_BYTES = 1024 * 1024
-# restart delays of a judge process that keeps dying (reset by an answer)
+# restart delays of a judge process that dies before it is up (reset once one is)
 _RESTART_FIRST = 0.1
 _RESTART_MAX = 10.0
 
@@ -96,9 +99,6 @@ def judge(content_types: list[bytes] | None, body: bytes, dialect: str) -> tuple
     policy reads of it: the answer the judge process sends back, without the
     body (see :func:`read_from`). Raises
     :class:`~lectr.providers.body.BodyRefused` as ``read_body`` does."""
-    from lectr.policy.limits import completions, output_limit
-    from lectr.providers.dialects import DIALECTS
-
     read = read_body(content_types, body)
     doc = read.doc
     kept = None
@@ -255,11 +255,9 @@ class _JudgeProcess(ProcessProtocol):
             pipe = getattr(self.transport, "pipes", {}).get(fd)
             if pipe is not None:
                 try:
-                    import fcntl
-
                     fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
-                except (OSError, ImportError):
-                    pass  # (another system, or the limit of /proc/sys/fs/pipe-max-size)
+                except OSError:
+                    pass  # (not Linux, or past /proc/sys/fs/pipe-max-size)
 
     def outReceived(self, data: bytes) -> None:
         buf = self._answers
