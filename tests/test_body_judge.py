@@ -254,6 +254,15 @@ async def make_pool():
         await outcome_of(pool.stop())
 
 
+async def judged_by_a_new_process(
+    pool: BodyJudge, old_pid: int, dialect: str = "openai", model: str = "after"
+) -> None:
+    """The next body is judged right, by the process that replaced ``old_pid``."""
+    body = (openai_body if dialect == "openai" else anthropic_body)(model=model)
+    assert await judged(pool.judge(JSON, body, dialect)) == expected_read(JSON, body, dialect)
+    assert the_judge(pool).transport.pid != old_pid
+
+
 def counted(pool: BodyJudge, outcome: str) -> float:
     return pool.metrics.get("lectr_proxy_bodies_judged_total").value(outcome)
 
@@ -476,10 +485,7 @@ async def test_a_judge_killed_with_a_body_fails_it_and_is_restarted(make_pool):
     with pytest.raises(JudgeUnavailable):
         await judged(d)
     # the next body waits for the new process, and is judged by it
-    body = openai_body(model="model-b")
-    got = await judged(pool.judge(JSON, body, "openai"))
-    assert got == expected_read(JSON, body, "openai")
-    assert the_judge(pool).transport.pid != first
+    await judged_by_a_new_process(pool, first, model="model-b")
     assert not alive(first)
     assert counted(pool, "died") == 1
 
@@ -489,8 +495,8 @@ async def test_a_judge_killed_while_judging_fails_the_body_and_is_restarted(make
     pool = await make_pool()
     j = the_judge(pool)
     pid = j.transport.pid
-    # warm up (the judge imports the policy's modules on its first body),
-    # then: once the process has read the whole slow body, it is judging it
+    # a first body (so that what it reads next is the slow body alone), then:
+    # once the process has read the whole slow body, it is judging it
     await judged(pool.judge(JSON, openai_body(), "openai"))
     before = rchar(pid)
     body = token_dense_body(16)
@@ -501,10 +507,7 @@ async def test_a_judge_killed_while_judging_fails_the_body_and_is_restarted(make
     with pytest.raises(JudgeUnavailable) as unavailable:
         await judged(d)
     assert str(unavailable.value) == "A large request body could not be read; retry shortly."
-    body = anthropic_body(model="after-the-kill")
-    got = await judged(pool.judge(JSON, body, "anthropic"))
-    assert got == expected_read(JSON, body, "anthropic")
-    assert the_judge(pool).transport.pid != pid
+    await judged_by_a_new_process(pool, pid, "anthropic", model="after-the-kill")
 
 
 @pytest_twisted.ensureDeferred
@@ -524,10 +527,7 @@ async def test_a_judge_too_slow_is_killed_and_restarted(make_pool):
     assert os.WIFSIGNALED(j.transport.status) and os.WTERMSIG(j.transport.status) == 9
     assert not alive(pid)
     await eventually(lambda: pool._judges and the_judge(pool).ready)
-    body = openai_body(model="after-the-timeout")
-    got = await judged(pool.judge(JSON, body, "openai"))
-    assert got == expected_read(JSON, body, "openai")
-    assert the_judge(pool).transport.pid != pid
+    await judged_by_a_new_process(pool, pid, model="after-the-timeout")
     assert counted(pool, "timeout") == 1 and counted(pool, "died") == 0
 
 
@@ -565,9 +565,7 @@ async def test_a_stuck_judge_whose_body_was_cancelled_is_still_killed_in_time(ma
     await outcome_of(j.ended, timeout=10)  # killed at the deadline
     assert not alive(pid)
     await eventually(lambda: pool._judges and the_judge(pool).ready)
-    body = openai_body(model="after")
-    assert await judged(pool.judge(JSON, body, "openai")) == expected_read(JSON, body, "openai")
-    assert the_judge(pool).transport.pid != pid
+    await judged_by_a_new_process(pool, pid)
 
 
 @pytest_twisted.ensureDeferred
