@@ -1067,3 +1067,141 @@ async def test_when_memory_runs_out_the_kernel_ends_the_judge_not_lectr(make_poo
         assert f.read().strip() == "1000"
     with open("/proc/self/oom_score_adj") as f:
         assert f.read().strip() != "1000"
+
+
+# --- the orgs' turns ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_judge_takes_the_orgs_in_turn_so_one_cannot_hold_it(make_pool):
+    pool = await make_pool()
+    j = the_judge(pool)
+    pause(j)
+    order: list[str] = []
+
+    def judge(tenant: str, name: str) -> Deferred:
+        d = pool.judge(JSON, openai_body(model=name), "openai", tenant)
+        d.addCallback(lambda read: order.append(read.model) or read)
+        return d
+
+    flood = [judge("org-a", f"a{i}") for i in range(1, 6)]  # a1 goes to the judge at once
+    other = [judge("org-b", "b1"), judge("org-b", "b2")]
+    late = judge("org-c", "c1")  # an org that comes last still has its turn after one of a's
+    assert len(pool._queue) == 7
+    resume(j)
+    for d in [*flood, *other, late]:
+        await judged(d)
+    # a1 was in the judge; then each org in turn: a2 was waiting first, b1
+    # came second, c1 third; then a and b in turn until they are done
+    assert order == ["a1", "a2", "b1", "c1", "a3", "b2", "a4", "a5"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_org_fills_only_its_share_of_the_queue(make_pool):
+    pool = await make_pool(queue_max=4, tenant_queue_max=2)
+    j = the_judge(pool)
+    pause(j)
+    running = pool.judge(JSON, openai_body(model="a1"), "openai", "org-a")
+    waiting = [pool.judge(JSON, openai_body(model=m), "openai", "org-a") for m in ("a2", "a3")]
+    beyond = pool.judge(JSON, openai_body(model="a4"), "openai", "org-a")
+    error = failed_at_once(beyond)
+    assert isinstance(error, JudgeUnavailable)
+    assert str(error) == "Too many large request bodies are waiting to be read; retry shortly."
+    assert counted(pool, "busy") == 1
+    # another org still has its place, up to the whole queue's bound
+    others = [pool.judge(JSON, openai_body(model=m), "openai", "org-b") for m in ("b1", "b2")]
+    assert failed_at_once(pool.judge(JSON, openai_body(model="c1"), "openai", "org-c"))
+    assert counted(pool, "busy") == 2
+    resume(j)
+    got = [(await judged(d)).model for d in [running, *waiting, *others]]
+    assert got == ["a1", "a2", "a3", "b1", "b2"]
+    # a cancelled body frees its org's place
+    pause(j)
+    first = pool.judge(JSON, openai_body(model="a5"), "openai", "org-a")
+    queued = [pool.judge(JSON, openai_body(model=m), "openai", "org-a") for m in ("a6", "a7")]
+    queued[0].cancel()
+    again = pool.judge(JSON, openai_body(model="a8"), "openai", "org-a")
+    assert not again.called
+    resume(j)
+    assert [(await judged(d)).model for d in (first, queued[1], again)] == ["a5", "a7", "a8"]
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.sampled_from("abcd")),
+        st.tuples(st.just("pop"), st.just("")),
+        st.tuples(st.just("remove"), st.integers(0, 40)),
+    ),
+    max_size=80,
+)
+
+
+@given(_OPS)
+@settings(max_examples=300, deadline=None)
+def test_the_fair_queue_serves_each_tenant_in_order_and_in_turn(ops):
+    """Whatever the appends, takes and removals: each tenant's bodies leave
+    in the order they came, none is lost, and while one waits, no other
+    tenant is served more than once more than the bodies ahead of it in
+    its own tenant's line."""
+    queue = judge_module._FairQueue()
+    waiting: list = []  # (job, bodies of its tenant ahead of it when it came, served since: by tenant)
+    made = 0
+    for op, arg in ops:
+        if op == "append":
+            job = judge_module._Job(b"", b"", Deferred(), arg)
+            job.judge = made  # (a serial number, for the test)
+            made += 1
+            ahead = sum(1 for other, _, _ in waiting if other.tenant == arg)
+            queue.append(job)
+            waiting.append((job, ahead, {}))
+        elif op == "pop":
+            if not waiting:
+                with pytest.raises(IndexError):
+                    queue.popleft()
+                continue
+            job = queue.popleft()
+            mine = [w for w in waiting if w[0].tenant == job.tenant]
+            assert mine[0][0] is job  # first come of its tenant
+            waiting = [w for w in waiting if w[0] is not job]
+            for other, ahead, served in waiting:
+                if other.tenant != job.tenant:
+                    served[job.tenant] = served.get(job.tenant, 0) + 1
+                    assert served[job.tenant] <= ahead + 1
+        elif waiting:
+            job = waiting[arg % len(waiting)][0]
+            queue.remove(job)
+            waiting = [w for w in waiting if w[0] is not job]
+            with pytest.raises(ValueError):
+                queue.remove(job)
+        assert len(queue) == len(waiting)
+        assert sorted(j.judge for j in queue) == sorted(w[0].judge for w in waiting)
+        for tenant in "abcd":
+            assert queue.waiting(tenant) == sum(1 for w in waiting if w[0].tenant == tenant)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_proxy_queues_each_body_as_its_orgs(gw):
+    c = gw.c
+    other, issued = await c.orgs.create_org("Globex")
+    await c.vault.add_key(other.id, "openai", OPENAI_KEY, name="main")
+    other_key = issued.plaintext.reveal()
+    judge_pool = c.proxy.judge
+    j = the_judge(judge_pool)
+    pause(j)
+    first = ensureDeferred(gw.post("/v1/chat/completions", openai_body(model="gpt-4o-mini")))
+    await eventually(lambda: j.job is not None)
+    assert j.job.tenant == gw.org.id
+    waiting = ensureDeferred(gw.post("/v1/chat/completions", openai_body(model="gpt-4o")))
+    theirs = ensureDeferred(
+        gw.post(
+            "/v1/chat/completions",
+            openai_body(model="gpt-4o-mini"),
+            {"authorization": [f"Bearer {other_key}"]},
+        )
+    )
+    await eventually(lambda: len(judge_pool._queue) == 2)
+    assert sorted(job.tenant for job in judge_pool._queue) == sorted([gw.org.id, other.id])
+    resume(j)
+    for d in (first, waiting, theirs):
+        resp, data = await d
+        assert resp.code == 200, data

@@ -451,7 +451,10 @@ class Call:
         content_types = req.headers.get(b"content-type")
         if judge is not None and len(req.body) >= JUDGE_MIN and parses(content_types, req.body):
             # read in the judge process, off the reactor (lectr.proxy.judge)
-            self.pending = d = judge.judge(content_types, req.body, self.dialect.name)
+            # (the org's bodies take their turn with the other orgs')
+            self.pending = d = judge.judge(
+                content_types, req.body, self.dialect.name, self.ident.org_id
+            )
             d.addCallbacks(self.body_read, self.body_unread)
             return
         try:

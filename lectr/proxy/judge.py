@@ -22,7 +22,11 @@ the proxy forwards the bytes it holds. The judge runs the very code the
 proxy runs on smaller bodies, so a body is refused, or read, the same way
 whatever its size (tested against each other on generated bodies).
 
-Bodies wait in one queue, at most :data:`QUEUE_MAX` of them; when it is
+Bodies wait at most :data:`QUEUE_MAX` at a time, and an org's at most
+:data:`TENANT_QUEUE_MAX`; the judge takes the orgs in turn (round robin:
+the next body of each org that has one waiting), so that one org sending
+many huge bodies delays another org's body by at most one of its own, and
+fills only its share of the queue. When the queue or the org's share is
 full, when the judge died under a body, or when a body is not judged
 :data:`JUDGE_TIMEOUT` after it arrived, the request gets a 503 in the
 provider's format, never a body Lectr could not judge. A judge that works
@@ -73,6 +77,9 @@ JUDGE_MIN = 256 * 1024
 JUDGE_TIMEOUT = 30.0
 #: bodies waiting for a judge process at most; beyond, 503
 QUEUE_MAX = 64
+#: bodies of one org (the tenant) waiting at most; beyond, its next is a 503
+#: while the other orgs' are still taken
+TENANT_QUEUE_MAX = 16
 #: the judge's pipe buffers, asked of the kernel (default 64 KiB): fewer
 #: writes and reactor turns to hand over a large body
 PIPE_BYTES = 1024 * 1024
@@ -200,14 +207,68 @@ def main() -> None:
 
 
 class _Job:
-    __slots__ = ("body", "frame", "d", "timer", "judge")
+    __slots__ = ("body", "frame", "d", "tenant", "timer", "judge")
 
-    def __init__(self, body: bytes, frame: bytes, d: Deferred) -> None:
+    def __init__(self, body: bytes, frame: bytes, d: Deferred, tenant: str) -> None:
         self.body = body
         self.frame = frame
         self.d = d
+        self.tenant = tenant
         self.timer = None
         self.judge: _JudgeProcess | None = None
+
+
+class _FairQueue:
+    """The bodies waiting, by tenant, taken round robin: :meth:`popleft`
+    takes the first waiting body of the tenant whose turn it is, and that
+    tenant's turn comes again after every other tenant waiting has had one.
+    (The tenants with bodies waiting are the keys of a dict, in turn order:
+    a tenant served goes to its end.)"""
+
+    __slots__ = ("_by", "_n")
+
+    def __init__(self) -> None:
+        self._by: dict[str, deque[_Job]] = {}
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        for jobs in self._by.values():
+            yield from jobs
+
+    def waiting(self, tenant: str) -> int:
+        jobs = self._by.get(tenant)
+        return len(jobs) if jobs is not None else 0
+
+    def append(self, job: _Job) -> None:
+        jobs = self._by.get(job.tenant)
+        if jobs is None:
+            jobs = self._by[job.tenant] = deque()
+        jobs.append(job)
+        self._n += 1
+
+    def popleft(self) -> _Job:
+        if not self._by:
+            raise IndexError("no body is waiting")
+        tenant = next(iter(self._by))
+        jobs = self._by.pop(tenant)
+        job = jobs.popleft()
+        if jobs:
+            self._by[tenant] = jobs  # (its next turn: after the others')
+        self._n -= 1
+        return job
+
+    def remove(self, job: _Job) -> None:
+        """Raises ValueError when ``job`` is not waiting."""
+        jobs = self._by.get(job.tenant)
+        if jobs is None:
+            raise ValueError("not waiting")
+        jobs.remove(job)
+        self._n -= 1
+        if not jobs:
+            del self._by[job.tenant]
 
 
 @implementer(IPullProducer)
@@ -303,6 +364,7 @@ class BodyJudge:
         processes: int = 1,
         timeout: float = JUDGE_TIMEOUT,
         queue_max: int = QUEUE_MAX,
+        tenant_queue_max: int = TENANT_QUEUE_MAX,
         executable: str | None = None,
         metrics=None,
     ) -> None:
@@ -310,9 +372,10 @@ class BodyJudge:
         self._processes = processes
         self._timeout = timeout
         self._queue_max = queue_max
+        self._tenant_queue_max = tenant_queue_max
         self._executable = executable or sys.executable
         self._judges: list[_JudgeProcess] = []
-        self._queue: deque[_Job] = deque()
+        self._queue = _FairQueue()
         self._stopping = False
         self._delay = _RESTART_FIRST
         self._restarts: list = []
@@ -356,11 +419,14 @@ class BodyJudge:
 
     # --- judging ------------------------------------------------------------------
 
-    def judge(self, content_types: list[bytes] | None, body: bytes, dialect: str) -> Deferred:
+    def judge(
+        self, content_types: list[bytes] | None, body: bytes, dialect: str, tenant: str = ""
+    ) -> Deferred:
         """A Deferred of the body's :class:`~lectr.providers.body.ReadBody`;
         it fails with :class:`~lectr.providers.body.BodyRefused` (400),
         :class:`JudgeUnavailable` (503) or, for a fault in the judge, a
-        RuntimeError. Cancelling it forgets the body."""
+        RuntimeError. Cancelling it forgets the body. ``tenant`` (the org)
+        is whose turn the body waits for."""
         job: _Job
 
         def cancel(_: Deferred) -> None:
@@ -370,7 +436,8 @@ class BodyJudge:
         if self._stopping:
             d.errback(JudgeUnavailable("The gateway is shutting down; retry."))
             return d
-        if len(self._queue) >= self._queue_max:
+        queue = self._queue
+        if len(queue) >= self._queue_max or queue.waiting(tenant) >= self._tenant_queue_max:
             self._count("busy")
             d.errback(
                 JudgeUnavailable(
@@ -379,7 +446,7 @@ class BodyJudge:
             )
             return d
         header = marshal.dumps((dialect, content_types))
-        job = _Job(body, _HEAD.pack(len(header), len(body)) + header, d)
+        job = _Job(body, _HEAD.pack(len(header), len(body)) + header, d, tenant)
         job.timer = self._reactor.callLater(self._timeout, self._timed_out, job)
         self._queue.append(job)
         self._dispatch()
