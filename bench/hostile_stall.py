@@ -20,6 +20,13 @@ timed inside the process by the hook of bench/reactor_turns.py
 
 The bodies are at most 16 MiB, the shared mock's limit; the proxy's own is
 ``max_body_bytes`` (32 MiB by default). The figures scale with the size.
+
+``--neighbour N`` measures the body judge's turns instead: one org keeps N
+token-dense bodies ("small objects") in flight at once, each on its own
+connection, while another org posts a 1 MiB body (an inline image: judged
+too, as every body of 256 KiB or more) one after another; its time alone,
+then under that flood. The judge takes the orgs in turn, so the second
+org waits for at most one of the first org's bodies, not for all of them.
 """
 
 from __future__ import annotations
@@ -106,6 +113,51 @@ def post(port: int, key: str, body: bytes) -> tuple[int, float]:
     return r.status, time.perf_counter() - t
 
 
+def neighbour(bench, n: int, size: int, rounds: int) -> None:
+    """Another org's large body, alone and while ``n`` token-dense bodies of
+    the bench org are in flight."""
+    port, flood_key = bench.lectr.port, bench.key
+    key = bench.lectr.add_org("neighbour", route=True, limits=False)
+    mine = bodies(MiB)["one large string (an inline image)"]
+    flood = bodies(size)["small objects"]
+    alone = [post(port, key, mine) for _ in range(max(rounds, 5))]
+    stop = threading.Event()
+    flooded: list[int] = []
+
+    def flooder() -> None:
+        while not stop.is_set():
+            flooded.append(post(port, flood_key, flood)[0])
+
+    threads = [threading.Thread(target=flooder, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(3)  # (the flood's bodies are all waiting by now)
+    under = []
+    for _ in range(max(rounds, 5) * 2):
+        under.append(post(port, key, mine))
+        time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+
+    def shown(results: list[tuple[int, float]]) -> str:
+        took = [t for _, t in results]
+        codes = sorted({s for s, _ in results})
+        return (
+            f"median {statistics.median(took):.2f} s, worst {max(took):.2f} s "
+            f"(status {', '.join(map(str, codes))})"
+        )
+
+    codes = {c: flooded.count(c) for c in sorted(set(flooded))}
+    print(
+        f"Provider: {bench.upstream.kind}; {run.load()}\n"
+        f"another org's 1 MiB body, alone: {shown(alone)}\n"
+        f"... while {n} bodies of {size / MiB:g} MiB (small objects) of the bench org are in flight: "
+        f"{shown(under)}\n"
+        f"the flood's bodies meanwhile: {len(flooded)} answered, by status {codes}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=float, default=15.0, help="body size (the mock takes 16)")
@@ -119,6 +171,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="FILE", help="py-spy record the proxy meanwhile (raw stacks)"
     )
+    parser.add_argument(
+        "--neighbour",
+        type=int,
+        metavar="N",
+        help="another org's large body while this org keeps N token-dense ones in flight",
+    )
     args = parser.parse_args()
     size = int(args.mib * MiB)
     bench = upstream = None
@@ -131,6 +189,9 @@ def main() -> None:
             bench = run.Counted("lectr-stall-", "_turns", "BENCH_TURNS_STATS", limits=False)
             upstream = bench.upstream
             pid, port, key = bench.pid, bench.lectr.port, bench.key
+            if args.neighbour:
+                neighbour(bench, args.neighbour, size, args.rounds)
+                return
         probe = Probe(port, key)
         probe.start()
         time.sleep(2)
