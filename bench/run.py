@@ -919,7 +919,11 @@ def memory(workdir: Path, counts: list[int], proxy_pin: list[str]) -> None:
         try:
             print(f"\nResident memory with concurrent open streams (slow provider; {load()}):")
             for n in counts:
-                base = lectr.rss_kib()
+                # (the serving process alone, as hold_streams.py reads it once the
+                # streams are open: not its body judge, a child of ~45 MiB that holds
+                # no stream - counted in the baseline only, it made the figure per
+                # stream 45 MiB / n too small)
+                base = _rss_kib(lectr.serving_pid())
                 out = subprocess.run(
                     [
                         PY,
