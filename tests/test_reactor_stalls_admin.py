@@ -13,6 +13,12 @@ cost time that grows with its size, and little of it.
   ``retry_on`` had none, and 1 MiB of ``"429"`` was validated in 0.6 s.
 - A page of request logs or usage groups was copied by ``dataclasses.asdict``
   before it was serialised (25 µs a row).
+- Parsing itself: 1 MiB of ``0,0,…`` (half a million values) cost a route
+  explanation 50-110 ms of one turn (the admin parse, then the body
+  re-serialised and read as the proxy reads it), and any member of an org may
+  ask for one. A body holds at most ``BODY_COMMAS_MAX`` commas, counted in C
+  before it is parsed (the tests of the walk above raise the cap: they are
+  about the walk, at the scale it used to take).
 
 The deadline (tests/support/deadline.py) only turns a hang into a
 failure; nothing here is timed.
@@ -31,8 +37,10 @@ from lectr.admin import app as admin_app
 from lectr.admin import schemas as s
 from lectr.admin import validation
 from lectr.admin.validation import (
+    BODY_COMMAS_MAX,
     INVALID_TEXT,
     TEXT_PATH_SEARCH_MAX,
+    TooManyValues,
     check_schema,
     parse_json_body,
     text_problem,
@@ -53,6 +61,12 @@ def _flat(item: str, room: int) -> str:
     return "[" + ",".join([item] * (room // (len(item) + 1))) + "]"
 
 
+@pytest.fixture
+def uncapped(monkeypatch):
+    """Bodies of any number of values (the walk's tests: 1 MiB of them)."""
+    monkeypatch.setattr(validation, "BODY_COMMAS_MAX", 1 << 30)
+
+
 def _refusal(raw: bytes) -> BadRequest:
     with pytest.raises(BadRequest) as refused:
         parse_json_body(raw)
@@ -63,7 +77,7 @@ def _refusal(raw: bytes) -> BadRequest:
 # --- the text of a JSON body ------------------------------------------------------------
 
 
-def test_a_deep_and_wide_body_is_checked_without_a_path_for_each_value():
+def test_a_deep_and_wide_body_is_checked_without_a_path_for_each_value(uncapped):
     """300 levels of 40-character keys above a list of 500,000 numbers and a
     non-ASCII escape (so that the text says nothing about the strings without
     a look at the escapes): 5 s before, a few milliseconds now."""
@@ -80,7 +94,7 @@ def test_a_deep_and_wide_body_is_checked_without_a_path_for_each_value():
 
 
 @pytest.mark.parametrize("item", ["0", "[]", "{}", '"\\u0041"', '"\\ud83d\\ude42"', "[[]]"])
-def test_a_flat_body_of_many_values_is_not_walked(item, monkeypatch):
+def test_a_flat_body_of_many_values_is_not_walked(item, monkeypatch, uncapped):
     """Decided on the text: a body whose every string is text is not looked
     through at all, whatever its shape."""
     walked = []
@@ -90,7 +104,9 @@ def test_a_flat_body_of_many_values_is_not_walked(item, monkeypatch):
     assert walked == []
 
 
-def test_naming_the_field_of_a_refusal_looks_through_a_bounded_number_of_values(monkeypatch):
+def test_naming_the_field_of_a_refusal_looks_through_a_bounded_number_of_values(
+    monkeypatch, uncapped
+):
     """The string that is not text comes last, after 300,000 strings: the
     refusal names no field rather than look through them all."""
     checked = []
@@ -208,7 +224,7 @@ def test_the_text_decides_as_a_walk_of_every_string_would(raw):
 # --- lists a schema validates item by item ------------------------------------------------
 
 
-def test_retry_on_is_bounded_before_its_items_are_validated():
+def test_retry_on_is_bounded_before_its_items_are_validated(uncapped):
     body = {"targets": [{"provider": "openai", "model": "m"}], "retry_on": ["429"] * 170_000}
     doc = parse_json_body(json.dumps(body).encode())
     with deadline(), pytest.raises(BadRequest) as refused:
@@ -285,3 +301,57 @@ def test_the_headers_to_explain_are_bounded():
         validate({"headers": headers}, s.EXPLAIN)
     assert refused.value.message == "headers must have at most 1000 fields"
     validate({"headers": dict(list(headers.items())[:1000])}, s.EXPLAIN)
+
+
+# --- the number of values ---------------------------------------------------------------
+
+_VALUES = st.sampled_from(["0", "[]", "{}", '"a"', '"a,b"', '{"a":[]}', "null", '{"a":1,"b":2}'])
+
+
+@given(items=st.lists(_VALUES, min_size=1, max_size=60), cut=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_body_over_the_commas_cap_is_refused_before_it_is_parsed(items, cut):
+    """Whatever the values (commas in strings count too), a body with more
+    commas than the cap is a 413, even one that is not JSON at all (``cut``:
+    its closing bracket missing): it was never parsed. Within the cap, the
+    body reads as JSON reads it."""
+    raw = ("[" + ",".join(items) + ("" if cut else "]")).encode()
+    cap = 30
+    saved, validation.BODY_COMMAS_MAX = validation.BODY_COMMAS_MAX, cap
+    try:
+        if raw.count(b",") > cap:
+            with pytest.raises(TooManyValues) as refused:
+                parse_json_body(raw)
+            assert (refused.value.status, refused.value.code) == (413, "too_many_values")
+            assert refused.value.message == (
+                f"the request body holds more than {cap} commas: "
+                "the admin API takes smaller JSON documents"
+            )
+        elif cut:
+            with pytest.raises(BadRequest) as refused:
+                parse_json_body(raw)
+            assert refused.value.code == "malformed_json"
+        else:
+            assert parse_json_body(raw) == json.loads(raw)
+    finally:
+        validation.BODY_COMMAS_MAX = saved
+
+
+@pytest.mark.parametrize("item", ["0", "[]", '{"a":1}', '"ab"'])
+def test_a_megabyte_of_small_values_is_refused_and_every_admin_document_fits(item):
+    raw = _flat(item, MiB - 2).encode()
+    with pytest.raises(TooManyValues):
+        parse_json_body(raw)
+    # the largest documents the admin API takes: a provider's model lists
+    # (500 patterns of 200 characters each) and an explanation of a long
+    # conversation, well within the cap
+    lists = {"allowed_models": ["m" * 200] * 500, "blocked_models": ["b*"] * 500}
+    assert parse_json_body(json.dumps(lists).encode()) == lists
+    chat = {
+        "body": {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "word, " * 100}] * 60,
+        }
+    }
+    assert parse_json_body(json.dumps(chat).encode()) == chat
+    assert json.dumps(chat).count(",") < BODY_COMMAS_MAX

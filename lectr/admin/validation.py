@@ -21,7 +21,7 @@ from itertools import islice
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from lectr.errors import BadRequest
+from lectr.errors import BadRequest, LectrError
 
 _KNOWN_KEYWORDS = frozenset(
     {
@@ -247,9 +247,32 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+#: commas an admin body may hold at most (one per JSON value or member past
+#: the first of each array or object, and any in its strings). Parsing is
+#: the reactor's time, which the proxy shares: 1 MiB of small values (half
+#: a million ``0``) cost a route explanation, which any member of an org may
+#: ask for, 50-110 ms (the admin parse, then the body re-serialised and read
+#: as the proxy reads it). No admin document comes near the cap (the
+#: largest, a provider's model lists, is 1,000 strings); a MiB of prose
+#: holds 10,000-20,000.
+BODY_COMMAS_MAX = 50_000
+
+
+class TooManyValues(LectrError):
+    status = 413
+    code = "too_many_values"
+
+
 def parse_json_body(raw: bytes) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, and every string (keys
-    included) text (see :func:`require_text`). Raises BadRequest."""
+    included) text (see :func:`require_text`); at most
+    :data:`BODY_COMMAS_MAX` commas, counted in C before anything is parsed
+    (TooManyValues, 413). Raises BadRequest."""
+    if raw.count(b",") > BODY_COMMAS_MAX:
+        raise TooManyValues(
+            f"the request body holds more than {BODY_COMMAS_MAX} commas: "
+            "the admin API takes smaller JSON documents"
+        )
     try:
         text = raw.decode("utf-8")
         doc = json.loads(text, parse_constant=_reject_constant)
