@@ -18,6 +18,7 @@ import pytest_twisted
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 
 from lectr.http.server import PENDING_MAX, ProxyServerFactory, ServerRequest
 from tests.support.http_wire import connect, parse_responses, sleep
@@ -798,6 +799,43 @@ async def test_a_turns_writes_go_out_at_its_end_in_order_without_a_write_registr
     assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
     assert registrations == [] and req._proto._pending is None
     c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_runs_after_a_turns_answers_are_sent_runs_once_they_are(servers):
+    """``after_sent``: bookkeeping that need not hold an answer back (the
+    proxy records a request there) runs at the end of the turn, once the
+    turn's answers are in the kernel, in the order it was asked for; one
+    that raises is logged and the next still runs - also once the client
+    has gone."""
+    c, req = await held_request(servers)
+    proto = req._proto
+    seen = []
+    failures = []
+
+    def observe(event):
+        if event.get("log_failure") is not None:
+            failures.append(event["log_failure"].type)
+
+    req.start_response(200, None, [(b"Content-Type", b"application/json")], 2)
+    req.write(b"{}")
+    req.finish()
+    req.after_sent(lambda: seen.append(("first", proto._pending)))
+    req.after_sent(lambda: 1 / 0)
+    req.after_sent(lambda: seen.append(("third", proto._pending)))
+    assert seen == [] and proto._pending  # (nothing ran, nothing was sent yet)
+    globalLogPublisher.addObserver(observe)
+    try:
+        await c.until(lambda c: c.data.endswith(b"{}"))
+        assert seen == [("first", None), ("third", None)]
+        assert failures == [ZeroDivisionError]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    c.close()
+    await sleep(0.05)
+    req.after_sent(lambda: seen.append("after the client left"))
+    await sleep(0.05)
+    assert seen[2:] == ["after the client left"]
 
 
 @pytest_twisted.ensureDeferred

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
-from twisted.web.client import Agent, FileBodyProducer
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from lectr.usage.model import Usage
@@ -202,6 +202,47 @@ async def test_each_kind_of_request_is_one_row_with_its_usage(gw):
     assert chat.provider == "openai" and chat.path == "/v1/chat/completions"
     assert chat.method == "POST" and chat.key_id is not None and chat.ttfb_ms is not None
     assert gw.c.metrics.get("lectr_usage_rows_written_total").value() == len(expected)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_is_sent_before_its_request_is_recorded(gw, monkeypatch):
+    """Reading the usage, pricing, the row and the metrics never hold an
+    answer back: when a request is recorded, its answer's last bytes are
+    in the kernel already (nothing of it pending on the connection), JSON
+    or stream, and the row is still written."""
+    from lectr.proxy.call import Call
+
+    pending_then = []
+    record = Call._record
+
+    def recording(call):
+        pending_then.append(call.req._proto._pending)
+        return record(call)
+
+    monkeypatch.setattr(Call, "_record", recording)
+    # (kept alive, as SDKs keep them: a connection closed after its answer
+    # sends what it holds at once anyway)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    try:
+        answers = []
+        for body in (CHAT, {**CHAT, "stream": True}):
+            resp = await treq.post(
+                gw.url("/v1/chat/completions"),
+                data=json.dumps(body).encode(),
+                headers=gw.headers(None),
+                pool=pool,
+            )
+            await resp.content()
+            answers.append(resp)
+    finally:
+        await pool.closeCachedConnections()
+    resp, resp2 = answers
+    assert resp.headers.getRawHeaders("connection") is None  # (kept alive)
+    await eventually(lambda: len(pending_then) == 2)
+    assert pending_then == [None, None]
+    rows = await gw.rows()
+    assert usage_of(rows[request_id(resp)]) == Usage(12, 5, 17, 0, None, "provider")
+    assert usage_of(rows[request_id(resp2)]) == Usage(12, 5, 17, 0, None, "provider")
 
 
 @pytest_twisted.ensureDeferred

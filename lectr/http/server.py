@@ -403,6 +403,11 @@ class ServerRequest:
             self._proto._out((b"0\r\n\r\n",))
         self._proto._request_done(self)
 
+    def after_sent(self, fn) -> None:
+        """Call ``fn()`` once this turn's answers are sent (at the end of the
+        turn): bookkeeping that need not hold the answer back."""
+        self._proto.factory.turn_writes.after(fn)
+
     def abort(self) -> None:
         """Abort the connection: a truncated response must never look
         complete. ``on_lost`` is not called."""
@@ -1007,17 +1012,26 @@ PENDING_MAX = 64 * 1024
 
 class TurnWrites:
     """The connections written to in this reactor turn, sent at its end: one
-    ``callLater(0)`` per turn for all of them."""
+    ``callLater(0)`` per turn for all of them; then what was to run once
+    they were sent (:meth:`ServerRequest.after_sent`)."""
 
-    __slots__ = ("reactor", "protos", "call")
+    __slots__ = ("reactor", "protos", "call", "then")
+
+    _log = Logger()
 
     def __init__(self, reactor) -> None:
         self.reactor = reactor
         self.protos: list = []
         self.call = None
+        self.then: list = []
 
     def add(self, proto) -> None:
         self.protos.append(proto)
+        if self.call is None:
+            self.call = self.reactor.callLater(0, self.flush)
+
+    def after(self, fn) -> None:
+        self.then.append(fn)
         if self.call is None:
             self.call = self.reactor.callLater(0, self.flush)
 
@@ -1026,6 +1040,14 @@ class TurnWrites:
         protos, self.protos = self.protos, []
         for proto in protos:
             proto._flush_out()
+        then = self.then
+        if then:
+            self.then = []
+            for fn in then:
+                try:
+                    fn()
+                except Exception:
+                    self._log.failure("after the answers of a turn were sent: {fn!r}", fn=fn)
 
 
 def _describe(e: HttpParserError) -> str:

@@ -837,7 +837,9 @@ class Call:
         self.closed = True
         self.answered = True
         req.finish()
-        self._end()
+        # recorded once the turn's answers are sent: the usage read, the
+        # price, the row and the metrics never hold this answer back
+        req.after_sent(self._end)
 
     def _rewritten(self, held: bytearray) -> bytes | None:
         """A held successful answer, decoded, rewritten, then checked for an
