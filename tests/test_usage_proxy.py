@@ -208,8 +208,8 @@ async def test_each_kind_of_request_is_one_row_with_its_usage(gw):
 async def test_an_answer_is_sent_before_its_request_is_recorded(gw, monkeypatch):
     """Reading the usage, pricing, the row and the metrics never hold an
     answer back: when a request is recorded, its answer's last bytes are
-    in the kernel already (nothing of it pending on the connection), JSON
-    or stream, and the row is still written."""
+    in the kernel already (nothing of it pending on the connection), JSON,
+    stream or Lectr's own refusal, and the row is still written."""
     from lectr.proxy.call import Call
 
     pending_then = []
@@ -225,10 +225,11 @@ async def test_an_answer_is_sent_before_its_request_is_recorded(gw, monkeypatch)
     pool = HTTPConnectionPool(reactor, persistent=True)
     try:
         answers = []
-        for body in (CHAT, {**CHAT, "stream": True}):
+        # a JSON answer, a stream, and Lectr's own refusal (a body it cannot judge)
+        for data in (CHAT, {**CHAT, "stream": True}, b'{"model": "a", "model": "b"}'):
             resp = await treq.post(
                 gw.url("/v1/chat/completions"),
-                data=json.dumps(body).encode(),
+                data=data if isinstance(data, bytes) else json.dumps(data).encode(),
                 headers=gw.headers(None),
                 pool=pool,
             )
@@ -236,13 +237,15 @@ async def test_an_answer_is_sent_before_its_request_is_recorded(gw, monkeypatch)
             answers.append(resp)
     finally:
         await pool.closeCachedConnections()
-    resp, resp2 = answers
-    assert resp.headers.getRawHeaders("connection") is None  # (kept alive)
-    await eventually(lambda: len(pending_then) == 2)
-    assert pending_then == [None, None]
+    resp, resp2, refused = answers
+    assert refused.code == 400
+    assert [r.headers.getRawHeaders("connection") for r in answers] == [None] * 3  # (kept alive)
+    await eventually(lambda: len(pending_then) == 3)
+    assert pending_then == [None, None, None]
     rows = await gw.rows()
     assert usage_of(rows[request_id(resp)]) == Usage(12, 5, 17, 0, None, "provider")
     assert usage_of(rows[request_id(resp2)]) == Usage(12, 5, 17, 0, None, "provider")
+    assert rows[request_id(refused)].status == 400
 
 
 @pytest_twisted.ensureDeferred

@@ -990,6 +990,8 @@ class Call:
         self.ttfb = time.perf_counter()
         if not req.started and not req.finished:
             req.respond(status, out, body)
+            req.after_sent(self._end)  # (as an answer relayed in full: response_done)
+            return
         self._end()
 
     def _stop_upstream(self) -> None:
