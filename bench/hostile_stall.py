@@ -26,7 +26,7 @@ token-dense bodies ("small objects") in flight at once, each on its own
 connection, while another org posts a 1 MiB body (an inline image: judged
 too, as every body of 256 KiB or more) one after another; its time alone,
 then under that flood. The judge takes the orgs in turn, so the second
-org waits for at most one of the first org's bodies, not for all of them.
+org waits for at most the first org's body in the judge, not for all of them.
 """
 
 from __future__ import annotations

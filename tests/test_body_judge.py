@@ -1142,18 +1142,27 @@ def test_the_fair_queue_serves_each_tenant_in_order_and_in_turn(ops):
     """Whatever the appends, takes and removals: each tenant's bodies leave
     in the order they came, none is lost, and while one waits, no other
     tenant is served more than once more than the bodies ahead of it in
-    its own tenant's line."""
+    its own tenant's line - and the tenant served last when it came (with
+    bodies still waiting since), no more than those bodies: it goes behind
+    the newcomer."""
     queue = judge_module._FairQueue()
-    waiting: list = []  # (job, bodies of its tenant ahead of it when it came, served since: by tenant)
+    # (job, bodies of its tenant ahead of it when it came, served since: by
+    # tenant, the tenant served last when it came)
+    waiting: list = []
     made = 0
+    last = None  # the tenant served last, while it has had bodies waiting since
+
+    def still_waiting(tenant) -> bool:
+        return any(w[0].tenant == tenant for w in waiting)
+
     for op, arg in ops:
         if op == "append":
             job = judge_module._Job(b"", b"", Deferred(), arg)
             job.judge = made  # (a serial number, for the test)
             made += 1
-            ahead = sum(1 for other, _, _ in waiting if other.tenant == arg)
+            ahead = sum(1 for other, _, _, _ in waiting if other.tenant == arg)
             queue.append(job)
-            waiting.append((job, ahead, {}))
+            waiting.append((job, ahead, {}, last if last != arg else None))
         elif op == "pop":
             if not waiting:
                 with pytest.raises(IndexError):
@@ -1163,14 +1172,18 @@ def test_the_fair_queue_serves_each_tenant_in_order_and_in_turn(ops):
             mine = [w for w in waiting if w[0].tenant == job.tenant]
             assert mine[0][0] is job  # first come of its tenant
             waiting = [w for w in waiting if w[0] is not job]
-            for other, ahead, served in waiting:
+            for other, ahead, served, last_then in waiting:
                 if other.tenant != job.tenant:
                     served[job.tenant] = served.get(job.tenant, 0) + 1
-                    assert served[job.tenant] <= ahead + 1
+                    bound = ahead if job.tenant == last_then else ahead + 1
+                    assert served[job.tenant] <= bound
+            last = job.tenant if still_waiting(job.tenant) else None
         elif waiting:
             job = waiting[arg % len(waiting)][0]
             queue.remove(job)
             waiting = [w for w in waiting if w[0] is not job]
+            if last is not None and not still_waiting(last):
+                last = None
             with pytest.raises(ValueError):
                 queue.remove(job)
         assert len(queue) == len(waiting)
@@ -1205,3 +1218,17 @@ async def test_the_proxy_queues_each_body_as_its_orgs(gw):
     for d in (first, waiting, theirs):
         resp, data = await d
         assert resp.code == 200, data
+
+
+def test_an_org_arriving_between_two_takes_goes_before_the_org_just_served():
+    """The flood's body in the judge is all a newcomer waits for: the org
+    just served goes behind it, not only behind the orgs already waiting."""
+    queue = judge_module._FairQueue()
+    for _ in range(5):
+        queue.append(judge_module._Job(b"", b"", Deferred(), "flood"))
+    first = queue.popleft()  # (to the judge)
+    newcomer = judge_module._Job(b"", b"", Deferred(), "other")
+    queue.append(newcomer)
+    assert first.tenant == "flood"
+    assert queue.popleft() is newcomer
+    assert [queue.popleft().tenant for _ in range(4)] == ["flood"] * 4

@@ -24,9 +24,10 @@ whatever its size (tested against each other on generated bodies).
 
 Bodies wait at most :data:`QUEUE_MAX` at a time, and an org's at most
 :data:`TENANT_QUEUE_MAX`; the judge takes the orgs in turn (round robin:
-the next body of each org that has one waiting), so that one org sending
-many huge bodies delays another org's body by at most one of its own, and
-fills only its share of the queue. When the queue or the org's share is
+the next body of each org that has one waiting; an org just served goes
+behind one whose body arrives before the next take), so that a body waits
+for at most the one in the judge and one of each other org waiting, and one
+org sending many huge bodies fills only its share of the queue. When the queue or the org's share is
 full, when the judge died under a body, or when a body is not judged
 :data:`JUDGE_TIMEOUT` after it arrived, the request gets a 503 in the
 provider's format, never a body Lectr could not judge. A judge that works
@@ -221,15 +222,20 @@ class _Job:
 class _FairQueue:
     """The bodies waiting, by tenant, taken round robin: :meth:`popleft`
     takes the first waiting body of the tenant whose turn it is, and that
-    tenant's turn comes again after every other tenant waiting has had one.
-    (The tenants with bodies waiting are the keys of a dict, in turn order:
-    a tenant served goes to its end.)"""
+    tenant's turn comes again after every other tenant waiting has had one,
+    including those whose first body arrives before the next take. (The
+    tenants with bodies waiting are the keys of a dict, in turn order; the
+    tenant served stays first until the next take, and only then goes to
+    the end: a tenant that arrived meanwhile is served before its next
+    body, so that a body waits for at most the one in the judge and one of
+    each tenant ahead of it.)"""
 
-    __slots__ = ("_by", "_n")
+    __slots__ = ("_by", "_n", "_served")
 
     def __init__(self) -> None:
         self._by: dict[str, deque[_Job]] = {}
         self._n = 0
+        self._served: str | None = None  # the tenant taken last, still first
 
     def __len__(self) -> int:
         return self._n
@@ -250,13 +256,21 @@ class _FairQueue:
         self._n += 1
 
     def popleft(self) -> _Job:
-        if not self._by:
+        by = self._by
+        served, self._served = self._served, None
+        if served is not None:
+            jobs = by.pop(served, None)
+            if jobs:
+                by[served] = jobs  # (its next turn: after the others', newcomers included)
+        if not by:
             raise IndexError("no body is waiting")
-        tenant = next(iter(self._by))
-        jobs = self._by.pop(tenant)
+        tenant = next(iter(by))
+        jobs = by[tenant]
         job = jobs.popleft()
         if jobs:
-            self._by[tenant] = jobs  # (its next turn: after the others')
+            self._served = tenant
+        else:
+            del by[tenant]
         self._n -= 1
         return job
 
