@@ -213,10 +213,13 @@ async def test_an_answer_is_sent_before_its_request_is_recorded(gw, monkeypatch)
     from lectr.proxy.call import Call
 
     pending_then = []
+    latency = {}
     record = Call._record
 
     def recording(call):
         pending_then.append(call.req._proto._pending)
+        # (its latency: when its answer was complete, not when recorded)
+        latency[call.rid] = (call.done_at - call.t0) * 1000.0
         return record(call)
 
     monkeypatch.setattr(Call, "_record", recording)
@@ -246,6 +249,8 @@ async def test_an_answer_is_sent_before_its_request_is_recorded(gw, monkeypatch)
     assert usage_of(rows[request_id(resp)]) == Usage(12, 5, 17, 0, None, "provider")
     assert usage_of(rows[request_id(resp2)]) == Usage(12, 5, 17, 0, None, "provider")
     assert rows[request_id(refused)].status == 400
+    for rid, ms in latency.items():
+        assert rows[rid].latency_ms == pytest.approx(ms, abs=0.01)
 
 
 @pytest_twisted.ensureDeferred
@@ -616,3 +621,30 @@ async def test_shutdown_writes_the_last_rows_and_metrics_are_exposed(db_url, tmp
         await gw.service.stopService()
         await gw.fake.stop()
     assert sorted(stored_ids(db_url)) == sorted(ids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_counting_the_attempt_still_records_the_request(gw, monkeypatch):
+    """Each part of recording a request runs whatever happened to the one
+    before, and the call leaves the active set last (a drain waits for the
+    row): a fault counting the attempt is logged, and the row is written."""
+    from lectr.proxy.call import Call
+
+    def broken(call, outcome, status):
+        raise RuntimeError("counting failed")
+
+    monkeypatch.setattr(Call, "_attempt_over", broken)
+    seen_active = []
+    record = Call._record
+
+    def recording(call):
+        seen_active.append(call in call.h.active)
+        return record(call)
+
+    monkeypatch.setattr(Call, "_record", recording)
+    resp, _ = await gw.post("/v1/chat/completions", CHAT)
+    assert resp.code == 200
+    rows = await gw.rows()
+    assert usage_of(rows[request_id(resp)]) == Usage(12, 5, 17, 0, None, "provider")
+    assert seen_active == [True]
+    assert gw.c.proxy.active == set()

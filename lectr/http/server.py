@@ -1043,11 +1043,16 @@ class TurnWrites:
         then = self.then
         if then:
             self.then = []
+            stop = None
             for fn in then:
                 try:
                     fn()
                 except Exception:
                     self._log.failure("after the answers of a turn were sent: {fn!r}", fn=fn)
+                except BaseException as e:  # (the others still run: each records a request)
+                    stop = stop or e
+            if stop is not None:
+                raise stop
 
 
 def _describe(e: HttpParserError) -> str:

@@ -313,10 +313,14 @@ class Call:
         "attempt_t0",
         "attempt_status",
         "answered",
+        "done_at",
         "trace",
         "traced_attempts",
         "__weakref__",
     )
+
+    def __repr__(self) -> str:
+        return f"<Call {self.rid}>"
 
     def __init__(self, handler, req) -> None:
         self.h = handler
@@ -359,6 +363,7 @@ class Call:
         self.attempt_t0: float | None = None  # the current attempt is under way since
         self.attempt_status: int | None = None  # its answer's status, once relayed
         self.answered = False  # the provider's answer ended as its framing said, all relayed
+        self.done_at: float | None = None  # its answer complete (recorded a little later)
         tracing = handler.tracing
         self.trace = tracing.begin(req.headers) if tracing.enabled else None
         self.traced_attempts: list[TracedAttempt] | None = [] if self.trace is not None else None
@@ -838,7 +843,9 @@ class Call:
         self.answered = True
         req.finish()
         # recorded once the turn's answers are sent: the usage read, the
-        # price, the row and the metrics never hold this answer back
+        # price, the row and the metrics never hold this answer back (its
+        # latency is taken now: not the turn's other answers and records)
+        self.done_at = time.perf_counter()
         req.after_sent(self._end)
 
     def _rewritten(self, held: bytearray) -> bytes | None:
@@ -990,6 +997,7 @@ class Call:
         self.ttfb = time.perf_counter()
         if not req.started and not req.finished:
             req.respond(status, out, body)
+            self.done_at = self.ttfb
             req.after_sent(self._end)  # (as an answer relayed in full: response_done)
             return
         self._end()
@@ -1025,7 +1033,8 @@ class Call:
                     attempt.provider.name,
                     attempt.target.model,
                     t0 + epoch,
-                    time.perf_counter() + epoch,
+                    # (an answer complete is over then, though recorded later)
+                    (self.done_at if self.done_at is not None else time.perf_counter()) + epoch,
                     outcome,
                     status,
                 )
@@ -1042,22 +1051,33 @@ class Call:
             timer.cancel()
 
     def _end(self) -> None:
-        """Record the request once and leave the active set."""
+        """Record the request once and leave the active set (last: a drain
+        waiting for the active set waits for the row too)."""
         if self.ended:
             return
         self.ended = True
         self.secret = None
+        try:
+            self._account()
+        finally:
+            self.h.call_done(self)
+
+    def _account(self) -> None:
+        """The attempt's outcome, the row, the trace and the limits'
+        settlement, each whatever happened to the others."""
         h = self.h
-        h.call_done(self)
         if self.attempt_t0 is not None:  # the attempt whose answer was relayed, or cut
-            status = self.attempt_status
-            if status is None:
-                outcome = "cancelled" if self.error_type in _CANCELLED else "error"
-            elif self.error_type in _UPSTREAM_BROKE:
-                outcome = "error"
-            else:
-                outcome = _OUTCOME.get(failure_class(status), "ok")
-            self._attempt_over(outcome, status)
+            try:
+                status = self.attempt_status
+                if status is None:
+                    outcome = "cancelled" if self.error_type in _CANCELLED else "error"
+                elif self.error_type in _UPSTREAM_BROKE:
+                    outcome = "error"
+                else:
+                    outcome = _OUTCOME.get(failure_class(status), "ok")
+                self._attempt_over(outcome, status)
+            except Exception:
+                h.log.failure("counting the attempt of {rid} failed", Failure(), rid=self.rid)
         record = None
         try:
             record = self._record()
@@ -1110,7 +1130,7 @@ class Call:
         self.h.tracing.finish(
             trace,
             RequestSummary(
-                ended=time.perf_counter() + epoch,
+                ended=(self.done_at if self.done_at is not None else time.perf_counter()) + epoch,
                 status=self.status,
                 method=self.req.method.decode("ascii", "replace"),
                 path=self.api_path_text,
@@ -1139,7 +1159,8 @@ class Call:
         """Metrics and the request's row (priced, traced); the row, or None
         for a request no org accounts for."""
         h = self.h
-        elapsed = time.perf_counter() - self.t0
+        done_at = self.done_at
+        elapsed = (done_at if done_at is not None else time.perf_counter()) - self.t0
         attempt = self.attempt
         provider = (
             attempt.provider if attempt is not None else self.entry.provider if self.entry else None
