@@ -252,9 +252,11 @@ def _reject_constant(name: str) -> None:
 #: the reactor's time, which the proxy shares: 1 MiB of small values (half
 #: a million ``0``) cost a route explanation, which any member of an org may
 #: ask for, 50-110 ms (the admin parse, then the body re-serialised and read
-#: as the proxy reads it). No admin document comes near the cap (the
-#: largest, a provider's model lists, is 1,000 strings); a MiB of prose
-#: holds 10,000-20,000.
+#: as the proxy reads it). The admin API's own documents stay far below the
+#: cap (the largest, a provider's model lists, is 1,000 strings; a MiB of
+#: prose holds 10,000-20,000); a route explanation of a request carrying
+#: tens of thousands of numbers (pre-tokenised input) reaches it, and needs
+#: only the model and the fields Lectr acts on anyway.
 BODY_COMMAS_MAX = 50_000
 
 
