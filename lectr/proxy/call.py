@@ -363,7 +363,9 @@ class Call:
         self.attempt_t0: float | None = None  # the current attempt is under way since
         self.attempt_status: int | None = None  # its answer's status, once relayed
         self.answered = False  # the provider's answer ended as its framing said, all relayed
-        self.done_at: float | None = None  # its answer complete (recorded a little later)
+        # its answer complete, or the call ended: the request's latency and
+        # end (an answer is recorded a little later, once sent)
+        self.done_at: float | None = None
         tracing = handler.tracing
         self.trace = tracing.begin(req.headers) if tracing.enabled else None
         self.traced_attempts: list[TracedAttempt] | None = [] if self.trace is not None else None
@@ -1057,6 +1059,8 @@ class Call:
             return
         self.ended = True
         self.secret = None
+        if self.done_at is None:  # (ended now: not relayed in full, nor refused)
+            self.done_at = time.perf_counter()
         try:
             self._account()
         finally:
@@ -1130,7 +1134,7 @@ class Call:
         self.h.tracing.finish(
             trace,
             RequestSummary(
-                ended=(self.done_at if self.done_at is not None else time.perf_counter()) + epoch,
+                ended=self.done_at + epoch,
                 status=self.status,
                 method=self.req.method.decode("ascii", "replace"),
                 path=self.api_path_text,
@@ -1159,8 +1163,7 @@ class Call:
         """Metrics and the request's row (priced, traced); the row, or None
         for a request no org accounts for."""
         h = self.h
-        done_at = self.done_at
-        elapsed = (done_at if done_at is not None else time.perf_counter()) - self.t0
+        elapsed = self.done_at - self.t0
         attempt = self.attempt
         provider = (
             attempt.provider if attempt is not None else self.entry.provider if self.entry else None
