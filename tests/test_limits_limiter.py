@@ -377,6 +377,7 @@ _ops = st.lists(
             st.none() | st.integers(min_value=0, max_value=300),
             st.none() | st.integers(min_value=0, max_value=40_000),
         ),
+        st.tuples(st.just("free"), st.integers(min_value=0, max_value=50)),
         st.tuples(
             st.just("round"), st.booleans(), st.integers(min_value=0, max_value=10), st.booleans()
         ),
@@ -439,6 +440,8 @@ def test_the_inline_path_decides_exactly_as_the_careful_one(ops, fraction):
             elif kind == "settle" and open_:
                 a = open_.pop(op[1] % len(open_))
                 a.settle(tokens=op[2], cost_usd=op[3])
+            elif kind == "free" and open_:  # (the answer complete; settled later)
+                open_[op[1] % len(open_)].free()
             elif kind == "advance":
                 clock.advance(op[1])
             elif kind == "round" and not lim.offline:
@@ -455,3 +458,30 @@ def test_the_inline_path_decides_exactly_as_the_careful_one(ops, fraction):
             _state(a)["counters"] == _state(b)["counters"]
             and _state(a)["slots"] == _state(b)["slots"]
         ), op
+    for lim, _, _, open_ in both:  # every slot given back once, freed early or not
+        for a in open_:
+            a.settle(tokens=None, cost_usd=None)
+        assert all(s.in_use == 0 for s in lim.slots.values())
+
+
+def test_free_gives_the_slots_back_once_and_settle_does_not_again():
+    lim, clock, _ = limiter()
+    lim.set_org("org", [("org", None, Limits(max_concurrent=2))])
+    a = lim.admit("org", "key", reserve_usd=None)
+    answer(lim, clock.seconds())
+    b = lim.admit("org", "key", reserve_usd=None)
+    answer(lim, clock.seconds())
+    slots = lim.slots["org"]
+    assert slots.in_use == 2
+    assert isinstance(lim.admit("org", "key", reserve_usd=None), Refusal)
+    a.free()
+    a.free()
+    assert slots.in_use == 1
+    c = lim.admit("org", "key", reserve_usd=None)  # a's slot, before a is settled
+    assert isinstance(c, Admission) and slots.in_use == 2
+    a.settle(tokens=None, cost_usd=None)
+    assert slots.in_use == 2
+    b.settle(tokens=None, cost_usd=None)
+    b.free()  # (after settle: nothing)
+    c.settle(tokens=None, cost_usd=None)
+    assert slots.in_use == 0

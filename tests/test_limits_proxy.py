@@ -5,6 +5,7 @@ official SDKs raise their RateLimitError and honour retry-after."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest_twisted
 import treq
@@ -113,6 +114,45 @@ async def test_max_concurrent_counts_requests_in_flight(env):
     resp = await env.post("/v1/chat/completions", CHAT)  # the slot came back
     assert resp.code == 200
     await resp.content()
+
+
+def _pipelined(port: int, key: str, n: int) -> list[int]:
+    """``n`` requests written at once on one connection (the last one
+    closing it); the status of each answer, in order."""
+    import socket
+
+    body = json.dumps(CHAT).encode()
+    reqs = b"".join(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + key.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        + (b"Connection: close\r\n" if i == n - 1 else b"")
+        + b"\r\n"
+        + body
+        for i in range(n)
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(reqs)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", got)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_concurrent_frees_the_slot_when_the_answer_is_complete_so_pipelined_requests_pass(
+    env,
+):
+    # one at a time on a connection: the next pipelined request starts when the
+    # answer before it is complete, and must find its slot free, as a client
+    # sending each request after the last answer does
+    await limits(env, {"max_concurrent": 1}, key_id=await key_id(env))
+    port = env.service.components.proxy_port.port.getHost().port
+    statuses = await deferToThread(_pipelined, port, env.key, 4)
+    assert statuses == [200, 200, 200, 200]
+    await env.c.limits.sync()
+    rows = await env.rows()
+    assert sorted(r["status"] for r in rows)[-4:] == [200, 200, 200, 200]
 
 
 @pytest_twisted.ensureDeferred

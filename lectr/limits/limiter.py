@@ -315,10 +315,11 @@ class Refusal:
 class Admission:
     """An admitted request. ``block`` goes on the response head as it is:
     its x-ratelimit-* headers, already rendered as head lines; ``headers``
-    gives them as pairs. ``settle`` is called once when the
-    request ends (later calls do nothing)."""
+    gives them as pairs. ``free`` gives the concurrency slots back when the
+    answer is complete; ``settle`` is called once when the request ends
+    (later calls do nothing), and frees them if ``free`` was not called."""
 
-    __slots__ = ("block", "_limiter", "_parts", "_reserved", "_done")
+    __slots__ = ("block", "_limiter", "_parts", "_reserved", "_done", "_freed")
 
     def __init__(self, limiter: Limiter, parts: tuple = (), reserved: int = 0) -> None:
         self.block = b""
@@ -328,14 +329,30 @@ class Admission:
         self._parts = parts
         self._reserved = reserved  # the reservation (micro-dollars) in each dollar counter
         self._done = False
+        self._freed = False  # (its concurrency slots given back)
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
         """``block`` as (name, value) pairs (error responses, tests)."""
         return _pairs(self.block)
 
+    def free(self) -> None:
+        """Give the concurrency slots back: the answer is complete (sent at
+        the end of this turn), so the request is no longer in flight,
+        though it is recorded and settled after the send. The next request
+        pipelined on its connection starts at once and must find them
+        free, as a client sending each request after the last answer
+        does."""
+        if self._freed or self._done:
+            return
+        self._freed = True
+        for part in self._parts:
+            slots = part[1]
+            if slots is not None:
+                slots.in_use -= 1
+
     def settle(self, *, tokens: int | None, cost_usd: Decimal | int | None) -> None:
-        """Release the concurrency slots, charge the tokens to the current
+        """Release the concurrency slots (unless freed), charge the tokens to the current
         minute, replace the dollar reservations by ``cost_usd`` (a Decimal in
         USD or an int in whole micro-dollars; None: nothing to charge, e.g.
         refused later in the chain, or unpriced)."""
@@ -360,6 +377,9 @@ class _NoLimits(Admission):
 
     def __init__(self) -> None:
         super().__init__(None)  # type: ignore[arg-type]
+
+    def free(self) -> None:
+        return None
 
     def settle(self, *, tokens: int | None, cost_usd: Decimal | None) -> None:
         return None
@@ -829,9 +849,10 @@ class Limiter:
         now = self._clock.seconds()
         cost = -1  # (converted once, when a dollar counter needs it)
         reserved = admission._reserved
+        freed = admission._freed
         for scope, sl, tok, day, month in admission._parts:
             scope.active_at = now
-            if sl is not None:
+            if sl is not None and not freed:
                 sl.in_use -= 1
             if tokens and tok is not None:
                 c = scope.tok

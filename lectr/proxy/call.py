@@ -843,6 +843,8 @@ class Call:
                 req.write(rest)
         self.closed = True
         self.answered = True
+        if self.admission is not None:
+            self.admission.free()  # (no longer in flight: see Admission.free)
         req.finish()
         # recorded once the turn's answers are sent: the usage read, the
         # price, the row and the metrics never hold this answer back (its
@@ -998,6 +1000,8 @@ class Call:
             out.extend(self.admission.headers)
         self.ttfb = time.perf_counter()
         if not req.started and not req.finished:
+            if self.admission is not None:
+                self.admission.free()
             req.respond(status, out, body)
             self.done_at = self.ttfb
             req.after_sent(self._end)  # (as an answer relayed in full: response_done)
