@@ -266,6 +266,7 @@ class Upstream:
     def __init__(self, workdir: Path, pin: list[str], *, force_fallback: bool = False) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.own = self.base  # (the provider itself: its stats, even behind a TLS front)
         self.realistic = False
         mock_src = SHARED / "mock_upstream.rs"
         if mock_src.exists() and shutil.which("rustc") and not force_fallback:
@@ -300,14 +301,14 @@ class Upstream:
         """Requests the mock has answered so far (None for nginx)."""
         if not self.realistic:
             return None
-        with urllib.request.urlopen(f"{self.base}/__stats", timeout=5) as r:
+        with urllib.request.urlopen(f"{self.own}/__stats", timeout=5) as r:
             stats = json.loads(r.read())
         return stats["chat"] + stats["chat_stream"] + stats["unauthorized"]
 
     def unauthorized(self) -> int:
         if not self.realistic:
             return 0
-        with urllib.request.urlopen(f"{self.base}/__stats", timeout=5) as r:
+        with urllib.request.urlopen(f"{self.own}/__stats", timeout=5) as r:
             return json.loads(r.read())["unauthorized"]
 
     def stop(self) -> None:
@@ -406,6 +407,122 @@ http {{
     )
     wait_http(f"http://127.0.0.1:{port}/__health")
     return proc
+
+
+class TlsFront:
+    """``--upstream-tls``: nginx terminating TLS in front of the provider (on
+    the provider's core), as every real provider is reached - over https,
+    kept alive. A CA made for the run signs a certificate for ``localhost``;
+    ``SSL_CERT_FILE`` names that CA to every process started after this
+    (OpenSSL's default trust store: the proxies verify the provider as they
+    would a real one, nothing relaxed). The provider's ``base`` becomes
+    ``https://localhost:PORT``."""
+
+    def __init__(self, workdir: Path, upstream: Upstream, pin: list[str]) -> None:
+        if not shutil.which("nginx"):
+            sys.exit("bench: --upstream-tls needs nginx: apt-get install nginx-light")
+        ca, cert, key = _tls_files(workdir)
+        self.port = free_port()
+        conf = workdir / "nginx-tls.conf"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx-tls.pid;
+error_log {workdir}/nginx-tls-error.log warn;
+events {{ worker_connections 32768; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  client_body_temp_path {workdir}/nginx-tls-body;
+  proxy_temp_path {workdir}/nginx-tls-proxy;
+  fastcgi_temp_path {workdir}/nginx-tls-fcgi;
+  uwsgi_temp_path {workdir}/nginx-tls-uwsgi;
+  scgi_temp_path {workdir}/nginx-tls-scgi;
+  upstream provider {{ server 127.0.0.1:{upstream.port}; keepalive 512; }}
+  server {{
+    listen 127.0.0.1:{self.port} ssl backlog=4096;
+    listen [::1]:{self.port} ssl backlog=4096;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {{
+      proxy_pass http://provider;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+  }}
+}}
+""")
+        os.environ["SSL_CERT_FILE"] = str(ca)
+        self.proc = subprocess.Popen(
+            [*pin, "nginx", "-c", str(conf), "-p", str(workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        upstream.base = f"https://localhost:{self.port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                break
+            time.sleep(0.1)
+        else:
+            sys.exit("bench: the TLS front did not start (see nginx-tls-error.log)")
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
+
+
+def _tls_files(workdir: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate for localhost (and 127.0.0.1, ::1) it signs."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, public_key, signer, ca: bool, sans=None):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lectr bench CA")])
+    ca = cert(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    sans = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    leaf = cert(name, ca_name, key.public_key(), ca_key, False, sans)
+    pem = serialization.Encoding.PEM
+    paths = workdir / "tls-ca.pem", workdir / "tls-cert.pem", workdir / "tls-key.pem"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(leaf.public_bytes(pem))
+    paths[2].write_bytes(
+        key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
 
 
 # --- the passthroughs -----------------------------------------------------------------------
@@ -1285,10 +1402,15 @@ def main() -> None:
     parser.add_argument(
         "--fallback-upstream", action="store_true", help="use nginx even if the shared mock exists"
     )
+    parser.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="reach the provider over https (nginx terminating TLS in front of it, on its core)",
+    )
     add_database_options(parser)
     args = parser.parse_args()
     use_mock = (SHARED / "mock_upstream.rs").exists() and shutil.which("rustc")
-    ensure_tools(need_nginx=args.fallback_upstream or not use_mock)
+    ensure_tools(need_nginx=args.fallback_upstream or args.upstream_tls or not use_mock)
     raise_fd_limit()
     load_pin, proxy_pin = cores()
     seconds = 5 if args.quick else 10
@@ -1300,12 +1422,18 @@ def main() -> None:
     try:
         upstream = Upstream(workdir, load_pin, force_fallback=args.fallback_upstream)
         procs.append(upstream)
+        if args.upstream_tls:
+            procs.append(TlsFront(workdir, upstream, load_pin))
+        keep = len(procs)  # (the provider, and its TLS front, for every section)
         print(
             f"Lectr benchmark: {os.cpu_count()} cores; wrk and provider "
             f"{'pinned to core 0' if load_pin else 'not pinned'}, proxy under test "
             f"{'alone on core 1' if proxy_pin else 'not pinned'}; {load()}"
         )
-        print(f"Provider: {upstream.kind}")
+        print(
+            f"Provider: {upstream.kind}"
+            + (" behind nginx terminating TLS (https, kept alive)" if args.upstream_tls else "")
+        )
         print(
             f"PostgreSQL: {'DATABASE_URL server' if os.environ.get('DATABASE_URL') else 'embedded'}"
             f"{database_note(args.background_database, args.database_core)}"
@@ -1338,9 +1466,9 @@ def main() -> None:
                 print_table(rows)
             if args.only in (None, "ttfb", "lean"):
                 ttfb(targets)
-            for p in procs[1:]:
+            for p in procs[keep:]:
                 p.stop()
-            del procs[1:]
+            del procs[keep:]
             if args.only == "lean":
                 lean_memory(upstream, [int(x) for x in args.memory_counts.split(",")], proxy_pin)
             if upstream.unauthorized():
