@@ -213,12 +213,17 @@ def main() -> None:
         action="store_true",
         help="perf's shares by library and symbol instead of py-spy's Python functions",
     )
+    parser.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="reach the provider over https (bench/run.py --upstream-tls)",
+    )
     args = parser.parse_args()
     if args.native and not shutil.which("perf"):
         sys.exit("bench: --native needs perf (apt-get install linux-perf)")
     if not args.native and not shutil.which("py-spy"):
         sys.exit("bench: needs py-spy (pip install py-spy)")
-    run.ensure_tools(need_nginx=not (run.SHARED / "mock_upstream.rs").exists())
+    run.ensure_tools(need_nginx=args.upstream_tls or not (run.SHARED / "mock_upstream.rs").exists())
     run.raise_fd_limit()
     LOAD_PIN, proxy_pin = run.cores()
     targets = args.target or ["lectr", "bare"]
@@ -228,7 +233,8 @@ def main() -> None:
     if out:
         out.mkdir(parents=True, exist_ok=True)
     upstream = run.Upstream(workdir, LOAD_PIN)
-    print(f"Provider: {upstream.kind}")
+    front = run.TlsFront(workdir, upstream, LOAD_PIN) if args.upstream_tls else None
+    print(f"Provider: {upstream.kind}" + (" behind nginx terminating TLS" if front else ""))
     try:
         for name in targets:
             proc, pid, target = run.serve(name, workdir, upstream, proxy_pin)
@@ -246,6 +252,8 @@ def main() -> None:
             finally:
                 proc.stop()
     finally:
+        if front is not None:
+            front.stop()
         upstream.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -21,12 +21,20 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from lectr.providers.body import read_body
-from lectr.usage.meters import meter_for, openai_usage, plan_request
+from lectr.usage.meters import CARRY_MAX, meter_for, openai_usage, plan_request
 from lectr.usage.model import NO_USAGE, Usage
 
 SSE = b"text/event-stream"
 CHAT = "/v1/chat/completions"
 NULLS = (b',"usage":null', b', "usage": null')
+
+
+def passing_meter():
+    """The client asked for usage itself: every byte passes."""
+    body = json.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": True}})
+    p = plan_request("openai", b"POST", CHAT, read_body([b"application/json"], body.encode()))
+    assert not p.strip_usage_chunk
+    return meter_for(p, "openai", CHAT, 200, SSE)
 
 
 def stripping_meter():
@@ -271,6 +279,70 @@ def test_a_cut_stream_forwards_a_prefix_of_the_stripped_stream(data):
     assert len(out) >= len(before)
     if usage_before.source == "provider":
         assert got == usage_before or got.source == "provider"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_each_read_forwards_every_event_it_completes(data):
+    """The fast path keeps the start of an event until its end comes (so
+    that the event is read whole): after each read the client has every
+    event that read completed, stripped as the whole stream is - nothing
+    whole waits for a later read."""
+    events, nl = data.draw(streams(blank_lines=True))
+    stream = b"".join(events)
+    pieces = splits(data.draw, stream, events)
+    expected, _ = reference(events, nl)
+    meter = stripping_meter()
+    out, fed = b"", 0
+    with watchdog(f"the reads {pieces!r}"):
+        for piece in pieces:
+            out += meter.feed(piece)
+            fed += len(piece)
+            whole, at = [], 0
+            for e in events:
+                if at + len(e) > fed:
+                    break
+                whole.append(e)
+                at += len(e)
+            before, _ = reference(whole, nl)
+            assert expected.startswith(out)
+            assert len(out) >= len(before), (pieces, fed)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_events_around_the_carried_bound_any_split(data):
+    """Events shorter and longer than the fast path keeps whole
+    (``CARRY_MAX``) among generated ones, split anywhere: the same output and
+    usage as the reference, both when stripping and when passing through."""
+    events, nl = data.draw(streams(blank_lines=True))
+    sizes = data.draw(
+        st.lists(
+            st.sampled_from(
+                [CARRY_MAX - 120, CARRY_MAX - 60, CARRY_MAX, CARRY_MAX + 1, 3 * CARRY_MAX]
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    # (in the stream's JSON style: a provider writes one throughout)
+    sep = (", ", ": ") if any(b'"c", ' in e for e in events) else (",", ":")
+    for size in sizes:
+        doc = {
+            "id": "c",
+            "choices": [{"index": 0, "delta": {"content": "y" * size}}],
+            "usage": None,
+        }
+        big = b"data: " + json.dumps(doc, separators=sep).encode() + nl + nl
+        events.insert(data.draw(st.integers(0, len(events))), big)
+    stream = b"".join(events)
+    pieces = splits(data.draw, stream, events)
+    check(events, nl, pieces)
+    _, usage = reference(events, nl)
+    with watchdog(f"the reads {pieces!r}"):
+        out, got = feed_all(passing_meter(), pieces)
+    assert out == stream
+    assert got == usage
 
 
 # --- pinned cases ------------------------------------------------------------------

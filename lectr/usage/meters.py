@@ -57,6 +57,9 @@ SSE_LINE_MAX = 1024 * 1024
 SSE_TAIL_BYTES = 64 * 1024
 #: a usage-only chunk is small: an event held back longer than this is not one
 STRIP_HOLD_MAX = 64 * 1024
+#: the start of an SSE event kept whole for the fast path until its end comes
+#: (longer ones are assembled line by line)
+CARRY_MAX = 16 * 1024
 #: an OpenAI stream's events wait, uncounted, until this many bytes have
 #: passed (see OpenAIStreamMeter._feed_events). Every open stream holds up
 #: to this much, so it is small: per chunk 2.79 µs counted one by one, 2.10
@@ -1201,6 +1204,10 @@ class SSEMeter(_Base):
         self._final: Usage | None = None  # the provider's final usage report
         self._fed = False  # a response body began
         self._model: str | None = None  # the response's model, once seen
+        # the start of an event the fast path keeps until its end comes, and
+        # whether it was held back from the client (see _carry_start)
+        self._carry = b""
+        self._carry_held = False
 
     # --- forwarding ---------------------------------------------------------------
 
@@ -1212,22 +1219,107 @@ class SSEMeter(_Base):
             self._decoder is None
             and not self._broken
             and (self._state == _DONE or self._state == _PENDING)
-            and not self._line
-            and not self._line_over
-            and not self._data
-            and self._event_name is None
-            and not self._held
             and data.find(b"\r") < 0  # (bytes.find: `in` costs twice as much on bytes)
         ):
-            end = data.rfind(b"\n\n")
-            if end >= 0:
-                try:
-                    return self._feed_events(data, end + 2)
-                except Exception:
-                    self._give_up()
-                    self._state = _DONE
-                    return data
+            if self._carry:
+                return self._feed_carried(data)
+            if self._clean():
+                return self._feed_run(data)
+            # An event the line machinery began (a long one, or one with a CR):
+            # it finishes it, up to the first blank line; the events after
+            # that take the fast path again.
+            first = data.find(b"\n\n") + 2
+            if 1 < first < len(data):
+                head = self._feed_lines(data[:first])
+                if (
+                    not self._broken
+                    and (self._state == _DONE or self._state == _PENDING)
+                    and self._clean()
+                ):
+                    return head + self._feed_run(data[first:])
+                return head + self._feed_lines(data[first:])
+        elif self._carry:
+            return self._spill() + self._feed_lines(data)
         return self._feed_lines(data)
+
+    def _clean(self) -> bool:
+        """At an event boundary with nothing pending in the line machinery."""
+        return (
+            not self._line
+            and not self._line_over
+            and not self._data
+            and not self._data_over
+            and self._event_name is None
+            and not self._held
+        )
+
+    def _feed_run(self, data: bytes) -> bytes:
+        """``data`` from an event boundary (nothing pending): its whole events
+        the fast way; the start of an event after them is carried (see
+        :meth:`_carry_start`)."""
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            return self._carry_start(data)
+        whole = end + 2
+        done = self._state == _DONE  # (forwarded unchanged: only metered)
+        try:
+            out = self._feed_events(data if whole == len(data) else data[:whole], whole)
+        except Exception:
+            self._give_up()
+            self._state = _DONE
+            return data
+        if whole < len(data):
+            tail = data[whole:]
+            if (
+                not self._broken
+                and (self._state == _DONE or self._state == _PENDING)
+                and self._clean()
+            ):
+                out += self._carry_start(tail)
+            else:
+                out += self._feed_lines(tail)
+        return data if done else out
+
+    def _carry_start(self, tail: bytes) -> bytes:
+        """The start of an event whose end is still to come: kept as it is,
+        so that once whole it takes the fast path (event boundaries fall
+        anywhere in a read: a TLS record, a TCP segment, a front's buffer);
+        held back from the client while a usage chunk may still be stripped
+        - only while no line of it is whole: the line machinery decides on
+        each line as it completes, and forwards what it may at once. One too
+        long to keep goes through the line machinery."""
+        held = self._state == _PENDING
+        if len(tail) > CARRY_MAX or (held and tail.find(b"\n") >= 0):
+            return self._feed_lines(tail)
+        self._carry = tail
+        self._carry_held = held
+        return b"" if held else tail
+
+    def _feed_carried(self, data: bytes) -> bytes:
+        carry = self._carry
+        held = self._carry_held
+        joined = carry + data
+        if joined.find(b"\n\n", len(carry) - 1) < 0:  # (the blank line may straddle)
+            if len(joined) <= CARRY_MAX and not (held and data.find(b"\n") >= 0):
+                self._carry = joined
+                return b"" if held else data
+            # too long to keep, or a line of it whole while it is held back:
+            # the line machinery's
+            self._carry = b""
+            out = self._feed_lines(joined)
+        else:
+            self._carry = b""
+            out = self._feed_run(joined)
+        return out if held else data
+
+    def _spill(self) -> bytes:
+        """Hand a carried event start to the line machinery; what of it is
+        to be forwarded now (nothing if it was forwarded when it came)."""
+        carry, self._carry = self._carry, b""
+        if not carry:
+            return b""
+        out = self._feed_lines(carry)
+        return out if self._carry_held else b""
 
     def _feed_events(self, data: bytes, whole: int) -> bytes:
         """The fast path: ``data[:whole]`` is made of complete events and
@@ -1352,9 +1444,10 @@ class SSEMeter(_Base):
         line not whole yet, so not known not to be the usage chunk; e.g. a
         last ``data: [DONE]`` without its newline): forwarded now, its null
         usage member cut, unless its data line is the usage chunk."""
+        out = self._spill()
         held = self._held
         if self._state != _PENDING or not held:
-            return b""
+            return out
         self._held = bytearray()
         self._state = _DONE
         held = bytes(held)
@@ -1362,11 +1455,11 @@ class SSEMeter(_Base):
             line = held.rpartition(b"\n")[2].rstrip(b"\r")
             if line.startswith(b"data:") and self._is_usage_only(line):
                 self._stripped = True
-                return b""
-            return _strip_null_usage(held)
+                return out
+            return out + _strip_null_usage(held)
         except Exception:
             self._give_up()  # (as in feed: the bytes still flow, as they came)
-            return held
+            return out + held
 
     @staticmethod
     def _is_usage_only(line: bytes) -> bool:
@@ -1491,6 +1584,8 @@ class SSEMeter(_Base):
     def finish(self, complete: bool = True) -> Usage:
         if self._finished is None:
             self._finished = NO_USAGE
+            if self._carry:  # (metered: forwarding is flush's)
+                self._spill()
             if not self._broken:
                 try:
                     if self._final is None:
