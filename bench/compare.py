@@ -39,8 +39,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("-c", "--conns", type=int, default=32)
+    parser.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        help="reach the provider over https (bench/run.py --upstream-tls)",
+    )
     args = parser.parse_args()
-    run.ensure_tools(need_nginx=not (run.SHARED / "mock_upstream.rs").exists())
+    run.ensure_tools(need_nginx=args.upstream_tls or not (run.SHARED / "mock_upstream.rs").exists())
     run.raise_fd_limit()
     load_pin, proxy_pin = run.cores()
     workdir = Path(tempfile.mkdtemp(prefix="lectr-compare-"))
@@ -57,6 +62,8 @@ def main() -> None:
         )
     upstream = run.Upstream(workdir, load_pin)
     procs: list = []
+    if args.upstream_tls:
+        procs.append(run.TlsFront(workdir, upstream, load_pin))
     try:
         for name in ("earlier", "this"):
             (workdir / name).mkdir()
@@ -76,7 +83,10 @@ def main() -> None:
             (cells[1][0], cells[1][1], cells[1][2], this.serving_pid()),
             ("bare", bare.url, run.CLIENT_KEY, bare.proc.pid),
         ]
-        print(f"{args.against} against this checkout and bare, c={args.conns} ({run.load()})")
+        print(
+            f"{args.against} against this checkout and bare, c={args.conns}"
+            f"{', the provider over https' if args.upstream_tls else ''} ({run.load()})"
+        )
         got: dict[tuple[str, str], list[dict]] = {}
         for rnd in range(args.rounds):
             order = cells if rnd % 2 == 0 else cells[::-1]
