@@ -1223,7 +1223,21 @@ class SSEMeter(_Base):
         ):
             if self._carry:
                 return self._feed_carried(data)
-            if self._clean():
+            if (  # (self._clean(), inline: this is every read of most streams)
+                not self._line
+                and not self._line_over
+                and not self._data
+                and not self._data_over
+                and self._event_name is None
+                and not self._held
+            ):
+                if data.endswith(b"\n\n"):  # whole events only, the usual read
+                    try:
+                        return self._feed_events(data, len(data))
+                    except Exception:
+                        self._give_up()
+                        self._state = _DONE
+                        return data
                 return self._feed_run(data)
             # An event the line machinery began (a long one, or one with a CR):
             # it finishes it, up to the first blank line; the events after
