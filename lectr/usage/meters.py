@@ -1184,6 +1184,10 @@ class SSEMeter(_Base):
     it is whole.
     """
 
+    #: events split across reads are carried to the fast path (see
+    #: _carry_start); False where that path reads them line by line anyway
+    _CARRIES = True
+
     def __init__(self, strip: bool = False, decoder: _Decoder | None = None) -> None:
         super().__init__(decoder)
         # line assembly (metering)
@@ -1242,7 +1246,7 @@ class SSEMeter(_Base):
             # An event the line machinery began (a long one, or one with a CR):
             # it finishes it, up to the first blank line; the events after
             # that take the fast path again.
-            first = data.find(b"\n\n") + 2
+            first = data.find(b"\n\n") + 2 if self._CARRIES else 0
             if 1 < first < len(data):
                 head = self._feed_lines(data[:first])
                 if (
@@ -1303,7 +1307,7 @@ class SSEMeter(_Base):
         each line as it completes, and forwards what it may at once. One too
         long to keep goes through the line machinery."""
         held = self._state == _PENDING
-        if len(tail) > CARRY_MAX or (held and tail.find(b"\n") >= 0):
+        if len(tail) > CARRY_MAX or (held and tail.find(b"\n") >= 0) or not self._CARRIES:
             return self._feed_lines(tail)
         self._carry = tail
         self._carry_held = held
@@ -1875,6 +1879,11 @@ class AnthropicStreamMeter(SSEMeter):
     A stream cut before ``message_delta`` is estimated: prompt tokens as
     ``message_start`` reported them, completion tokens from the text seen
     (about four bytes per token)."""
+
+    #: every event has an ``event:`` line, which the generic fast path hands
+    #: to the line machinery anyway: an event split across reads is not
+    #: carried for it (that would be copying for nothing)
+    _CARRIES = False
 
     def __init__(self, decoder: _Decoder | None = None) -> None:
         super().__init__(False, decoder)
