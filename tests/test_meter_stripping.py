@@ -197,6 +197,17 @@ def splits(draw, stream: bytes, events: list[bytes]):
     return [stream[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
 
 
+def whole_within(events: list[bytes], size: int) -> list[bytes]:
+    """The events wholly within the stream's first ``size`` bytes."""
+    whole, at = [], 0
+    for e in events:
+        if at + len(e) > size:
+            break
+        whole.append(e)
+        at += len(e)
+    return whole
+
+
 class _Hung(BaseException):  # (not an Exception: the meter catches those)
     pass
 
@@ -271,12 +282,7 @@ def test_a_cut_stream_forwards_a_prefix_of_the_stripped_stream(data):
     stream = b"".join(events)
     cut = data.draw(st.integers(0, len(stream)))
     expected, _ = reference(events, nl)
-    whole_events, at = [], 0
-    for e in events:
-        if at + len(e) > cut:
-            break
-        whole_events.append(e)
-        at += len(e)
+    whole_events = whole_within(events, cut)
     before, usage_before = reference(whole_events, nl)
     out, got = feed_guarded(splits(data.draw, stream[:cut], whole_events), end=False)
     assert expected.startswith(out)
@@ -302,13 +308,7 @@ def test_each_read_forwards_every_event_it_completes(data):
         for piece in pieces:
             out += meter.feed(piece)
             fed += len(piece)
-            whole, at = [], 0
-            for e in events:
-                if at + len(e) > fed:
-                    break
-                whole.append(e)
-                at += len(e)
-            before, _ = reference(whole, nl)
+            before, _ = reference(whole_within(events, fed), nl)
             assert expected.startswith(out)
             assert len(out) >= len(before), (pieces, fed)
 
